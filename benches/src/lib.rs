@@ -1,0 +1,1 @@
+//! # vfmig-benches: benchmarks and the reference loop they are measured against.

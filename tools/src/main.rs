@@ -1,0 +1,2 @@
+//! The `vfmig` command.
+fn main() {}

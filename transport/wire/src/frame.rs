@@ -1,0 +1,229 @@
+//! Frame header: fixed 40 bytes, little-endian, CRC32C over header and payload.
+//!
+//! ```text
+//! offset size field
+//!  0     4    magic    b"VMF1"
+//!  4     1    kind     FrameKind
+//!  5     1    codec    Codec
+//!  6     2    device   device index in the session (0-based)
+//!  8     8    seq      per-device, per-stream sequence number (0-based, no gaps)
+//! 16     4    raw_len  payload length after decoding (bytes of device state / pages)
+//! 20     4    wire_len payload length on the wire (bytes following the header)
+//! 24     8    arg      kind-specific (see FrameKind)
+//! 32     4    flags    reserved, must be 0 in version 1
+//! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes
+//! ```
+
+use crate::WireError;
+
+/// Frame magic.
+pub const FRAME_MAGIC: [u8; 4] = *b"VMF1";
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 40;
+/// Hard limit on `raw_len` and `wire_len`: a peer declaring more is refused before anything is
+/// allocated.
+pub const MAX_PAYLOAD: u32 = 4 << 20;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Device state read in PRE_COPY. `arg`: stream offset of the first raw byte.
+    PreCopyData = 1,
+    /// Device state read in STOP_COPY. `arg`: stream offset of the first raw byte.
+    StopCopyData = 2,
+    /// Guest pages the device dirtied. `arg`: guest physical address of the first page; the raw
+    /// payload is whole pages.
+    DirtyPages = 3,
+    /// End of a device's stream. `arg`: total raw bytes; payload: 32-byte BLAKE3 digest of the raw
+    /// stream.
+    EndOfDevice = 4,
+    /// Destination -> source: the destination has loaded the initial pre-copy data
+    /// (switchover may proceed). `arg`: raw bytes received so far.
+    SwitchoverAck = 5,
+    /// Destination -> source: the destination device accepted its state (RESUMING -> STOP ok).
+    /// `arg`: total raw bytes written to the device.
+    DeviceResumed = 6,
+    /// Either way: abort the session. `arg`: reason code; payload: UTF-8 detail (bounded).
+    Abort = 7,
+    /// Either way: liveness. `arg`: sender's monotonic milliseconds.
+    Keepalive = 8,
+    /// Source -> destination: pre-copy of this device ends; STOP_COPY data follows. `arg`: raw
+    /// pre-copy bytes sent.
+    PreCopyDone = 9,
+}
+
+impl FrameKind {
+    /// Parses the kind byte.
+    pub fn from_u8(v: u8) -> Option<FrameKind> {
+        Some(match v {
+            1 => FrameKind::PreCopyData,
+            2 => FrameKind::StopCopyData,
+            3 => FrameKind::DirtyPages,
+            4 => FrameKind::EndOfDevice,
+            5 => FrameKind::SwitchoverAck,
+            6 => FrameKind::DeviceResumed,
+            7 => FrameKind::Abort,
+            8 => FrameKind::Keepalive,
+            9 => FrameKind::PreCopyDone,
+            _ => return None,
+        })
+    }
+
+    /// Kinds that carry a device's data stream and take a per-device sequence number.
+    pub fn is_sequenced(self) -> bool {
+        matches!(
+            self,
+            FrameKind::PreCopyData
+                | FrameKind::StopCopyData
+                | FrameKind::DirtyPages
+                | FrameKind::EndOfDevice
+                | FrameKind::PreCopyDone
+        )
+    }
+}
+
+/// How the payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Codec {
+    /// Payload is the raw bytes (`wire_len == raw_len`).
+    Raw = 0,
+    /// All `raw_len` bytes are zero; no payload (`wire_len == 0`).
+    Zero = 1,
+    /// One zstd frame.
+    Zstd = 2,
+    /// One LZ4 block (lz4_flex block format, size known from `raw_len`).
+    Lz4 = 3,
+}
+
+impl Codec {
+    /// Parses the codec byte.
+    pub fn from_u8(v: u8) -> Option<Codec> {
+        Some(match v {
+            0 => Codec::Raw,
+            1 => Codec::Zero,
+            2 => Codec::Zstd,
+            3 => Codec::Lz4,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded, validated frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Payload encoding.
+    pub codec: Codec,
+    /// Device index in the session.
+    pub device: u16,
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// Decoded payload length.
+    pub raw_len: u32,
+    /// Encoded payload length (bytes after the header).
+    pub wire_len: u32,
+    /// Kind-specific argument.
+    pub arg: u64,
+    /// CRC32C of header bytes 0..36 and the payload.
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// Writes the header with `crc` computed over it and `payload` (which must be `wire_len`
+    /// bytes long).
+    pub fn encode(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&FRAME_MAGIC);
+        b[4] = self.kind as u8;
+        b[5] = self.codec as u8;
+        b[6..8].copy_from_slice(&self.device.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.wire_len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.arg.to_le_bytes());
+        // flags: reserved, zero.
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..36]), payload);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates a header (magic, kind, codec, lengths, reserved flags). The CRC is
+    /// checked separately by [`FrameHeader::verify`] once the payload is in.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
+        if b[0..4] != FRAME_MAGIC {
+            return Err(WireError::BadFrameMagic {
+                found: [b[0], b[1], b[2], b[3]],
+            });
+        }
+        let kind = FrameKind::from_u8(b[4]).ok_or(WireError::UnknownKind { kind: b[4] })?;
+        let codec = Codec::from_u8(b[5]).ok_or(WireError::UnknownCodec { codec: b[5] })?;
+        let device = u16::from_le_bytes([b[6], b[7]]);
+        let seq = u64::from_le_bytes(le8(&b[8..16]));
+        let raw_len = u32::from_le_bytes(le4(&b[16..20]));
+        let wire_len = u32::from_le_bytes(le4(&b[20..24]));
+        let arg = u64::from_le_bytes(le8(&b[24..32]));
+        let flags = u32::from_le_bytes(le4(&b[32..36]));
+        let crc = u32::from_le_bytes(le4(&b[36..40]));
+        if flags != 0 {
+            return Err(WireError::ReservedFlags { flags });
+        }
+        if raw_len > MAX_PAYLOAD || wire_len > MAX_PAYLOAD {
+            return Err(WireError::Oversize {
+                raw_len,
+                wire_len,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let consistent = match codec {
+            Codec::Raw => wire_len == raw_len,
+            Codec::Zero => wire_len == 0,
+            Codec::Zstd | Codec::Lz4 => wire_len > 0,
+        };
+        if !consistent {
+            return Err(WireError::LengthMismatch {
+                codec,
+                raw_len,
+                wire_len,
+            });
+        }
+        Ok(FrameHeader {
+            kind,
+            codec,
+            device,
+            seq,
+            raw_len,
+            wire_len,
+            arg,
+            crc,
+        })
+    }
+
+    /// Checks the CRC over the original header bytes and the payload.
+    pub fn verify(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), WireError> {
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&header[0..36]), payload);
+        if computed != self.crc {
+            return Err(WireError::Checksum {
+                device: self.device,
+                seq: self.seq,
+                expected: self.crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn le4(s: &[u8]) -> [u8; 4] {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(s);
+    a
+}
+
+fn le8(s: &[u8]) -> [u8; 8] {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    a
+}

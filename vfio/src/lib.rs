@@ -1,0 +1,19 @@
+//! # vfmig-vfio: the VFIO migration v2 contract in code
+//!
+//! Owns: the device state machine ([`state`]), the [`MigrationDevice`] trait the pipeline drives,
+//! the typed errors, and DMA dirty-logging argument rules ([`dma`]). Implementations of the trait
+//! (the real VFIO device, the emulated device) live in this crate too.
+//!
+//! Never touches: the network, compression, or the bytes of device state beyond handing out the
+//! data fd. Data comes in as ioctl results and a data fd (an `OwnedFd`); it goes out the same way.
+//! Reading and writing the data fd is the pipeline's job.
+
+pub mod device;
+pub mod dma;
+pub mod error;
+pub mod state;
+
+pub use device::{MigrationDevice, PrecopyInfo};
+pub use dma::{DmaLoggingError, IovaRange};
+pub use error::{DeviceError, FsmError};
+pub use state::{next_state, path, Arc, DeviceState, MigrationCaps};
