@@ -12,8 +12,11 @@ pub mod device;
 pub mod dma;
 pub mod error;
 pub mod state;
+pub mod sys;
+pub mod vfio_device;
 
 pub use device::{MigrationDevice, PrecopyInfo};
 pub use dma::{DmaLoggingError, IovaRange};
 pub use error::{DeviceError, FsmError};
 pub use state::{next_state, path, Arc, DeviceState, MigrationCaps};
+pub use vfio_device::{OpenPlan, OptionalFeatures, RegionInfo, VfioDevice};
