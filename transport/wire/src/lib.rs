@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod handshake;
 
 pub use error::WireError;
 pub use frame::{Codec, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD};
