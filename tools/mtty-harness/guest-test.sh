@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs inside the nested guest, chrooted into the host root (read-only 9p). Creates two mtty mdevs
+# and runs the device checks and, when the CLI is built, a vfmig send/recv migration between them.
+# Exit status 0 = everything passed. Environment (from the kernel command line):
+#   VFMIG_CONTRACT  path of the contract_vfio example binary
+#   VFMIG_CLI       path of the vfmig binary (optional; empty = CLI step skipped)
+set -uo pipefail
+SRC_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001
+DST_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1002
+TYPE=/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2
+fail=0
+
+echo "== guest: creating two mtty-2 mdevs"
+for u in $SRC_UUID $DST_UUID; do
+  echo "$u" >"$TYPE/create" || { echo "cannot create mdev $u"; exit 1; }
+  echo "mdev $u: iommu_group $(basename "$(readlink /sys/bus/mdev/devices/$u/iommu_group)")"
+done
+ls -l /dev/vfio/
+
+echo "== guest: device contract (vfio/examples/contract_vfio.rs)"
+start=$(date +%s%N)
+"$VFMIG_CONTRACT" /sys/bus/mdev/devices/$SRC_UUID /sys/bus/mdev/devices/$DST_UUID || fail=1
+echo "contract_vfio took $(( ($(date +%s%N) - start) / 1000000 )) ms"
+
+if [ -n "${VFMIG_CLI:-}" ] && [ -x "$VFMIG_CLI" ]; then
+  echo "== guest: vfmig send/recv over loopback with vfio: devices"
+  bash "$(dirname "$0")/guest-cli.sh" "$VFMIG_CLI" $SRC_UUID $DST_UUID || fail=1
+else
+  echo "== guest: vfmig CLI step skipped (binary not built)"
+fi
+exit $fail

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The nested-guest harness (issue 7): boots a Debian 6.12 kernel under QEMU (TCG) with the mtty
+# sample mdev driver and runs vfmig against two real VFIO migration devices.
+#
+#   tools/mtty-harness/run.sh
+#
+# Exit status: 0 pass; 1 a real failure (device, vfmig, guest); 77 skipped because the machine
+# cannot run it (no root/apt, download failed, no QEMU), with a line "skipped: <reason>".
+# Cache: <repo>/.cache/mtty-harness (gitignored); set VFMIG_HARNESS_CACHE to move it.
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+CACHE="${VFMIG_HARNESS_CACHE:-$REPO/.cache/mtty-harness}"
+export VFMIG_HARNESS_CACHE="$CACHE"
+T0=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - T0 ))s"; }
+
+echo "== mtty harness: prepare (kernel, mtty.ko, initramfs)"
+"$HERE/prepare.sh"
+rc=$?
+if [ $rc = 2 ]; then exit 77; fi
+if [ $rc != 0 ]; then echo "VFMIG-MTTY-HARNESS: FAIL (prepare, exit $rc)"; exit 1; fi
+echo "prepared after $(elapsed)"
+
+echo "== mtty harness: building the guest programs"
+TARGET="$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null \
+  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+[ -n "$TARGET" ] || TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
+(cd "$REPO" && cargo build --release -q -p vfmig-vfio --example contract_vfio) \
+  || { echo "VFMIG-MTTY-HARNESS: FAIL (building contract_vfio)"; exit 1; }
+CONTRACT="$TARGET/release/examples/contract_vfio"
+CLI=""
+if grep -q '"send"\|Send' "$REPO/tools/src/main.rs" 2>/dev/null \
+   && (cd "$REPO" && cargo build --release -q -p vfmig --bin vfmig) 2>/dev/null; then
+  CLI="$TARGET/release/vfmig"
+fi
+echo "built after $(elapsed): $CONTRACT ${CLI:+and $CLI}"
+
+echo "== mtty harness: booting the guest (qemu-system-x86_64 -accel tcg -cpu max)"
+LOG="$CACHE/guest-console.log"
+timeout --foreground 600 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 1024 \
+  -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
+  -append "console=ttyS0 quiet loglevel=3 panic=-1 VFMIG_GUEST_SCRIPT=$HERE/guest-test.sh VFMIG_CONTRACT=$CONTRACT VFMIG_CLI=$CLI" \
+  -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap \
+  -display none -serial stdio -monitor none -no-reboot -nodefaults \
+  </dev/null 2>&1 | tee "$LOG"
+qrc=${PIPESTATUS[0]}
+echo "guest finished after $(elapsed) (qemu exit $qrc)"
+if grep -q '^VFMIG-MTTY-HARNESS: PASS' "$LOG"; then
+  echo "mtty harness: PASS in $(elapsed)"
+  exit 0
+fi
+if [ "$qrc" = 124 ]; then echo "mtty harness: FAIL (guest timed out)"; exit 1; fi
+echo "mtty harness: FAIL ($(grep -a '^VFMIG-MTTY-HARNESS:' "$LOG" || echo 'no result marker from the guest'))"
+exit 1
