@@ -1,6 +1,6 @@
 //! Typed protocol errors.
 
-use crate::frame::Codec;
+use crate::frame::{Codec, FrameKind};
 
 /// Something on the wire violated the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,5 +60,33 @@ pub enum WireError {
         expected: u32,
         /// CRC computed.
         computed: u32,
+    },
+    /// The header breaks a rule of its kind (docs/PROTOCOL.md, "Frame kinds").
+    #[error("{kind:?} frame breaks a kind rule: {what}")]
+    KindRule {
+        /// The kind.
+        kind: FrameKind,
+        /// Which rule.
+        what: &'static str,
+    },
+    /// The stream ended inside a frame (connection cut mid-frame).
+    #[error("stream ended mid-frame: {received} of {expected} bytes received")]
+    Truncated {
+        /// Bytes of the frame received.
+        received: usize,
+        /// Bytes the frame needs (header, or header plus declared payload).
+        expected: usize,
+    },
+    /// An Abort detail is not UTF-8.
+    #[error("abort detail is not UTF-8 (valid up to byte {valid_up_to})")]
+    AbortDetailNotUtf8 {
+        /// Length of the valid prefix.
+        valid_up_to: usize,
+    },
+    /// A data frame was given where a control frame was expected.
+    #[error("{kind:?} is not a control frame")]
+    NotControl {
+        /// The kind.
+        kind: FrameKind,
     },
 }

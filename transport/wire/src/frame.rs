@@ -16,6 +16,13 @@
 
 use crate::WireError;
 
+/// Guest page size for [`FrameKind::DirtyPages`] (4 KiB in version 1).
+pub const PAGE_SIZE: u64 = 4096;
+/// Length of the BLAKE3 digest in an [`FrameKind::EndOfDevice`] payload.
+pub const DIGEST_LEN: usize = 32;
+/// Most bytes of UTF-8 detail in an [`FrameKind::Abort`] payload.
+pub const MAX_ABORT_DETAIL: usize = 1024;
+
 /// Frame magic.
 pub const FRAME_MAGIC: [u8; 4] = *b"VMF1";
 /// Size of the fixed frame header.
@@ -28,28 +35,31 @@ pub const MAX_PAYLOAD: u32 = 4 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Device state read in PRE_COPY. `arg`: stream offset of the first raw byte.
+    /// Device state read in PRE_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
     PreCopyData = 1,
-    /// Device state read in STOP_COPY. `arg`: stream offset of the first raw byte.
+    /// Device state read in STOP_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
     StopCopyData = 2,
-    /// Guest pages the device dirtied. `arg`: guest physical address of the first page; the raw
-    /// payload is whole pages.
+    /// Guest pages the device dirtied. `arg`: guest physical address of the first page
+    /// ([`PAGE_SIZE`]-aligned); the raw payload is whole pages (`raw_len` a non-zero multiple of
+    /// [`PAGE_SIZE`]), any codec.
     DirtyPages = 3,
     /// End of a device's stream. `arg`: total raw bytes; payload: 32-byte BLAKE3 digest of the raw
-    /// stream.
+    /// stream (codec Raw). Takes the next sequence number of the device's stream.
     EndOfDevice = 4,
     /// Destination -> source: the destination has loaded the initial pre-copy data
-    /// (switchover may proceed). `arg`: raw bytes received so far.
+    /// (switchover may proceed). `arg`: raw bytes received so far. No payload, `seq` 0.
     SwitchoverAck = 5,
     /// Destination -> source: the destination device accepted its state (RESUMING -> STOP ok).
-    /// `arg`: total raw bytes written to the device.
+    /// `arg`: total raw bytes written to the device. No payload, `seq` 0.
     DeviceResumed = 6,
-    /// Either way: abort the session. `arg`: reason code; payload: UTF-8 detail (bounded).
+    /// Either way: abort the session. `arg`: reason code (`AbortReason`); payload: UTF-8 detail,
+    /// at most [`MAX_ABORT_DETAIL`] bytes, codec Raw. `device` and `seq` 0.
     Abort = 7,
-    /// Either way: liveness. `arg`: sender's monotonic milliseconds.
+    /// Either way: liveness. `arg`: sender's monotonic milliseconds. No payload, `device` and
+    /// `seq` 0.
     Keepalive = 8,
     /// Source -> destination: pre-copy of this device ends; STOP_COPY data follows. `arg`: raw
-    /// pre-copy bytes sent.
+    /// pre-copy bytes sent. No payload; takes the next sequence number of the device's stream.
     PreCopyDone = 9,
 }
 
@@ -153,6 +163,16 @@ impl FrameHeader {
     /// Parses and validates a header (magic, kind, codec, lengths, reserved flags). The CRC is
     /// checked separately by [`FrameHeader::verify`] once the payload is in.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
+        FrameHeader::decode_with_limit(b, MAX_PAYLOAD)
+    }
+
+    /// Like [`FrameHeader::decode`], with the session's agreed payload limit (clamped to
+    /// [`MAX_PAYLOAD`]) in place of the hard one.
+    pub fn decode_with_limit(
+        b: &[u8; HEADER_LEN],
+        max_payload: u32,
+    ) -> Result<FrameHeader, WireError> {
+        let max = max_payload.min(MAX_PAYLOAD);
         if b[0..4] != FRAME_MAGIC {
             return Err(WireError::BadFrameMagic {
                 found: [b[0], b[1], b[2], b[3]],
@@ -170,11 +190,11 @@ impl FrameHeader {
         if flags != 0 {
             return Err(WireError::ReservedFlags { flags });
         }
-        if raw_len > MAX_PAYLOAD || wire_len > MAX_PAYLOAD {
+        if raw_len > max || wire_len > max {
             return Err(WireError::Oversize {
                 raw_len,
                 wire_len,
-                max: MAX_PAYLOAD,
+                max,
             });
         }
         let consistent = match codec {
@@ -189,7 +209,7 @@ impl FrameHeader {
                 wire_len,
             });
         }
-        Ok(FrameHeader {
+        let h = FrameHeader {
             kind,
             codec,
             device,
@@ -198,7 +218,65 @@ impl FrameHeader {
             wire_len,
             arg,
             crc,
-        })
+        };
+        h.check_kind_rules()?;
+        Ok(h)
+    }
+
+    /// Checks the rules of the header's kind that the header alone decides (docs/PROTOCOL.md,
+    /// "Frame kinds"), so a frame that breaks them is refused before its payload is read.
+    pub fn check_kind_rules(&self) -> Result<(), WireError> {
+        let rule = |ok: bool, what| {
+            if ok {
+                Ok(())
+            } else {
+                Err(WireError::KindRule {
+                    kind: self.kind,
+                    what,
+                })
+            }
+        };
+        let empty = self.raw_len == 0 && self.wire_len == 0;
+        match self.kind {
+            FrameKind::PreCopyData | FrameKind::StopCopyData => {
+                rule(self.raw_len > 0, "data frame with no data")
+            }
+            FrameKind::DirtyPages => {
+                rule(self.raw_len > 0, "dirty pages frame with no pages")?;
+                rule(
+                    u64::from(self.raw_len) % PAGE_SIZE == 0,
+                    "raw length not whole pages",
+                )?;
+                rule(self.arg % PAGE_SIZE == 0, "gpa not page aligned")
+            }
+            FrameKind::EndOfDevice => rule(
+                self.codec == Codec::Raw && self.raw_len as usize == DIGEST_LEN,
+                "payload must be the raw 32-byte digest",
+            ),
+            FrameKind::PreCopyDone => rule(empty, "payload must be empty"),
+            FrameKind::SwitchoverAck | FrameKind::DeviceResumed => {
+                rule(empty, "payload must be empty")?;
+                rule(self.seq == 0, "seq must be 0")
+            }
+            FrameKind::Keepalive => {
+                rule(empty, "payload must be empty")?;
+                rule(
+                    self.device == 0 && self.seq == 0,
+                    "device and seq must be 0",
+                )
+            }
+            FrameKind::Abort => {
+                rule(self.codec == Codec::Raw, "detail must be raw UTF-8")?;
+                rule(
+                    self.raw_len as usize <= MAX_ABORT_DETAIL,
+                    "detail longer than MAX_ABORT_DETAIL",
+                )?;
+                rule(
+                    self.device == 0 && self.seq == 0,
+                    "device and seq must be 0",
+                )
+            }
+        }
     }
 
     /// Checks the CRC over the original header bytes and the payload.

@@ -1,12 +1,27 @@
 //! # vfmig-wire: the vfmig wire protocol (docs/PROTOCOL.md)
 //!
-//! Owns: frame headers, handshake messages, the deframer. Pure functions over bytes.
-//! Never touches: sockets, files, io_uring. Bytes come in from the transport and go back to it.
+//! Owns: the 40-byte frame header ([`frame`]), typed control frames ([`control`]), the
+//! incremental [`Deframer`], and the sans-IO handshake with PSK authentication ([`handshake`]).
+//! Pure functions and state machines over bytes.
+//!
+//! Never touches: sockets, files, io_uring, clocks or randomness (nonces and session ids are
+//! passed in by the transport).
+//!
+//! Data in: bytes the transport read from a connection (`Handshake::feed`, `Deframer::feed`,
+//! `FrameHeader::decode` + `verify` for the io_uring path that reads header and payload into a
+//! registered buffer). Data out: bytes to write (`Handshake::take_output`,
+//! `FrameHeader::encode`, `Control::encode`), and typed frames, agreements and errors.
 #![forbid(unsafe_code)]
 
+pub mod control;
+pub mod deframer;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 
+pub use control::{AbortReason, Control};
+pub use deframer::{Deframer, Frame};
 pub use error::WireError;
-pub use frame::{Codec, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD};
+pub use frame::{
+    Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
+};
