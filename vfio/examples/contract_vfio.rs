@@ -5,7 +5,13 @@
 //! ```text
 //! contract_vfio <source device> <destination device>
 //!     e.g. /sys/bus/mdev/devices/<uuid>  (any path VfioDevice::open accepts)
+//! contract_vfio uart-put <device> <port> <text>     put text into an mtty port's FIFO
+//! contract_vfio uart-get <device> <port> <text>     bring the device to RUNNING, drain the port,
+//!                                                   exit 0 iff it held exactly <text>
 //! ```
+//!
+//! The `uart-*` modes let `tools/mtty-harness` load and check devices around a `vfmig send/recv`
+//! run; mtty keeps its FIFOs and migration state across close and reopen.
 //!
 //! Every step prints one line (`ARC`, `URING`, `CHECK`, `QUIRK`, `BYTES`). `QUIRK` lines record
 //! where the device differs from the uAPI text; they do not fail the run. Exit status 0 when every
@@ -682,10 +688,61 @@ fn run(src_path: &str, dst_path: &str) -> Result<Report, DeviceError> {
     Ok(rep)
 }
 
+/// `uart-put` / `uart-get`.
+fn uart_mode(mode: &str, path: &str, port: &str, text: &str) -> Result<bool, DeviceError> {
+    let mut dev = VfioDevice::open(path)?;
+    let bar = match port {
+        "0" => 0,
+        "1" => 1,
+        _ => {
+            println!("port must be 0 or 1, got {port}");
+            return Ok(false);
+        }
+    };
+    let state = dev.state()?;
+    if mode == "uart-put" {
+        uart_drain(&dev, bar)?;
+        uart_put(&dev, bar, text.as_bytes())?;
+        println!(
+            "BYTES put into {} port {bar} (state {state}): {text:?}",
+            dev.name()
+        );
+        return Ok(true);
+    }
+    if state != Running {
+        dev.set_state(Running)?;
+        println!("{}: {state} -> RUNNING before reading the UART", dev.name());
+    }
+    let got = uart_drain(&dev, bar)?;
+    println!(
+        "BYTES read back from {} port {bar}: {:?}",
+        dev.name(),
+        String::from_utf8_lossy(&got)
+    );
+    Ok(got == text.as_bytes())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, src, dst] = args.as_slice() else {
-        eprintln!("usage: contract_vfio <source device> <destination device>");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let [_, mode @ ("uart-put" | "uart-get"), dev, port, text] = argv.as_slice() {
+        return match uart_mode(mode, dev, port, text) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => {
+                println!("RESULT {mode}: FAIL (bytes differ)");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                println!("RESULT {mode}: FAIL ({e})");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let [_, src, dst] = argv.as_slice() else {
+        eprintln!(
+            "usage: contract_vfio <source device> <destination device>\n       \
+             contract_vfio uart-put|uart-get <device> <port> <text>"
+        );
         return ExitCode::from(2);
     };
     match run(src, dst) {
