@@ -7,6 +7,8 @@
 # Exit status: 0 pass; 1 a real failure (device, vfmig, guest); 77 skipped because the machine
 # cannot run it (no root/apt, download failed, no QEMU), with a line "skipped: <reason>".
 # Cache: <repo>/.cache/mtty-harness (gitignored); set VFMIG_HARNESS_CACHE to move it.
+# VFMIG_GUEST_SCRIPT=<absolute path> runs your own script in the guest instead of guest-test.sh
+# (same environment: VFMIG_CONTRACT, VFMIG_CLI; exit 0 = pass).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -38,9 +40,10 @@ echo "built after $(elapsed): $CONTRACT ${CLI:+and $CLI}"
 
 echo "== mtty harness: booting the guest (qemu-system-x86_64 -accel tcg -cpu max)"
 LOG="$CACHE/guest-console.log"
+SCRIPT="${VFMIG_GUEST_SCRIPT:-$HERE/guest-test.sh}"
 timeout --foreground 600 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 1024 \
   -kernel "$CACHE/vmlinuz" -initrd "$CACHE/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet loglevel=3 panic=-1 VFMIG_GUEST_SCRIPT=$HERE/guest-test.sh VFMIG_CONTRACT=$CONTRACT VFMIG_CLI=$CLI" \
+  -append "console=ttyS0 quiet loglevel=3 panic=-1 VFMIG_GUEST_SCRIPT=$SCRIPT VFMIG_CONTRACT=$CONTRACT VFMIG_CLI=$CLI" \
   -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap \
   -display none -serial stdio -monitor none -no-reboot -nodefaults \
   </dev/null 2>&1 | tee "$LOG"
