@@ -8,8 +8,10 @@
 //! data fd. Data comes in as ioctl results and a data fd (an `OwnedFd`); it goes out the same way.
 //! Reading and writing the data fd is the pipeline's job.
 
+pub mod contract;
 pub mod device;
 pub mod dma;
+pub mod emulated;
 pub mod error;
 pub mod state;
 pub mod sys;

@@ -1,0 +1,1 @@
+//! The device contract suite (placeholder until the suite lands in this file).

@@ -1,0 +1,235 @@
+//! Configuration of an [`EmulatedDevice`](super::EmulatedDevice).
+
+use crate::emulated::content::Profile;
+use crate::state::{Arc as MigArc, MigrationCaps};
+
+/// What a PRE_COPY read returns when nothing is pending right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrecopyEmptyRead {
+    /// `ENOMSG`, as the uAPI text says.
+    #[default]
+    Enomsg,
+    /// `0`, as mtty does (kernel 6.12).
+    Zero,
+}
+
+/// What PRE_COPY_P2P (or PRE_COPY) -> STOP_COPY returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StopCopyFd {
+    /// No fd (data_fd = -1): keep reading the PRE_COPY fd. mtty and most drivers.
+    #[default]
+    None,
+    /// A duplicate of the PRE_COPY fd (same open file, same stream).
+    Dup,
+}
+
+/// Behaviours real drivers differ in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Quirks {
+    /// PRE_COPY read with nothing pending.
+    pub precopy_empty_read: PrecopyEmptyRead,
+    /// The fd returned on the way into STOP_COPY from PRE_COPY.
+    pub stop_copy_fd: StopCopyFd,
+    /// Each read returns at most the rest of the current record (short reads everywhere).
+    pub short_reads: bool,
+}
+
+impl Quirks {
+    /// As the uAPI text describes: ENOMSG when drained, no new fd into STOP_COPY.
+    pub const fn uapi() -> Quirks {
+        Quirks {
+            precopy_empty_read: PrecopyEmptyRead::Enomsg,
+            stop_copy_fd: StopCopyFd::None,
+            short_reads: false,
+        }
+    }
+
+    /// As mtty behaves on kernel 6.12: `0` when drained in PRE_COPY, no new fd into STOP_COPY,
+    /// short reads.
+    pub const fn mtty() -> Quirks {
+        Quirks {
+            precopy_empty_read: PrecopyEmptyRead::Zero,
+            stop_copy_fd: StopCopyFd::None,
+            short_reads: true,
+        }
+    }
+}
+
+/// A SET that fails on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailArc {
+    /// The arc whose SET fails (with EIO).
+    pub arc: MigArc,
+    /// After the failure the device is in ERROR (true) or still in `arc.from` (false).
+    pub to_error: bool,
+    /// Fail only the first time (true) or every time (false).
+    pub once: bool,
+}
+
+/// Injected faults. All off by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Faults {
+    /// A read of the saving data fd fails with EIO once stream byte N is reached (the read that
+    /// would cross N returns the bytes before N).
+    pub read_error_at: Option<u64>,
+    /// The saving data fd delivers at most this many bytes per second (replies are delayed on a
+    /// device thread; the caller's other fds are not affected).
+    pub slow_bytes_per_sec: Option<u64>,
+    /// The saving stream ends (read returns 0 in STOP_COPY, "nothing pending" in PRE_COPY) at
+    /// stream byte N, before the END record: a truncated stream.
+    pub early_end_at: Option<u64>,
+    /// RESUMING -> STOP fails with EINVAL (device goes to ERROR) even for a valid stream.
+    pub refuse_resume: bool,
+    /// A SET failure at a chosen arc.
+    pub fail_arc: Option<FailArc>,
+}
+
+/// Guest memory the device writes by DMA while running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// IOVA of the region (page aligned).
+    pub iova: u64,
+    /// Size in bytes (a multiple of 4 KiB).
+    pub len: u64,
+    /// Guest pages written per second while the device runs (0: only explicit writes).
+    pub dma_pages_per_sec: u64,
+}
+
+/// Everything an emulated device is made of. Every field of the CLI spec
+/// `emu:size=..,seed=..,profile=..,precopy=..,dirty-rate=..,p2p=..` has a field here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmulatedConfig {
+    /// Device name for messages.
+    pub name: String,
+    /// State size in bytes: a non-zero multiple of 4096.
+    pub size: u64,
+    /// Content seed.
+    pub seed: u64,
+    /// Compressibility profile.
+    pub profile: Profile,
+    /// Streaming and dirtying unit (a multiple of 4096; clamped to `size`).
+    pub block_size: u64,
+    /// PRE_COPY support and its initial bytes: `None` = no `VFIO_MIGRATION_PRE_COPY`; `Some(n)` =
+    /// the first `n` bytes of state (rounded up to blocks, clamped to `size`) stream as initial
+    /// data in PRE_COPY, the rest only in STOP_COPY.
+    pub precopy: Option<u64>,
+    /// `VFIO_MIGRATION_P2P` (RUNNING_P2P, PRE_COPY_P2P).
+    pub p2p: bool,
+    /// State bytes dirtied per second while running (RUNNING, RUNNING_P2P, PRE_COPY*).
+    pub dirty_rate: u64,
+    /// Driver behaviours.
+    pub quirks: Quirks,
+    /// Injected faults.
+    pub faults: Faults,
+    /// Guest memory for DMA writes and dirty logging (`None`: no DMA logging support).
+    pub guest: Option<GuestConfig>,
+    /// Most bytes a RESUMING data fd accepts before writes fail with ENOMEM; `None` = four full
+    /// streams' worth.
+    pub resume_capacity: Option<u64>,
+}
+
+/// Default block size: 64 KiB.
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 * 1024;
+
+impl Default for EmulatedConfig {
+    fn default() -> EmulatedConfig {
+        EmulatedConfig {
+            name: "emu0".to_owned(),
+            size: 16 << 20,
+            seed: 1,
+            profile: Profile::Mixed,
+            block_size: DEFAULT_BLOCK_SIZE,
+            precopy: Some(u64::MAX),
+            p2p: true,
+            dirty_rate: 0,
+            quirks: Quirks::default(),
+            faults: Faults::default(),
+            guest: None,
+            resume_capacity: None,
+        }
+    }
+}
+
+impl EmulatedConfig {
+    /// A config with every capability, no dirtying, no faults.
+    pub fn new(name: impl Into<String>, size: u64, seed: u64) -> EmulatedConfig {
+        EmulatedConfig {
+            name: name.into(),
+            size,
+            seed,
+            ..EmulatedConfig::default()
+        }
+    }
+
+    /// The migration capabilities this config gives.
+    pub fn caps(&self) -> MigrationCaps {
+        let mut caps = MigrationCaps::STOP_COPY;
+        if self.p2p {
+            caps = caps | MigrationCaps::P2P;
+        }
+        if self.precopy.is_some() {
+            caps = caps | MigrationCaps::PRE_COPY;
+        }
+        caps
+    }
+
+    /// Sets the capabilities (STOP_COPY is always on); PRE_COPY keeps (or gets) all state as
+    /// initial bytes.
+    pub fn with_caps(mut self, caps: MigrationCaps) -> EmulatedConfig {
+        self.p2p = caps.contains(MigrationCaps::P2P);
+        self.precopy = match (caps.contains(MigrationCaps::PRE_COPY), self.precopy) {
+            (true, Some(n)) => Some(n),
+            (true, None) => Some(u64::MAX),
+            (false, _) => None,
+        };
+        self
+    }
+
+    /// Sets the profile.
+    pub fn with_profile(mut self, profile: Profile) -> EmulatedConfig {
+        self.profile = profile;
+        self
+    }
+
+    /// Sets the PRE_COPY initial bytes (`None`: no PRE_COPY capability).
+    pub fn with_precopy(mut self, initial_bytes: Option<u64>) -> EmulatedConfig {
+        self.precopy = initial_bytes;
+        self
+    }
+
+    /// Sets P2P support.
+    pub fn with_p2p(mut self, p2p: bool) -> EmulatedConfig {
+        self.p2p = p2p;
+        self
+    }
+
+    /// Sets the dirty rate in bytes per second.
+    pub fn with_dirty_rate(mut self, bytes_per_sec: u64) -> EmulatedConfig {
+        self.dirty_rate = bytes_per_sec;
+        self
+    }
+
+    /// Sets the block size.
+    pub fn with_block_size(mut self, block_size: u64) -> EmulatedConfig {
+        self.block_size = block_size;
+        self
+    }
+
+    /// Sets the quirks.
+    pub fn with_quirks(mut self, quirks: Quirks) -> EmulatedConfig {
+        self.quirks = quirks;
+        self
+    }
+
+    /// Sets the faults.
+    pub fn with_faults(mut self, faults: Faults) -> EmulatedConfig {
+        self.faults = faults;
+        self
+    }
+
+    /// Gives the device guest memory.
+    pub fn with_guest(mut self, guest: GuestConfig) -> EmulatedConfig {
+        self.guest = Some(guest);
+        self
+    }
+}

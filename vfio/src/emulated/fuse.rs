@@ -1,0 +1,410 @@
+//! The data fd as a real kernel fd: one process-wide FUSE mount, served by `fuser`, in which every
+//! emulated data fd is an `open()` of a fresh file.
+//!
+//! Files are opened with `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM`, so every read and
+//! write reaches the device (no page cache), `pread`/`pwrite` fail with ESPIPE and the offset of
+//! a read at -1 (io_uring) is ignored, exactly as on a VFIO migration file. There is no `poll`
+//! handler: the kernel then reports the file always readable, like mtty. Replies to READ come
+//! from a per-stream worker thread, so a slow device delays only its own fd.
+//!
+//! The mount lives at `$TMPDIR/vfmig-emu-<pid>-<n>` while at least one [`FuseHost`] reference is
+//! held and is detached (`MNT_DETACH`) when the last one goes. Mounts left by killed processes
+//! (their pid no longer exists) are detached when a new host starts.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request,
+};
+
+/// `FOPEN_DIRECT_IO`: bypass the page cache.
+const FOPEN_DIRECT_IO: u32 = 1 << 0;
+/// `FOPEN_NONSEEKABLE`: lseek/pread/pwrite give ESPIPE.
+const FOPEN_NONSEEKABLE: u32 = 1 << 2;
+/// `FOPEN_STREAM`: no file position at all.
+const FOPEN_STREAM: u32 = 1 << 4;
+
+/// Inode of the mount's root directory.
+const ROOT_INO: u64 = 1;
+/// Queued READ requests per stream before the session thread waits (one in flight is normal).
+const READ_QUEUE: usize = 8;
+/// Attribute cache time for stream files (their attributes never change).
+const ATTR_TTL: Duration = Duration::from_secs(3600);
+
+/// What a data fd is backed by: the device side of one stream.
+pub(crate) trait StreamHandler: Send + Sync {
+    /// Fills `out` (cleared by the caller) with at most `size` bytes; an errno on failure.
+    /// `Ok` with an empty `out` is end of stream (read returns 0).
+    fn read(&self, size: usize, out: &mut Vec<u8>) -> Result<(), i32>;
+    /// Consumes `data`; returns how many bytes were taken or an errno.
+    fn write(&self, data: &[u8]) -> Result<usize, i32>;
+}
+
+struct Entry {
+    handler: Arc<dyn StreamHandler>,
+    /// Feeds the stream's read worker; dropped on RELEASE, which ends the worker.
+    reads: Sender<(u32, ReplyData)>,
+    opened: bool,
+}
+
+#[derive(Default)]
+struct Registry {
+    streams: Mutex<HashMap<u64, Entry>>,
+    /// Largest READ request the kernel has sent (the negotiated read size in practice).
+    max_read_request: AtomicU64,
+    max_write_request: AtomicU64,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        // A panic while holding the lock leaves a consistent map (single inserts/removes).
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Fs {
+    registry: Arc<Registry>,
+}
+
+fn attr(ino: u64) -> FileAttr {
+    let dir = ino == ROOT_INO;
+    FileAttr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: if dir {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: if dir { 0o700 } else { 0o600 },
+        nlink: if dir { 2 } else { 1 },
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn stream_name(id: u64) -> String {
+    format!("s{id}")
+}
+
+impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request<'_>, _config: &mut KernelConfig) -> Result<(), i32> {
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('s'))
+            .and_then(|n| n.parse::<u64>().ok());
+        let found = parent == ROOT_INO
+            && id.is_some_and(|id| self.registry.lock().get(&id).is_some_and(|e| !e.opened));
+        match id {
+            Some(id) if found => reply.entry(&Duration::ZERO, &attr(id + 1), 0),
+            _ => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        reply.attr(&ATTR_TTL, &attr(ino));
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let id = ino.wrapping_sub(1);
+        let mut map = self.registry.lock();
+        match map.get_mut(&id) {
+            Some(e) if !e.opened => {
+                e.opened = true;
+                reply.opened(id, FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM);
+            }
+            _ => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        self.registry
+            .max_read_request
+            .fetch_max(u64::from(size), Ordering::Relaxed);
+        let tx = self.registry.lock().get(&fh).map(|e| e.reads.clone());
+        match tx {
+            // The stream's worker replies (possibly late: the slow-device fault).
+            Some(tx) => match tx.try_send((size, reply)) {
+                Ok(()) => {}
+                // More than READ_QUEUE reads in flight on one stream fd: refuse rather than
+                // block the session thread that serves every device.
+                Err(crossbeam_channel::TrySendError::Full((_, reply))) => reply.error(libc::EBUSY),
+                Err(crossbeam_channel::TrySendError::Disconnected((_, reply))) => {
+                    reply.error(libc::ENODEV)
+                }
+            },
+            None => reply.error(libc::ENODEV),
+        }
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        self.registry
+            .max_write_request
+            .fetch_max(data.len() as u64, Ordering::Relaxed);
+        let handler = self.registry.lock().get(&fh).map(|e| e.handler.clone());
+        match handler.map(|h| h.write(data)) {
+            // `n` <= data.len() <= the kernel's max_write (a u32).
+            Some(Ok(n)) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
+            Some(Err(errno)) => reply.error(errno),
+            None => reply.error(libc::ENODEV),
+        }
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lo: u64, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.registry.lock().remove(&fh);
+        reply.ok();
+    }
+}
+
+fn read_worker(handler: Arc<dyn StreamHandler>, rx: Receiver<(u32, ReplyData)>) {
+    let mut buf = Vec::new();
+    for (size, reply) in rx {
+        buf.clear();
+        match handler.read(size as usize, &mut buf) {
+            Ok(()) => reply.data(&buf),
+            Err(errno) => reply.error(errno),
+        }
+    }
+}
+
+/// The process-wide FUSE mount. Devices hold an `Arc`; the last drop detaches the mount.
+pub(crate) struct FuseHost {
+    mountpoint: PathBuf,
+    dev: u64,
+    registry: Arc<Registry>,
+    session: Mutex<Option<fuser::BackgroundSession>>,
+}
+
+impl std::fmt::Debug for FuseHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseHost")
+            .field("mountpoint", &self.mountpoint)
+            .field("dev", &self.dev)
+            .finish_non_exhaustive()
+    }
+}
+
+static HOST: Mutex<Weak<FuseHost>> = Mutex::new(Weak::new());
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+static NEXT_MOUNT: AtomicU64 = AtomicU64::new(0);
+static STALE_CLEANED: OnceLock<()> = OnceLock::new();
+
+const MOUNT_PREFIX: &str = "vfmig-emu-";
+
+impl FuseHost {
+    /// The live host, or a new mount.
+    pub(crate) fn get() -> io::Result<Arc<FuseHost>> {
+        let mut g = HOST.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = g.upgrade() {
+            return Ok(h);
+        }
+        STALE_CLEANED.get_or_init(cleanup_stale_mounts);
+        let host = Arc::new(FuseHost::mount()?);
+        *g = Arc::downgrade(&host);
+        Ok(host)
+    }
+
+    fn mount() -> io::Result<FuseHost> {
+        let n = NEXT_MOUNT.fetch_add(1, Ordering::Relaxed);
+        let mountpoint =
+            std::env::temp_dir().join(format!("{MOUNT_PREFIX}{}-{n}", std::process::id()));
+        match std::fs::create_dir(&mountpoint) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let registry = Arc::new(Registry::default());
+        let fs = Fs {
+            registry: registry.clone(),
+        };
+        let options = [
+            MountOption::FSName("vfmig-emu".to_owned()),
+            MountOption::NoExec,
+            MountOption::NoAtime,
+        ];
+        let session = fuser::Session::new(fs, &mountpoint, &options)?;
+        let bg = session.spawn()?;
+        let dev = std::fs::metadata(&mountpoint)?.dev();
+        Ok(FuseHost {
+            mountpoint,
+            dev,
+            registry,
+            session: Mutex::new(Some(bg)),
+        })
+    }
+
+    /// Registers a stream and opens its data fd (`O_RDONLY` for saving, `O_WRONLY` for resuming,
+    /// as the kernel creates VFIO migration files).
+    pub(crate) fn open_stream(
+        &self,
+        id: u64,
+        handler: Arc<dyn StreamHandler>,
+        write: bool,
+    ) -> io::Result<OwnedFd> {
+        let (tx, rx) = bounded(READ_QUEUE);
+        let worker_handler = handler.clone();
+        std::thread::Builder::new()
+            .name(format!("vfmig-emu-s{id}"))
+            .spawn(move || read_worker(worker_handler, rx))?;
+        self.registry.lock().insert(
+            id,
+            Entry {
+                handler,
+                reads: tx,
+                opened: false,
+            },
+        );
+        let path = self.mountpoint.join(stream_name(id));
+        let file = OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path);
+        match file {
+            Ok(f) => Ok(OwnedFd::from(f)),
+            Err(e) => {
+                self.registry.lock().remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// A fresh stream id (process-wide, never reused).
+    pub(crate) fn reserve_id(&self) -> u64 {
+        NEXT_STREAM.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The stream id behind `fd`, if `fd` is a data fd of this mount.
+    pub(crate) fn stream_of(&self, fd: BorrowedFd<'_>) -> Option<u64> {
+        let f = File::from(fd.try_clone_to_owned().ok()?);
+        let md = f.metadata().ok()?;
+        (md.dev() == self.dev && md.ino() > ROOT_INO).then(|| md.ino() - 1)
+    }
+
+    /// Largest READ and WRITE requests the kernel has sent so far (bytes).
+    pub(crate) fn max_requests(&self) -> (u64, u64) {
+        (
+            self.registry.max_read_request.load(Ordering::Relaxed),
+            self.registry.max_write_request.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The mount point.
+    pub(crate) fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+impl Drop for FuseHost {
+    fn drop(&mut self) {
+        // Dropping the background session unmounts (falling back to MNT_DETACH while data fds
+        // are still open); its thread ends when the kernel ends the connection.
+        let bg = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(bg);
+        detach(&self.mountpoint);
+        let _ = std::fs::remove_dir(&self.mountpoint);
+    }
+}
+
+/// `umount2(path, MNT_DETACH)`, ignoring errors (not mounted, already gone).
+fn detach(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call; umount2 only reads it.
+    let _ = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Detaches `vfmig-emu-<pid>-<n>` mounts whose process is gone, and removes their directories.
+fn cleanup_stale_mounts() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let tmp = std::env::temp_dir();
+    for line in info.lines() {
+        // Field 5 is the mount point (octal-escaped; our names need no escaping).
+        let Some(mp) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let path = Path::new(mp);
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(MOUNT_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if path.parent() != Some(tmp.as_path()) || pid == std::process::id() {
+            continue;
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            detach(path);
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+}

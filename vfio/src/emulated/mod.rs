@@ -1,0 +1,1059 @@
+//! [`EmulatedDevice`]: a software VFIO migration v2 device that obeys the same contract as a
+//! kernel driver, with a real kernel data fd.
+//!
+//! - **Data fd**: a file in a process-wide FUSE mount ([`fuse`](self::fuse)), opened with
+//!   `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM`: reads and writes (io_uring at offset -1
+//!   included) go through the kernel to this device; `pread` gives ESPIPE; reads may be short; a
+//!   STOP_COPY read returns 0 at the end; a PRE_COPY read with nothing pending fails with ENOMSG
+//!   (or returns 0 in the mtty quirk mode). Writes past the capacity fail with ENOMEM.
+//! - **Content**: generated from `(seed, page, version)` ([`content`]), so memory does not grow
+//!   with the state size: per 64 KiB block the device keeps a version and a digest (16 bytes).
+//! - **Stream**: the device's own format ([`format`]) with record sequence numbers, hashes and an
+//!   END record carrying totals and the state digest. A destination device (created in RUNNING,
+//!   moved to RESUMING) parses the stream incrementally and validates it on RESUMING -> STOP; any
+//!   truncation, reordering, duplication or corruption makes that SET fail with EINVAL and leaves
+//!   the device in ERROR. [`EmulatedDevice::state_digest`] on both sides proves the transfer.
+//! - **Live state**: while running, state is dirtied at `dirty_rate` bytes/s (computed lazily
+//!   from elapsed time on every device call and read), or explicitly with
+//!   [`EmulatedDevice::dirty_blocks`].
+//! - **P2P**: [`P2pFabric`] lets devices send MMIO writes to each other; devices in STOP-like
+//!   states discard them (counted as lost), RUNNING_P2P accepts them but sends none.
+//! - **DMA logging**: over a memfd guest region ([`GuestMemory`]).
+//! - **Faults**: see [`Faults`].
+
+mod bits;
+pub mod config;
+pub mod content;
+pub mod format;
+mod fuse;
+pub mod guest;
+mod p2p;
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::device::{MigrationDevice, PrecopyInfo};
+use crate::dma::IovaRange;
+use crate::error::DeviceError;
+use crate::state::{path, Arc as MigArc, DeviceState, MigrationCaps};
+
+use self::bits::BitSet;
+pub use self::config::{
+    EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, Quirks, StopCopyFd,
+    DEFAULT_BLOCK_SIZE,
+};
+pub use self::content::{Profile, PAGE_SIZE};
+pub use self::format::StreamError;
+use self::format::{Header, RecordKind, HEADER_LEN};
+use self::fuse::{FuseHost, StreamHandler};
+use self::guest::DmaLog;
+pub use self::guest::{GuestMemory, GUEST_PAGE_SIZE};
+pub use self::p2p::{P2pFabric, P2pPort, P2pStats, P2pTraffic};
+
+/// Why an emulated device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    /// A config field is out of range.
+    #[error("emulated device config: {field} = {value} is invalid ({rule})")]
+    BadConfig {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// The FUSE mount that serves data fds could not be set up.
+    #[error("emulated device data fd host (FUSE mount): {0}")]
+    Host(#[source] io::Error),
+    /// The guest memory could not be created.
+    #[error("emulated device guest memory: {0}")]
+    Guest(#[source] io::Error),
+}
+
+/// Largest emulated state: 1 TiB (metadata is 16 bytes per block).
+pub const MAX_SIZE: u64 = 1 << 40;
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// Which part of the state a record belongs to (for precopy_info accounting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Initial,
+    Dirty,
+    StopCopyOnly,
+}
+
+/// The saving side of one data fd.
+#[derive(Debug)]
+struct SaveStream {
+    id: u64,
+    /// A dup of the data fd, kept only for the `StopCopyFd::Dup` quirk.
+    fd: Option<OwnedFd>,
+    seq: u64,
+    offset: u64,
+    hello_sent: bool,
+    end_sent: bool,
+    /// Blocks not sent yet in this stream.
+    unsent: BitSet,
+    unsent_cursor: u64,
+    /// Blocks sent, then dirtied.
+    dirty: BitSet,
+    dirty_cursor: u64,
+    /// Blocks `< initial_blocks` are PRE_COPY initial data.
+    initial_blocks: u64,
+    payload_bytes: u64,
+    /// The record being read out.
+    cur: Vec<u8>,
+    cur_pos: usize,
+    cur_class: Class,
+    broken: bool,
+}
+
+/// The resuming side of one data fd; locked by the FUSE session thread on writes, so it is not
+/// behind the device lock (no lock is held across `open()` of a data fd).
+#[derive(Debug)]
+struct ResumeStream {
+    id: u64,
+    parser: format::Parser,
+    capacity: u64,
+    active: bool,
+}
+
+#[derive(Debug)]
+enum Stream {
+    Save(SaveStream),
+    Resume(Arc<Mutex<ResumeStream>>),
+}
+
+impl Stream {
+    fn id(&self) -> u64 {
+        match self {
+            Stream::Save(s) => s.id,
+            Stream::Resume(r) => lock(r).id,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent before anything can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counters of an emulated device (for tests and reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmulatedStats {
+    /// Blocks dirtied since creation.
+    pub blocks_dirtied: u64,
+    /// Guest pages written by DMA since creation.
+    pub dma_pages_written: u64,
+    /// MMIO writes received and applied.
+    pub mmio_accepted: u64,
+    /// MMIO writes received while MMIO did not work (discarded).
+    pub mmio_lost: u64,
+    /// Largest FUSE READ request seen by the process-wide mount (the negotiated read size).
+    pub max_read_request: u64,
+    /// Largest FUSE WRITE request seen by the process-wide mount.
+    pub max_write_request: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Core {
+    cfg: EmulatedConfig,
+    caps: MigrationCaps,
+    blocks: u64,
+    block_size: u64,
+    state: DeviceState,
+    versions: Vec<u32>,
+    hashes: Vec<u64>,
+    /// Version each `hashes` entry was computed at (`u32::MAX`: none).
+    hashed: Vec<u32>,
+    stream: Option<Stream>,
+    /// After a successful resume: the imported state's digest. The device then holds a state it
+    /// cannot regenerate, and refuses to save until reset.
+    imported: Option<[u8; 32]>,
+    last_resume_error: Option<StreamError>,
+    rng: content::WyRand,
+    last_tick: Instant,
+    dirty_carry: u128,
+    dma_carry: u128,
+    fail_arc_used: bool,
+    guest: Option<Arc<GuestMemory>>,
+    dma_log: DmaLog,
+    dma_counter: u64,
+    stats: EmulatedStats,
+}
+
+impl Core {
+    fn block_len(&self, i: u64) -> u64 {
+        self.block_size.min(self.cfg.size - i * self.block_size)
+    }
+
+    /// Record bytes of the blocks in `set` (all full-size but possibly the last one).
+    fn set_bytes(&self, set: &BitSet) -> u64 {
+        let full = set.count() * (HEADER_LEN as u64 + self.block_size);
+        let last = self.blocks - 1;
+        if set.contains(last) {
+            full - (self.block_size - self.block_len(last))
+        } else {
+            full
+        }
+    }
+
+    fn vidx(i: u64) -> usize {
+        // Block indices are < `blocks`, which was checked to fit in usize at creation.
+        usize::try_from(i).unwrap_or(usize::MAX)
+    }
+
+    /// Lazily applies the time-driven activity since the last call: dirtying and DMA writes.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_tick).as_nanos();
+        self.last_tick = now;
+        if !self.state.is_running() {
+            return;
+        }
+        if self.cfg.dirty_rate > 0 {
+            self.dirty_carry += elapsed * u128::from(self.cfg.dirty_rate);
+            let per_block = u128::from(self.block_size) * 1_000_000_000;
+            let n = (self.dirty_carry / per_block).min(u128::from(self.blocks));
+            self.dirty_carry -= n * per_block;
+            // n <= blocks, a u64.
+            let n = u64::try_from(n).unwrap_or(self.blocks);
+            if n >= self.blocks {
+                // Everything is dirty already; do not carry a backlog.
+                self.dirty_carry = 0;
+            }
+            self.dirty_random(n);
+        }
+        if let Some(g) = self.cfg.guest.filter(|g| g.dma_pages_per_sec > 0) {
+            self.dma_carry += elapsed * u128::from(g.dma_pages_per_sec);
+            let pages = g.len / GUEST_PAGE_SIZE;
+            let n = (self.dma_carry / 1_000_000_000).min(u128::from(pages));
+            self.dma_carry -= n * 1_000_000_000;
+            self.dma_random(u64::try_from(n).unwrap_or(pages));
+        }
+    }
+
+    fn dirty_random(&mut self, n: u64) {
+        for _ in 0..n {
+            let i = self.rng.below(self.blocks);
+            self.dirty_block(i);
+        }
+    }
+
+    fn dirty_block(&mut self, i: u64) {
+        if i >= self.blocks {
+            return;
+        }
+        let v = &mut self.versions[Self::vidx(i)];
+        // Version u32::MAX is reserved for "no hash"; skip it.
+        *v = match v.wrapping_add(1) {
+            u32::MAX => 0,
+            n => n,
+        };
+        self.stats.blocks_dirtied += 1;
+        if let Some(Stream::Save(s)) = &mut self.stream {
+            if !s.unsent.contains(i) {
+                s.dirty.insert(i);
+            }
+        }
+    }
+
+    fn dma_random(&mut self, n: u64) {
+        let Some(g) = self.guest.clone() else { return };
+        for _ in 0..n {
+            let page = self.rng.below(g.pages());
+            self.dma_write(&g, page);
+        }
+    }
+
+    fn dma_write(&mut self, g: &GuestMemory, page: u64) {
+        self.dma_counter += 1;
+        if let Ok(iova) = g.dma_write_page(page, self.cfg.seed, self.dma_counter) {
+            self.dma_log.record(iova, GUEST_PAGE_SIZE);
+            self.stats.dma_pages_written += 1;
+        }
+    }
+
+    /// The digest of block `i` at its current version, generating it if needed.
+    fn block_hash(&mut self, i: u64, scratch: &mut Vec<u8>) -> u64 {
+        let k = Self::vidx(i);
+        if self.hashed[k] == self.versions[k] {
+            return self.hashes[k];
+        }
+        let len = Self::vidx(self.block_len(i));
+        scratch.resize(len, 0);
+        content::fill_range(
+            self.cfg.profile,
+            self.cfg.seed,
+            i * self.block_size,
+            self.versions[k],
+            scratch,
+        );
+        let h = xxh3_64(scratch);
+        self.hashes[k] = h;
+        self.hashed[k] = self.versions[k];
+        h
+    }
+
+    fn state_digest(&mut self) -> [u8; 32] {
+        if let Some(d) = self.imported {
+            return d;
+        }
+        let mut scratch = Vec::new();
+        for i in 0..self.blocks {
+            self.block_hash(i, &mut scratch);
+        }
+        format::state_digest(self.cfg.size, self.block_size, self.hashes.iter().copied())
+    }
+
+    fn new_save_stream(&self, id: u64, precopy: bool) -> SaveStream {
+        let initial_blocks = match (precopy, self.cfg.precopy) {
+            (true, Some(n)) => n.div_ceil(self.block_size).min(self.blocks),
+            _ => 0,
+        };
+        SaveStream {
+            id,
+            fd: None,
+            seq: 0,
+            offset: 0,
+            hello_sent: false,
+            end_sent: false,
+            unsent: BitSet::full(self.blocks),
+            unsent_cursor: 0,
+            dirty: BitSet::new(self.blocks),
+            dirty_cursor: 0,
+            initial_blocks,
+            payload_bytes: 0,
+            cur: Vec::new(),
+            cur_pos: 0,
+            cur_class: Class::Initial,
+            broken: false,
+        }
+    }
+
+    fn save(&mut self) -> Option<&mut SaveStream> {
+        match &mut self.stream {
+            Some(Stream::Save(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Builds the next record of the saving stream into `s.cur`; false when nothing is pending.
+    fn next_record(&mut self, stop_copy: bool) -> bool {
+        let Some(Stream::Save(mut s)) = self.stream.take() else {
+            return false;
+        };
+        let made = self.next_record_in(&mut s, stop_copy);
+        self.stream = Some(Stream::Save(s));
+        made
+    }
+
+    fn next_record_in(&mut self, s: &mut SaveStream, stop_copy: bool) -> bool {
+        s.cur.clear();
+        s.cur_pos = 0;
+        if !s.hello_sent {
+            let p = format::hello_payload(self.cfg.size, self.block_size, self.blocks);
+            push_record(s, RecordKind::Hello, 0, &p);
+            s.hello_sent = true;
+            s.cur_class = Class::Initial;
+            return true;
+        }
+        let limit = if stop_copy {
+            self.blocks
+        } else {
+            s.initial_blocks
+        };
+        let unsent = s.unsent.next_from(s.unsent_cursor).filter(|&i| i < limit);
+        let (i, class) = if let Some(i) = unsent {
+            s.unsent.remove(i);
+            s.unsent_cursor = i + 1;
+            (
+                i,
+                if i < s.initial_blocks {
+                    Class::Initial
+                } else {
+                    Class::StopCopyOnly
+                },
+            )
+        } else if let Some(i) = s.dirty.next_wrapping(s.dirty_cursor) {
+            s.dirty.remove(i);
+            s.dirty_cursor = i + 1;
+            (i, Class::Dirty)
+        } else if stop_copy && !s.end_sent {
+            let digest = self.state_digest();
+            let p = format::end_payload(s.seq, s.payload_bytes, self.blocks, &digest);
+            push_record(s, RecordKind::End, 0, &p);
+            s.end_sent = true;
+            s.cur_class = Class::StopCopyOnly;
+            return true;
+        } else {
+            return false;
+        };
+        let len = Self::vidx(self.block_len(i));
+        let k = Self::vidx(i);
+        let version = self.versions[k];
+        s.cur.resize(HEADER_LEN + len, 0);
+        content::fill_range(
+            self.cfg.profile,
+            self.cfg.seed,
+            i * self.block_size,
+            version,
+            &mut s.cur[HEADER_LEN..],
+        );
+        let h = xxh3_64(&s.cur[HEADER_LEN..]);
+        self.hashes[k] = h;
+        self.hashed[k] = version;
+        let hdr = format::encode_header(&Header {
+            kind: RecordKind::Block,
+            seq: s.seq,
+            index: i,
+            // len <= block_size, checked to fit u32 at creation.
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            payload_hash: h,
+        });
+        s.cur[..HEADER_LEN].copy_from_slice(&hdr);
+        s.seq += 1;
+        s.payload_bytes += len as u64;
+        s.cur_class = class;
+        true
+    }
+
+    /// A READ of `size` bytes on saving stream `id`.
+    fn read_stream(&mut self, id: u64, size: usize, out: &mut Vec<u8>) -> Result<(), i32> {
+        self.tick();
+        let state = self.state;
+        let quirks = self.cfg.quirks;
+        let faults = self.cfg.faults;
+        let stop_copy = match state {
+            DeviceState::StopCopy => true,
+            DeviceState::PreCopy | DeviceState::PreCopyP2p => false,
+            _ => return Err(libc::ENODEV),
+        };
+        let Some(s) = self.save() else {
+            return Err(libc::ENODEV);
+        };
+        if s.id != id {
+            return Err(libc::ENODEV);
+        }
+        if s.broken {
+            return Err(libc::EIO);
+        }
+        let mut limit = size as u64;
+        if let Some(n) = faults.read_error_at {
+            if s.offset >= n {
+                s.broken = true;
+                return Err(libc::EIO);
+            }
+            limit = limit.min(n - s.offset);
+        }
+        if let Some(n) = faults.early_end_at {
+            limit = limit.min(n.saturating_sub(s.offset));
+        }
+        let limit = usize::try_from(limit).unwrap_or(size);
+        out.reserve(limit);
+        while out.len() < limit {
+            let s = self.save().ok_or(libc::ENODEV)?;
+            if s.cur_pos == s.cur.len() {
+                if quirks.short_reads && !out.is_empty() {
+                    break;
+                }
+                if !self.next_record(stop_copy) {
+                    break;
+                }
+                continue;
+            }
+            let take = (s.cur.len() - s.cur_pos).min(limit - out.len());
+            out.extend_from_slice(&s.cur[s.cur_pos..s.cur_pos + take]);
+            s.cur_pos += take;
+        }
+        let s = self.save().ok_or(libc::ENODEV)?;
+        s.offset += out.len() as u64;
+        if out.is_empty() && !stop_copy && size > 0 {
+            return match quirks.precopy_empty_read {
+                PrecopyEmptyRead::Enomsg => Err(libc::ENOMSG),
+                PrecopyEmptyRead::Zero => Ok(()),
+            };
+        }
+        Ok(())
+    }
+
+    fn precopy_info(&mut self) -> PrecopyInfo {
+        self.tick();
+        let Some(Stream::Save(s)) = &self.stream else {
+            return PrecopyInfo::default();
+        };
+        let rest = (s.cur.len() - s.cur_pos) as u64;
+        let mut initial = 0;
+        let mut dirty = 0;
+        if !s.hello_sent {
+            initial += (HEADER_LEN + format::HELLO_LEN) as u64;
+        }
+        // Unsent blocks below `initial_blocks`.
+        let unsent_initial = s
+            .initial_blocks
+            .saturating_sub(s.unsent_cursor.min(s.initial_blocks));
+        if unsent_initial > 0 {
+            initial += unsent_initial * (HEADER_LEN as u64 + self.block_size);
+            if s.initial_blocks == self.blocks && s.unsent.contains(self.blocks - 1) {
+                initial -= self.block_size - self.block_len(self.blocks - 1);
+            }
+        }
+        dirty += self.set_bytes(&s.dirty);
+        match s.cur_class {
+            Class::Initial => initial += rest,
+            Class::Dirty => dirty += rest,
+            Class::StopCopyOnly => {}
+        }
+        PrecopyInfo {
+            initial_bytes: initial,
+            dirty_bytes: dirty,
+            reinit: false,
+        }
+    }
+
+    fn stop_copy_size(&mut self) -> u64 {
+        self.tick();
+        let end = (HEADER_LEN + format::END_LEN) as u64;
+        let hello = (HEADER_LEN + format::HELLO_LEN) as u64;
+        match &self.stream {
+            Some(Stream::Save(s)) => {
+                let mut n = self.set_bytes(&s.unsent) + self.set_bytes(&s.dirty);
+                n += (s.cur.len() - s.cur_pos) as u64;
+                if !s.hello_sent {
+                    n += hello;
+                }
+                if !s.end_sent {
+                    n += end;
+                }
+                n
+            }
+            _ => hello + self.set_bytes(&BitSet::full(self.blocks)) + end,
+        }
+    }
+}
+
+fn push_record(s: &mut SaveStream, kind: RecordKind, index: u64, payload: &[u8]) {
+    let hdr = format::encode_header(&Header {
+        kind,
+        seq: s.seq,
+        index,
+        // HELLO and END payloads are a few dozen bytes.
+        len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+        payload_hash: xxh3_64(payload),
+    });
+    s.cur.extend_from_slice(&hdr);
+    s.cur.extend_from_slice(payload);
+    s.seq += 1;
+}
+
+struct SaveHandler {
+    core: Arc<Mutex<Core>>,
+    id: u64,
+    slow: Option<Mutex<Throttle>>,
+}
+
+struct Throttle {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+/// Longest a slow device delays one reply.
+const MAX_SLOW_DELAY: Duration = Duration::from_secs(10);
+
+impl StreamHandler for SaveHandler {
+    fn read(&self, size: usize, out: &mut Vec<u8>) -> Result<(), i32> {
+        let r = lock(&self.core).read_stream(self.id, size, out);
+        if let (Some(t), Ok(())) = (&self.slow, &r) {
+            let due = {
+                let mut t = lock(t);
+                t.bytes += out.len() as u64;
+                let nanos = u128::from(t.bytes) * 1_000_000_000 / u128::from(t.rate.max(1));
+                t.start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+            };
+            let wait = due
+                .saturating_duration_since(Instant::now())
+                .min(MAX_SLOW_DELAY);
+            std::thread::sleep(wait);
+        }
+        r
+    }
+
+    fn write(&self, _data: &[u8]) -> Result<usize, i32> {
+        Err(libc::EINVAL)
+    }
+}
+
+struct ResumeHandler {
+    stream: Arc<Mutex<ResumeStream>>,
+}
+
+impl StreamHandler for ResumeHandler {
+    fn read(&self, _size: usize, _out: &mut Vec<u8>) -> Result<(), i32> {
+        Err(libc::EINVAL)
+    }
+
+    fn write(&self, data: &[u8]) -> Result<usize, i32> {
+        let mut r = lock(&self.stream);
+        if !r.active {
+            return Err(libc::ENODEV);
+        }
+        let room = r.capacity.saturating_sub(r.parser.bytes());
+        if room == 0 {
+            return Err(libc::ENOMEM);
+        }
+        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let used = r.parser.feed(&data[..take]);
+        if used == 0 && take > 0 {
+            // Everything after END is refused: the state is complete.
+            return Err(libc::ENOMEM);
+        }
+        Ok(used)
+    }
+}
+
+/// A software VFIO migration device; see the module docs.
+///
+/// ```no_run
+/// use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Profile};
+/// use vfmig_vfio::{DeviceState, MigrationDevice};
+/// let cfg = EmulatedConfig::new("gpu0", 64 << 20, 42).with_profile(Profile::Random);
+/// let mut src = EmulatedDevice::new(cfg.clone()).unwrap();
+/// let mut dst = src.destination().unwrap();
+/// let data_fd = src.set_state(DeviceState::StopCopy).unwrap().unwrap();
+/// let resume_fd = dst.set_state(DeviceState::Resuming).unwrap().unwrap();
+/// // ... copy data_fd to resume_fd until read returns 0 ...
+/// dst.set_state(DeviceState::Stop).unwrap();
+/// assert_eq!(src.state_digest(), dst.state_digest());
+/// ```
+#[derive(Debug)]
+pub struct EmulatedDevice {
+    name: String,
+    caps: MigrationCaps,
+    core: Arc<Mutex<Core>>,
+    host: Arc<FuseHost>,
+}
+
+impl EmulatedDevice {
+    /// Creates a device in RUNNING. Mounts the process-wide FUSE host on first use.
+    pub fn new(cfg: EmulatedConfig) -> Result<EmulatedDevice, EmulatedError> {
+        let bad = |field, value, rule| EmulatedError::BadConfig { field, value, rule };
+        if cfg.size == 0 || cfg.size % PAGE_SIZE as u64 != 0 || cfg.size > MAX_SIZE {
+            return Err(bad(
+                "size",
+                cfg.size,
+                "a non-zero multiple of 4096, at most 1 TiB",
+            ));
+        }
+        if cfg.block_size == 0 || cfg.block_size % PAGE_SIZE as u64 != 0 || cfg.block_size > 1 << 24
+        {
+            return Err(bad(
+                "block_size",
+                cfg.block_size,
+                "a non-zero multiple of 4096, at most 16 MiB",
+            ));
+        }
+        let block_size = cfg.block_size.min(cfg.size);
+        let blocks = cfg.size.div_ceil(block_size);
+        let n = usize::try_from(blocks).map_err(|_| bad("size", cfg.size, "too many blocks"))?;
+        let guest = match cfg.guest {
+            Some(g) => Some(Arc::new(
+                GuestMemory::new(g.iova, g.len).map_err(EmulatedError::Guest)?,
+            )),
+            None => None,
+        };
+        let host = FuseHost::get().map_err(EmulatedError::Host)?;
+        let core = Core {
+            caps: cfg.caps(),
+            blocks,
+            block_size,
+            state: DeviceState::Running,
+            versions: vec![0; n],
+            hashes: vec![0; n],
+            hashed: vec![u32::MAX; n],
+            stream: None,
+            imported: None,
+            last_resume_error: None,
+            rng: content::WyRand::new(content::mix64(cfg.seed ^ 0xD1B5_4A32_D192_ED03)),
+            last_tick: Instant::now(),
+            dirty_carry: 0,
+            dma_carry: 0,
+            fail_arc_used: false,
+            guest,
+            dma_log: DmaLog::default(),
+            dma_counter: 0,
+            stats: EmulatedStats::default(),
+            cfg,
+        };
+        Ok(EmulatedDevice {
+            name: core.cfg.name.clone(),
+            caps: core.caps,
+            core: Arc::new(Mutex::new(core)),
+            host,
+        })
+    }
+
+    /// A destination device for this one: same config (size, block size, caps, quirks, guest
+    /// memory size), no faults, no dirtying, in RUNNING; the caller moves it to RESUMING.
+    pub fn destination(&self) -> Result<EmulatedDevice, EmulatedError> {
+        let mut cfg = self.config();
+        cfg.name = format!("{}-dst", cfg.name);
+        cfg.faults = Faults::default();
+        cfg.dirty_rate = 0;
+        if let Some(g) = &mut cfg.guest {
+            g.dma_pages_per_sec = 0;
+        }
+        EmulatedDevice::new(cfg)
+    }
+
+    /// The config the device was made with.
+    pub fn config(&self) -> EmulatedConfig {
+        lock(&self.core).cfg.clone()
+    }
+
+    /// Replaces the injected faults (e.g. to arm a fault after set-up).
+    pub fn set_faults(&self, faults: Faults) {
+        let mut c = lock(&self.core);
+        c.cfg.faults = faults;
+        c.fail_arc_used = false;
+    }
+
+    /// The digest of the device's current state (see [`format`]). On a source it regenerates the
+    /// blocks it has not hashed yet (cost: one pass over the state); on a destination it is the
+    /// digest of the state it resumed. `None` while a resume is incomplete.
+    pub fn state_digest(&self) -> Option<[u8; 32]> {
+        let mut c = lock(&self.core);
+        if matches!(c.stream, Some(Stream::Resume(_))) {
+            return None;
+        }
+        Some(c.state_digest())
+    }
+
+    /// Why the last RESUMING -> STOP failed, if it did.
+    pub fn last_resume_error(&self) -> Option<StreamError> {
+        lock(&self.core).last_resume_error.clone()
+    }
+
+    /// Dirties `n` pseudo-random blocks now (only while running; returns how many were dirtied).
+    pub fn dirty_blocks(&self, n: u64) -> u64 {
+        let mut c = lock(&self.core);
+        if !c.state.is_running() {
+            return 0;
+        }
+        c.dirty_random(n);
+        n
+    }
+
+    /// The guest memory, when configured.
+    pub fn guest_memory(&self) -> Option<Arc<GuestMemory>> {
+        lock(&self.core).guest.clone()
+    }
+
+    /// Performs `n` device DMA writes to pseudo-random guest pages now (only while running);
+    /// returns the IOVAs written.
+    pub fn dma_write_pages(&self, n: u64) -> Vec<u64> {
+        let mut c = lock(&self.core);
+        let Some(g) = c.guest.clone() else {
+            return Vec::new();
+        };
+        if !c.state.is_running() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let page = c.rng.below(g.pages());
+            c.dma_write(&g, page);
+            out.push(g.iova() + page * GUEST_PAGE_SIZE);
+        }
+        out
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EmulatedStats {
+        let mut s = lock(&self.core).stats;
+        let (r, w) = self.host.max_requests();
+        s.max_read_request = r;
+        s.max_write_request = w;
+        s
+    }
+
+    /// A port other devices' P2P writes reach this device through.
+    pub fn p2p_port(&self) -> P2pPort {
+        P2pPort::new(self.core.clone(), self.name.clone())
+    }
+
+    /// An MMIO write to this device: applied (dirtying device state) if MMIO works in the
+    /// current state, otherwise discarded. Returns whether it was applied.
+    pub fn mmio_write(&self, offset: u64, value: u64) -> bool {
+        self.p2p_port().mmio_write(offset, value)
+    }
+
+    /// Where the FUSE host is mounted (for diagnostics).
+    pub fn data_fd_mountpoint(&self) -> std::path::PathBuf {
+        self.host.mountpoint().to_path_buf()
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    /// Ends the current stream (the data fd then reads/writes ENODEV).
+    fn end_stream(c: &mut Core) {
+        if let Some(Stream::Resume(r)) = c.stream.take() {
+            lock(&r).active = false;
+        }
+    }
+
+    fn open_save(&self, c: &mut Core, precopy: bool) -> io::Result<OwnedFd> {
+        if c.imported.is_some() {
+            // A resumed device holds state it cannot regenerate (it keeps digests only).
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let slow = c.cfg.faults.slow_bytes_per_sec.map(|rate| {
+            Mutex::new(Throttle {
+                rate,
+                start: Instant::now(),
+                bytes: 0,
+            })
+        });
+        let id = self.host.reserve_id();
+        let handler = Arc::new(SaveHandler {
+            core: self.core.clone(),
+            id,
+            slow,
+        });
+        // The device lock is held across open(): the FUSE session thread never takes it
+        // (reads are served by the stream's worker thread, writes use the resume stream's lock).
+        let fd = self.host.open_stream(id, handler, false)?;
+        let mut s = c.new_save_stream(id, precopy);
+        if c.cfg.quirks.stop_copy_fd == StopCopyFd::Dup {
+            s.fd = Some(fd.try_clone()?);
+        }
+        c.stream = Some(Stream::Save(s));
+        Ok(fd)
+    }
+
+    fn open_resume(&self, c: &mut Core) -> io::Result<OwnedFd> {
+        let full = c.stop_copy_size_full();
+        let capacity = c.cfg.resume_capacity.unwrap_or(full.saturating_mul(4));
+        let id = self.host.reserve_id();
+        let rs = Arc::new(Mutex::new(ResumeStream {
+            id,
+            parser: format::Parser::new(c.cfg.size, c.block_size),
+            capacity,
+            active: true,
+        }));
+        let handler = Arc::new(ResumeHandler { stream: rs.clone() });
+        let fd = self.host.open_stream(id, handler, true)?;
+        c.stream = Some(Stream::Resume(rs));
+        Ok(fd)
+    }
+
+    /// One arc. `Ok(Some(fd))` when the arc returns a data fd.
+    fn step(&self, c: &mut Core, arc: MigArc) -> io::Result<Option<OwnedFd>> {
+        use DeviceState::*;
+        if let Some(f) = c.cfg.faults.fail_arc {
+            if f.arc == arc && !(f.once && c.fail_arc_used) {
+                c.fail_arc_used = true;
+                if f.to_error {
+                    Self::end_stream(c);
+                    c.state = Error;
+                }
+                return Err(errno(libc::EIO));
+            }
+        }
+        let fd = match (arc.from, arc.to) {
+            (Running, PreCopy) | (RunningP2p, PreCopyP2p) => Some(self.open_save(c, true)?),
+            (Stop, StopCopy) => Some(self.open_save(c, false)?),
+            (Stop, Resuming) => Some(self.open_resume(c)?),
+            (PreCopy, PreCopyP2p) | (PreCopyP2p, PreCopy) => None,
+            (PreCopyP2p, StopCopy) | (PreCopy, StopCopy) => match c.save() {
+                Some(s) => match &s.fd {
+                    Some(fd) => Some(fd.try_clone()?),
+                    None => None,
+                },
+                None => None,
+            },
+            (StopCopy, Stop) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
+                c.stream = None;
+                None
+            }
+            (Resuming, Stop) => {
+                self.finish_resume(c)?;
+                None
+            }
+            _ => None,
+        };
+        c.state = arc.to;
+        Ok(fd)
+    }
+
+    fn finish_resume(&self, c: &mut Core) -> io::Result<()> {
+        let Some(Stream::Resume(rs)) = c.stream.take() else {
+            return Ok(());
+        };
+        let result = {
+            let mut r = lock(&rs);
+            r.active = false;
+            r.parser.finish()
+        };
+        let refused = c.cfg.faults.refuse_resume;
+        match result {
+            Ok(digest) if !refused => {
+                c.imported = Some(digest);
+                c.last_resume_error = None;
+                Ok(())
+            }
+            other => {
+                c.last_resume_error = other.err();
+                c.state = DeviceState::Error;
+                Err(errno(libc::EINVAL))
+            }
+        }
+    }
+}
+
+impl Core {
+    fn stop_copy_size_full(&self) -> u64 {
+        (HEADER_LEN + format::HELLO_LEN) as u64
+            + self.set_bytes(&BitSet::full(self.blocks))
+            + (HEADER_LEN + format::END_LEN) as u64
+    }
+}
+
+const OP_PRECOPY_INFO: &str = "VFIO_MIG_GET_PRECOPY_INFO";
+
+impl MigrationDevice for EmulatedDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> MigrationCaps {
+        self.caps
+    }
+
+    fn state(&mut self) -> Result<DeviceState, DeviceError> {
+        let mut c = self.core();
+        c.tick();
+        Ok(c.state)
+    }
+
+    /// Like a kernel driver's `migration_set_state`: a SET to a non-adjacent state walks the
+    /// kernel's path internally, and only the last arc may return a data fd.
+    fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
+        let mut c = self.core();
+        c.tick();
+        let arcs = path(c.state, next, self.caps).map_err(|_| errno(libc::EINVAL))?;
+        let last = arcs.len().saturating_sub(1);
+        let mut out = None;
+        for (k, arc) in arcs.into_iter().enumerate() {
+            let fd = self.step(&mut c, arc)?;
+            if fd.is_some() && k != last {
+                return Err(errno(libc::EINVAL));
+            }
+            out = fd;
+        }
+        Ok(out)
+    }
+
+    fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
+        let stream = self.host.stream_of(data_fd);
+        let mut c = self.core();
+        if !matches!(c.state, DeviceState::PreCopy | DeviceState::PreCopyP2p) {
+            return Err(DeviceError::WrongState {
+                device: self.name.clone(),
+                op: OP_PRECOPY_INFO,
+                state: c.state,
+            });
+        }
+        let current = c.stream.as_ref().map(Stream::id);
+        match stream {
+            Some(id) if Some(id) == current => Ok(c.precopy_info()),
+            Some(_) => Err(DeviceError::Ioctl {
+                device: self.name.clone(),
+                op: OP_PRECOPY_INFO,
+                source: errno(libc::EINVAL),
+            }),
+            None => Err(DeviceError::Ioctl {
+                device: self.name.clone(),
+                op: OP_PRECOPY_INFO,
+                source: errno(libc::ENOTTY),
+            }),
+        }
+    }
+
+    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
+        Ok(self.core().stop_copy_size())
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        ranges: &[IovaRange],
+        page_size: u64,
+    ) -> Result<u64, DeviceError> {
+        let mut c = self.core();
+        if c.guest.is_none() {
+            return Err(DeviceError::Unsupported {
+                device: self.name.clone(),
+                op: "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+                feature: "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+            });
+        }
+        c.tick();
+        c.dma_log
+            .start(ranges, page_size)
+            .map_err(|source| DeviceError::DmaLogging {
+                device: self.name.clone(),
+                source,
+            })
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        let mut c = self.core();
+        c.tick();
+        c.dma_log
+            .report(iova, length, page_size, bitmap)
+            .map_err(|source| DeviceError::DmaLogging {
+                device: self.name.clone(),
+                source,
+            })
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        let mut c = self.core();
+        c.dma_log.stop().map_err(|source| DeviceError::DmaLogging {
+            device: self.name.clone(),
+            source,
+        })
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        let mut c = self.core();
+        Self::end_stream(&mut c);
+        c.imported = None;
+        c.state = DeviceState::Running;
+        c.last_tick = Instant::now();
+        Ok(())
+    }
+}
+
+impl Drop for EmulatedDevice {
+    fn drop(&mut self) {
+        // Open data fds outlive the device: end their stream so they read/write ENODEV.
+        Self::end_stream(&mut self.core());
+    }
+}
