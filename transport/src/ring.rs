@@ -1,0 +1,1286 @@
+//! The io_uring engine: one thread per session owns one ring and all N connections of the
+//! session. This is the only module of the crate with `unsafe` (besides the buffer pool).
+//!
+//! # Ownership invariant
+//! Every submission that references memory (a header buffer, a pool slot, a control payload, the
+//! eventfd counter) first moves the owner of that memory into the in-flight table (`ops`), keyed by
+//! the submission's `user_data`. The entry is removed only when the kernel is done with the memory:
+//! on the completion, or for `SendZc` on the later zero-copy notification (`IORING_CQE_F_NOTIF`).
+//! Boxed buffers do not move when the table grows, and pool slots live in the pool's mapping,
+//! which the engine keeps alive (it holds a `BufPool` clone and the slots themselves). If the
+//! kernel does not hand every entry back at teardown within a bound, the ring and the table are
+//! leaked on purpose rather than freed under the kernel.
+//!
+//! # Send path
+//! Frames from the session's bounded queue are striped to the least-loaded connection. Per
+//! connection one frame is in flight at a time: a `Send` of the 40-byte header linked
+//! (`IOSQE_IO_LINK`) to the payload send, both with `MSG_WAITALL` so that a short transfer is
+//! retried by the kernel and the stream stays framed. Payloads of at least `zerocopy_min` bytes go
+//! out with `SendZc` from the registered pool buffer (`IORING_RECVSEND_FIXED_BUF`).
+//!
+//! Measured on this machine (kernel 6.18, loopback, `cargo run --release --example sendzc`):
+//! see the crate README / report; plain `Send` won on loopback because the loopback device copies
+//! zero-copy skbs anyway (the notification carries `IORING_NOTIF_USAGE_ZC_COPIED`) and the
+//! notification round adds work, so the default `zerocopy_min` is `usize::MAX` (off). On a real
+//! NIC with large frames `SendZc` avoids the copy into the socket buffer; operators can turn it on
+//! with `SessionConfig::zerocopy_min`.
+//!
+//! # Receive path
+//! Each connection reads the 40-byte header (`Recv`, `MSG_WAITALL`), asks the reorder window
+//! whether the frame may be read now, then reads the payload straight into a pool buffer and
+//! verifies the CRC32C before the frame goes anywhere.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use vfmig_wire::{Codec, FrameHeader, FrameKind, HEADER_LEN};
+
+use crate::error::{FramePart, TransportError};
+use crate::pool::{BufPool, PoolBuf};
+use crate::reorder::{Admit, Reorder};
+use crate::stats::Counters;
+use crate::Frame;
+
+const CANCEL_UD: u64 = u64::MAX - 1;
+const RING_ENTRIES: u32 = 256;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a zero-copy notification's result when the kernel
+/// copied the data after all.
+const ZC_COPIED: u32 = 1 << 31;
+/// Verified frames waiting for the consumer before the engine stops reading.
+const READY_MAX: usize = 8;
+/// Frames queued per connection before the engine stops taking frames from the session queue.
+const CONN_QUEUE_MAX: usize = 2;
+/// Bound on waiting for the kernel to hand back every buffer at teardown.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// A connected socket the engine reads and writes: TCP, or for TLS the local end of the socket
+/// pair that the TLS threads pump.
+#[derive(Debug)]
+pub(crate) enum Sock {
+    Tcp(TcpStream),
+    #[allow(dead_code)] // constructed by the TLS path
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        // Errors (already shut down, not connected) change nothing for us.
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(how),
+            Sock::Unix(s) => s.shutdown(how),
+        };
+    }
+}
+
+/// Payload of an outgoing frame.
+#[derive(Debug)]
+pub(crate) enum OutPayload {
+    Empty,
+    Pool(PoolBuf),
+    Heap(Vec<u8>),
+}
+
+impl OutPayload {
+    fn len(&self) -> usize {
+        match self {
+            OutPayload::Empty => 0,
+            OutPayload::Pool(b) => b.len(),
+            OutPayload::Heap(v) => v.len(),
+        }
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            OutPayload::Empty => std::ptr::null(),
+            OutPayload::Pool(b) => b.as_ptr(),
+            OutPayload::Heap(v) => v.as_ptr(),
+        }
+    }
+}
+
+/// An encoded frame ready for the wire.
+#[derive(Debug)]
+pub(crate) struct OutFrame {
+    pub(crate) hdr: Box<[u8; HEADER_LEN]>,
+    pub(crate) payload: OutPayload,
+}
+
+/// Requests that overtake the data queue.
+#[derive(Debug)]
+pub(crate) enum Urgent {
+    Abort { reason: u16, detail: Vec<u8> },
+    Close,
+}
+
+/// State shared by the engine thread and the session handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    failure: Mutex<Option<TransportError>>,
+    failed: AtomicBool,
+    /// Set by the engine when it stopped reading because the consumer is behind.
+    pub(crate) want_wake: AtomicBool,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    /// The terminal outcome, if the engine ended.
+    pub(crate) fn failure(&self) -> Option<TransportError> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_failure(&self, e: TransportError) {
+        if let Ok(mut g) = self.failure.lock() {
+            if g.is_none() {
+                *g = Some(e);
+            }
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// Wakes the engine thread out of its ring wait (an eventfd the ring keeps a read posted on).
+#[derive(Debug, Clone)]
+pub(crate) struct Waker {
+    file: Arc<File>,
+}
+
+impl Waker {
+    fn new() -> Result<Waker, TransportError> {
+        // SAFETY: eventfd(2) takes no pointers; the return value is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(TransportError::io(
+                "eventfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` was just returned by eventfd(2), is valid and owned by nothing else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Waker {
+            file: Arc::new(File::from(owned)),
+        })
+    }
+
+    pub(crate) fn wake(&self) {
+        // An eventfd write only fails if the counter would overflow, in which case a wake-up is
+        // pending anyway.
+        let _ = (&*self.file).write(&1u64.to_ne_bytes());
+    }
+}
+
+/// Parameters the engine runs with (agreed in the handshake).
+#[derive(Clone, Debug)]
+pub(crate) struct EngineParams {
+    pub(crate) devices: usize,
+    pub(crate) max_payload: u32,
+    pub(crate) window_bytes: u64,
+    pub(crate) timeout: Duration,
+    pub(crate) keepalive: Duration,
+    pub(crate) zerocopy_min: usize,
+    pub(crate) out_queue: usize,
+    /// Destination: the peer closing a connection at a frame boundary is the normal end.
+    pub(crate) peer_closes: bool,
+}
+
+/// The handles' side of an engine.
+#[derive(Debug)]
+pub(crate) struct EngineHandle {
+    pub(crate) out_tx: Sender<OutFrame>,
+    pub(crate) urgent_tx: Sender<Urgent>,
+    pub(crate) in_rx: Receiver<Frame>,
+    pub(crate) waker: Waker,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineHandle {
+    /// Waits for the engine thread to end (it bounds its own lifetime by the session timeout).
+    pub(crate) fn join(&self) {
+        let handle = self.thread.lock().ok().and_then(|mut g| g.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Receive state of one connection.
+#[derive(Debug)]
+enum Rx {
+    /// Nothing posted; post a header read when allowed.
+    Idle,
+    /// A read (header or payload) is in flight; its op owns the buffer.
+    Busy,
+    /// Header read, payload waits for window room or a free buffer.
+    Waiting {
+        hdr: FrameHeader,
+        raw: [u8; HEADER_LEN],
+    },
+    /// The peer closed at a frame boundary.
+    Eof,
+}
+
+#[derive(Debug)]
+struct Conn {
+    sock: Sock,
+    queue: VecDeque<OutFrame>,
+    queued_bytes: usize,
+    /// Send ops of one frame are in flight since then.
+    sending_since: Option<Instant>,
+    last_tx: Instant,
+    last_rx: Instant,
+    rx: Rx,
+    wr_shut: bool,
+}
+
+#[derive(Debug)]
+enum Op {
+    SendHeader {
+        conn: usize,
+        hdr: Box<[u8; HEADER_LEN]>,
+        last: bool,
+    },
+    SendPayload {
+        conn: usize,
+        /// Owned (never read here) until the kernel is done with it.
+        _payload: OutPayload,
+        len: usize,
+        zc: bool,
+        completed: bool,
+    },
+    RecvHeader {
+        conn: usize,
+        buf: Box<[u8; HEADER_LEN]>,
+        got: usize,
+    },
+    RecvPayload {
+        conn: usize,
+        hdr: FrameHeader,
+        raw: [u8; HEADER_LEN],
+        buf: PoolBuf,
+        got: usize,
+        reserved: bool,
+    },
+    Wake {
+        buf: Box<u64>,
+    },
+}
+
+/// The in-flight table: owners of the memory of every submitted operation, keyed by user_data.
+#[derive(Debug, Default)]
+struct Ops {
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+impl Ops {
+    fn insert(&mut self, op: Op) -> u64 {
+        self.live += 1;
+        let i = if let Some(i) = self.free.pop() {
+            self.slots[i] = Some(op);
+            i
+        } else {
+            self.slots.push(Some(op));
+            self.slots.len() - 1
+        };
+        i as u64
+    }
+
+    fn get_mut(&mut self, ud: u64) -> Option<&mut Op> {
+        let i = usize::try_from(ud).ok()?;
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    fn remove(&mut self, ud: u64) -> Option<Op> {
+        let i = usize::try_from(ud).ok()?;
+        let op = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.live -= 1;
+        Some(op)
+    }
+}
+
+enum Step {
+    Continue,
+    Done(TransportError),
+}
+
+struct Engine {
+    ring: IoUring,
+    pool: BufPool,
+    conns: Vec<Conn>,
+    ops: Ops,
+    out_rx: Receiver<OutFrame>,
+    urgent_rx: Receiver<Urgent>,
+    in_tx: Sender<Frame>,
+    shared: Arc<Shared>,
+    p: EngineParams,
+    reorder: Reorder,
+    ready: VecDeque<Frame>,
+    wake_posted: bool,
+    sends_in_flight: usize,
+    busy_since: Option<Instant>,
+    closing_since: Option<Instant>,
+    aborting: Option<(u16, Instant)>,
+    last_progress: Instant,
+    started: Instant,
+}
+
+/// Sets up the ring (registering the pool's buffers) and starts the engine thread.
+pub(crate) fn start(
+    socks: Vec<Sock>,
+    pool: BufPool,
+    p: EngineParams,
+    name: &str,
+) -> Result<EngineHandle, TransportError> {
+    let ring: IoUring = IoUring::builder()
+        .build(RING_ENTRIES)
+        .map_err(|e| TransportError::io("io_uring_setup", e))?;
+    let iovecs = pool.iovecs();
+    // SAFETY: the iovecs describe the pool's mapping, which stays mapped while `pool` lives; the
+    // engine holds a clone of `pool` for as long as it holds the ring (both are fields of
+    // `Engine`, and the ring is dropped or leaked together with it).
+    unsafe { ring.submitter().register_buffers(&iovecs) }
+        .map_err(|e| TransportError::io("io_uring_register_buffers", e))?;
+    let now = Instant::now();
+    let conns = socks
+        .into_iter()
+        .map(|sock| Conn {
+            sock,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            sending_since: None,
+            last_tx: now,
+            last_rx: now,
+            rx: Rx::Idle,
+            wr_shut: false,
+        })
+        .collect::<Vec<_>>();
+    let (out_tx, out_rx) = crossbeam_channel::bounded(p.out_queue.max(1));
+    let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(4);
+    let (in_tx, in_rx) = crossbeam_channel::bounded(READY_MAX);
+    let waker = Waker::new()?;
+    let shared = Arc::new(Shared {
+        failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        want_wake: AtomicBool::new(false),
+        counters: Counters::new(),
+    });
+    // Out-of-order frames may use at most half the pool, so the next needed frame always finds
+    // a buffer once the consumer returns its own.
+    let max_frames = (pool.slots() / 2).max(1);
+    let engine = Engine {
+        ring,
+        reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
+        pool,
+        conns,
+        ops: Ops::default(),
+        out_rx,
+        urgent_rx,
+        in_tx,
+        shared: Arc::clone(&shared),
+        p,
+        ready: VecDeque::new(),
+        wake_posted: false,
+        sends_in_flight: 0,
+        busy_since: None,
+        closing_since: None,
+        aborting: None,
+        last_progress: now,
+        started: now,
+    };
+    let wake_file = Arc::clone(&waker.file);
+    let thread = std::thread::Builder::new()
+        .name(format!("vfmig-{name}"))
+        .spawn(move || engine.run(&wake_file))
+        .map_err(|e| TransportError::io("spawn engine thread", e))?;
+    Ok(EngineHandle {
+        out_tx,
+        urgent_tx,
+        in_rx,
+        waker,
+        shared,
+        thread: Mutex::new(Some(thread)),
+    })
+}
+
+#[allow(clippy::cast_possible_truncation)] // 40
+const HEADER_LEN_U32: u32 = HEADER_LEN as u32;
+
+/// A completion result already checked to be non-negative, as a byte count.
+fn ures(res: i32) -> usize {
+    usize::try_from(res).unwrap_or(0)
+}
+
+/// A buffer length for an SQE. Every length the engine submits is at most a pool slot or a
+/// header, and pool slots are below 4 GiB (`max_payload` is a u32).
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+fn errno_err(conn: usize, op: &'static str, part: FramePart, res: i32) -> TransportError {
+    let errno = -res;
+    if errno == libc::EPIPE || errno == libc::ECONNRESET || errno == libc::ENOTCONN {
+        TransportError::PeerClosed { conn, during: part }
+    } else {
+        TransportError::io(op, std::io::Error::from_raw_os_error(errno))
+    }
+}
+
+fn keepalive_frame(ms: u64) -> OutFrame {
+    let h = FrameHeader {
+        kind: FrameKind::Keepalive,
+        codec: Codec::Raw,
+        device: 0,
+        seq: 0,
+        raw_len: 0,
+        wire_len: 0,
+        arg: ms,
+        crc: 0,
+    };
+    OutFrame {
+        hdr: Box::new(h.encode(&[])),
+        payload: OutPayload::Empty,
+    }
+}
+
+/// Builds an abort frame (detail truncated to the limit by the caller).
+pub(crate) fn abort_frame(reason: u16, detail: Vec<u8>) -> OutFrame {
+    let len = u32::try_from(detail.len()).unwrap_or(0);
+    let h = FrameHeader {
+        kind: FrameKind::Abort,
+        codec: Codec::Raw,
+        device: 0,
+        seq: 0,
+        raw_len: len,
+        wire_len: len,
+        arg: u64::from(reason),
+        crc: 0,
+    };
+    let payload = if len == 0 {
+        OutPayload::Empty
+    } else {
+        OutPayload::Heap(detail)
+    };
+    OutFrame {
+        hdr: Box::new(h.encode(if len == 0 {
+            &[]
+        } else {
+            detail_bytes(&payload)
+        })),
+        payload,
+    }
+}
+
+fn detail_bytes(p: &OutPayload) -> &[u8] {
+    match p {
+        OutPayload::Heap(v) => v,
+        _ => &[],
+    }
+}
+
+impl Engine {
+    fn run(mut self, wake_file: &Arc<File>) {
+        let outcome = loop {
+            match self.turn(wake_file) {
+                Ok(Step::Continue) => {}
+                Ok(Step::Done(e)) | Err(e) => break e,
+            }
+        };
+        self.teardown(outcome);
+    }
+
+    fn tick(&self) -> Duration {
+        let waiting_buf = self
+            .conns
+            .iter()
+            .any(|c| matches!(c.rx, Rx::Waiting { .. }));
+        if waiting_buf {
+            // Buffers come back when the consumer drops them, which wakes nobody: poll.
+            Duration::from_millis(1)
+        } else {
+            (self.p.keepalive.min(self.p.timeout) / 4)
+                .clamp(Duration::from_millis(1), Duration::from_millis(250))
+        }
+    }
+
+    /// One round: take requests, submit, wait, complete, check time limits.
+    fn turn(&mut self, wake_file: &Arc<File>) -> Result<Step, TransportError> {
+        if let Some(step) = self.take_urgent()? {
+            return Ok(step);
+        }
+        self.take_frames();
+        self.deliver()?;
+        self.admit_waiting()?;
+        let now = Instant::now();
+        self.schedule_keepalives(now);
+        for i in 0..self.conns.len() {
+            self.submit_send(i)?;
+            self.post_header_recv(i)?;
+        }
+        if !self.wake_posted {
+            self.post_wake(wake_file)?;
+        }
+        let ts = types::Timespec::from(self.tick());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(TransportError::io("io_uring_enter", e)),
+        }
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            self.complete(ud, res, flags)?;
+        }
+        self.deliver()?;
+        self.check_time(Instant::now())
+    }
+
+    fn take_urgent(&mut self) -> Result<Option<Step>, TransportError> {
+        match self.urgent_rx.try_recv() {
+            Ok(Urgent::Close) => {
+                if self.closing_since.is_none() {
+                    self.closing_since = Some(Instant::now());
+                }
+            }
+            Ok(Urgent::Abort { reason, detail }) => {
+                if self.aborting.is_none() {
+                    self.aborting = Some((reason, Instant::now()));
+                    for c in &mut self.conns {
+                        // Queued data is moot now; the abort goes out first on every connection.
+                        c.queue.clear();
+                        c.queued_bytes = 0;
+                        if !c.wr_shut {
+                            c.queue.push_back(abort_frame(reason, detail.clone()));
+                        }
+                    }
+                }
+            }
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => {
+                // Every handle is gone.
+                if self.closing_since.is_none() {
+                    return Ok(Some(Step::Done(TransportError::Cancelled)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves frames from the session queue to the least-loaded connections.
+    fn take_frames(&mut self) {
+        if self.aborting.is_some() {
+            return;
+        }
+        loop {
+            let Some(best) = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !c.wr_shut && !matches!(c.rx, Rx::Eof))
+                .min_by_key(|(_, c)| {
+                    (
+                        c.queue.len() + usize::from(c.sending_since.is_some()),
+                        c.queued_bytes,
+                    )
+                })
+                .map(|(i, _)| i)
+            else {
+                return;
+            };
+            if self.conns[best].queue.len() >= CONN_QUEUE_MAX {
+                return;
+            }
+            match self.out_rx.try_recv() {
+                Ok(f) => {
+                    let c = &mut self.conns[best];
+                    c.queued_bytes += HEADER_LEN + f.payload.len();
+                    c.queue.push_back(f);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn schedule_keepalives(&mut self, now: Instant) {
+        if self.closing_since.is_some() || self.aborting.is_some() {
+            return;
+        }
+        let ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        for c in &mut self.conns {
+            if !c.wr_shut
+                && c.queue.is_empty()
+                && c.sending_since.is_none()
+                && now.duration_since(c.last_tx) >= self.p.keepalive
+            {
+                c.queue.push_back(keepalive_frame(ms));
+                c.queued_bytes += HEADER_LEN;
+                Counters::add(&self.shared.counters.keepalives_sent, 1);
+            }
+        }
+    }
+
+    /// Pushes entries, making room in the submission queue first.
+    fn push(&mut self, entries: &[squeue::Entry]) -> Result<(), TransportError> {
+        {
+            let sq = self.ring.submission();
+            if sq.capacity() - sq.len() < entries.len() {
+                drop(sq);
+                self.ring
+                    .submit()
+                    .map_err(|e| TransportError::io("io_uring_enter", e))?;
+            }
+        }
+        let mut sq = self.ring.submission();
+        for e in entries {
+            // SAFETY: every buffer an entry points to is owned by the in-flight table entry
+            // named by the entry's user_data (see the module's ownership invariant); the
+            // submission queue has room (checked above: `entries.len()` free slots).
+            unsafe { sq.push(e) }.map_err(|_| TransportError::TooMany {
+                what: crate::error::Limit::Streams,
+                got: entries.len() as u64,
+                max: u64::from(RING_ENTRIES),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn submit_send(&mut self, i: usize) -> Result<(), TransportError> {
+        let c = &mut self.conns[i];
+        if c.sending_since.is_some() || c.wr_shut {
+            return Ok(());
+        }
+        let Some(frame) = c.queue.pop_front() else {
+            return Ok(());
+        };
+        let fd = types::Fd(c.sock.fd());
+        let plen = frame.payload.len();
+        c.queued_bytes = c.queued_bytes.saturating_sub(HEADER_LEN + plen);
+        let now = Instant::now();
+        c.sending_since = Some(now);
+        c.last_tx = now;
+        let base = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+        let hdr_ud = self.ops.insert(Op::SendHeader {
+            conn: i,
+            hdr: frame.hdr,
+            last: plen == 0,
+        });
+        let Some(Op::SendHeader { hdr, .. }) = self.ops.get_mut(hdr_ud) else {
+            unreachable!("entry inserted above");
+        };
+        let hdr_ptr = hdr.as_ptr();
+        let hdr_flags = if plen > 0 {
+            base | libc::MSG_MORE
+        } else {
+            base
+        };
+        let mut hdr_sqe = opcode::Send::new(fd, hdr_ptr, HEADER_LEN_U32)
+            .flags(hdr_flags)
+            .build()
+            .user_data(hdr_ud);
+        if plen == 0 {
+            self.push(&[hdr_sqe])?;
+        } else {
+            hdr_sqe = hdr_sqe.flags(squeue::Flags::IO_LINK);
+            let zc_index = match &frame.payload {
+                OutPayload::Pool(b) if plen >= self.p.zerocopy_min => Some(b.index()),
+                _ => None,
+            };
+            let ptr = frame.payload.as_ptr();
+            // `plen <= max_payload <= u32::MAX`, checked when the frame was queued.
+            let len32 = u32::try_from(plen).unwrap_or(u32::MAX);
+            let ud = self.ops.insert(Op::SendPayload {
+                conn: i,
+                _payload: frame.payload,
+                len: plen,
+                zc: zc_index.is_some(),
+                completed: false,
+            });
+            let sqe = match zc_index {
+                Some(idx) => {
+                    Counters::add(&self.shared.counters.zerocopy_sends, 1);
+                    opcode::SendZc::new(fd, ptr, len32)
+                        .buf_index(Some(idx))
+                        .flags(base)
+                        .build()
+                }
+                None => opcode::Send::new(fd, ptr, len32).flags(base).build(),
+            }
+            .user_data(ud);
+            self.push(&[hdr_sqe, sqe])?;
+        }
+        if self.sends_in_flight == 0 {
+            self.busy_since = Some(now);
+        }
+        self.sends_in_flight += 1;
+        Ok(())
+    }
+
+    fn reading_paused(&self) -> bool {
+        self.ready.len() >= READY_MAX || self.aborting.is_some()
+    }
+
+    fn post_header_recv(&mut self, i: usize) -> Result<(), TransportError> {
+        if !matches!(self.conns[i].rx, Rx::Idle) || self.reading_paused() {
+            return Ok(());
+        }
+        let fd = types::Fd(self.conns[i].sock.fd());
+        let ud = self.ops.insert(Op::RecvHeader {
+            conn: i,
+            buf: Box::new([0u8; HEADER_LEN]),
+            got: 0,
+        });
+        self.conns[i].rx = Rx::Busy;
+        // A fresh header read: liveness counts from when we started listening again.
+        self.conns[i].last_rx = Instant::now();
+        self.submit_recv_header(ud, fd)
+    }
+
+    fn submit_recv_header(&mut self, ud: u64, fd: types::Fd) -> Result<(), TransportError> {
+        let Some(Op::RecvHeader { buf, got, .. }) = self.ops.get_mut(ud) else {
+            return Ok(());
+        };
+        let rest = &mut buf[*got..];
+        let sqe = opcode::Recv::new(fd, rest.as_mut_ptr(), len_u32(rest.len()))
+            .flags(libc::MSG_WAITALL)
+            .build()
+            .user_data(ud);
+        self.push(&[sqe])
+    }
+
+    fn submit_recv_payload(&mut self, ud: u64, fd: types::Fd) -> Result<(), TransportError> {
+        let Some(Op::RecvPayload { buf, got, hdr, .. }) = self.ops.get_mut(ud) else {
+            return Ok(());
+        };
+        let want = hdr.wire_len as usize;
+        let rest = &mut buf.spare_mut()[*got..want];
+        let sqe = opcode::Recv::new(fd, rest.as_mut_ptr(), len_u32(rest.len()))
+            .flags(libc::MSG_WAITALL)
+            .build()
+            .user_data(ud);
+        self.push(&[sqe])
+    }
+
+    fn post_wake(&mut self, wake_file: &Arc<File>) -> Result<(), TransportError> {
+        let fd = types::Fd(wake_file.as_raw_fd());
+        let ud = self.ops.insert(Op::Wake {
+            buf: Box::new(0u64),
+        });
+        let Some(Op::Wake { buf }) = self.ops.get_mut(ud) else {
+            return Ok(());
+        };
+        let ptr: *mut u64 = &mut **buf;
+        let sqe = opcode::Read::new(fd, ptr.cast::<u8>(), 8)
+            .build()
+            .user_data(ud);
+        self.push(&[sqe])?;
+        self.wake_posted = true;
+        Ok(())
+    }
+
+    fn send_done(&mut self, conn: usize, now: Instant) {
+        self.conns[conn].sending_since = None;
+        self.conns[conn].last_tx = now;
+        self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+        if self.sends_in_flight == 0 {
+            if let Some(t) = self.busy_since.take() {
+                let ns = u64::try_from(now.duration_since(t).as_nanos()).unwrap_or(u64::MAX);
+                Counters::add(&self.shared.counters.send_busy_ns, ns);
+            }
+        }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) -> Result<(), TransportError> {
+        if ud == CANCEL_UD {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let counters = &self.shared.counters;
+        let Some(op) = self.ops.get_mut(ud) else {
+            return Ok(());
+        };
+        match op {
+            Op::Wake { .. } => {
+                self.ops.remove(ud);
+                self.wake_posted = false;
+                if res < 0 && res != -libc::ECANCELED {
+                    return Err(TransportError::io(
+                        "read eventfd",
+                        std::io::Error::from_raw_os_error(-res),
+                    ));
+                }
+            }
+            Op::SendHeader { conn, last, .. } => {
+                let (conn, last) = (*conn, *last);
+                self.ops.remove(ud);
+                if res < 0 {
+                    return Err(errno_err(conn, "send frame header", FramePart::Header, res));
+                }
+                if ures(res) != HEADER_LEN {
+                    return Err(TransportError::Short {
+                        op: "send frame header",
+                        conn,
+                        done: ures(res),
+                        wanted: HEADER_LEN,
+                    });
+                }
+                Counters::add(&counters.bytes_sent, HEADER_LEN as u64);
+                if last {
+                    Counters::add(&counters.frames_sent, 1);
+                    self.send_done(conn, now);
+                }
+            }
+            Op::SendPayload {
+                conn,
+                len,
+                zc,
+                completed,
+                ..
+            } => {
+                if *zc && cqueue::notif(flags) {
+                    // The kernel no longer references the buffer: now it may go back to the pool.
+                    if u32::from_ne_bytes(res.to_ne_bytes()) & ZC_COPIED != 0 {
+                        Counters::add(&counters.zerocopy_copied, 1);
+                    }
+                    self.ops.remove(ud);
+                    return Ok(());
+                }
+                if *completed {
+                    return Ok(());
+                }
+                *completed = true;
+                let (conn, len) = (*conn, *len);
+                if !(*zc && cqueue::more(flags)) {
+                    self.ops.remove(ud);
+                }
+                if res < 0 {
+                    return Err(errno_err(
+                        conn,
+                        "send frame payload",
+                        FramePart::Payload,
+                        res,
+                    ));
+                }
+                if ures(res) != len {
+                    return Err(TransportError::Short {
+                        op: "send frame payload",
+                        conn,
+                        done: ures(res),
+                        wanted: len,
+                    });
+                }
+                Counters::add(&counters.bytes_sent, len as u64);
+                Counters::add(&counters.frames_sent, 1);
+                self.send_done(conn, now);
+            }
+            Op::RecvHeader { conn, got, .. } => {
+                let (conn, before) = (*conn, *got);
+                if res <= 0 {
+                    self.ops.remove(ud);
+                    let part = if before == 0 {
+                        FramePart::Between
+                    } else {
+                        FramePart::Header
+                    };
+                    if res < 0 {
+                        return Err(errno_err(conn, "receive frame header", part, res));
+                    }
+                    return self.on_eof(conn, part);
+                }
+                let n = ures(res);
+                *got += n;
+                let full = *got >= HEADER_LEN;
+                Counters::add(&counters.bytes_received, n as u64);
+                self.conns[conn].last_rx = now;
+                let fd = types::Fd(self.conns[conn].sock.fd());
+                if !full {
+                    return self.submit_recv_header(ud, fd);
+                }
+                let Some(Op::RecvHeader { buf, .. }) = self.ops.remove(ud) else {
+                    unreachable!("matched above");
+                };
+                self.on_header(conn, *buf)?;
+            }
+            Op::RecvPayload { conn, got, hdr, .. } => {
+                let (conn, want) = (*conn, hdr.wire_len as usize);
+                if res <= 0 {
+                    let op = self.ops.remove(ud);
+                    self.unreserve(op);
+                    if res < 0 {
+                        return Err(errno_err(
+                            conn,
+                            "receive frame payload",
+                            FramePart::Payload,
+                            res,
+                        ));
+                    }
+                    return Err(TransportError::PeerClosed {
+                        conn,
+                        during: FramePart::Payload,
+                    });
+                }
+                let n = ures(res);
+                *got += n;
+                let full = *got >= want;
+                Counters::add(&counters.bytes_received, n as u64);
+                self.conns[conn].last_rx = now;
+                let fd = types::Fd(self.conns[conn].sock.fd());
+                if !full {
+                    return self.submit_recv_payload(ud, fd);
+                }
+                let Some(Op::RecvPayload {
+                    hdr,
+                    raw,
+                    mut buf,
+                    reserved,
+                    ..
+                }) = self.ops.remove(ud)
+                else {
+                    unreachable!("matched above");
+                };
+                if reserved {
+                    self.reorder.unreserve(hdr.wire_len);
+                }
+                buf.set_len(want);
+                self.conns[conn].rx = Rx::Idle;
+                self.on_frame(conn, hdr, &raw, Some(buf))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unreserve(&mut self, op: Option<Op>) {
+        if let Some(Op::RecvPayload {
+            hdr,
+            reserved: true,
+            ..
+        }) = op
+        {
+            self.reorder.unreserve(hdr.wire_len);
+        }
+    }
+
+    fn on_eof(&mut self, conn: usize, part: FramePart) -> Result<(), TransportError> {
+        let closing = self.closing_since.is_some();
+        if part != FramePart::Between || !(self.p.peer_closes || closing) {
+            return Err(TransportError::PeerClosed { conn, during: part });
+        }
+        self.conns[conn].rx = Rx::Eof;
+        Ok(())
+    }
+
+    fn on_header(&mut self, conn: usize, raw: [u8; HEADER_LEN]) -> Result<(), TransportError> {
+        let hdr = FrameHeader::decode(&raw).map_err(|source| TransportError::Corrupt {
+            conn,
+            device: u16::from_le_bytes([raw[6], raw[7]]),
+            seq: u64::from_le_bytes([
+                raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+            ]),
+            source,
+        })?;
+        let max = self
+            .p
+            .max_payload
+            .min(u32::try_from(self.pool.slot_size()).unwrap_or(u32::MAX));
+        if hdr.wire_len > max {
+            return Err(TransportError::TooMany {
+                what: crate::error::Limit::Payload,
+                got: u64::from(hdr.wire_len),
+                max: u64::from(max),
+            });
+        }
+        self.conns[conn].rx = Rx::Waiting { hdr, raw };
+        self.try_admit(conn)
+    }
+
+    fn admit_waiting(&mut self) -> Result<(), TransportError> {
+        for i in 0..self.conns.len() {
+            if matches!(self.conns[i].rx, Rx::Waiting { .. }) {
+                self.try_admit(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts reading the payload of a connection whose header is in, if the window and the pool
+    /// allow; otherwise the connection stays parked.
+    fn try_admit(&mut self, conn: usize) -> Result<(), TransportError> {
+        let Rx::Waiting { hdr, raw } = self.conns[conn].rx else {
+            return Ok(());
+        };
+        let admit = self.reorder.admit(&hdr);
+        if admit == Admit::Park {
+            return Ok(());
+        }
+        if hdr.wire_len == 0 {
+            self.conns[conn].rx = Rx::Idle;
+            return self.on_frame(conn, hdr, &raw, None);
+        }
+        // Out-of-order frames leave a quarter of the pool for frames that are next.
+        let reserve = (self.pool.slots() / 4).max(1);
+        if admit == Admit::Window && self.pool.free() <= reserve {
+            return Ok(());
+        }
+        let Some(buf) = self.pool.try_acquire() else {
+            return Ok(());
+        };
+        let reserved = admit == Admit::Window;
+        if reserved {
+            self.reorder.reserve(hdr.wire_len);
+        }
+        let ud = self.ops.insert(Op::RecvPayload {
+            conn,
+            hdr,
+            raw,
+            buf,
+            got: 0,
+            reserved,
+        });
+        self.conns[conn].rx = Rx::Busy;
+        let fd = types::Fd(self.conns[conn].sock.fd());
+        self.submit_recv_payload(ud, fd)
+    }
+
+    /// A whole frame is in: verify, then deliver, hold, or act on it.
+    fn on_frame(
+        &mut self,
+        conn: usize,
+        hdr: FrameHeader,
+        raw: &[u8; HEADER_LEN],
+        payload: Option<PoolBuf>,
+    ) -> Result<(), TransportError> {
+        let bytes = payload.as_ref().map_or(&[][..], |b| b.as_slice());
+        hdr.verify(raw, bytes)
+            .map_err(|source| TransportError::Corrupt {
+                conn,
+                device: hdr.device,
+                seq: hdr.seq,
+                source,
+            })?;
+        Counters::add(&self.shared.counters.frames_received, 1);
+        match hdr.kind {
+            FrameKind::Keepalive => Ok(()),
+            FrameKind::Abort => {
+                let n = bytes.len().min(crate::config::MAX_ABORT_DETAIL);
+                Err(TransportError::PeerAborted {
+                    reason: u16::try_from(hdr.arg).unwrap_or(u16::MAX),
+                    detail: String::from_utf8_lossy(&bytes[..n]).into_owned(),
+                })
+            }
+            kind if kind.is_sequenced() => {
+                let frame = Frame {
+                    header: hdr,
+                    payload,
+                };
+                if self.reorder.insert(frame, &mut self.ready)? > 0 {
+                    self.last_progress = Instant::now();
+                }
+                Ok(())
+            }
+            _ => {
+                self.ready.push_back(Frame {
+                    header: hdr,
+                    payload,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn deliver(&mut self) -> Result<(), TransportError> {
+        if self.closing_since.is_some() {
+            // close() is waiting for the flush; nobody reads inbound frames any more.
+            self.ready.clear();
+            return Ok(());
+        }
+        while let Some(f) = self.ready.pop_front() {
+            match self.in_tx.try_send(f) {
+                Ok(()) => {}
+                Err(TrySendError::Full(f)) => {
+                    self.shared.want_wake.store(true, Ordering::SeqCst);
+                    // The consumer may have taken a frame before it could see the flag.
+                    match self.in_tx.try_send(f) {
+                        Ok(()) => continue,
+                        Err(TrySendError::Full(f)) => self.ready.push_front(f),
+                        Err(TrySendError::Disconnected(_)) => self.ready.clear(),
+                    }
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.ready.clear();
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flushed(&self) -> bool {
+        self.out_rx.is_empty()
+            && self
+                .conns
+                .iter()
+                .all(|c| c.queue.is_empty() && c.sending_since.is_none())
+            && !self
+                .ops
+                .slots
+                .iter()
+                .any(|o| matches!(o, Some(Op::SendPayload { .. })))
+    }
+
+    fn check_time(&mut self, now: Instant) -> Result<Step, TransportError> {
+        let timeout = self.p.timeout;
+        for (i, c) in self.conns.iter().enumerate() {
+            if matches!(c.rx, Rx::Busy) && now.duration_since(c.last_rx) > timeout {
+                return Err(TransportError::PeerSilent {
+                    conn: i,
+                    after: timeout,
+                });
+            }
+            if let Some(t) = c.sending_since {
+                if now.duration_since(t) > timeout {
+                    return Err(TransportError::Timeout {
+                        after: timeout,
+                        what: "a send to complete (peer not reading)",
+                    });
+                }
+            }
+        }
+        // Reorder stall: frames held, nothing delivered, and no connection carries a next frame
+        // that merely waits for a buffer or for the consumer.
+        let next_waiting = self.conns.iter().any(|c| match &c.rx {
+            Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) == Admit::Next,
+            _ => false,
+        });
+        if self.reorder.held() == 0 || self.reading_paused() || next_waiting {
+            self.last_progress = now;
+        } else if now.duration_since(self.last_progress) > timeout {
+            let (device, expected) = self.reorder.first_waiting().unwrap_or((0, 0));
+            return Err(TransportError::ReorderStall {
+                device,
+                expected,
+                waited: timeout,
+            });
+        }
+        if let Some((reason, since)) = self.aborting {
+            let sent = self
+                .conns
+                .iter()
+                .all(|c| c.queue.is_empty() && c.sending_since.is_none());
+            if sent || now.duration_since(since) > timeout.min(Duration::from_secs(2)) {
+                return Ok(Step::Done(TransportError::Aborted { reason }));
+            }
+            return Ok(Step::Continue);
+        }
+        // Half-close our side of every connection the peer closed (destination), or of every
+        // connection once all is flushed (source closing).
+        let flushed = self.closing_since.is_some() && self.flushed();
+        for c in &mut self.conns {
+            let peer_done = matches!(c.rx, Rx::Eof);
+            let idle = c.queue.is_empty() && c.sending_since.is_none();
+            if !c.wr_shut && idle && (peer_done || flushed) {
+                c.sock.shutdown(Shutdown::Write);
+                c.wr_shut = true;
+            }
+        }
+        let all_closed = self
+            .conns
+            .iter()
+            .all(|c| c.wr_shut && matches!(c.rx, Rx::Eof));
+        if all_closed {
+            if let Some((device, expected)) = self.reorder.first_waiting() {
+                return Err(TransportError::IncompleteStream { device, expected });
+            }
+            return Ok(Step::Done(TransportError::Closed));
+        }
+        if let Some(since) = self.closing_since {
+            if now.duration_since(since) > timeout {
+                return Err(TransportError::Timeout {
+                    after: timeout,
+                    what: "close (flush and peer close)",
+                });
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    fn teardown(mut self, outcome: TransportError) {
+        let deadline = Instant::now() + DRAIN_MAX.min(self.p.timeout);
+        if matches!(outcome, TransportError::Closed) {
+            // Hand the consumer what was verified before the peer closed.
+            while let Some(f) = self.ready.pop_front() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if self.in_tx.send_timeout(f, left).is_err() {
+                    break;
+                }
+            }
+        }
+        self.shared.set_failure(outcome);
+        for c in &self.conns {
+            c.sock.shutdown(Shutdown::Both);
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_UD);
+        let _ = self.push(&[cancel]);
+        while self.ops.live > 0 && Instant::now() < deadline {
+            let ts = types::Timespec::from(Duration::from_millis(10));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let cqes: Vec<(u64, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.flags()))
+                .collect();
+            for (ud, flags) in cqes {
+                if ud == CANCEL_UD {
+                    continue;
+                }
+                match self.ops.get_mut(ud) {
+                    Some(Op::SendPayload {
+                        zc: true,
+                        completed,
+                        ..
+                    }) if !cqueue::notif(flags) && cqueue::more(flags) => *completed = true,
+                    Some(_) => {
+                        self.ops.remove(ud);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if self.ops.live > 0 {
+            // The kernel still holds buffers: never free memory under it.
+            std::mem::forget(self.ops);
+            std::mem::forget(self.ring);
+            std::mem::forget(self.pool);
+        }
+    }
+}

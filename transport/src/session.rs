@@ -1,0 +1,554 @@
+//! Sessions: the source's [`SendSession`], the destination's [`Listener`] and [`RecvSession`].
+//!
+//! A session is N TCP connections. The first connection handshakes (and authenticates) and gets
+//! a session id; the other N-1 join it by id. Nothing but the handshake is read or written before
+//! the handshake succeeded on a connection. Then the connections are handed to the io_uring
+//! engine (`ring.rs`); the handles here only validate, queue and dequeue.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
+use vfmig_wire::handshake::{
+    Agreed, Auth, ClientHandshake, ClientParams, DeviceDesc, Limits, Offer, ServerHandshake,
+    ServerParams, KNOWN_CODECS,
+};
+use vfmig_wire::{FrameHeader, HEADER_LEN};
+
+use crate::config::{
+    check_peer_policy, AuthConfig, SessionConfig, MAX_ABORT_DETAIL, MAX_DEVICES, MAX_STREAMS,
+};
+use crate::error::{Limit, TransportError};
+use crate::handshake_io::{drive, Side, TcpHs};
+use crate::pool::{BufPool, PoolBuf};
+use crate::ring::{self, EngineHandle, EngineParams, OutFrame, OutPayload, Sock, Urgent};
+use crate::stats::TransportStats;
+use crate::tls;
+
+/// A verified frame.
+#[derive(Debug)]
+pub struct Frame {
+    /// The header as received (`wire_len` and `crc` included).
+    pub header: FrameHeader,
+    /// The payload, `None` when `wire_len == 0`.
+    pub payload: Option<PoolBuf>,
+}
+
+fn random<const N: usize>() -> Result<[u8; N], TransportError> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|e| {
+        TransportError::io(
+            "getrandom",
+            std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    Ok(b)
+}
+
+fn wire_auth(a: &AuthConfig) -> Auth {
+    match a {
+        AuthConfig::None => Auth::None,
+        AuthConfig::Psk(k) => Auth::Psk(k.clone()),
+    }
+}
+
+/// What both handle types share.
+#[derive(Debug)]
+struct Core {
+    engine: EngineHandle,
+    agreed: Agreed,
+    pool: BufPool,
+    timeout: Duration,
+    peer: SocketAddr,
+}
+
+impl Core {
+    fn start(
+        socks: Vec<Sock>,
+        agreed: Agreed,
+        cfg: &SessionConfig,
+        peer: SocketAddr,
+        destination: bool,
+    ) -> Result<Core, TransportError> {
+        let pool = BufPool::new(cfg.pool_slots, cfg.slot_size)?;
+        let params = EngineParams {
+            devices: agreed.devices.len(),
+            max_payload: agreed.max_payload,
+            window_bytes: agreed.window_bytes,
+            timeout: cfg.timeout,
+            keepalive: cfg.keepalive,
+            zerocopy_min: cfg.zerocopy_min,
+            out_queue: 4 * socks.len(),
+            peer_closes: destination,
+        };
+        let name = if destination { "recv" } else { "send" };
+        let engine = ring::start(socks, pool.clone(), params, name)?;
+        Ok(Core {
+            engine,
+            agreed,
+            pool,
+            timeout: cfg.timeout,
+            peer,
+        })
+    }
+
+    /// The terminal error of an ended engine (or `Closed`).
+    fn ended(&self) -> TransportError {
+        self.engine
+            .shared
+            .failure()
+            .unwrap_or(TransportError::Cancelled)
+    }
+
+    fn check_alive(&self) -> Result<(), TransportError> {
+        match self.engine.shared.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn enqueue(&self, mut header: FrameHeader, payload: OutPayload) -> Result<(), TransportError> {
+        self.check_alive()?;
+        let bytes: &[u8] = match &payload {
+            OutPayload::Empty => &[],
+            OutPayload::Pool(b) => b.as_slice(),
+            OutPayload::Heap(v) => v,
+        };
+        let len = bytes.len();
+        if len > self.agreed.max_payload as usize {
+            return Err(TransportError::TooMany {
+                what: Limit::Payload,
+                got: len as u64,
+                max: u64::from(self.agreed.max_payload),
+            });
+        }
+        // `len <= max_payload`, a u32.
+        header.wire_len = u32::try_from(len).unwrap_or(u32::MAX);
+        let hdr = header.encode(bytes);
+        FrameHeader::decode(&hdr).map_err(|source| TransportError::InvalidFrame { source })?;
+        if header.kind.is_sequenced() && usize::from(header.device) >= self.agreed.devices.len() {
+            return Err(TransportError::UnknownDevice {
+                device: header.device,
+                devices: self.agreed.devices.len(),
+            });
+        }
+        let frame = OutFrame {
+            hdr: Box::new(hdr),
+            payload,
+        };
+        match self.engine.out_tx.send_timeout(frame, self.timeout) {
+            Ok(()) => {
+                self.engine.waker.wake();
+                Ok(())
+            }
+            Err(SendTimeoutError::Timeout(_)) => Err(TransportError::Timeout {
+                after: self.timeout,
+                what: "room in the send queue (peer not draining)",
+            }),
+            Err(SendTimeoutError::Disconnected(_)) => Err(self.ended()),
+        }
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<Frame>, TransportError> {
+        if let Some(e) = self.engine.shared.failure() {
+            // A failed session delivers nothing more; a closed one drains what was verified.
+            if !matches!(e, TransportError::Closed) {
+                return Err(e);
+            }
+        }
+        match self.engine.in_rx.recv_timeout(timeout) {
+            Ok(f) => {
+                if self
+                    .engine
+                    .shared
+                    .want_wake
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    self.engine.waker.wake();
+                }
+                Ok(Some(f))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(self.ended()),
+        }
+    }
+
+    fn abort(&self, reason: u16, detail: &str) {
+        let mut d = detail.as_bytes();
+        if d.len() > MAX_ABORT_DETAIL {
+            // Cut at a character boundary so the detail stays valid UTF-8.
+            let mut n = MAX_ABORT_DETAIL;
+            while !detail.is_char_boundary(n) {
+                n -= 1;
+            }
+            d = &d[..n];
+        }
+        let _ = self.engine.urgent_tx.try_send(Urgent::Abort {
+            reason,
+            detail: d.to_vec(),
+        });
+        self.engine.waker.wake();
+        self.engine.join();
+    }
+
+    fn close(&self) -> Result<TransportStats, TransportError> {
+        let _ = self.engine.urgent_tx.try_send(Urgent::Close);
+        self.engine.waker.wake();
+        self.engine.join();
+        match self.ended() {
+            TransportError::Closed => Ok(self.stats()),
+            e => Err(e),
+        }
+    }
+
+    fn stats(&self) -> TransportStats {
+        self.engine.shared.counters.snapshot()
+    }
+}
+
+/// The source side of a session.
+#[derive(Debug)]
+pub struct SendSession {
+    core: Core,
+}
+
+fn offer(cfg: &SessionConfig, devices: Vec<DeviceDesc>) -> Offer {
+    Offer {
+        streams: u16::try_from(cfg.streams).unwrap_or(u16::MAX),
+        codecs: KNOWN_CODECS,
+        max_payload: cfg.max_payload(),
+        window_bytes: cfg.window_bytes,
+        devices,
+    }
+}
+
+/// Opens one connection and handshakes on it (over TLS if configured).
+fn open(
+    addr: SocketAddr,
+    cfg: &SessionConfig,
+    offer: &Offer,
+    join: Option<([u8; 16], u16)>,
+) -> Result<(Sock, Agreed), TransportError> {
+    let conn = join.map_or(0, |(_, i)| usize::from(i));
+    let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|e| {
+        TransportError::Connect {
+            addr,
+            source: std::sync::Arc::new(e),
+        }
+    })?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| TransportError::io("setsockopt TCP_NODELAY", e))?;
+    let mut side = Side::Client(ClientHandshake::new(ClientParams {
+        auth: wire_auth(&cfg.auth),
+        offer: offer.clone(),
+        join,
+        nonce: random()?,
+    }));
+    if let Some(tls) = &cfg.tls {
+        return tls::client(stream, tls, addr, &mut side, conn, cfg);
+    }
+    let agreed = drive(&mut side, &mut TcpHs::new(&stream), addr, conn, cfg.timeout)?;
+    clear_timeouts(&stream)?;
+    Ok((Sock::Tcp(stream), agreed))
+}
+
+fn clear_timeouts(s: &TcpStream) -> Result<(), TransportError> {
+    s.set_read_timeout(None)
+        .and_then(|()| s.set_write_timeout(None))
+        .map_err(|e| TransportError::io("setsockopt SO_RCVTIMEO", e))
+}
+
+impl SendSession {
+    /// Connects to a destination: the first connection handshakes (and authenticates) and
+    /// declares `devices`; the other `streams - 1` connections join its session.
+    pub fn connect(
+        addr: SocketAddr,
+        cfg: &SessionConfig,
+        devices: Vec<DeviceDesc>,
+    ) -> Result<SendSession, TransportError> {
+        cfg.validate()?;
+        check_peer_policy(addr, cfg)?;
+        if devices.len() > MAX_DEVICES {
+            return Err(TransportError::TooMany {
+                what: Limit::Devices,
+                got: devices.len() as u64,
+                max: MAX_DEVICES as u64,
+            });
+        }
+        let offer = offer(cfg, devices);
+        let (first, agreed) = open(addr, cfg, &offer, None)?;
+        let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
+        let mut socks = vec![first];
+        for i in 1..streams {
+            // `i < streams <= MAX_STREAMS`.
+            let index = u16::try_from(i).unwrap_or(u16::MAX);
+            let (sock, a) = open(addr, cfg, &offer, Some((agreed.session_id, index)))?;
+            if a.session_id != agreed.session_id || a.conn_index != index {
+                return Err(TransportError::Handshake {
+                    peer: addr,
+                    conn: i,
+                    source: vfmig_wire::handshake::HandshakeError::Malformed {
+                        what: "join answered with another session or index",
+                    },
+                });
+            }
+            socks.push(sock);
+        }
+        Ok(SendSession {
+            core: Core::start(socks, agreed, cfg, addr, false)?,
+        })
+    }
+
+    /// The agreed session parameters.
+    pub fn agreed(&self) -> &Agreed {
+        &self.core.agreed
+    }
+
+    /// The destination's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.core.peer
+    }
+
+    /// The buffer pool registered with the send ring: fill these with device state and hand them
+    /// to [`SendSession::send`] (no copy on the way to the socket).
+    pub fn pool(&self) -> &BufPool {
+        &self.core.pool
+    }
+
+    /// Queues a frame. The transport fills `wire_len` and `crc`. Frames of a device must be
+    /// handed in sequence order (any interleaving of devices). Blocks while the queue is full,
+    /// at most the session timeout.
+    pub fn send(
+        &self,
+        header: FrameHeader,
+        payload: Option<PoolBuf>,
+    ) -> Result<(), TransportError> {
+        let p = match payload {
+            Some(buf) if !buf.is_empty() => OutPayload::Pool(buf),
+            _ => OutPayload::Empty,
+        };
+        self.core.enqueue(header, p)
+    }
+
+    /// Waits up to `timeout` for a frame from the destination (`SwitchoverAck`,
+    /// `DeviceResumed`). An `Abort` from the destination ends the session and comes back as
+    /// [`TransportError::PeerAborted`].
+    pub fn recv_control(&self, timeout: Duration) -> Result<Option<Frame>, TransportError> {
+        self.core.recv(timeout)
+    }
+
+    /// Sends an `Abort` on every connection (bounded wait) and ends the session.
+    pub fn abort(&self, reason: u16, detail: &str) {
+        self.core.abort(reason, detail);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TransportStats {
+        self.core.stats()
+    }
+
+    /// Flushes every queued frame, closes every connection cleanly (waiting for the destination
+    /// to close its side, bounded by the timeout) and returns the final counters.
+    pub fn close(self) -> Result<TransportStats, TransportError> {
+        self.core.close()
+    }
+}
+
+/// The destination's listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    listener: TcpListener,
+}
+
+/// Most connection attempts `accept` handles while assembling one session (refused joins,
+/// failed handshakes) before giving up.
+const MAX_ATTEMPTS_PER_STREAM: usize = 4;
+
+impl Listener {
+    /// Binds a TCP listener.
+    pub fn bind(addr: SocketAddr) -> Result<Listener, TransportError> {
+        let listener = TcpListener::bind(addr).map_err(|e| TransportError::io("bind", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| TransportError::io("set listener non-blocking", e))?;
+        Ok(Listener { listener })
+    }
+
+    /// The bound address (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    fn accept_until(&self, deadline: Instant) -> Result<(TcpStream, SocketAddr), TransportError> {
+        loop {
+            match self.listener.accept() {
+                Ok((s, peer)) => {
+                    s.set_nonblocking(false)
+                        .and_then(|()| s.set_nodelay(true))
+                        .map_err(|e| TransportError::io("configure accepted socket", e))?;
+                    return Ok((s, peer));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Timeout {
+                            after: Duration::ZERO,
+                            what: "a connection to accept",
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(TransportError::io("accept", e)),
+            }
+        }
+    }
+
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        cfg: &SessionConfig,
+        session_id: [u8; 16],
+        conn: usize,
+    ) -> Result<(Sock, Agreed), TransportError> {
+        let mut side = Side::Server(ServerHandshake::new(ServerParams {
+            auth: wire_auth(&cfg.auth),
+            limits: Limits {
+                max_streams: u16::try_from(MAX_STREAMS).unwrap_or(u16::MAX),
+                max_devices: MAX_DEVICES,
+                max_payload: cfg.max_payload(),
+                max_window_bytes: cfg.window_bytes,
+            },
+            session_id,
+            nonce: random()?,
+        }));
+        if let Some(tls) = &cfg.tls {
+            return tls::server(stream, tls, peer, &mut side, conn, cfg);
+        }
+        let agreed = drive(&mut side, &mut TcpHs::new(&stream), peer, conn, cfg.timeout)?;
+        clear_timeouts(&stream)?;
+        Ok((Sock::Tcp(stream), agreed))
+    }
+
+    /// Waits (at most `cfg.accept_timeout`) for a source, handshakes with it, then accepts the
+    /// other connections of its session (at most `cfg.timeout`); connections that do not join
+    /// this session are refused.
+    pub fn accept(&self, cfg: &SessionConfig) -> Result<RecvSession, TransportError> {
+        cfg.validate()?;
+        let session_id: [u8; 16] = random()?;
+        let (stream, peer) = self.accept_until(Instant::now() + cfg.accept_timeout)?;
+        check_peer_policy(peer, cfg)?;
+        let (first, agreed) = self.handshake(stream, peer, cfg, session_id, 0)?;
+        if agreed.joined {
+            return Err(TransportError::Handshake {
+                peer,
+                conn: 0,
+                source: vfmig_wire::handshake::HandshakeError::Malformed {
+                    what: "first connection joins an unknown session",
+                },
+            });
+        }
+        let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
+        let mut socks: Vec<Option<Sock>> = (0..streams).map(|_| None).collect();
+        socks[0] = Some(first);
+        let mut missing = streams - 1;
+        let mut attempts = 0;
+        let deadline = Instant::now() + cfg.timeout;
+        while missing > 0 {
+            attempts += 1;
+            if attempts > MAX_ATTEMPTS_PER_STREAM * streams {
+                return Err(TransportError::TooMany {
+                    what: Limit::JoinAttempts,
+                    got: attempts as u64,
+                    max: (MAX_ATTEMPTS_PER_STREAM * streams) as u64,
+                });
+            }
+            let (stream, from) = self.accept_until(deadline)?;
+            if check_peer_policy(from, cfg).is_err() {
+                continue;
+            }
+            let conn = streams - missing;
+            // A connection that fails its handshake or joins another session is dropped; the
+            // session keeps assembling until its deadline.
+            let Ok((sock, a)) = self.handshake(stream, from, cfg, session_id, conn) else {
+                continue;
+            };
+            let index = usize::from(a.conn_index);
+            if !a.joined || a.session_id != session_id || index >= streams {
+                continue;
+            }
+            if socks[index].is_none() {
+                socks[index] = Some(sock);
+                missing -= 1;
+            }
+        }
+        let socks = socks.into_iter().flatten().collect();
+        Ok(RecvSession {
+            core: Core::start(socks, agreed, cfg, peer, true)?,
+        })
+    }
+}
+
+/// The destination side of a session.
+#[derive(Debug)]
+pub struct RecvSession {
+    core: Core,
+}
+
+impl RecvSession {
+    /// The agreed session parameters, including the source's devices.
+    pub fn agreed(&self) -> &Agreed {
+        &self.core.agreed
+    }
+
+    /// The source's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.core.peer
+    }
+
+    /// The pool frames are received into (registered with the receive ring). Dropping a
+    /// [`Frame`]'s payload returns its buffer.
+    pub fn pool(&self) -> &BufPool {
+        &self.core.pool
+    }
+
+    /// The next frame: CRC-verified, each device's sequenced frames in sequence order, other
+    /// frames as they come. After the source closed cleanly and every frame was delivered:
+    /// [`TransportError::Closed`]. Waits at most `timeout` ([`TransportError::Timeout`]).
+    pub fn recv(&self, timeout: Duration) -> Result<Frame, TransportError> {
+        self.core.recv(timeout)?.ok_or(TransportError::Timeout {
+            after: timeout,
+            what: "a frame",
+        })
+    }
+
+    /// Sends a control frame to the source (`SwitchoverAck`, `DeviceResumed`).
+    pub fn send_control(&self, header: FrameHeader, payload: &[u8]) -> Result<(), TransportError> {
+        let p = if payload.is_empty() {
+            OutPayload::Empty
+        } else {
+            OutPayload::Heap(payload.to_vec())
+        };
+        self.core.enqueue(header, p)
+    }
+
+    /// Sends an `Abort` on every connection (bounded wait) and ends the session.
+    pub fn abort(&self, reason: u16, detail: &str) {
+        self.core.abort(reason, detail);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TransportStats {
+        self.core.stats()
+    }
+
+    /// Flushes queued control frames and closes every connection cleanly.
+    pub fn close(self) -> Result<TransportStats, TransportError> {
+        self.core.close()
+    }
+}
+
+const _: () = assert!(HEADER_LEN == 40);

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: real TCP on loopback, real io_uring.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vfmig_transport::{
+    DeviceDesc, Listener, RecvSession, SendSession, SessionConfig, TransportError,
+};
+use vfmig_wire::{Codec, FrameHeader, FrameKind};
+
+/// Short timeouts so a broken test fails fast instead of hanging.
+pub fn cfg(streams: usize) -> SessionConfig {
+    SessionConfig {
+        streams,
+        timeout: Duration::from_secs(5),
+        keepalive: Duration::from_millis(200),
+        pool_slots: 32,
+        slot_size: 64 << 10,
+        window_bytes: 1 << 20,
+        connect_timeout: Duration::from_secs(2),
+        accept_timeout: Duration::from_secs(5),
+        ..SessionConfig::default()
+    }
+}
+
+pub fn devices(n: usize) -> Vec<DeviceDesc> {
+    (0..n)
+        .map(|i| DeviceDesc {
+            name: format!("dev{i}"),
+            caps: 0,
+            state_size_hint: 0,
+        })
+        .collect()
+}
+
+pub fn listen() -> (Listener, SocketAddr) {
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = l.local_addr();
+    (l, a)
+}
+
+pub fn accept_in_thread(
+    l: Listener,
+    cfg: SessionConfig,
+) -> JoinHandle<Result<RecvSession, TransportError>> {
+    std::thread::spawn(move || l.accept(&cfg))
+}
+
+pub fn data_header(device: u16, seq: u64, len: u32) -> FrameHeader {
+    FrameHeader {
+        kind: FrameKind::StopCopyData,
+        codec: Codec::Raw,
+        device,
+        seq,
+        raw_len: len,
+        wire_len: 0,
+        arg: seq,
+        crc: 0,
+    }
+}
+
+/// Deterministic payload bytes for (device, seq).
+pub fn pattern(device: u16, seq: u64, len: usize) -> Vec<u8> {
+    let mut x = (u64::from(device) << 48) ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Sends one data frame filled with `pattern`.
+pub fn send_data(s: &SendSession, device: u16, seq: u64, len: usize) {
+    let mut b = s.pool().acquire(Duration::from_secs(5)).unwrap();
+    b.spare_mut()[..len].copy_from_slice(&pattern(device, seq, len));
+    b.set_len(len);
+    s.send(
+        data_header(device, seq, u32::try_from(len).unwrap()),
+        Some(b),
+    )
+    .unwrap();
+}
