@@ -127,6 +127,16 @@ fn open_err(path: &Path, what: &'static str, source: io::Error) -> DeviceError {
     }
 }
 
+/// The device-fd offset of `[offset, offset + len)` in the region, or `None` when the span leaves
+/// the region or overflows.
+fn region_span(info: &RegionInfo, offset: u64, len: usize) -> Option<u64> {
+    let end = offset.checked_add(u64::try_from(len).ok()?)?;
+    if end > info.size {
+        return None;
+    }
+    info.offset.checked_add(offset)
+}
+
 fn open_rw(path: &Path) -> io::Result<File> {
     // std opens with O_CLOEXEC.
     OpenOptions::new().read(true).write(true).open(path)
@@ -445,14 +455,8 @@ impl VfioDevice {
         len: usize,
         op: &'static str,
     ) -> Result<u64, DeviceError> {
-        let end = u64::try_from(len).ok().and_then(|l| offset.checked_add(l));
-        match end {
-            Some(end) if end <= info.size => info
-                .offset
-                .checked_add(offset)
-                .ok_or_else(|| self.ioctl_err(op, io::Error::from_raw_os_error(libc::EINVAL))),
-            _ => Err(self.ioctl_err(op, io::Error::from_raw_os_error(libc::EINVAL))),
-        }
+        region_span(info, offset, len)
+            .ok_or_else(|| self.ioctl_err(op, io::Error::from_raw_os_error(libc::EINVAL)))
     }
 
     /// Reads `buf.len()` bytes of region `index` at `offset` (one `pread` on the device fd).
@@ -702,5 +706,37 @@ impl MigrationDevice for VfioDevice {
         sys::ioctl_val(self.device.as_fd(), sys::VFIO_DEVICE_RESET, 0)
             .map(drop)
             .map_err(|source| self.ioctl_err("VFIO_DEVICE_RESET", source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BAR0: RegionInfo = RegionInfo {
+        index: 0,
+        flags: b::VFIO_REGION_INFO_FLAG_READ | b::VFIO_REGION_INFO_FLAG_WRITE,
+        size: 8,
+        offset: 1 << 40,
+    };
+
+    #[test]
+    fn region_span_maps_in_bounds_accesses_to_the_region_offset() {
+        assert_eq!(region_span(&BAR0, 0, 1), Some(1 << 40));
+        assert_eq!(region_span(&BAR0, 5, 3), Some((1 << 40) + 5));
+        assert_eq!(region_span(&BAR0, 8, 0), Some((1 << 40) + 8));
+    }
+
+    #[test]
+    fn region_span_refuses_accesses_past_the_end_or_overflowing() {
+        assert_eq!(region_span(&BAR0, 5, 4), None);
+        assert_eq!(region_span(&BAR0, 9, 0), None);
+        assert_eq!(region_span(&BAR0, u64::MAX, 1), None);
+        let high = RegionInfo {
+            offset: u64::MAX,
+            size: u64::MAX,
+            ..BAR0
+        };
+        assert_eq!(region_span(&high, 1, 1), None);
     }
 }
