@@ -141,7 +141,9 @@ pub(crate) fn ioctl_ref<T>(fd: BorrowedFd<'_>, req: u32, arg: &mut T) -> io::Res
     // `size_of::<T>()` bytes for the whole call. Each caller sets `argsz` (where the struct has
     // one) to at most `size_of::<T>()`, and VFIO never accesses more than `argsz` bytes of it.
     // Pointers embedded in the payload (DMA logging ranges, bitmap) are set by the caller to
-    // buffers that outlive this call and have the sizes the payload declares.
+    // buffers that outlive this call and have the sizes the payload declares. Type ';' belongs to
+    // VFIO (Documentation/userspace-api/ioctl/ioctl-number.rst), so a non-VFIO fd rejects the
+    // request (ENOTTY) rather than giving it another meaning.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::Ioctl::from(req), arg as *mut T) })
 }
 
