@@ -801,6 +801,14 @@ impl EmulatedDevice {
         self.host.mountpoint().to_path_buf()
     }
 
+    fn no_dma_logging(&self, op: &'static str) -> DeviceError {
+        DeviceError::Unsupported {
+            device: self.name.clone(),
+            op,
+            feature: "VFIO_DEVICE_FEATURE_DMA_LOGGING",
+        }
+    }
+
     fn core(&self) -> MutexGuard<'_, Core> {
         lock(&self.core)
     }
@@ -1001,11 +1009,7 @@ impl MigrationDevice for EmulatedDevice {
     ) -> Result<u64, DeviceError> {
         let mut c = self.core();
         if c.guest.is_none() {
-            return Err(DeviceError::Unsupported {
-                device: self.name.clone(),
-                op: "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-                feature: "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-            });
+            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_START"));
         }
         c.tick();
         c.dma_log
@@ -1024,6 +1028,9 @@ impl MigrationDevice for EmulatedDevice {
         bitmap: &mut [u64],
     ) -> Result<(), DeviceError> {
         let mut c = self.core();
+        if c.guest.is_none() {
+            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"));
+        }
         c.tick();
         c.dma_log
             .report(iova, length, page_size, bitmap)
@@ -1035,6 +1042,9 @@ impl MigrationDevice for EmulatedDevice {
 
     fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
         let mut c = self.core();
+        if c.guest.is_none() {
+            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP"));
+        }
         c.dma_log.stop().map_err(|source| DeviceError::DmaLogging {
             device: self.name.clone(),
             source,

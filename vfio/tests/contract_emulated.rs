@@ -1,0 +1,123 @@
+//! The device contract suite against EmulatedDevice, under every capability set that has
+//! STOP_COPY and both quirk modes (uAPI text and mtty).
+
+use vfmig_vfio::contract::{run_all, ContractOptions};
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, GuestConfig, Profile, Quirks};
+use vfmig_vfio::{DeviceState, MigrationCaps};
+
+fn config(caps: MigrationCaps, quirks: Quirks, guest: bool) -> EmulatedConfig {
+    let mut cfg = EmulatedConfig::new("contract", 1 << 20, 11)
+        .with_profile(Profile::Mixed)
+        .with_block_size(16 << 10)
+        .with_caps(caps)
+        .with_quirks(quirks);
+    if caps.contains(MigrationCaps::PRE_COPY) {
+        // Half the state is PRE_COPY initial data, the rest streams in STOP_COPY only.
+        cfg.precopy = Some(512 << 10);
+    }
+    if guest {
+        cfg.guest = Some(GuestConfig {
+            iova: 1 << 30,
+            len: 1 << 20,
+            dma_pages_per_sec: 0,
+        });
+    }
+    cfg
+}
+
+fn run(caps: MigrationCaps, quirks: Quirks, guest: bool) {
+    let cfg = config(caps, quirks, guest);
+    let opts = ContractOptions {
+        exact_stop_copy_size: true,
+        allow_precopy_zero: quirks == Quirks::mtty(),
+        ..ContractOptions::default()
+    };
+    let src_cfg = cfg.clone();
+    let report = run_all(
+        || EmulatedDevice::new(src_cfg.clone()).expect("source device"),
+        || EmulatedDevice::new(cfg.clone()).expect("destination device"),
+        &opts,
+    )
+    .unwrap_or_else(|e| panic!("caps {caps}, quirks {quirks:?}: {e}"));
+    let want_states = DeviceState::ALL
+        .into_iter()
+        .filter(|s| s.supported_by(caps))
+        .count();
+    assert_eq!(
+        report.states.len(),
+        want_states,
+        "every supported state visited"
+    );
+    assert!(!report.arcs.is_empty());
+    if caps.contains(MigrationCaps::PRE_COPY) {
+        assert!(report.passed.contains(&"precopy"));
+    }
+    assert_eq!(report.passed.contains(&"dma_logging_args"), guest);
+}
+
+#[test]
+fn contract_holds_for_every_capability_set_in_uapi_mode() {
+    for caps in MigrationCaps::all_subsets().filter(|c| c.contains(MigrationCaps::STOP_COPY)) {
+        run(caps, Quirks::uapi(), caps == MigrationCaps::ALL);
+    }
+}
+
+#[test]
+fn contract_holds_for_every_capability_set_in_mtty_mode() {
+    for caps in MigrationCaps::all_subsets().filter(|c| c.contains(MigrationCaps::STOP_COPY)) {
+        run(caps, Quirks::mtty(), false);
+    }
+}
+
+#[test]
+fn contract_holds_when_stop_copy_returns_a_duplicate_fd() {
+    let quirks = Quirks {
+        stop_copy_fd: vfmig_vfio::emulated::StopCopyFd::Dup,
+        ..Quirks::uapi()
+    };
+    run(MigrationCaps::ALL, quirks, true);
+}
+
+#[test]
+fn contract_detects_a_device_that_refuses_valid_streams() {
+    let cfg = config(MigrationCaps::ALL, Quirks::uapi(), false);
+    let mut bad = cfg.clone();
+    bad.faults.refuse_resume = true;
+    let err = run_all(
+        || EmulatedDevice::new(cfg.clone()).unwrap(),
+        || EmulatedDevice::new(bad.clone()).unwrap(),
+        &ContractOptions::default(),
+    )
+    .expect_err("a device refusing every resume must fail the suite");
+    assert_eq!(err.check, "transfer");
+}
+
+#[test]
+fn contract_detects_a_device_whose_stream_ends_early() {
+    let cfg = config(MigrationCaps::STOP_COPY, Quirks::uapi(), false);
+    let mut bad = cfg.clone();
+    bad.faults.early_end_at = Some(100_000);
+    let err = run_all(
+        || EmulatedDevice::new(bad.clone()).unwrap(),
+        || EmulatedDevice::new(cfg.clone()).unwrap(),
+        &ContractOptions::default(),
+    )
+    .expect_err("a truncated stream must fail the suite");
+    assert_eq!(err.check, "transfer");
+}
+
+#[test]
+fn contract_detects_zero_reads_in_precopy_when_enomsg_is_required() {
+    let cfg = config(MigrationCaps::ALL, Quirks::mtty(), false);
+    let opts = ContractOptions {
+        allow_precopy_zero: false,
+        ..ContractOptions::default()
+    };
+    let err = run_all(
+        || EmulatedDevice::new(cfg.clone()).unwrap(),
+        || EmulatedDevice::new(cfg.clone()).unwrap(),
+        &opts,
+    )
+    .expect_err("0 in PRE_COPY must fail when ENOMSG is required");
+    assert_eq!(err.check, "precopy");
+}
