@@ -1,0 +1,43 @@
+//! Server handshake: arbitrary client bytes must never panic, never allocate past the caps, and
+//! never authenticate a PSK client (the fuzzer cannot forge the MAC). With `Auth::None` the offer
+//! parser is reachable and fuzzed. The first byte picks the mode and the chunk size.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vfmig_wire::handshake::{Auth, Handshake, Limits, ServerHandshake, ServerParams};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let psk = sel & 1 == 1;
+    let chunk = usize::from(sel >> 1) + 1;
+    let mut s = ServerHandshake::new(ServerParams {
+        auth: if psk {
+            Auth::Psk(b"fuzz key".to_vec())
+        } else {
+            Auth::None
+        },
+        limits: Limits {
+            max_devices: 8,
+            ..Limits::default()
+        },
+        session_id: [1; 16],
+        nonce: [2; 32],
+    });
+    for c in rest.chunks(chunk) {
+        match s.feed(c) {
+            Ok(n) => assert!(n <= c.len()),
+            Err(_) => {
+                assert!(s.is_failed());
+                break;
+            }
+        }
+        let _ = s.take_output();
+    }
+    if let Some(a) = s.agreed() {
+        assert!(!psk && !a.authenticated);
+        assert!(a.devices.len() <= 8);
+        assert!(a.streams >= 1 && a.max_payload >= 1 && a.window_bytes >= 1);
+    }
+});
