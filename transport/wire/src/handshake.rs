@@ -704,7 +704,14 @@ impl Core {
             };
             let (n, msg) = match self.pull(&input[used..], &ex) {
                 Ok(v) => v,
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => {
+                    // A peer of another version may refuse us first: never answer a refusal.
+                    if self.rx.len() >= ENVELOPE_LEN && self.rx[6] == MsgType::Refuse as u8 {
+                        self.failed = Some(e.clone());
+                        return Err(e);
+                    }
+                    return Err(self.fail(e));
+                }
             };
             used += n;
             let Some((ty, msg)) = msg else {

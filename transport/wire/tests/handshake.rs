@@ -197,6 +197,23 @@ fn wrong_version_is_a_typed_error_on_both_sides_in_both_directions() {
 }
 
 #[test]
+fn a_refusal_from_a_peer_of_another_version_is_a_version_mismatch_and_is_not_answered() {
+    let mut c = client(psk(KEY), 1);
+    let _ = c.take_output();
+    let mut refuse = b"VMHS".to_vec();
+    refuse.extend_from_slice(&2u16.to_le_bytes());
+    refuse.extend_from_slice(&[5, 0]);
+    refuse.extend_from_slice(&12u32.to_le_bytes());
+    refuse.extend_from_slice(&1u16.to_le_bytes());
+    refuse.extend_from_slice(&[0; 10]);
+    assert_eq!(
+        c.feed(&refuse),
+        Err(HandshakeError::VersionMismatch { ours: 1, theirs: 2 })
+    );
+    assert_eq!(c.take_output(), None);
+}
+
+#[test]
 fn auth_mode_mismatch_is_a_typed_error_on_both_sides_and_never_downgrades() {
     for (c_auth, s_auth) in [(Auth::None, psk(KEY)), (psk(KEY), Auth::None)] {
         let (c_mode, s_mode) = (c_auth != Auth::None, s_auth != Auth::None);
