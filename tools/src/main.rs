@@ -1,2 +1,101 @@
-//! The `vfmig` command.
-fn main() {}
+//! # vfmig: the command line (`send`, `recv`, `demo`)
+//!
+//! Owns: argument parsing, device specs, exit codes, progress bars, the JSON report, and turning
+//! typed library errors into one-line messages ([`error::describe`]). Never touches: anything a
+//! library can own (the device FSM, the wire format, the pipeline). Data in: arguments, key and
+//! certificate files, `file:` streams; data out: exit status, one line on stderr on failure, a
+//! summary or a JSON report.
+
+#![forbid(unsafe_code)]
+// The migration itself is wired in once the pipeline's sessions land; until then parts of the
+// device and report plumbing are only reached from tests.
+#![allow(dead_code)]
+
+mod cli;
+mod devices;
+mod error;
+mod file_device;
+mod progress;
+mod report;
+mod signals;
+mod spec;
+mod units;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::devices::Side;
+use crate::error::{describe, CliError};
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help / --version print to stdout and exit 0; every usage error exits 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { error::EXIT_USAGE } else { 0 });
+        }
+    };
+    let cancel = signals::Cancel::default();
+    if let Err(e) = signals::install(&cancel) {
+        eprintln!("vfmig: cannot set up signal handling: {e}");
+        return ExitCode::from(error::EXIT_FAILED);
+    }
+    let (role, json) = match &cli.command {
+        Command::Send(a) => ("send", a.common.json),
+        Command::Recv(a) => ("recv", a.common.json),
+        Command::Demo(a) => ("demo", a.json),
+    };
+    let result = match cli.command {
+        Command::Send(a) => prepare(&a.common, Side::Source, false),
+        Command::Recv(a) => prepare(&a.common, Side::Destination, a.require_client_cert),
+        Command::Demo(_) => Err(CliError::Interrupted),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            fail(role, &e, json);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn prepare(common: &cli::CommonArgs, side: Side, client_cert: bool) -> Result<(), CliError> {
+    devices::session_config(common, client_cert)?;
+    devices::open(&common.devices, side, Duration::from_secs(common.timeout))?;
+    Err(CliError::Interrupted)
+}
+
+/// Reports a failure: the one line on stderr, and with `--json` a failure object on stdout unless
+/// the command already printed its own report for it.
+fn fail(role: &'static str, e: &CliError, json: bool) {
+    if json && !e.report_printed() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", report::failure_json(role, e));
+    }
+    eprintln!("vfmig: {}", describe(e));
+}
+
+/// Last resort: a panic prints one line and exits 1 (no backtrace, no abort message).
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let line = format!("{what}{at}").replace('\n', " ");
+        eprintln!("vfmig: internal error (a bug, please report it): {line}");
+        std::process::exit(i32::from(error::EXIT_FAILED));
+    }));
+}

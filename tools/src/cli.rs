@@ -1,0 +1,491 @@
+//! The command line: `vfmig send`, `vfmig recv`, `vfmig demo`, with man-page quality `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::spec::{DeviceSpec, Profile};
+use crate::units::{parse_link_rate, parse_size, LinkRate, UnitError};
+
+const ABOUT: &str = "Move VFIO device migration state between hosts";
+
+const LONG_ABOUT: &str = "\
+vfmig moves the migration state of VFIO devices (GPUs, NICs, accelerators passed through to a VM) \
+from a source host to a destination host. On the source it drives the kernel's VFIO migration v2 \
+state machine (optionally PRE_COPY while the device runs, then STOP_COPY), reads the state from the \
+data fd with io_uring, compresses it where that pays, and sends it over one or more authenticated \
+TCP connections. The destination verifies every byte (CRC32C per frame, length and BLAKE3 digest per \
+device), writes the stream in order into its device's RESUMING data fd, and lets the device validate \
+it (RESUMING -> STOP). Only then does it acknowledge, and only then does `vfmig send` succeed.
+
+Run `vfmig recv` on the destination first, then `vfmig send` on the source with the same number of \
+--device options: devices pair by position. `vfmig demo` does both over loopback in one command.";
+
+const SPEC_HELP: &str = "\
+DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
+  emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
+      [,dirty-rate=SIZE/s][,p2p=on|off]
+      An emulated migration device with a real kernel data fd.
+        size        state size, a multiple of 4K (required)
+        seed        content seed (default: the device's position, so both sides agree)
+        profile     content mix (default mixed: ~2.5:1 with zstd; zero: all zero pages;
+                    random: incompressible; text: highly compressible)
+        precopy     PRE_COPY initial_bytes: the first SIZE bytes stream while the device
+                    runs; `off`: no PRE_COPY capability (default: all of the state)
+        dirty-rate  bytes per second the running device dirties (default: 0)
+        p2p         VFIO_MIGRATION_P2P support, needed with several devices (default: on)
+      Source and destination must give the same size, seed and profile.
+  file:PATH
+      Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
+      writer), or `-` for stdin. Destination: the stream is written to a temporary file (mode
+      0600) in PATH's directory, fsynced and renamed onto PATH only after the whole stream
+      verified; after a failure nothing is left at PATH (an existing file there is kept).
+  vfio:PATH
+      A real VFIO device with migration support: its cdev (/dev/vfio/devices/vfioN) or its sysfs
+      device path (/sys/bus/pci/devices/0000:01:00.0).
+  SIZE is an integer or decimal with an optional binary suffix: K, M, G, T (1K = 1024 bytes);
+  KiB/MiB/GiB/TiB and KB/MB/GB/TB are accepted and mean the same.";
+
+const EXIT_HELP: &str = "\
+EXIT STATUS:
+  0  every destination device accepted its state (for send: the destination acknowledged it)
+  1  the migration failed; one line on stderr names the cause
+     (the source devices are walked back to RUNNING, the destination devices are reset)
+  2  usage error: unknown option, bad value, bad device spec, unreadable key or certificate";
+
+const SEND_EXAMPLES: &str = "\
+EXAMPLES:
+  Send two emulated devices with pre-copy over 4 connections, authenticated with a key:
+    vfmig send --connect 10.0.0.2:7000 --psk-file /etc/vfmig/key --streams 4 --precopy \\
+        --device emu:size=2G,precopy=256M --device emu:size=2G,precopy=256M
+  Send a file's contents (e.g. a saved device state) over a 2.5 Gbit/s budget:
+    vfmig send --connect 10.0.0.2:7000 --psk-file key --max-bandwidth 2.5G --device file:state.bin
+  Stream from a pipe, machine-readable result:
+    produce-state | vfmig send --connect 10.0.0.2:7000 --psk-file key --json --device file:-";
+
+const RECV_EXAMPLES: &str = "\
+EXAMPLES:
+  Receive two emulated devices (the matching send is in `vfmig send --help`):
+    vfmig recv --listen 0.0.0.0:7000 --psk-file /etc/vfmig/key \\
+        --device emu:size=2G,precopy=256M --device emu:size=2G,precopy=256M
+  Receive into a file, written atomically:
+    vfmig recv --listen 0.0.0.0:7000 --psk-file key --device file:/var/lib/vfmig/state.bin
+  Let the system pick the port (the bound address is printed as `vfmig: listening on ADDR`):
+    vfmig recv --listen 127.0.0.1:0 --device emu:size=64M";
+
+const DEMO_EXAMPLES: &str = "\
+EXAMPLES:
+  The default demo (2 devices x 512 MiB, mixed content, pre-copy, P2P quiesce):
+    vfmig demo
+  A quicker one, machine-readable:
+    vfmig demo --size 64M --json";
+
+const PROGRESS_HELP: &str = "\
+PROGRESS:
+  When both stdout and stderr are terminals (and neither --json nor --quiet is given), one
+  progress bar per device is drawn on stderr with the bytes moved, rate, ETA and phase
+  (connecting, pre-copy, stop-copy, resume, done). When stdout is not a terminal nothing is
+  drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
+
+/// `vfmig`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfmig",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = EXIT_HELP,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Source side: connect to a receiver and send device state.
+    #[command(
+        long_about = "Source side: connect to `vfmig recv` at ADDR, authenticate, and migrate the \
+given devices. For each device: (optionally) PRE_COPY while it runs, then every device to \
+RUNNING_P2P, then STOP_COPY, streaming the state. Succeeds (exit 0) only once the destination \
+reports that every device accepted its state; the source devices are then left in STOP. On any \
+failure they are walked back to RUNNING.",
+        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, EXIT_HELP, SEND_EXAMPLES])
+    )]
+    Send(SendArgs),
+    /// Destination side: accept one migration and load the state into devices.
+    #[command(
+        long_about = "Destination side: listen on ADDR, accept one authenticated migration, and \
+load each received device stream into the device at the same position. Nothing unverified \
+reaches a device; at the end of each device the totals and digest are checked and the device \
+moves RESUMING -> STOP, validating its state, before the source is told. Exits after one \
+migration. Prints `vfmig: listening on ADDR` on stderr once the socket is bound.",
+        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, EXIT_HELP, RECV_EXAMPLES])
+    )]
+    Recv(RecvArgs),
+    /// Migrate emulated devices over loopback in one command and print a summary.
+    #[command(
+        long_about = "Runs a receiver and a sender in this process over loopback: emulated devices \
+with mixed content, pre-copy, and (with two or more devices) the RUNNING_P2P quiesce order. Prints \
+sizes, compression ratio, throughput, downtime, the stage that limited the run, and whether the \
+destination devices accepted their state.",
+        after_long_help = concat_help(&[EXIT_HELP, DEMO_EXAMPLES])
+    )]
+    Demo(DemoArgs),
+}
+
+/// Joins help sections (`concat!` only takes literals, not consts).
+fn concat_help(parts: &[&str]) -> String {
+    parts.join("\n\n")
+}
+
+/// Options of both sides.
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// A device to migrate; repeat for several (see DEVICE SPECS below).
+    #[arg(long = "device", short = 'd', value_name = "SPEC", required = true, value_parser = parse_spec)]
+    pub devices: Vec<DeviceSpec>,
+
+    /// Pre-shared key file: both sides prove they hold the key (mutual HMAC-SHA-256
+    /// challenge-response) before any device is touched. The whole file is the key (at least
+    /// 16 bytes; a trailing newline is stripped).
+    #[arg(long, value_name = "PATH")]
+    pub psk_file: Option<PathBuf>,
+
+    /// TLS 1.3: this side's certificate chain (PEM). Needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS 1.3: this side's private key (PEM).
+    #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS 1.3: the CA certificate(s) the peer's certificate must chain to (PEM).
+    #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Allow a peer outside loopback without --psk-file or TLS. Without this, such a connection
+    /// is refused.
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// TCP connections per session, 1..=16 (default: 2). The receiver accepts what the sender
+    /// asks for, up to 16.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub streams: Option<u16>,
+
+    /// Seconds of silence after which the peer is declared dead; also bounds every wait (connect,
+    /// handshake, a FIFO's writer). Default: 30.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
+
+    /// Print one JSON object with the outcome and per-device report on stdout at the end (also
+    /// on failure). Disables progress bars.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress bars and no summary; only the failure line on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Compression choice for `--compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressArg {
+    /// Chosen at run time from the measured link and CPU throughput.
+    Auto,
+    /// No compression (all-zero chunks are still elided).
+    None,
+    /// LZ4.
+    Lz4,
+    /// zstd at a level (1..=19).
+    Zstd(i32),
+}
+
+/// Why `--compress` did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompressError {
+    /// Not one of the choices.
+    #[error("expected auto, none, lz4 or zstd[:LEVEL], got `{0}`")]
+    Unknown(String),
+    /// A zstd level outside 1..=19.
+    #[error("zstd level must be 1..=19, got `{0}`")]
+    Level(String),
+}
+
+/// Default zstd level for `--compress zstd`.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Parses `auto|none|lz4|zstd[:LEVEL]`.
+pub fn parse_compress(s: &str) -> Result<CompressArg, CompressError> {
+    match s {
+        "auto" => Ok(CompressArg::Auto),
+        "none" => Ok(CompressArg::None),
+        "lz4" => Ok(CompressArg::Lz4),
+        "zstd" => Ok(CompressArg::Zstd(DEFAULT_ZSTD_LEVEL)),
+        _ => match s.strip_prefix("zstd:") {
+            Some(l) => match l.parse::<i32>() {
+                Ok(v) if (1..=19).contains(&v) => Ok(CompressArg::Zstd(v)),
+                _ => Err(CompressError::Level(l.to_owned())),
+            },
+            None => Err(CompressError::Unknown(s.to_owned())),
+        },
+    }
+}
+
+fn parse_spec(s: &str) -> Result<DeviceSpec, crate::spec::SpecError> {
+    s.parse()
+}
+
+fn parse_rate(s: &str) -> Result<LinkRate, UnitError> {
+    parse_link_rate(s)
+}
+
+fn parse_demo_size(s: &str) -> Result<u64, UnitError> {
+    match parse_size(s)? {
+        0 => Err(UnitError::Zero),
+        v => Ok(v),
+    }
+}
+
+/// `vfmig send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Address of the receiver (`vfmig recv --listen`), e.g. 10.0.0.2:7000 or [fd00::2]:7000.
+    #[arg(long, value_name = "ADDR")]
+    pub connect: SocketAddr,
+
+    /// Compression: auto (chosen at run time from measured link and CPU throughput: compress
+    /// when the network limits, less or not at all when the CPU does), none, lz4, or zstd[:LEVEL]
+    /// (level 1..=19, default 3). All-zero chunks are always elided.
+    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_compress)]
+    pub compress: CompressArg,
+
+    /// Use PRE_COPY on devices that support it: stream the state while the device runs, and stop
+    /// it only when what is left fits the downtime budget (--max-downtime).
+    #[arg(long)]
+    pub precopy: bool,
+
+    /// Downtime budget in milliseconds for pre-copy: the switch to STOP_COPY happens once the
+    /// remaining state is estimated to move within it (default: 300).
+    #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub max_downtime: u64,
+
+    /// Cap on the wire rate, in bits per second with decimal multiples as link speeds are given:
+    /// 2.5G = 2.5 Gbit/s, 500M = 500 Mbit/s (`bit`, `bps` suffixes also accepted). Bytes per
+    /// second when spelled with B/s: 300MB/s. Default: no cap.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_bandwidth: Option<LinkRate>,
+
+    /// Allow several devices of which some lack VFIO_MIGRATION_P2P (their peers may lose P2P
+    /// writes while they stop). Refused by default, as QEMU does.
+    #[arg(long)]
+    pub allow_non_p2p: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `vfmig recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7000; port 0 picks a free port (printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Destination TLS: refuse sources without a certificate signed by --tls-ca.
+    #[arg(long, requires = "tls_cert")]
+    pub require_client_cert: bool,
+
+    /// Seconds to wait for a source to connect before giving up (exit 1). Default: 600.
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub accept_timeout: u64,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Content profile for the demo.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProfileArg {
+    /// Zero pages, structured and random data (~2.5:1).
+    Mixed,
+    /// All zero.
+    Zero,
+    /// Incompressible.
+    Random,
+    /// Highly compressible.
+    Text,
+}
+
+impl From<ProfileArg> for Profile {
+    fn from(p: ProfileArg) -> Profile {
+        match p {
+            ProfileArg::Mixed => Profile::Mixed,
+            ProfileArg::Zero => Profile::Zero,
+            ProfileArg::Random => Profile::Random,
+            ProfileArg::Text => Profile::Text,
+        }
+    }
+}
+
+/// `vfmig demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// STOP_COPY state size of each device (binary suffixes: 512M = 512 MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_demo_size)]
+    pub size: u64,
+
+    /// Number of emulated devices (1..=8); two or more exercise the RUNNING_P2P quiesce order.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub devices: u16,
+
+    /// Content profile of every device.
+    #[arg(long, value_enum, default_value_t = ProfileArg::Mixed)]
+    pub profile: ProfileArg,
+
+    /// Skip pre-copy (STOP_COPY only).
+    #[arg(long)]
+    pub no_precopy: bool,
+
+    /// Compression, as for `vfmig send`.
+    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_compress)]
+    pub compress: CompressArg,
+
+    /// TCP connections (1..=16; default: 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub streams: Option<u16>,
+
+    /// Print the report as one JSON object on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn compress_accepts_the_documented_spellings_only() {
+        assert_eq!(parse_compress("auto"), Ok(CompressArg::Auto));
+        assert_eq!(parse_compress("none"), Ok(CompressArg::None));
+        assert_eq!(parse_compress("lz4"), Ok(CompressArg::Lz4));
+        assert_eq!(
+            parse_compress("zstd"),
+            Ok(CompressArg::Zstd(DEFAULT_ZSTD_LEVEL))
+        );
+        assert_eq!(parse_compress("zstd:19"), Ok(CompressArg::Zstd(19)));
+        assert_eq!(
+            parse_compress("zstd:0"),
+            Err(CompressError::Level("0".into()))
+        );
+        assert_eq!(
+            parse_compress("zstd:x"),
+            Err(CompressError::Level("x".into()))
+        );
+        assert_eq!(
+            parse_compress("gzip"),
+            Err(CompressError::Unknown("gzip".into()))
+        );
+    }
+
+    #[test]
+    fn send_parses_every_option() {
+        let cli = Cli::try_parse_from([
+            "vfmig",
+            "send",
+            "--connect",
+            "127.0.0.1:7000",
+            "--device",
+            "emu:size=1M",
+            "-d",
+            "file:/tmp/x",
+            "--psk-file",
+            "k",
+            "--compress",
+            "zstd:5",
+            "--streams",
+            "4",
+            "--precopy",
+            "--max-downtime",
+            "50",
+            "--max-bandwidth",
+            "2.5G",
+            "--timeout",
+            "9",
+            "--json",
+            "--insecure",
+        ])
+        .expect("parses");
+        let Command::Send(s) = cli.command else {
+            panic!("send expected");
+        };
+        assert_eq!(s.common.devices.len(), 2);
+        assert_eq!(s.compress, CompressArg::Zstd(5));
+        assert_eq!(s.common.streams, Some(4));
+        assert_eq!(s.max_bandwidth.map(|r| r.bytes_per_sec), Some(312_500_000));
+        assert_eq!((s.max_downtime, s.common.timeout), (50, 9));
+        assert!(s.precopy && s.common.json && s.common.insecure);
+    }
+
+    #[test]
+    fn usage_errors_are_clap_errors_that_exit_2() {
+        for args in [
+            vec!["vfmig", "send", "--connect", "127.0.0.1:1"],
+            vec!["vfmig", "send", "--connect", "nohost", "-d", "emu:size=1M"],
+            vec![
+                "vfmig",
+                "recv",
+                "--listen",
+                "127.0.0.1:1",
+                "-d",
+                "emu:size=1Q",
+            ],
+            vec![
+                "vfmig",
+                "recv",
+                "--listen",
+                "127.0.0.1:1",
+                "-d",
+                "emu:size=1M",
+                "--streams",
+                "0",
+            ],
+            vec![
+                "vfmig",
+                "recv",
+                "--listen",
+                "127.0.0.1:1",
+                "-d",
+                "emu:size=1M",
+                "--tls-cert",
+                "c",
+            ],
+            vec![
+                "vfmig",
+                "send",
+                "--connect",
+                "127.0.0.1:1",
+                "-d",
+                "emu:size=1M",
+                "--compress",
+                "gz",
+            ],
+            vec!["vfmig", "bogus"],
+        ] {
+            let err = Cli::try_parse_from(&args).expect_err("must be refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

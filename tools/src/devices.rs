@@ -1,0 +1,292 @@
+//! From parsed specs to [`MigrationDevice`]s, and from options to the transport's
+//! [`SessionConfig`]: everything the command sets up before a migration starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vfmig_transport::{AuthConfig, SessionConfig, TlsConfig};
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Profile as EmuProfile};
+use vfmig_vfio::{DeviceError, MigrationDevice, VfioDevice};
+
+use crate::cli::CommonArgs;
+use crate::error::{CliError, DeviceLabel, UsageError};
+use crate::file_device::{FileSink, FileSource};
+use crate::spec::{DeviceSpec, EmuSpec, FileTarget, Precopy, Profile};
+
+/// Shortest accepted pre-shared key, in bytes.
+pub const MIN_PSK_LEN: usize = 16;
+
+/// Which side a device is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `vfmig send`.
+    Source,
+    /// `vfmig recv`.
+    Destination,
+}
+
+/// The devices of one side, in command-line order.
+pub struct Devices {
+    /// The devices, handed to the pipeline.
+    pub list: Vec<Box<dyn MigrationDevice>>,
+    /// Name and kind of each, for messages.
+    pub labels: Vec<DeviceLabel>,
+    /// Expected raw stream size of each, when known (for progress bars).
+    pub totals: Vec<Option<u64>>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+fn emu_profile(p: Profile) -> EmuProfile {
+    match p {
+        Profile::Mixed => EmuProfile::Mixed,
+        Profile::Zero => EmuProfile::Zero,
+        Profile::Random => EmuProfile::Random,
+        Profile::Text => EmuProfile::Text,
+    }
+}
+
+/// The emulated device config for `spec` at position `index`. The seed defaults to the position,
+/// so both sides agree without saying it; the destination never dirties.
+pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
+    let seed = spec.seed.unwrap_or(index as u64);
+    let precopy = match spec.precopy {
+        Precopy::Whole => Some(u64::MAX),
+        Precopy::Off => None,
+        Precopy::Initial(n) => Some(n),
+    };
+    let dirty = match side {
+        Side::Source => spec.dirty_rate.unwrap_or(0),
+        Side::Destination => 0,
+    };
+    EmulatedConfig::new(format!("emu{index}"), spec.size, seed)
+        .with_profile(emu_profile(spec.profile))
+        .with_precopy(precopy)
+        .with_p2p(spec.p2p)
+        .with_dirty_rate(dirty)
+}
+
+fn emulated_error(index: usize, e: &vfmig_vfio::emulated::EmulatedError) -> CliError {
+    CliError::OpenDevice {
+        index,
+        kind: "emu",
+        source: DeviceError::NotVfio {
+            path: format!("emu{index}"),
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// Checks what can be checked about the specs as a whole before opening anything.
+pub fn check_specs(specs: &[DeviceSpec], side: Side) -> Result<(), UsageError> {
+    let mut stdin_seen = false;
+    let mut paths: Vec<(usize, PathBuf)> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        match spec {
+            DeviceSpec::File(FileTarget::Stdio) if side == Side::Source => {
+                if stdin_seen {
+                    return Err(UsageError::StdinTwice);
+                }
+                stdin_seen = true;
+            }
+            DeviceSpec::File(FileTarget::Path(p)) if side == Side::Destination => {
+                let canon = p
+                    .parent()
+                    .and_then(|d| {
+                        let d = if d.as_os_str().is_empty() {
+                            std::path::Path::new(".")
+                        } else {
+                            d
+                        };
+                        d.canonicalize().ok()
+                    })
+                    .zip(p.file_name())
+                    .map_or_else(|| p.clone(), |(d, n)| d.join(n));
+                if let Some((first, _)) = paths.iter().find(|(_, q)| *q == canon) {
+                    return Err(UsageError::DuplicateFile {
+                        first: *first,
+                        second: i,
+                        path: p.clone(),
+                    });
+                }
+                paths.push((i, canon));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens every device of `specs` for `side`. `timeout` bounds a FIFO source's wait for a writer.
+pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devices, CliError> {
+    check_specs(specs, side)?;
+    let mut devices = Devices {
+        list: Vec::with_capacity(specs.len()),
+        labels: Vec::with_capacity(specs.len()),
+        totals: Vec::with_capacity(specs.len()),
+    };
+    for (index, spec) in specs.iter().enumerate() {
+        let file_err = |source| CliError::Usage(UsageError::FileDevice { index, source });
+        let (dev, total): (Box<dyn MigrationDevice>, Option<u64>) = match spec {
+            DeviceSpec::Emu(e) => {
+                let d = EmulatedDevice::new(emu_config(e, index, side))
+                    .map_err(|err| emulated_error(index, &err))?;
+                (Box::new(d), Some(e.size))
+            }
+            DeviceSpec::File(t) => match side {
+                Side::Source => {
+                    let mut d = FileSource::open(t, timeout).map_err(file_err)?;
+                    let size = d.stop_copy_size().ok().filter(|s| *s > 0);
+                    (Box::new(d), size)
+                }
+                Side::Destination => (Box::new(FileSink::new(t).map_err(file_err)?), None),
+            },
+            DeviceSpec::Vfio(p) => {
+                let mut d = VfioDevice::open(p).map_err(|source| CliError::OpenDevice {
+                    index,
+                    kind: "vfio",
+                    source,
+                })?;
+                let size = match side {
+                    Side::Source => d.stop_copy_size().ok().filter(|s| *s > 0),
+                    Side::Destination => None,
+                };
+                (Box::new(d), size)
+            }
+        };
+        devices.labels.push(DeviceLabel {
+            name: dev.name().to_owned(),
+            kind: spec.kind(),
+        });
+        devices.totals.push(total);
+        devices.list.push(dev);
+    }
+    Ok(devices)
+}
+
+/// Reads a PSK file: the whole file is the key, one trailing newline (`\n` or `\r\n`) stripped.
+pub fn read_psk(path: &std::path::Path) -> Result<Vec<u8>, UsageError> {
+    let mut key = std::fs::read(path).map_err(|source| UsageError::PskFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if key.ends_with(b"\n") {
+        key.pop();
+        if key.ends_with(b"\r") {
+            key.pop();
+        }
+    }
+    if key.len() < MIN_PSK_LEN {
+        return Err(UsageError::PskTooShort {
+            path: path.to_path_buf(),
+            len: key.len(),
+            min: MIN_PSK_LEN,
+        });
+    }
+    Ok(key)
+}
+
+/// The transport configuration for these options.
+pub fn session_config(
+    common: &CommonArgs,
+    require_client_cert: bool,
+) -> Result<SessionConfig, UsageError> {
+    let mut cfg = SessionConfig::default();
+    if let Some(n) = common.streams {
+        cfg.streams = usize::from(n);
+    }
+    if let Some(p) = &common.psk_file {
+        cfg.auth = AuthConfig::Psk(read_psk(p)?);
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (&common.tls_cert, &common.tls_key, &common.tls_ca) {
+        for (what, path) in [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)] {
+            std::fs::metadata(path).map_err(|source| UsageError::TlsFile {
+                what,
+                path: path.clone(),
+                source,
+            })?;
+        }
+        cfg.tls = Some(TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            server_name: None,
+            require_client_cert,
+        });
+    }
+    cfg.insecure = common.insecure;
+    cfg.timeout = Duration::from_secs(common.timeout);
+    // Keepalive well inside the liveness timeout.
+    cfg.keepalive = cfg.keepalive.min(cfg.timeout / 3);
+    cfg.connect_timeout = cfg.connect_timeout.min(cfg.timeout);
+    cfg.validate().map_err(UsageError::Transport)?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psk_file_strips_one_newline_and_refuses_short_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("k");
+        std::fs::write(&p, "0123456789abcdef\r\n").expect("write");
+        assert_eq!(read_psk(&p).expect("key"), b"0123456789abcdef");
+        std::fs::write(&p, "short\n").expect("write");
+        assert!(matches!(
+            read_psk(&p),
+            Err(UsageError::PskTooShort { len: 5, .. })
+        ));
+        assert!(matches!(
+            read_psk(&dir.path().join("missing")),
+            Err(UsageError::PskFile { .. })
+        ));
+    }
+
+    #[test]
+    fn stdin_twice_and_same_destination_file_twice_are_usage_errors() {
+        let s: Vec<DeviceSpec> = vec![
+            "file:-".parse().expect("spec"),
+            "file:-".parse().expect("spec"),
+        ];
+        assert!(matches!(
+            check_specs(&s, Side::Source),
+            Err(UsageError::StdinTwice)
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = format!("file:{}/x", dir.path().display());
+        let b = format!("file:{}/./x", dir.path().display());
+        let s: Vec<DeviceSpec> = vec![a.parse().expect("spec"), b.parse().expect("spec")];
+        assert!(matches!(
+            check_specs(&s, Side::Destination),
+            Err(UsageError::DuplicateFile {
+                first: 0,
+                second: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn emu_config_follows_the_spec_and_destination_never_dirties() {
+        let Ok(DeviceSpec::Emu(e)) =
+            "emu:size=1M,precopy=off,p2p=off,dirty-rate=1M,profile=text".parse::<DeviceSpec>()
+        else {
+            panic!("spec parses");
+        };
+        let src = emu_config(&e, 3, Side::Source);
+        assert_eq!(
+            (src.size, src.seed, src.precopy, src.p2p, src.dirty_rate),
+            (1 << 20, 3, None, false, 1 << 20)
+        );
+        assert_eq!(src.profile, EmuProfile::Text);
+        assert_eq!(emu_config(&e, 3, Side::Destination).dirty_rate, 0);
+    }
+}

@@ -1,0 +1,552 @@
+//! The command's errors and the one place that turns typed library errors into the one line an
+//! operator reads ([`describe`]), plus the exit status of each ([`CliError::exit_code`]).
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vfmig_pipeline::{AbortReason, PipelineError};
+use vfmig_transport::TransportError;
+use vfmig_vfio::DeviceError;
+use vfmig_wire::handshake::{HandshakeError, RefuseCode};
+
+use crate::file_device::FileDeviceError;
+
+/// Exit status: the migration failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: usage error (clap's, or a bad value found after parsing).
+pub const EXIT_USAGE: u8 = 2;
+
+/// One device of the command line, for naming it in messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLabel {
+    /// The name given to the library (`MigrationDevice::name`).
+    pub name: String,
+    /// `emu`, `file` or `vfio`.
+    pub kind: &'static str,
+}
+
+/// Usage errors found after clap accepted the arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// The PSK file cannot be read.
+    #[error("cannot read --psk-file {path}: {source}")]
+    PskFile {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The PSK is too short to be a key.
+    #[error("--psk-file {path} holds {len} bytes; a key needs at least {min}")]
+    PskTooShort {
+        /// The path.
+        path: PathBuf,
+        /// Its length (after stripping a trailing newline).
+        len: usize,
+        /// The minimum.
+        min: usize,
+    },
+    /// A `file:` device cannot be used as given.
+    #[error("device {index} (file): {source}")]
+    FileDevice {
+        /// Position of the device.
+        index: usize,
+        /// Why.
+        #[source]
+        source: FileDeviceError,
+    },
+    /// The same destination file given twice.
+    #[error("devices {first} and {second} both write {path}")]
+    DuplicateFile {
+        /// First position.
+        first: usize,
+        /// Second position.
+        second: usize,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A TLS file cannot be read.
+    #[error("cannot read {what} {path}: {source}")]
+    TlsFile {
+        /// The option.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `file:-` used more than once.
+    #[error("stdin (`file:-`) can feed only one device")]
+    StdinTwice,
+    /// The transport refused the configuration (TLS files, limits).
+    #[error("{0}")]
+    Transport(TransportError),
+}
+
+/// Everything the command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments: exit 2.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// A device could not be opened or created (vfio open, emulated device set-up).
+    #[error("device {index} ({kind}): {source}")]
+    OpenDevice {
+        /// Position of the device.
+        index: usize,
+        /// `emu` or `vfio`.
+        kind: &'static str,
+        /// Why.
+        #[source]
+        source: DeviceError,
+    },
+    /// The listener could not be bound, or no source arrived.
+    #[error("{0}")]
+    Transport(TransportError),
+    /// The migration failed.
+    #[error("{error}")]
+    Migration {
+        /// The pipeline's error.
+        error: Box<PipelineError>,
+        /// The devices, by position, to name them in the message.
+        devices: Vec<DeviceLabel>,
+        /// Whether the command already printed a JSON report for this failure.
+        report_printed: bool,
+    },
+    /// The demo's verification found a difference although the pipeline reported success.
+    #[error("verification failed: {what}")]
+    Verification {
+        /// What differed.
+        what: String,
+    },
+    /// Interrupted by SIGINT/SIGTERM before the migration started.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl CliError {
+    /// The exit status for this error (see `--help`, EXIT STATUS).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => EXIT_USAGE,
+            _ => EXIT_FAILED,
+        }
+    }
+
+    /// Whether a JSON report was already printed for this failure.
+    pub fn report_printed(&self) -> bool {
+        matches!(
+            self,
+            CliError::Migration {
+                report_printed: true,
+                ..
+            }
+        )
+    }
+}
+
+/// The one line (without the `vfmig: ` prefix) that names the cause of `e` so a person can act.
+pub fn describe(e: &CliError) -> String {
+    let line = match e {
+        CliError::Usage(UsageError::Transport(t)) => describe_transport(t),
+        CliError::Usage(u) => u.to_string(),
+        CliError::OpenDevice {
+            index,
+            kind,
+            source,
+        } => format!(
+            "cannot open device {index} ({kind}): {}",
+            describe_device(source)
+        ),
+        CliError::Transport(t) => describe_transport(t),
+        CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
+        CliError::Verification { what } => format!("verification failed: {what}"),
+        CliError::Interrupted => "interrupted before the migration started".to_owned(),
+    };
+    one_line(&line)
+}
+
+/// Collapses whitespace runs containing newlines so the message is exactly one line.
+fn one_line(s: &str) -> String {
+    s.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `Connection refused` from an `io::Error`, without Rust's ` (os error 111)` suffix, lowercased.
+fn os_reason(e: &io::Error) -> String {
+    let text = match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_owned(),
+        None => e.to_string(),
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if (s - s.round()).abs() < 0.05 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+fn describe_device(e: &DeviceError) -> String {
+    match e {
+        DeviceError::SetState {
+            arc, now, source, ..
+        } => {
+            let now = now.map_or_else(String::new, |s| format!(", device now in {s}"));
+            format!("{arc} failed: {}{now}", os_reason(source))
+        }
+        DeviceError::Ioctl { op, source, .. } => format!("{op} failed: {}", os_reason(source)),
+        DeviceError::Open { path, what, source } => {
+            format!("{what} {path}: {}", os_reason(source))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Transport errors, worded for an operator.
+pub fn describe_transport(e: &TransportError) -> String {
+    match e {
+        TransportError::Connect { addr, source } => {
+            format!("peer {addr} unreachable: {}", os_reason(source))
+        }
+        TransportError::AuthenticationFailed { peer } => format!(
+            "authentication failed with {peer}: the two sides do not hold the same --psk-file key"
+        ),
+        TransportError::Handshake { peer, source, .. } => describe_handshake(*peer, source),
+        TransportError::InsecureRefused { peer } => format!(
+            "refused unauthenticated connection with non-loopback peer {peer}: use --psk-file or TLS on both sides (or --insecure)"
+        ),
+        TransportError::Tls { peer, source } => format!("TLS with {peer} failed: {source}"),
+        TransportError::TlsConfig { what, path, reason } => {
+            format!("TLS configuration: cannot use {what} {path}: {reason}")
+        }
+        TransportError::PeerClosed { conn, during } => format!(
+            "peer closed connection {conn} during {during} (it exited or was killed)"
+        ),
+        TransportError::Closed => "peer closed the session before the migration finished".to_owned(),
+        TransportError::Timeout { after, what } => {
+            format!("timed out after {} waiting for {what}", secs(*after))
+        }
+        TransportError::Corrupt {
+            conn,
+            device,
+            seq,
+            source,
+        } => format!(
+            "stream corrupted at frame {seq} of device {device} (connection {conn}): {source}"
+        ),
+        TransportError::PeerAborted { reason, detail } => {
+            let why = AbortReason::from_code(*reason).map_or_else(
+                || format!("reason {reason}"),
+                |r| abort_reason_text(r).to_owned(),
+            );
+            if detail.is_empty() {
+                format!("peer aborted the migration: {why}")
+            } else {
+                format!("peer aborted the migration: {why}: {detail}")
+            }
+        }
+        TransportError::Io { op, source } => format!("{op} failed: {}", os_reason(source)),
+        other => other.to_string(),
+    }
+}
+
+fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String {
+    match e {
+        HandshakeError::AuthenticationFailed
+        | HandshakeError::Refused {
+            code: RefuseCode::AuthenticationFailed,
+            ..
+        } => format!(
+            "authentication failed with {peer}: the two sides do not hold the same --psk-file key"
+        ),
+        HandshakeError::AuthModeMismatch { .. }
+        | HandshakeError::Refused {
+            code: RefuseCode::AuthModeMismatch,
+            ..
+        } => format!(
+            "authentication failed with {peer}: only one side was given --psk-file"
+        ),
+        HandshakeError::VersionMismatch { ours, theirs } => format!(
+            "peer {peer} speaks protocol version {theirs}, this vfmig speaks {ours}: use the same vfmig on both sides"
+        ),
+        other => format!("handshake with {peer} failed: {other}"),
+    }
+}
+
+fn abort_reason_text(r: AbortReason) -> &'static str {
+    match r {
+        AbortReason::SourceFailed => "the source failed",
+        AbortReason::DeviceRefused => "a destination device refused the state",
+        AbortReason::StreamCorrupt => "the stream failed verification",
+        AbortReason::DestinationFailed => "the destination failed",
+        AbortReason::Cancelled => "cancelled by the operator",
+        AbortReason::DeviceMismatch => "the two sides were given different devices",
+    }
+}
+
+/// `device 0 (emu)` for a device name, by looking it up among the command's devices.
+fn label_by_name(name: &str, devices: &[DeviceLabel]) -> String {
+    match devices.iter().position(|d| d.name == name) {
+        Some(i) => format!("device {i} ({})", devices[i].kind),
+        None => format!("device {name}"),
+    }
+}
+
+fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
+    match devices.get(usize::from(index)) {
+        Some(d) => format!("device {index} ({})", d.kind),
+        None => format!("device {index}"),
+    }
+}
+
+/// Pipeline errors, worded for an operator.
+pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
+    match e {
+        PipelineError::DeviceRefused { device, source } => format!(
+            "destination {} refused the state: {}",
+            label_by_name(device, devices),
+            describe_device(source)
+        ),
+        PipelineError::Device {
+            device,
+            phase,
+            source,
+        } => format!(
+            "{} failed in {phase}: {}",
+            label_by_name(device, devices),
+            describe_device(source)
+        ),
+        PipelineError::Read {
+            device,
+            phase,
+            offset,
+            source,
+        } => format!(
+            "reading {} failed at stream offset {offset} in {phase}: {}",
+            label_by_name(device, devices),
+            os_reason(source)
+        ),
+        PipelineError::Write {
+            device,
+            offset,
+            source,
+        } => format!(
+            "writing {} failed at stream offset {offset}: {}",
+            label_by_name(device, devices),
+            os_reason(source)
+        ),
+        PipelineError::Decode {
+            device,
+            seq,
+            failure,
+            ..
+        } => format!(
+            "stream corrupted at frame {seq} of {}: {failure}",
+            label_by_index(*device, devices)
+        ),
+        PipelineError::LengthMismatch {
+            device,
+            declared,
+            received,
+        } => format!(
+            "stream corrupted: {} ended after {received} bytes, the source sent {declared}",
+            label_by_index(*device, devices)
+        ),
+        PipelineError::DigestMismatch { device, .. } => format!(
+            "stream corrupted: the digest of {} differs from the source's",
+            label_by_index(*device, devices)
+        ),
+        PipelineError::PeerAborted {
+            phase,
+            reason,
+            code,
+            detail,
+        } => {
+            let why = reason.map_or_else(|| format!("reason {code}"), |r| abort_reason_text(r).to_owned());
+            if detail.is_empty() {
+                format!("peer aborted the migration in {phase}: {why}")
+            } else {
+                format!("peer aborted the migration in {phase}: {why}: {detail}")
+            }
+        }
+        PipelineError::P2pRequired { device, caps } => format!(
+            "{} lacks VFIO_MIGRATION_P2P (capabilities {caps}); several devices need it (or pass --allow-non-p2p)",
+            label_by_name(device, devices)
+        ),
+        PipelineError::DeviceCount {
+            source_devices,
+            destination_devices,
+        } => format!(
+            "the source has {source_devices} devices and the destination {destination_devices}: give both sides the same --device list"
+        ),
+        PipelineError::Timeout {
+            phase,
+            what,
+            waited,
+        } => format!("timed out after {} in {phase} waiting for {what}", secs(*waited)),
+        PipelineError::Cancelled { phase } => format!(
+            "cancelled (SIGINT/SIGTERM) in {phase}; source devices are walked back to RUNNING, destination devices reset"
+        ),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use vfmig_pipeline::Phase;
+    use vfmig_vfio::{Arc as FsmArc, DeviceState};
+
+    fn labels() -> Vec<DeviceLabel> {
+        vec![
+            DeviceLabel {
+                name: "emu0".into(),
+                kind: "emu",
+            },
+            DeviceLabel {
+                name: "state.bin".into(),
+                kind: "file",
+            },
+        ]
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:7000".parse().expect("addr")
+    }
+
+    fn migration(error: PipelineError) -> CliError {
+        CliError::Migration {
+            error: Box::new(error),
+            devices: labels(),
+            report_printed: false,
+        }
+    }
+
+    #[test]
+    fn unreachable_peer_names_the_address_and_the_os_reason() {
+        let e = CliError::Transport(TransportError::Connect {
+            addr: addr(),
+            source: Arc::new(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+        });
+        assert_eq!(
+            describe(&e),
+            "peer 127.0.0.1:7000 unreachable: connection refused"
+        );
+        assert_eq!(e.exit_code(), EXIT_FAILED);
+    }
+
+    #[test]
+    fn wrong_key_says_authentication_failed() {
+        let e = CliError::Transport(TransportError::AuthenticationFailed { peer: addr() });
+        assert!(
+            describe(&e).starts_with("authentication failed"),
+            "{}",
+            describe(&e)
+        );
+    }
+
+    #[test]
+    fn key_on_one_side_only_is_reported_as_an_authentication_failure() {
+        let e = CliError::Transport(TransportError::Handshake {
+            peer: addr(),
+            conn: 0,
+            source: HandshakeError::AuthenticationFailed,
+        });
+        assert!(
+            describe(&e).starts_with("authentication failed"),
+            "{}",
+            describe(&e)
+        );
+    }
+
+    #[test]
+    fn refusing_destination_device_is_named_by_position_and_kind() {
+        let e = migration(PipelineError::DeviceRefused {
+            device: "emu0".into(),
+            source: DeviceError::SetState {
+                device: "emu0".into(),
+                arc: FsmArc {
+                    from: DeviceState::Resuming,
+                    to: DeviceState::Stop,
+                },
+                target: DeviceState::Stop,
+                now: Some(DeviceState::Error),
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            },
+        });
+        assert_eq!(
+            describe(&e),
+            "destination device 0 (emu) refused the state: RESUMING -> STOP failed: invalid argument, device now in ERROR"
+        );
+    }
+
+    #[test]
+    fn corrupt_frame_names_frame_and_device() {
+        let e = CliError::Transport(TransportError::Corrupt {
+            conn: 1,
+            device: 0,
+            seq: 42,
+            source: vfmig_wire::WireError::BadFrameMagic { found: [0; 4] },
+        });
+        let msg = describe(&e);
+        assert!(
+            msg.starts_with("stream corrupted at frame 42 of device 0"),
+            "{msg}"
+        );
+        let e = migration(PipelineError::DigestMismatch {
+            device: 1,
+            expected: [0; 32],
+            computed: [1; 32],
+        });
+        assert!(describe(&e).contains("device 1 (file)"), "{}", describe(&e));
+    }
+
+    #[test]
+    fn timeouts_say_after_how_many_seconds() {
+        let e = migration(PipelineError::Timeout {
+            phase: Phase::StopCopy,
+            what: "the destination",
+            waited: Duration::from_secs(30),
+        });
+        assert_eq!(
+            describe(&e),
+            "timed out after 30 s in stop-copy waiting for the destination"
+        );
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_everything_else_1() {
+        let u = CliError::Usage(UsageError::StdinTwice);
+        assert_eq!(u.exit_code(), EXIT_USAGE);
+        assert_eq!(CliError::Interrupted.exit_code(), EXIT_FAILED);
+    }
+
+    #[test]
+    fn messages_are_always_exactly_one_line() {
+        let e = migration(PipelineError::PeerAborted {
+            phase: Phase::Resume,
+            reason: Some(AbortReason::DeviceRefused),
+            code: 2,
+            detail: "line one\nline two\r\n".into(),
+        });
+        let msg = describe(&e);
+        assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg:?}");
+        assert!(msg.contains("line one; line two"), "{msg}");
+    }
+}

@@ -1,0 +1,561 @@
+//! Device specs as given to `--device`: parsed into typed values, with typed errors.
+//!
+//! ```text
+//! SPEC    := "emu:" PARAMS | "file:" PATH | "vfio:" PATH
+//! PARAMS  := PARAM ("," PARAM)*           each key at most once; `size` is required
+//! PARAM   := "size=" SIZE | "seed=" U64 | "profile=" ("mixed"|"zero"|"random"|"text")
+//!          | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE ["/s"] | "p2p=" ("on"|"off")
+//! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
+//! ```
+//!
+//! [`DeviceSpec`]'s `Display` prints the canonical form, which parses back to the same value.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::units::{parse_byte_rate, parse_size, UnitError};
+
+/// Content profile of an emulated device: how its state compresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// Zero pages, structured data and random data mixed (about 2.5:1 with zstd).
+    #[default]
+    Mixed,
+    /// All zero: elided entirely on the wire.
+    Zero,
+    /// Random: incompressible, sent raw.
+    Random,
+    /// Text-like structured data: compresses well.
+    Text,
+}
+
+impl Profile {
+    /// The accepted spellings, in order.
+    pub const NAMES: &'static [&'static str] = &["mixed", "zero", "random", "text"];
+
+    /// The spec spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Mixed => "mixed",
+            Profile::Zero => "zero",
+            Profile::Random => "random",
+            Profile::Text => "text",
+        }
+    }
+}
+
+/// PRE_COPY of an emulated device (`precopy=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precopy {
+    /// Key omitted: the device has PRE_COPY and all of its state is initial data.
+    #[default]
+    Whole,
+    /// `precopy=off`: no `VFIO_MIGRATION_PRE_COPY`.
+    Off,
+    /// `precopy=SIZE`: PRE_COPY with the first SIZE bytes as `initial_bytes`.
+    Initial(u64),
+}
+
+/// An emulated device (`emu:size=...`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmuSpec {
+    /// STOP_COPY state size in bytes.
+    pub size: u64,
+    /// Content seed; `None` lets the command pick one per device position.
+    pub seed: Option<u64>,
+    /// Content profile.
+    pub profile: Profile,
+    /// PRE_COPY support and its initial bytes.
+    pub precopy: Precopy,
+    /// Bytes per second the running device dirties; `None` = no dirtying.
+    pub dirty_rate: Option<u64>,
+    /// Whether the device supports RUNNING_P2P (`VFIO_MIGRATION_P2P`). Default on.
+    pub p2p: bool,
+}
+
+/// Where a `file:` device's bytes come from or go to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileTarget {
+    /// `-`: standard input (source side only).
+    Stdio,
+    /// A path: a regular file or a FIFO on the source, the file to create on the destination.
+    Path(PathBuf),
+}
+
+impl fmt::Display for FileTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileTarget::Stdio => f.write_str("-"),
+            FileTarget::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// One `--device` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// `emu:...`
+    Emu(EmuSpec),
+    /// `file:PATH`
+    File(FileTarget),
+    /// `vfio:PATH`: a VFIO cdev (`/dev/vfio/devices/vfioN`) or a sysfs device path.
+    Vfio(PathBuf),
+}
+
+impl DeviceSpec {
+    /// `emu`, `file` or `vfio`, as used in messages and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceSpec::Emu(_) => "emu",
+            DeviceSpec::File(_) => "file",
+            DeviceSpec::Vfio(_) => "vfio",
+        }
+    }
+}
+
+/// Why a device spec did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The spec was empty.
+    #[error("empty device spec (expected emu:..., file:PATH or vfio:PATH)")]
+    Empty,
+    /// The part before `:` is not a known device kind.
+    #[error("unknown device kind `{kind}` (expected emu, file or vfio)")]
+    UnknownKind {
+        /// What was given.
+        kind: String,
+    },
+    /// `file:` or `vfio:` without a path.
+    #[error("{kind}: needs a path, e.g. {kind}:{example}")]
+    MissingPath {
+        /// The device kind.
+        kind: &'static str,
+        /// An example path.
+        example: &'static str,
+    },
+    /// A parameter name the kind does not have.
+    #[error("unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p)")]
+    UnknownKey {
+        /// What was given.
+        key: String,
+    },
+    /// The same key twice.
+    #[error("key `{key}` given twice")]
+    DuplicateKey {
+        /// The key.
+        key: &'static str,
+    },
+    /// `key` without `=value`, or with an empty value.
+    #[error("key `{key}` needs a value (`{key}=...`)")]
+    MissingValue {
+        /// The key.
+        key: String,
+    },
+    /// An empty parameter (`,,` or a trailing comma).
+    #[error("empty parameter (stray comma)")]
+    EmptyParam,
+    /// A required key is absent.
+    #[error("missing `{key}=` (e.g. emu:{key}=512M)")]
+    MissingKey {
+        /// The key.
+        key: &'static str,
+    },
+    /// A size or rate did not parse.
+    #[error("bad {key} `{value}`: {source}")]
+    BadSize {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Why.
+        #[source]
+        source: UnitError,
+    },
+    /// A plain number did not parse.
+    #[error("bad {key} `{value}`: expected an unsigned integer")]
+    BadNumber {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A value outside its set of choices.
+    #[error("bad {key} `{value}` (expected one of: {})", allowed.join(", "))]
+    BadChoice {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// The accepted values.
+        allowed: &'static [&'static str],
+    },
+    /// `size=0`: a device with no state cannot be migrated meaningfully.
+    #[error("size must be greater than zero")]
+    ZeroSize,
+    /// The emulated device streams whole 4 KiB pages.
+    #[error("size {size} is not a multiple of 4 KiB")]
+    UnalignedSize {
+        /// The size given.
+        size: u64,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum EmuKey {
+    Size,
+    Seed,
+    Profile,
+    Precopy,
+    DirtyRate,
+    P2p,
+}
+
+const EMU_KEYS: [(&str, EmuKey); 6] = [
+    ("size", EmuKey::Size),
+    ("seed", EmuKey::Seed),
+    ("profile", EmuKey::Profile),
+    ("precopy", EmuKey::Precopy),
+    ("dirty-rate", EmuKey::DirtyRate),
+    ("p2p", EmuKey::P2p),
+];
+
+impl FromStr for DeviceSpec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        if s.is_empty() {
+            return Err(SpecError::Empty);
+        }
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        match kind {
+            "emu" => parse_emu(rest).map(DeviceSpec::Emu),
+            "file" => match rest {
+                "" => Err(SpecError::MissingPath {
+                    kind: "file",
+                    example: "/var/tmp/state.bin",
+                }),
+                "-" => Ok(DeviceSpec::File(FileTarget::Stdio)),
+                p => Ok(DeviceSpec::File(FileTarget::Path(PathBuf::from(p)))),
+            },
+            "vfio" => match rest {
+                "" => Err(SpecError::MissingPath {
+                    kind: "vfio",
+                    example: "/dev/vfio/devices/vfio0",
+                }),
+                p => Ok(DeviceSpec::Vfio(PathBuf::from(p))),
+            },
+            other => Err(SpecError::UnknownKind {
+                kind: other.to_owned(),
+            }),
+        }
+    }
+}
+
+fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
+    let mut seen = [false; EMU_KEYS.len()];
+    let mut size = None;
+    let mut spec = EmuSpec {
+        size: 0,
+        seed: None,
+        profile: Profile::default(),
+        precopy: Precopy::Whole,
+        dirty_rate: None,
+        p2p: true,
+    };
+    if !params.is_empty() {
+        for param in params.split(',') {
+            if param.is_empty() {
+                return Err(SpecError::EmptyParam);
+            }
+            let (key, value) = param.split_once('=').unwrap_or((param, ""));
+            let idx = EMU_KEYS
+                .iter()
+                .position(|(k, _)| *k == key)
+                .ok_or_else(|| SpecError::UnknownKey {
+                    key: key.to_owned(),
+                })?;
+            let (key, which) = EMU_KEYS[idx];
+            if seen[idx] {
+                return Err(SpecError::DuplicateKey { key });
+            }
+            seen[idx] = true;
+            if value.is_empty() {
+                return Err(SpecError::MissingValue {
+                    key: key.to_owned(),
+                });
+            }
+            let bad_size = |source| SpecError::BadSize {
+                key,
+                value: value.to_owned(),
+                source,
+            };
+            match which {
+                EmuKey::Size => {
+                    let v = parse_size(value).map_err(bad_size)?;
+                    if v == 0 {
+                        return Err(SpecError::ZeroSize);
+                    }
+                    if v % 4096 != 0 {
+                        return Err(SpecError::UnalignedSize { size: v });
+                    }
+                    size = Some(v);
+                }
+                EmuKey::Seed => {
+                    spec.seed = Some(value.parse().map_err(|_| SpecError::BadNumber {
+                        key,
+                        value: value.to_owned(),
+                    })?);
+                }
+                EmuKey::Profile => {
+                    spec.profile = match value {
+                        "mixed" => Profile::Mixed,
+                        "zero" => Profile::Zero,
+                        "random" => Profile::Random,
+                        "text" => Profile::Text,
+                        _ => {
+                            return Err(SpecError::BadChoice {
+                                key,
+                                value: value.to_owned(),
+                                allowed: Profile::NAMES,
+                            })
+                        }
+                    }
+                }
+                EmuKey::Precopy => {
+                    spec.precopy = match value {
+                        "off" => Precopy::Off,
+                        v => Precopy::Initial(parse_size(v).map_err(bad_size)?),
+                    }
+                }
+                EmuKey::DirtyRate => {
+                    spec.dirty_rate = Some(parse_byte_rate(value).map_err(bad_size)?)
+                }
+                EmuKey::P2p => {
+                    spec.p2p = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(SpecError::BadChoice {
+                                key,
+                                value: value.to_owned(),
+                                allowed: &["on", "off"],
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+    spec.size = size.ok_or(SpecError::MissingKey { key: "size" })?;
+    Ok(spec)
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Emu(e) => {
+                write!(f, "emu:size={}", e.size)?;
+                if let Some(seed) = e.seed {
+                    write!(f, ",seed={seed}")?;
+                }
+                write!(f, ",profile={}", e.profile.name())?;
+                match e.precopy {
+                    Precopy::Whole => {}
+                    Precopy::Off => f.write_str(",precopy=off")?,
+                    Precopy::Initial(p) => write!(f, ",precopy={p}")?,
+                }
+                if let Some(r) = e.dirty_rate {
+                    write!(f, ",dirty-rate={r}")?;
+                }
+                write!(f, ",p2p={}", if e.p2p { "on" } else { "off" })
+            }
+            DeviceSpec::File(t) => write!(f, "file:{t}"),
+            DeviceSpec::Vfio(p) => write!(f, "vfio:{}", p.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<DeviceSpec, SpecError> {
+        s.parse()
+    }
+
+    #[test]
+    fn emu_spec_with_every_key_parses_to_typed_values() {
+        let spec = parse("emu:size=512M,seed=7,profile=text,precopy=64M,dirty-rate=8M/s,p2p=off");
+        assert_eq!(
+            spec,
+            Ok(DeviceSpec::Emu(EmuSpec {
+                size: 512 << 20,
+                seed: Some(7),
+                profile: Profile::Text,
+                precopy: Precopy::Initial(64 << 20),
+                dirty_rate: Some(8 << 20),
+                p2p: false,
+            }))
+        );
+    }
+
+    #[test]
+    fn emu_defaults_are_mixed_p2p_on_whole_state_precopy() {
+        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1G") else {
+            panic!("emu:size=1G must parse");
+        };
+        assert_eq!(e.size, 1 << 30);
+        assert_eq!(
+            (e.seed, e.profile, e.precopy, e.dirty_rate, e.p2p),
+            (None, Profile::Mixed, Precopy::Whole, None, true)
+        );
+    }
+
+    #[test]
+    fn file_and_vfio_take_the_rest_as_a_path_colons_included() {
+        assert_eq!(parse("file:-"), Ok(DeviceSpec::File(FileTarget::Stdio)));
+        assert_eq!(
+            parse("file:/tmp/a:b"),
+            Ok(DeviceSpec::File(FileTarget::Path("/tmp/a:b".into())))
+        );
+        assert_eq!(
+            parse("vfio:/sys/bus/pci/devices/0000:01:00.0"),
+            Ok(DeviceSpec::Vfio("/sys/bus/pci/devices/0000:01:00.0".into()))
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_spec_gets_its_own_error() {
+        assert_eq!(parse(""), Err(SpecError::Empty));
+        assert_eq!(
+            parse("gpu:x"),
+            Err(SpecError::UnknownKind { kind: "gpu".into() })
+        );
+        assert!(matches!(
+            parse("file:"),
+            Err(SpecError::MissingPath { kind: "file", .. })
+        ));
+        assert!(matches!(
+            parse("vfio:"),
+            Err(SpecError::MissingPath { kind: "vfio", .. })
+        ));
+        assert_eq!(parse("emu:"), Err(SpecError::MissingKey { key: "size" }));
+        assert_eq!(parse("emu"), Err(SpecError::MissingKey { key: "size" }));
+        assert_eq!(
+            parse("emu:size=1M,colour=red"),
+            Err(SpecError::UnknownKey {
+                key: "colour".into()
+            })
+        );
+        assert_eq!(
+            parse("emu:size=1M,size=2M"),
+            Err(SpecError::DuplicateKey { key: "size" })
+        );
+        assert_eq!(
+            parse("emu:size"),
+            Err(SpecError::MissingValue { key: "size".into() })
+        );
+        assert_eq!(
+            parse("emu:size="),
+            Err(SpecError::MissingValue { key: "size".into() })
+        );
+        assert_eq!(parse("emu:size=1M,"), Err(SpecError::EmptyParam));
+        assert_eq!(parse("emu:size=0"), Err(SpecError::ZeroSize));
+        assert_eq!(
+            parse("emu:size=1000"),
+            Err(SpecError::UnalignedSize { size: 1000 })
+        );
+        assert!(matches!(
+            parse("emu:size=1M,precopy=on"),
+            Err(SpecError::BadSize { key: "precopy", .. })
+        ));
+        assert!(matches!(
+            parse("emu:size=12Q"),
+            Err(SpecError::BadSize { key: "size", .. })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,seed=x"),
+            Err(SpecError::BadNumber { key: "seed", .. })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,profile=jpeg"),
+            Err(SpecError::BadChoice { key: "profile", .. })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,p2p=yes"),
+            Err(SpecError::BadChoice { key: "p2p", .. })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,dirty-rate=fast"),
+            Err(SpecError::BadSize {
+                key: "dirty-rate",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn error_messages_name_the_offending_key_or_value() {
+        let msg = parse("emu:size=1M,colour=red").unwrap_err().to_string();
+        assert!(msg.contains("colour"), "{msg}");
+        let msg = parse("emu:size=12Q").unwrap_err().to_string();
+        assert!(msg.contains("12Q") && msg.contains("size"), "{msg}");
+    }
+
+    fn emu_strategy() -> impl Strategy<Value = EmuSpec> {
+        (
+            1u64..(1 << 28),
+            proptest::option::of(any::<u64>()),
+            0usize..4,
+            prop_oneof![
+                Just(Precopy::Whole),
+                Just(Precopy::Off),
+                (0u64..(1 << 40)).prop_map(Precopy::Initial)
+            ],
+            proptest::option::of(0u64..(1 << 40)),
+            any::<bool>(),
+        )
+            .prop_map(|(pages, seed, p, precopy, dirty_rate, p2p)| EmuSpec {
+                size: pages * 4096,
+                seed,
+                profile: [
+                    Profile::Mixed,
+                    Profile::Zero,
+                    Profile::Random,
+                    Profile::Text,
+                ][p],
+                precopy,
+                dirty_rate,
+                p2p,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn canonical_form_parses_back_to_the_same_spec(e in emu_strategy()) {
+            let spec = DeviceSpec::Emu(e);
+            prop_assert_eq!(parse(&spec.to_string()), Ok(spec));
+        }
+
+        #[test]
+        fn key_order_does_not_matter(e in emu_strategy()) {
+            let spec = DeviceSpec::Emu(e);
+            let text = spec.to_string();
+            let params: Vec<&str> = text.trim_start_matches("emu:").split(',').rev().collect();
+            prop_assert_eq!(parse(&format!("emu:{}", params.join(","))), Ok(spec));
+        }
+
+        #[test]
+        fn parser_never_panics_on_any_input(s in "(emu|file|vfio)?:?[a-z0-9=,.:/-]{0,40}") {
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn any_path_round_trips_for_file_specs(p in "/[a-zA-Z0-9_./: -]{1,40}") {
+            let spec = DeviceSpec::File(FileTarget::Path(p.clone().into()));
+            prop_assert_eq!(parse(&format!("file:{p}")), Ok(spec));
+        }
+    }
+}
