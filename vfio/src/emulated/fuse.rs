@@ -39,6 +39,8 @@ const FOPEN_STREAM: u32 = 1 << 4;
 const ROOT_INO: u64 = 1;
 /// Queued READ requests per stream before the session thread waits (one in flight is normal).
 const READ_QUEUE: usize = 8;
+/// Size reported for stream files (see `attr`).
+const STREAM_FILE_SIZE: u64 = 1 << 62;
 /// Attribute cache time for stream files (their attributes never change).
 const ATTR_TTL: Duration = Duration::from_secs(3600);
 
@@ -81,7 +83,9 @@ fn attr(ino: u64) -> FileAttr {
     let dir = ino == ROOT_INO;
     FileAttr {
         ino,
-        size: 0,
+        // A huge size: the kernel's direct-IO path for non-sync kiocbs (io_uring) returns 0
+        // without asking the server when the position is at or past i_size (0 on a stream).
+        size: if dir { 0 } else { STREAM_FILE_SIZE },
         blocks: 0,
         atime: UNIX_EPOCH,
         mtime: UNIX_EPOCH,
