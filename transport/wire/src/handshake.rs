@@ -104,8 +104,9 @@ pub struct Offer {
     pub devices: Vec<DeviceDesc>,
 }
 
-/// Authentication mode; both sides must configure the same one.
-#[derive(Clone, PartialEq, Eq)]
+/// Authentication mode; both sides must configure the same one. Deliberately not `PartialEq`
+/// (a key comparison must be constant-time) and its `Debug` does not print the key.
+#[derive(Clone)]
 pub enum Auth {
     /// No authentication (the transport allows it on loopback or with `--insecure`, and inside
     /// TLS).
