@@ -332,7 +332,8 @@ struct Engine {
     ops: Ops,
     out_rx: Receiver<OutFrame>,
     urgent_rx: Receiver<Urgent>,
-    in_tx: Sender<Frame>,
+    /// Taken (dropped) at teardown so that waiting consumers wake up at once.
+    in_tx: Option<Sender<Frame>>,
     shared: Arc<Shared>,
     p: EngineParams,
     reorder: Reorder,
@@ -397,7 +398,7 @@ pub(crate) fn start(
         ops: Ops::default(),
         out_rx,
         urgent_rx,
-        in_tx,
+        in_tx: Some(in_tx),
         shared: Arc::clone(&shared),
         p,
         ready: VecDeque::new(),
@@ -572,6 +573,8 @@ impl Engine {
             }
             Ok(Urgent::Abort { reason, detail }) => {
                 if self.aborting.is_none() {
+                    // Whatever the peer does next (it closes on our abort), this is the outcome.
+                    self.shared.set_failure(TransportError::Aborted { reason });
                     self.aborting = Some((reason, Instant::now()));
                     for c in &mut self.conns {
                         // Queued data is moot now; the abort goes out first on every connection.
@@ -1120,13 +1123,17 @@ impl Engine {
             self.ready.clear();
             return Ok(());
         }
+        let Some(in_tx) = &self.in_tx else {
+            self.ready.clear();
+            return Ok(());
+        };
         while let Some(f) = self.ready.pop_front() {
-            match self.in_tx.try_send(f) {
+            match in_tx.try_send(f) {
                 Ok(()) => {}
                 Err(TrySendError::Full(f)) => {
                     self.shared.want_wake.store(true, Ordering::SeqCst);
                     // The consumer may have taken a frame before it could see the flag.
-                    match self.in_tx.try_send(f) {
+                    match in_tx.try_send(f) {
                         Ok(()) => continue,
                         Err(TrySendError::Full(f)) => self.ready.push_front(f),
                         Err(TrySendError::Disconnected(_)) => self.ready.clear(),
@@ -1233,20 +1240,23 @@ impl Engine {
 
     fn teardown(mut self, outcome: TransportError) {
         let deadline = Instant::now() + DRAIN_MAX.min(self.p.timeout);
-        if matches!(outcome, TransportError::Closed) {
+        let in_tx = self.in_tx.take();
+        if let (TransportError::Closed, Some(in_tx)) = (&outcome, &in_tx) {
             // Hand the consumer what was verified before the peer closed.
             while let Some(f) = self.ready.pop_front() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if self.in_tx.send_timeout(f, left).is_err() {
+                if in_tx.send_timeout(f, left).is_err() {
                     break;
                 }
             }
         }
         self.shared.set_failure(outcome);
+        // Consumers blocked in `recv` see the disconnect and read the outcome.
+        drop(in_tx);
         for c in &self.conns {
             c.sock.shutdown(Shutdown::Both);
         }
-        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
             .build()
             .user_data(CANCEL_UD);
         let _ = self.push(&[cancel]);

@@ -85,3 +85,70 @@ pub fn send_data(s: &SendSession, device: u16, seq: u64, len: usize) {
     )
     .unwrap();
 }
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use vfmig_wire::handshake::{
+    Agreed, Auth, ClientHandshake, ClientParams, Handshake, HandshakeError, Offer, KNOWN_CODECS,
+};
+
+pub fn offer(ndev: usize, streams: u16) -> Offer {
+    Offer {
+        streams,
+        codecs: KNOWN_CODECS,
+        max_payload: 64 << 10,
+        window_bytes: 1 << 20,
+        devices: devices(ndev),
+    }
+}
+
+pub fn client_params(auth: Auth, ndev: usize) -> ClientParams {
+    ClientParams {
+        auth,
+        offer: offer(ndev, 1),
+        join: None,
+        nonce: [7; 32],
+    }
+}
+
+/// A hand-driven source: handshakes with `hs` over a plain socket, then the test writes whatever
+/// bytes it likes.
+pub fn raw_client(
+    addr: SocketAddr,
+    mut hs: ClientHandshake,
+) -> (TcpStream, Result<Agreed, HandshakeError>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(out) = hs.take_output() {
+            let _ = s.write_all(&out);
+        }
+        if let Some(a) = hs.agreed() {
+            return (s, Ok(a.clone()));
+        }
+        if let Some(e) = hs.error() {
+            return (s, Err(e.clone()));
+        }
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return (s, Err(HandshakeError::Malformed { what: "closed" }));
+        }
+        let mut off = 0;
+        while off < n && hs.agreed().is_none() && !hs.is_failed() {
+            match hs.feed(&buf[off..n]) {
+                Ok(c) => off += c,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// A correctly encoded frame (header with CRC, then payload).
+pub fn encoded(h: FrameHeader, payload: &[u8]) -> Vec<u8> {
+    let mut h = h;
+    h.wire_len = u32::try_from(payload.len()).unwrap();
+    let mut v = h.encode(payload).to_vec();
+    v.extend_from_slice(payload);
+    v
+}
