@@ -1,8 +1,8 @@
 //! Incremental deframer: a byte stream in, verified `(FrameHeader, payload)` frames out.
 //!
 //! Used by the blocking/TLS path and the fuzzer. It holds at most one frame: a 40-byte header and
-//! a payload buffer sized by the header's `wire_len`, which is checked against the session limit
-//! before the buffer is allocated. Every frame's CRC32C is verified before it is returned. Any
+//! a payload buffer of at most the header's `wire_len`, which is checked against the session limit
+//! before anything is allocated; the buffer grows as payload bytes arrive. Every frame's CRC32C is verified before it is returned. Any
 //! error is sticky: the stream is out of sync and the connection must be dropped.
 //!
 //! ```
@@ -20,6 +20,9 @@
 
 use crate::frame::{FrameHeader, FRAME_MAGIC, HEADER_LEN, MAX_PAYLOAD};
 use crate::WireError;
+
+/// Payload buffer reserved when a header arrives; the rest is allocated as bytes come in.
+const INITIAL_PAYLOAD_CAPACITY: usize = 64 << 10;
 
 /// A verified frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,8 +95,9 @@ impl Deframer {
                 return Ok((used, None));
             }
             let h = FrameHeader::decode_with_limit(&self.hdr, self.max_payload)?;
-            // wire_len <= max_payload was checked by decode: the allocation is bounded.
-            self.payload = Vec::with_capacity(h.wire_len as usize);
+            // wire_len <= max_payload was checked by decode, so the buffer is bounded; it still
+            // grows only as payload bytes arrive, so a declaration alone costs at most 64 KiB.
+            self.payload = Vec::with_capacity((h.wire_len as usize).min(INITIAL_PAYLOAD_CAPACITY));
             self.cur = Some(h);
         }
         let Some(h) = self.cur else {
