@@ -16,6 +16,16 @@ fn vm_hwm_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// User + system CPU seconds of the whole process (all threads), from /proc/self/stat.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let gib: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(8);
@@ -31,8 +41,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set_state(DeviceState::StopCopy)?
         .ok_or("STOP_COPY returned no data fd")?;
     let mut f = File::from(fd);
-    let mut buf = vec![0u8; chunk_kib * 1024];
+    // Page-aligned, like the pipeline's registered pool: a 1 MiB read is one FUSE request.
+    let mut buf = memmap2::MmapMut::map_anon(chunk_kib * 1024)?;
     let start = Instant::now();
+    let cpu0 = cpu_seconds().unwrap_or(0.0);
     let mut total = 0u64;
     let mut reads = 0u64;
     loop {
@@ -44,16 +56,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         reads += 1;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     dev.set_state(DeviceState::Stop)?;
     let stats = dev.stats();
     println!(
-        "profile={} bytes={} expected={} reads={} seconds={:.3} GB/s={:.3} peak_rss_mib={:.1} max_fuse_read={} KiB",
+        "profile={} bytes={} expected={} reads={} seconds={:.3} GB/s={:.3} cpu_seconds={:.2} GB/cpu-s={:.3} peak_rss_mib={:.1} max_fuse_read={} KiB",
         profile.as_str(),
         total,
         expect,
         reads,
         secs,
         total as f64 / secs / 1e9,
+        cpu,
+        total as f64 / cpu.max(0.01) / 1e9,
         vm_hwm_kib().unwrap_or(0) as f64 / 1024.0,
         stats.max_read_request / 1024,
     );

@@ -60,3 +60,30 @@ fn data_fd_is_a_stream_pread_gives_espipe() {
     );
     let _ = ErrorKind::Other;
 }
+
+fn zstd_ratio(profile: Profile) -> f64 {
+    let cfg = EmulatedConfig::new("z", 8 << 20, 99).with_profile(profile);
+    let mut dev = EmulatedDevice::new(cfg).unwrap();
+    let mut f = File::from(dev.set_state(DeviceState::StopCopy).unwrap().unwrap());
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).unwrap();
+    // Compress in 1 MiB chunks, as the pipeline does.
+    let packed: usize = data
+        .chunks(1 << 20)
+        .map(|c| zstd::bulk::compress(c, 1).unwrap().len())
+        .sum();
+    data.len() as f64 / packed as f64
+}
+
+#[test]
+fn profiles_have_their_compressibility_with_zstd_level_1() {
+    let mixed = zstd_ratio(Profile::Mixed);
+    assert!((2.2..3.0).contains(&mixed), "mixed {mixed:.2}:1");
+    let random = zstd_ratio(Profile::Random);
+    assert!(random < 1.01, "random {random:.3}:1");
+    let zero = zstd_ratio(Profile::Zero);
+    assert!(zero > 10.0, "zero {zero:.1}:1");
+    let text = zstd_ratio(Profile::Text);
+    assert!(text > 3.0, "text {text:.1}:1");
+    eprintln!("zstd-1 ratios: mixed {mixed:.2} random {random:.3} zero {zero:.1} text {text:.2}");
+}

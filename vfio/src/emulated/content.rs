@@ -152,41 +152,53 @@ const WORDS: [&[u8]; 32] = [
     b"mmio",
 ];
 
-/// Fills one text-like page: lines of `word.word=number word\n` from a small vocabulary.
+/// Length of one text line.
+const LINE: usize = 32;
+
+/// 256 text lines of `LINE` bytes (`word.word=word 00\n`, padded with spaces), built once.
+fn text_lines() -> &'static [[u8; LINE]; 256] {
+    static LINES: std::sync::OnceLock<[[u8; LINE]; 256]> = std::sync::OnceLock::new();
+    LINES.get_or_init(|| {
+        let mut lines = [[b' '; LINE]; 256];
+        let mut rng = WyRand::new(0x7E57);
+        for line in lines.iter_mut() {
+            let r = rng.next_u64();
+            let mut n = 0;
+            for (i, shift) in [0u32, 5, 10].into_iter().enumerate() {
+                let w = WORDS[((r >> shift) & 31) as usize];
+                let w = &w[..w.len().min(LINE - 6 - n)];
+                line[n..n + w.len()].copy_from_slice(w);
+                n += w.len();
+                line[n] = [b'.', b'=', b' '][i];
+                n += 1;
+            }
+            line[LINE - 1] = b'\n';
+        }
+        lines
+    })
+}
+
+/// Fills one text-like page: lines from a fixed table, each with a two-digit counter field.
 fn fill_text(rng: &mut WyRand, out: &mut [u8]) {
-    let mut at = 0;
-    while at < out.len() {
-        let r = rng.next_u64();
-        let mut line = [0u8; 64];
-        let mut n = 0;
-        for (i, shift) in [0u32, 5, 10].into_iter().enumerate() {
-            // Five bits select one of 32 words.
-            let w = WORDS[((r >> shift) & 31) as usize];
-            line[n..n + w.len()].copy_from_slice(w);
-            n += w.len();
-            line[n] = if i == 0 {
-                b'.'
-            } else if i == 1 {
-                b'='
-            } else {
-                b' '
-            };
-            n += 1;
+    let lines = text_lines();
+    let mut r = 0u64;
+    for (k, chunk) in out.chunks_mut(LINE).enumerate() {
+        if k % 4 == 0 {
+            r = rng.next_u64();
         }
-        // A small decimal number: the part that changes from line to line.
-        let mut v = (r >> 16) % 100_000;
-        let mut digits = [b'0'; 5];
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (v % 10) as u8;
-            v /= 10;
+        let line = &lines[(r & 0xFF) as usize];
+        let digits = (r >> 8) & 0xFF;
+        r >>= 16;
+        let n = chunk.len();
+        chunk.copy_from_slice(&line[..n]);
+        if n == LINE {
+            // Truncation to a digit is the point.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                chunk[LINE - 3] = b'0' + (digits % 10) as u8;
+                chunk[LINE - 4] = b'0' + (digits / 10 % 10) as u8;
+            }
         }
-        line[n..n + 5].copy_from_slice(&digits);
-        n += 5;
-        line[n] = b'\n';
-        n += 1;
-        let take = n.min(out.len() - at);
-        out[at..at + take].copy_from_slice(&line[..take]);
-        at += take;
     }
 }
 

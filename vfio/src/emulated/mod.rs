@@ -346,25 +346,41 @@ impl Core {
         }
     }
 
-    /// Builds the next record of the saving stream into `s.cur`; false when nothing is pending.
-    fn next_record(&mut self, stop_copy: bool) -> bool {
+    /// Builds the next record of the saving stream: appended to `out` when `direct` (it fits
+    /// whole), else into `s.cur` to be read out piecewise. False when nothing is pending.
+    fn next_record(&mut self, stop_copy: bool, out: &mut Vec<u8>, direct: bool) -> bool {
         let Some(Stream::Save(mut s)) = self.stream.take() else {
             return false;
         };
-        let made = self.next_record_in(&mut s, stop_copy);
+        let made = if direct {
+            self.next_record_in(&mut s, stop_copy, out).is_some()
+        } else {
+            let mut cur = std::mem::take(&mut s.cur);
+            cur.clear();
+            s.cur_pos = 0;
+            let class = self.next_record_in(&mut s, stop_copy, &mut cur);
+            s.cur = cur;
+            if let Some(c) = class {
+                s.cur_class = c;
+            }
+            class.is_some()
+        };
         self.stream = Some(Stream::Save(s));
         made
     }
 
-    fn next_record_in(&mut self, s: &mut SaveStream, stop_copy: bool) -> bool {
-        s.cur.clear();
-        s.cur_pos = 0;
+    /// Appends the next record to `dst`; returns its class, `None` when nothing is pending.
+    fn next_record_in(
+        &mut self,
+        s: &mut SaveStream,
+        stop_copy: bool,
+        dst: &mut Vec<u8>,
+    ) -> Option<Class> {
         if !s.hello_sent {
             let p = format::hello_payload(self.cfg.size, self.block_size, self.blocks);
-            push_record(s, RecordKind::Hello, 0, &p);
+            push_record(s, RecordKind::Hello, 0, &p, dst);
             s.hello_sent = true;
-            s.cur_class = Class::Initial;
-            return true;
+            return Some(Class::Initial);
         }
         let limit = if stop_copy {
             self.blocks
@@ -390,25 +406,26 @@ impl Core {
         } else if stop_copy && !s.end_sent {
             let digest = self.state_digest();
             let p = format::end_payload(s.seq, s.payload_bytes, self.blocks, &digest);
-            push_record(s, RecordKind::End, 0, &p);
+            push_record(s, RecordKind::End, 0, &p, dst);
             s.end_sent = true;
-            s.cur_class = Class::StopCopyOnly;
-            return true;
+            return Some(Class::StopCopyOnly);
         } else {
-            return false;
+            return None;
         };
         let len = Self::vidx(self.block_len(i));
         let k = Self::vidx(i);
         let version = self.versions[k];
-        s.cur.resize(HEADER_LEN + len, 0);
+        let start = dst.len();
+        dst.resize(start + HEADER_LEN + len, 0);
+        let payload = &mut dst[start + HEADER_LEN..];
         content::fill_range(
             self.cfg.profile,
             self.cfg.seed,
             i * self.block_size,
             version,
-            &mut s.cur[HEADER_LEN..],
+            payload,
         );
-        let h = xxh3_64(&s.cur[HEADER_LEN..]);
+        let h = xxh3_64(payload);
         self.hashes[k] = h;
         self.hashed[k] = version;
         let hdr = format::encode_header(&Header {
@@ -419,11 +436,10 @@ impl Core {
             len: u32::try_from(len).unwrap_or(u32::MAX),
             payload_hash: h,
         });
-        s.cur[..HEADER_LEN].copy_from_slice(&hdr);
+        dst[start..start + HEADER_LEN].copy_from_slice(&hdr);
         s.seq += 1;
         s.payload_bytes += len as u64;
-        s.cur_class = class;
-        true
+        Some(class)
     }
 
     /// A READ of `size` bytes on saving stream `id`.
@@ -458,6 +474,7 @@ impl Core {
             limit = limit.min(n.saturating_sub(s.offset));
         }
         let limit = usize::try_from(limit).unwrap_or(size);
+        let max_record = HEADER_LEN + Self::vidx(self.block_size);
         out.reserve(limit);
         while out.len() < limit {
             let s = self.save().ok_or(libc::ENODEV)?;
@@ -465,7 +482,9 @@ impl Core {
                 if quirks.short_reads && !out.is_empty() {
                     break;
                 }
-                if !self.next_record(stop_copy) {
+                // A record that fits whole is generated straight into the reply.
+                let direct = !quirks.short_reads && limit - out.len() >= max_record;
+                if !self.next_record(stop_copy, out, direct) {
                     break;
                 }
                 continue;
@@ -540,7 +559,13 @@ impl Core {
     }
 }
 
-fn push_record(s: &mut SaveStream, kind: RecordKind, index: u64, payload: &[u8]) {
+fn push_record(
+    s: &mut SaveStream,
+    kind: RecordKind,
+    index: u64,
+    payload: &[u8],
+    dst: &mut Vec<u8>,
+) {
     let hdr = format::encode_header(&Header {
         kind,
         seq: s.seq,
@@ -549,8 +574,8 @@ fn push_record(s: &mut SaveStream, kind: RecordKind, index: u64, payload: &[u8])
         len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
         payload_hash: xxh3_64(payload),
     });
-    s.cur.extend_from_slice(&hdr);
-    s.cur.extend_from_slice(payload);
+    dst.extend_from_slice(&hdr);
+    dst.extend_from_slice(payload);
     s.seq += 1;
 }
 
