@@ -68,7 +68,6 @@ const DRAIN_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) enum Sock {
     Tcp(TcpStream),
-    #[allow(dead_code)] // constructed by the TLS path
     Unix(UnixStream),
 }
 

@@ -6,6 +6,7 @@
 //! engine (`ring.rs`); the handles here only validate, queue and dequeue.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
@@ -226,6 +227,7 @@ fn offer(cfg: &SessionConfig, devices: Vec<DeviceDesc>) -> Offer {
 fn open(
     addr: SocketAddr,
     cfg: &SessionConfig,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
     offer: &Offer,
     join: Option<([u8; 16], u16)>,
 ) -> Result<(Sock, Agreed), TransportError> {
@@ -233,7 +235,7 @@ fn open(
     let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|e| {
         TransportError::Connect {
             addr,
-            source: std::sync::Arc::new(e),
+            source: Arc::new(e),
         }
     })?;
     stream
@@ -245,8 +247,8 @@ fn open(
         join,
         nonce: random()?,
     }));
-    if let Some(tls) = &cfg.tls {
-        return tls::client(stream, tls, addr, &mut side, conn, cfg);
+    if let (Some(tls), Some(c)) = (&cfg.tls, tls_config) {
+        return tls::client(stream, c, tls, addr, &mut side, conn, cfg);
     }
     let agreed = drive(&mut side, &mut TcpHs::new(&stream), addr, conn, cfg.timeout)?;
     clear_timeouts(&stream)?;
@@ -277,13 +279,21 @@ impl SendSession {
             });
         }
         let offer = offer(cfg, devices);
-        let (first, agreed) = open(addr, cfg, &offer, None)?;
+        let tls_config = cfg.tls.as_ref().map(tls::client_config).transpose()?;
+        let tls_config = tls_config.as_ref();
+        let (first, agreed) = open(addr, cfg, tls_config, &offer, None)?;
         let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
         let mut socks = vec![first];
         for i in 1..streams {
             // `i < streams <= MAX_STREAMS`.
             let index = u16::try_from(i).unwrap_or(u16::MAX);
-            let (sock, a) = open(addr, cfg, &offer, Some((agreed.session_id, index)))?;
+            let (sock, a) = open(
+                addr,
+                cfg,
+                tls_config,
+                &offer,
+                Some((agreed.session_id, index)),
+            )?;
             if a.session_id != agreed.session_id || a.conn_index != index {
                 return Err(TransportError::Handshake {
                     peer: addr,
@@ -411,6 +421,7 @@ impl Listener {
         stream: TcpStream,
         peer: SocketAddr,
         cfg: &SessionConfig,
+        tls_config: Option<&Arc<rustls::ServerConfig>>,
         session_id: [u8; 16],
         conn: usize,
     ) -> Result<(Sock, Agreed), TransportError> {
@@ -425,8 +436,8 @@ impl Listener {
             session_id,
             nonce: random()?,
         }));
-        if let Some(tls) = &cfg.tls {
-            return tls::server(stream, tls, peer, &mut side, conn, cfg);
+        if let Some(c) = tls_config {
+            return tls::server(stream, c, peer, &mut side, conn, cfg);
         }
         let agreed = drive(&mut side, &mut TcpHs::new(&stream), peer, conn, cfg.timeout)?;
         clear_timeouts(&stream)?;
@@ -439,9 +450,11 @@ impl Listener {
     pub fn accept(&self, cfg: &SessionConfig) -> Result<RecvSession, TransportError> {
         cfg.validate()?;
         let session_id: [u8; 16] = random()?;
+        let tls_config = cfg.tls.as_ref().map(tls::server_config).transpose()?;
+        let tls_config = tls_config.as_ref();
         let (stream, peer) = self.accept_until(Instant::now() + cfg.accept_timeout)?;
         check_peer_policy(peer, cfg)?;
-        let (first, agreed) = self.handshake(stream, peer, cfg, session_id, 0)?;
+        let (first, agreed) = self.handshake(stream, peer, cfg, tls_config, session_id, 0)?;
         if agreed.joined {
             return Err(TransportError::Handshake {
                 peer,
@@ -473,7 +486,8 @@ impl Listener {
             let conn = streams - missing;
             // A connection that fails its handshake or joins another session is dropped; the
             // session keeps assembling until its deadline.
-            let Ok((sock, a)) = self.handshake(stream, from, cfg, session_id, conn) else {
+            let Ok((sock, a)) = self.handshake(stream, from, cfg, tls_config, session_id, conn)
+            else {
                 continue;
             };
             let index = usize::from(a.conn_index);
