@@ -1,0 +1,289 @@
+//! What a VMM's migration thread configures and gets back: options, the cancel handle, progress
+//! and the final report.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfmig_transport::SessionConfig;
+use vfmig_vfio::{DeviceError, DeviceState};
+
+use crate::codec::Compress;
+use crate::error::Phase;
+
+/// A progress callback: called from the session's thread about every
+/// [`SourceOptions::progress_interval`].
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Source options. `Default` gives adaptive compression, 2 codec workers, pre-copy when every
+/// device supports it, 300 ms max downtime, no rate limit, 30 s timeout.
+#[derive(Clone)]
+pub struct SourceOptions {
+    /// How to compress (Auto chooses from measured link and codec throughput).
+    pub compress: Compress,
+    /// Codec worker threads.
+    pub codec_workers: usize,
+    /// Use PRE_COPY when every device supports it.
+    pub precopy: bool,
+    /// Switch over once the estimated STOP_COPY time (remaining bytes / measured throughput) is
+    /// below this.
+    pub max_downtime: Duration,
+    /// Longest pre-copy phase; switch over after it even if the estimate is still above
+    /// `max_downtime` (the device keeps dirtying faster than we send).
+    pub max_precopy: Duration,
+    /// Wire bytes per second, `None` for no limit.
+    pub max_bandwidth: Option<u64>,
+    /// Longest time without progress at any step (device, transport, peer).
+    pub timeout: Duration,
+    /// Migrate several devices even if some lack P2P (RUNNING_P2P); P2P traffic between them
+    /// may be lost while they stop one after another.
+    pub allow_without_p2p: bool,
+    /// Transport settings (connections, authentication, TLS, pool size).
+    pub session: SessionConfig,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+    /// How often the progress callback is called.
+    pub progress_interval: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            compress: Compress::Auto,
+            codec_workers: 2,
+            precopy: true,
+            max_downtime: Duration::from_millis(300),
+            max_precopy: Duration::from_secs(60),
+            max_bandwidth: None,
+            timeout: Duration::from_secs(30),
+            allow_without_p2p: false,
+            session: SessionConfig::default(),
+            progress: None,
+            progress_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl fmt::Debug for SourceOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceOptions")
+            .field("compress", &self.compress)
+            .field("codec_workers", &self.codec_workers)
+            .field("precopy", &self.precopy)
+            .field("max_downtime", &self.max_downtime)
+            .field("max_precopy", &self.max_precopy)
+            .field("max_bandwidth", &self.max_bandwidth)
+            .field("timeout", &self.timeout)
+            .field("allow_without_p2p", &self.allow_without_p2p)
+            .field("session", &self.session)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Destination options.
+#[derive(Clone)]
+pub struct DestinationOptions {
+    /// Codec worker threads.
+    pub codec_workers: usize,
+    /// Longest time without progress.
+    pub timeout: Duration,
+    /// After every device accepted its state, move them STOP -> RUNNING_P2P (all) -> RUNNING
+    /// (all). Off by default: the devices stay in STOP and the VMM decides.
+    pub resume_devices: bool,
+    /// Accept several devices even if some lack P2P.
+    pub allow_without_p2p: bool,
+    /// Transport settings.
+    pub session: SessionConfig,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+    /// How often the progress callback is called.
+    pub progress_interval: Duration,
+}
+
+impl Default for DestinationOptions {
+    fn default() -> Self {
+        DestinationOptions {
+            codec_workers: 2,
+            timeout: Duration::from_secs(30),
+            resume_devices: false,
+            allow_without_p2p: false,
+            session: SessionConfig::default(),
+            progress: None,
+            progress_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+impl fmt::Debug for DestinationOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DestinationOptions")
+            .field("codec_workers", &self.codec_workers)
+            .field("timeout", &self.timeout)
+            .field("resume_devices", &self.resume_devices)
+            .field("allow_without_p2p", &self.allow_without_p2p)
+            .field("session", &self.session)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Cancels a running session from another thread. The session then fails with
+/// [`crate::PipelineError::Cancelled`] after rolling its devices back.
+#[derive(Clone, Debug, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// Asks the session to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether cancellation was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A progress snapshot.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Time since the session started.
+    pub elapsed: Duration,
+    /// Per device, in session order.
+    pub devices: Vec<DeviceProgress>,
+}
+
+/// Progress of one device.
+#[derive(Clone, Debug)]
+pub struct DeviceProgress {
+    /// Device name.
+    pub name: String,
+    /// Where it is.
+    pub phase: Phase,
+    /// Raw state bytes read (source) or written (destination).
+    pub raw_bytes: u64,
+    /// Payload bytes on the wire.
+    pub wire_bytes: u64,
+    /// Raw bytes per second since the session started.
+    pub rate_bps: f64,
+    /// Estimated raw bytes in total (source: pre-copy bytes so far + STOP_COPY estimate), when
+    /// known.
+    pub estimated_total: Option<u64>,
+    /// The destination accepted this device's state.
+    pub done: bool,
+}
+
+/// A stage of the pipeline, for [`Report::limiting_stage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Source: reading data fds; destination: writing them.
+    DataFd,
+    /// Compression or decompression.
+    Codec,
+    /// Source: handing frames to the transport (link backpressure); destination: receiving.
+    Network,
+}
+
+/// Busy time per stage, summed over the threads of a stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// Source: reader thread handling completions and hashing; destination: writer thread.
+    pub data_fd: Duration,
+    /// Codec workers (sum over workers).
+    pub codec: Duration,
+    /// Source: sender blocked in the transport; destination: receiver handling frames.
+    pub network: Duration,
+    /// Time the data-fd stage waited for a free buffer or a full queue (downstream slower).
+    pub waiting_downstream: Duration,
+}
+
+/// Per-device outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceReport {
+    /// Device name.
+    pub name: String,
+    /// Raw state bytes moved.
+    pub raw_bytes: u64,
+    /// Of those, bytes moved in PRE_COPY.
+    pub precopy_bytes: u64,
+    /// Payload bytes on the wire.
+    pub wire_bytes: u64,
+    /// `raw_bytes / wire_bytes` (1.0 when nothing moved).
+    pub ratio: f64,
+    /// Chunks elided as all-zero, sent raw, sent compressed.
+    pub zero_chunks: u64,
+    /// Chunks sent raw.
+    pub raw_chunks: u64,
+    /// Chunks sent compressed.
+    pub compressed_chunks: u64,
+    /// The device's state at the end.
+    pub final_state: Option<DeviceState>,
+}
+
+/// The final report of a session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// Per device.
+    pub devices: Vec<DeviceReport>,
+    /// Raw bytes over all devices.
+    pub raw_bytes: u64,
+    /// Payload bytes on the wire over all devices.
+    pub wire_bytes: u64,
+    /// `raw_bytes / wire_bytes`.
+    pub ratio: f64,
+    /// Wall time of the session.
+    pub elapsed: Duration,
+    /// Raw bytes per second over the session.
+    pub throughput_bps: f64,
+    /// Source: from the first device leaving a running state to the last `DeviceResumed` ack.
+    pub downtime: Option<Duration>,
+    /// Busy time per stage.
+    pub stages: StageTimes,
+    /// The stage with the most busy time per thread: the one that limited the run.
+    pub limiting_stage: Stage,
+    /// Compression in use at the end (e.g. `zstd:3`, `lz4`, `none`).
+    pub codec: String,
+}
+
+/// What rollback did to one device.
+#[derive(Debug)]
+pub enum RollbackAction {
+    /// The device was already RUNNING.
+    AlreadyRunning,
+    /// Walked from `from` back to RUNNING along the legal path.
+    Walked {
+        /// Where it was.
+        from: DeviceState,
+    },
+    /// Reset (from ERROR, or because the walk failed) and is RUNNING again.
+    Reset {
+        /// Where it was.
+        from: Option<DeviceState>,
+    },
+    /// Could not be brought back to RUNNING.
+    Failed {
+        /// Where it was.
+        from: Option<DeviceState>,
+        /// The last error.
+        error: DeviceError,
+    },
+}
+
+/// One device's rollback.
+#[derive(Debug)]
+pub struct RollbackStep {
+    /// Device name.
+    pub device: String,
+    /// What was done.
+    pub action: RollbackAction,
+}
+
+pub(crate) fn ratio(raw: u64, wire: u64) -> f64 {
+    if wire == 0 {
+        1.0
+    } else {
+        raw as f64 / wire as f64
+    }
+}

@@ -1,0 +1,302 @@
+//! Typed pipeline errors: each variant names the device, the phase and the facts.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use vfmig_transport::{PoolError, TransportError};
+use vfmig_vfio::{DeviceError, DeviceState, MigrationCaps};
+use vfmig_wire::{Codec, FrameKind};
+
+use crate::codec::DecodeFailure;
+use crate::reseq::SequenceError;
+
+/// Where a migration was when something happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Connecting, agreeing on devices, checking capabilities.
+    Setup,
+    /// Streaming while the devices run.
+    PreCopy,
+    /// Streaming with the devices stopped.
+    StopCopy,
+    /// Destination: loading state into the RESUMING data fd and validating it.
+    Resume,
+    /// Waiting for the destination's acknowledgements.
+    Acknowledge,
+    /// Walking devices back after a failure.
+    Rollback,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Setup => "setup",
+            Phase::PreCopy => "pre-copy",
+            Phase::StopCopy => "stop-copy",
+            Phase::Resume => "resume",
+            Phase::Acknowledge => "acknowledge",
+            Phase::Rollback => "rollback",
+        })
+    }
+}
+
+/// Reason codes carried by `Abort` frames (`arg`), shared by both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum AbortReason {
+    /// The source's migration failed (device, read, codec, cancel...).
+    SourceFailed = 1,
+    /// A destination device refused its state (RESUMING -> STOP failed).
+    DeviceRefused = 2,
+    /// The stream failed verification on the destination (length, digest, decode, order).
+    StreamCorrupt = 3,
+    /// The destination could not write to or set up its device.
+    DestinationFailed = 4,
+    /// Cancelled by the operator or the VMM.
+    Cancelled = 5,
+    /// The two sides disagree on the devices.
+    DeviceMismatch = 6,
+}
+
+impl AbortReason {
+    /// The wire value.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// Parses a wire value.
+    pub fn from_code(code: u16) -> Option<AbortReason> {
+        Some(match code {
+            1 => AbortReason::SourceFailed,
+            2 => AbortReason::DeviceRefused,
+            3 => AbortReason::StreamCorrupt,
+            4 => AbortReason::DestinationFailed,
+            5 => AbortReason::Cancelled,
+            6 => AbortReason::DeviceMismatch,
+            _ => return None,
+        })
+    }
+}
+
+/// A migration failed. Variants carry the device, the phase and the underlying error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// A device operation (state change, precopy info, reset) failed.
+    #[error("device {device} ({phase}): {source}")]
+    Device {
+        /// Device name.
+        device: String,
+        /// Phase.
+        phase: Phase,
+        /// The device error (arc, errno, state read back).
+        #[source]
+        source: DeviceError,
+    },
+    /// Reading the data fd failed.
+    #[error("device {device}: reading the data fd at stream offset {offset} in {phase} failed: {source}")]
+    Read {
+        /// Device name.
+        device: String,
+        /// Phase.
+        phase: Phase,
+        /// Raw stream offset of the failed read.
+        offset: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the RESUMING data fd failed.
+    #[error("device {device}: writing the data fd at stream offset {offset} failed: {source}")]
+    Write {
+        /// Device name.
+        device: String,
+        /// Raw stream offset of the failed write.
+        offset: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up or waiting on io_uring failed.
+    #[error("io_uring {op} failed: {source}")]
+    Uring {
+        /// The operation.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The transport failed (peer gone, timeout, corrupt frame, authentication...).
+    #[error("transport ({phase}): {source}")]
+    Transport {
+        /// Phase.
+        phase: Phase,
+        /// The transport's error.
+        #[source]
+        source: TransportError,
+    },
+    /// No pool buffer came free in time.
+    #[error("{stage}: {source}")]
+    Pool {
+        /// The stage that waited.
+        stage: &'static str,
+        /// The pool's error.
+        #[source]
+        source: PoolError,
+    },
+    /// A frame's payload could not be decoded.
+    #[error("device {device}: frame {seq} ({codec:?}) could not be decoded: {failure}")]
+    Decode {
+        /// Device index.
+        device: u16,
+        /// Sequence number.
+        seq: u64,
+        /// The frame's codec.
+        codec: Codec,
+        /// What was wrong.
+        failure: DecodeFailure,
+    },
+    /// Frames of a device arrived out of order (the transport should have restored it).
+    #[error("device {device}: {source}")]
+    Sequence {
+        /// Device index.
+        device: u16,
+        /// What was wrong.
+        #[source]
+        source: SequenceError,
+    },
+    /// A frame of a kind or for a device that does not belong here.
+    #[error("unexpected {kind:?} frame for device {device} in {phase}")]
+    UnexpectedFrame {
+        /// Kind.
+        kind: FrameKind,
+        /// Device index.
+        device: u16,
+        /// Phase.
+        phase: Phase,
+    },
+    /// The stream's length at EndOfDevice differs from what was received.
+    #[error("device {device}: the source sent {declared} bytes, {received} arrived")]
+    LengthMismatch {
+        /// Device index.
+        device: u16,
+        /// Total the source declared.
+        declared: u64,
+        /// Total received and written.
+        received: u64,
+    },
+    /// The BLAKE3 digest of the received stream differs from the source's.
+    #[error("device {device}: stream digest mismatch")]
+    DigestMismatch {
+        /// Device index.
+        device: u16,
+        /// The source's digest.
+        expected: [u8; 32],
+        /// The digest of what arrived.
+        computed: [u8; 32],
+    },
+    /// The destination device refused its state (RESUMING -> STOP failed).
+    #[error("destination device {device} refused the state: {source}")]
+    DeviceRefused {
+        /// Device name.
+        device: String,
+        /// The failed transition.
+        #[source]
+        source: DeviceError,
+    },
+    /// The peer aborted the migration.
+    #[error("peer aborted in {phase}: {reason:?} (code {code}): {detail}")]
+    PeerAborted {
+        /// Phase.
+        phase: Phase,
+        /// The reason, if the code is known.
+        reason: Option<AbortReason>,
+        /// The raw reason code.
+        code: u16,
+        /// The peer's detail text.
+        detail: String,
+    },
+    /// Several devices, and one of them cannot do RUNNING_P2P.
+    #[error("device {device} lacks P2P (capabilities {caps}); migrating several devices needs every device to support RUNNING_P2P (override with allow_without_p2p)")]
+    P2pRequired {
+        /// Device name.
+        device: String,
+        /// Its capabilities.
+        caps: MigrationCaps,
+    },
+    /// A device is not in a state migration can start from.
+    #[error("device {device} is in {state}; migration starts from {expected}")]
+    WrongStartState {
+        /// Device name.
+        device: String,
+        /// Its state.
+        state: DeviceState,
+        /// The state needed.
+        expected: DeviceState,
+    },
+    /// The two sides do not agree on the devices.
+    #[error("the source has {source_devices} devices, the destination {destination_devices}")]
+    DeviceCount {
+        /// Devices on the source.
+        source_devices: usize,
+        /// Devices on the destination.
+        destination_devices: usize,
+    },
+    /// A device reached a state change without a data fd where one is needed.
+    #[error("device {device}: entering {state} returned no data fd")]
+    NoDataFd {
+        /// Device name.
+        device: String,
+        /// The state entered.
+        state: DeviceState,
+    },
+    /// Nothing happened within the configured timeout.
+    #[error("timed out after {waited:?} in {phase} waiting for {what}")]
+    Timeout {
+        /// Phase.
+        phase: Phase,
+        /// What we waited for.
+        what: &'static str,
+        /// How long.
+        waited: Duration,
+    },
+    /// The migration was cancelled through the [`crate::CancelHandle`].
+    #[error("cancelled in {phase}")]
+    Cancelled {
+        /// Phase.
+        phase: Phase,
+    },
+    /// Bad options.
+    #[error("invalid option {what}: {value}")]
+    Options {
+        /// The option.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// A stage thread stopped without reporting (a bug; reported rather than hung).
+    #[error("the {stage} stage stopped unexpectedly")]
+    StageLost {
+        /// Which stage.
+        stage: &'static str,
+    },
+}
+
+impl PipelineError {
+    /// The abort reason to tell the peer about this failure.
+    pub fn abort_reason(&self, source_side: bool) -> AbortReason {
+        match self {
+            PipelineError::Cancelled { .. } => AbortReason::Cancelled,
+            PipelineError::DeviceRefused { .. } => AbortReason::DeviceRefused,
+            PipelineError::DeviceCount { .. } => AbortReason::DeviceMismatch,
+            PipelineError::Decode { .. }
+            | PipelineError::Sequence { .. }
+            | PipelineError::LengthMismatch { .. }
+            | PipelineError::DigestMismatch { .. }
+            | PipelineError::UnexpectedFrame { .. } => AbortReason::StreamCorrupt,
+            _ if source_side => AbortReason::SourceFailed,
+            _ => AbortReason::DestinationFailed,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The stage graph without a network: reader -> encoders -> in-order sender -> decoders -> writer,
+//! between real kernel fds (socket pairs fed and drained by threads). The frames pass straight from
+//! the sender to the decoders, so these tests pin down the pipeline's own ordering, codec and
+//! digest logic; the sessions' tests add the transport.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Sender};
+use vfmig_transport::{BufPool, PoolBuf};
+use vfmig_wire::{FrameHeader, FrameKind};
+
+use crate::codec::{Adaptive, Compress};
+use crate::error::PipelineError;
+use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
+use crate::stages::{self, FrameSink, InItem, Incoming, Received};
+use crate::stats::Counters;
+use crate::writer::{self, WriterDevice, WriterEvent};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Forwards frames to the destination's decoders the way the receiving transport would hand them
+/// over: data frames to the codec workers, markers straight to the writer.
+struct Direct {
+    data: Sender<Received>,
+    markers: Sender<InItem>,
+}
+
+impl FrameSink for Direct {
+    fn send_frame(
+        &self,
+        header: FrameHeader,
+        payload: Option<PoolBuf>,
+    ) -> Result<(), PipelineError> {
+        let lost = || PipelineError::StageLost { stage: "test sink" };
+        match header.kind {
+            FrameKind::PreCopyData | FrameKind::StopCopyData => self
+                .data
+                .send(Received { header, payload })
+                .map_err(|_| lost()),
+            FrameKind::EndOfDevice => {
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(payload.ok_or_else(lost)?.as_slice());
+                self.markers
+                    .send(InItem {
+                        device: header.device,
+                        seq: header.seq,
+                        item: Incoming::End {
+                            total: header.arg,
+                            digest,
+                        },
+                    })
+                    .map_err(|_| lost())
+            }
+            FrameKind::PreCopyDone => self
+                .markers
+                .send(InItem {
+                    device: header.device,
+                    seq: header.seq,
+                    item: Incoming::PreCopyDone { raw: header.arg },
+                })
+                .map_err(|_| lost()),
+            _ => Err(lost()),
+        }
+    }
+}
+
+fn content(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let block = (out.len() / 4096) % 3;
+        let take = (n - out.len()).min(4096);
+        match block {
+            0 => out.extend(std::iter::repeat_n(0u8, take)),
+            1 => out.extend((0..take).map(|i| b"vfio state "[i % 11])),
+            _ => out.extend((0..take).map(|i| (x >> (i % 57)) as u8 ^ i as u8)),
+        }
+    }
+    out
+}
+
+/// Runs `sources` (one per device) through the whole graph; returns what each destination fd
+/// received and the writer's events.
+fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<WriterEvent>) {
+    let n = sources.len();
+    let pool = BufPool::new(32, 64 << 10).unwrap();
+    let counters = Arc::new(Counters::new(n));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Device side of each source socket: a thread writes the state in odd-sized pieces.
+    let mut src_fds = Vec::new();
+    let mut feeders = Vec::new();
+    for data in sources {
+        let (dev, pipe) = UnixStream::pair().unwrap();
+        feeders.push(thread::spawn(move || {
+            let mut dev = dev;
+            for piece in data.chunks(7001) {
+                dev.write_all(piece).unwrap();
+            }
+        }));
+        src_fds.push(Arc::new(OwnedFd::from(pipe)));
+    }
+    let mut dst_fds = Vec::new();
+    let mut drains = Vec::new();
+    for _ in 0..n {
+        let (dev, pipe) = UnixStream::pair().unwrap();
+        drains.push(thread::spawn(move || {
+            let mut dev = dev;
+            let mut got = Vec::new();
+            dev.read_to_end(&mut got).unwrap();
+            got
+        }));
+        dst_fds.push(Arc::new(OwnedFd::from(pipe)));
+    }
+
+    let (cmd_tx, cmd_rx) = bounded(16);
+    let (chunk_tx, chunk_rx) = bounded(4);
+    let (out_tx, out_rx) = bounded(8);
+    let (ev_tx, ev_rx) = bounded(64);
+    let (recv_tx, recv_rx) = bounded(4);
+    let (in_tx, in_rx) = bounded(8);
+    let (wev_tx, wev_rx) = bounded(64);
+    let adaptive = Arc::new(Adaptive::new(compress, 2));
+    let names: Vec<String> = (0..n).map(|i| format!("dev{i}")).collect();
+
+    let mut threads = Vec::new();
+    {
+        let io = ReaderIo {
+            cmds: cmd_rx,
+            chunks: chunk_tx,
+            markers: out_tx.clone(),
+            events: ev_tx,
+            counters: counters.clone(),
+            stop: stop.clone(),
+        };
+        let (pool, names) = (pool.clone(), names.clone());
+        threads.push(thread::spawn(move || {
+            reader::run(pool, names, io, usize::MAX, T)
+        }));
+    }
+    for _ in 0..2 {
+        let (rx, tx, p, a, c, s) = (
+            chunk_rx.clone(),
+            out_tx.clone(),
+            pool.clone(),
+            adaptive.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
+        threads.push(thread::spawn(move || {
+            stages::encode_worker(rx, tx, p, a, c, s, T).unwrap();
+        }));
+        let (rx, tx, p, c, s) = (
+            recv_rx.clone(),
+            in_tx.clone(),
+            pool.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
+        threads.push(thread::spawn(move || {
+            stages::decode_worker(rx, tx, p, c, s, T).unwrap();
+        }));
+    }
+    drop((chunk_rx, out_tx, recv_rx));
+    {
+        let devices = names
+            .iter()
+            .zip(&dst_fds)
+            .map(|(name, fd)| WriterDevice {
+                name: name.clone(),
+                fd: fd.clone(),
+            })
+            .collect();
+        let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
+        threads.push(thread::spawn(move || {
+            writer::run(pool, devices, in_rx, wev_tx, c, s, T)
+        }));
+    }
+    for (i, fd) in src_fds.iter().enumerate() {
+        cmd_tx
+            .send(ReaderCmd::Add {
+                device: i as u16,
+                fd: fd.clone(),
+                mode: ReadMode::StopCopy,
+            })
+            .unwrap();
+    }
+    drop(cmd_tx);
+    let sink = Direct {
+        data: recv_tx,
+        markers: in_tx,
+    };
+    stages::send_loop(out_rx, n, 64, &sink, &counters, &adaptive, None, &stop).unwrap();
+    drop(sink);
+    for t in threads {
+        t.join().unwrap();
+    }
+    for f in feeders {
+        f.join().unwrap();
+    }
+    let mut ended = 0;
+    while let Ok(ev) = ev_rx.try_recv() {
+        match ev {
+            ReaderEvent::Ended { .. } => ended += 1,
+            other => panic!("reader: {other:?}"),
+        }
+    }
+    assert_eq!(ended, n);
+    let events: Vec<WriterEvent> = wev_rx.try_iter().collect();
+    drop(dst_fds);
+    let got = drains.into_iter().map(|d| d.join().unwrap()).collect();
+    assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
+    (got, events)
+}
+
+#[test]
+fn mixed_streams_of_two_devices_arrive_byte_identical_and_verified() {
+    let a = content(1_300_000, 1);
+    let b = content(700_001, 2);
+    let (got, events) = migrate(vec![a.clone(), b.clone()], Compress::Zstd(3));
+    assert!(got[0] == a && got[1] == b, "streams differ");
+    let mut verified: Vec<(u16, u64)> = events
+        .iter()
+        .map(|e| match e {
+            WriterEvent::StreamVerified { device, total } => (*device, *total),
+            other => panic!("writer: {other:?}"),
+        })
+        .collect();
+    verified.sort_unstable();
+    assert_eq!(verified, [(0, a.len() as u64), (1, b.len() as u64)]);
+}
+
+#[test]
+fn every_codec_setting_round_trips_and_an_empty_stream_is_verified() {
+    for compress in [Compress::None, Compress::Lz4, Compress::Auto] {
+        let a = content(400_000, 9);
+        let (got, events) = migrate(vec![a.clone(), Vec::new()], compress);
+        assert!(got[0] == a, "{compress:?}: stream differs");
+        assert!(got[1].is_empty());
+        assert_eq!(events.len(), 2, "{compress:?}: {events:?}");
+    }
+}

@@ -1,0 +1,542 @@
+//! Source stage 1: read every device's data fd with one io_uring, one read in flight per fd.
+//!
+//! Each read goes into the unfilled tail of a pool slot at offset -1. A slot is emitted as a chunk
+//! when it is full, when the stream ends (STOP_COPY read returned 0), or when PRE_COPY has nothing
+//! more for now (ENOMSG, EAGAIN, or 0 as the mtty sample driver does), so pre-copy data never waits
+//! for a slot to fill. Chunks are hashed in stream order here (BLAKE3 for EndOfDevice) and handed to
+//! the codec workers; the reader then immediately reads on while they compress and send.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use vfmig_transport::{BufPool, PoolBuf};
+use vfmig_wire::{Codec, FrameHeader, FrameKind};
+
+use crate::codec::chunk_len;
+use crate::error::{Phase, PipelineError};
+use crate::stats::{Counters, DeviceCounters};
+use crate::uring::DataRing;
+
+/// A chunk of raw device state, in stream order per device.
+#[derive(Debug)]
+pub(crate) struct RawChunk {
+    pub device: u16,
+    pub seq: u64,
+    pub kind: FrameKind,
+    /// Stream offset of the first byte.
+    pub offset: u64,
+    pub buf: PoolBuf,
+}
+
+/// A frame ready for the transport (data already encoded, or a marker).
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub header: FrameHeader,
+    pub payload: Option<PoolBuf>,
+}
+
+/// Builds a header; the transport fills in `crc` (and checks `wire_len`).
+pub(crate) fn header(
+    kind: FrameKind,
+    codec: Codec,
+    device: u16,
+    seq: u64,
+    raw_len: usize,
+    payload: Option<&PoolBuf>,
+    arg: u64,
+) -> FrameHeader {
+    FrameHeader {
+        kind,
+        codec,
+        device,
+        seq,
+        raw_len: u32::try_from(raw_len).unwrap_or(u32::MAX),
+        wire_len: payload.map_or(0, |p| u32::try_from(p.len()).unwrap_or(u32::MAX)),
+        arg,
+        crc: 0,
+    }
+}
+
+/// How the data fd behaves right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    /// Running: "no data now" (ENOMSG / EAGAIN / 0) means poll again later.
+    PreCopy,
+    /// Stopped: 0 means the end of the stream.
+    StopCopy,
+}
+
+/// Commands from the session's control thread.
+#[derive(Debug)]
+pub(crate) enum ReaderCmd {
+    /// Start reading a device's data fd.
+    Add {
+        device: u16,
+        fd: Arc<OwnedFd>,
+        mode: ReadMode,
+    },
+    /// Leave PRE_COPY: let the read in flight finish, emit what is buffered and `PreCopyDone`,
+    /// then report [`ReaderEvent::PreCopyQuiesced`] and wait for [`ReaderCmd::StopCopy`].
+    EndPreCopy { device: u16 },
+    /// The device is in STOP_COPY: read on (from a new fd if the SET returned one) until 0.
+    StopCopy {
+        device: u16,
+        fd: Option<Arc<OwnedFd>>,
+    },
+}
+
+/// What the reader tells the control thread.
+#[derive(Debug)]
+pub(crate) enum ReaderEvent {
+    PreCopyQuiesced { device: u16 },
+    Ended { device: u16, raw_bytes: u64 },
+    Failed(PipelineError),
+}
+
+/// Channels and shared state of the reader thread.
+#[derive(Debug)]
+pub(crate) struct ReaderIo {
+    pub cmds: Receiver<ReaderCmd>,
+    pub chunks: Sender<RawChunk>,
+    pub markers: Sender<Outgoing>,
+    pub events: Sender<ReaderEvent>,
+    pub counters: Arc<Counters>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// First re-poll delay after PRE_COPY said "nothing now", and the most it backs off to.
+const PRECOPY_POLL_MIN: Duration = Duration::from_millis(2);
+const PRECOPY_POLL_MAX: Duration = Duration::from_millis(50);
+/// Longest single wait of the loop, so commands and `stop` are noticed promptly.
+const TICK: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DevPhase {
+    Reading,
+    WantQuiesce,
+    Quiesced,
+    Done,
+}
+
+#[derive(Debug)]
+struct Dev {
+    name: String,
+    fd: Arc<OwnedFd>,
+    mode: ReadMode,
+    phase: DevPhase,
+    /// Partially filled slot while no read is in flight.
+    buf: Option<PoolBuf>,
+    filled: usize,
+    seq: u64,
+    /// Raw bytes emitted so far (stream offset of the slot's first byte).
+    emitted: u64,
+    hasher: blake3::Hasher,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    last_progress: Instant,
+}
+
+/// The reader loop. Returns when every device it was given has ended and the command channel
+/// closed, when `stop` is set, or after reporting a failure.
+/// `chunk` is the most raw bytes per chunk (at most [`chunk_len`] of the slot size).
+pub(crate) fn run(
+    pool: BufPool,
+    names: Vec<String>,
+    io: ReaderIo,
+    chunk: usize,
+    timeout: Duration,
+) {
+    let mut ring = match DataRing::new(&pool, 64) {
+        Ok(r) => r,
+        Err(source) => {
+            let _ = io.events.send(ReaderEvent::Failed(PipelineError::Uring {
+                op: "setup (reader)",
+                source,
+            }));
+            return;
+        }
+    };
+    let mut devs: Vec<Option<Dev>> = names.iter().map(|_| None).collect();
+    let mut cmds_open = true;
+    let chunk = chunk.clamp(1, chunk_len(pool.slot_size()));
+    let ctx = Ctx {
+        pool: &pool,
+        names: &names,
+        io: &io,
+        chunk,
+        timeout,
+    };
+    if let Err(e) = reader_loop(&ctx, &mut ring, &mut devs, &mut cmds_open) {
+        let _ = io.events.send(ReaderEvent::Failed(e));
+    }
+}
+
+/// What every step of the loop needs.
+struct Ctx<'a> {
+    pool: &'a BufPool,
+    names: &'a [String],
+    io: &'a ReaderIo,
+    chunk: usize,
+    timeout: Duration,
+}
+
+fn reader_loop(
+    ctx: &Ctx<'_>,
+    ring: &mut DataRing,
+    devs: &mut [Option<Dev>],
+    cmds_open: &mut bool,
+) -> Result<(), PipelineError> {
+    let (pool, names, io, timeout) = (ctx.pool, ctx.names, ctx.io, ctx.timeout);
+    loop {
+        if io.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Commands.
+        loop {
+            match io.cmds.try_recv() {
+                Ok(cmd) => apply(cmd, names, devs)?,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    *cmds_open = false;
+                    break;
+                }
+            }
+        }
+        let all_done = devs
+            .iter()
+            .all(|d| d.as_ref().is_none_or(|d| d.phase == DevPhase::Done));
+        if all_done && !*cmds_open {
+            return Ok(());
+        }
+
+        // Submit one read per device that has none in flight.
+        let now = Instant::now();
+        let mut next_wake = now + TICK;
+        for (i, slot) in devs.iter_mut().enumerate() {
+            let Some(dev) = slot.as_mut() else { continue };
+            let key = i as u64;
+            if ring.is_in_flight(key) {
+                continue;
+            }
+            match dev.phase {
+                DevPhase::Done | DevPhase::Quiesced => continue,
+                DevPhase::WantQuiesce => {
+                    quiesce(i, dev, ctx)?;
+                    continue;
+                }
+                DevPhase::Reading => {}
+            }
+            if let Some(at) = dev.retry_at {
+                if at > now {
+                    next_wake = next_wake.min(at);
+                    continue;
+                }
+                dev.retry_at = None;
+            }
+            let buf = match dev.buf.take() {
+                Some(b) => b,
+                None => {
+                    let t0 = Instant::now();
+                    let got = pool.acquire(Duration::from_millis(5));
+                    io.counters.buffer_wait.add_since(t0);
+                    match got {
+                        Ok(b) => b,
+                        Err(source) => {
+                            if dev.last_progress.elapsed() > timeout {
+                                return Err(PipelineError::Pool {
+                                    stage: "reader",
+                                    source,
+                                });
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let want = ctx.chunk - dev.filled;
+            ring.read(key, dev.fd.as_raw_fd(), buf, dev.filled, want)
+                .map_err(|source| PipelineError::Uring {
+                    op: "submit read",
+                    source,
+                })?;
+        }
+
+        // Wait for completions (or for commands when nothing is in flight).
+        if ring.in_flight() == 0 {
+            let wait = next_wake.saturating_duration_since(Instant::now());
+            match io.cmds.recv_timeout(wait) {
+                Ok(cmd) => apply(cmd, names, devs)?,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => *cmds_open = false,
+            }
+            continue;
+        }
+        let wait = next_wake.saturating_duration_since(Instant::now());
+        let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
+            op: "wait (reader)",
+            source,
+        })?;
+        let t0 = Instant::now();
+        for c in done {
+            let i = usize::try_from(c.key).unwrap_or(usize::MAX);
+            let Some(dev) = devs.get_mut(i).and_then(|d| d.as_mut()) else {
+                continue;
+            };
+            completed(i, dev, c.result, c.buf, ctx)?;
+        }
+        io.counters.fd_stage.add_since(t0);
+        for (i, slot) in devs.iter().enumerate() {
+            if let Some(dev) = slot {
+                if dev.phase == DevPhase::Reading
+                    && ring.is_in_flight(i as u64)
+                    && dev.last_progress.elapsed() > timeout
+                {
+                    return Err(PipelineError::Timeout {
+                        phase: phase_of(dev.mode),
+                        what: "a data fd read",
+                        waited: timeout,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn phase_of(mode: ReadMode) -> Phase {
+    match mode {
+        ReadMode::PreCopy => Phase::PreCopy,
+        ReadMode::StopCopy => Phase::StopCopy,
+    }
+}
+
+fn apply(cmd: ReaderCmd, names: &[String], devs: &mut [Option<Dev>]) -> Result<(), PipelineError> {
+    let slot = |d: u16, devs: &mut [Option<Dev>]| -> Result<usize, PipelineError> {
+        let i = usize::from(d);
+        if i < devs.len() {
+            Ok(i)
+        } else {
+            Err(PipelineError::StageLost { stage: "reader" })
+        }
+    };
+    match cmd {
+        ReaderCmd::Add { device, fd, mode } => {
+            let i = slot(device, devs)?;
+            devs[i] = Some(Dev {
+                name: names[i].clone(),
+                fd,
+                mode,
+                phase: DevPhase::Reading,
+                buf: None,
+                filled: 0,
+                seq: 0,
+                emitted: 0,
+                hasher: blake3::Hasher::new(),
+                retry_at: None,
+                backoff: PRECOPY_POLL_MIN,
+                last_progress: Instant::now(),
+            });
+        }
+        ReaderCmd::EndPreCopy { device } => {
+            let i = slot(device, devs)?;
+            if let Some(d) = devs[i].as_mut() {
+                if d.phase == DevPhase::Reading {
+                    d.phase = DevPhase::WantQuiesce;
+                }
+            }
+        }
+        ReaderCmd::StopCopy { device, fd } => {
+            let i = slot(device, devs)?;
+            if let Some(d) = devs[i].as_mut() {
+                if let Some(fd) = fd {
+                    d.fd = fd;
+                }
+                d.mode = ReadMode::StopCopy;
+                d.phase = DevPhase::Reading;
+                d.retry_at = None;
+                d.last_progress = Instant::now();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn completed(
+    i: usize,
+    dev: &mut Dev,
+    result: i32,
+    buf: PoolBuf,
+    ctx: &Ctx<'_>,
+) -> Result<(), PipelineError> {
+    let (io, timeout) = (ctx.io, ctx.timeout);
+    let device = u16::try_from(i).unwrap_or(u16::MAX);
+    if result > 0 {
+        dev.filled += usize::try_from(result).unwrap_or(0);
+        dev.last_progress = Instant::now();
+        dev.backoff = PRECOPY_POLL_MIN;
+        if dev.filled >= ctx.chunk {
+            emit(device, dev, buf, io, timeout)?;
+        } else {
+            dev.buf = Some(buf);
+        }
+        return Ok(());
+    }
+    let errno = -result;
+    let no_data_now = result == 0 || errno == libc::ENOMSG || errno == libc::EAGAIN;
+    match dev.mode {
+        ReadMode::PreCopy if no_data_now => {
+            // Nothing pending now: ship what is buffered, poll again after a backoff.
+            if dev.filled > 0 {
+                emit(device, dev, buf, io, timeout)?;
+            } else {
+                dev.buf = Some(buf);
+            }
+            dev.retry_at = Some(Instant::now() + dev.backoff);
+            dev.backoff = (dev.backoff * 2).min(PRECOPY_POLL_MAX);
+        }
+        ReadMode::StopCopy if result == 0 => {
+            if dev.filled > 0 {
+                emit(device, dev, buf, io, timeout)?;
+            } else {
+                drop(buf);
+            }
+            end_of_stream(device, dev, ctx)?;
+        }
+        ReadMode::StopCopy if errno == libc::EAGAIN => {
+            // O_NONBLOCK drivers (mlx5): not ready yet.
+            dev.buf = Some(buf);
+            dev.retry_at = Some(Instant::now() + PRECOPY_POLL_MIN);
+        }
+        _ if errno == libc::EINTR || errno == libc::ECANCELED => {
+            dev.buf = Some(buf);
+        }
+        _ => {
+            return Err(PipelineError::Read {
+                device: dev.name.clone(),
+                phase: phase_of(dev.mode),
+                offset: dev.emitted + dev.filled as u64,
+                source: std::io::Error::from_raw_os_error(errno),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Hands the filled part of `buf` to the codec stage as the next chunk.
+fn emit(
+    device: u16,
+    dev: &mut Dev,
+    mut buf: PoolBuf,
+    io: &ReaderIo,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    buf.set_len(dev.filled);
+    dev.hasher.update(buf.as_slice());
+    let len = dev.filled;
+    let kind = match dev.mode {
+        ReadMode::PreCopy => FrameKind::PreCopyData,
+        ReadMode::StopCopy => FrameKind::StopCopyData,
+    };
+    let chunk = RawChunk {
+        device,
+        seq: dev.seq,
+        kind,
+        offset: dev.emitted,
+        buf,
+    };
+    dev.seq += 1;
+    dev.emitted += len as u64;
+    dev.filled = 0;
+    if let Some(c) = io.counters.device(device) {
+        DeviceCounters::add(&c.raw, len);
+        if kind == FrameKind::PreCopyData {
+            DeviceCounters::add(&c.precopy_raw, len);
+        }
+    }
+    let t0 = Instant::now();
+    let sent = io.chunks.send_timeout(chunk, timeout);
+    io.counters.buffer_wait.add_since(t0);
+    sent.map_err(|_| PipelineError::Timeout {
+        phase: phase_of(dev.mode),
+        what: "the codec stage to take a chunk",
+        waited: timeout,
+    })
+}
+
+fn marker(
+    device: u16,
+    dev: &mut Dev,
+    kind: FrameKind,
+    arg: u64,
+    payload: Option<PoolBuf>,
+    io: &ReaderIo,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let raw_len = payload.as_ref().map_or(0, PoolBuf::len);
+    let out = Outgoing {
+        header: header(
+            kind,
+            Codec::Raw,
+            device,
+            dev.seq,
+            raw_len,
+            payload.as_ref(),
+            arg,
+        ),
+        payload,
+    };
+    dev.seq += 1;
+    io.markers
+        .send_timeout(out, timeout)
+        .map_err(|_| PipelineError::Timeout {
+            phase: phase_of(dev.mode),
+            what: "the sender to take a marker frame",
+            waited: timeout,
+        })
+}
+
+fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let (io, timeout) = (ctx.io, ctx.timeout);
+    let device = u16::try_from(i).unwrap_or(u16::MAX);
+    if let Some(buf) = dev.buf.take() {
+        if dev.filled > 0 {
+            emit(device, dev, buf, io, timeout)?;
+        }
+    }
+    let raw = dev.emitted;
+    marker(device, dev, FrameKind::PreCopyDone, raw, None, io, timeout)?;
+    dev.phase = DevPhase::Quiesced;
+    let _ = io.events.send(ReaderEvent::PreCopyQuiesced { device });
+    Ok(())
+}
+
+fn end_of_stream(device: u16, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
+    let digest = dev.hasher.finalize();
+    let mut p = pool
+        .acquire(timeout)
+        .map_err(|source| PipelineError::Pool {
+            stage: "reader",
+            source,
+        })?;
+    p.spare_mut()[..32].copy_from_slice(digest.as_bytes());
+    p.set_len(32);
+    let total = dev.emitted;
+    marker(
+        device,
+        dev,
+        FrameKind::EndOfDevice,
+        total,
+        Some(p),
+        io,
+        timeout,
+    )?;
+    dev.phase = DevPhase::Done;
+    let _ = io.events.send(ReaderEvent::Ended {
+        device,
+        raw_bytes: total,
+    });
+    Ok(())
+}

@@ -1,0 +1,821 @@
+//! The source session: drives the devices through PRE_COPY / STOP_COPY, runs the reader, codec
+//! and sender stages, waits for the destination's acknowledgements, and rolls back on failure.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
+use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_wire::{FrameHeader, FrameKind};
+
+use crate::api::{
+    ratio, CancelHandle, DeviceProgress, DeviceReport, Progress, Report, RollbackAction,
+    RollbackStep, SourceOptions, Stage, StageTimes,
+};
+use crate::codec::{chunk_len, Adaptive, Choice};
+use crate::error::{AbortReason, Phase, PipelineError};
+use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
+use crate::stages::{self, FrameSink, RateLimit};
+use crate::stats::{Counters, DeviceCounters};
+
+/// How often the control loop looks at the device, the peer and the stages.
+const TICK: Duration = Duration::from_millis(10);
+/// How often PRE_COPY progress (`precopy_info`) is sampled.
+const PRECOPY_SAMPLE: Duration = Duration::from_millis(50);
+
+impl FrameSink for SendSession {
+    fn send_frame(
+        &self,
+        header: FrameHeader,
+        payload: Option<PoolBuf>,
+    ) -> Result<(), PipelineError> {
+        let phase = if header.kind == FrameKind::PreCopyData {
+            Phase::PreCopy
+        } else {
+            Phase::StopCopy
+        };
+        self.send(header, payload)
+            .map_err(|source| PipelineError::Transport { phase, source })
+    }
+}
+
+/// Migrates devices to a destination. Blocking: run it on the VMM's migration thread.
+///
+/// `D` is any [`MigrationDevice`]: `Box<dyn MigrationDevice>`, a `VfioDevice`, an
+/// `EmulatedDevice`. The devices must be RUNNING. On success they are left in STOP (the VMM
+/// decides what follows); on failure they are walked back to RUNNING and
+/// [`SourceSession::rollback_steps`] says what was done.
+#[derive(Debug)]
+pub struct SourceSession<D: MigrationDevice> {
+    devices: Vec<D>,
+    opts: SourceOptions,
+    cancel: CancelHandle,
+    rollback: Vec<RollbackStep>,
+}
+
+/// Per-device bookkeeping of one run.
+#[derive(Debug, Default)]
+struct DevRun {
+    data_fd: Option<Arc<OwnedFd>>,
+    quiesced: bool,
+    ended: Option<u64>,
+    acked: Option<u64>,
+    stopped: bool,
+    estimate: Option<u64>,
+}
+
+/// The stage threads of one run.
+#[derive(Debug)]
+struct Stages {
+    stop: Arc<AtomicBool>,
+    cmds: Option<Sender<ReaderCmd>>,
+    events: Receiver<ReaderEvent>,
+    failures: Receiver<PipelineError>,
+    counters: Arc<Counters>,
+    adaptive: Arc<Adaptive>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Stages {
+    fn start(
+        session: &Arc<SendSession>,
+        names: Vec<String>,
+        opts: &SourceOptions,
+    ) -> Result<Stages, PipelineError> {
+        let n = names.len();
+        let pool = session.pool().clone();
+        let workers = opts.codec_workers.clamp(1, 64);
+        let counters = Arc::new(Counters::new(n));
+        let adaptive = Arc::new(Adaptive::new(opts.compress, workers));
+        let stop = Arc::new(AtomicBool::new(false));
+        let timeout = opts.timeout;
+        let (cmd_tx, cmd_rx) = bounded(4 * n + 4);
+        let (ev_tx, ev_rx) = bounded(4 * n + 4);
+        let (fail_tx, fail_rx) = bounded(workers + 4);
+        // Bounded so that reading runs at most a few chunks ahead of encoding and sending.
+        let (chunk_tx, chunk_rx) = bounded(workers * 2);
+        let (out_tx, out_rx) = bounded(workers * 2 + n * 2);
+        let max_payload = usize::try_from(session.agreed().max_payload).unwrap_or(usize::MAX);
+        let chunk = chunk_len(pool.slot_size()).min(max_payload);
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(f)
+                .map_err(|source| PipelineError::Uring {
+                    op: "spawn a stage thread",
+                    source,
+                })
+        };
+        {
+            let io = ReaderIo {
+                cmds: cmd_rx,
+                chunks: chunk_tx,
+                markers: out_tx.clone(),
+                events: ev_tx,
+                counters: counters.clone(),
+                stop: stop.clone(),
+            };
+            let pool = pool.clone();
+            threads.push(spawn(
+                "vfmig-reader",
+                Box::new(move || reader::run(pool, names, io, chunk, timeout)),
+            )?);
+        }
+        for _ in 0..workers {
+            let (rx, tx, pool, a, c, s, f) = (
+                chunk_rx.clone(),
+                out_tx.clone(),
+                pool.clone(),
+                adaptive.clone(),
+                counters.clone(),
+                stop.clone(),
+                fail_tx.clone(),
+            );
+            threads.push(spawn(
+                "vfmig-encode",
+                Box::new(move || {
+                    if let Err(e) = stages::encode_worker(rx, tx, pool, a, c, s, timeout) {
+                        let _ = f.try_send(e);
+                    }
+                }),
+            )?);
+        }
+        drop((chunk_rx, out_tx));
+        {
+            let (session, c, a, s, f) = (
+                session.clone(),
+                counters.clone(),
+                adaptive.clone(),
+                stop.clone(),
+                fail_tx,
+            );
+            let limit = opts.max_bandwidth.map(RateLimit::new);
+            // Each device may have at most every pool slot in flight.
+            let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
+            threads.push(spawn(
+                "vfmig-send",
+                Box::new(move || {
+                    let r = stages::send_loop(out_rx, n, window, &*session, &c, &a, limit, &s);
+                    if let Err(e) = r {
+                        let _ = f.try_send(e);
+                    }
+                }),
+            )?);
+        }
+        Ok(Stages {
+            stop,
+            cmds: Some(cmd_tx),
+            events: ev_rx,
+            failures: fail_rx,
+            counters,
+            adaptive,
+            threads,
+        })
+    }
+
+    fn cmd(&self, cmd: ReaderCmd) -> Result<(), PipelineError> {
+        self.cmds
+            .as_ref()
+            .ok_or(PipelineError::StageLost { stage: "reader" })?
+            .send_timeout(cmd, Duration::from_secs(5))
+            .map_err(|_| PipelineError::StageLost { stage: "reader" })
+    }
+
+    /// Stops every stage and waits for its thread.
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cmds = None;
+        self.join();
+    }
+
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<D: MigrationDevice> SourceSession<D> {
+    /// A session over `devices` (in session order: the destination pairs them by position).
+    pub fn new(devices: Vec<D>, opts: SourceOptions) -> SourceSession<D> {
+        SourceSession {
+            devices,
+            opts,
+            cancel: CancelHandle::default(),
+            rollback: Vec::new(),
+        }
+    }
+
+    /// A handle that cancels [`SourceSession::run`] from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &[D] {
+        &self.devices
+    }
+
+    /// The devices, mutably (e.g. to resume them after a successful migration was abandoned).
+    pub fn devices_mut(&mut self) -> &mut [D] {
+        &mut self.devices
+    }
+
+    /// Gives the devices back.
+    pub fn into_devices(self) -> Vec<D> {
+        self.devices
+    }
+
+    /// What the last failed run did to bring the devices back to RUNNING (empty after success).
+    pub fn rollback_steps(&self) -> &[RollbackStep] {
+        &self.rollback
+    }
+
+    /// Migrates every device to the destination listening at `addr`. Blocks until the
+    /// destination acknowledged every device (`DeviceResumed`), or fails.
+    pub fn run(&mut self, addr: SocketAddr) -> Result<Report, PipelineError> {
+        self.rollback.clear();
+        let started = Instant::now();
+        self.check()?;
+        let descs = self
+            .devices
+            .iter_mut()
+            .map(|d| DeviceDesc {
+                name: d.name().to_owned(),
+                caps: d.capabilities().bits(),
+                state_size_hint: d.stop_copy_size().unwrap_or(0),
+            })
+            .collect();
+        let session = SendSession::connect(addr, &self.opts.session, descs).map_err(|source| {
+            PipelineError::Transport {
+                phase: Phase::Setup,
+                source,
+            }
+        })?;
+        let session = Arc::new(session);
+        let names: Vec<String> = self.devices.iter().map(|d| d.name().to_owned()).collect();
+        let mut stages = match Stages::start(&session, names, &self.opts) {
+            Ok(s) => s,
+            Err(e) => {
+                session.abort(AbortReason::SourceFailed.code(), &e.to_string());
+                return Err(e);
+            }
+        };
+        let mut runs: Vec<DevRun> = self.devices.iter().map(|_| DevRun::default()).collect();
+        let mut downtime_start = None;
+        match self.drive(&session, &stages, &mut runs, &mut downtime_start, started) {
+            Ok(downtime) => {
+                stages.cmds = None;
+                stages.join();
+                let session = Arc::try_unwrap(session);
+                if let Ok(s) = session {
+                    // The destination has everything; a failed clean close changes nothing.
+                    let _ = s.close();
+                }
+                Ok(self.report(&stages, started, Some(downtime)))
+            }
+            Err(e) => {
+                session.abort(e.abort_reason(true).code(), &e.to_string());
+                stages.stop();
+                self.roll_back();
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks start states and the P2P rule before touching anything.
+    fn check(&mut self) -> Result<(), PipelineError> {
+        if self.devices.is_empty() {
+            return Err(PipelineError::Options {
+                what: "devices",
+                value: 0,
+            });
+        }
+        let multi = self.devices.len() > 1;
+        for d in &mut self.devices {
+            let state = d.state().map_err(|source| PipelineError::Device {
+                device: d.name().to_owned(),
+                phase: Phase::Setup,
+                source,
+            })?;
+            if state != DeviceState::Running {
+                return Err(PipelineError::WrongStartState {
+                    device: d.name().to_owned(),
+                    state,
+                    expected: DeviceState::Running,
+                });
+            }
+            let caps = d.capabilities();
+            if multi && !caps.contains(MigrationCaps::P2P) && !self.opts.allow_without_p2p {
+                return Err(PipelineError::P2pRequired {
+                    device: d.name().to_owned(),
+                    caps,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn set(d: &mut D, target: DeviceState, phase: Phase) -> Result<Option<OwnedFd>, PipelineError> {
+        d.set_state(target).map_err(|source| PipelineError::Device {
+            device: d.name().to_owned(),
+            phase,
+            source,
+        })
+    }
+
+    /// Everything between connecting and the last acknowledgement. Returns the downtime.
+    fn drive(
+        &mut self,
+        session: &SendSession,
+        stages: &Stages,
+        runs: &mut [DevRun],
+        downtime_start: &mut Option<Instant>,
+        started: Instant,
+    ) -> Result<Duration, PipelineError> {
+        let all_p2p = self
+            .devices
+            .iter()
+            .all(|d| d.capabilities().contains(MigrationCaps::P2P));
+        let multi = self.devices.len() > 1;
+        let precopy = self.opts.precopy
+            && self
+                .devices
+                .iter()
+                .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
+        let mut watch = Watch::new(started, &self.opts);
+        if precopy {
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let fd = Self::set(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
+                    PipelineError::NoDataFd {
+                        device: d.name().to_owned(),
+                        state: DeviceState::PreCopy,
+                    }
+                })?;
+                let fd = Arc::new(fd);
+                runs[i].data_fd = Some(fd.clone());
+                stages.cmd(ReaderCmd::Add {
+                    device: dev_index(i),
+                    fd,
+                    mode: ReadMode::PreCopy,
+                })?;
+            }
+            self.precopy_until_switchover(session, stages, runs, &mut watch)?;
+            for i in 0..self.devices.len() {
+                stages.cmd(ReaderCmd::EndPreCopy {
+                    device: dev_index(i),
+                })?;
+            }
+            while !runs.iter().all(|r| r.quiesced) {
+                self.tick(session, stages, runs, &mut watch, Phase::PreCopy)?;
+            }
+            if multi && all_p2p {
+                // RUNNING_P2P rule: every device stops initiating P2P before any stops.
+                for d in &mut self.devices {
+                    Self::set(d, DeviceState::PreCopyP2p, Phase::PreCopy)?;
+                }
+            }
+            *downtime_start = Some(Instant::now());
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let fd = Self::set(d, DeviceState::StopCopy, Phase::StopCopy)?.map(Arc::new);
+                if let Some(fd) = &fd {
+                    runs[i].data_fd = Some(fd.clone());
+                }
+                stages.cmd(ReaderCmd::StopCopy {
+                    device: dev_index(i),
+                    fd,
+                })?;
+            }
+        } else {
+            if multi && all_p2p {
+                for d in &mut self.devices {
+                    Self::set(d, DeviceState::RunningP2p, Phase::StopCopy)?;
+                }
+            }
+            *downtime_start = Some(Instant::now());
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let fd =
+                    Self::set(d, DeviceState::StopCopy, Phase::StopCopy)?.ok_or_else(|| {
+                        PipelineError::NoDataFd {
+                            device: d.name().to_owned(),
+                            state: DeviceState::StopCopy,
+                        }
+                    })?;
+                let fd = Arc::new(fd);
+                runs[i].data_fd = Some(fd.clone());
+                stages.cmd(ReaderCmd::Add {
+                    device: dev_index(i),
+                    fd,
+                    mode: ReadMode::StopCopy,
+                })?;
+            }
+        }
+        watch.progressed();
+        while !runs.iter().all(|r| r.stopped) {
+            self.tick(session, stages, runs, &mut watch, Phase::StopCopy)?;
+            // A device whose stream is read and acknowledged leaves STOP_COPY for STOP.
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let r = &mut runs[i];
+                if let (Some(sent), Some(acked), false) = (r.ended, r.acked, r.stopped) {
+                    if sent != acked {
+                        return Err(PipelineError::LengthMismatch {
+                            device: dev_index(i),
+                            declared: sent,
+                            received: acked,
+                        });
+                    }
+                    Self::set(d, DeviceState::Stop, Phase::Acknowledge)?;
+                    r.data_fd = None;
+                    r.stopped = true;
+                }
+            }
+        }
+        Ok(downtime_start.map_or(Duration::ZERO, |t| t.elapsed()))
+    }
+
+    /// Streams PRE_COPY until the initial data is out and the estimated STOP_COPY time fits the
+    /// downtime budget (or pre-copy has run for `max_precopy`).
+    fn precopy_until_switchover(
+        &mut self,
+        session: &SendSession,
+        stages: &Stages,
+        runs: &mut [DevRun],
+        watch: &mut Watch,
+    ) -> Result<(), PipelineError> {
+        let begun = Instant::now();
+        let mut last_sample = Instant::now() - PRECOPY_SAMPLE;
+        let mut rate = RateMeter::new(stages.counters.total_raw());
+        loop {
+            self.tick(session, stages, runs, watch, Phase::PreCopy)?;
+            if last_sample.elapsed() < PRECOPY_SAMPLE {
+                continue;
+            }
+            last_sample = Instant::now();
+            let bps = rate.sample(stages.counters.total_raw());
+            let mut initial_left = 0u64;
+            let mut stop_copy = 0u64;
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let Some(fd) = runs[i].data_fd.clone() else {
+                    continue;
+                };
+                let info = d
+                    .precopy_info(fd.as_fd())
+                    .map_err(|source| PipelineError::Device {
+                        device: d.name().to_owned(),
+                        phase: Phase::PreCopy,
+                        source,
+                    })?;
+                initial_left += info.initial_bytes;
+                let size = d.stop_copy_size().unwrap_or(info.dirty_bytes);
+                stop_copy += size;
+                runs[i].estimate =
+                    Some(DeviceCounters::load(&stages.counters.devices[i].raw) + size);
+            }
+            if initial_left > 0 {
+                // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
+                continue;
+            }
+            let within_budget = stop_copy == 0
+                || (bps > 0.0
+                    && Duration::from_secs_f64(stop_copy as f64 / bps) <= self.opts.max_downtime);
+            if within_budget || begun.elapsed() >= self.opts.max_precopy {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One step of the control loop: stage events, failures, the peer's control frames, cancel,
+    /// progress and the inactivity timeout.
+    fn tick(
+        &mut self,
+        session: &SendSession,
+        stages: &Stages,
+        runs: &mut [DevRun],
+        watch: &mut Watch,
+        phase: Phase,
+    ) -> Result<(), PipelineError> {
+        if self.cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled { phase });
+        }
+        if let Ok(e) = stages.failures.try_recv() {
+            return Err(e);
+        }
+        while let Ok(ev) = stages.events.try_recv() {
+            watch.progressed();
+            match ev {
+                ReaderEvent::PreCopyQuiesced { device } => {
+                    if let Some(r) = runs.get_mut(usize::from(device)) {
+                        r.quiesced = true;
+                    }
+                }
+                ReaderEvent::Ended { device, raw_bytes } => {
+                    if let Some(r) = runs.get_mut(usize::from(device)) {
+                        r.ended = Some(raw_bytes);
+                    }
+                }
+                ReaderEvent::Failed(e) => return Err(e),
+            }
+        }
+        match session.recv_control(TICK) {
+            Ok(Some(f)) => {
+                watch.progressed();
+                let device = f.header.device;
+                match (f.header.kind, runs.get_mut(usize::from(device))) {
+                    (FrameKind::DeviceResumed, Some(r)) => r.acked = Some(f.header.arg),
+                    (FrameKind::SwitchoverAck | FrameKind::Keepalive, _) => {}
+                    (kind, _) => {
+                        return Err(PipelineError::UnexpectedFrame {
+                            kind,
+                            device,
+                            phase,
+                        })
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(TransportError::PeerAborted { reason, detail }) => {
+                return Err(PipelineError::PeerAborted {
+                    phase,
+                    reason: AbortReason::from_code(reason),
+                    code: reason,
+                    detail,
+                })
+            }
+            Err(source) => return Err(PipelineError::Transport { phase, source }),
+        }
+        let raw = stages.counters.total_raw();
+        watch.check(raw, phase, self.opts.timeout)?;
+        if let Some(cb) = &self.opts.progress {
+            if watch.progress_due() {
+                cb(&self.progress(stages, runs, phase, watch.started));
+            }
+        }
+        Ok(())
+    }
+
+    fn progress(
+        &self,
+        stages: &Stages,
+        runs: &[DevRun],
+        phase: Phase,
+        started: Instant,
+    ) -> Progress {
+        let elapsed = started.elapsed();
+        let devices = self
+            .devices
+            .iter()
+            .zip(runs)
+            .zip(&stages.counters.devices)
+            .map(|((d, r), c)| {
+                let raw = DeviceCounters::load(&c.raw);
+                DeviceProgress {
+                    name: d.name().to_owned(),
+                    phase: if r.stopped { Phase::Acknowledge } else { phase },
+                    raw_bytes: raw,
+                    wire_bytes: DeviceCounters::load(&c.wire),
+                    rate_bps: raw as f64 / elapsed.as_secs_f64().max(1e-3),
+                    estimated_total: r.ended.or(r.estimate),
+                    done: r.stopped,
+                }
+            })
+            .collect();
+        Progress { elapsed, devices }
+    }
+
+    fn report(&mut self, stages: &Stages, started: Instant, downtime: Option<Duration>) -> Report {
+        let workers = self.opts.codec_workers.clamp(1, 64);
+        build_report(
+            &stages.counters,
+            self.devices
+                .iter_mut()
+                .map(|d| (d.name().to_owned(), d.state().ok()))
+                .collect(),
+            started,
+            downtime,
+            workers,
+            &describe(stages.adaptive.current()),
+        )
+    }
+
+    /// Walks every device back to RUNNING (reset first if it is in ERROR or the walk fails).
+    fn roll_back(&mut self) {
+        self.rollback = self.devices.iter_mut().map(roll_back_one).collect();
+    }
+}
+
+/// Walks one device back to RUNNING.
+pub(crate) fn roll_back_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
+    let device = d.name().to_owned();
+    let from = d.state().ok();
+    let action = match from {
+        Some(DeviceState::Running) => RollbackAction::AlreadyRunning,
+        Some(state) if state != DeviceState::Error => match d.set_state(DeviceState::Running) {
+            Ok(_) => RollbackAction::Walked { from: state },
+            Err(_) => reset(d, from),
+        },
+        _ => reset(d, from),
+    };
+    RollbackStep { device, action }
+}
+
+fn reset<D: MigrationDevice>(d: &mut D, from: Option<DeviceState>) -> RollbackAction {
+    match d.reset() {
+        Ok(()) => match d.state() {
+            Ok(DeviceState::Running) => RollbackAction::Reset { from },
+            Ok(_) => match d.set_state(DeviceState::Running) {
+                Ok(_) => RollbackAction::Reset { from },
+                Err(error) => RollbackAction::Failed { from, error },
+            },
+            Err(error) => RollbackAction::Failed { from, error },
+        },
+        Err(error) => RollbackAction::Failed { from, error },
+    }
+}
+
+pub(crate) fn dev_index(i: usize) -> u16 {
+    // The transport caps sessions at 64 devices.
+    u16::try_from(i).unwrap_or(u16::MAX)
+}
+
+pub(crate) fn describe(c: Choice) -> String {
+    match c {
+        Choice::Raw => "none".to_owned(),
+        Choice::Lz4 => "lz4".to_owned(),
+        Choice::Zstd(l) => format!("zstd:{l}"),
+    }
+}
+
+/// Builds a report from the counters.
+pub(crate) fn build_report(
+    counters: &Counters,
+    devices: Vec<(String, Option<DeviceState>)>,
+    started: Instant,
+    downtime: Option<Duration>,
+    workers: usize,
+    codec: &str,
+) -> Report {
+    let devices: Vec<DeviceReport> = devices
+        .into_iter()
+        .zip(&counters.devices)
+        .map(|((name, final_state), c)| {
+            let raw = DeviceCounters::load(&c.raw);
+            let wire = DeviceCounters::load(&c.wire);
+            DeviceReport {
+                name,
+                raw_bytes: raw,
+                precopy_bytes: DeviceCounters::load(&c.precopy_raw),
+                wire_bytes: wire,
+                ratio: ratio(raw, wire),
+                zero_chunks: DeviceCounters::load(&c.zero_chunks),
+                raw_chunks: DeviceCounters::load(&c.raw_chunks),
+                compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
+                final_state,
+            }
+        })
+        .collect();
+    let raw_bytes = devices.iter().map(|d| d.raw_bytes).sum();
+    let wire_bytes = devices.iter().map(|d| d.wire_bytes).sum();
+    let elapsed = started.elapsed();
+    let stages = StageTimes {
+        data_fd: counters.fd_stage.get(),
+        codec: counters.codec.get(),
+        network: counters.net.get(),
+        waiting_downstream: counters.buffer_wait.get(),
+    };
+    // Busy time per thread of each stage: the largest is the stage that limited the run.
+    let per_thread = [
+        (Stage::DataFd, stages.data_fd),
+        (
+            Stage::Codec,
+            stages.codec / u32::try_from(workers.max(1)).unwrap_or(1),
+        ),
+        (Stage::Network, stages.network),
+    ];
+    let limiting_stage = per_thread
+        .iter()
+        .max_by_key(|(_, t)| *t)
+        .map_or(Stage::Network, |(s, _)| *s);
+    Report {
+        devices,
+        raw_bytes,
+        wire_bytes,
+        ratio: ratio(raw_bytes, wire_bytes),
+        elapsed,
+        throughput_bps: raw_bytes as f64 / elapsed.as_secs_f64().max(1e-6),
+        downtime,
+        stages,
+        limiting_stage,
+        codec: codec.to_owned(),
+    }
+}
+
+impl Counters {
+    pub(crate) fn total_raw(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| DeviceCounters::load(&d.raw))
+            .sum()
+    }
+}
+
+/// Raw throughput over the recent past.
+#[derive(Debug)]
+struct RateMeter {
+    last: Instant,
+    last_raw: u64,
+    bps: f64,
+}
+
+impl RateMeter {
+    fn new(raw: u64) -> RateMeter {
+        RateMeter {
+            last: Instant::now(),
+            last_raw: raw,
+            bps: 0.0,
+        }
+    }
+
+    fn sample(&mut self, raw: u64) -> f64 {
+        let dt = self.last.elapsed().as_secs_f64();
+        if dt > 0.0 {
+            let now = raw.saturating_sub(self.last_raw) as f64 / dt;
+            // Only samples with data count: an idle pre-copy says nothing about the link.
+            if now > 0.0 {
+                self.bps = if self.bps == 0.0 {
+                    now
+                } else {
+                    self.bps * 0.7 + now * 0.3
+                };
+            }
+        }
+        self.last = Instant::now();
+        self.last_raw = raw;
+        self.bps
+    }
+}
+
+/// Inactivity timeout and progress pacing.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    pub started: Instant,
+    last_progress: Instant,
+    last_raw: u64,
+    last_report: Instant,
+    interval: Duration,
+}
+
+impl Watch {
+    fn new(started: Instant, opts: &SourceOptions) -> Watch {
+        Watch::with_interval(started, opts.progress_interval)
+    }
+
+    pub(crate) fn with_interval(started: Instant, interval: Duration) -> Watch {
+        Watch {
+            started,
+            last_progress: Instant::now(),
+            last_raw: 0,
+            last_report: Instant::now(),
+            interval,
+        }
+    }
+
+    pub(crate) fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Fails when neither bytes nor events moved for `timeout`.
+    pub(crate) fn check(
+        &mut self,
+        raw: u64,
+        phase: Phase,
+        timeout: Duration,
+    ) -> Result<(), PipelineError> {
+        if raw != self.last_raw {
+            self.last_raw = raw;
+            self.progressed();
+        }
+        if self.last_progress.elapsed() > timeout {
+            return Err(PipelineError::Timeout {
+                phase,
+                what: "progress of the migration",
+                waited: timeout,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn progress_due(&mut self) -> bool {
+        if self.last_report.elapsed() >= self.interval {
+            self.last_report = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}

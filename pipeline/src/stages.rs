@@ -1,0 +1,273 @@
+//! The middle stages: codec workers on both sides and the source's in-order sender.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use vfmig_transport::{BufPool, PoolBuf};
+use vfmig_wire::{FrameHeader, FrameKind};
+
+use crate::codec::{Adaptive, Decoded, Decoder, Encoder, Outcome};
+use crate::error::{Phase, PipelineError};
+use crate::reader::{header, Outgoing, RawChunk};
+use crate::reseq::Resequencer;
+use crate::stats::{Counters, DeviceCounters};
+
+/// How long a stage waits on its input before checking `stop` again.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
+
+/// Source codec worker: encodes chunks until its input closes or `stop` is set.
+pub(crate) fn encode_worker(
+    rx: Receiver<RawChunk>,
+    tx: Sender<Outgoing>,
+    pool: BufPool,
+    adaptive: Arc<Adaptive>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let mut enc = Encoder::new().map_err(|source| PipelineError::Uring {
+        op: "zstd context",
+        source,
+    })?;
+    loop {
+        let chunk = match rx.recv_timeout(POLL) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let t0 = Instant::now();
+        let raw_len = chunk.buf.len();
+        let choice = adaptive.choose();
+        let (codec, payload, outcome) = enc.encode(chunk.buf, choice, &pool);
+        let took = t0.elapsed();
+        counters.codec.add(took);
+        let wire = payload.as_ref().map_or(0, PoolBuf::len);
+        if let Outcome::Compressed(c) | Outcome::FellBackRaw(c) = outcome {
+            adaptive.record(c, raw_len, wire, took);
+        }
+        if let Some(c) = counters.device(chunk.device) {
+            let n = match outcome {
+                Outcome::Zero => &c.zero_chunks,
+                Outcome::Compressed(_) => &c.compressed_chunks,
+                _ => &c.raw_chunks,
+            };
+            DeviceCounters::add(n, 1);
+        }
+        let out = Outgoing {
+            header: header(
+                chunk.kind,
+                codec,
+                chunk.device,
+                chunk.seq,
+                raw_len,
+                payload.as_ref(),
+                chunk.offset,
+            ),
+            payload,
+        };
+        tx.send_timeout(out, timeout)
+            .map_err(|_| PipelineError::Timeout {
+                phase: phase_of(chunk.kind),
+                what: "the sender to take an encoded frame",
+                waited: timeout,
+            })?;
+    }
+}
+
+fn phase_of(kind: FrameKind) -> Phase {
+    if kind == FrameKind::PreCopyData {
+        Phase::PreCopy
+    } else {
+        Phase::StopCopy
+    }
+}
+
+/// Where the sender hands frames (the transport's send session, in order per device).
+pub(crate) trait FrameSink {
+    fn send_frame(
+        &self,
+        header: FrameHeader,
+        payload: Option<PoolBuf>,
+    ) -> Result<(), PipelineError>;
+}
+
+/// A token bucket on wire bytes (`--max-bandwidth`).
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    bytes_per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_sec: u64) -> RateLimit {
+        let rate = bytes_per_sec as f64;
+        RateLimit {
+            bytes_per_sec: rate,
+            // A burst of at most 50 ms worth.
+            tokens: rate * 0.05,
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until `bytes` may go (never longer than the bytes take at the configured rate).
+    pub fn take(&mut self, bytes: usize, stop: &AtomicBool) {
+        let now = Instant::now();
+        let cap = self.bytes_per_sec * 0.05;
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * self.bytes_per_sec)
+            .min(cap.max(bytes as f64));
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            let wait = Duration::from_secs_f64(-self.tokens / self.bytes_per_sec);
+            let until = now + wait;
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep((until - Instant::now()).min(POLL));
+            }
+        }
+    }
+}
+
+/// Source sender: restores each device's sequence order and hands frames to `sink`. Returns when
+/// every producer is gone and everything was sent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn send_loop(
+    rx: Receiver<Outgoing>,
+    devices: usize,
+    window: u64,
+    sink: &dyn FrameSink,
+    counters: &Counters,
+    adaptive: &Adaptive,
+    mut limit: Option<RateLimit>,
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let mut reseq: Vec<Resequencer<Outgoing>> =
+        (0..devices).map(|_| Resequencer::new(window)).collect();
+    loop {
+        let out = match rx.recv_timeout(POLL) {
+            Ok(o) => o,
+            Err(RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // A frame still parked means an earlier one never came: a stage died.
+                return if reseq.iter().any(|r| r.waiting() > 0) {
+                    Err(PipelineError::StageLost { stage: "codec" })
+                } else {
+                    Ok(())
+                };
+            }
+        };
+        let device = out.header.device;
+        let r = reseq
+            .get_mut(usize::from(device))
+            .ok_or(PipelineError::StageLost { stage: "sender" })?;
+        r.push(out.header.seq, out)
+            .map_err(|source| PipelineError::Sequence { device, source })?;
+        while let Some(o) = r.pop() {
+            let wire = o.payload.as_ref().map_or(0, PoolBuf::len);
+            if let Some(l) = limit.as_mut() {
+                l.take(wire + vfmig_wire::HEADER_LEN, stop);
+            }
+            let t0 = Instant::now();
+            sink.send_frame(o.header, o.payload)?;
+            let blocked = t0.elapsed();
+            counters.net.add(blocked);
+            adaptive.record_link(wire + vfmig_wire::HEADER_LEN, blocked);
+            if let Some(c) = counters.device(device) {
+                DeviceCounters::add(&c.wire, wire);
+            }
+        }
+    }
+}
+
+/// What the destination writer receives, per device in sequence order.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// Decoded device state.
+    Data(Decoded),
+    /// The source left PRE_COPY after `raw` bytes.
+    PreCopyDone { raw: u64 },
+    /// The stream ended: the source's totals.
+    End { total: u64, digest: [u8; 32] },
+}
+
+/// One item for the writer: device, sequence number, content.
+#[derive(Debug)]
+pub(crate) struct InItem {
+    pub device: u16,
+    pub seq: u64,
+    pub item: Incoming,
+}
+
+/// A data frame received and verified by the transport, to be decoded.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub header: FrameHeader,
+    pub payload: Option<PoolBuf>,
+}
+
+/// Destination codec worker.
+pub(crate) fn decode_worker(
+    rx: Receiver<Received>,
+    tx: Sender<InItem>,
+    pool: BufPool,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let mut dec = Decoder::new().map_err(|source| PipelineError::Uring {
+        op: "zstd context",
+        source,
+    })?;
+    loop {
+        let r = match rx.recv_timeout(POLL) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let h = r.header;
+        let t0 = Instant::now();
+        let decoded = dec
+            .decode(h.codec, h.raw_len, r.payload, &pool, timeout)
+            .map_err(|failure| PipelineError::Decode {
+                device: h.device,
+                seq: h.seq,
+                codec: h.codec,
+                failure,
+            })?;
+        counters.codec.add_since(t0);
+        if let Some(c) = counters.device(h.device) {
+            DeviceCounters::add(&c.wire, usize::try_from(h.wire_len).unwrap_or(0));
+        }
+        tx.send_timeout(
+            InItem {
+                device: h.device,
+                seq: h.seq,
+                item: Incoming::Data(decoded),
+            },
+            timeout,
+        )
+        .map_err(|_| PipelineError::Timeout {
+            phase: Phase::Resume,
+            what: "the writer to take a decoded chunk",
+            waited: timeout,
+        })?;
+    }
+}

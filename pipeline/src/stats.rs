@@ -1,0 +1,82 @@
+//! Counters shared by the stage threads: per-device bytes and per-stage busy time, read by the
+//! progress callback and the final report. Lock-free (relaxed atomics): they are statistics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Busy time of one stage, summed over its threads.
+#[derive(Debug, Default)]
+pub(crate) struct StageClock {
+    nanos: AtomicU64,
+}
+
+impl StageClock {
+    /// Adds the time since `since`.
+    pub fn add_since(&self, since: Instant) {
+        self.add(since.elapsed());
+    }
+
+    pub fn add(&self, d: Duration) {
+        let n = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// Byte counters of one device.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceCounters {
+    /// Raw bytes read from (source) or written to (destination) the data fd.
+    pub raw: AtomicU64,
+    /// Bytes of payload on the wire.
+    pub wire: AtomicU64,
+    /// Raw bytes of the PRE_COPY part of the stream.
+    pub precopy_raw: AtomicU64,
+    /// Chunks that were all zero, sent raw after the probe, compressed.
+    pub zero_chunks: AtomicU64,
+    pub raw_chunks: AtomicU64,
+    pub compressed_chunks: AtomicU64,
+}
+
+impl DeviceCounters {
+    pub fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn load(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// All counters of one session side.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub devices: Vec<DeviceCounters>,
+    /// Source: reader; destination: writer (time with the data-fd stage doing work).
+    pub fd_stage: StageClock,
+    /// Codec workers (encode or decode), summed over workers.
+    pub codec: StageClock,
+    /// Source: time blocked handing frames to the transport; destination: time receiving.
+    pub net: StageClock,
+    /// Time a stage waited for a free pool buffer (downstream full).
+    pub buffer_wait: StageClock,
+}
+
+impl Counters {
+    pub fn new(devices: usize) -> Counters {
+        Counters {
+            devices: (0..devices).map(|_| DeviceCounters::default()).collect(),
+            fd_stage: StageClock::default(),
+            codec: StageClock::default(),
+            net: StageClock::default(),
+            buffer_wait: StageClock::default(),
+        }
+    }
+
+    pub fn device(&self, i: u16) -> Option<&DeviceCounters> {
+        self.devices.get(usize::from(i))
+    }
+}

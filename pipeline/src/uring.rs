@@ -1,0 +1,283 @@
+//! The only `unsafe` of the pipeline: io_uring `ReadFixed` / `WriteFixed` on data fds, into and out
+//! of the registered [`BufPool`] slots.
+//!
+//! Invariant behind every `SAFETY` comment here: a buffer handed to the kernel is moved into the
+//! in-flight table (`inflight`, keyed by the submission's `user_data`) and is given back only when
+//! that submission's completion has been reaped. Until then nothing else can reach the slot (a
+//! [`PoolBuf`] is exclusive) and the slot's memory stays mapped (the ring holds a [`BufPool`]
+//! clone, dropped after the ring). If a ring is dropped with operations the kernel will not give
+//! back, their buffers are leaked rather than returned to the pool, so the kernel can never write
+//! into a slot that someone else owns.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types, IoUring};
+use vfmig_transport::{BufPool, PoolBuf};
+
+/// `user_data` bit that marks cancel submissions (their buffers are never in the table).
+const CANCEL_BIT: u64 = 1 << 63;
+
+/// How long `Drop` waits for cancelled operations before leaking their buffers.
+const DROP_DRAIN: Duration = Duration::from_secs(2);
+
+/// What one completed operation gave back.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    /// The key the operation was submitted with.
+    pub key: u64,
+    /// The kernel's result: bytes transferred, or a negative errno.
+    pub result: i32,
+    /// The buffer, returned to the caller.
+    pub buf: PoolBuf,
+}
+
+/// An io_uring instance with a [`BufPool`] registered as fixed buffers.
+pub(crate) struct DataRing {
+    // Field order matters: the ring (and with it the registration) is dropped before the pool.
+    ring: IoUring,
+    inflight: HashMap<u64, PoolBuf>,
+    pool: BufPool,
+}
+
+impl std::fmt::Debug for DataRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataRing")
+            .field("inflight", &self.inflight.len())
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl DataRing {
+    /// Creates a ring with `entries` submission slots and registers every slot of `pool`.
+    pub fn new(pool: &BufPool, entries: u32) -> io::Result<DataRing> {
+        let ring = IoUring::new(entries)?;
+        let iovecs = pool.iovecs();
+        // SAFETY: the iovecs describe the pool's mapping, which stays mapped as long as any
+        // `BufPool` clone lives; `self.pool` is such a clone and is dropped after `self.ring`
+        // (field order), which unregisters the buffers.
+        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        Ok(DataRing {
+            ring,
+            inflight: HashMap::new(),
+            pool: pool.clone(),
+        })
+    }
+
+    /// Operations submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether an operation with `key` is in flight.
+    pub fn is_in_flight(&self, key: u64) -> bool {
+        self.inflight.contains_key(&key)
+    }
+
+    /// Queues a read of up to `len` bytes from `fd` at its current position (offset -1: the data
+    /// fd is a stream) into `buf[at..at + len]`. `buf` comes back in the [`Completion`] with `key`.
+    pub fn read(
+        &mut self,
+        key: u64,
+        fd: RawFd,
+        mut buf: PoolBuf,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.check_new(key, &buf, at, len)?;
+        let len = u32::try_from(len).map_err(|_| invalid("read length"))?;
+        // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
+        let ptr = unsafe { buf.as_mut_ptr().add(at) };
+        let sqe = opcode::ReadFixed::new(types::Fd(fd), ptr, len, buf.index())
+            .offset(u64::MAX)
+            .build()
+            .user_data(key);
+        self.push(key, buf, &sqe)
+    }
+
+    /// Queues a write of `buf[at..at + len]` to `fd` at its current position (offset -1).
+    pub fn write(
+        &mut self,
+        key: u64,
+        fd: RawFd,
+        buf: PoolBuf,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.check_new(key, &buf, at, len)?;
+        let len32 = u32::try_from(len).map_err(|_| invalid("write length"))?;
+        // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
+        let ptr = unsafe { buf.as_ptr().add(at) };
+        let sqe = opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
+            .offset(u64::MAX)
+            .build()
+            .user_data(key);
+        self.push(key, buf, &sqe)
+    }
+
+    fn check_new(&self, key: u64, buf: &PoolBuf, at: usize, len: usize) -> io::Result<()> {
+        if key & CANCEL_BIT != 0 || self.inflight.contains_key(&key) {
+            return Err(invalid("key already in flight"));
+        }
+        if len == 0 || at.checked_add(len).is_none_or(|end| end > buf.capacity()) {
+            return Err(invalid("span outside the buffer"));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, key: u64, buf: PoolBuf, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        if self.ring.submission().is_full() {
+            self.ring.submit()?;
+        }
+        // The buffer enters the table before the kernel can see the entry.
+        self.inflight.insert(key, buf);
+        // SAFETY: the entry's buffer span lies inside a registered slot owned by the table entry
+        // just inserted, which is removed only when this entry's completion is reaped.
+        let pushed = unsafe { self.ring.submission().push(sqe) };
+        if pushed.is_err() {
+            // Still full after a submit: take the buffer back, the kernel never saw the entry.
+            let _ = self.inflight.remove(&key);
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and waits up to `timeout` for at least one completion (returns
+    /// immediately if one is ready). Returns every completion reaped, possibly none.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<Vec<Completion>> {
+        let mut done = self.reap();
+        if !done.is_empty() || self.inflight.is_empty() {
+            self.ring.submit()?;
+            return Ok(done);
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        done.extend(self.reap());
+        Ok(done)
+    }
+
+    fn reap(&mut self) -> Vec<Completion> {
+        let mut out = Vec::new();
+        for cqe in self.ring.completion() {
+            let key = cqe.user_data();
+            if key & CANCEL_BIT != 0 {
+                continue;
+            }
+            if let Some(buf) = self.inflight.remove(&key) {
+                out.push(Completion {
+                    key,
+                    result: cqe.result(),
+                    buf,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for DataRing {
+    fn drop(&mut self) {
+        if self.inflight.is_empty() {
+            return;
+        }
+        let keys: Vec<u64> = self.inflight.keys().copied().collect();
+        for key in keys {
+            let sqe = opcode::AsyncCancel::new(key)
+                .build()
+                .user_data(key | CANCEL_BIT);
+            // SAFETY: a cancel entry references no memory.
+            let _ = unsafe { self.ring.submission().push(&sqe) };
+        }
+        let deadline = Instant::now() + DROP_DRAIN;
+        while !self.inflight.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Completed buffers are dropped here: the kernel is done with them.
+            if self.wait(left.min(Duration::from_millis(100))).is_err() {
+                break;
+            }
+        }
+        // The kernel may still write into these slots: never give them back to the pool.
+        for (_, buf) in self.inflight.drain() {
+            std::mem::forget(buf);
+        }
+    }
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn read_fixed_at_current_position_follows_a_socket_stream() {
+        let pool = BufPool::new(2, 4096).unwrap();
+        let mut ring = DataRing::new(&pool, 8).unwrap();
+        let (mut r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.write_all(b"hello ").unwrap();
+        let buf = pool.try_acquire().unwrap();
+        ring.read(7, r.as_raw_fd(), buf, 0, 4096).unwrap();
+        let c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        assert_eq!((c.key, c.result), (7, 6));
+        w.write_all(b"world").unwrap();
+        ring.read(7, r.as_raw_fd(), c.buf, 6, 4090).unwrap();
+        let mut c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        assert_eq!(c.result, 5);
+        c.buf.set_len(11);
+        assert_eq!(c.buf.as_slice(), b"hello world");
+        drop(w);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty(),
+            "the ring consumed exactly what was written"
+        );
+    }
+
+    #[test]
+    fn write_fixed_appends_in_order_to_a_stream() {
+        let pool = BufPool::new(1, 4096).unwrap();
+        let mut ring = DataRing::new(&pool, 8).unwrap();
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut buf = pool.try_acquire().unwrap();
+        buf.spare_mut()[..6].copy_from_slice(b"abcdef");
+        ring.write(1, w.as_raw_fd(), buf, 2, 4).unwrap();
+        let c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        assert_eq!(c.result, 4);
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"cdef");
+    }
+
+    #[test]
+    fn spans_outside_the_slot_and_duplicate_keys_are_refused() {
+        let pool = BufPool::new(2, 4096).unwrap();
+        let mut ring = DataRing::new(&pool, 8).unwrap();
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let a = pool.try_acquire().unwrap();
+        assert!(ring.write(1, r.as_raw_fd(), a, 4000, 200).is_err());
+        let a = pool.try_acquire().unwrap();
+        ring.read(1, r.as_raw_fd(), a, 0, 4096).unwrap();
+        let b = pool.try_acquire().unwrap();
+        assert!(ring.read(1, r.as_raw_fd(), b, 0, 4096).is_err());
+        // Dropping the ring cancels the read parked on the empty socket and returns its buffer.
+        drop(ring);
+        assert_eq!(pool.free(), 2);
+    }
+}

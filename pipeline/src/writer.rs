@@ -1,0 +1,297 @@
+//! Destination last stage: write each device's decoded stream, in sequence order, into its
+//! RESUMING data fd with io_uring `WriteFixed` at offset -1, one write in flight per fd, short
+//! writes resubmitted. The BLAKE3 digest of what was written is computed here in stream order and
+//! checked with the length against the source's `EndOfDevice`.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use vfmig_transport::{BufPool, PoolBuf};
+
+use crate::codec::Decoded;
+use crate::error::{Phase, PipelineError};
+use crate::reseq::Resequencer;
+use crate::stages::{InItem, Incoming, POLL};
+use crate::stats::{Counters, DeviceCounters};
+use crate::uring::DataRing;
+
+/// What the writer tells the control thread.
+#[derive(Debug)]
+pub(crate) enum WriterEvent {
+    /// The source left PRE_COPY; everything before was written.
+    PreCopyDone {
+        device: u16,
+        raw: u64,
+    },
+    /// Every byte was written and the length and digest match the source's.
+    StreamVerified {
+        device: u16,
+        total: u64,
+    },
+    Failed(PipelineError),
+}
+
+/// A destination device as the writer sees it.
+#[derive(Debug)]
+pub(crate) struct WriterDevice {
+    pub name: String,
+    pub fd: Arc<OwnedFd>,
+}
+
+#[derive(Debug)]
+struct WDev {
+    name: String,
+    fd: Arc<OwnedFd>,
+    reseq: Resequencer<Incoming>,
+    /// A buffer whose bytes `[at, len)` are still to be written, when no write is in flight.
+    pending: Option<(PoolBuf, usize)>,
+    hasher: blake3::Hasher,
+    /// Offset in the buffer of the write in flight.
+    inflight_at: usize,
+    /// Bytes of completed writes.
+    written: u64,
+    done: bool,
+    last_progress: Instant,
+}
+
+/// Items a device may have parked out of order before the stream is declared broken.
+const WINDOW: u64 = 256;
+
+/// The writer loop; reports through `events` and returns when the input closes with every stream
+/// ended, on `stop`, or after a failure.
+pub(crate) fn run(
+    pool: BufPool,
+    devices: Vec<WriterDevice>,
+    items: Receiver<InItem>,
+    events: Sender<WriterEvent>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    let mut ring = match DataRing::new(&pool, 64) {
+        Ok(r) => r,
+        Err(source) => {
+            let _ = events.send(WriterEvent::Failed(PipelineError::Uring {
+                op: "setup (writer)",
+                source,
+            }));
+            return;
+        }
+    };
+    let mut devs: Vec<WDev> = devices
+        .into_iter()
+        .map(|d| WDev {
+            name: d.name,
+            fd: d.fd,
+            reseq: Resequencer::new(WINDOW),
+            pending: None,
+            hasher: blake3::Hasher::new(),
+            inflight_at: 0,
+            written: 0,
+            done: false,
+            last_progress: Instant::now(),
+        })
+        .collect();
+    let r = write_loop(
+        &pool, &mut ring, &mut devs, &items, &events, &counters, &stop, timeout,
+    );
+    if let Err(e) = r {
+        let _ = events.send(WriterEvent::Failed(e));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_loop(
+    pool: &BufPool,
+    ring: &mut DataRing,
+    devs: &mut [WDev],
+    items: &Receiver<InItem>,
+    events: &Sender<WriterEvent>,
+    counters: &Counters,
+    stop: &AtomicBool,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let mut open = true;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Take what has arrived.
+        let mut got = false;
+        while open {
+            match items.try_recv() {
+                Ok(it) => {
+                    park(devs, it)?;
+                    got = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // Start the next write of every idle device.
+        let t0 = Instant::now();
+        for (i, dev) in devs.iter_mut().enumerate() {
+            let device = u16::try_from(i).unwrap_or(u16::MAX);
+            if dev.done || ring.is_in_flight(i as u64) {
+                continue;
+            }
+            advance(device, dev, pool, ring, events, timeout)?;
+        }
+        counters.fd_stage.add_since(t0);
+        if !open && devs.iter().all(|d| d.done) {
+            return Ok(());
+        }
+        if !open && ring.in_flight() == 0 && devs.iter().all(|d| d.done || d.reseq.waiting() == 0) {
+            // Input closed with streams unfinished: the session ends them (abort or timeout).
+            return Ok(());
+        }
+        if ring.in_flight() == 0 {
+            if !got && open {
+                match items.recv_timeout(POLL) {
+                    Ok(it) => park(devs, it)?,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+            }
+            continue;
+        }
+        let wait = if items.is_empty() {
+            Duration::from_millis(2)
+        } else {
+            Duration::ZERO
+        };
+        let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
+            op: "wait (writer)",
+            source,
+        })?;
+        let t0 = Instant::now();
+        for c in done {
+            let i = usize::try_from(c.key).unwrap_or(usize::MAX);
+            let Some(dev) = devs.get_mut(i) else { continue };
+            let device = u16::try_from(i).unwrap_or(u16::MAX);
+            let at = dev.inflight_at;
+            let buf = c.buf;
+            if c.result > 0 {
+                let n = usize::try_from(c.result).unwrap_or(0);
+                dev.written += n as u64;
+                dev.last_progress = Instant::now();
+                if let Some(dc) = counters.device(device) {
+                    DeviceCounters::add(&dc.raw, n);
+                }
+                if at + n < buf.len() {
+                    dev.pending = Some((buf, at + n));
+                }
+            } else if c.result == -libc::EINTR || c.result == -libc::EAGAIN {
+                dev.pending = Some((buf, at));
+            } else {
+                let source = if c.result == 0 {
+                    std::io::Error::from(std::io::ErrorKind::WriteZero)
+                } else {
+                    std::io::Error::from_raw_os_error(-c.result)
+                };
+                return Err(PipelineError::Write {
+                    device: dev.name.clone(),
+                    offset: dev.written,
+                    source,
+                });
+            }
+            // Submit the remainder (or the next item) right away.
+            advance(device, dev, pool, ring, events, timeout)?;
+        }
+        counters.fd_stage.add_since(t0);
+        for (i, dev) in devs.iter().enumerate() {
+            if ring.is_in_flight(i as u64) && dev.last_progress.elapsed() > timeout {
+                return Err(PipelineError::Timeout {
+                    phase: Phase::Resume,
+                    what: "a data fd write",
+                    waited: timeout,
+                });
+            }
+        }
+    }
+}
+
+fn park(devs: &mut [WDev], it: InItem) -> Result<(), PipelineError> {
+    let device = it.device;
+    let dev = devs
+        .get_mut(usize::from(device))
+        .ok_or(PipelineError::UnexpectedFrame {
+            kind: vfmig_wire::FrameKind::StopCopyData,
+            device,
+            phase: Phase::Resume,
+        })?;
+    dev.reseq
+        .push(it.seq, it.item)
+        .map_err(|source| PipelineError::Sequence { device, source })
+}
+
+/// Keeps a device's fd busy: resubmits a partly written buffer, or takes the next items in order
+/// (markers are handled on the spot) until one needs a write.
+fn advance(
+    device: u16,
+    dev: &mut WDev,
+    pool: &BufPool,
+    ring: &mut DataRing,
+    events: &Sender<WriterEvent>,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    loop {
+        if let Some((buf, at)) = dev.pending.take() {
+            let len = buf.len() - at;
+            dev.inflight_at = at;
+            ring.write(u64::from(device), dev.fd.as_raw_fd(), buf, at, len)
+                .map_err(|source| PipelineError::Uring {
+                    op: "submit write",
+                    source,
+                })?;
+            return Ok(());
+        }
+        let Some(item) = dev.reseq.pop() else {
+            return Ok(());
+        };
+        match item {
+            Incoming::Data(Decoded::Data(buf)) => {
+                dev.hasher.update(buf.as_slice());
+                dev.pending = Some((buf, 0));
+            }
+            Incoming::Data(Decoded::Zero(n)) => {
+                let mut buf = pool
+                    .acquire(timeout)
+                    .map_err(|source| PipelineError::Pool {
+                        stage: "writer",
+                        source,
+                    })?;
+                buf.spare_mut()[..n].fill(0);
+                buf.set_len(n);
+                dev.hasher.update(buf.as_slice());
+                dev.pending = Some((buf, 0));
+            }
+            Incoming::PreCopyDone { raw } => {
+                let _ = events.send(WriterEvent::PreCopyDone { device, raw });
+            }
+            Incoming::End { total, digest } => {
+                let computed = *dev.hasher.finalize().as_bytes();
+                dev.done = true;
+                if total != dev.written {
+                    return Err(PipelineError::LengthMismatch {
+                        device,
+                        declared: total,
+                        received: dev.written,
+                    });
+                }
+                if computed != digest {
+                    return Err(PipelineError::DigestMismatch {
+                        device,
+                        expected: digest,
+                        computed,
+                    });
+                }
+                let _ = events.send(WriterEvent::StreamVerified { device, total });
+                return Ok(());
+            }
+        }
+    }
+}
