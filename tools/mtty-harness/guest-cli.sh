@@ -12,7 +12,7 @@ MSG1="cli:port1"
 
 "$C" uart-put "$SRC" 0 "$MSG0" && "$C" uart-put "$SRC" 1 "$MSG1" || exit 1
 
-timeout 120 "$CLI" recv --listen "127.0.0.1:$PORT" --device "vfio:$DST" --timeout 30 &
+timeout 120 "$CLI" recv --listen "127.0.0.1:$PORT" --device "vfio:$DST" --timeout 30 --json &
 rpid=$!
 # Wait (bounded) for the listener: port in state LISTEN (0A) in /proc/net/tcp.
 hexport=$(printf '%04X' $PORT)
@@ -21,7 +21,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 start=$(date +%s%N)
-timeout 120 "$CLI" send --connect "127.0.0.1:$PORT" --precopy --device "vfio:$SRC" --timeout 30
+timeout 120 "$CLI" send --connect "127.0.0.1:$PORT" --precopy --device "vfio:$SRC" --timeout 30 --json
 src_rc=$?
 wait $rpid
 dst_rc=$?
