@@ -34,6 +34,11 @@ const FOPEN_DIRECT_IO: u32 = 1 << 0;
 const FOPEN_NONSEEKABLE: u32 = 1 << 2;
 /// `FOPEN_STREAM`: no file position at all.
 const FOPEN_STREAM: u32 = 1 << 4;
+/// `FOPEN_NOFLUSH`: `close()` sends no FLUSH. Without it, a process exiting with a data fd open
+/// would wait forever for a FLUSH reply from its own, already killed, server thread.
+const FOPEN_NOFLUSH: u32 = 1 << 5;
+/// Flags of every data fd.
+const OPEN_FLAGS: u32 = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM | FOPEN_NOFLUSH;
 
 /// Inode of the mount's root directory.
 const ROOT_INO: u64 = 1;
@@ -138,7 +143,7 @@ impl Filesystem for Fs {
         match map.get_mut(&id) {
             Some(e) if !e.opened => {
                 e.opened = true;
-                reply.opened(id, FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM);
+                reply.opened(id, OPEN_FLAGS);
             }
             _ => reply.error(libc::ENOENT),
         }
@@ -234,6 +239,7 @@ pub(crate) struct FuseHost {
     dev: u64,
     registry: Arc<Registry>,
     session: Mutex<Option<fuser::BackgroundSession>>,
+    watchdog: Mutex<Option<Watchdog>>,
 }
 
 impl std::fmt::Debug for FuseHost {
@@ -286,11 +292,14 @@ impl FuseHost {
         let session = fuser::Session::new(fs, &mountpoint, &options)?;
         let bg = session.spawn()?;
         let dev = std::fs::metadata(&mountpoint)?.dev();
+        // Without a watchdog a killed process could hang in exit; still usable, so not fatal.
+        let watchdog = Watchdog::spawn(&mountpoint, libc::minor(dev)).ok();
         Ok(FuseHost {
             mountpoint,
             dev,
             registry,
             session: Mutex::new(Some(bg)),
+            watchdog: Mutex::new(watchdog),
         })
     }
 
@@ -366,8 +375,101 @@ impl Drop for FuseHost {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         drop(bg);
+        let wd = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(wd);
         detach(&self.mountpoint);
         let _ = std::fs::remove_dir(&self.mountpoint);
+    }
+}
+
+/// Where the kernel's fusectl file system lives (`<conn>/abort` ends a FUSE connection).
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The FUSE server runs in this process, so when the process dies with a request already read
+/// by its (now killed) server thread, the requesting thread waits uninterruptibly for a reply
+/// that never comes and the process never finishes exiting. A small child process guards
+/// against that: it gets SIGTERM when the thread that spawned it dies (`PR_SET_PDEATHSIG`),
+/// which happens when the process is killed or exits, and then aborts the FUSE connection
+/// (`fusectl <conn>/abort`, mounting fusectl if needed), detaches the mount and removes its
+/// directory. On a normal shutdown the same clean-up runs when the host is dropped.
+struct Watchdog {
+    stop: Option<Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn spawn(mountpoint: &Path, conn: u32) -> io::Result<Watchdog> {
+        let mp = mountpoint.display().to_string();
+        if mp.contains('\'') {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let script = format!(
+            "cleanup() {{ [ -e {FUSECTL}/{conn}/abort ] || mount -t fusectl fusectl {FUSECTL}; \
+             echo 1 > {FUSECTL}/{conn}/abort; umount -l '{mp}'; rmdir '{mp}'; kill $S; exit 0; }} 2>/dev/null; \
+             trap cleanup TERM; sleep 2147483647 & S=$!; wait"
+        );
+        let (stop, stopped) = bounded::<()>(0);
+        let (ready, spawned) = bounded::<io::Result<()>>(1);
+        let thread = std::thread::Builder::new()
+            .name("vfmig-emu-watch".to_owned())
+            .spawn(move || {
+                use std::os::unix::process::CommandExt;
+                let mut cmd = std::process::Command::new("/bin/sh");
+                cmd.arg("-c")
+                    .arg(script)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                // SAFETY: `set_pdeathsig` runs in the forked child before exec and only calls
+                // prctl(2), which is async-signal-safe and touches no memory of the parent.
+                unsafe { cmd.pre_exec(set_pdeathsig) };
+                let mut child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                // Until the host drops `stop`. If the process dies instead, this thread dies
+                // with it and the child gets its parent-death SIGTERM.
+                let _ = stopped.recv();
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    // SAFETY: plain kill(2) of our own, not yet reaped, child.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+                let _ = child.wait();
+            })?;
+        match spawned.recv() {
+            Ok(Ok(())) => Ok(Watchdog {
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::from_raw_os_error(libc::ECHILD)),
+        }
+    }
+}
+
+/// `prctl(PR_SET_PDEATHSIG, SIGTERM)` for the calling thread's future parent death.
+fn set_pdeathsig() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -381,15 +483,56 @@ fn detach(path: &Path) {
     let _ = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
-/// Detaches `vfmig-emu-<pid>-<n>` mounts whose process is gone, and removes their directories.
+/// Whether process `pid` is gone, a zombie, or has a fatal SIGKILL pending (dying).
+fn process_dead_or_dying(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let sigkill = |mask: String| u64::from_str_radix(&mask, 16).is_ok_and(|m| m & (1 << 8) != 0);
+    field("State:").starts_with('Z') || sigkill(field("ShdPnd:")) || sigkill(field("SigPnd:"))
+}
+
+/// Writes `1` to `fusectl/<conn>/abort`, mounting fusectl first if needed.
+fn abort_connection(conn: &str) {
+    let abort = format!("{FUSECTL}/{conn}/abort");
+    if !Path::new(&abort).exists() {
+        let (src, target, fstype) = (c"fusectl", c"/sys/fs/fuse/connections", c"fusectl");
+        // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call;
+        // no data argument is passed.
+        let _ = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    let _ = std::fs::write(abort, b"1");
+}
+
+/// Cleans up `vfmig-emu-<pid>-<n>` mounts whose process is gone or dying (killed while a request
+/// was in flight, and no watchdog finished the job): aborts the connection, detaches the mount
+/// and removes its directory.
 fn cleanup_stale_mounts() {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
     let tmp = std::env::temp_dir();
     for line in info.lines() {
-        // Field 5 is the mount point (octal-escaped; our names need no escaping).
-        let Some(mp) = line.split(' ').nth(4) else {
+        // Field 3 is major:minor (the minor is the fusectl connection), field 5 the mount point
+        // (octal-escaped; our names need no escaping).
+        let mut fields = line.split(' ');
+        let (Some(devno), Some(mp)) = (fields.nth(2), fields.nth(1)) else {
             continue;
         };
         let path = Path::new(mp);
@@ -406,7 +549,10 @@ fn cleanup_stale_mounts() {
         if path.parent() != Some(tmp.as_path()) || pid == std::process::id() {
             continue;
         }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if process_dead_or_dying(pid) {
+            if let Some((_, conn)) = devno.split_once(':') {
+                abort_connection(conn);
+            }
             detach(path);
             let _ = std::fs::remove_dir(path);
         }
