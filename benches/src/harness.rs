@@ -122,14 +122,16 @@ pub struct SideResult {
     pub secs: f64,
     /// Peak RSS (`VmHWM`) of the side process, bytes.
     pub peak_rss: u64,
+    /// Compression in use at the end (`none` for the reference loop).
+    pub codec: String,
 }
 
 impl SideResult {
     /// The `RESULT` line a side prints.
     pub fn to_line(&self) -> String {
         format!(
-            "RESULT raw_bytes={} wire_bytes={} secs={:.6} peak_rss={}",
-            self.raw_bytes, self.wire_bytes, self.secs, self.peak_rss
+            "RESULT raw_bytes={} wire_bytes={} secs={:.6} peak_rss={} codec={}",
+            self.raw_bytes, self.wire_bytes, self.secs, self.peak_rss, self.codec
         )
     }
 
@@ -149,6 +151,7 @@ impl SideResult {
                 .ok()
                 .filter(|s: &f64| s.is_finite() && *s > 0.0)?,
             peak_rss: kv.get("peak_rss")?.parse().ok()?,
+            codec: kv.get("codec").unwrap_or(&"-").to_string(),
         })
     }
 }
@@ -345,6 +348,7 @@ mod tests {
             wire_bytes: 400 << 20,
             secs: 1.25,
             peak_rss: 50 << 20,
+            codec: "zstd:1".into(),
         };
         assert_eq!(SideResult::parse(&r.to_line()), Some(r));
     }

@@ -14,3 +14,4 @@ pub mod devices;
 pub mod harness;
 pub mod reference;
 pub mod rss;
+pub mod vfmig_side;

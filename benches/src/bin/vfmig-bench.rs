@@ -1,0 +1,519 @@
+//! `vfmig-bench`: the link-scenario harness (issue 6).
+//!
+//! `vfmig-bench run [--short]` runs every scenario and prints the tables; `vfmig-bench side ...`
+//! is one side of one migration (the harness starts two of them, in network namespaces when the
+//! link is a rate-limited veth). See docs/BENCHMARKS.md.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vfmig_benches::harness::{mbps, run_pair, Impl, Limit, Link, Row, SideResult};
+use vfmig_benches::{devices, reference, rss, vfmig_side};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Issue 4's memory budget per side.
+const RSS_BUDGET: u64 = 256 * MIB;
+
+#[derive(Parser, Debug)]
+#[command(about = "vfmig link-scenario benchmarks against the QEMU-style reference loop")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the scenarios and print the tables (and write CSV / markdown when asked).
+    Run(RunArgs),
+    /// One side of one migration (used by `run`).
+    Side(SideArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Quick mode: 256 MiB rows, 1 GiB RSS run, one repetition (a few minutes).
+    #[arg(long)]
+    short: bool,
+    /// Device state size per throughput row (default 1 GiB; 256 MiB with --short).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Device state size for the peak-RSS runs (default 8 GiB; 1 GiB with --short).
+    #[arg(long, value_parser = parse_size)]
+    rss_size: Option<u64>,
+    /// Repetitions per row; the row reports the median run (default 3; 1 with --short).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Links: `loopback` and tbf rates (`1gbit`, `2500mbit`, `10gbit`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "loopback,1gbit,2500mbit,10gbit"
+    )]
+    links: Vec<String>,
+    /// Content profiles of the emulated device.
+    #[arg(long, value_delimiter = ',', default_value = "random,mixed,zero")]
+    profiles: Vec<String>,
+    /// Skip the peak-RSS runs.
+    #[arg(long)]
+    no_rss: bool,
+    /// Write every row as CSV here (input of tools/bench/plot.py).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write the markdown tables here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// The namespace script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/netns.sh"))]
+    netns: PathBuf,
+    /// First TCP port to use (one per migration, counting up).
+    #[arg(long, default_value_t = 47600)]
+    port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Send,
+    Recv,
+}
+
+#[derive(clap::Args, Debug)]
+struct SideArgs {
+    /// `ref` or `vfmig`.
+    #[arg(long = "impl", value_parser = parse_impl)]
+    imp: Impl,
+    #[arg(long, value_enum)]
+    role: Role,
+    /// Address to connect to (send) or listen on (recv).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Device state size.
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Content profile (source side).
+    #[arg(long, default_value = "mixed")]
+    profile: String,
+}
+
+fn parse_impl(s: &str) -> Result<Impl, String> {
+    Impl::from_name(s).ok_or_else(|| format!("unknown impl {s:?} (ref or vfmig)"))
+}
+
+/// `1G`, `256M`, `4096K` or plain bytes (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'G' | 'g')) => (&s[..i], GIB),
+        Some((i, 'M' | 'm')) => (&s[..i], MIB),
+        Some((i, 'K' | 'k')) => (&s[..i], 1024),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("bad size {s:?} (e.g. 1G, 256M)"))
+}
+
+fn parse_link(s: &str) -> Result<Link, String> {
+    if s == "loopback" {
+        return Ok(Link::Loopback);
+    }
+    let bits = s
+        .strip_suffix("gbit")
+        .and_then(|n| n.parse::<f64>().ok().map(|g| g * 1e9))
+        .or_else(|| {
+            s.strip_suffix("mbit")
+                .and_then(|n| n.parse::<f64>().ok().map(|m| m * 1e6))
+        })
+        .filter(|b| b.is_finite() && *b >= 1e6)
+        .ok_or_else(|| format!("bad link {s:?} (loopback, 1gbit, 2500mbit, ...)"))?;
+    // Whole megabits: the range check above makes the cast exact enough and non-negative.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let mbit = (bits / 1e6).round() as u64;
+    Ok(Link::Veth {
+        bits_per_sec: mbit * 1_000_000,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Side(a) => side(&a),
+        Cmd::Run(a) => run(&a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfmig-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxErr = Box<dyn std::error::Error>;
+
+fn side(a: &SideArgs) -> Result<(), BoxErr> {
+    let cfg = reference::RefConfig::default();
+    let result = match (a.imp, a.role) {
+        (Impl::Reference, Role::Send) => {
+            let mut dev = devices::source(a.size, &a.profile)?;
+            let out = reference::send_to(&mut dev, a.addr, &cfg)?;
+            SideResult {
+                raw_bytes: out.bytes,
+                wire_bytes: out.bytes + 16 * (out.records + 1),
+                secs: out.elapsed.as_secs_f64(),
+                peak_rss: 0,
+                codec: "none".to_owned(),
+            }
+        }
+        (Impl::Reference, Role::Recv) => {
+            let mut dev = devices::destination(a.size)?;
+            let listener = TcpListener::bind(a.addr)?;
+            println!("LISTENING");
+            let out = reference::recv_from(&mut dev, &listener, &cfg)?;
+            SideResult {
+                raw_bytes: out.bytes,
+                wire_bytes: out.bytes + 16 * (out.records + 1),
+                secs: out.elapsed.as_secs_f64(),
+                peak_rss: 0,
+                codec: "none".to_owned(),
+            }
+        }
+        (Impl::Vfmig, Role::Send) => vfmig_side::send(a.addr, a.size, &a.profile)?,
+        (Impl::Vfmig, Role::Recv) => vfmig_side::recv(a.addr, a.size, || println!("LISTENING"))?,
+    };
+    let result = SideResult {
+        peak_rss: rss::peak_rss_bytes().unwrap_or(0),
+        ..result
+    };
+    println!("{}", result.to_line());
+    Ok(())
+}
+
+/// Sets a namespace link up (and down on drop).
+struct NetnsLink<'a> {
+    script: &'a PathBuf,
+}
+
+impl<'a> NetnsLink<'a> {
+    /// `Ok(None)` when the script says it cannot run here (exit 77: not root).
+    fn up(script: &'a PathBuf, rate: &str) -> Result<Option<NetnsLink<'a>>, BoxErr> {
+        let st = Command::new(script).args(["up", rate]).status()?;
+        match st.code() {
+            Some(0) => Ok(Some(NetnsLink { script })),
+            Some(77) => Ok(None),
+            _ => Err(format!("{} up {rate} failed: {st}", script.display()).into()),
+        }
+    }
+}
+
+impl Drop for NetnsLink<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.script).arg("down").status();
+    }
+}
+
+struct Plan<'a> {
+    exe: PathBuf,
+    netns: &'a PathBuf,
+    port: u16,
+}
+
+impl Plan<'_> {
+    fn side_cmd(&self, link: Link, imp: Impl, role: Role, size: u64, profile: &str) -> Command {
+        let (ns, ip) = match role {
+            Role::Send => ("src", "198.18.0.2"),
+            Role::Recv => ("dst", "198.18.0.2"),
+        };
+        let mut cmd = match link {
+            Link::Loopback => Command::new(&self.exe),
+            Link::Veth { .. } => {
+                let mut c = Command::new(self.netns);
+                c.args(["exec", ns]).arg(&self.exe);
+                c
+            }
+        };
+        let host = if link == Link::Loopback {
+            "127.0.0.1"
+        } else {
+            ip
+        };
+        cmd.args([
+            "side",
+            "--impl",
+            imp.as_str(),
+            "--role",
+            if role == Role::Send { "send" } else { "recv" },
+            "--addr",
+            &format!("{host}:{}", self.port),
+            "--size",
+            &size.to_string(),
+            "--profile",
+            profile,
+        ]);
+        cmd
+    }
+
+    fn migrate(&mut self, link: Link, imp: Impl, size: u64, profile: &str) -> Result<Row, BoxErr> {
+        self.port = if self.port >= 65000 {
+            47600
+        } else {
+            self.port + 1
+        };
+        let recv = self.side_cmd(link, imp, Role::Recv, size, profile);
+        let send = self.side_cmd(link, imp, Role::Send, size, profile);
+        // Generous: 8 GiB at 100 MB/s; a stuck side is killed and reported, never waited on forever.
+        let limit = Duration::from_secs(60 + size / (100 * MIB));
+        let (src, dst) = run_pair(recv, send, limit)?;
+        Ok(Row {
+            link,
+            profile: profile.to_owned(),
+            imp,
+            src,
+            dst,
+        })
+    }
+}
+
+fn median_row(mut rows: Vec<Row>) -> Option<Row> {
+    rows.sort_by(|a, b| a.src.secs.total_cmp(&b.src.secs));
+    let mid = rows.len() / 2;
+    rows.into_iter().nth(mid)
+}
+
+fn run(a: &RunArgs) -> Result<(), BoxErr> {
+    let t0 = Instant::now();
+    let size = a.size.unwrap_or(if a.short { 256 * MIB } else { GIB });
+    let rss_size = a.rss_size.unwrap_or(if a.short { GIB } else { 8 * GIB });
+    let repeat = a.repeat.unwrap_or(if a.short { 1 } else { 3 }).max(1);
+    let links = a
+        .links
+        .iter()
+        .map(|s| parse_link(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut plan = Plan {
+        exe: std::env::current_exe()?,
+        netns: &a.netns,
+        port: a.port,
+    };
+    println!(
+        "vfmig-bench: {} per row, {repeat} run(s) per row (median), links {:?}, profiles {:?}",
+        human(size),
+        a.links,
+        a.profiles
+    );
+    let mut rows: Vec<(Row, Row)> = Vec::new();
+    let mut skipped = Vec::new();
+    for &link in &links {
+        let _guard = match link.tc_rate() {
+            None => None,
+            Some(rate) => match NetnsLink::up(&a.netns, &rate)? {
+                Some(g) => Some(g),
+                None => {
+                    skipped.push(link.label());
+                    continue;
+                }
+            },
+        };
+        for profile in &a.profiles {
+            let mut per_impl = Vec::new();
+            for imp in [Impl::Reference, Impl::Vfmig] {
+                let mut runs = Vec::new();
+                for _ in 0..repeat {
+                    runs.push(plan.migrate(link, imp, size, profile)?);
+                }
+                per_impl.push(median_row(runs).ok_or("no runs")?);
+            }
+            let vf = per_impl.pop().ok_or("no vfmig row")?;
+            let rf = per_impl.pop().ok_or("no ref row")?;
+            println!(
+                "  {:<10} {:<7} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, {:.2}:1 on the wire)  ratio {:.2}x",
+                link.label(),
+                profile,
+                mbps(rf.throughput()),
+                rf.limit(),
+                mbps(vf.throughput()),
+                vf.limit(),
+                vf.ratio(),
+                vf.throughput() / rf.throughput()
+            );
+            rows.push((rf, vf));
+        }
+    }
+    let mut rss_rows = Vec::new();
+    if !a.no_rss {
+        for imp in [Impl::Reference, Impl::Vfmig] {
+            let r = plan.migrate(Link::Loopback, imp, rss_size, "mixed")?;
+            println!(
+                "  peak RSS {:<5} {}: source {}, destination {}",
+                imp.as_str(),
+                human(rss_size),
+                human(r.src.peak_rss),
+                human(r.dst.peak_rss)
+            );
+            rss_rows.push(r);
+        }
+    }
+    let md = markdown(&rows, &rss_rows, &skipped, size, repeat);
+    println!("\n{md}");
+    println!("(suite took {:.0} s)", t0.elapsed().as_secs_f64());
+    if let Some(p) = &a.markdown {
+        fs::write(p, &md)?;
+    }
+    if let Some(p) = &a.csv {
+        fs::write(p, csv(&rows))?;
+    }
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    if b >= GIB && b % GIB == 0 {
+        format!("{} GiB", b / GIB)
+    } else {
+        format!("{:.1} MiB", b as f64 / MIB as f64)
+    }
+}
+
+fn csv(rows: &[(Row, Row)]) -> String {
+    let mut s = String::from(
+        "link,link_bits_per_sec,profile,impl,raw_bytes,wire_bytes,secs,throughput_mbps,wire_ratio,ratio_to_ref,limit,src_peak_rss,dst_peak_rss\n",
+    );
+    for (rf, vf) in rows {
+        for r in [rf, vf] {
+            let link_bps = match r.link {
+                Link::Loopback => 0,
+                Link::Veth { bits_per_sec } => bits_per_sec,
+            };
+            s += &format!(
+                "{},{},{},{},{},{},{:.6},{},{:.3},{:.3},{},{},{}\n",
+                r.link.label(),
+                link_bps,
+                r.profile,
+                r.imp.as_str(),
+                r.src.raw_bytes,
+                r.src.wire_bytes,
+                r.src.secs,
+                mbps(r.throughput()),
+                r.ratio(),
+                r.throughput() / rf.throughput(),
+                r.limit(),
+                r.src.peak_rss,
+                r.dst.peak_rss
+            );
+        }
+    }
+    s
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn markdown(
+    rows: &[(Row, Row)],
+    rss_rows: &[Row],
+    skipped: &[String],
+    size: u64,
+    repeat: usize,
+) -> String {
+    let mut s = format!(
+        "Throughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
+         source's STOP_COPY SET to the destination device accepting the state.\n\n\
+         | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio | limit (ref / vfmig) | downtime ref / vfmig (ms) |\n\
+         |---|---|---:|---:|---:|---:|---|---:|\n",
+        human(size)
+    );
+    for (rf, vf) in rows {
+        s += &format!(
+            "| {} | {} | {} | {} | **{:.2}x** | {:.2}:1 | {} / {} | {:.0} / {:.0} |\n",
+            rf.link.label(),
+            rf.profile,
+            mbps(rf.throughput()),
+            mbps(vf.throughput()),
+            vf.throughput() / rf.throughput(),
+            vf.ratio(),
+            rf.limit(),
+            vf.limit(),
+            rf.src.secs * 1e3,
+            vf.src.secs * 1e3
+        );
+    }
+    for l in skipped {
+        s += &format!("| {l} | skipped: tools/netns.sh needs root | | | | | | |\n");
+    }
+    if !rss_rows.is_empty() {
+        s += "\nPeak RSS (VmHWM of each side's process), mixed content over loopback:\n\n\
+              | implementation | state size | source peak RSS | destination peak RSS | < 256 MiB per side |\n\
+              |---|---:|---:|---:|---|\n";
+        for r in rss_rows {
+            s += &format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.imp.as_str(),
+                human(r.src.raw_bytes),
+                human(r.src.peak_rss),
+                human(r.dst.peak_rss),
+                pass(r.src.peak_rss < RSS_BUDGET && r.dst.peak_rss < RSS_BUDGET)
+            );
+        }
+    }
+    s += "\nIssue 4 targets, from the rows above:\n\n";
+    let find = |label: &str, profile: &str| {
+        rows.iter()
+            .find(|(r, _)| r.link.label() == label && r.profile == profile)
+            .map(|(r, v)| v.throughput() / r.throughput())
+    };
+    if let Some(x) = find("loopback", "random") {
+        s += &format!(
+            "- loopback, incompressible >= reference: {:.2}x, {}\n",
+            x,
+            pass(x >= 1.0)
+        );
+    }
+    for p in ["mixed", "zero"] {
+        if let Some(x) = find("loopback", p) {
+            // "Clearly faster": at least 1.2x.
+            s += &format!(
+                "- loopback, {p} clearly faster (>= 1.2x): {:.2}x, {}\n",
+                x,
+                pass(x >= 1.2)
+            );
+        }
+    }
+    if let Some((rf, vf)) = rows
+        .iter()
+        .find(|(r, _)| r.link.label() == "veth 2.5G" && r.profile == "mixed")
+    {
+        let x = vf.throughput() / rf.throughput();
+        s += &format!(
+            "- 2.5 Gbit/s link, mixed >= 2x reference: {:.2}x, {}\n",
+            x,
+            pass(x >= 2.0)
+        );
+        s +=
+            &format!(
+            "- downtime, {} mixed over 2.5 Gbit/s: vfmig {:.0} ms, reference {:.0} ms (link {})\n",
+            human(vf.src.raw_bytes),
+            vf.src.secs * 1e3,
+            rf.src.secs * 1e3,
+            if vf.limit() == Limit::Link { "bound" } else { "not saturated" }
+        );
+    }
+    for r in rss_rows.iter().filter(|r| r.imp == Impl::Vfmig) {
+        s += &format!(
+            "- {} with < 256 MiB peak RSS per side: source {}, destination {}, {}\n",
+            human(r.src.raw_bytes),
+            human(r.src.peak_rss),
+            human(r.dst.peak_rss),
+            pass(r.src.peak_rss < RSS_BUDGET && r.dst.peak_rss < RSS_BUDGET)
+        );
+    }
+    s
+}
