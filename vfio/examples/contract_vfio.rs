@@ -610,6 +610,21 @@ fn edges(dev: &mut VfioDevice, ring: &mut Ring, rep: &mut Report) -> Result<(), 
         (),
     );
 
+    // MMIO in STOP: the uAPI says a stopped device need not serve MMIO (mlx5 discards writes).
+    dev.set_state(Stop)?;
+    uart_drain(dev, 0)?;
+    uart_put(dev, 0, b"S")?;
+    let in_stop = uart_drain(dev, 0)?;
+    if in_stop == b"S" {
+        rep.quirk(
+            "MMIO in STOP",
+            "mtty still serves MMIO: a UART write in STOP is read back",
+        );
+    } else {
+        println!("MMIO in STOP: UART write not read back ({in_stop:?})");
+    }
+    dev.set_state(Running)?;
+
     // DMA logging (mtty implements it as no-ops).
     if dev.optional_features().dma_logging {
         let range = IovaRange {
