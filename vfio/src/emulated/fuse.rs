@@ -367,20 +367,22 @@ impl FuseHost {
 
 impl Drop for FuseHost {
     fn drop(&mut self) {
-        // Dropping the background session unmounts (falling back to MNT_DETACH while data fds
-        // are still open); its thread ends when the kernel ends the connection.
-        let bg = self
-            .session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        drop(bg);
+        // The watchdog first: it aborts the connection by its fusectl number, which stays ours
+        // only while the session below holds /dev/fuse open (a later mount could reuse it).
         let wd = self
             .watchdog
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         drop(wd);
+        // Dropping the background session unmounts (falling back to MNT_DETACH); its thread ends
+        // when the kernel ends the connection.
+        let bg = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(bg);
         detach(&self.mountpoint);
         let _ = std::fs::remove_dir(&self.mountpoint);
     }
