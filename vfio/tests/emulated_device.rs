@@ -548,6 +548,31 @@ fn io_uring_reads_at_offset_minus_one_see_the_stream_in_order() {
         got.extend_from_slice(&buf[..usize::try_from(res).unwrap()]);
     }
     assert_eq!(got, want, "same seed, same stream");
+    a.set_state(DeviceState::Stop).unwrap();
+
+    // And io_uring writes at offset -1 feed a RESUMING fd.
+    let mut dst = a.destination().unwrap();
+    let wfd: OwnedFd = dst.set_state(DeviceState::Resuming).unwrap().unwrap();
+    for piece in got.chunks(200_000) {
+        let sqe = opcode::Write::new(
+            types::Fd(wfd.as_raw_fd()),
+            piece.as_ptr(),
+            u32::try_from(piece.len()).unwrap(),
+        )
+        .offset(u64::MAX)
+        .build();
+        // SAFETY: `piece` outlives the submission, which completes before the next one.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let res = ring.completion().next().unwrap().result();
+        assert_eq!(
+            usize::try_from(res).ok(),
+            Some(piece.len()),
+            "io_uring write"
+        );
+    }
+    dst.set_state(DeviceState::Stop).unwrap();
+    assert_eq!(dst.state_digest(), a.state_digest());
 }
 
 #[test]

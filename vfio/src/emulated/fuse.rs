@@ -552,7 +552,11 @@ fn cleanup_stale_mounts() {
             continue;
         }
         if process_dead_or_dying(pid) {
-            if let Some((_, conn)) = devno.split_once(':') {
+            // Abort only if the mount is still there: once it is gone, its connection number
+            // may belong to a new mount.
+            let still = std::fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|now| now.lines().any(|l| l == line));
+            if let (true, Some((_, conn))) = (still, devno.split_once(':')) {
                 abort_connection(conn);
             }
             detach(path);
