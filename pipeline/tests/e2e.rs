@@ -7,12 +7,12 @@ use std::thread;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    Compress, DestinationOptions, DestinationSession, PipelineError, Report, SourceOptions,
-    SourceSession,
+    AbortReason, Compress, DestinationOptions, DestinationSession, PipelineError, Report,
+    RollbackAction, SourceOptions, SourceSession,
 };
 use vfmig_transport::{Listener, SessionConfig};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Profile};
-use vfmig_vfio::{DeviceState, MigrationDevice};
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, P2pFabric, Profile};
+use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
 
 fn session_config() -> SessionConfig {
     SessionConfig {
@@ -66,10 +66,21 @@ fn migrate(
     sopts: SourceOptions,
     dopts: DestinationOptions,
 ) -> Outcome {
+    migrate_with(sources, sopts, dopts, |_| {})
+}
+
+/// Like [`migrate`], with a hook that arms faults on the destination devices.
+fn migrate_with(
+    sources: Vec<EmulatedDevice>,
+    sopts: SourceOptions,
+    dopts: DestinationOptions,
+    arm: impl FnOnce(&[EmulatedDevice]),
+) -> Outcome {
     let destinations: Vec<EmulatedDevice> = sources
         .iter()
         .map(|d| d.destination().expect("destination device"))
         .collect();
+    arm(&destinations);
     let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr: SocketAddr = listener.local_addr();
     let dst = thread::spawn(move || {
@@ -121,4 +132,310 @@ fn mixed_zero_and_random_devices_are_accepted_by_the_destination_with_equal_dige
             assert!(report.ratio < 1.05, "random state goes raw: {report:?}");
         }
     }
+}
+
+fn faulty(faults: Faults) -> EmulatedDevice {
+    let d = device("emu0", 8 << 20, Profile::Mixed, 5);
+    d.set_faults(faults);
+    d
+}
+
+/// The failure contract: the source device is RUNNING again, and the destination device was
+/// reset (RUNNING, not left in RESUMING or ERROR).
+fn assert_rolled_back(srcs: &mut [EmulatedDevice], dsts: &mut [EmulatedDevice]) {
+    for d in srcs {
+        assert_eq!(state(d), DeviceState::Running, "source {}", d.name());
+    }
+    for d in dsts {
+        assert_eq!(state(d), DeviceState::Running, "destination {}", d.name());
+    }
+}
+
+#[test]
+fn two_devices_reach_running_p2p_before_either_stops_so_no_p2p_write_is_lost() {
+    let a = device("gpu0", 4 << 20, Profile::Mixed, 1);
+    let b = device("nic0", 6 << 20, Profile::Text, 2);
+    let fabric = P2pFabric::new(vec![a.p2p_port(), b.p2p_port()]);
+    let traffic = fabric.spawn(20_000).unwrap();
+    let (sr, mut srcs, dr, mut dsts) = migrate(
+        vec![a, b],
+        SourceOptions {
+            precopy: false,
+            ..source_options()
+        },
+        destination_options(),
+    );
+    drop(traffic);
+    let report = sr.unwrap();
+    dr.unwrap();
+    assert_eq!(report.devices.len(), 2);
+    let stats = fabric.stats();
+    assert!(stats.sent > 0, "the fabric ran");
+    assert_eq!(
+        stats.lost, 0,
+        "a device stopped while a peer still sent P2P writes"
+    );
+    for (s, d) in srcs.iter_mut().zip(dsts.iter_mut()) {
+        assert_eq!(state(s), DeviceState::Stop);
+        assert_eq!(state(d), DeviceState::Stop);
+        assert_eq!(s.state_digest(), d.state_digest());
+    }
+}
+
+#[test]
+fn several_devices_without_p2p_are_refused_before_any_device_is_touched() {
+    let mut a = device("a", 1 << 20, Profile::Mixed, 1);
+    let mut cfg = a.config();
+    cfg.name = "b".into();
+    cfg.p2p = false;
+    let b = EmulatedDevice::new(cfg).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut src = SourceSession::new(vec![a.destination().unwrap(), b], source_options());
+    let err = src.run(listener.local_addr()).unwrap_err();
+    assert!(
+        matches!(&err, PipelineError::P2pRequired { device, .. } if device == "b"),
+        "{err}"
+    );
+    for d in src.devices_mut() {
+        assert_eq!(state(d), DeviceState::Running);
+    }
+    assert_eq!(state(&mut a), DeviceState::Running);
+}
+
+#[test]
+fn precopy_streams_while_the_device_dirties_state_then_switches_over() {
+    let src = EmulatedDevice::new(EmulatedConfig {
+        name: "emu0".into(),
+        size: 8 << 20,
+        precopy: Some(u64::MAX),
+        dirty_rate: 4 << 20,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let (sr, srcs, dr, mut dsts) = migrate(
+        vec![src],
+        SourceOptions {
+            max_downtime: Duration::from_millis(50),
+            max_precopy: Duration::from_secs(5),
+            ..source_options()
+        },
+        destination_options(),
+    );
+    let report = sr.unwrap();
+    dr.unwrap();
+    let dev = &report.devices[0];
+    assert!(
+        dev.precopy_bytes >= 8 << 20,
+        "the initial state went in PRE_COPY: {dev:?}"
+    );
+    assert!(dev.raw_bytes > dev.precopy_bytes, "STOP_COPY sent the rest");
+    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+    assert_eq!(state(&mut dsts[0]), DeviceState::Stop);
+}
+
+#[test]
+fn read_error_at_byte_n_fails_typed_and_rolls_back_both_sides() {
+    let n = 3 << 20;
+    let src = faulty(Faults {
+        read_error_at: Some(n),
+        ..Faults::default()
+    });
+    let (sr, mut srcs, dr, mut dsts) = migrate(
+        vec![src],
+        SourceOptions {
+            precopy: false,
+            ..source_options()
+        },
+        destination_options(),
+    );
+    match sr.unwrap_err() {
+        PipelineError::Read { offset, source, .. } => {
+            assert_eq!(offset, n);
+            assert_eq!(source.raw_os_error(), Some(libc_eio()));
+        }
+        e => panic!("unexpected error {e}"),
+    }
+    assert!(matches!(
+        dr.unwrap_err(),
+        PipelineError::PeerAborted {
+            reason: Some(AbortReason::SourceFailed),
+            ..
+        } | PipelineError::Transport { .. }
+    ));
+    assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn early_end_of_stream_is_refused_by_the_destination_device_and_rolled_back() {
+    let src = faulty(Faults {
+        early_end_at: Some(2 << 20),
+        ..Faults::default()
+    });
+    let (sr, mut srcs, dr, mut dsts) = migrate(vec![src], source_options(), destination_options());
+    assert!(
+        matches!(
+            sr.as_ref().unwrap_err(),
+            PipelineError::PeerAborted {
+                reason: Some(AbortReason::DeviceRefused),
+                ..
+            }
+        ),
+        "{:?}",
+        sr.as_ref().err()
+    );
+    assert!(matches!(
+        dr.unwrap_err(),
+        PipelineError::DeviceRefused { .. }
+    ));
+    assert!(dsts[0].last_resume_error().is_some());
+    assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn destination_refusing_resume_fails_typed_and_the_source_runs_again() {
+    let src = device("emu0", 4 << 20, Profile::Mixed, 3);
+    let (sr, mut srcs, dr, mut dsts) =
+        migrate_with(vec![src], source_options(), destination_options(), |d| {
+            d[0].set_faults(Faults {
+                refuse_resume: true,
+                ..Faults::default()
+            })
+        });
+    assert!(matches!(
+        sr.unwrap_err(),
+        PipelineError::PeerAborted {
+            reason: Some(AbortReason::DeviceRefused),
+            ..
+        }
+    ));
+    assert!(matches!(
+        dr.unwrap_err(),
+        PipelineError::DeviceRefused { .. }
+    ));
+    assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn set_state_failure_at_a_chosen_arc_is_rolled_back_through_reset() {
+    let src = faulty(Faults {
+        fail_arc: Some(FailArc {
+            arc: MigArc {
+                from: DeviceState::Stop,
+                to: DeviceState::StopCopy,
+            },
+            to_error: true,
+            once: true,
+        }),
+        ..Faults::default()
+    });
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let dst_dev = src.destination().unwrap();
+    let dst = thread::spawn(move || {
+        let mut s = DestinationSession::new(vec![dst_dev], destination_options());
+        let r = s.run(&listener);
+        (r, s.into_devices())
+    });
+    let mut session = SourceSession::new(
+        vec![src],
+        SourceOptions {
+            precopy: false,
+            ..source_options()
+        },
+    );
+    let err = session.run(addr).unwrap_err();
+    match &err {
+        PipelineError::Device {
+            source: DeviceError::SetState { arc, .. },
+            ..
+        } => assert_eq!(arc.to, DeviceState::StopCopy),
+        e => panic!("unexpected error {e}"),
+    }
+    assert!(matches!(
+        session.rollback_steps()[0].action,
+        RollbackAction::Reset {
+            from: Some(DeviceState::Error)
+        }
+    ));
+    let (dr, mut dsts) = dst.join().unwrap();
+    assert!(dr.is_err());
+    let mut srcs = session.into_devices();
+    assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn destination_vanishing_mid_stream_fails_the_source_typed_and_rolls_back() {
+    let src = device("emu0", 16 << 20, Profile::Random, 4);
+    src.set_faults(Faults {
+        slow_bytes_per_sec: Some(16 << 20),
+        ..Faults::default()
+    });
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    // A destination that takes a few frames and then disappears (its process died).
+    let dst = thread::spawn(move || {
+        let session = listener.accept(&session_config()).unwrap();
+        for _ in 0..3 {
+            let _ = session.recv(Duration::from_secs(5));
+        }
+        drop(session);
+    });
+    let mut session = SourceSession::new(
+        vec![src],
+        SourceOptions {
+            precopy: false,
+            ..source_options()
+        },
+    );
+    let err = session.run(addr).unwrap_err();
+    dst.join().unwrap();
+    assert!(
+        matches!(
+            err,
+            PipelineError::Transport { .. } | PipelineError::PeerAborted { .. }
+        ),
+        "{err}"
+    );
+    let mut srcs = session.into_devices();
+    assert_eq!(state(&mut srcs[0]), DeviceState::Running);
+}
+
+#[test]
+fn cancel_from_another_thread_rolls_back_both_sides() {
+    let src = device("emu0", 16 << 20, Profile::Mixed, 6);
+    src.set_faults(Faults {
+        slow_bytes_per_sec: Some(8 << 20),
+        ..Faults::default()
+    });
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let dst_dev = src.destination().unwrap();
+    let dst = thread::spawn(move || {
+        let mut s = DestinationSession::new(vec![dst_dev], destination_options());
+        let r = s.run(&listener);
+        (r, s.into_devices())
+    });
+    let mut session = SourceSession::new(vec![src], source_options());
+    let cancel = session.cancel_handle();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+    });
+    let err = session.run(addr).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, PipelineError::Cancelled { .. }), "{err}");
+    let (dr, mut dsts) = dst.join().unwrap();
+    assert!(matches!(
+        dr.unwrap_err(),
+        PipelineError::PeerAborted {
+            reason: Some(AbortReason::Cancelled),
+            ..
+        }
+    ));
+    let mut srcs = session.into_devices();
+    assert_rolled_back(&mut srcs, &mut dsts);
 }
