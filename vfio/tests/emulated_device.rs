@@ -593,3 +593,27 @@ fn several_devices_stream_concurrently_through_the_shared_mount() {
     let digests: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(digests.windows(2).all(|w| w[0] != w[1]), "seeds differ");
 }
+
+#[test]
+fn background_p2p_traffic_flows_until_dropped() {
+    let a = EmulatedDevice::new(small("a")).unwrap();
+    let b = EmulatedDevice::new(small("b")).unwrap();
+    let fabric = P2pFabric::new(vec![a.p2p_port(), b.p2p_port()]);
+    let traffic = fabric.spawn(10_000).unwrap();
+    let mut waited = 0;
+    while fabric.stats().sent == 0 && waited < 5000 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    drop(traffic);
+    let after = fabric.stats();
+    assert!(after.sent > 0, "the background thread sent P2P writes");
+    assert_eq!(after.lost, 0, "both devices run");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(
+        fabric.stats(),
+        after,
+        "no traffic after the handle is dropped"
+    );
+    assert!(a.stats().mmio_accepted + b.stats().mmio_accepted >= after.sent);
+}
