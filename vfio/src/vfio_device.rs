@@ -105,6 +105,16 @@ pub enum OpenPlan {
 ///
 /// Holds the group, container or iommufd it was opened through for its whole life: closing them
 /// would detach the device from its IOMMU context.
+///
+/// ```no_run
+/// use vfmig_vfio::{DeviceState, MigrationDevice, VfioDevice};
+///
+/// let mut dev = VfioDevice::open("/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001")?;
+/// // RUNNING -> RUNNING_P2P -> STOP -> STOP_COPY, one SET per arc; the last arc opens the data fd.
+/// let data_fd = dev.set_state(DeviceState::StopCopy)?;
+/// assert!(data_fd.is_some());
+/// # Ok::<(), vfmig_vfio::DeviceError>(())
+/// ```
 #[derive(Debug)]
 pub struct VfioDevice {
     name: String,
