@@ -84,8 +84,9 @@ pub struct SessionConfig {
     /// Destination: how long [`crate::Listener::accept`] waits for a source to connect.
     pub accept_timeout: Duration,
     /// Payloads of at least this many bytes go out with `SendZc` from the registered buffer;
-    /// smaller ones with plain `Send`. `usize::MAX` turns zero-copy off. See `ring.rs` for the
-    /// measurement behind the default.
+    /// smaller ones with plain `Send`. `usize::MAX` (the default) turns zero-copy off: on
+    /// loopback the kernel copies zero-copy sends anyway and `Send` measured 1.3-2.6x faster
+    /// (see `ring.rs`); on a real NIC try `64 << 10`.
     pub zerocopy_min: usize,
 }
 
