@@ -17,6 +17,52 @@
 //! ```
 //!
 //! `unsafe` lives only in the `uring` module (submissions referencing pool buffers).
+//!
+//! # Example: migrate an emulated device over loopback
+//!
+//! A VMM runs [`SourceSession::run`] on its migration thread; the destination host runs
+//! [`DestinationSession::run`]. Here both run in one process.
+//!
+//! ```
+//! use std::time::Duration;
+//! use vfmig_pipeline::{DestinationOptions, DestinationSession, SourceOptions, SourceSession};
+//! use vfmig_transport::Listener;
+//! use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
+//! use vfmig_vfio::{DeviceState, MigrationDevice};
+//!
+//! let source = EmulatedDevice::new(EmulatedConfig { size: 4 << 20, ..Default::default() })?;
+//! let target = source.destination()?;
+//!
+//! let listener = Listener::bind("127.0.0.1:0".parse()?)?;
+//! let addr = listener.local_addr();
+//! let destination = std::thread::spawn(move || {
+//!     let mut session = DestinationSession::new(vec![target], DestinationOptions::default());
+//!     let report = session.run(&listener);
+//!     (report, session.into_devices())
+//! });
+//!
+//! let mut session = SourceSession::new(vec![source], SourceOptions {
+//!     max_downtime: Duration::from_millis(100),
+//!     progress: Some(std::sync::Arc::new(|p: &vfmig_pipeline::Progress| {
+//!         let _ = p.devices[0].raw_bytes;
+//!     })),
+//!     ..SourceOptions::default()
+//! });
+//! let report = session.run(addr)?;
+//! let (dst_report, mut targets) = destination.join().expect("destination thread");
+//! dst_report?;
+//!
+//! // The destination device validated the stream; both hold the same state.
+//! let mut sources = session.into_devices();
+//! assert_eq!(sources[0].state()?, DeviceState::Stop);
+//! assert_eq!(targets[0].state()?, DeviceState::Stop);
+//! assert_eq!(sources[0].state_digest(), targets[0].state_digest());
+//! println!(
+//!     "{} bytes, ratio {:.2}, downtime {:?}, limited by {:?}",
+//!     report.raw_bytes, report.ratio, report.downtime, report.limiting_stage
+//! );
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod api;
 mod codec;
