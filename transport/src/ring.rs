@@ -516,10 +516,12 @@ impl Engine {
     }
 
     fn tick(&self) -> Duration {
-        let waiting_buf = self
-            .conns
-            .iter()
-            .any(|c| matches!(c.rx, Rx::Waiting { .. }));
+        // A connection parked for window room is woken by the completions that deliver the
+        // frames before it; one waiting for a free buffer is not.
+        let waiting_buf = self.conns.iter().any(|c| match &c.rx {
+            Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) != Admit::Park,
+            _ => false,
+        });
         if waiting_buf {
             // Buffers come back when the consumer drops them, which wakes nobody: poll.
             Duration::from_millis(1)

@@ -392,7 +392,8 @@ impl Listener {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    fn accept_until(&self, deadline: Instant) -> Result<(TcpStream, SocketAddr), TransportError> {
+    fn accept_until(&self, wait: Duration) -> Result<(TcpStream, SocketAddr), TransportError> {
+        let deadline = Instant::now() + wait;
         loop {
             match self.listener.accept() {
                 Ok((s, peer)) => {
@@ -404,7 +405,7 @@ impl Listener {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         return Err(TransportError::Timeout {
-                            after: Duration::ZERO,
+                            after: wait,
                             what: "a connection to accept",
                         });
                     }
@@ -452,7 +453,7 @@ impl Listener {
         let session_id: [u8; 16] = random()?;
         let tls_config = cfg.tls.as_ref().map(tls::server_config).transpose()?;
         let tls_config = tls_config.as_ref();
-        let (stream, peer) = self.accept_until(Instant::now() + cfg.accept_timeout)?;
+        let (stream, peer) = self.accept_until(cfg.accept_timeout)?;
         check_peer_policy(peer, cfg)?;
         let (first, agreed) = self.handshake(stream, peer, cfg, tls_config, session_id, 0)?;
         if agreed.joined {
@@ -479,7 +480,8 @@ impl Listener {
                     max: (MAX_ATTEMPTS_PER_STREAM * streams) as u64,
                 });
             }
-            let (stream, from) = self.accept_until(deadline)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (stream, from) = self.accept_until(left)?;
             if check_peer_policy(from, cfg).is_err() {
                 continue;
             }
