@@ -53,6 +53,10 @@ timeout --foreground 300 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 1024 \
   </dev/null 2>&1 | tee "$LOG"
 qrc=${PIPESTATUS[0]}
 echo "guest finished after $(elapsed) (qemu exit $qrc)"
+count() { grep -ac "$1" "$LOG" || true; }
+echo "summary: contract suite SET $(count '^SUITE ARC') distinct arcs; the tour SET $(count '^ARC .*: ok') arcs;" \
+  "$(count '^URING ') io_uring ops on real data fds; $(count '^BYTES read back') UART read-backs;" \
+  "$(count '^QUIRK ') quirk notes; $(count '^CHECK .*FAILED') failed checks"
 if grep -q '^VFMIG-MTTY-HARNESS: PASS' "$LOG"; then
   echo "mtty harness: PASS in $(elapsed)"
   exit 0
