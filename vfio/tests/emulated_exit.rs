@@ -12,9 +12,20 @@ use vfmig_vfio::{DeviceState, MigrationDevice};
 
 const CHILD_ENV: &str = "VFMIG_EMU_EXIT_CHILD";
 
-/// The child: a slow device (replies are held back on a device thread), a reader thread blocked
-/// in `read()`, then `exit(0)` with the read in flight.
+/// The child: signals blocked, a slow device (replies are held back on a device thread), a reader
+/// thread blocked in `read()`, then `exit(0)` with the read in flight.
 fn child() -> ! {
+    // Like a VMM or the CLI with a signal thread: SIGINT and SIGTERM blocked in every thread.
+    // The watchdog must still get its SIGTERM.
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises `set`.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `set` was initialised above.
+        unsafe { libc::sigaddset(set.as_mut_ptr(), sig) };
+    }
+    // SAFETY: `set` is initialised; the old mask is not asked for.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut()) };
     let faults = Faults {
         slow_bytes_per_sec: Some(1024),
         ..Faults::default()

@@ -166,12 +166,6 @@ pub enum StreamError {
         /// Length found.
         len: u32,
     },
-    /// Data after the END record.
-    #[error("{bytes} bytes after the END record")]
-    TrailingData {
-        /// Bytes past END.
-        bytes: u64,
-    },
     /// The stream ended before the END record (truncated).
     #[error("stream truncated after {bytes} bytes ({records} records, END missing)")]
     Truncated {

@@ -293,7 +293,7 @@ impl FuseHost {
         let bg = session.spawn()?;
         let dev = std::fs::metadata(&mountpoint)?.dev();
         // Without a watchdog a killed process could hang in exit; still usable, so not fatal.
-        let watchdog = Watchdog::spawn(&mountpoint, libc::minor(dev)).ok();
+        let watchdog = Watchdog::spawn(&mountpoint, dev).ok();
         Ok(FuseHost {
             mountpoint,
             dev,
@@ -404,15 +404,24 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn spawn(mountpoint: &Path, conn: u32) -> io::Result<Watchdog> {
+    fn spawn(mountpoint: &Path, dev: u64) -> io::Result<Watchdog> {
         let mp = mountpoint.display().to_string();
-        if mp.contains('\'') {
+        if !mp
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b))
+        {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        let (major, conn) = (libc::major(dev), libc::minor(dev));
+        // The abort is guarded by a check that the connection number still belongs to this
+        // mount: once the mount is gone (e.g. detached by another process's stale-mount
+        // clean-up) the number may already name a newer mount.
         let script = format!(
-            "cleanup() {{ [ -e {FUSECTL}/{conn}/abort ] || mount -t fusectl fusectl {FUSECTL}; \
-             echo 1 > {FUSECTL}/{conn}/abort; umount -l '{mp}'; rmdir '{mp}'; kill $S; exit 0; }} 2>/dev/null; \
-             trap cleanup TERM; sleep 2147483647 & S=$!; wait"
+            "cleanup() {{ if grep -qF ' {major}:{conn} / {mp} ' /proc/self/mountinfo; then \
+             [ -e {FUSECTL}/{conn}/abort ] || mount -t fusectl fusectl {FUSECTL}; \
+             echo 1 > {FUSECTL}/{conn}/abort; umount -l {mp}; rmdir {mp}; fi; \
+             trap - TERM; kill 0; exit 0; }} 2>/dev/null; \
+             trap cleanup TERM; sleep 2147483647 & wait"
         );
         let (stop, stopped) = bounded::<()>(0);
         let (ready, spawned) = bounded::<io::Result<()>>(1);
@@ -425,9 +434,13 @@ impl Watchdog {
                     .arg(script)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-                // SAFETY: `set_pdeathsig` runs in the forked child before exec and only calls
-                // prctl(2), which is async-signal-safe and touches no memory of the parent.
+                    .stderr(std::process::Stdio::null())
+                    // Its own process group: `kill 0` in the script ends the shell and its
+                    // `sleep` together, and a terminal's Ctrl-C does not reach it.
+                    .process_group(0);
+                // SAFETY: `set_pdeathsig` runs in the forked child before exec and only makes
+                // async-signal-safe calls (sigemptyset, pthread_sigmask, signal, prctl) on its
+                // own stack.
                 unsafe { cmd.pre_exec(set_pdeathsig) };
                 let mut child = match cmd.spawn() {
                     Ok(c) => c,
@@ -457,8 +470,25 @@ impl Watchdog {
     }
 }
 
-/// `prctl(PR_SET_PDEATHSIG, SIGTERM)` for the calling thread's future parent death.
+/// In the forked watchdog child, before exec: SIGTERM when the spawning thread dies
+/// (`PR_SET_PDEATHSIG`), with SIGTERM deliverable (a VMM's signal thread design blocks or ignores
+/// it in every thread, and the mask and ignored dispositions survive exec).
 fn set_pdeathsig() -> io::Result<()> {
+    let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given.
+    if unsafe { libc::sigemptyset(empty.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `empty` was initialised above; the old mask is not asked for.
+    if unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) }
+        != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: resets one signal's disposition to the default; no handler pointer is installed.
+    if unsafe { libc::signal(libc::SIGTERM, libc::SIG_DFL) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
         return Err(io::Error::last_os_error());

@@ -1,24 +1,36 @@
 //! [`EmulatedDevice`]: a software VFIO migration v2 device that obeys the same contract as a
 //! kernel driver, with a real kernel data fd.
 //!
-//! - **Data fd**: a file in a process-wide FUSE mount ([`fuse`](self::fuse)), opened with
-//!   `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM`: reads and writes (io_uring at offset -1
-//!   included) go through the kernel to this device; `pread` gives ESPIPE; reads may be short; a
-//!   STOP_COPY read returns 0 at the end; a PRE_COPY read with nothing pending fails with ENOMSG
-//!   (or returns 0 in the mtty quirk mode). Writes past the capacity fail with ENOMEM.
+//! - **Data fd**: a file in a process-wide FUSE mount (`fuse.rs`), opened with
+//!   `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM | FOPEN_NOFLUSH`: every read and write
+//!   (io_uring at offset -1 included) goes through the kernel to this device; `pread`/`pwrite`
+//!   give ESPIPE; the offset of io_uring requests is ignored (as mtty does); reads may be short;
+//!   a STOP_COPY read returns 0 at the end; a PRE_COPY read with nothing pending fails with
+//!   ENOMSG (or returns 0 in the mtty quirk mode); the saving fd is `O_RDONLY` and the resuming
+//!   fd `O_WRONLY` (EBADF the other way), and writes past the capacity or after the END record
+//!   fail with ENOMEM. The kernel negotiates 1 MiB FUSE requests (`fs.fuse.max_pages_limit` =
+//!   256 pages): a larger read is split by the kernel into sequential 1 MiB requests.
+//!   Differences from a VFIO migration file that remain: the fd is a regular file on a `fuse`
+//!   mount (not an anon inode); `epoll_ctl(ADD)` succeeds (mtty gives EPERM) while `poll`
+//!   always reports readable, like mtty; and `VFIO_MIG_GET_PRECOPY_INFO` is not an ioctl on the
+//!   fd but [`MigrationDevice::precopy_info`], which recognises the fd by `fstat`.
+//! - **Process exit**: the FUSE server runs in this process; a watchdog child process aborts the
+//!   connection and unmounts if the process dies with a request in flight (otherwise the
+//!   requester would wait forever). Mounts left by dead processes are cleaned up on start.
 //! - **Content**: generated from `(seed, page, version)` ([`content`]), so memory does not grow
-//!   with the state size: per 64 KiB block the device keeps a version and a digest (16 bytes).
-//! - **Stream**: the device's own format ([`format`]) with record sequence numbers, hashes and an
+//!   with the state size: per block (64 KiB by default) the source keeps a version and a digest
+//!   (16 bytes), the destination a digest and a bit.
+//! - **Stream**: the device's own format ([`format`](mod@self::format)) with record sequence numbers, hashes and an
 //!   END record carrying totals and the state digest. A destination device (created in RUNNING,
 //!   moved to RESUMING) parses the stream incrementally and validates it on RESUMING -> STOP; any
 //!   truncation, reordering, duplication or corruption makes that SET fail with EINVAL and leaves
 //!   the device in ERROR. [`EmulatedDevice::state_digest`] on both sides proves the transfer.
 //! - **Live state**: while running, state is dirtied at `dirty_rate` bytes/s (computed lazily
 //!   from elapsed time on every device call and read), or explicitly with
-//!   [`EmulatedDevice::dirty_blocks`].
+//!   [`EmulatedDevice::dirty_blocks`]. PRE_COPY streams the initial blocks, then dirty ones.
 //! - **P2P**: [`P2pFabric`] lets devices send MMIO writes to each other; devices in STOP-like
 //!   states discard them (counted as lost), RUNNING_P2P accepts them but sends none.
-//! - **DMA logging**: over a memfd guest region ([`GuestMemory`]).
+//! - **DMA logging**: over a memfd guest region ([`GuestMemory`]), read-and-clear.
 //! - **Faults**: see [`Faults`].
 
 mod bits;
@@ -751,7 +763,7 @@ impl EmulatedDevice {
         c.fail_arc_used = false;
     }
 
-    /// The digest of the device's current state (see [`format`]). On a source it regenerates the
+    /// The digest of the device's current state (see [`format`](mod@self::format)). On a source it regenerates the
     /// blocks it has not hashed yet (cost: one pass over the state); on a destination it is the
     /// digest of the state it resumed. `None` while a resume is incomplete.
     pub fn state_digest(&self) -> Option<[u8; 32]> {
