@@ -1263,10 +1263,15 @@ impl Engine {
         for c in &self.conns {
             c.sock.shutdown(Shutdown::Both);
         }
-        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
-            .build()
-            .user_data(CANCEL_UD);
-        let _ = self.push(&[cancel]);
+        // Cancel every operation still in the table by its user_data.
+        let live: Vec<u64> = (0..self.ops.slots.len())
+            .filter(|&i| self.ops.slots[i].is_some())
+            .map(|i| i as u64)
+            .collect();
+        for ud in live {
+            let cancel = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
+            let _ = self.push(&[cancel]);
+        }
         while self.ops.live > 0 && Instant::now() < deadline {
             let ts = types::Timespec::from(Duration::from_millis(10));
             let args = types::SubmitArgs::new().timespec(&ts);

@@ -11,10 +11,20 @@ use vfmig_transport::{SendSession, TransportError};
 /// Sends `frames` frames per device over `streams` connections (devices interleaved, lengths
 /// varying so that connections run at different speeds) and checks that the destination gets
 /// every frame verified, complete and in per-device order.
-fn round_trip(streams: usize, ndev: usize, frames: u64) {
+fn round_trip(streams: usize, ndev: usize, frames: u64) -> vfmig_transport::TransportStats {
+    round_trip_with(cfg(streams), ndev, frames)
+}
+
+fn round_trip_with(
+    c: vfmig_transport::SessionConfig,
+    ndev: usize,
+    frames: u64,
+) -> vfmig_transport::TransportStats {
+    let streams = c.streams;
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, cfg(streams));
-    let src = SendSession::connect(addr, &cfg(streams), devices(ndev)).unwrap();
+    let dst = accept_in_thread(l, c.clone());
+    let src = SendSession::connect(addr, &c, devices(ndev)).unwrap();
+    let pool = src.pool().clone();
     let dst = dst.join().unwrap().unwrap();
     assert_eq!(src.agreed().streams as usize, streams);
     assert_eq!(dst.agreed().devices.len(), ndev);
@@ -57,6 +67,9 @@ fn round_trip(streams: usize, ndev: usize, frames: u64) {
     assert_eq!(got, frames * ndev as u64);
     assert!(next.iter().all(|&s| s == frames));
     assert!(stats.frames_sent >= frames * ndev as u64);
+    // Every buffer came back from the ring (completions and zero-copy notifications).
+    assert_eq!(pool.free(), pool.slots());
+    stats
 }
 
 #[test]
@@ -67,4 +80,14 @@ fn frames_round_trip_in_order_over_one_connection() {
 #[test]
 fn frames_round_trip_in_order_over_four_connections() {
     round_trip(4, 3, 300);
+}
+
+#[test]
+fn zero_copy_sends_round_trip_and_return_every_buffer_after_notification() {
+    let c = vfmig_transport::SessionConfig {
+        zerocopy_min: 4096,
+        ..cfg(2)
+    };
+    let stats = round_trip_with(c, 1, 200);
+    assert!(stats.zerocopy_sends > 0);
 }
