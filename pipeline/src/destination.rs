@@ -322,6 +322,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         };
         match self.drive(&session, &stages, fds, started) {
             Ok(()) => {
+                let elapsed = started.elapsed();
                 stages.stop();
                 if let Ok(s) = Arc::try_unwrap(session) {
                     let _ = s.close();
@@ -334,7 +335,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 Ok(build_report(
                     &stages.counters,
                     devices,
-                    started,
+                    elapsed,
                     None,
                     self.opts.codec_workers.clamp(1, 64),
                     "decode",

@@ -275,11 +275,12 @@ fn reader_loop(
             continue;
         }
         let wait = next_wake.saturating_duration_since(Instant::now());
+        // Time waiting with reads in flight is time the devices take: it counts as busy.
+        let t0 = Instant::now();
         let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
             op: "wait (reader)",
             source,
         })?;
-        let t0 = Instant::now();
         for c in done {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i).and_then(|d| d.as_mut()) else {

@@ -271,6 +271,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         let mut downtime_start = None;
         match self.drive(&session, &stages, &mut runs, &mut downtime_start, started) {
             Ok(downtime) => {
+                let elapsed = started.elapsed();
                 stages.cmds = None;
                 stages.join();
                 let session = Arc::try_unwrap(session);
@@ -278,7 +279,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                     // The destination has everything; a failed clean close changes nothing.
                     let _ = s.close();
                 }
-                Ok(self.report(&stages, started, Some(downtime)))
+                Ok(self.report(&stages, elapsed, Some(downtime)))
             }
             Err(e) => {
                 session.abort(e.abort_reason(true).code(), &e.to_string());
@@ -588,7 +589,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         Progress { elapsed, devices }
     }
 
-    fn report(&mut self, stages: &Stages, started: Instant, downtime: Option<Duration>) -> Report {
+    fn report(&mut self, stages: &Stages, elapsed: Duration, downtime: Option<Duration>) -> Report {
         let workers = self.opts.codec_workers.clamp(1, 64);
         build_report(
             &stages.counters,
@@ -596,7 +597,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 .iter_mut()
                 .map(|d| (d.name().to_owned(), d.state().ok()))
                 .collect(),
-            started,
+            elapsed,
             downtime,
             workers,
             &describe(stages.adaptive.current()),
@@ -655,7 +656,7 @@ pub(crate) fn describe(c: Choice) -> String {
 pub(crate) fn build_report(
     counters: &Counters,
     devices: Vec<(String, Option<DeviceState>)>,
-    started: Instant,
+    elapsed: Duration,
     downtime: Option<Duration>,
     workers: usize,
     codec: &str,
@@ -681,7 +682,6 @@ pub(crate) fn build_report(
         .collect();
     let raw_bytes = devices.iter().map(|d| d.raw_bytes).sum();
     let wire_bytes = devices.iter().map(|d| d.wire_bytes).sum();
-    let elapsed = started.elapsed();
     let stages = StageTimes {
         data_fd: counters.fd_stage.get(),
         codec: counters.codec.get(),

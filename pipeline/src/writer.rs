@@ -163,11 +163,12 @@ fn write_loop(
         } else {
             Duration::ZERO
         };
+        // Time waiting with writes in flight is time the devices take: it counts as busy.
+        let t0 = Instant::now();
         let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
             op: "wait (writer)",
             source,
         })?;
-        let t0 = Instant::now();
         for c in done {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i) else { continue };
