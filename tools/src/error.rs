@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vfmig_pipeline::{AbortReason, PipelineError};
-use vfmig_transport::TransportError;
+use vfmig_transport::{FramePart, TransportError};
 use vfmig_vfio::DeviceError;
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
 
@@ -122,9 +122,6 @@ pub enum CliError {
         /// What differed.
         what: String,
     },
-    /// Interrupted by SIGINT/SIGTERM before the migration started.
-    #[error("interrupted")]
-    Interrupted,
 }
 
 impl CliError {
@@ -164,7 +161,6 @@ pub fn describe(e: &CliError) -> String {
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
         CliError::Verification { what } => format!("verification failed: {what}"),
-        CliError::Interrupted => "interrupted before the migration started".to_owned(),
     };
     one_line(&line)
 }
@@ -233,9 +229,14 @@ pub fn describe_transport(e: &TransportError) -> String {
         TransportError::TlsConfig { what, path, reason } => {
             format!("TLS configuration: cannot use {what} {path}: {reason}")
         }
-        TransportError::PeerClosed { conn, during } => format!(
-            "peer closed connection {conn} during {during} (it exited or was killed)"
-        ),
+        TransportError::PeerClosed { conn, during } => {
+            let at = match during {
+                FramePart::Between => "between frames".to_owned(),
+                FramePart::Handshake => "during the handshake".to_owned(),
+                other => format!("in the middle of a {other}"),
+            };
+            format!("peer closed connection {conn} {at}: it exited, was killed or lost the network")
+        }
         TransportError::Closed => "peer closed the session before the migration finished".to_owned(),
         TransportError::Timeout { after, what } => {
             format!("timed out after {} waiting for {what}", secs(*after))
@@ -316,6 +317,7 @@ fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
 /// Pipeline errors, worded for an operator.
 pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
     match e {
+        PipelineError::Transport { source, .. } => describe_transport(source),
         PipelineError::DeviceRefused { device, source } => format!(
             "destination {} refused the state: {}",
             label_by_name(device, devices),
@@ -376,11 +378,14 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
             code,
             detail,
         } => {
-            let why = reason.map_or_else(|| format!("reason {code}"), |r| abort_reason_text(r).to_owned());
+            let why = reason.map_or_else(
+                || format!("reason {code}"),
+                |r| abort_reason_text(r).to_owned(),
+            );
             if detail.is_empty() {
-                format!("peer aborted the migration in {phase}: {why}")
+                format!("peer aborted the migration in {phase} ({why})")
             } else {
-                format!("peer aborted the migration in {phase}: {why}: {detail}")
+                format!("peer aborted the migration in {phase} ({why}); it reported: {detail}")
             }
         }
         PipelineError::P2pRequired { device, caps } => format!(
@@ -518,6 +523,18 @@ mod tests {
     }
 
     #[test]
+    fn vanished_peer_says_where_the_stream_was_cut() {
+        let e = CliError::Transport(TransportError::PeerClosed {
+            conn: 1,
+            during: FramePart::Payload,
+        });
+        assert_eq!(
+            describe(&e),
+            "peer closed connection 1 in the middle of a frame payload: it exited, was killed or lost the network"
+        );
+    }
+
+    #[test]
     fn timeouts_say_after_how_many_seconds() {
         let e = migration(PipelineError::Timeout {
             phase: Phase::StopCopy,
@@ -534,7 +551,8 @@ mod tests {
     fn usage_errors_exit_2_and_everything_else_1() {
         let u = CliError::Usage(UsageError::StdinTwice);
         assert_eq!(u.exit_code(), EXIT_USAGE);
-        assert_eq!(CliError::Interrupted.exit_code(), EXIT_FAILED);
+        let f = CliError::Verification { what: "x".into() };
+        assert_eq!(f.exit_code(), EXIT_FAILED);
     }
 
     #[test]
@@ -548,5 +566,9 @@ mod tests {
         let msg = describe(&e);
         assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg:?}");
         assert!(msg.contains("line one; line two"), "{msg}");
+        assert!(
+            msg.contains("a destination device refused the state"),
+            "{msg}"
+        );
     }
 }

@@ -391,11 +391,6 @@ impl FileSink {
         })
     }
 
-    /// The path the state will be written to.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn create_temp(&mut self) -> Result<OwnedFd, io::Error> {
         self.remove_temp();
         let base = self

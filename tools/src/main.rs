@@ -7,28 +7,26 @@
 //! summary or a JSON report.
 
 #![forbid(unsafe_code)]
-// The migration itself is wired in once the pipeline's sessions land; until then parts of the
-// device and report plumbing are only reached from tests.
-#![allow(dead_code)]
 
 mod cli;
+mod demo;
 mod devices;
 mod error;
 mod file_device;
+mod migrate;
 mod progress;
 mod report;
+mod run;
 mod signals;
 mod spec;
 mod units;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::devices::Side;
 use crate::error::{describe, CliError};
 
 fn main() -> ExitCode {
@@ -52,9 +50,9 @@ fn main() -> ExitCode {
         Command::Demo(a) => ("demo", a.json),
     };
     let result = match cli.command {
-        Command::Send(a) => prepare(&a.common, Side::Source, false),
-        Command::Recv(a) => prepare(&a.common, Side::Destination, a.require_client_cert),
-        Command::Demo(_) => Err(CliError::Interrupted),
+        Command::Send(a) => run::send(a, &cancel),
+        Command::Recv(a) => run::recv(a, &cancel),
+        Command::Demo(a) => demo::run(a, &cancel),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,14 +63,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn prepare(common: &cli::CommonArgs, side: Side, client_cert: bool) -> Result<(), CliError> {
-    devices::session_config(common, client_cert)?;
-    devices::open(&common.devices, side, Duration::from_secs(common.timeout))?;
-    Err(CliError::Interrupted)
-}
-
 /// Reports a failure: the one line on stderr, and with `--json` a failure object on stdout unless
-/// the command already printed its own report for it.
+/// the command already printed its own (a migration failure carries its report).
 fn fail(role: &'static str, e: &CliError, json: bool) {
     if json && !e.report_printed() {
         let mut out = std::io::stdout().lock();

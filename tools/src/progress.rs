@@ -81,6 +81,14 @@ impl Progress {
         }
     }
 
+    /// Prints a line on stderr above the bars (or plainly when there are none).
+    pub fn println(&self, line: &str) {
+        match &self.multi {
+            Some(m) => m.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Stops every bar, leaving its last state on screen with `phase`.
     pub fn finish(&self, phase: &str) {
         for bar in &self.bars {

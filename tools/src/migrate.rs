@@ -1,0 +1,216 @@
+//! The only module that drives `vfmig-pipeline`: runs a source or destination session with
+//! progress, cancellation and the report, for `send`, `recv` and `demo`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfmig_pipeline::{
+    DestinationOptions, DestinationSession, Phase, PipelineError, Progress as PipelineProgress,
+    Report, SourceOptions, SourceSession, Stage,
+};
+use vfmig_transport::{Listener, SessionConfig};
+use vfmig_vfio::{DeviceState, MigrationDevice};
+
+use crate::cli::CompressArg;
+use crate::error::{CliError, DeviceLabel};
+use crate::progress::Progress;
+use crate::report::{limiting, per_sec, DeviceJson, ReportJson, StagesJson};
+use crate::signals::Cancel;
+
+/// What the source side needs besides its devices.
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    /// The receiver.
+    pub connect: SocketAddr,
+    /// Transport settings.
+    pub session: SessionConfig,
+    /// `--compress`.
+    pub compress: CompressArg,
+    /// `--precopy`.
+    pub precopy: bool,
+    /// `--max-downtime`.
+    pub max_downtime: Duration,
+    /// `--max-bandwidth`, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// `--timeout`.
+    pub timeout: Duration,
+    /// `--allow-non-p2p`.
+    pub allow_without_p2p: bool,
+}
+
+/// What the destination side needs besides its devices and listener.
+#[derive(Debug, Clone)]
+pub struct DestinationPlan {
+    /// Transport settings.
+    pub session: SessionConfig,
+    /// `--timeout`.
+    pub timeout: Duration,
+}
+
+fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
+    match c {
+        CompressArg::Auto => vfmig_pipeline::Compress::Auto,
+        CompressArg::None => vfmig_pipeline::Compress::None,
+        CompressArg::Lz4 => vfmig_pipeline::Compress::Lz4,
+        CompressArg::Zstd(l) => vfmig_pipeline::Compress::Zstd(l),
+    }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Setup => "connecting",
+        Phase::PreCopy => "pre-copy",
+        Phase::StopCopy => "stop-copy",
+        Phase::Resume => "resume",
+        Phase::Acknowledge => "verifying",
+        Phase::Rollback => "rollback",
+    }
+}
+
+fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
+    if !progress.is_enabled() {
+        return None;
+    }
+    let bars = progress.clone();
+    Some(Arc::new(move |p: &PipelineProgress| {
+        for (i, d) in p.devices.iter().enumerate() {
+            let phase = if d.done {
+                "accepted"
+            } else {
+                phase_name(d.phase)
+            };
+            bars.update(i, d.raw_bytes, d.estimated_total, phase);
+        }
+    }))
+}
+
+/// The JSON/summary report of a finished session.
+pub fn report_json(
+    role: &'static str,
+    peer: Option<SocketAddr>,
+    report: &Report,
+    labels: &[DeviceLabel],
+    accepted: bool,
+) -> ReportJson {
+    let secs = report.elapsed.as_secs_f64();
+    let downtime_ms = report.downtime.map(|d| d.as_secs_f64() * 1000.0);
+    let stages = StagesJson {
+        device: report.stages.data_fd.as_secs_f64() * 1000.0,
+        codec: report.stages.codec.as_secs_f64() * 1000.0,
+        network: report.stages.network.as_secs_f64() * 1000.0,
+        buffer_wait: report.stages.waiting_downstream.as_secs_f64() * 1000.0,
+    };
+    let limiting_stage = Some(match report.limiting_stage {
+        Stage::DataFd => "device",
+        Stage::Codec => "codec",
+        Stage::Network => "network",
+    })
+    .or_else(|| limiting(&stages));
+    let devices = report
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(index, d)| DeviceJson {
+            index,
+            name: d.name.clone(),
+            kind: labels.get(index).map_or("?", |l| l.kind),
+            raw_bytes: d.raw_bytes,
+            wire_bytes: d.wire_bytes,
+            precopy_bytes: d.precopy_bytes,
+            ratio: crate::report::ratio(d.raw_bytes, d.wire_bytes),
+            throughput_bytes_per_sec: per_sec(d.raw_bytes, secs),
+            downtime_ms,
+            accepted: accepted
+                && (role != "recv" || d.final_state.is_none_or(|s| s == DeviceState::Stop)),
+        })
+        .collect();
+    ReportJson {
+        outcome: if accepted { "ok" } else { "failed" },
+        role,
+        error: None,
+        exit_code: if accepted {
+            0
+        } else {
+            crate::error::EXIT_FAILED
+        },
+        peer: peer.map(|p| p.to_string()),
+        elapsed_ms: secs * 1000.0,
+        downtime_ms,
+        raw_bytes: report.raw_bytes,
+        wire_bytes: report.wire_bytes,
+        ratio: crate::report::ratio(report.raw_bytes, report.wire_bytes),
+        throughput_bytes_per_sec: report.throughput_bps,
+        limiting_stage,
+        stages_busy_ms: stages,
+        devices,
+    }
+}
+
+fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
+    CliError::Migration {
+        error: Box::new(e),
+        devices: labels.to_vec(),
+        report_printed: false,
+    }
+}
+
+/// Runs the source side to the destination's last acknowledgement; gives the devices back.
+pub fn run_source<D: MigrationDevice>(
+    plan: &SourcePlan,
+    devices: Vec<D>,
+    labels: &[DeviceLabel],
+    progress: &Progress,
+    cancel: &Cancel,
+) -> (Result<Report, CliError>, Vec<D>) {
+    let opts = SourceOptions {
+        compress: compress(plan.compress),
+        precopy: plan.precopy,
+        max_downtime: plan.max_downtime,
+        max_bandwidth: plan.max_bandwidth,
+        timeout: plan.timeout,
+        allow_without_p2p: plan.allow_without_p2p,
+        session: plan.session.clone(),
+        progress: progress_fn(progress),
+        ..SourceOptions::default()
+    };
+    let mut session = SourceSession::new(devices, opts);
+    let handle = session.cancel_handle();
+    cancel.on_cancel(move || handle.cancel());
+    let result = session
+        .run(plan.connect)
+        .map_err(|e| migration_error(e, labels));
+    (result, session.into_devices())
+}
+
+/// Accepts one source on `listener` (calling `on_connected` with its address once it is
+/// authenticated) and runs the destination side to the end; gives the devices back.
+pub fn run_destination<D: MigrationDevice>(
+    plan: &DestinationPlan,
+    listener: &Listener,
+    devices: Vec<D>,
+    labels: &[DeviceLabel],
+    progress: &Progress,
+    cancel: &Cancel,
+    on_connected: impl FnOnce(SocketAddr),
+) -> (Result<Report, CliError>, Vec<D>) {
+    let opts = DestinationOptions {
+        timeout: plan.timeout,
+        allow_without_p2p: true,
+        session: plan.session.clone(),
+        progress: progress_fn(progress),
+        ..DestinationOptions::default()
+    };
+    let mut session = DestinationSession::new(devices, opts);
+    let recv = match listener.accept(&plan.session) {
+        Ok(r) => r,
+        Err(e) => return (Err(CliError::Transport(e)), session.into_devices()),
+    };
+    on_connected(recv.peer());
+    let handle = session.cancel_handle();
+    cancel.on_cancel(move || handle.cancel());
+    let result = session
+        .run_session(recv)
+        .map_err(|e| migration_error(e, labels));
+    (result, session.into_devices())
+}

@@ -1,0 +1,119 @@
+//! `vfmig send` and `vfmig recv`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfmig_pipeline::Report;
+use vfmig_transport::Listener;
+
+use crate::cli::{RecvArgs, SendArgs};
+use crate::devices::{self, Side};
+use crate::error::{CliError, DeviceLabel};
+use crate::migrate::{self, DestinationPlan, SourcePlan};
+use crate::progress::{self, Progress};
+use crate::signals::Cancel;
+
+/// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr.
+fn finish(
+    role: &'static str,
+    peer: Option<SocketAddr>,
+    result: Result<Report, CliError>,
+    labels: &[DeviceLabel],
+    progress: &Progress,
+    json: bool,
+    quiet: bool,
+) -> Result<(), CliError> {
+    match result {
+        Ok(report) => {
+            progress.finish("accepted");
+            let j = migrate::report_json(role, peer, &report, labels, true);
+            if json {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", j.to_json());
+            } else if !quiet {
+                eprint!("{}", j.summary());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            progress.clear();
+            Err(e)
+        }
+    }
+}
+
+/// `vfmig send`.
+pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
+    let c = &a.common;
+    let session = devices::session_config(c, false)?;
+    let timeout = Duration::from_secs(c.timeout);
+    let devs = devices::open(&c.devices, Side::Source, timeout)?;
+    let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
+    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let plan = SourcePlan {
+        connect: a.connect,
+        session,
+        compress: a.compress,
+        precopy: a.precopy,
+        max_downtime: Duration::from_millis(a.max_downtime),
+        max_bandwidth: a.max_bandwidth.map(|r| r.bytes_per_sec),
+        timeout,
+        allow_without_p2p: a.allow_non_p2p,
+    };
+    let labels = devs.labels;
+    let (result, _devices) = migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
+    finish(
+        "send",
+        Some(a.connect),
+        result,
+        &labels,
+        &progress,
+        c.json,
+        c.quiet,
+    )
+}
+
+/// `vfmig recv`.
+pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
+    let c = &a.common;
+    let mut session = devices::session_config(c, a.require_client_cert)?;
+    session.accept_timeout = Duration::from_secs(a.accept_timeout);
+    let timeout = Duration::from_secs(c.timeout);
+    let devs = devices::open(&c.devices, Side::Destination, timeout)?;
+    let listener = Listener::bind(a.listen).map_err(CliError::Transport)?;
+    eprintln!("vfmig: listening on {}", listener.local_addr());
+
+    // Until a source is connected there is nothing to roll back: a signal ends the wait at once.
+    let connected = Arc::new(AtomicBool::new(false));
+    {
+        let connected = connected.clone();
+        cancel.on_cancel(move || {
+            if !connected.load(Ordering::SeqCst) {
+                eprintln!("vfmig: interrupted while waiting for a source");
+                std::process::exit(i32::from(crate::error::EXIT_FAILED));
+            }
+        });
+    }
+    let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
+    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let plan = DestinationPlan { session, timeout };
+    let labels = devs.labels;
+    let mut peer = None;
+    let (result, _devices) = migrate::run_destination(
+        &plan,
+        &listener,
+        devs.list,
+        &labels,
+        &progress,
+        cancel,
+        |addr| {
+            connected.store(true, Ordering::SeqCst);
+            peer = Some(addr);
+            progress.println(&format!("vfmig: source {addr} connected"));
+        },
+    );
+    finish("recv", peer, result, &labels, &progress, c.json, c.quiet)
+}

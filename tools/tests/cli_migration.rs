@@ -1,0 +1,303 @@
+//! The real `vfmig` binary, as two processes over loopback: exit statuses, one-line failure
+//! messages, JSON reports, and byte-identical `file:` round trips.
+//!
+//! Ports: every receiver listens on 127.0.0.1:0 and the test reads the bound address from its
+//! `vfmig: listening on ADDR` line, so tests never race for ports. Every wait is bounded.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn emulated_device_migration_succeeds_and_both_sides_report_acceptance() {
+    let dev = "emu:size=16M,profile=mixed,seed=3";
+    let recv = Receiver::spawn(&["--device", dev, "--json", "--timeout", "30"]);
+    let out = run(
+        send(recv.addr, &["--device", dev, "--json", "--timeout", "30"]),
+        None,
+    );
+    let (rstatus, rstdout, rlines) = recv.finish();
+    assert!(
+        out.status.success(),
+        "send failed: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv failed: {rstatus:?} {rlines:?}");
+
+    let s = json(&out.stdout);
+    assert_eq!(s["outcome"], "ok", "{s}");
+    assert_eq!(s["devices"].as_array().map(Vec::len), Some(1), "{s}");
+    let raw = s["devices"][0]["raw_bytes"].as_u64().expect("raw_bytes");
+    assert!(
+        raw >= 16 << 20,
+        "the whole 16 MiB state was streamed: {raw}"
+    );
+    assert!(s["devices"][0]["wire_bytes"].as_u64().is_some(), "{s}");
+    assert!(s["devices"][0]["ratio"].as_f64().is_some(), "{s}");
+
+    let r = json(rstdout.as_bytes());
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["devices"][0]["accepted"], true, "{r}");
+    assert_eq!(r["devices"][0]["raw_bytes"].as_u64(), Some(raw), "{r}");
+}
+
+#[test]
+fn file_round_trip_through_regular_file_is_byte_identical_and_leaves_no_temp_file() {
+    let src_dir = tempfile::tempdir().expect("tempdir");
+    let dst_dir = tempfile::tempdir().expect("tempdir");
+    let data = test_bytes(3 << 20 | 12345, 7);
+    let src = src_dir.path().join("state.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let dst = dst_dir.path().join("state.out");
+    let key = write_key(src_dir.path(), "key", "0123456789abcdef0123456789abcdef\n");
+
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--psk-file",
+        &key,
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--psk-file",
+                &key,
+                "--streams",
+                "3",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(
+        out.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv: {rlines:?}");
+    assert!(
+        std::fs::read(&dst).expect("destination file") == data,
+        "bytes differ"
+    );
+    assert_eq!(dir_entries(dst_dir.path()), vec!["state.out".to_owned()]);
+}
+
+#[test]
+fn file_round_trip_from_stdin_is_byte_identical() {
+    let dst_dir = tempfile::tempdir().expect("tempdir");
+    let dst = dst_dir.path().join("from-stdin");
+    let data = test_bytes(1 << 20, 11);
+    let recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let out = run(send(recv.addr, &["--device", "file:-"]), Some(data.clone()));
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(
+        out.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv: {rlines:?}");
+    assert!(
+        std::fs::read(&dst).expect("destination file") == data,
+        "bytes differ"
+    );
+}
+
+#[test]
+fn file_round_trip_from_fifo_is_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let dst = dir.path().join("from-fifo");
+    let data = test_bytes(2 << 20, 5);
+    let recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let writer = {
+        let fifo = fifo.clone();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            // Blocks until vfmig send opens the FIFO for reading.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&fifo)
+                .expect("open fifo");
+            f.write_all(&data).expect("write fifo");
+        })
+    };
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", fifo.display()),
+                "--timeout",
+                "20",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    writer.join().expect("writer");
+    assert!(
+        out.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv: {rlines:?}");
+    assert!(
+        std::fs::read(&dst).expect("destination file") == data,
+        "bytes differ"
+    );
+}
+
+#[test]
+fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("s.bin");
+    std::fs::write(&src, test_bytes(100_000, 1)).expect("write");
+    let dst = out_dir.path().join("d.bin");
+    let key_a = write_key(dir.path(), "a", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    let key_b = write_key(dir.path(), "b", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--psk-file",
+        &key_a,
+        "--timeout",
+        "10",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--psk-file",
+                &key_b,
+                "--timeout",
+                "10",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1), "send must exit 1");
+    assert_eq!(rstatus.code(), Some(1), "recv must exit 1: {rlines:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert!(lines[0].contains("authentication failed"), "{lines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(last.contains("authentication failed"), "{rlines:?}");
+    assert!(!dst.exists(), "nothing at the destination path");
+    assert!(
+        dir_entries(out_dir.path()).is_empty(),
+        "no temporary file left either"
+    );
+}
+
+#[test]
+fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
+    // 256 MiB of incompressible state capped at 400 Mbit/s: several seconds of transfer, so the
+    // receiver is killed while frames are in flight. The receiver writes a file: SIGKILL ends it
+    // at once (a process serving an emulated device's FUSE data fd can hang in the kernel when
+    // killed in the middle of a request).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.out");
+    let mut recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "10",
+    ]);
+    let mut cmd = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            "10",
+        ],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let sender = std::thread::spawn(move || run(cmd, None));
+    recv.wait_for_line("vfmig: source ");
+    std::thread::sleep(Duration::from_millis(300));
+    recv.child.kill().expect("kill receiver");
+    let _ = recv.finish();
+    let out = sender.join().expect("sender thread");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert!(lines[0].starts_with("vfmig: "), "{lines:?}");
+    assert!(!lines[0].contains("panicked"), "{lines:?}");
+    assert!(!dst.exists(), "nothing at the destination path");
+}
+
+#[test]
+fn unreachable_peer_exits_1_with_one_line_and_a_json_failure_report() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    // The listener is closed again: connecting is refused.
+    let out = run(
+        send(
+            port,
+            &["--device", "emu:size=1M", "--json", "--timeout", "5"],
+        ),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("unreachable"), "{lines:?}");
+    assert!(lines[0].contains(&port.to_string()), "{lines:?}");
+    let j = json(&out.stdout);
+    assert_eq!(j["outcome"], "failed", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{j}"
+    );
+}
+
+#[test]
+fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
+    // Different sizes: the destination device's own stream validation refuses the state.
+    let recv = Receiver::spawn(&["--device", "emu:size=8M", "--timeout", "10"]);
+    let out = run(
+        send(recv.addr, &["--device", "emu:size=4M", "--timeout", "10"]),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("refused the state"), "{lines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("vfmig: destination device 0 (emu) refused the state"),
+        "{rlines:?}"
+    );
+}
