@@ -105,6 +105,19 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Runs `f` on the mapped region (no copy), under the region's lock.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        f(&map[..])
+    }
+
+    /// Runs `f` on the mapped region for writing (e.g. a destination applying dirty pages),
+    /// under the region's lock.
+    pub fn with_bytes_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut map[..])
+    }
+
     /// BLAKE3 of the whole region: equal digests mean equal guest memory.
     pub fn digest(&self) -> [u8; 32] {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());

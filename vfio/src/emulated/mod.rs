@@ -20,8 +20,8 @@
 //! - **Content**: generated from `(seed, page, version)` ([`content`]), so memory does not grow
 //!   with the state size: per block (64 KiB by default) the source keeps a version and a digest
 //!   (16 bytes), the destination a digest and a bit.
-//! - **Stream**: the device's own format ([`format`](mod@self::format)) with record sequence numbers, hashes and an
-//!   END record carrying totals and the state digest. A destination device (created in RUNNING,
+//! - **Stream**: the device's own format ([`format`](mod@self::format)) with record sequence
+//!   numbers, hashes and an END record carrying totals and the state digest. A destination device (created in RUNNING,
 //!   moved to RESUMING) parses the stream incrementally and validates it on RESUMING -> STOP; any
 //!   truncation, reordering, duplication or corruption makes that SET fail with EINVAL and leaves
 //!   the device in ERROR. [`EmulatedDevice::state_digest`] on both sides proves the transfer.
@@ -763,9 +763,10 @@ impl EmulatedDevice {
         c.fail_arc_used = false;
     }
 
-    /// The digest of the device's current state (see [`format`](mod@self::format)). On a source it regenerates the
-    /// blocks it has not hashed yet (cost: one pass over the state); on a destination it is the
-    /// digest of the state it resumed. `None` while a resume is incomplete.
+    /// The digest of the device's current state (see [`format`](mod@self::format)). On a source
+    /// it regenerates the blocks it has not hashed yet (cost: one pass over the state); on a
+    /// destination it is the digest of the state it resumed (later writes to that state are not
+    /// tracked: a resumed device holds digests, not bytes). `None` while a resume is incomplete.
     pub fn state_digest(&self) -> Option<[u8; 32]> {
         let mut c = lock(&self.core);
         if matches!(c.stream, Some(Stream::Resume(_))) {
