@@ -617,3 +617,38 @@ fn background_p2p_traffic_flows_until_dropped() {
     );
     assert!(a.stats().mmio_accepted + b.stats().mmio_accepted >= after.sent);
 }
+
+#[test]
+fn reset_while_a_writer_streams_into_the_resuming_fd_ends_the_fd_without_deadlock() {
+    let mut cfg = small("dst");
+    cfg.resume_capacity = Some(u64::MAX);
+    let mut dst = EmulatedDevice::new(cfg).unwrap();
+    let fd = dst.set_state(DeviceState::Resuming).unwrap().unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let mut f = File::from(fd);
+        let junk = vec![0u8; 64 << 10];
+        let mut sent = 0u64;
+        // Junk is refused only at RESUMING -> STOP; with no capacity limit the writes go on
+        // until the fd is ended.
+        loop {
+            if let Err(e) = f.write_all(&junk) {
+                return (sent, e.raw_os_error());
+            }
+            sent += junk.len() as u64;
+            if sent == junk.len() as u64 {
+                started_tx.send(()).unwrap();
+            }
+        }
+    });
+    started.recv().unwrap();
+    dst.reset().unwrap();
+    let (sent, errno) = writer.join().unwrap();
+    assert!(sent > 0);
+    assert_eq!(errno, Some(libc::ENODEV), "an ended RESUMING fd");
+    assert_eq!(dst.state().unwrap(), DeviceState::Running);
+    // The device is usable again.
+    let fd = dst.set_state(DeviceState::Resuming).unwrap().unwrap();
+    drop(fd);
+    dst.reset().unwrap();
+}
