@@ -11,7 +11,9 @@ use vfmig_pipeline::{
     RollbackAction, SourceOptions, SourceSession,
 };
 use vfmig_transport::{Listener, SessionConfig};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, P2pFabric, Profile};
+use vfmig_vfio::emulated::{
+    EmulatedConfig, EmulatedDevice, FailArc, Faults, P2pFabric, Profile, Quirks, StopCopyFd,
+};
 use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
 
 fn session_config() -> SessionConfig {
@@ -204,33 +206,77 @@ fn several_devices_without_p2p_are_refused_before_any_device_is_touched() {
 
 #[test]
 fn precopy_streams_while_the_device_dirties_state_then_switches_over() {
-    let src = EmulatedDevice::new(EmulatedConfig {
-        name: "emu0".into(),
-        size: 8 << 20,
-        precopy: Some(u64::MAX),
-        dirty_rate: 4 << 20,
-        ..EmulatedConfig::default()
-    })
-    .unwrap();
+    let mtty_dup = Quirks {
+        stop_copy_fd: StopCopyFd::Dup,
+        ..Quirks::mtty()
+    };
+    // ENOMSG when drained (uAPI); 0 when drained with short reads (mtty); a dup'ed fd into
+    // STOP_COPY.
+    for quirks in [Quirks::uapi(), Quirks::mtty(), mtty_dup] {
+        let src = EmulatedDevice::new(EmulatedConfig {
+            name: "emu0".into(),
+            size: 8 << 20,
+            precopy: Some(u64::MAX),
+            dirty_rate: 4 << 20,
+            quirks,
+            ..EmulatedConfig::default()
+        })
+        .unwrap();
+        let (sr, srcs, dr, mut dsts) = migrate(
+            vec![src],
+            SourceOptions {
+                max_downtime: Duration::from_millis(50),
+                max_precopy: Duration::from_secs(5),
+                ..source_options()
+            },
+            destination_options(),
+        );
+        let report = sr.unwrap_or_else(|e| panic!("{quirks:?}: {e}"));
+        dr.unwrap();
+        let dev = &report.devices[0];
+        assert!(
+            dev.precopy_bytes >= 8 << 20,
+            "{quirks:?}: the initial state went in PRE_COPY: {dev:?}"
+        );
+        assert!(dev.raw_bytes > dev.precopy_bytes, "STOP_COPY sent the rest");
+        assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+        assert_eq!(state(&mut dsts[0]), DeviceState::Stop);
+    }
+}
+
+#[test]
+fn two_devices_precopy_through_precopy_p2p_and_the_destination_resumes_both_in_p2p_order() {
+    let mk = |name: &str, seed| {
+        EmulatedDevice::new(EmulatedConfig {
+            name: name.into(),
+            size: 4 << 20,
+            seed,
+            precopy: Some(u64::MAX),
+            dirty_rate: 1 << 20,
+            ..EmulatedConfig::default()
+        })
+        .unwrap()
+    };
+    let (a, b) = (mk("a", 1), mk("b", 2));
+    let fabric = P2pFabric::new(vec![a.p2p_port(), b.p2p_port()]);
+    let traffic = fabric.spawn(20_000).unwrap();
     let (sr, srcs, dr, mut dsts) = migrate(
-        vec![src],
-        SourceOptions {
-            max_downtime: Duration::from_millis(50),
-            max_precopy: Duration::from_secs(5),
-            ..source_options()
+        vec![a, b],
+        source_options(),
+        DestinationOptions {
+            resume_devices: true,
+            ..destination_options()
         },
-        destination_options(),
     );
+    drop(traffic);
     let report = sr.unwrap();
     dr.unwrap();
-    let dev = &report.devices[0];
-    assert!(
-        dev.precopy_bytes >= 8 << 20,
-        "the initial state went in PRE_COPY: {dev:?}"
-    );
-    assert!(dev.raw_bytes > dev.precopy_bytes, "STOP_COPY sent the rest");
-    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
-    assert_eq!(state(&mut dsts[0]), DeviceState::Stop);
+    assert_eq!(fabric.stats().lost, 0);
+    assert!(report.devices.iter().all(|d| d.precopy_bytes > 0));
+    for (s, d) in srcs.iter().zip(dsts.iter_mut()) {
+        assert_eq!(s.state_digest(), d.state_digest());
+        assert_eq!(state(d), DeviceState::Running, "resumed on request");
+    }
 }
 
 #[test]
