@@ -60,7 +60,10 @@ pub struct TlsConfig {
 /// Everything a session needs to know besides the peer's address.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// TCP connections per session (1..=[`MAX_STREAMS`]).
+    /// TCP connections per session (1..=[`MAX_STREAMS`]). The source offers this many; the
+    /// destination accepts up to [`MAX_STREAMS`]. Default 2: on loopback (2 shared cores, 1 MiB
+    /// frames) 1, 2 and 4 connections measured 2.0, 2.27 and 2.25 GiB/s; on real links several
+    /// flows also spread over NIC queues and get past per-flow limits.
     pub streams: usize,
     /// Authentication.
     pub auth: AuthConfig,

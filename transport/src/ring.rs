@@ -1246,17 +1246,22 @@ impl Engine {
     }
 
     fn teardown(mut self, outcome: TransportError) {
-        let deadline = Instant::now() + DRAIN_MAX.min(self.p.timeout);
+        let mut outcome = outcome;
         let in_tx = self.in_tx.take();
         if let (TransportError::Closed, Some(in_tx)) = (&outcome, &in_tx) {
-            // Hand the consumer what was verified before the peer closed.
+            // Hand the consumer what was verified before the peer closed, each frame within the
+            // session timeout; a consumer that stops taking them must not see a clean close.
             while let Some(f) = self.ready.pop_front() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if in_tx.send_timeout(f, left).is_err() {
+                if in_tx.send_timeout(f, self.p.timeout).is_err() {
+                    outcome = TransportError::Timeout {
+                        after: self.p.timeout,
+                        what: "the consumer to take the last frames",
+                    };
                     break;
                 }
             }
         }
+        let deadline = Instant::now() + DRAIN_MAX.min(self.p.timeout);
         self.shared.set_failure(outcome);
         // Consumers blocked in `recv` see the disconnect and read the outcome.
         drop(in_tx);
