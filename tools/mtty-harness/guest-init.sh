@@ -16,8 +16,14 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostfs /host || mar
 mount --bind /dev /host/dev
 mount --bind /proc /host/proc
 mount --bind /sys /host/sys
-mount -t tmpfs tmpfs /host/tmp
-mount -t tmpfs tmpfs /host/run 2>/dev/null
+# Writable scratch space: /dev/shm always (TMPDIR); a tmpfs over /tmp only when nothing we run
+# lives under the host's /tmp (a checkout or target dir there must stay visible).
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+export TMPDIR=/dev/shm
+case "$VFMIG_GUEST_SCRIPT $VFMIG_CONTRACT $VFMIG_CLI" in
+  */tmp/*) ;;
+  *) mount -t tmpfs tmpfs /host/tmp ;;
+esac
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 echo "guest: kernel $(uname -r), running $VFMIG_GUEST_SCRIPT"
 chroot /host /bin/bash "$VFMIG_GUEST_SCRIPT"
