@@ -515,7 +515,13 @@ fn stopping_one_device_while_a_peer_runs_loses_p2p_writes() {
     assert_eq!(r.lost, 10, "b's writes into stopped a are discarded");
     assert_eq!(a.stats().mmio_lost, 10);
     assert!(!a.mmio_write(0, 1), "STOP discards MMIO");
-    assert!(b.mmio_write(0, 1));
+    assert!(b.mmio_write(8, 0xAB));
+    assert_eq!(b.mmio_read(8), 0xAB, "running MMIO holds the write");
+    a.set_state(DeviceState::RunningP2p).unwrap();
+    assert!(a.mmio_write(16, 7), "RUNNING_P2P accepts MMIO");
+    assert_eq!(a.mmio_read(16), 7);
+    a.set_state(DeviceState::Stop).unwrap();
+    assert_eq!(a.mmio_read(16), 0, "STOP reads zeros");
 }
 
 #[test]

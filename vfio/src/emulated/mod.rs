@@ -200,7 +200,13 @@ pub(crate) struct Core {
     dma_log: DmaLog,
     dma_counter: u64,
     stats: EmulatedStats,
+    /// The MMIO BAR: a small register file (not part of the migrated stream; an applied write
+    /// also dirties a state block, which is).
+    mmio: [u64; MMIO_REGS],
 }
+
+/// 64-bit registers in the emulated MMIO BAR.
+pub const MMIO_REGS: usize = 64;
 
 impl Core {
     fn block_len(&self, i: u64) -> u64 {
@@ -727,6 +733,7 @@ impl EmulatedDevice {
             guest,
             dma_log: DmaLog::default(),
             dma_counter: 0,
+            mmio: [0; MMIO_REGS],
             stats: EmulatedStats::default(),
             cfg,
         };
@@ -832,6 +839,11 @@ impl EmulatedDevice {
     /// current state, otherwise discarded. Returns whether it was applied.
     pub fn mmio_write(&self, offset: u64, value: u64) -> bool {
         self.p2p_port().mmio_write(offset, value)
+    }
+
+    /// An MMIO read: the register at `offset` while MMIO works, zero in STOP-like states.
+    pub fn mmio_read(&self, offset: u64) -> u64 {
+        self.p2p_port().mmio_read(offset)
     }
 
     /// Where the FUSE host is mounted (for diagnostics).

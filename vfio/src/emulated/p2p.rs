@@ -10,7 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{lock, Core};
+use super::{lock, Core, MMIO_REGS};
+
+fn reg(offset: u64) -> usize {
+    // The remainder is < MMIO_REGS, a small usize.
+    usize::try_from((offset / 8) % MMIO_REGS as u64).unwrap_or(0)
+}
 
 /// A handle through which peers reach one device's MMIO.
 #[derive(Clone, Debug)]
@@ -40,6 +45,7 @@ impl P2pPort {
         let mut c = lock(&self.core);
         c.tick();
         if c.state.mmio_works() {
+            c.mmio[reg(offset)] = value;
             let block = (offset ^ value) % c.blocks;
             c.dirty_block(block);
             c.stats.mmio_accepted += 1;
@@ -47,6 +53,20 @@ impl P2pPort {
         } else {
             c.stats.mmio_lost += 1;
             false
+        }
+    }
+}
+
+impl P2pPort {
+    /// An MMIO read at `offset`: the register while MMIO works, zero in STOP-like states (as
+    /// mlx5 reads all zeros in STOP).
+    pub fn mmio_read(&self, offset: u64) -> u64 {
+        let mut c = lock(&self.core);
+        c.tick();
+        if c.state.mmio_works() {
+            c.mmio[reg(offset)]
+        } else {
+            0
         }
     }
 }
