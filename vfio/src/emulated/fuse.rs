@@ -1,15 +1,18 @@
 //! The data fd as a real kernel fd: one process-wide FUSE mount, served by `fuser`, in which every
 //! emulated data fd is an `open()` of a fresh file.
 //!
-//! Files are opened with `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM`, so every read and
-//! write reaches the device (no page cache), `pread`/`pwrite` fail with ESPIPE and the offset of
-//! a read at -1 (io_uring) is ignored, exactly as on a VFIO migration file. There is no `poll`
-//! handler: the kernel then reports the file always readable, like mtty. Replies to READ come
-//! from a per-stream worker thread, so a slow device delays only its own fd.
+//! Files are opened with `FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM | FOPEN_NOFLUSH`, so
+//! every read and write reaches the device (no page cache), `pread`/`pwrite` fail with ESPIPE and
+//! the offset of a read at -1 (io_uring) is ignored, as on a VFIO migration file. There is no
+//! `poll` handler: the kernel then reports the file always readable, like mtty. Replies to READ
+//! come from a per-stream worker thread, so a slow device delays only its own fd; WRITEs are
+//! parsed on the session thread under the resume stream's own lock (never the device lock, which
+//! may be held across `open()` of a data fd).
 //!
 //! The mount lives at `$TMPDIR/vfmig-emu-<pid>-<n>` while at least one [`FuseHost`] reference is
-//! held and is detached (`MNT_DETACH`) when the last one goes. Mounts left by killed processes
-//! (their pid no longer exists) are detached when a new host starts.
+//! held. When the last one goes, or when the process dies, a watchdog child process aborts the
+//! connection, detaches the mount and removes the directory (see [`Watchdog`]). Mounts left by
+//! dead or dying processes without a watchdog are cleaned up when a new host starts.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -42,7 +45,7 @@ const OPEN_FLAGS: u32 = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE | FOPEN_STREAM | FOP
 
 /// Inode of the mount's root directory.
 const ROOT_INO: u64 = 1;
-/// Queued READ requests per stream before the session thread waits (one in flight is normal).
+/// Queued READ requests per stream; beyond it READ fails with EBUSY (one in flight is normal).
 const READ_QUEUE: usize = 8;
 /// Size reported for stream files (see `attr`).
 const STREAM_FILE_SIZE: u64 = 1 << 62;
