@@ -1,0 +1,91 @@
+//! End-to-end migration of an emulated device over loopback TCP, in one process: vfmig's
+//! pipeline (default options: adaptive compression, default connections) against the QEMU-style
+//! reference loop, for incompressible, mixed and mostly-zero state. Every iteration migrates a
+//! fresh device pair and the destination device validates the stream (RESUMING -> STOP), so a
+//! wrong transfer fails the bench instead of producing a number.
+//!
+//! For link-limited scenarios and separate processes, use `vfmig-bench run` (docs/BENCHMARKS.md).
+
+use std::thread;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use vfmig_benches::devices;
+use vfmig_benches::reference::{run_loopback, RefConfig};
+use vfmig_benches::vfmig_side::session_config;
+use vfmig_pipeline::{DestinationOptions, DestinationSession, SourceOptions, SourceSession};
+use vfmig_transport::Listener;
+use vfmig_vfio::emulated::EmulatedDevice;
+
+const SIZE: u64 = 64 << 20;
+
+fn pair(profile: &str) -> (EmulatedDevice, EmulatedDevice) {
+    (
+        devices::source(SIZE, profile).expect("source device"),
+        devices::destination(SIZE).expect("destination device"),
+    )
+}
+
+fn migrate_vfmig(src: EmulatedDevice, dst: EmulatedDevice) {
+    let listener = Listener::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr();
+    let receiver = thread::spawn(move || {
+        let opts = DestinationOptions {
+            session: session_config(),
+            ..DestinationOptions::default()
+        };
+        DestinationSession::new(vec![dst], opts).run(&listener)
+    });
+    // The source runs on a fresh thread: a finished session's io_uring teardown can leave task
+    // work on the thread that ran it, which interrupts the next handshake's blocking socket call
+    // (EINTR, not retried by the transport's handshake yet).
+    let sender = thread::spawn(move || {
+        let opts = SourceOptions {
+            session: session_config(),
+            ..SourceOptions::default()
+        };
+        SourceSession::new(vec![src], opts).run(addr)
+    });
+    let report = sender
+        .join()
+        .unwrap_or_else(|_| panic!("source thread panicked"))
+        .expect("vfmig source");
+    let dst_report = receiver
+        .join()
+        .unwrap_or_else(|_| panic!("destination thread panicked"))
+        .expect("vfmig destination");
+    assert_eq!(report.raw_bytes, dst_report.raw_bytes);
+}
+
+fn migrate_reference(mut src: EmulatedDevice, mut dst: EmulatedDevice) {
+    let (s, d) = run_loopback(&mut src, &mut dst, &RefConfig::default()).expect("reference loop");
+    assert_eq!(s.bytes, d.bytes);
+}
+
+fn e2e(c: &mut Criterion) {
+    let mut g = c.benchmark_group("e2e_loopback_64MiB");
+    g.throughput(Throughput::Bytes(SIZE));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(4));
+    g.warm_up_time(Duration::from_millis(500));
+    for profile in ["random", "mixed", "zero"] {
+        g.bench_function(BenchmarkId::new("reference", profile), |b| {
+            b.iter_batched(
+                || pair(profile),
+                |(s, d)| migrate_reference(s, d),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+        g.bench_function(BenchmarkId::new("vfmig", profile), |b| {
+            b.iter_batched(
+                || pair(profile),
+                |(s, d)| migrate_vfmig(s, d),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, e2e);
+criterion_main!(benches);
