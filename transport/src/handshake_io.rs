@@ -60,9 +60,15 @@ impl HsStream for TcpHs<'_> {
     }
 
     fn peek_some(&mut self, deadline: Instant) -> io::Result<&[u8]> {
-        self.stream.set_read_timeout(Some(remaining(deadline)?))?;
-        let n = self.stream.peek(&mut self.buf)?;
-        Ok(&self.buf[..n])
+        loop {
+            self.stream.set_read_timeout(Some(remaining(deadline)?))?;
+            match self.stream.peek(&mut self.buf) {
+                Ok(n) => return Ok(&self.buf[..n]),
+                // A signal landed on this thread: retry within the deadline.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn consume(&mut self, n: usize) -> io::Result<()> {

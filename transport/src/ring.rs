@@ -672,10 +672,11 @@ impl Engine {
             // SAFETY: every buffer an entry points to is owned by the in-flight table entry
             // named by the entry's user_data (see the module's ownership invariant); the
             // submission queue has room (checked above: `entries.len()` free slots).
-            unsafe { sq.push(e) }.map_err(|_| TransportError::TooMany {
-                what: crate::error::Limit::Streams,
-                got: entries.len() as u64,
-                max: u64::from(RING_ENTRIES),
+            unsafe { sq.push(e) }.map_err(|_| {
+                TransportError::io(
+                    "io_uring submission queue full",
+                    std::io::Error::from(std::io::ErrorKind::WouldBlock),
+                )
             })?;
         }
         Ok(())

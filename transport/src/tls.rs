@@ -156,7 +156,11 @@ impl HsStream for TlsHs<'_> {
         self.sock.set_write_timeout(Some(left(deadline)?))?;
         self.conn.writer().write_all(b)?;
         while self.conn.wants_write() {
-            self.conn.write_tls(self.sock)?;
+            match self.conn.write_tls(self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -170,8 +174,11 @@ impl HsStream for TlsHs<'_> {
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sock.set_read_timeout(Some(left(deadline)?))?;
-                    if self.conn.read_tls(self.sock)? == 0 {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    match self.conn.read_tls(self.sock) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
                     }
                     self.conn
                         .process_new_packets()
@@ -208,8 +215,11 @@ fn establish(
                 what: "the TLS handshake",
             });
         }
-        conn.complete_io(&mut sock)
-            .map_err(|e| tls_io_err(e, peer, index, cfg.timeout))?;
+        match conn.complete_io(&mut sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(tls_io_err(e, peer, index, cfg.timeout)),
+        }
     }
     let mut hs = TlsHs {
         conn: &mut conn,
@@ -374,7 +384,9 @@ fn net_to_engine(
                     Err(e)
                         if matches!(
                             e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
                         ) =>
                     {
                         if p.engine_gone.load(Ordering::Acquire) {
@@ -416,7 +428,11 @@ fn engine_to_net(p: &Pump, mut unix: UnixStream) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let result = (|| -> io::Result<()> {
         loop {
-            let n = unix.read(&mut buf)?;
+            let n = match unix.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             let mut tcp = p.tcp_w.lock().map_err(|_| io::ErrorKind::Other)?;
             let mut out = Vec::with_capacity(n + 1024);
             {
