@@ -352,35 +352,27 @@ struct Engine {
 }
 
 /// Sets up the ring (registering the pool's buffers) and starts the engine thread.
-pub(crate) fn start(
-    socks: Vec<Sock>,
-    pool: BufPool,
-    p: EngineParams,
-    name: &str,
-) -> Result<EngineHandle, TransportError> {
+fn setup_ring(pool: &BufPool) -> Result<IoUring, TransportError> {
     let ring: IoUring = IoUring::builder()
         .build(RING_ENTRIES)
         .map_err(|e| TransportError::io("io_uring_setup", e))?;
     let iovecs = pool.iovecs();
     // SAFETY: the iovecs describe the pool's mapping, which stays mapped while `pool` lives; the
     // engine holds a clone of `pool` for as long as it holds the ring (both are fields of
-    // `Engine`, and the ring is dropped or leaked together with it).
+    // `Engine`, the ring declared first so it is dropped first, or both are leaked together).
     unsafe { ring.submitter().register_buffers(&iovecs) }
         .map_err(|e| TransportError::io("io_uring_register_buffers", e))?;
-    let now = Instant::now();
-    let conns = socks
-        .into_iter()
-        .map(|sock| Conn {
-            sock,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            sending_since: None,
-            last_tx: now,
-            last_rx: now,
-            rx: Rx::Idle,
-            wr_shut: false,
-        })
-        .collect::<Vec<_>>();
+    Ok(ring)
+}
+
+/// Starts the engine thread, which sets up its ring (registering the pool's buffers) itself, so
+/// that no other thread ever touches the ring; setup errors come back here.
+pub(crate) fn start(
+    socks: Vec<Sock>,
+    pool: BufPool,
+    p: EngineParams,
+    name: &str,
+) -> Result<EngineHandle, TransportError> {
     let (out_tx, out_rx) = crossbeam_channel::bounded(p.out_queue.max(1));
     let (urgent_tx, urgent_rx) = crossbeam_channel::bounded(4);
     let (in_tx, in_rx) = crossbeam_channel::bounded(READY_MAX);
@@ -391,34 +383,71 @@ pub(crate) fn start(
         want_wake: AtomicBool::new(false),
         counters: Counters::new(),
     });
-    // Out-of-order frames may use at most half the pool, so the next needed frame always finds
-    // a buffer once the consumer returns its own.
-    let max_frames = (pool.slots() / 2).max(1);
-    let engine = Engine {
-        ring,
-        reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
-        pool,
-        conns,
-        ops: Ops::default(),
-        out_rx,
-        urgent_rx,
-        in_tx: Some(in_tx),
-        shared: Arc::clone(&shared),
-        p,
-        ready: VecDeque::new(),
-        wake_posted: false,
-        sends_in_flight: 0,
-        busy_since: None,
-        closing_since: None,
-        aborting: None,
-        last_progress: now,
-        started: now,
-    };
+    let (setup_tx, setup_rx) = crossbeam_channel::bounded(1);
     let wake_file = Arc::clone(&waker.file);
+    let engine_shared = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
         .name(format!("vfmig-{name}"))
-        .spawn(move || engine.run(&wake_file))
+        .spawn(move || {
+            let ring = match setup_ring(&pool) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = setup_tx.send(Err(e));
+                    return;
+                }
+            };
+            let now = Instant::now();
+            let conns = socks
+                .into_iter()
+                .map(|sock| Conn {
+                    sock,
+                    queue: VecDeque::new(),
+                    queued_bytes: 0,
+                    sending_since: None,
+                    last_tx: now,
+                    last_rx: now,
+                    rx: Rx::Idle,
+                    wr_shut: false,
+                })
+                .collect::<Vec<_>>();
+            // Out-of-order frames may use at most half the pool, so the next needed frame
+            // always finds a buffer once the consumer returns its own.
+            let max_frames = (pool.slots() / 2).max(1);
+            let engine = Engine {
+                ring,
+                reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
+                pool,
+                conns,
+                ops: Ops::default(),
+                out_rx,
+                urgent_rx,
+                in_tx: Some(in_tx),
+                shared: engine_shared,
+                p,
+                ready: VecDeque::new(),
+                wake_posted: false,
+                sends_in_flight: 0,
+                busy_since: None,
+                closing_since: None,
+                aborting: None,
+                last_progress: now,
+                started: now,
+            };
+            let _ = setup_tx.send(Ok(()));
+            engine.run(&wake_file);
+        })
         .map_err(|e| TransportError::io("spawn engine thread", e))?;
+    match setup_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(TransportError::Cancelled);
+        }
+    }
     Ok(EngineHandle {
         out_tx,
         urgent_tx,
