@@ -648,7 +648,8 @@ pub fn check_corrupted_refused<D: MigrationDevice>(
 }
 
 /// PRE_COPY: the fd, `precopy_info` rules, draining, and PRE_COPY -> STOP_COPY continuity; the
-/// combined stream resumes on `dst`.
+/// combined stream resumes on `dst`. The source must not dirty state faster than the check reads
+/// it (it reads until `initial_bytes` is 0 and a read finds nothing pending).
 pub fn check_precopy<D: MigrationDevice>(
     src: &mut D,
     dst: &mut D,
