@@ -11,6 +11,7 @@ use vfmig_vfio::{DeviceError, DeviceState};
 
 use crate::codec::Compress;
 use crate::error::Phase;
+use crate::guest::GuestMemoryAccess;
 
 /// A progress callback: called from the session's thread about every
 /// [`SourceOptions::progress_interval`].
@@ -45,6 +46,12 @@ pub struct SourceOptions {
     pub progress: Option<ProgressFn>,
     /// How often the progress callback is called.
     pub progress_interval: Duration,
+    /// Guest memory the devices DMA into: enables device DMA dirty tracking (devices that
+    /// support `DMA_LOGGING_*`); dirtied pages travel as `DirtyPages` frames.
+    pub guest_memory: Option<Arc<dyn GuestMemoryAccess>>,
+    /// With `guest_memory`: send every guest page once after logging started (for a standalone
+    /// transfer where no VMM copies guest RAM).
+    pub guest_full_copy: bool,
 }
 
 impl Default for SourceOptions {
@@ -61,6 +68,8 @@ impl Default for SourceOptions {
             session: SessionConfig::default(),
             progress: None,
             progress_interval: Duration::from_millis(200),
+            guest_memory: None,
+            guest_full_copy: false,
         }
     }
 }
@@ -78,6 +87,8 @@ impl fmt::Debug for SourceOptions {
             .field("allow_without_p2p", &self.allow_without_p2p)
             .field("session", &self.session)
             .field("progress", &self.progress.is_some())
+            .field("guest_memory", &self.guest_memory.is_some())
+            .field("guest_full_copy", &self.guest_full_copy)
             .finish()
     }
 }
@@ -100,6 +111,8 @@ pub struct DestinationOptions {
     pub progress: Option<ProgressFn>,
     /// How often the progress callback is called.
     pub progress_interval: Duration,
+    /// Guest memory that receives `DirtyPages` frames.
+    pub guest_memory: Option<Arc<dyn GuestMemoryAccess>>,
 }
 
 impl Default for DestinationOptions {
@@ -112,6 +125,7 @@ impl Default for DestinationOptions {
             session: SessionConfig::default(),
             progress: None,
             progress_interval: Duration::from_millis(200),
+            guest_memory: None,
         }
     }
 }
@@ -125,6 +139,7 @@ impl fmt::Debug for DestinationOptions {
             .field("allow_without_p2p", &self.allow_without_p2p)
             .field("session", &self.session)
             .field("progress", &self.progress.is_some())
+            .field("guest_memory", &self.guest_memory.is_some())
             .finish()
     }
 }
@@ -218,6 +233,8 @@ pub struct DeviceReport {
     pub raw_chunks: u64,
     /// Chunks sent compressed.
     pub compressed_chunks: u64,
+    /// Bytes of dirty guest pages carried on this device's stream.
+    pub guest_page_bytes: u64,
     /// The device's state at the end.
     pub final_state: Option<DeviceState>,
 }

@@ -74,9 +74,10 @@ impl Stages {
         let mut threads = Vec::new();
         {
             let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
+            let guest = opts.guest_memory.clone();
             threads.push(spawn(
                 "vfmig-writer",
-                Box::new(move || writer::run(pool, devices, item_rx, ev_tx, c, s, timeout)),
+                Box::new(move || writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout)),
             )?);
         }
         for _ in 0..workers {
@@ -171,7 +172,7 @@ fn receive_loop(
             waited: timeout,
         };
         match h.kind {
-            FrameKind::PreCopyData | FrameKind::StopCopyData => {
+            FrameKind::PreCopyData | FrameKind::StopCopyData | FrameKind::DirtyPages => {
                 data.send_timeout(
                     Received {
                         header: h,

@@ -251,6 +251,15 @@ pub enum PipelineError {
         /// The state entered.
         state: DeviceState,
     },
+    /// Reading or writing guest memory for dirty pages failed.
+    #[error("guest memory at {gpa:#x}: {source}")]
+    Guest {
+        /// Guest physical address (IOVA) of the access.
+        gpa: u64,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
     /// Nothing happened within the configured timeout.
     #[error("timed out after {waited:?} in {phase} waiting for {what}")]
     Timeout {

@@ -141,6 +141,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             events: ev_tx,
             counters: counters.clone(),
             stop: stop.clone(),
+            guest: None,
         };
         let (pool, names) = (pool.clone(), names.clone());
         threads.push(thread::spawn(move || {
@@ -182,7 +183,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             .collect();
         let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
         threads.push(thread::spawn(move || {
-            writer::run(pool, devices, in_rx, wev_tx, c, s, T)
+            writer::run(pool, devices, None, in_rx, wev_tx, c, s, T)
         }));
     }
     for (i, fd) in src_fds.iter().enumerate() {

@@ -68,6 +68,7 @@ mod api;
 mod codec;
 mod destination;
 mod error;
+mod guest;
 mod reader;
 mod reseq;
 mod source;
@@ -86,5 +87,6 @@ pub use api::{
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
 pub use error::{AbortReason, Phase, PipelineError};
+pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
 pub use source::SourceSession;

@@ -17,6 +17,7 @@ use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::codec::chunk_len;
 use crate::error::{Phase, PipelineError};
+use crate::guest::{GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::stats::{Counters, DeviceCounters};
 use crate::uring::DataRing;
 
@@ -86,6 +87,9 @@ pub(crate) enum ReaderCmd {
         device: u16,
         fd: Option<Arc<OwnedFd>>,
     },
+    /// Ship these runs of guest pages (sorted, merged) on the carrier device's stream;
+    /// `last`: no more will come (DMA has stopped).
+    DirtyPages { runs: Vec<Run>, last: bool },
 }
 
 /// What the reader tells the control thread.
@@ -105,6 +109,9 @@ pub(crate) struct ReaderIo {
     pub events: Sender<ReaderEvent>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
+    /// Guest memory for `DirtyPages` frames, and the device whose stream carries them: that
+    /// device's `EndOfDevice` waits for [`ReaderCmd::DirtyPages`] with `last` set.
+    pub guest: Option<(Arc<dyn GuestMemoryAccess>, u16)>,
 }
 
 /// First re-poll delay after PRE_COPY said "nothing now", and the most it backs off to.
@@ -118,6 +125,8 @@ enum DevPhase {
     Reading,
     WantQuiesce,
     Quiesced,
+    /// STOP_COPY ended; `EndOfDevice` waits for the last dirty guest pages.
+    EndHeld,
     Done,
 }
 
@@ -137,6 +146,8 @@ struct Dev {
     retry_at: Option<Instant>,
     backoff: Duration,
     last_progress: Instant,
+    /// This device carries the dirty guest pages: its end waits for the last of them.
+    hold_end: bool,
 }
 
 /// The reader loop. Returns when every device it was given has ended and the command channel
@@ -189,7 +200,7 @@ fn reader_loop(
     devs: &mut [Option<Dev>],
     cmds_open: &mut bool,
 ) -> Result<(), PipelineError> {
-    let (pool, names, io, timeout) = (ctx.pool, ctx.names, ctx.io, ctx.timeout);
+    let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
     loop {
         if io.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -197,7 +208,7 @@ fn reader_loop(
         // Commands.
         loop {
             match io.cmds.try_recv() {
-                Ok(cmd) => apply(cmd, names, devs)?,
+                Ok(cmd) => apply(cmd, ctx, devs)?,
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     *cmds_open = false;
@@ -222,7 +233,7 @@ fn reader_loop(
                 continue;
             }
             match dev.phase {
-                DevPhase::Done | DevPhase::Quiesced => continue,
+                DevPhase::Done | DevPhase::Quiesced | DevPhase::EndHeld => continue,
                 DevPhase::WantQuiesce => {
                     quiesce(i, dev, ctx)?;
                     continue;
@@ -268,7 +279,7 @@ fn reader_loop(
         if ring.in_flight() == 0 {
             let wait = next_wake.saturating_duration_since(Instant::now());
             match io.cmds.recv_timeout(wait) {
-                Ok(cmd) => apply(cmd, names, devs)?,
+                Ok(cmd) => apply(cmd, ctx, devs)?,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => *cmds_open = false,
             }
@@ -313,7 +324,8 @@ fn phase_of(mode: ReadMode) -> Phase {
     }
 }
 
-fn apply(cmd: ReaderCmd, names: &[String], devs: &mut [Option<Dev>]) -> Result<(), PipelineError> {
+fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), PipelineError> {
+    let names = ctx.names;
     let slot = |d: u16, devs: &mut [Option<Dev>]| -> Result<usize, PipelineError> {
         let i = usize::from(d);
         if i < devs.len() {
@@ -338,6 +350,7 @@ fn apply(cmd: ReaderCmd, names: &[String], devs: &mut [Option<Dev>]) -> Result<(
                 retry_at: None,
                 backoff: PRECOPY_POLL_MIN,
                 last_progress: Instant::now(),
+                hold_end: ctx.io.guest.as_ref().is_some_and(|(_, c)| *c == device),
             });
         }
         ReaderCmd::EndPreCopy { device } => {
@@ -360,6 +373,75 @@ fn apply(cmd: ReaderCmd, names: &[String], devs: &mut [Option<Dev>]) -> Result<(
                 d.last_progress = Instant::now();
             }
         }
+        ReaderCmd::DirtyPages { runs, last } => {
+            let Some((guest, carrier)) = ctx.io.guest.as_ref() else {
+                return Err(PipelineError::StageLost { stage: "reader" });
+            };
+            let i = slot(*carrier, devs)?;
+            let Some(dev) = devs[i].as_mut() else {
+                return Err(PipelineError::StageLost { stage: "reader" });
+            };
+            ship_pages(*carrier, dev, guest.as_ref(), &runs, ctx)?;
+            if last {
+                dev.hold_end = false;
+                if dev.phase == DevPhase::EndHeld {
+                    end_of_stream(*carrier, dev, ctx)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads dirty guest pages into pool slots (runs of contiguous pages, one slot each) and hands
+/// them to the codec stage as `DirtyPages` chunks of the carrier's stream.
+fn ship_pages(
+    device: u16,
+    dev: &mut Dev,
+    guest: &dyn GuestMemoryAccess,
+    runs: &[Run],
+    ctx: &Ctx<'_>,
+) -> Result<(), PipelineError> {
+    let max_pages = (ctx.chunk as u64 / GUEST_PAGE).max(1);
+    let pieces = runs.iter().flat_map(|&(start, pages)| {
+        (0..pages.div_ceil(max_pages)).map(move |k| {
+            let first = k * max_pages;
+            (start + first * GUEST_PAGE, (pages - first).min(max_pages))
+        })
+    });
+    for (gpa, n) in pieces {
+        let mut buf = ctx
+            .pool
+            .acquire(ctx.timeout)
+            .map_err(|source| PipelineError::Pool {
+                stage: "reader (guest pages)",
+                source,
+            })?;
+        // `n <= max_pages`, so `len <= chunk`, a usize.
+        let len = usize::try_from(n * GUEST_PAGE).unwrap_or(usize::MAX);
+        guest
+            .read(gpa, &mut buf.spare_mut()[..len])
+            .map_err(|source| PipelineError::Guest { gpa, source })?;
+        buf.set_len(len);
+        if let Some(c) = ctx.io.counters.device(device) {
+            DeviceCounters::add(&c.guest, len);
+        }
+        let chunk = RawChunk {
+            device,
+            seq: dev.seq,
+            kind: FrameKind::DirtyPages,
+            offset: gpa,
+            buf,
+        };
+        dev.seq += 1;
+        ctx.io
+            .chunks
+            .send_timeout(chunk, ctx.timeout)
+            .map_err(|_| PipelineError::Timeout {
+                phase: phase_of(dev.mode),
+                what: "the codec stage to take guest pages",
+                waited: ctx.timeout,
+            })?;
     }
     Ok(())
 }
@@ -403,7 +485,11 @@ fn completed(
             } else {
                 drop(buf);
             }
-            end_of_stream(device, dev, ctx)?;
+            if dev.hold_end {
+                dev.phase = DevPhase::EndHeld;
+            } else {
+                end_of_stream(device, dev, ctx)?;
+            }
         }
         ReadMode::StopCopy if errno == libc::EAGAIN => {
             // O_NONBLOCK drivers (mlx5): not ready yet.

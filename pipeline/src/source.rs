@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
 use vfmig_wire::{FrameHeader, FrameKind};
 
 use crate::api::{
@@ -19,13 +19,15 @@ use crate::api::{
 };
 use crate::codec::{chunk_len, Adaptive, Choice};
 use crate::error::{AbortReason, Phase, PipelineError};
+use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
 use crate::stats::{Counters, DeviceCounters};
 
 /// How often the control loop looks at the device, the peer and the stages.
 const TICK: Duration = Duration::from_millis(10);
-/// How often PRE_COPY progress (`precopy_info`) is sampled.
+/// How often pre-copy throughput is measured and the dirty guest-page log is read
+/// (`precopy_info` is read every control tick).
 const PRECOPY_SAMPLE: Duration = Duration::from_millis(50);
 
 impl FrameSink for SendSession {
@@ -120,6 +122,8 @@ impl Stages {
                 events: ev_tx,
                 counters: counters.clone(),
                 stop: stop.clone(),
+                // Dirty guest pages travel on device 0's stream, so one sequence orders them.
+                guest: opts.guest_memory.clone().map(|g| (g, 0)),
             };
             let pool = pool.clone();
             threads.push(spawn(
@@ -351,6 +355,10 @@ impl<D: MigrationDevice> SourceSession<D> {
                 .iter()
                 .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
         let mut watch = Watch::new(started, &self.opts);
+        let mut tracker = match self.opts.guest_memory.clone() {
+            Some(g) => Some(DirtyTracker::start(g, &mut self.devices)?),
+            None => None,
+        };
         if precopy {
             for (i, d) in self.devices.iter_mut().enumerate() {
                 let fd = Self::set(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
@@ -367,7 +375,15 @@ impl<D: MigrationDevice> SourceSession<D> {
                     mode: ReadMode::PreCopy,
                 })?;
             }
-            self.precopy_until_switchover(session, stages, runs, &mut watch)?;
+            if let Some(t) = &tracker {
+                if self.opts.guest_full_copy {
+                    stages.cmd(ReaderCmd::DirtyPages {
+                        runs: t.all_runs(),
+                        last: false,
+                    })?;
+                }
+            }
+            self.precopy_until_switchover(session, stages, runs, &mut watch, &mut tracker)?;
             for i in 0..self.devices.len() {
                 stages.cmd(ReaderCmd::EndPreCopy {
                     device: dev_index(i),
@@ -417,6 +433,21 @@ impl<D: MigrationDevice> SourceSession<D> {
                 })?;
             }
         }
+        if let Some(mut t) = tracker {
+            // Every device is stopped: no more DMA. The final report closes the dirty log.
+            if self.opts.guest_full_copy && !precopy {
+                stages.cmd(ReaderCmd::DirtyPages {
+                    runs: t.all_runs(),
+                    last: false,
+                })?;
+            }
+            let last = t.collect(&mut self.devices);
+            stages.cmd(ReaderCmd::DirtyPages {
+                runs: last,
+                last: true,
+            })?;
+            t.stop(&mut self.devices);
+        }
         watch.progressed();
         while !runs.iter().all(|r| r.stopped) {
             self.tick(session, stages, runs, &mut watch, Phase::StopCopy)?;
@@ -448,17 +479,29 @@ impl<D: MigrationDevice> SourceSession<D> {
         stages: &Stages,
         runs: &mut [DevRun],
         watch: &mut Watch,
+        tracker: &mut Option<DirtyTracker>,
     ) -> Result<(), PipelineError> {
         let begun = Instant::now();
         let mut last_sample = Instant::now() - PRECOPY_SAMPLE;
         let mut rate = RateMeter::new(stages.counters.total_raw());
+        let mut bps = 0.0;
+        // Total raw bytes when `initial_bytes` reached 0 on every device.
+        let mut initial_done_at: Option<u64> = None;
         loop {
             self.tick(session, stages, runs, watch, Phase::PreCopy)?;
-            if last_sample.elapsed() < PRECOPY_SAMPLE {
-                continue;
+            if last_sample.elapsed() >= PRECOPY_SAMPLE {
+                last_sample = Instant::now();
+                bps = rate.sample(stages.counters.total_raw());
+                if let Some(t) = tracker.as_mut() {
+                    let dirty = t.collect(&mut self.devices);
+                    if !dirty.is_empty() {
+                        stages.cmd(ReaderCmd::DirtyPages {
+                            runs: dirty,
+                            last: false,
+                        })?;
+                    }
+                }
             }
-            last_sample = Instant::now();
-            let bps = rate.sample(stages.counters.total_raw());
             let mut initial_left = 0u64;
             let mut stop_copy = 0u64;
             for (i, d) in self.devices.iter_mut().enumerate() {
@@ -485,7 +528,12 @@ impl<D: MigrationDevice> SourceSession<D> {
             let within_budget = stop_copy == 0
                 || (bps > 0.0
                     && Duration::from_secs_f64(stop_copy as f64 / bps) <= self.opts.max_downtime);
-            if within_budget || begun.elapsed() >= self.opts.max_precopy {
+            // Re-sending more than twice what STOP_COPY would send means the devices dirty
+            // state faster than it can be sent: pre-copy does not converge, stop it.
+            let raw = stages.counters.total_raw();
+            let resent = raw - *initial_done_at.get_or_insert(raw);
+            let not_converging = resent > stop_copy.saturating_mul(2);
+            if within_budget || not_converging || begun.elapsed() >= self.opts.max_precopy {
                 return Ok(());
             }
         }
@@ -606,6 +654,12 @@ impl<D: MigrationDevice> SourceSession<D> {
 
     /// Walks every device back to RUNNING (reset first if it is in ERROR or the walk fails).
     fn roll_back(&mut self) {
+        if self.opts.guest_memory.is_some() {
+            for d in &mut self.devices {
+                // Not logging (never started, or already stopped) is fine here.
+                let _ = d.dma_logging_stop();
+            }
+        }
         self.rollback = self.devices.iter_mut().map(roll_back_one).collect();
     }
 }
@@ -676,6 +730,7 @@ pub(crate) fn build_report(
                 zero_chunks: DeviceCounters::load(&c.zero_chunks),
                 raw_chunks: DeviceCounters::load(&c.raw_chunks),
                 compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
+                guest_page_bytes: DeviceCounters::load(&c.guest),
                 final_state,
             }
         })
@@ -816,6 +871,85 @@ impl Watch {
             true
         } else {
             false
+        }
+    }
+}
+
+/// Device DMA dirty tracking over the VMM's guest memory (`DMA_LOGGING_START/REPORT/STOP`).
+struct DirtyTracker {
+    ranges: Vec<IovaRange>,
+    /// Devices with logging on, and the page size each chose.
+    logging: Vec<(usize, u64)>,
+}
+
+impl std::fmt::Debug for DirtyTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyTracker")
+            .field("ranges", &self.ranges.len())
+            .field("logging", &self.logging)
+            .finish()
+    }
+}
+
+impl DirtyTracker {
+    /// Starts logging on every device that supports it.
+    fn start<D: MigrationDevice>(
+        guest: Arc<dyn GuestMemoryAccess>,
+        devices: &mut [D],
+    ) -> Result<DirtyTracker, PipelineError> {
+        let ranges = guest.ranges();
+        let mut logging = Vec::new();
+        for (i, d) in devices.iter_mut().enumerate() {
+            match d.dma_logging_start(&ranges, GUEST_PAGE) {
+                Ok(page_size) => logging.push((i, page_size)),
+                Err(DeviceError::Unsupported { .. }) => {}
+                Err(source) => {
+                    return Err(PipelineError::Device {
+                        device: d.name().to_owned(),
+                        phase: Phase::Setup,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(DirtyTracker { ranges, logging })
+    }
+
+    /// Every page of guest memory.
+    fn all_runs(&self) -> Vec<Run> {
+        self.ranges
+            .iter()
+            .map(|r| (r.iova, r.length / GUEST_PAGE))
+            .collect()
+    }
+
+    /// Reads and clears every device's log. A report that fails makes its whole range dirty
+    /// (the uAPI says to treat the log as corrupt).
+    fn collect<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Run> {
+        let mut runs = Vec::new();
+        for &(i, page_size) in &self.logging {
+            let Some(d) = devices.get_mut(i) else {
+                continue;
+            };
+            for &r in &self.ranges {
+                let bits = r.length.div_ceil(page_size.max(1));
+                let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX);
+                let mut bitmap = vec![0u64; words];
+                match d.dma_logging_report(r.iova, r.length, page_size, &mut bitmap) {
+                    Ok(()) => bitmap_runs(r, page_size, &bitmap, &mut runs),
+                    Err(_) => runs.push((r.iova, r.length / GUEST_PAGE)),
+                }
+            }
+        }
+        merge_runs(runs)
+    }
+
+    fn stop<D: MigrationDevice>(&self, devices: &mut [D]) {
+        for &(i, _) in &self.logging {
+            if let Some(d) = devices.get_mut(i) {
+                // Logging ends with the devices' stop anyway; a failed STOP loses nothing.
+                let _ = d.dma_logging_stop();
+            }
         }
     }
 }

@@ -197,6 +197,8 @@ pub(crate) fn send_loop(
 pub(crate) enum Incoming {
     /// Decoded device state.
     Data(Decoded),
+    /// Decoded dirty guest pages starting at `gpa`.
+    Pages { gpa: u64, data: Decoded },
     /// The source left PRE_COPY after `raw` bytes.
     PreCopyDone { raw: u64 },
     /// The stream ended: the source's totals.
@@ -260,7 +262,14 @@ pub(crate) fn decode_worker(
             InItem {
                 device: h.device,
                 seq: h.seq,
-                item: Incoming::Data(decoded),
+                item: if h.kind == FrameKind::DirtyPages {
+                    Incoming::Pages {
+                        gpa: h.arg,
+                        data: decoded,
+                    }
+                } else {
+                    Incoming::Data(decoded)
+                },
             },
             timeout,
         )

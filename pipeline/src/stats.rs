@@ -35,6 +35,8 @@ pub(crate) struct DeviceCounters {
     pub wire: AtomicU64,
     /// Raw bytes of the PRE_COPY part of the stream.
     pub precopy_raw: AtomicU64,
+    /// Bytes of dirty guest pages shipped (source) or applied (destination).
+    pub guest: AtomicU64,
     /// Chunks that were all zero, sent raw after the probe, compressed.
     pub zero_chunks: AtomicU64,
     pub raw_chunks: AtomicU64,

@@ -13,6 +13,7 @@ use vfmig_transport::{BufPool, PoolBuf};
 
 use crate::codec::Decoded;
 use crate::error::{Phase, PipelineError};
+use crate::guest::GuestMemoryAccess;
 use crate::reseq::Resequencer;
 use crate::stages::{InItem, Incoming, POLL};
 use crate::stats::{Counters, DeviceCounters};
@@ -62,9 +63,11 @@ const WINDOW: u64 = 256;
 
 /// The writer loop; reports through `events` and returns when the input closes with every stream
 /// ended, on `stop`, or after a failure.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     pool: BufPool,
     devices: Vec<WriterDevice>,
+    guest: Option<Arc<dyn GuestMemoryAccess>>,
     items: Receiver<InItem>,
     events: Sender<WriterEvent>,
     counters: Arc<Counters>,
@@ -95,25 +98,36 @@ pub(crate) fn run(
             last_progress: Instant::now(),
         })
         .collect();
-    let r = write_loop(
-        &pool, &mut ring, &mut devs, &items, &events, &counters, &stop, timeout,
-    );
+    let ctx = Ctx {
+        pool: &pool,
+        guest: guest.as_deref(),
+        events: &events,
+        counters: &counters,
+        timeout,
+    };
+    let r = write_loop(&ctx, &mut ring, &mut devs, &items, &stop);
     if let Err(e) = r {
         let _ = events.send(WriterEvent::Failed(e));
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every step of the writer needs.
+struct Ctx<'a> {
+    pool: &'a BufPool,
+    guest: Option<&'a dyn GuestMemoryAccess>,
+    events: &'a Sender<WriterEvent>,
+    counters: &'a Counters,
+    timeout: Duration,
+}
+
 fn write_loop(
-    pool: &BufPool,
+    ctx: &Ctx<'_>,
     ring: &mut DataRing,
     devs: &mut [WDev],
     items: &Receiver<InItem>,
-    events: &Sender<WriterEvent>,
-    counters: &Counters,
     stop: &AtomicBool,
-    timeout: Duration,
 ) -> Result<(), PipelineError> {
+    let (counters, timeout) = (ctx.counters, ctx.timeout);
     let mut open = true;
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -138,7 +152,7 @@ fn write_loop(
             if dev.done || ring.is_in_flight(i as u64) {
                 continue;
             }
-            advance(device, dev, pool, ring, events, timeout)?;
+            advance(device, dev, ctx, ring)?;
         }
         counters.fd_stage.add_since(t0);
         if !open && devs.iter().all(|d| d.done) {
@@ -200,7 +214,7 @@ fn write_loop(
                 });
             }
             // Submit the remainder (or the next item) right away.
-            advance(device, dev, pool, ring, events, timeout)?;
+            advance(device, dev, ctx, ring)?;
         }
         counters.fd_stage.add_since(t0);
         for (i, dev) in devs.iter().enumerate() {
@@ -229,16 +243,44 @@ fn park(devs: &mut [WDev], it: InItem) -> Result<(), PipelineError> {
         .map_err(|source| PipelineError::Sequence { device, source })
 }
 
+/// Writes decoded dirty pages into guest memory; returns the bytes written.
+fn apply_pages(
+    guest: &dyn GuestMemoryAccess,
+    gpa: u64,
+    data: &Decoded,
+) -> Result<usize, PipelineError> {
+    match data {
+        Decoded::Data(buf) => {
+            guest
+                .write(gpa, buf.as_slice())
+                .map_err(|source| PipelineError::Guest { gpa, source })?;
+            Ok(buf.len())
+        }
+        Decoded::Zero(n) => {
+            let zero = [0u8; 4096];
+            let mut at = 0;
+            while at < *n {
+                let len = (*n - at).min(zero.len());
+                let addr = gpa + at as u64;
+                guest
+                    .write(addr, &zero[..len])
+                    .map_err(|source| PipelineError::Guest { gpa: addr, source })?;
+                at += len;
+            }
+            Ok(*n)
+        }
+    }
+}
+
 /// Keeps a device's fd busy: resubmits a partly written buffer, or takes the next items in order
 /// (markers are handled on the spot) until one needs a write.
 fn advance(
     device: u16,
     dev: &mut WDev,
-    pool: &BufPool,
+    ctx: &Ctx<'_>,
     ring: &mut DataRing,
-    events: &Sender<WriterEvent>,
-    timeout: Duration,
 ) -> Result<(), PipelineError> {
+    let (pool, events, timeout) = (ctx.pool, ctx.events, ctx.timeout);
     loop {
         if let Some((buf, at)) = dev.pending.take() {
             let len = buf.len() - at;
@@ -269,6 +311,17 @@ fn advance(
                 buf.set_len(n);
                 dev.hasher.update(buf.as_slice());
                 dev.pending = Some((buf, 0));
+            }
+            Incoming::Pages { gpa, data } => {
+                let guest = ctx.guest.ok_or(PipelineError::UnexpectedFrame {
+                    kind: vfmig_wire::FrameKind::DirtyPages,
+                    device,
+                    phase: Phase::Resume,
+                })?;
+                let n = apply_pages(guest, gpa, &data)?;
+                if let Some(c) = ctx.counters.device(device) {
+                    DeviceCounters::add(&c.guest, n);
+                }
             }
             Incoming::PreCopyDone { raw } => {
                 let _ = events.send(WriterEvent::PreCopyDone { device, raw });

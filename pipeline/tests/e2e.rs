@@ -12,7 +12,8 @@ use vfmig_pipeline::{
 };
 use vfmig_transport::{Listener, SessionConfig};
 use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, FailArc, Faults, P2pFabric, Profile, Quirks, StopCopyFd,
+    EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
+    StopCopyFd,
 };
 use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
 
@@ -484,4 +485,59 @@ fn cancel_from_another_thread_rolls_back_both_sides() {
     ));
     let mut srcs = session.into_devices();
     assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
+    for precopy in [true, false] {
+        let src = EmulatedDevice::new(EmulatedConfig {
+            name: "emu0".into(),
+            size: 4 << 20,
+            precopy: Some(u64::MAX),
+            guest: Some(GuestConfig {
+                iova: 0x4000_0000,
+                len: 4 << 20,
+                dma_pages_per_sec: 5000,
+            }),
+            ..EmulatedConfig::default()
+        })
+        .unwrap();
+        let src_guest = src.guest_memory().unwrap();
+        let dst = src.destination().unwrap();
+        let dst_guest = dst.guest_memory().unwrap();
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr();
+        let dg = dst_guest.clone();
+        let dest = thread::spawn(move || {
+            let mut s = DestinationSession::new(
+                vec![dst],
+                DestinationOptions {
+                    guest_memory: Some(dg),
+                    ..destination_options()
+                },
+            );
+            s.run(&listener)
+        });
+        // Let the device dirty some guest memory by DMA first.
+        thread::sleep(Duration::from_millis(50));
+        let mut session = SourceSession::new(
+            vec![src],
+            SourceOptions {
+                precopy,
+                guest_memory: Some(src_guest.clone()),
+                guest_full_copy: true,
+                ..source_options()
+            },
+        );
+        let report = session.run(addr).unwrap();
+        dest.join().unwrap().unwrap();
+        let devs = session.into_devices();
+        assert!(devs[0].stats().dma_pages_written > 0, "the device did DMA");
+        assert!(report.devices[0].guest_page_bytes >= 4 << 20);
+        assert_eq!(
+            src_guest.digest(),
+            dst_guest.digest(),
+            "precopy={precopy}: guest memory differs"
+        );
+    }
 }
