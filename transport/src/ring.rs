@@ -562,9 +562,7 @@ impl Engine {
 
     /// One round: take requests, submit, wait, complete, check time limits.
     fn turn(&mut self, wake_file: &Arc<File>) -> Result<Step, TransportError> {
-        if let Some(step) = self.take_urgent()? {
-            return Ok(step);
-        }
+        self.take_urgent();
         self.take_frames();
         self.deliver()?;
         self.admit_waiting()?;
@@ -599,7 +597,7 @@ impl Engine {
         self.check_time(Instant::now())
     }
 
-    fn take_urgent(&mut self) -> Result<Option<Step>, TransportError> {
+    fn take_urgent(&mut self) {
         match self.urgent_rx.try_recv() {
             Ok(Urgent::Close) => {
                 if self.closing_since.is_none() {
@@ -607,29 +605,36 @@ impl Engine {
                 }
             }
             Ok(Urgent::Abort { reason, detail }) => {
-                if self.aborting.is_none() {
-                    // Whatever the peer does next (it closes on our abort), this is the outcome.
-                    self.shared.set_failure(TransportError::Aborted { reason });
-                    self.aborting = Some((reason, Instant::now()));
-                    for c in &mut self.conns {
-                        // Queued data is moot now; the abort goes out first on every connection.
-                        c.queue.clear();
-                        c.queued_bytes = 0;
-                        if !c.wr_shut {
-                            c.queue.push_back(abort_frame(reason, detail.clone()));
-                        }
-                    }
-                }
+                // Whatever the peer does next (it closes on our abort), this is the outcome.
+                self.shared.set_failure(TransportError::Aborted { reason });
+                self.start_abort(reason, detail);
             }
             Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => {
-                // Every handle is gone.
+                // Every handle is gone without close(): tell the peer this is no clean end.
                 if self.closing_since.is_none() {
-                    return Ok(Some(Step::Done(TransportError::Cancelled)));
+                    self.shared.set_failure(TransportError::Cancelled);
+                    let reason = u16::try_from(vfmig_wire::AbortReason::Cancelled.to_u64())
+                        .unwrap_or(u16::MAX);
+                    self.start_abort(reason, b"session dropped".to_vec());
                 }
             }
         }
-        Ok(None)
+    }
+
+    fn start_abort(&mut self, reason: u16, detail: Vec<u8>) {
+        if self.aborting.is_some() {
+            return;
+        }
+        self.aborting = Some((reason, Instant::now()));
+        for c in &mut self.conns {
+            // Queued data is moot now; the abort goes out first on every connection.
+            c.queue.clear();
+            c.queued_bytes = 0;
+            if !c.wr_shut {
+                c.queue.push_back(abort_frame(reason, detail.clone()));
+            }
+        }
     }
 
     /// Moves frames from the session queue to the least-loaded connections.

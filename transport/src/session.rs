@@ -208,6 +208,10 @@ impl Core {
 }
 
 /// The source side of a session.
+///
+/// Dropping it without [`SendSession::close`] aborts the session: queued frames are discarded
+/// and the destination gets [`TransportError::PeerAborted`] with reason
+/// `AbortReason::Cancelled` (best effort, in the background).
 #[derive(Debug)]
 pub struct SendSession {
     core: Core,
@@ -509,6 +513,9 @@ impl Listener {
 }
 
 /// The destination side of a session.
+///
+/// Dropping it before the source closed aborts the session (the source gets
+/// [`TransportError::PeerAborted`]).
 #[derive(Debug)]
 pub struct RecvSession {
     core: Core,
@@ -533,7 +540,10 @@ impl RecvSession {
 
     /// The next frame: CRC-verified, each device's sequenced frames in sequence order, other
     /// frames as they come. After the source closed cleanly and every frame was delivered:
-    /// [`TransportError::Closed`]. Waits at most `timeout` ([`TransportError::Timeout`]).
+    /// [`TransportError::Closed`] (a transport-level fact: whether every device stream is complete
+    /// is for the caller to check, from `EndOfDevice`). Waits at most `timeout`
+    /// ([`TransportError::Timeout`]). After a failure, frames not yet taken are dropped and the
+    /// failure is returned.
     pub fn recv(&self, timeout: Duration) -> Result<Frame, TransportError> {
         self.core.recv(timeout)?.ok_or(TransportError::Timeout {
             after: timeout,

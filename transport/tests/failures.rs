@@ -479,3 +479,18 @@ fn frames_above_the_agreed_payload_or_unknown_devices_are_refused_locally() {
         Err(TransportError::InvalidFrame { .. })
     ));
 }
+
+#[test]
+fn dropping_a_session_without_close_aborts_the_peer() {
+    let (l, addr) = listen();
+    let dst = accept_in_thread(l, cfg(2));
+    let src = SendSession::connect(addr, &cfg(2), devices(1)).unwrap();
+    let dst = dst.join().unwrap().unwrap();
+    // Dropping is not closing: queued frames are discarded and the peer learns why.
+    drop(src);
+    let r = dst.recv(Duration::from_secs(5));
+    assert!(
+        matches!(&r, Err(TransportError::PeerAborted { reason: 1, detail }) if detail == "session dropped"),
+        "{r:?}"
+    );
+}
