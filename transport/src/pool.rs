@@ -158,6 +158,11 @@ impl BufPool {
         }
     }
 
+    /// Whether `buf` is a slot of this pool (and not of another pool with the same geometry).
+    pub fn owns(&self, buf: &PoolBuf) -> bool {
+        Arc::ptr_eq(&self.inner, &buf.pool)
+    }
+
     /// One iovec per slot, in index order, for `Submitter::register_buffers`. The memory stays
     /// mapped as long as any clone of this pool or any of its buffers lives; a ring that
     /// registered these must not outlive the pool (hold a clone next to the ring).
@@ -298,6 +303,18 @@ mod tests {
             pool.acquire(Duration::from_millis(5)),
             Err(PoolError::Exhausted { slots: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_pool_owns_only_its_own_buffers() {
+        let (a, b) = (
+            BufPool::new(1, 4096).unwrap(),
+            BufPool::new(1, 4096).unwrap(),
+        );
+        let x = a.try_acquire().unwrap();
+        assert!(a.owns(&x));
+        assert!(!b.owns(&x));
+        assert!(a.clone().owns(&x));
     }
 
     #[test]

@@ -754,7 +754,10 @@ impl Engine {
         } else {
             hdr_sqe = hdr_sqe.flags(squeue::Flags::IO_LINK);
             let zc_index = match &frame.payload {
-                OutPayload::Pool(b) if plen >= self.p.zerocopy_min => Some(b.index()),
+                // Only slots of the registered pool can go out as fixed buffers.
+                OutPayload::Pool(b) if plen >= self.p.zerocopy_min && self.pool.owns(b) => {
+                    Some(b.index())
+                }
                 _ => None,
             };
             let ptr = frame.payload.as_ptr();

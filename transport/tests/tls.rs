@@ -61,10 +61,16 @@ fn tls_round_trip_with_mutual_certificates_restores_order() {
     let client = leaf(dir.path(), "client", &ca1);
     let trust = server.2.clone();
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, tls_cfg(3, server, &trust));
-    let src = SendSession::connect(addr, &tls_cfg(3, client, &trust), devices(2)).unwrap();
+    // A PSK inside TLS as well: both layers authenticate.
+    let psk = |c: SessionConfig| SessionConfig {
+        auth: vfmig_transport::AuthConfig::Psk(b"inner key".to_vec()),
+        ..c
+    };
+    let dst = accept_in_thread(l, psk(tls_cfg(3, server, &trust)));
+    let src = SendSession::connect(addr, &psk(tls_cfg(3, client, &trust)), devices(2)).unwrap();
     let dst = dst.join().unwrap().unwrap();
     assert_eq!(dst.agreed().streams, 3);
+    assert!(dst.agreed().authenticated && src.agreed().authenticated);
     let rx = std::thread::spawn(move || {
         let mut next = [0u64; 2];
         loop {
