@@ -54,9 +54,9 @@ const ATTR_TTL: Duration = Duration::from_secs(3600);
 
 /// What a data fd is backed by: the device side of one stream.
 pub(crate) trait StreamHandler: Send + Sync {
-    /// Fills `out` (cleared by the caller) with at most `size` bytes; an errno on failure.
-    /// `Ok` with an empty `out` is end of stream (read returns 0).
-    fn read(&self, size: usize, out: &mut Vec<u8>) -> Result<(), i32>;
+    /// Fills the front of `out` (the READ size); returns the bytes filled or an errno.
+    /// `Ok(0)` is end of stream (read returns 0).
+    fn read(&self, out: &mut [u8]) -> Result<usize, i32>;
     /// Consumes `data`; returns how many bytes were taken or an errno.
     fn write(&self, data: &[u8]) -> Result<usize, i32>;
 }
@@ -225,12 +225,55 @@ impl Filesystem for Fs {
     }
 }
 
+/// Huge page size: the reply buffer is aligned to it so the kernel pins one folio, not 256 pages,
+/// when it copies a 1 MiB reply.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A reply buffer of at least `len` bytes in a 2 MiB-aligned, `MADV_HUGEPAGE` anonymous mapping.
+struct ReplyBuf {
+    map: memmap2::MmapMut,
+    start: usize,
+    len: usize,
+}
+
+impl ReplyBuf {
+    fn new(len: usize) -> io::Result<ReplyBuf> {
+        let len = len.max(1).div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        let map = memmap2::MmapMut::map_anon(len + HUGE_PAGE)?;
+        // Best effort: without transparent huge pages the buffer still works.
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let start = (HUGE_PAGE - map.as_ptr() as usize % HUGE_PAGE) % HUGE_PAGE;
+        Ok(ReplyBuf { map, start, len })
+    }
+
+    fn get(&mut self, size: usize) -> io::Result<&mut [u8]> {
+        if size > self.len {
+            *self = ReplyBuf::new(size)?;
+        }
+        Ok(&mut self.map[self.start..self.start + size])
+    }
+}
+
 fn read_worker(handler: Arc<dyn StreamHandler>, rx: Receiver<(u32, ReplyData)>) {
-    let mut buf = Vec::new();
+    let mut buf: Option<ReplyBuf> = None;
     for (size, reply) in rx {
-        buf.clear();
-        match handler.read(size as usize, &mut buf) {
-            Ok(()) => reply.data(&buf),
+        let size = size as usize;
+        let slot = match &mut buf {
+            Some(b) => b.get(size),
+            None => ReplyBuf::new(size).and_then(|b| {
+                let b = buf.insert(b);
+                b.get(size)
+            }),
+        };
+        let out = match slot {
+            Ok(out) => out,
+            Err(_) => {
+                reply.error(libc::ENOMEM);
+                continue;
+            }
+        };
+        match handler.read(out) {
+            Ok(n) => reply.data(&out[..n]),
             Err(errno) => reply.error(errno),
         }
     }

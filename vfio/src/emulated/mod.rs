@@ -366,7 +366,7 @@ impl Core {
 
     /// Builds the next record of the saving stream: appended to `out` when `direct` (it fits
     /// whole), else into `s.cur` to be read out piecewise. False when nothing is pending.
-    fn next_record(&mut self, stop_copy: bool, out: &mut Vec<u8>, direct: bool) -> bool {
+    fn next_record(&mut self, stop_copy: bool, out: &mut SliceSink<'_>, direct: bool) -> bool {
         let Some(Stream::Save(mut s)) = self.stream.take() else {
             return false;
         };
@@ -392,7 +392,7 @@ impl Core {
         &mut self,
         s: &mut SaveStream,
         stop_copy: bool,
-        dst: &mut Vec<u8>,
+        dst: &mut dyn Sink,
     ) -> Option<Class> {
         if !s.hello_sent {
             let p = format::hello_payload(self.cfg.size, self.block_size, self.blocks);
@@ -433,9 +433,8 @@ impl Core {
         let len = Self::vidx(self.block_len(i));
         let k = Self::vidx(i);
         let version = self.versions[k];
-        let start = dst.len();
-        dst.resize(start + HEADER_LEN + len, 0);
-        let payload = &mut dst[start + HEADER_LEN..];
+        let rec = dst.grow(HEADER_LEN + len);
+        let (hdr_slot, payload) = rec.split_at_mut(HEADER_LEN);
         content::fill_range(
             self.cfg.profile,
             self.cfg.seed,
@@ -454,14 +453,15 @@ impl Core {
             len: u32::try_from(len).unwrap_or(u32::MAX),
             payload_hash: h,
         });
-        dst[start..start + HEADER_LEN].copy_from_slice(&hdr);
+        hdr_slot.copy_from_slice(&hdr);
         s.seq += 1;
         s.payload_bytes += len as u64;
         Some(class)
     }
 
     /// A READ of `size` bytes on saving stream `id`.
-    fn read_stream(&mut self, id: u64, size: usize, out: &mut Vec<u8>) -> Result<(), i32> {
+    fn read_stream(&mut self, id: u64, buf: &mut [u8]) -> Result<usize, i32> {
+        let size = buf.len();
         self.tick();
         let state = self.state;
         let quirks = self.cfg.quirks;
@@ -493,33 +493,33 @@ impl Core {
         }
         let limit = usize::try_from(limit).unwrap_or(size);
         let max_record = HEADER_LEN + Self::vidx(self.block_size);
-        out.reserve(limit);
-        while out.len() < limit {
+        let mut out = SliceSink { buf, len: 0 };
+        while out.len < limit {
             let s = self.save().ok_or(libc::ENODEV)?;
             if s.cur_pos == s.cur.len() {
-                if quirks.short_reads && !out.is_empty() {
+                if quirks.short_reads && out.len > 0 {
                     break;
                 }
                 // A record that fits whole is generated straight into the reply.
-                let direct = !quirks.short_reads && limit - out.len() >= max_record;
-                if !self.next_record(stop_copy, out, direct) {
+                let direct = !quirks.short_reads && limit - out.len >= max_record;
+                if !self.next_record(stop_copy, &mut out, direct) {
                     break;
                 }
                 continue;
             }
-            let take = (s.cur.len() - s.cur_pos).min(limit - out.len());
-            out.extend_from_slice(&s.cur[s.cur_pos..s.cur_pos + take]);
+            let take = (s.cur.len() - s.cur_pos).min(limit - out.len);
+            out.extend(&s.cur[s.cur_pos..s.cur_pos + take]);
             s.cur_pos += take;
         }
         let s = self.save().ok_or(libc::ENODEV)?;
-        s.offset += out.len() as u64;
-        if out.is_empty() && !stop_copy && size > 0 {
+        s.offset += out.len as u64;
+        if out.len == 0 && !stop_copy && size > 0 {
             return match quirks.precopy_empty_read {
                 PrecopyEmptyRead::Enomsg => Err(libc::ENOMSG),
-                PrecopyEmptyRead::Zero => Ok(()),
+                PrecopyEmptyRead::Zero => Ok(0),
             };
         }
-        Ok(())
+        Ok(out.len)
     }
 
     fn precopy_info(&mut self) -> PrecopyInfo {
@@ -577,12 +577,45 @@ impl Core {
     }
 }
 
+/// Where a record is built: the reply itself (a fixed slice) or the partial-record buffer.
+trait Sink {
+    /// Appends `n` bytes and returns them for the caller to fill completely.
+    fn grow(&mut self, n: usize) -> &mut [u8];
+
+    fn extend(&mut self, data: &[u8]) {
+        self.grow(data.len()).copy_from_slice(data);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let start = self.len();
+        self.resize(start + n, 0);
+        &mut self[start..]
+    }
+}
+
+/// The front of a reply buffer, filled up to `len`.
+struct SliceSink<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Sink for SliceSink<'_> {
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        // Callers only build a whole record here after checking it fits (`max_record`).
+        let start = self.len;
+        self.len += n;
+        &mut self.buf[start..start + n]
+    }
+}
+
 fn push_record(
     s: &mut SaveStream,
     kind: RecordKind,
     index: u64,
     payload: &[u8],
-    dst: &mut Vec<u8>,
+    dst: &mut dyn Sink,
 ) {
     let hdr = format::encode_header(&Header {
         kind,
@@ -592,8 +625,8 @@ fn push_record(
         len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
         payload_hash: xxh3_64(payload),
     });
-    dst.extend_from_slice(&hdr);
-    dst.extend_from_slice(payload);
+    dst.extend(&hdr);
+    dst.extend(payload);
     s.seq += 1;
 }
 
@@ -613,12 +646,12 @@ struct Throttle {
 const MAX_SLOW_DELAY: Duration = Duration::from_secs(10);
 
 impl StreamHandler for SaveHandler {
-    fn read(&self, size: usize, out: &mut Vec<u8>) -> Result<(), i32> {
-        let r = lock(&self.core).read_stream(self.id, size, out);
-        if let (Some(t), Ok(())) = (&self.slow, &r) {
+    fn read(&self, out: &mut [u8]) -> Result<usize, i32> {
+        let r = lock(&self.core).read_stream(self.id, out);
+        if let (Some(t), Ok(n)) = (&self.slow, &r) {
             let due = {
                 let mut t = lock(t);
-                t.bytes += out.len() as u64;
+                t.bytes += *n as u64;
                 let nanos = u128::from(t.bytes) * 1_000_000_000 / u128::from(t.rate.max(1));
                 t.start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
             };
@@ -640,7 +673,7 @@ struct ResumeHandler {
 }
 
 impl StreamHandler for ResumeHandler {
-    fn read(&self, _size: usize, _out: &mut Vec<u8>) -> Result<(), i32> {
+    fn read(&self, _out: &mut [u8]) -> Result<usize, i32> {
         Err(libc::EINVAL)
     }
 
