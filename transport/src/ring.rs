@@ -1065,6 +1065,9 @@ impl Engine {
             });
         }
         self.conns[conn].rx = Rx::Waiting { hdr, raw };
+        if self.reorder.admit(&hdr) == Admit::Park {
+            Counters::add(&self.shared.counters.parks, 1);
+        }
         self.try_admit(conn)
     }
 
@@ -1149,6 +1152,8 @@ impl Engine {
                 };
                 if self.reorder.insert(frame, &mut self.ready)? > 0 {
                     self.last_progress = Instant::now();
+                } else {
+                    Counters::add(&self.shared.counters.frames_held, 1);
                 }
                 Ok(())
             }

@@ -20,6 +20,10 @@ pub struct TransportStats {
     pub zerocopy_copied: u64,
     /// Keepalives sent.
     pub keepalives_sent: u64,
+    /// Received frames that waited in the reorder window for an earlier one.
+    pub frames_held: u64,
+    /// Times a connection was parked because its next frame did not fit in the reorder window.
+    pub parks: u64,
     /// Time during which at least one send was in flight.
     pub send_busy: Duration,
     /// Time the session has existed.
@@ -39,6 +43,8 @@ pub(crate) struct Counters {
     pub(crate) zerocopy_sends: AtomicU64,
     pub(crate) zerocopy_copied: AtomicU64,
     pub(crate) keepalives_sent: AtomicU64,
+    pub(crate) frames_held: AtomicU64,
+    pub(crate) parks: AtomicU64,
     pub(crate) send_busy_ns: AtomicU64,
 }
 
@@ -53,6 +59,8 @@ impl Counters {
             zerocopy_sends: AtomicU64::new(0),
             zerocopy_copied: AtomicU64::new(0),
             keepalives_sent: AtomicU64::new(0),
+            frames_held: AtomicU64::new(0),
+            parks: AtomicU64::new(0),
             send_busy_ns: AtomicU64::new(0),
         }
     }
@@ -78,6 +86,8 @@ impl Counters {
             zerocopy_sends: self.zerocopy_sends.load(Relaxed),
             zerocopy_copied: self.zerocopy_copied.load(Relaxed),
             keepalives_sent: self.keepalives_sent.load(Relaxed),
+            frames_held: self.frames_held.load(Relaxed),
+            parks: self.parks.load(Relaxed),
             send_busy: Duration::from_nanos(busy_ns),
             elapsed: self.started.elapsed(),
             throughput_bps,
