@@ -85,8 +85,8 @@ const PROGRESS_HELP: &str = "\
 PROGRESS:
   When both stdout and stderr are terminals (and neither --json nor --quiet is given), one
   progress bar per device is drawn on stderr with the bytes moved, rate, ETA and phase
-  (connecting, pre-copy, stop-copy, resume, done). When stdout is not a terminal nothing is
-  drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
+  (connecting, pre-copy, stop-copy, resume, verifying, accepted, rollback). When stdout is not
+  a terminal nothing is drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
 
 /// `vfmig`: the command line.
 #[derive(Debug, Parser)]
@@ -180,7 +180,7 @@ pub struct CommonArgs {
     pub streams: Option<u16>,
 
     /// Seconds of silence after which the peer is declared dead; also bounds every wait (connect,
-    /// handshake, a FIFO's writer). Default: 30.
+    /// handshake, a FIFO's writer).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
 
@@ -272,7 +272,7 @@ pub struct SendArgs {
     pub precopy: bool,
 
     /// Downtime budget in milliseconds for pre-copy: the switch to STOP_COPY happens once the
-    /// remaining state is estimated to move within it (default: 300).
+    /// remaining state is estimated to move within it.
     #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub max_downtime: u64,
 
@@ -302,7 +302,7 @@ pub struct RecvArgs {
     #[arg(long, requires = "tls_cert")]
     pub require_client_cert: bool,
 
-    /// Seconds to wait for a source to connect before giving up (exit 1). Default: 600.
+    /// Seconds to wait for a source to connect before giving up (exit 1).
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub accept_timeout: u64,
 

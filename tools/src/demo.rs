@@ -171,7 +171,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
             return Err(e);
         }
     };
-    progress.finish("accepted");
+    let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
+    progress.complete(&raw, "accepted");
 
     // Verification, independent of what the pipeline says: every destination device accepted
     // its state (it is in STOP after RESUMING -> STOP) and holds the same state as its source.

@@ -8,7 +8,10 @@
 //!   and handed out as the data fd. RESUMING -> STOP, which the pipeline issues only after the
 //!   whole stream verified (length and digest), fsyncs it, renames it onto PATH and fsyncs the
 //!   directory. A reset, a failed RESUMING -> STOP or dropping the device removes the temporary
-//!   file, so after a failure nothing is left at PATH (a file that was already there is kept).
+//!   file. The new file is kept only while the device stays in STOP: a reset or a walk from STOP
+//!   back toward RUNNING (how a failed migration leaves its destination devices) undoes the
+//!   rename, restoring what was at PATH before (kept as a hard link until then). So after a
+//!   failure nothing new is left at PATH.
 //!
 //! A file initiates no DMA, so both advertise `VFIO_MIGRATION_P2P` (RUNNING_P2P is RUNNING) and
 //! can be combined with other devices; neither has PRE_COPY or DMA dirty logging.
@@ -342,7 +345,17 @@ pub struct FileSink {
     dir: PathBuf,
     /// The temporary file while RESUMING (and after a failed commit, until removed).
     temp: Option<(PathBuf, File)>,
+    /// Set by a successful RESUMING -> STOP until the device is dropped in STOP (kept) or leaves
+    /// STOP toward RUNNING / is reset (the migration failed after all: undone).
+    committed: Option<Commit>,
     state: DeviceState,
+}
+
+/// A commit that can still be undone.
+#[derive(Debug)]
+struct Commit {
+    /// A hard link to the file that was at PATH before, restored if the commit is undone.
+    backup: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FileSink {
@@ -387,8 +400,19 @@ impl FileSink {
             path,
             dir,
             temp: None,
+            committed: None,
             state: DeviceState::Running,
         })
+    }
+
+    fn side_name(&self, what: &str) -> PathBuf {
+        let base = self
+            .path
+            .file_name()
+            .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(format!(".{base}.vfmig-{}-{n}.{what}", std::process::id()))
     }
 
     fn create_temp(&mut self) -> Result<OwnedFd, io::Error> {
@@ -418,19 +442,60 @@ impl FileSink {
         }
     }
 
-    /// fsync, rename onto PATH, fsync the directory. On error the temporary file is removed.
+    /// fsync, keep a hard link to what is at PATH, rename onto PATH, fsync the directory. On
+    /// error the temporary file is removed and PATH is as before.
     fn commit(&mut self) -> Result<(), io::Error> {
         let Some((temp, file)) = self.temp.take() else {
             return Err(errno(libc::EBADF));
         };
+        let backup = match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.is_file() => Some(self.side_name("old")),
+            _ => None,
+        };
         let result = file
             .sync_all()
+            .and_then(|()| match &backup {
+                Some(b) => fs::hard_link(&self.path, b),
+                None => Ok(()),
+            })
             .and_then(|()| fs::rename(&temp, &self.path))
             .and_then(|()| File::open(&self.dir)?.sync_all());
-        if result.is_err() {
-            let _ = fs::remove_file(&temp);
+        match result {
+            Ok(()) => {
+                self.committed = Some(Commit { backup });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                if let Some(b) = backup {
+                    let _ = fs::remove_file(b);
+                }
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// Undoes a commit: the file that was at PATH before comes back, or PATH is removed.
+    fn uncommit(&mut self) {
+        if let Some(c) = self.committed.take() {
+            let _ = match c.backup {
+                Some(b) => fs::rename(b, &self.path),
+                None => fs::remove_file(&self.path),
+            };
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+        }
+    }
+
+    /// Makes a commit final: the old file's link goes.
+    fn finalize(&mut self) {
+        if let Some(Commit {
+            backup: Some(b), ..
+        }) = self.committed.take()
+        {
+            let _ = fs::remove_file(b);
+        }
     }
 
     fn remove_temp(&mut self) {
@@ -443,6 +508,9 @@ impl FileSink {
 impl Drop for FileSink {
     fn drop(&mut self) {
         self.remove_temp();
+        // Dropped in STOP after RESUMING -> STOP: the migration succeeded, the new file stays.
+        // Anywhere else a commit cannot be pending (leaving STOP undid it).
+        self.finalize();
     }
 }
 
@@ -472,6 +540,13 @@ impl MigrationDevice for FileSink {
                 None
             }
             (DeviceState::Stop, DeviceState::StopCopy) => return Err(errno(libc::EOPNOTSUPP)),
+            // The state is kept only while the device stays in STOP: going back toward RUNNING
+            // is the failure path (how the pipeline leaves its destination devices after a
+            // failure).
+            (DeviceState::Stop, DeviceState::RunningP2p | DeviceState::Running) => {
+                self.uncommit();
+                None
+            }
             _ => None,
         };
         self.state = next;
@@ -522,6 +597,7 @@ impl MigrationDevice for FileSink {
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.remove_temp();
+        self.uncommit();
         self.state = DeviceState::Running;
         Ok(())
     }
@@ -679,6 +755,68 @@ mod tests {
         assert!(
             files_in(dir.path()).is_empty(),
             "drop mid-RESUMING leaves nothing"
+        );
+    }
+
+    #[test]
+    fn sink_walked_back_to_running_after_commit_removes_the_new_file() {
+        // How a failed migration leaves a destination device that was already in STOP (or one the
+        // pipeline walks RESUMING -> STOP -> RUNNING instead of resetting).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("out.bin");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let fd = sink
+            .set_state(DeviceState::Resuming)
+            .expect("walk")
+            .expect("fd");
+        File::from(fd).write_all(b"partial").expect("write");
+        sink.set_state(DeviceState::Stop).expect("commit");
+        assert!(p.exists());
+        sink.set_state(DeviceState::Running).expect("walk back");
+        assert_eq!(
+            files_in(dir.path()),
+            Vec::<String>::new(),
+            "nothing new left at PATH"
+        );
+    }
+
+    #[test]
+    fn sink_undo_restores_the_file_that_was_there_and_success_replaces_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("out.bin");
+        fs::write(&p, b"old").expect("write old");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let fd = sink
+            .set_state(DeviceState::Resuming)
+            .expect("walk")
+            .expect("fd");
+        File::from(fd).write_all(b"new").expect("write");
+        sink.set_state(DeviceState::Stop).expect("commit");
+        assert_eq!(fs::read(&p).expect("read"), b"new");
+        sink.reset().expect("reset");
+        assert_eq!(
+            fs::read(&p).expect("read"),
+            b"old",
+            "reset restores the old file"
+        );
+        assert_eq!(files_in(dir.path()), vec!["out.bin".to_owned()]);
+
+        let fd = sink
+            .set_state(DeviceState::Resuming)
+            .expect("walk")
+            .expect("fd");
+        File::from(fd).write_all(b"newer").expect("write");
+        sink.set_state(DeviceState::Stop).expect("commit");
+        drop(sink);
+        assert_eq!(
+            fs::read(&p).expect("read"),
+            b"newer",
+            "dropped in STOP: kept"
+        );
+        assert_eq!(
+            files_in(dir.path()),
+            vec!["out.bin".to_owned()],
+            "no backup left"
         );
     }
 

@@ -89,12 +89,24 @@ impl Progress {
         }
     }
 
-    /// Stops every bar, leaving its last state on screen with `phase`.
+    /// Stops every bar, leaving its last state on screen with `phase`; the cursor ends on a new
+    /// line below the bars.
     pub fn finish(&self, phase: &str) {
         for bar in &self.bars {
             bar.set_message(phase.to_owned());
             bar.finish();
         }
+        if self.multi.is_some() {
+            eprintln!();
+        }
+    }
+
+    /// Sets every device's final byte count (from the report) and stops the bars.
+    pub fn complete(&self, raw_bytes: &[u64], phase: &str) {
+        for (i, b) in raw_bytes.iter().enumerate() {
+            self.update(i, *b, Some(*b), phase);
+        }
+        self.finish(phase);
     }
 
     /// Removes every bar from the screen (used before a failure line).

@@ -28,7 +28,8 @@ fn finish(
 ) -> Result<(), CliError> {
     match result {
         Ok(report) => {
-            progress.finish("accepted");
+            let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
+            progress.complete(&raw, "accepted");
             let j = migrate::report_json(role, peer, &report, labels, true);
             if json {
                 let mut out = std::io::stdout().lock();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -300,4 +300,78 @@ fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
         last.starts_with("vfmig: destination device 0 (emu) refused the state"),
         "{rlines:?}"
     );
+}
+
+#[test]
+fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.out");
+    let mut recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "10",
+    ]);
+    let mut sender = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            "10",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    let status = Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let sstatus = wait_bounded(&mut sender);
+    let mut err = String::new();
+    let _ = sender
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(sstatus.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    assert_eq!(
+        dir_entries(dir.path()),
+        Vec::<String>::new(),
+        "nothing at PATH, no temp file"
+    );
+}
+
+#[test]
+fn demo_migrates_and_verifies_in_one_command() {
+    let out = run(
+        {
+            let mut c = vfmig();
+            c.args(["demo", "--size", "32M", "--json"]);
+            c
+        },
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json(&out.stdout);
+    assert_eq!(j["outcome"], "ok", "{j}");
+    assert_eq!(j["devices"].as_array().map(Vec::len), Some(2), "{j}");
+    assert_eq!(j["devices"][0]["accepted"], true, "{j}");
+    assert_eq!(j["devices"][1]["accepted"], true, "{j}");
 }
