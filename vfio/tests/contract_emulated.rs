@@ -30,6 +30,7 @@ fn run(caps: MigrationCaps, quirks: Quirks, guest: bool) {
     let opts = ContractOptions {
         exact_stop_copy_size: true,
         allow_precopy_zero: quirks == Quirks::mtty(),
+        refusal_goes_to_error: !quirks.refusal_stays_resuming,
         ..ContractOptions::default()
     };
     let src_cfg = cfg.clone();
@@ -131,6 +132,7 @@ fn contract_detects_zero_reads_in_precopy_when_enomsg_is_required() {
     let cfg = config(MigrationCaps::ALL, Quirks::mtty(), false);
     let opts = ContractOptions {
         allow_precopy_zero: false,
+        refusal_goes_to_error: false,
         ..ContractOptions::default()
     };
     let err = run_all(

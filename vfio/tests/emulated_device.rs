@@ -658,3 +658,33 @@ fn reset_while_a_writer_streams_into_the_resuming_fd_ends_the_fd_without_deadloc
     drop(fd);
     dst.reset().unwrap();
 }
+
+#[test]
+fn mtty_quirks_keep_resuming_after_a_refusal_and_serve_mmio_in_stop() {
+    let cfg = small("mtty").with_quirks(Quirks::mtty());
+    let mut src = EmulatedDevice::new(cfg.clone()).unwrap();
+    let mut dst = EmulatedDevice::new(cfg).unwrap();
+    let good = stop_copy_bytes(&mut src);
+    let fd = dst.set_state(DeviceState::Resuming).unwrap().unwrap();
+    let mut f = File::from(fd);
+    f.write_all(&good[..good.len() - 1]).unwrap();
+    let err = dst.set_state(DeviceState::Stop).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EINVAL));
+    assert_eq!(
+        dst.state().unwrap(),
+        DeviceState::Resuming,
+        "mtty stays RESUMING"
+    );
+    assert!(matches!(
+        dst.last_resume_error(),
+        Some(StreamError::Truncated { .. })
+    ));
+    // Refused again until a reset.
+    assert!(dst.set_state(DeviceState::Stop).is_err());
+    dst.reset().unwrap();
+    assert_eq!(dst.state().unwrap(), DeviceState::Running);
+    // MMIO still works in STOP.
+    dst.set_state(DeviceState::Stop).unwrap();
+    assert!(dst.mmio_write(8, 5));
+    assert_eq!(dst.mmio_read(8), 5);
+}

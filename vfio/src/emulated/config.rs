@@ -32,6 +32,12 @@ pub struct Quirks {
     pub stop_copy_fd: StopCopyFd,
     /// Each read returns at most the rest of the current record (short reads everywhere).
     pub short_reads: bool,
+    /// A refused RESUMING -> STOP leaves the device in RESUMING (mtty; a reset is needed)
+    /// instead of ERROR.
+    pub refusal_stays_resuming: bool,
+    /// MMIO keeps working in every state but ERROR (mtty serves its UART in STOP) instead of
+    /// discarding writes and reading zeros in STOP-like states (mlx5, the uAPI's model).
+    pub stop_serves_mmio: bool,
 }
 
 impl Quirks {
@@ -41,16 +47,20 @@ impl Quirks {
             precopy_empty_read: PrecopyEmptyRead::Enomsg,
             stop_copy_fd: StopCopyFd::None,
             short_reads: false,
+            refusal_stays_resuming: false,
+            stop_serves_mmio: false,
         }
     }
 
     /// As mtty behaves on kernel 6.12: `0` when drained in PRE_COPY, no new fd into STOP_COPY,
-    /// short reads.
+    /// short reads, RESUMING kept after a refused resume, MMIO served in STOP.
     pub const fn mtty() -> Quirks {
         Quirks {
             precopy_empty_read: PrecopyEmptyRead::Zero,
             stop_copy_fd: StopCopyFd::None,
             short_reads: true,
+            refusal_stays_resuming: true,
+            stop_serves_mmio: true,
         }
     }
 }

@@ -991,12 +991,14 @@ impl EmulatedDevice {
         let Some(Stream::Resume(rs)) = c.stream.take() else {
             return Ok(());
         };
+        let refused = c.cfg.faults.refuse_resume;
         let result = {
             let mut r = lock(&rs);
-            r.active = false;
-            r.parser.finish()
+            let result = r.parser.finish();
+            // Writes end with the stream, unless the device stays RESUMING with it (quirk).
+            r.active = (result.is_err() || refused) && c.cfg.quirks.refusal_stays_resuming;
+            result
         };
-        let refused = c.cfg.faults.refuse_resume;
         match result {
             Ok(digest) if !refused => {
                 c.imported = Some(digest);
@@ -1005,7 +1007,12 @@ impl EmulatedDevice {
             }
             other => {
                 c.last_resume_error = other.err();
-                c.state = DeviceState::Error;
+                if c.cfg.quirks.refusal_stays_resuming {
+                    // mtty: still RESUMING, the same (refused) stream; only a reset leaves.
+                    c.stream = Some(Stream::Resume(rs));
+                } else {
+                    c.state = DeviceState::Error;
+                }
                 Err(errno(libc::EINVAL))
             }
         }
@@ -1013,6 +1020,15 @@ impl EmulatedDevice {
 }
 
 impl Core {
+    /// Whether MMIO works now (see [`Quirks::stop_serves_mmio`]).
+    pub(crate) fn mmio_works(&self) -> bool {
+        if self.cfg.quirks.stop_serves_mmio {
+            self.state != DeviceState::Error
+        } else {
+            self.state.mmio_works()
+        }
+    }
+
     fn stop_copy_size_full(&self) -> u64 {
         (HEADER_LEN + format::HELLO_LEN) as u64
             + self.set_bytes(&BitSet::full(self.blocks))

@@ -44,7 +44,7 @@ impl P2pPort {
     pub fn mmio_write(&self, offset: u64, value: u64) -> bool {
         let mut c = lock(&self.core);
         c.tick();
-        if c.state.mmio_works() {
+        if c.mmio_works() {
             c.mmio[reg(offset)] = value;
             let block = (offset ^ value) % c.blocks;
             c.dirty_block(block);
@@ -63,7 +63,7 @@ impl P2pPort {
     pub fn mmio_read(&self, offset: u64) -> u64 {
         let mut c = lock(&self.core);
         c.tick();
-        if c.state.mmio_works() {
+        if c.mmio_works() {
             c.mmio[reg(offset)]
         } else {
             0
