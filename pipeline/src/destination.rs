@@ -66,8 +66,8 @@ impl Stages {
             std::thread::Builder::new()
                 .name(name.to_owned())
                 .spawn(f)
-                .map_err(|source| PipelineError::Uring {
-                    op: "spawn a stage thread",
+                .map_err(|source| PipelineError::Resource {
+                    what: "a stage thread",
                     source,
                 })
         };

@@ -127,6 +127,15 @@ pub enum PipelineError {
         #[source]
         source: io::Error,
     },
+    /// A thread or codec context could not be created.
+    #[error("could not create {what}: {source}")]
+    Resource {
+        /// What.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The transport failed (peer gone, timeout, corrupt frame, authentication...).
     #[error("transport ({phase}): {source}")]
     Transport {

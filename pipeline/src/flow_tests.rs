@@ -200,7 +200,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
         data: recv_tx,
         markers: in_tx,
     };
-    stages::send_loop(out_rx, n, 64, &sink, &counters, &adaptive, None, &stop).unwrap();
+    stages::send_loop(out_rx, 64, &sink, &counters, &adaptive, None, &stop).unwrap();
     drop(sink);
     for t in threads {
         t.join().unwrap();

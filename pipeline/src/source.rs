@@ -109,8 +109,8 @@ impl Stages {
             std::thread::Builder::new()
                 .name(name.to_owned())
                 .spawn(f)
-                .map_err(|source| PipelineError::Uring {
-                    op: "spawn a stage thread",
+                .map_err(|source| PipelineError::Resource {
+                    what: "a stage thread",
                     source,
                 })
         };
@@ -165,7 +165,7 @@ impl Stages {
             threads.push(spawn(
                 "vfmig-send",
                 Box::new(move || {
-                    let r = stages::send_loop(out_rx, n, window, &*session, &c, &a, limit, &s);
+                    let r = stages::send_loop(out_rx, window, &*session, &c, &a, limit, &s);
                     if let Err(e) = r {
                         let _ = f.try_send(e);
                     }

@@ -27,8 +27,8 @@ pub(crate) fn encode_worker(
     stop: Arc<AtomicBool>,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
-    let mut enc = Encoder::new().map_err(|source| PipelineError::Uring {
-        op: "zstd context",
+    let mut enc = Encoder::new().map_err(|source| PipelineError::Resource {
+        what: "a zstd context",
         source,
     })?;
     loop {
@@ -138,10 +138,8 @@ impl RateLimit {
 
 /// Source sender: restores each device's sequence order and hands frames to `sink`. Returns when
 /// every producer is gone and everything was sent.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn send_loop(
     rx: Receiver<Outgoing>,
-    devices: usize,
     window: u64,
     sink: &dyn FrameSink,
     counters: &Counters,
@@ -149,8 +147,11 @@ pub(crate) fn send_loop(
     mut limit: Option<RateLimit>,
     stop: &AtomicBool,
 ) -> Result<(), PipelineError> {
-    let mut reseq: Vec<Resequencer<Outgoing>> =
-        (0..devices).map(|_| Resequencer::new(window)).collect();
+    let mut reseq: Vec<Resequencer<Outgoing>> = counters
+        .devices
+        .iter()
+        .map(|_| Resequencer::new(window))
+        .collect();
     loop {
         let out = match rx.recv_timeout(POLL) {
             Ok(o) => o,
@@ -229,8 +230,8 @@ pub(crate) fn decode_worker(
     stop: Arc<AtomicBool>,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
-    let mut dec = Decoder::new().map_err(|source| PipelineError::Uring {
-        op: "zstd context",
+    let mut dec = Decoder::new().map_err(|source| PipelineError::Resource {
+        what: "a zstd context",
         source,
     })?;
     loop {
