@@ -494,3 +494,59 @@ fn dropping_a_session_without_close_aborts_the_peer() {
         "{r:?}"
     );
 }
+
+#[test]
+fn source_refuses_a_destination_speaking_another_version() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = std::thread::spawn(move || {
+        let hs = vfmig_wire::handshake::ServerHandshake::with_version(server_params(), 7);
+        raw_server(&l, hs).1
+    });
+    let r = SendSession::connect(addr, &cfg(1), devices(1));
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Handshake {
+                source: HandshakeError::VersionMismatch { .. } | HandshakeError::Refused { .. },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(srv.join().unwrap().is_err());
+}
+
+#[test]
+fn garbage_from_the_destination_fails_the_source_with_a_corrupt_frame() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let srv = std::thread::spawn(move || {
+        let (mut s, a) = raw_server(
+            &l,
+            vfmig_wire::handshake::ServerHandshake::new(server_params()),
+        );
+        a.unwrap();
+        s.write_all(&[0xee; 64]).unwrap();
+        // Hold the connection until the source has given up.
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let src = SendSession::connect(addr, &cfg(1), devices(1)).unwrap();
+    let r = src.recv_control(Duration::from_secs(5));
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Corrupt {
+                source: WireError::BadFrameMagic { .. },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // Every later call reports the same failure.
+    assert!(matches!(
+        src.send(data_header(0, 0, 1), None),
+        Err(TransportError::Corrupt { .. })
+    ));
+    srv.join().unwrap();
+}

@@ -152,3 +152,47 @@ pub fn encoded(h: FrameHeader, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(payload);
     v
 }
+
+use vfmig_wire::handshake::{Limits, ServerHandshake, ServerParams};
+
+/// A hand-driven destination: accepts one connection on `l`, handshakes with `hs`, and hands the
+/// socket back so the test can write whatever it likes to the source.
+pub fn raw_server(
+    l: &std::net::TcpListener,
+    mut hs: ServerHandshake,
+) -> (TcpStream, Result<Agreed, HandshakeError>) {
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(out) = hs.take_output() {
+            let _ = s.write_all(&out);
+        }
+        if let Some(a) = hs.agreed() {
+            return (s, Ok(a.clone()));
+        }
+        if let Some(e) = hs.error() {
+            return (s, Err(e.clone()));
+        }
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return (s, Err(HandshakeError::Malformed { what: "closed" }));
+        }
+        let mut off = 0;
+        while off < n && hs.agreed().is_none() && !hs.is_failed() {
+            match hs.feed(&buf[off..n]) {
+                Ok(c) => off += c,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+pub fn server_params() -> ServerParams {
+    ServerParams {
+        auth: Auth::None,
+        limits: Limits::default(),
+        session_id: [3; 16],
+        nonce: [5; 32],
+    }
+}
