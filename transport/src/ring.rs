@@ -31,7 +31,19 @@
 //! # Receive path
 //! Each connection reads the 40-byte header (`Recv`, `MSG_WAITALL`), asks the reorder window
 //! whether the frame may be read now, then reads the payload straight into a pool buffer and
-//! verifies the CRC32C before the frame goes anywhere.
+//! verifies the CRC32C before the frame goes anywhere. The payload read is a `Recv` with
+//! `MSG_WAITALL` into the slot rather than `ReadFixed`: on a socket `ReadFixed` completes with
+//! whatever one skb chain held (tens of KiB), so a 1 MiB payload would take dozens of completions
+//! instead of one. A frame that does not fit in the window, or finds no free buffer, stays in
+//! the socket (the connection is parked) until it does.
+//!
+//! # Liveness and teardown
+//! Idle connections carry a keepalive every `keepalive`; a connection with a read in flight that
+//! sees nothing for `timeout` fails the session, as does a send that does not complete within
+//! `timeout`. Parked connections are exempt (the peer cannot send on them). At teardown every
+//! entry still in the table is cancelled by its user_data (`AsyncCancel`) after `shutdown(2)`:
+//! shutting a socket down did not complete its pending receives on this kernel, and a
+//! cancel-any request cancelled only the first match.
 
 use std::collections::VecDeque;
 use std::fs::File;
