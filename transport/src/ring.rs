@@ -32,9 +32,9 @@
 //! Each connection reads the 40-byte header (`Recv`, `MSG_WAITALL`), asks the reorder window
 //! whether the frame may be read now, then reads the payload straight into a pool buffer and
 //! verifies the CRC32C before the frame goes anywhere. The payload read is a `Recv` with
-//! `MSG_WAITALL` into the slot rather than `ReadFixed`: on a socket `ReadFixed` completes with
-//! whatever one skb chain held (tens of KiB), so a 1 MiB payload would take dozens of completions
-//! instead of one. A frame that does not fit in the window, or finds no free buffer, stays in
+//! `MSG_WAITALL` into the slot rather than `ReadFixed`: a read on a socket completes with
+//! whatever is queued at that moment (read(2) semantics, no retry for sockets), so a 1 MiB
+//! payload would take many completions and resubmissions instead of one. A frame that does not fit in the window, or finds no free buffer, stays in
 //! the socket (the connection is parked) until it does.
 //!
 //! # Liveness and teardown
