@@ -344,6 +344,8 @@ enum Step {
 struct Engine {
     ring: IoUring,
     pool: BufPool,
+    /// The pool's buffers are registered with the ring (fixed-buffer zero-copy possible).
+    registered: bool,
     conns: Vec<Conn>,
     ops: Ops,
     out_rx: Receiver<OutFrame>,
@@ -364,7 +366,11 @@ struct Engine {
 }
 
 /// Sets up the ring (registering the pool's buffers) and starts the engine thread.
-fn setup_ring(pool: &BufPool) -> Result<IoUring, TransportError> {
+/// Creates the ring and registers the pool's buffers. Registration pins the whole pool, which
+/// counts against `RLIMIT_MEMLOCK` for callers without `CAP_IPC_LOCK`; if the kernel refuses
+/// (`ENOMEM`, `EPERM`), the ring runs without registered buffers: everything works the same,
+/// only `SendZc` from fixed buffers is off. Returns whether the buffers are registered.
+fn setup_ring(pool: &BufPool) -> Result<(IoUring, bool), TransportError> {
     let ring: IoUring = IoUring::builder()
         .build(RING_ENTRIES)
         .map_err(|e| TransportError::io("io_uring_setup", e))?;
@@ -372,9 +378,13 @@ fn setup_ring(pool: &BufPool) -> Result<IoUring, TransportError> {
     // SAFETY: the iovecs describe the pool's mapping, which stays mapped while `pool` lives; the
     // engine holds a clone of `pool` for as long as it holds the ring (both are fields of
     // `Engine`, the ring declared first so it is dropped first, or both are leaked together).
-    unsafe { ring.submitter().register_buffers(&iovecs) }
-        .map_err(|e| TransportError::io("io_uring_register_buffers", e))?;
-    Ok(ring)
+    match unsafe { ring.submitter().register_buffers(&iovecs) } {
+        Ok(()) => Ok((ring, true)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EPERM)) => {
+            Ok((ring, false))
+        }
+        Err(e) => Err(TransportError::io("io_uring_register_buffers", e)),
+    }
 }
 
 /// Starts the engine thread, which sets up its ring (registering the pool's buffers) itself, so
@@ -401,7 +411,7 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name(format!("vfmig-{name}"))
         .spawn(move || {
-            let ring = match setup_ring(&pool) {
+            let (ring, registered) = match setup_ring(&pool) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = setup_tx.send(Err(e));
@@ -427,6 +437,7 @@ pub(crate) fn start(
             let max_frames = (pool.slots() / 2).max(1);
             let engine = Engine {
                 ring,
+                registered,
                 reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
                 pool,
                 conns,
@@ -767,7 +778,9 @@ impl Engine {
             hdr_sqe = hdr_sqe.flags(squeue::Flags::IO_LINK);
             let zc_index = match &frame.payload {
                 // Only slots of the registered pool can go out as fixed buffers.
-                OutPayload::Pool(b) if plen >= self.p.zerocopy_min && self.pool.owns(b) => {
+                OutPayload::Pool(b)
+                    if plen >= self.p.zerocopy_min && self.registered && self.pool.owns(b) =>
+                {
                     Some(b.index())
                 }
                 _ => None,
