@@ -346,6 +346,9 @@ struct Engine {
     pool: BufPool,
     /// The pool's buffers are registered with the ring (fixed-buffer zero-copy possible).
     registered: bool,
+    /// Payload bytes taken from the session queue and not yet completed on the wire: kept below
+    /// the agreed window (PROTOCOL.md section 7), overshooting by at most one frame.
+    outstanding: u64,
     conns: Vec<Conn>,
     ops: Ops,
     out_rx: Receiver<OutFrame>,
@@ -438,6 +441,7 @@ pub(crate) fn start(
             let engine = Engine {
                 ring,
                 registered,
+                outstanding: 0,
                 reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
                 pool,
                 conns,
@@ -681,11 +685,14 @@ impl Engine {
             else {
                 return;
             };
-            if self.conns[best].queue.len() >= CONN_QUEUE_MAX {
+            if self.conns[best].queue.len() >= CONN_QUEUE_MAX
+                || self.outstanding >= self.p.window_bytes
+            {
                 return;
             }
             match self.out_rx.try_recv() {
                 Ok(f) => {
+                    self.outstanding += f.payload.len() as u64;
                     let c = &mut self.conns[best];
                     c.queued_bytes += HEADER_LEN + f.payload.len();
                     c.queue.push_back(f);
@@ -971,6 +978,7 @@ impl Engine {
                 }
                 Counters::add(&counters.bytes_sent, len as u64);
                 Counters::add(&counters.frames_sent, 1);
+                self.outstanding = self.outstanding.saturating_sub(len as u64);
                 self.send_done(conn, now);
             }
             Op::RecvHeader { conn, got, .. } => {
