@@ -11,7 +11,9 @@
 //! [`RecvSession::recv`]; on the source, the destination's control frames.
 //!
 //! Plain TCP runs on io_uring: one ring thread per session owns all N connections, sends from
-//! registered buffers and receives payloads straight into pool buffers (`ring`). TLS connections
+//! registered buffers and receives payloads straight into pool buffers (`ring`). If the pool
+//! cannot be pinned (`RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`), the ring runs without registered
+//! buffers and only fixed-buffer zero-copy is lost. TLS connections
 //! need a userspace copy for encryption anyway, so they run blocking rustls I/O on threads of
 //! their own that feed the same engine through a local socket pair (`tls`); the API is the same.
 //!

@@ -331,8 +331,10 @@ impl SendSession {
     }
 
     /// Queues a frame. The transport fills `wire_len` and `crc`. Frames of a device must be
-    /// handed in sequence order (any interleaving of devices). Blocks while the queue is full,
-    /// at most the session timeout.
+    /// handed in sequence order (any interleaving of devices); the payload is at most
+    /// `agreed().max_payload` bytes (the smaller of both sides' slot sizes). Blocks while the
+    /// queue is full, at most the session timeout ([`TransportError::Timeout`]). The buffer
+    /// returns to the pool once the kernel is done with it.
     pub fn send(
         &self,
         header: FrameHeader,
