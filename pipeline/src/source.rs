@@ -503,6 +503,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 }
             }
             let mut initial_left = 0u64;
+            let mut dirty = 0u64;
             let mut stop_copy = 0u64;
             for (i, d) in self.devices.iter_mut().enumerate() {
                 let Some(fd) = runs[i].data_fd.clone() else {
@@ -516,6 +517,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                         source,
                     })?;
                 initial_left += info.initial_bytes;
+                dirty += info.dirty_bytes;
                 let size = d.stop_copy_size().unwrap_or(info.dirty_bytes);
                 stop_copy += size;
                 runs[i].estimate =
@@ -525,9 +527,14 @@ impl<D: MigrationDevice> SourceSession<D> {
                 // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
                 continue;
             }
-            let within_budget = stop_copy == 0
-                || (bps > 0.0
-                    && Duration::from_secs_f64(stop_copy as f64 / bps) <= self.opts.max_downtime);
+            // Switch when STOP_COPY fits the downtime budget, or when what pre-copy could still
+            // drain (`dirty_bytes`) would fit it: more pre-copy cannot shrink the rest.
+            let fits = |bytes: u64| {
+                bytes == 0
+                    || (bps > 0.0
+                        && Duration::from_secs_f64(bytes as f64 / bps) <= self.opts.max_downtime)
+            };
+            let within_budget = fits(stop_copy) || fits(dirty);
             // Re-sending more than twice what STOP_COPY would send means the devices dirty
             // state faster than it can be sent: pre-copy does not converge, stop it.
             let raw = stages.counters.total_raw();

@@ -541,3 +541,32 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
         );
     }
 }
+
+#[test]
+fn precopy_of_a_partial_initial_state_switches_over_once_nothing_is_left_to_drain() {
+    let src = EmulatedDevice::new(EmulatedConfig {
+        name: "emu0".into(),
+        size: 8 << 20,
+        precopy: Some(2 << 20),
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let (sr, srcs, dr, dsts) = migrate(
+        vec![src],
+        SourceOptions {
+            // Far below what the STOP_COPY-only 6 MiB take: waiting in PRE_COPY cannot help.
+            max_downtime: Duration::from_micros(1),
+            ..source_options()
+        },
+        destination_options(),
+    );
+    let report = sr.unwrap();
+    dr.unwrap();
+    let dev = &report.devices[0];
+    assert!(
+        dev.precopy_bytes >= 2 << 20 && dev.precopy_bytes < 4 << 20,
+        "{dev:?}"
+    );
+    assert!(dev.raw_bytes >= 8 << 20);
+    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+}
