@@ -52,7 +52,8 @@ EXIT STATUS:
   0  every destination device accepted its state (for send: the destination acknowledged it)
   1  the migration failed; one line on stderr names the cause
      (the source devices are walked back to RUNNING, the destination devices are reset)
-  2  usage error: unknown option, bad value, bad device spec, unreadable key or certificate";
+  2  usage error: unknown option, bad value, bad device spec, a file or device path that does
+     not exist, an unreadable key or certificate";
 
 const SEND_EXAMPLES: &str = "\
 EXAMPLES:

@@ -148,6 +148,12 @@ pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devic
                 Side::Destination => (Box::new(FileSink::new(t).map_err(file_err)?), None),
             },
             DeviceSpec::Vfio(p) => {
+                if std::fs::symlink_metadata(p).is_err() {
+                    return Err(CliError::Usage(UsageError::NoSuchDevice {
+                        index,
+                        path: p.clone(),
+                    }));
+                }
                 let mut d = VfioDevice::open(p).map_err(|source| CliError::OpenDevice {
                     index,
                     kind: "vfio",

@@ -57,6 +57,14 @@ pub enum UsageError {
         #[source]
         source: FileDeviceError,
     },
+    /// A `vfio:` path that does not exist.
+    #[error("device {index} (vfio): {path} does not exist")]
+    NoSuchDevice {
+        /// Position of the device.
+        index: usize,
+        /// The path given.
+        path: PathBuf,
+    },
     /// The same destination file given twice.
     #[error("devices {first} and {second} both write {path}")]
     DuplicateFile {
@@ -149,6 +157,28 @@ impl CliError {
 pub fn describe(e: &CliError) -> String {
     let line = match e {
         CliError::Usage(UsageError::Transport(t)) => describe_transport(t),
+        CliError::Usage(UsageError::PskFile { path, source }) => {
+            format!(
+                "cannot read --psk-file {}: {}",
+                path.display(),
+                os_reason(source)
+            )
+        }
+        CliError::Usage(UsageError::TlsFile { what, path, source }) => {
+            format!(
+                "cannot read {what} {}: {}",
+                path.display(),
+                os_reason(source)
+            )
+        }
+        CliError::Usage(UsageError::FileDevice {
+            index,
+            source: FileDeviceError::Open { path, source },
+        }) => format!(
+            "device {index} (file): cannot open {}: {}",
+            path.display(),
+            os_reason(source)
+        ),
         CliError::Usage(u) => u.to_string(),
         CliError::OpenDevice {
             index,
@@ -545,6 +575,19 @@ mod tests {
             describe(&e),
             "timed out after 30 s in stop-copy waiting for the destination"
         );
+    }
+
+    #[test]
+    fn unreadable_files_are_named_with_the_os_reason() {
+        let e = CliError::Usage(UsageError::PskFile {
+            path: "/etc/vfmig/key".into(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        assert_eq!(
+            describe(&e),
+            "cannot read --psk-file /etc/vfmig/key: no such file or directory"
+        );
+        assert_eq!(e.exit_code(), EXIT_USAGE);
     }
 
     #[test]

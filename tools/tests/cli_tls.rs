@@ -1,0 +1,93 @@
+//! The real `vfmig` binary with `--tls-cert/--tls-key/--tls-ca`: a migration over TLS 1.3 with
+//! mutual certificates succeeds; a certificate from another CA is refused on both sides.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair};
+
+struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().expect("key");
+    let cert = p.self_signed(&key).expect("self-signed");
+    Ca { cert, key }
+}
+
+/// Writes `name`.crt, `name`.key (signed by `ca`) and `name`-ca.crt; returns the three paths.
+fn leaf(dir: &Path, name: &str, ca: &Ca) -> [String; 3] {
+    let p = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    let key = KeyPair::generate().expect("key");
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).expect("sign");
+    let paths = [
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}-ca.crt")),
+    ];
+    std::fs::write(&paths[0], cert.pem()).expect("write");
+    std::fs::write(&paths[1], key.serialize_pem()).expect("write");
+    std::fs::write(&paths[2], ca.cert.pem()).expect("write");
+    paths.map(|p| p.to_string_lossy().into_owned())
+}
+
+fn tls_args(files: &[String; 3]) -> Vec<&str> {
+    vec![
+        "--tls-cert",
+        &files[0],
+        "--tls-key",
+        &files[1],
+        "--tls-ca",
+        &files[2],
+    ]
+}
+
+#[test]
+fn tls_migration_with_mutual_certificates_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca1 = ca("vfmig test ca");
+    let server = leaf(dir.path(), "server", &ca1);
+    let client = leaf(dir.path(), "client", &ca1);
+    let dev = "emu:size=8M,profile=text";
+    let mut rargs = vec!["--device", dev, "--require-client-cert", "--timeout", "20"];
+    rargs.extend(tls_args(&server));
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--device", dev, "--timeout", "20", "--json"];
+    sargs.extend(tls_args(&client));
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(
+        out.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv: {rlines:?}");
+    assert_eq!(json(&out.stdout)["outcome"], "ok");
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = leaf(dir.path(), "server", &ca("ca one"));
+    let client = leaf(dir.path(), "client", &ca("ca two"));
+    let dev = "emu:size=1M";
+    let mut rargs = vec!["--device", dev, "--require-client-cert", "--timeout", "10"];
+    rargs.extend(tls_args(&server));
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--device", dev, "--timeout", "10"];
+    sargs.extend(tls_args(&client));
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("TLS"), "{lines:?}");
+}
