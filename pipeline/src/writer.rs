@@ -155,11 +155,9 @@ fn write_loop(
             advance(device, dev, ctx, ring)?;
         }
         counters.fd_stage.add_since(t0);
-        if !open && devs.iter().all(|d| d.done) {
-            return Ok(());
-        }
-        if !open && ring.in_flight() == 0 && devs.iter().all(|d| d.done || d.reseq.waiting() == 0) {
-            // Input closed with streams unfinished: the session ends them (abort or timeout).
+        if !open && ring.in_flight() == 0 {
+            // Input closed and nothing left to write (every stream ended, or the session is
+            // ending the unfinished ones).
             return Ok(());
         }
         if ring.in_flight() == 0 {
