@@ -394,7 +394,8 @@ impl Adaptive {
         };
         st.link_bytes += wire as u64;
         st.link_busy += blocked;
-        if st.link_bytes >= 16 << 20 {
+        // Decide every 4 MiB, or sooner on a slow link (100 ms blocked).
+        if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(100) {
             let secs = st.link_busy.as_secs_f64().max(1e-4);
             let rate = st.link_bytes as f64 / secs;
             st.link_rate = st.link_rate * 0.5 + rate * 0.5;

@@ -178,10 +178,11 @@ pub(crate) fn send_loop(
             .map_err(|source| PipelineError::Sequence { device, source })?;
         while let Some(o) = r.pop() {
             let wire = o.payload.as_ref().map_or(0, PoolBuf::len);
+            // A rate limit is a slower link: its wait counts as time blocked on the network.
+            let t0 = Instant::now();
             if let Some(l) = limit.as_mut() {
                 l.take(wire + vfmig_wire::HEADER_LEN, stop);
             }
-            let t0 = Instant::now();
             sink.send_frame(o.header, o.payload)?;
             let blocked = t0.elapsed();
             counters.net.add(blocked);

@@ -570,3 +570,24 @@ fn precopy_of_a_partial_initial_state_switches_over_once_nothing_is_left_to_drai
     assert!(dev.raw_bytes >= 8 << 20);
     assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
 }
+
+#[test]
+fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
+    let src = device("emu0", 16 << 20, Profile::Mixed, 8);
+    let (sr, srcs, dr, dsts) = migrate(
+        vec![src],
+        SourceOptions {
+            precopy: false,
+            compress: Compress::Auto,
+            // A 24 MB/s link: far slower than any codec rung.
+            max_bandwidth: Some(24_000_000),
+            ..source_options()
+        },
+        destination_options(),
+    );
+    let report = sr.unwrap();
+    dr.unwrap();
+    assert!(report.codec.starts_with("zstd"), "{report:?}");
+    assert!(report.ratio > 1.8, "{report:?}");
+    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+}
