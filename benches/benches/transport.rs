@@ -2,9 +2,8 @@
 //! TCP (io_uring send and receive paths, CRC32C on both sides), for 1, 2 and 4 connections.
 //!
 //! Each sample sends `FRAMES_PER_ITER` frames and waits until the destination has received them
-//! all. All sessions are connected before any is measured or closed: a session's teardown can
-//! leave io_uring task work that interrupts a later handshake's blocking socket call on the same
-//! thread (EINTR, which the transport's handshake does not retry yet).
+//! all. Sessions are connected before anything is measured and closed after, so handshakes and
+//! teardown stay outside the measurement.
 
 use std::net::SocketAddr;
 use std::thread::{self, JoinHandle};

@@ -124,14 +124,16 @@ pub struct SideResult {
     pub peak_rss: u64,
     /// Compression in use at the end (`none` for the reference loop).
     pub codec: String,
+    /// The pipeline stage with the most busy time per thread (`-` for the reference loop).
+    pub limiting: String,
 }
 
 impl SideResult {
     /// The `RESULT` line a side prints.
     pub fn to_line(&self) -> String {
         format!(
-            "RESULT raw_bytes={} wire_bytes={} secs={:.6} peak_rss={} codec={}",
-            self.raw_bytes, self.wire_bytes, self.secs, self.peak_rss, self.codec
+            "RESULT raw_bytes={} wire_bytes={} secs={:.6} peak_rss={} codec={} limiting={}",
+            self.raw_bytes, self.wire_bytes, self.secs, self.peak_rss, self.codec, self.limiting
         )
     }
 
@@ -152,6 +154,7 @@ impl SideResult {
                 .filter(|s: &f64| s.is_finite() && *s > 0.0)?,
             peak_rss: kv.get("peak_rss")?.parse().ok()?,
             codec: kv.get("codec").unwrap_or(&"-").to_string(),
+            limiting: kv.get("limiting").unwrap_or(&"-").to_string(),
         })
     }
 }
@@ -349,6 +352,7 @@ mod tests {
             secs: 1.25,
             peak_rss: 50 << 20,
             codec: "zstd:1".into(),
+            limiting: "network".into(),
         };
         assert_eq!(SideResult::parse(&r.to_line()), Some(r));
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::{
     DestinationOptions, DestinationSession, PipelineError, Report, SourceOptions, SourceSession,
+    Stage,
 };
 use vfmig_transport::{AuthConfig, Listener, SessionConfig, TransportError};
 
@@ -47,6 +48,12 @@ fn result(r: &Report, secs: Duration) -> SideResult {
         secs: secs.as_secs_f64(),
         peak_rss: 0,
         codec: r.codec.clone(),
+        limiting: match r.limiting_stage {
+            Stage::DataFd => "data-fd",
+            Stage::Codec => "codec",
+            Stage::Network => "network",
+        }
+        .to_owned(),
     }
 }
 

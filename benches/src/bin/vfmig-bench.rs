@@ -168,6 +168,7 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
                 secs: out.elapsed.as_secs_f64(),
                 peak_rss: 0,
                 codec: "none".to_owned(),
+                limiting: "-".to_owned(),
             }
         }
         (Impl::Reference, Role::Recv) => {
@@ -181,6 +182,7 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
                 secs: out.elapsed.as_secs_f64(),
                 peak_rss: 0,
                 codec: "none".to_owned(),
+                limiting: "-".to_owned(),
             }
         }
         (Impl::Vfmig, Role::Send) => vfmig_side::send(a.addr, a.size, &a.profile)?,
@@ -331,14 +333,16 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
             let vf = per_impl.pop().ok_or("no vfmig row")?;
             let rf = per_impl.pop().ok_or("no ref row")?;
             println!(
-                "  {:<10} {:<7} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, {:.2}:1 on the wire)  ratio {:.2}x",
+                "  {:<10} {:<7} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, busiest {}, {:.2}:1 on the wire, {})  ratio {:.2}x",
                 link.label(),
                 profile,
                 mbps(rf.throughput()),
                 rf.limit(),
                 mbps(vf.throughput()),
                 vf.limit(),
+                vf.src.limiting,
                 vf.ratio(),
+                vf.src.codec,
                 vf.throughput() / rf.throughput()
             );
             rows.push((rf, vf));
@@ -380,7 +384,7 @@ fn human(b: u64) -> String {
 
 fn csv(rows: &[(Row, Row)]) -> String {
     let mut s = String::from(
-        "link,link_bits_per_sec,profile,impl,raw_bytes,wire_bytes,secs,throughput_mbps,wire_ratio,ratio_to_ref,limit,src_peak_rss,dst_peak_rss\n",
+        "link,link_bits_per_sec,profile,impl,raw_bytes,wire_bytes,secs,throughput_mbps,wire_ratio,ratio_to_ref,limit,codec,busiest_stage,src_peak_rss,dst_peak_rss\n",
     );
     for (rf, vf) in rows {
         for r in [rf, vf] {
@@ -389,7 +393,7 @@ fn csv(rows: &[(Row, Row)]) -> String {
                 Link::Veth { bits_per_sec } => bits_per_sec,
             };
             s += &format!(
-                "{},{},{},{},{},{},{:.6},{},{:.3},{:.3},{},{},{}\n",
+                "{},{},{},{},{},{},{:.6},{},{:.3},{:.3},{},{},{},{},{}\n",
                 r.link.label(),
                 link_bps,
                 r.profile,
@@ -401,6 +405,8 @@ fn csv(rows: &[(Row, Row)]) -> String {
                 r.ratio(),
                 r.throughput() / rf.throughput(),
                 r.limit(),
+                r.src.codec,
+                r.src.limiting,
                 r.src.peak_rss,
                 r.dst.peak_rss
             );
@@ -427,21 +433,23 @@ fn markdown(
     let mut s = format!(
         "Throughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
          source's STOP_COPY SET to the destination device accepting the state.\n\n\
-         | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio | limit (ref / vfmig) | downtime ref / vfmig (ms) |\n\
-         |---|---|---:|---:|---:|---:|---|---:|\n",
+         | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio, codec | limit: ref / vfmig (busiest vfmig stage) | downtime ref / vfmig (ms) |\n\
+         |---|---|---:|---:|---:|---|---|---:|\n",
         human(size)
     );
     for (rf, vf) in rows {
         s += &format!(
-            "| {} | {} | {} | {} | **{:.2}x** | {:.2}:1 | {} / {} | {:.0} / {:.0} |\n",
+            "| {} | {} | {} | {} | **{:.2}x** | {:.2}:1, {} | {} / {} ({}) | {:.0} / {:.0} |\n",
             rf.link.label(),
             rf.profile,
             mbps(rf.throughput()),
             mbps(vf.throughput()),
             vf.throughput() / rf.throughput(),
             vf.ratio(),
+            vf.src.codec,
             rf.limit(),
             vf.limit(),
+            vf.src.limiting,
             rf.src.secs * 1e3,
             vf.src.secs * 1e3
         );
