@@ -34,8 +34,13 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     /// A zero-filled region of `len` bytes (a multiple of [`GUEST_PAGE_SIZE`]) at `iova`.
+    /// EINVAL for an empty or unaligned region, or one that wraps the IOVA space.
     pub fn new(iova: u64, len: u64) -> io::Result<GuestMemory> {
-        if len == 0 || len % GUEST_PAGE_SIZE != 0 || iova % GUEST_PAGE_SIZE != 0 {
+        if len == 0
+            || len % GUEST_PAGE_SIZE != 0
+            || iova % GUEST_PAGE_SIZE != 0
+            || iova.checked_add(len).is_none()
+        {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let name = c"vfmig-emu-guest";
@@ -233,5 +238,31 @@ impl DmaLog {
             self.dirty.remove(&d);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_that_wraps_the_iova_space_is_refused_with_einval() {
+        // The last page would end at 2^64: `iova + page * 4096` of its DMA writes overflowed.
+        let top = u64::MAX - (GUEST_PAGE_SIZE - 1);
+        for (iova, len) in [(top, GUEST_PAGE_SIZE * 2), (GUEST_PAGE_SIZE, top)] {
+            let err = GuestMemory::new(iova, len).unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::EINVAL),
+                "iova {iova:#x} len {len:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_region_ending_just_below_the_top_of_the_iova_space_is_accepted() {
+        let iova = u64::MAX - (2 * GUEST_PAGE_SIZE - 1);
+        let g = GuestMemory::new(iova, GUEST_PAGE_SIZE).unwrap();
+        assert_eq!(g.dma_write_page(0, 1, 1).unwrap(), iova);
     }
 }
