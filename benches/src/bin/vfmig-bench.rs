@@ -374,6 +374,29 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
     Ok(())
 }
 
+/// `nproc`, CPU model, kernel and memory, from /proc.
+fn machine() -> String {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, m)| m.trim())
+        .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    format!(
+        "{cpus} CPUs ({model}), kernel {kernel}, {:.1} GiB memory",
+        mem_kib as f64 / (1u64 << 20) as f64
+    )
+}
+
 fn human(b: u64) -> String {
     if b >= GIB && b % GIB == 0 {
         format!("{} GiB", b / GIB)
@@ -431,10 +454,11 @@ fn markdown(
     repeat: usize,
 ) -> String {
     let mut s = format!(
-        "Throughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
+        "Machine: {}.\n\nThroughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
          source's STOP_COPY SET to the destination device accepting the state.\n\n\
          | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio, codec | limit: ref / vfmig (busiest vfmig stage) | downtime ref / vfmig (ms) |\n\
          |---|---|---:|---:|---:|---|---|---:|\n",
+        machine(),
         human(size)
     );
     for (rf, vf) in rows {
