@@ -68,7 +68,7 @@ def main(src, dst):
         ax.set_title(link)
         ax.set_ylabel("device state MB/s")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("vfmig vs the reference loop (same run); labels: ratio to reference; (limit ref/vfmig)")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
