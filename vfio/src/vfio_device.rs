@@ -341,21 +341,14 @@ impl VfioDevice {
         let device = open_rw(path).map_err(|e| open_err(path, "open VFIO cdev", e))?;
         let iommu = Path::new("/dev/iommu");
         let iommufd = open_rw(iommu).map_err(|e| open_err(iommu, "open iommufd", e))?;
-        let mut bind = b::vfio_device_bind_iommufd {
-            argsz: argsz_of::<b::vfio_device_bind_iommufd>(),
-            flags: 0,
-            iommufd: std::os::fd::AsRawFd::as_raw_fd(&iommufd),
-            out_devid: 0,
-            token_uuid_ptr: 0,
-        };
         let name = path.display().to_string();
-        sys::ioctl_ref(device.as_fd(), sys::VFIO_DEVICE_BIND_IOMMUFD, &mut bind).map_err(
-            |source| DeviceError::Ioctl {
+        sys::bind_iommufd(device.as_fd(), iommufd.as_fd()).map_err(|source| {
+            DeviceError::Ioctl {
                 device: name.clone(),
                 op: "VFIO_DEVICE_BIND_IOMMUFD",
                 source,
-            },
-        )?;
+            }
+        })?;
         let mut dev = VfioDevice::from_fd(device.into(), name)?;
         dev._iommufd = Some(iommufd.into());
         Ok(dev)
@@ -527,13 +520,18 @@ impl VfioDevice {
     }
 
     /// One `VFIO_DEVICE_FEATURE` call with a payload; returns the payload as the kernel left it.
-    fn feature_raw<T: Copy>(&self, op: FeatureOp, feature: u32, payload: T) -> io::Result<T> {
+    fn feature_raw<T: Copy + sys::PlainArg>(
+        &self,
+        op: FeatureOp,
+        feature: u32,
+        payload: T,
+    ) -> io::Result<T> {
         let mut buf = FeatureBuf::new(op, feature, payload);
         sys::ioctl_ref(self.device.as_fd(), VFIO_DEVICE_FEATURE, &mut buf)?;
         Ok(buf.payload)
     }
 
-    fn feature<T: Copy>(
+    fn feature<T: Copy + sys::PlainArg>(
         &self,
         op: FeatureOp,
         feature: u32,
@@ -594,15 +592,7 @@ impl MigrationDevice for VfioDevice {
     }
 
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
-        let mig = self.feature_raw(
-            FeatureOp::Set,
-            b::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-            b::vfio_device_feature_mig_state {
-                device_state: next.as_raw(),
-                data_fd: -1,
-            },
-        )?;
-        Ok(sys::adopt_data_fd(mig.data_fd))
+        sys::set_mig_state(self.device.as_fd(), next.as_raw())
     }
 
     fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
@@ -644,30 +634,17 @@ impl MigrationDevice for VfioDevice {
         if !self.features.dma_logging {
             return Err(self.unsupported(OP_LOG_START, OP_LOG_START));
         }
-        let mut list: Vec<b::vfio_device_feature_dma_logging_range> = ranges
+        let list: Vec<b::vfio_device_feature_dma_logging_range> = ranges
             .iter()
             .map(|r| b::vfio_device_feature_dma_logging_range {
                 iova: r.iova,
                 length: r.length,
             })
             .collect();
-        let control = b::vfio_device_feature_dma_logging_control {
-            page_size,
-            // validate_ranges bounds the count by MAX_LOGGING_RANGES (256).
-            num_ranges: u32::try_from(list.len()).unwrap_or(u32::MAX),
-            __reserved: 0,
-            // The kernel reads `num_ranges` entries from here; `list` outlives the call.
-            ranges: list.as_mut_ptr() as u64,
-        };
-        let out = self.feature(
-            FeatureOp::Set,
-            b::VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
-            control,
-            OP_LOG_START,
-        )?;
-        drop(list);
+        let chosen = sys::dma_logging_start(self.device.as_fd(), &list, page_size)
+            .map_err(|source| self.ioctl_err(OP_LOG_START, source))?;
         self.dma_logging = Some(ranges.to_vec());
-        Ok(out.page_size)
+        Ok(chosen)
     }
 
     fn dma_logging_report(
@@ -682,21 +659,8 @@ impl MigrationDevice for VfioDevice {
         };
         validate_report(tracked, iova, length, page_size, bitmap.len())
             .map_err(|e| self.dma_err(e))?;
-        let report = b::vfio_device_feature_dma_logging_report {
-            iova,
-            length,
-            page_size,
-            // The kernel sets bits for ceil(length / page_size) pages; validate_report checked
-            // the bitmap holds that many, and it outlives the call.
-            bitmap: bitmap.as_mut_ptr() as u64,
-        };
-        self.feature(
-            FeatureOp::Get,
-            b::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-            report,
-            OP_LOG_REPORT,
-        )
-        .map(drop)
+        sys::dma_logging_report(self.device.as_fd(), iova, length, page_size, bitmap)
+            .map_err(|source| self.ioctl_err(OP_LOG_REPORT, source))
     }
 
     fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
