@@ -360,6 +360,22 @@ pub fn check_states_and_arcs<D: MigrationDevice>(
     to_running(dev)
 }
 
+/// A SET from `from` (where the device is) to `to` must be refused by the FSM with an error
+/// `expected` accepts, before any SET, leaving the device in `from`.
+fn expect_fsm_refusal<D: MigrationDevice>(
+    dev: &mut D,
+    from: DeviceState,
+    to: DeviceState,
+    expected: fn(&FsmError) -> bool,
+) -> CheckResult {
+    let got = match dev.set_state(to) {
+        Err(DeviceError::Fsm(e)) if expected(&e) => return expect_state(dev, from),
+        Err(_) => "another error",
+        Ok(_) => "success",
+    };
+    Err(Violation::NotRefused { from, to, got })
+}
+
 /// Unsupported states, ERROR, and paths the kernel blocks (STOP_COPY -> PRE_COPY) are refused by
 /// the FSM, and the device stays where it was.
 pub fn check_illegal_transitions<D: MigrationDevice>(dev: &mut D) -> CheckResult {
@@ -371,24 +387,9 @@ pub fn check_illegal_transitions<D: MigrationDevice>(dev: &mut D) -> CheckResult
         .collect();
     targets.push(DeviceState::Error);
     for to in targets {
-        match dev.set_state(to) {
-            Err(DeviceError::Fsm(FsmError::UnsupportedState { .. })) => {}
-            Err(_) => {
-                return Err(Violation::NotRefused {
-                    from: DeviceState::Running,
-                    to,
-                    got: "another error",
-                })
-            }
-            Ok(_) => {
-                return Err(Violation::NotRefused {
-                    from: DeviceState::Running,
-                    to,
-                    got: "success",
-                })
-            }
-        }
-        expect_state(dev, DeviceState::Running)?;
+        expect_fsm_refusal(dev, DeviceState::Running, to, |e| {
+            matches!(e, FsmError::UnsupportedState { .. })
+        })?;
     }
     if caps.contains(MigrationCaps::PRE_COPY) {
         dev.set_state(DeviceState::StopCopy)?;
@@ -396,24 +397,9 @@ pub fn check_illegal_transitions<D: MigrationDevice>(dev: &mut D) -> CheckResult
             if !to.supported_by(caps) {
                 continue;
             }
-            match dev.set_state(to) {
-                Err(DeviceError::Fsm(FsmError::NoPath { .. })) => {}
-                Err(_) => {
-                    return Err(Violation::NotRefused {
-                        from: DeviceState::StopCopy,
-                        to,
-                        got: "another error",
-                    })
-                }
-                Ok(_) => {
-                    return Err(Violation::NotRefused {
-                        from: DeviceState::StopCopy,
-                        to,
-                        got: "success",
-                    })
-                }
-            }
-            expect_state(dev, DeviceState::StopCopy)?;
+            expect_fsm_refusal(dev, DeviceState::StopCopy, to, |e| {
+                matches!(e, FsmError::NoPath { .. })
+            })?;
         }
     }
     to_running(dev)
