@@ -61,9 +61,14 @@ pub struct TlsConfig {
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// TCP connections per session (1..=[`MAX_STREAMS`]). The source offers this many; the
-    /// destination accepts up to [`MAX_STREAMS`]. Default 2: on loopback (2 shared cores, 1 MiB
-    /// frames) 1, 2 and 4 connections measured 2.0, 2.27 and 2.25 GiB/s; on real links several
-    /// flows also spread over NIC queues and get past per-flow limits.
+    /// destination accepts up to [`MAX_STREAMS`].
+    ///
+    /// Default 1, by measurement (`cargo bench -p vfmig-transport --bench cpu_per_gib`, loopback,
+    /// 1 MiB frames, both sides in one process on 2 shared cores): 1, 2 and 4 connections cost
+    /// 0.38, 0.42 and 0.44 CPU-seconds per GiB and moved 2.26, 1.63 and 1.15 GiB/s (best of
+    /// three). Extra connections only add sockets and completions for the same CPUs. Use more
+    /// where a single TCP flow is capped: per-flow rate limits, ECMP/LAG hashing, or a NIC that
+    /// spreads flows over receive queues and cores.
     pub streams: usize,
     /// Authentication.
     pub auth: AuthConfig,
@@ -96,7 +101,7 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            streams: 2,
+            streams: 1,
             auth: AuthConfig::None,
             tls: None,
             insecure: false,
