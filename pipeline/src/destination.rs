@@ -18,7 +18,7 @@ use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
 use crate::error::{AbortReason, Phase, PipelineError};
-use crate::source::{build_report, Watch};
+use crate::source::{build_report, set_state, Watch};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
 use crate::writer::{self, WriterDevice, WriterEvent};
@@ -62,23 +62,13 @@ impl Stages {
         let (item_tx, item_rx) = bounded::<InItem>(workers * 2 + 2 * n);
         let (ev_tx, ev_rx) = bounded(4 * n + 4);
         let (fail_tx, fail_rx) = bounded(workers + 4);
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(f)
-                .map_err(|source| PipelineError::Resource {
-                    what: "a stage thread",
-                    source,
-                })
-        };
         let mut threads = Vec::new();
         {
             let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
             let guest = opts.guest_memory.clone();
-            threads.push(spawn(
-                "vfmig-writer",
-                Box::new(move || writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout)),
-            )?);
+            threads.push(stages::spawn("vfmig-writer", move || {
+                writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout)
+            })?);
         }
         for _ in 0..workers {
             let (rx, tx, pool, c, s, f) = (
@@ -89,26 +79,20 @@ impl Stages {
                 stop.clone(),
                 fail_tx.clone(),
             );
-            threads.push(spawn(
-                "vfmig-decode",
-                Box::new(move || {
-                    if let Err(e) = stages::decode_worker(rx, tx, pool, c, s, timeout) {
-                        let _ = f.try_send(e);
-                    }
-                }),
-            )?);
+            threads.push(stages::spawn("vfmig-decode", move || {
+                if let Err(e) = stages::decode_worker(rx, tx, pool, c, s, timeout) {
+                    let _ = f.try_send(e);
+                }
+            })?);
         }
         drop(recv_rx);
         {
             let (session, c, s) = (session.clone(), counters.clone(), stop.clone());
-            threads.push(spawn(
-                "vfmig-recv",
-                Box::new(move || {
-                    if let Err(e) = receive_loop(&session, n, &recv_tx, &item_tx, &c, &s, timeout) {
-                        let _ = fail_tx.try_send(e);
-                    }
-                }),
-            )?);
+            threads.push(stages::spawn("vfmig-recv", move || {
+                if let Err(e) = receive_loop(&session, n, &recv_tx, &item_tx, &c, &s, timeout) {
+                    let _ = fail_tx.try_send(e);
+                }
+            })?);
         }
         Ok(Stages {
             stop,
@@ -296,7 +280,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         }
         let mut fds = Vec::new();
         for d in &mut self.devices {
-            match set(d, DeviceState::Resuming, Phase::Setup) {
+            match set_state(d, DeviceState::Resuming, Phase::Setup) {
                 Ok(Some(fd)) => fds.push(Arc::new(fd)),
                 Ok(None) => {
                     let e = PipelineError::NoDataFd {
@@ -464,11 +448,11 @@ impl<D: MigrationDevice> DestinationSession<D> {
             // runs, so none receives P2P traffic while it cannot process it.
             if n > 1 {
                 for d in &mut self.devices {
-                    set(d, DeviceState::RunningP2p, Phase::Acknowledge)?;
+                    set_state(d, DeviceState::RunningP2p, Phase::Acknowledge)?;
                 }
             }
             for d in &mut self.devices {
-                set(d, DeviceState::Running, Phase::Acknowledge)?;
+                set_state(d, DeviceState::Running, Phase::Acknowledge)?;
             }
         }
         Ok(())
@@ -498,18 +482,6 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 .collect(),
         }
     }
-}
-
-fn set<D: MigrationDevice>(
-    d: &mut D,
-    target: DeviceState,
-    phase: Phase,
-) -> Result<Option<OwnedFd>, PipelineError> {
-    d.set_state(target).map_err(|source| PipelineError::Device {
-        device: d.name().to_owned(),
-        phase,
-        source,
-    })
 }
 
 /// A control frame to the source (no payload, seq 0).

@@ -105,15 +105,6 @@ impl Stages {
         let max_payload = usize::try_from(session.agreed().max_payload).unwrap_or(usize::MAX);
         let chunk = chunk_len(pool.slot_size()).min(max_payload);
         let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(f)
-                .map_err(|source| PipelineError::Resource {
-                    what: "a stage thread",
-                    source,
-                })
-        };
         {
             let io = ReaderIo {
                 cmds: cmd_rx,
@@ -126,10 +117,9 @@ impl Stages {
                 guest: opts.guest_memory.clone().map(|g| (g, 0)),
             };
             let pool = pool.clone();
-            threads.push(spawn(
-                "vfmig-reader",
-                Box::new(move || reader::run(pool, names, io, chunk, timeout)),
-            )?);
+            threads.push(stages::spawn("vfmig-reader", move || {
+                reader::run(pool, names, io, chunk, timeout)
+            })?);
         }
         for _ in 0..workers {
             let (rx, tx, pool, a, c, s, f) = (
@@ -141,14 +131,11 @@ impl Stages {
                 stop.clone(),
                 fail_tx.clone(),
             );
-            threads.push(spawn(
-                "vfmig-encode",
-                Box::new(move || {
-                    if let Err(e) = stages::encode_worker(rx, tx, pool, a, c, s, timeout) {
-                        let _ = f.try_send(e);
-                    }
-                }),
-            )?);
+            threads.push(stages::spawn("vfmig-encode", move || {
+                if let Err(e) = stages::encode_worker(rx, tx, pool, a, c, s, timeout) {
+                    let _ = f.try_send(e);
+                }
+            })?);
         }
         drop((chunk_rx, out_tx));
         {
@@ -162,15 +149,12 @@ impl Stages {
             let limit = opts.max_bandwidth.map(RateLimit::new);
             // Each device may have at most every pool slot in flight.
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
-            threads.push(spawn(
-                "vfmig-send",
-                Box::new(move || {
-                    let r = stages::send_loop(out_rx, window, &*session, &c, &a, limit, &s);
-                    if let Err(e) = r {
-                        let _ = f.try_send(e);
-                    }
-                }),
-            )?);
+            threads.push(stages::spawn("vfmig-send", move || {
+                let r = stages::send_loop(out_rx, window, &*session, &c, &a, limit, &s);
+                if let Err(e) = r {
+                    let _ = f.try_send(e);
+                }
+            })?);
         }
         Ok(Stages {
             stop,
@@ -327,14 +311,6 @@ impl<D: MigrationDevice> SourceSession<D> {
         Ok(())
     }
 
-    fn set(d: &mut D, target: DeviceState, phase: Phase) -> Result<Option<OwnedFd>, PipelineError> {
-        d.set_state(target).map_err(|source| PipelineError::Device {
-            device: d.name().to_owned(),
-            phase,
-            source,
-        })
-    }
-
     /// Everything between connecting and the last acknowledgement. Returns the downtime.
     fn drive(
         &mut self,
@@ -361,7 +337,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         };
         if precopy {
             for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd = Self::set(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
+                let fd = set_state(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
                     PipelineError::NoDataFd {
                         device: d.name().to_owned(),
                         state: DeviceState::PreCopy,
@@ -395,12 +371,12 @@ impl<D: MigrationDevice> SourceSession<D> {
             if multi && all_p2p {
                 // RUNNING_P2P rule: every device stops initiating P2P before any stops.
                 for d in &mut self.devices {
-                    Self::set(d, DeviceState::PreCopyP2p, Phase::PreCopy)?;
+                    set_state(d, DeviceState::PreCopyP2p, Phase::PreCopy)?;
                 }
             }
             *downtime_start = Some(Instant::now());
             for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd = Self::set(d, DeviceState::StopCopy, Phase::StopCopy)?.map(Arc::new);
+                let fd = set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.map(Arc::new);
                 if let Some(fd) = &fd {
                     runs[i].data_fd = Some(fd.clone());
                 }
@@ -412,13 +388,13 @@ impl<D: MigrationDevice> SourceSession<D> {
         } else {
             if multi && all_p2p {
                 for d in &mut self.devices {
-                    Self::set(d, DeviceState::RunningP2p, Phase::StopCopy)?;
+                    set_state(d, DeviceState::RunningP2p, Phase::StopCopy)?;
                 }
             }
             *downtime_start = Some(Instant::now());
             for (i, d) in self.devices.iter_mut().enumerate() {
                 let fd =
-                    Self::set(d, DeviceState::StopCopy, Phase::StopCopy)?.ok_or_else(|| {
+                    set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.ok_or_else(|| {
                         PipelineError::NoDataFd {
                             device: d.name().to_owned(),
                             state: DeviceState::StopCopy,
@@ -462,7 +438,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                             received: acked,
                         });
                     }
-                    Self::set(d, DeviceState::Stop, Phase::Acknowledge)?;
+                    set_state(d, DeviceState::Stop, Phase::Acknowledge)?;
                     r.data_fd = None;
                     r.stopped = true;
                 }
@@ -669,6 +645,19 @@ impl<D: MigrationDevice> SourceSession<D> {
         }
         self.rollback = self.devices.iter_mut().map(roll_back_one).collect();
     }
+}
+
+/// `set_state` with the error carrying the device and the phase.
+pub(crate) fn set_state<D: MigrationDevice>(
+    d: &mut D,
+    target: DeviceState,
+    phase: Phase,
+) -> Result<Option<OwnedFd>, PipelineError> {
+    d.set_state(target).map_err(|source| PipelineError::Device {
+        device: d.name().to_owned(),
+        phase,
+        source,
+    })
 }
 
 /// Walks one device back to RUNNING.

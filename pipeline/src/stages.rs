@@ -14,6 +14,20 @@ use crate::reader::{header, Outgoing, RawChunk};
 use crate::reseq::Resequencer;
 use crate::stats::{Counters, DeviceCounters};
 
+/// Starts a named stage thread.
+pub(crate) fn spawn(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, PipelineError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|source| PipelineError::Resource {
+            what: "a stage thread",
+            source,
+        })
+}
+
 /// How long a stage waits on its input before checking `stop` again.
 pub(crate) const POLL: Duration = Duration::from_millis(20);
 
