@@ -21,7 +21,9 @@
 //! Measured (`cargo bench -p vfmig-transport --bench throughput`, kernel 6.18, loopback, 2 shared
 //! cores, 1 MiB frames, 128 MiB per iteration): one connection moved 2.0 GiB/s with `Send` and
 //! 1.5 GiB/s with `SendZc` (1.6 vs 0.9 GiB/s in a second, noisier run); four connections 2.25 vs
-//! 0.86 GiB/s. The notification reports every zero-copy send as copied
+//! 0.86 GiB/s. In CPU time (`--bench cpu_per_gib`, immune to the machine's other load) both
+//! cost the same, 0.37-0.38 s per GiB for both sides, while `SendZc` took 1.8x the wall time
+//! (1.23 vs 2.26 GiB/s). The notification reports every zero-copy send as copied
 //! (`IORING_NOTIF_USAGE_ZC_COPIED`): loopback copies the pages anyway, so `SendZc` pays the copy
 //! plus page pinning and a second completion per frame. Plain `Send` wins where we can measure,
 //! so the default `zerocopy_min` is `usize::MAX` (off). On a real NIC with large frames `SendZc`
