@@ -161,29 +161,13 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
     let result = match (a.imp, a.role) {
         (Impl::Reference, Role::Send) => {
             let mut dev = devices::source(a.size, &a.profile)?;
-            let out = reference::send_to(&mut dev, a.addr, &cfg)?;
-            SideResult {
-                raw_bytes: out.bytes,
-                wire_bytes: out.bytes + 16 * (out.records + 1),
-                secs: out.elapsed.as_secs_f64(),
-                peak_rss: 0,
-                codec: "none".to_owned(),
-                limiting: "-".to_owned(),
-            }
+            ref_result(&reference::send_to(&mut dev, a.addr, &cfg)?)
         }
         (Impl::Reference, Role::Recv) => {
             let mut dev = devices::destination(a.size)?;
             let listener = TcpListener::bind(a.addr)?;
             println!("LISTENING");
-            let out = reference::recv_from(&mut dev, &listener, &cfg)?;
-            SideResult {
-                raw_bytes: out.bytes,
-                wire_bytes: out.bytes + 16 * (out.records + 1),
-                secs: out.elapsed.as_secs_f64(),
-                peak_rss: 0,
-                codec: "none".to_owned(),
-                limiting: "-".to_owned(),
-            }
+            ref_result(&reference::recv_from(&mut dev, &listener, &cfg)?)
         }
         (Impl::Vfmig, Role::Send) => vfmig_side::send(a.addr, a.size, &a.profile)?,
         (Impl::Vfmig, Role::Recv) => vfmig_side::recv(a.addr, a.size, || println!("LISTENING"))?,
@@ -195,6 +179,21 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
     println!("{}", result.to_line());
     Ok(())
 }
+
+fn ref_result(out: &reference::RefOutcome) -> SideResult {
+    SideResult {
+        raw_bytes: out.bytes,
+        // A 16-byte record header per read, and the END_OF_STATE header.
+        wire_bytes: out.bytes + 16 * (out.records + 1),
+        secs: out.elapsed.as_secs_f64(),
+        peak_rss: 0,
+        codec: "none".to_owned(),
+        limiting: "-".to_owned(),
+    }
+}
+
+/// The destination's address inside its namespace (`tools/netns.sh addr dst`).
+const NETNS_DST_ADDR: &str = "198.18.0.2";
 
 /// Sets a namespace link up (and down on drop).
 struct NetnsLink<'a> {
@@ -227,22 +226,14 @@ struct Plan<'a> {
 
 impl Plan<'_> {
     fn side_cmd(&self, link: Link, imp: Impl, role: Role, size: u64, profile: &str) -> Command {
-        let (ns, ip) = match role {
-            Role::Send => ("src", "198.18.0.2"),
-            Role::Recv => ("dst", "198.18.0.2"),
-        };
-        let mut cmd = match link {
-            Link::Loopback => Command::new(&self.exe),
+        let (mut cmd, host) = match link {
+            Link::Loopback => (Command::new(&self.exe), "127.0.0.1"),
             Link::Veth { .. } => {
                 let mut c = Command::new(self.netns);
+                let ns = if role == Role::Send { "src" } else { "dst" };
                 c.args(["exec", ns]).arg(&self.exe);
-                c
+                (c, NETNS_DST_ADDR)
             }
-        };
-        let host = if link == Link::Loopback {
-            "127.0.0.1"
-        } else {
-            ip
         };
         cmd.args([
             "side",
@@ -322,16 +313,14 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
             },
         };
         for profile in &a.profiles {
-            let mut per_impl = Vec::new();
-            for imp in [Impl::Reference, Impl::Vfmig] {
-                let mut runs = Vec::new();
-                for _ in 0..repeat {
-                    runs.push(plan.migrate(link, imp, size, profile)?);
-                }
-                per_impl.push(median_row(runs).ok_or("no runs")?);
+            // Alternate the implementations so slow drifts in machine load hit both alike.
+            let (mut ref_runs, mut vfmig_runs) = (Vec::new(), Vec::new());
+            for _ in 0..repeat {
+                ref_runs.push(plan.migrate(link, Impl::Reference, size, profile)?);
+                vfmig_runs.push(plan.migrate(link, Impl::Vfmig, size, profile)?);
             }
-            let vf = per_impl.pop().ok_or("no vfmig row")?;
-            let rf = per_impl.pop().ok_or("no ref row")?;
+            let rf = median_row(ref_runs).ok_or("no reference run")?;
+            let vf = median_row(vfmig_runs).ok_or("no vfmig run")?;
             println!(
                 "  {:<10} {:<7} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, busiest {}, {:.2}:1 on the wire, {})  ratio {:.2}x",
                 link.label(),
