@@ -64,7 +64,29 @@ fn expect_refused(dst: &mut EmulatedDevice, data: &[u8], want: fn(&StreamError) 
     assert_eq!(dst.state().unwrap(), DeviceState::Error);
     let why = dst.last_resume_error().expect("a reason");
     assert!(want(&why), "unexpected reason {why:?}");
-    assert_eq!(dst.state_digest(), None.or(dst.state_digest()));
+    assert_eq!(
+        dst.state_digest(),
+        None,
+        "a refused device vouches for no state"
+    );
+}
+
+#[test]
+fn a_refused_destination_reports_no_state_digest_until_reset() {
+    let mut src = EmulatedDevice::new(small("src")).unwrap();
+    let mut dst = src.destination().unwrap();
+    let good = stop_copy_bytes(&mut src);
+    let err = resume(&mut dst, &good[..good.len() - 1]).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EINVAL), "{err}");
+    assert_eq!(dst.state().unwrap(), DeviceState::Error);
+    // Same seed and nothing dirtied: a digest regenerated from the destination's own seed would
+    // equal the source's and "prove" a transfer that was refused.
+    assert_eq!(dst.state_digest(), None);
+    dst.reset().unwrap();
+    assert!(
+        dst.state_digest().is_some(),
+        "RESET leaves ERROR with a defined state"
+    );
 }
 
 #[test]

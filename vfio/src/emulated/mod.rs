@@ -806,10 +806,11 @@ impl EmulatedDevice {
     /// The digest of the device's current state (see [`format`](mod@self::format)). On a source
     /// it regenerates the blocks it has not hashed yet (cost: one pass over the state); on a
     /// destination it is the digest of the state it resumed (later writes to that state are not
-    /// tracked: a resumed device holds digests, not bytes). `None` while a resume is incomplete.
+    /// tracked: a resumed device holds digests, not bytes). `None` while a resume is incomplete
+    /// and in ERROR (a refused resume or a failed SET leaves the state undefined until reset).
     pub fn state_digest(&self) -> Option<[u8; 32]> {
         let mut c = lock(&self.core);
-        if matches!(c.stream, Some(Stream::Resume(_))) {
+        if matches!(c.stream, Some(Stream::Resume(_))) || c.state == DeviceState::Error {
             return None;
         }
         Some(c.state_digest())
