@@ -1,7 +1,7 @@
 //! EmulatedDevice data fd behaviour through the kernel (FUSE): transfers, errnos, faults.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
@@ -58,7 +58,6 @@ fn data_fd_is_a_stream_pread_gives_espipe() {
         Some(libc::EBADF),
         "saving fd is read-only"
     );
-    let _ = ErrorKind::Other;
 }
 
 fn zstd_ratio(profile: Profile) -> f64 {
