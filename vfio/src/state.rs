@@ -250,13 +250,16 @@ impl Arc {
         )
     }
 
-    /// Arcs on which the data fd's stream continues (the same fd; drivers return it again or -1).
+    /// Arcs on which the data fd's stream continues (the same fd; drivers return it again or -1):
+    /// every arc between two saving states. PRE_COPY -> STOP_COPY is an arc only for devices
+    /// without P2P (the others pass through PRE_COPY_P2P).
     pub const fn continues_data_fd(self) -> bool {
         matches!(
             (self.from, self.to),
             (DeviceState::PreCopy, DeviceState::PreCopyP2p)
                 | (DeviceState::PreCopyP2p, DeviceState::PreCopy)
                 | (DeviceState::PreCopyP2p, DeviceState::StopCopy)
+                | (DeviceState::PreCopy, DeviceState::StopCopy)
         )
     }
 

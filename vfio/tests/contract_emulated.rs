@@ -97,6 +97,13 @@ fn contract_holds_when_stop_copy_returns_a_duplicate_fd() {
         ..Quirks::uapi()
     };
     run(MigrationCaps::ALL, quirks, true);
+    // Without P2P, PRE_COPY -> STOP_COPY is one arc that continues the stream (and returns the
+    // duplicate): a legal continuation, not a data fd on a wrong arc.
+    run(
+        MigrationCaps::STOP_COPY | MigrationCaps::PRE_COPY,
+        quirks,
+        false,
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! `vfio_from_fsm_table` and `vfio_mig_get_next_state()` (drivers/vfio/vfio_main.c), for all 64
 //! (from, to) pairs under all 8 capability sets.
 
-use vfmig_vfio::{path, Arc, DeviceState, FsmError, MigrationCaps};
+use vfmig_vfio::{next_state, path, Arc, DeviceState, FsmError, MigrationCaps};
 
 // Raw uAPI values, as the kernel's table is written.
 const ERROR: usize = 0;
@@ -268,4 +268,23 @@ fn missing_capability_names_the_state() {
             caps: MigrationCaps::STOP_COPY
         }
     );
+}
+
+#[test]
+fn every_arc_between_saving_states_continues_the_data_fd_and_no_other_arc_does() {
+    for caps in MigrationCaps::all_subsets() {
+        for from in DeviceState::ALL {
+            for to in DeviceState::ALL {
+                if from == to || next_state(from, to, caps).ok() != Some(to) {
+                    continue;
+                }
+                let arc = Arc { from, to };
+                assert_eq!(
+                    arc.continues_data_fd(),
+                    from.is_saving() && to.is_saving(),
+                    "caps {caps}: {arc}"
+                );
+            }
+        }
+    }
 }
