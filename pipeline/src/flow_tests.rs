@@ -250,3 +250,86 @@ fn every_codec_setting_round_trips_and_an_empty_stream_is_verified() {
         assert_eq!(events.len(), 2, "{compress:?}: {events:?}");
     }
 }
+
+/// Feeds the writer a stream by hand and returns its first event.
+fn write_by_hand(chunks: &[&[u8]], end: (u64, [u8; 32])) -> WriterEvent {
+    let pool = BufPool::new(8, 4096).unwrap();
+    let (dev, pipe) = UnixStream::pair().unwrap();
+    let drain = thread::spawn(move || {
+        let mut dev = dev;
+        let mut got = Vec::new();
+        dev.read_to_end(&mut got).unwrap();
+        got
+    });
+    let fd = Arc::new(OwnedFd::from(pipe));
+    let (tx, rx) = bounded(16);
+    let (ev_tx, ev_rx) = bounded(16);
+    let devices = vec![WriterDevice {
+        name: "d".into(),
+        fd: fd.clone(),
+    }];
+    let counters = Arc::new(Counters::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let pool = pool.clone();
+        thread::spawn(move || writer::run(pool, devices, None, rx, ev_tx, counters, stop, T))
+    };
+    let mut seq = 0;
+    // Out of order on purpose: the writer restores the order.
+    let mut items = Vec::new();
+    for c in chunks {
+        let mut b = pool.try_acquire().unwrap();
+        b.spare_mut()[..c.len()].copy_from_slice(c);
+        b.set_len(c.len());
+        items.push(InItem {
+            device: 0,
+            seq,
+            item: Incoming::Data(crate::codec::Decoded::Data(b)),
+        });
+        seq += 1;
+    }
+    items.push(InItem {
+        device: 0,
+        seq,
+        item: Incoming::End {
+            total: end.0,
+            digest: end.1,
+        },
+    });
+    items.reverse();
+    for it in items {
+        tx.send(it).unwrap();
+    }
+    drop(tx);
+    let ev = ev_rx.recv_timeout(T).unwrap();
+    w.join().unwrap();
+    drop(fd);
+    let got = drain.join().unwrap();
+    assert_eq!(got, chunks.concat(), "written in sequence order");
+    ev
+}
+
+#[test]
+fn writer_verifies_length_and_digest_of_what_it_wrote() {
+    let chunks: [&[u8]; 2] = [b"hello ", b"world"];
+    let digest = *blake3::hash(b"hello world").as_bytes();
+    assert!(matches!(
+        write_by_hand(&chunks, (11, digest)),
+        WriterEvent::StreamVerified {
+            device: 0,
+            total: 11
+        }
+    ));
+    assert!(matches!(
+        write_by_hand(&chunks, (12, digest)),
+        WriterEvent::Failed(PipelineError::LengthMismatch {
+            declared: 12,
+            received: 11,
+            ..
+        })
+    ));
+    assert!(matches!(
+        write_by_hand(&chunks, (11, [7; 32])),
+        WriterEvent::Failed(PipelineError::DigestMismatch { .. })
+    ));
+}
