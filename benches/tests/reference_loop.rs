@@ -36,3 +36,65 @@ fn reference_loop_truncated_stream_is_refused_and_source_returns_to_running() {
     assert_eq!(src.state().expect("state"), DeviceState::Running);
     assert_eq!(dst.state().expect("state"), DeviceState::Running);
 }
+
+/// Runs the destination side against `bytes` written by a raw socket; returns its error.
+fn destination_fed(bytes: Vec<u8>) -> (RefError, EmulatedDevice) {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let feeder = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(&bytes).expect("write");
+        // End of our stream, as a source that died would leave it; then wait for the verdict.
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut ack = [0u8; 1];
+        let _ = std::io::Read::read(&mut s, &mut ack);
+    });
+    let mut dst = devices::destination(SIZE).expect("destination device");
+    let err = vfmig_benches::reference::recv_from(&mut dst, &listener, &RefConfig::default())
+        .expect_err("bad stream refused");
+    feeder.join().expect("feeder");
+    (err, dst)
+}
+
+#[test]
+fn reference_destination_refuses_unknown_record_flag_and_resets_device() {
+    let mut bytes = 0x1234_u64.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&8u64.to_be_bytes());
+    let (err, mut dst) = destination_fed(bytes);
+    assert!(
+        matches!(
+            err,
+            RefError::BadFlag {
+                flag: 0x1234,
+                offset: 0
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(dst.state().expect("state"), DeviceState::Running);
+}
+
+#[test]
+fn reference_destination_refuses_record_longer_than_its_buffer() {
+    let mut bytes = vfmig_benches::reference::FLAG_DEV_DATA_STATE
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&(REF_CHUNK as u64 + 1).to_be_bytes());
+    let (err, _) = destination_fed(bytes);
+    assert!(matches!(err, RefError::RecordTooLong { .. }), "{err}");
+}
+
+#[test]
+fn reference_destination_refuses_stream_cut_mid_record() {
+    let mut bytes = vfmig_benches::reference::FLAG_DEV_DATA_STATE
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&4096u64.to_be_bytes());
+    bytes.extend_from_slice(&[0u8; 100]);
+    let (err, mut dst) = destination_fed(bytes);
+    assert!(matches!(err, RefError::Socket { op: "read", .. }), "{err}");
+    assert_eq!(dst.state().expect("state"), DeviceState::Running);
+}

@@ -538,3 +538,38 @@ fn markdown(
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_size_takes_binary_units_and_refuses_zero_or_garbage() {
+        assert_eq!(parse_size("1G"), Ok(GIB));
+        assert_eq!(parse_size("256M"), Ok(256 * MIB));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn parse_link_reads_loopback_and_tc_rates() {
+        assert_eq!(parse_link("loopback"), Ok(Link::Loopback));
+        assert_eq!(
+            parse_link("2.5gbit"),
+            Ok(Link::Veth {
+                bits_per_sec: 2_500_000_000
+            })
+        );
+        assert_eq!(
+            parse_link("2500mbit"),
+            Ok(Link::Veth {
+                bits_per_sec: 2_500_000_000
+            })
+        );
+        assert!(parse_link("fast").is_err());
+        assert!(parse_link("0gbit").is_err());
+    }
+}
