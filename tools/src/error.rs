@@ -268,6 +268,9 @@ pub fn describe_transport(e: &TransportError) -> String {
             format!("peer closed connection {conn} {at}: it exited, was killed or lost the network")
         }
         TransportError::Closed => "peer closed the session before the migration finished".to_owned(),
+        TransportError::Timeout { after, what } if after.is_zero() => {
+            format!("timed out waiting for {what}")
+        }
         TransportError::Timeout { after, what } => {
             format!("timed out after {} waiting for {what}", secs(*after))
         }
