@@ -116,4 +116,29 @@ mod tests {
         ));
         assert_eq!(r.waiting(), 1);
     }
+
+    proptest::proptest! {
+        /// Any arrival order that stays within the window comes out in sequence order.
+        #[test]
+        fn any_order_within_the_window_comes_out_in_sequence(
+            keys in proptest::collection::vec(proptest::num::u32::ANY, 1..200),
+            window in 1u64..64,
+        ) {
+            // A permutation of 0..n that never runs more than `window` ahead of what is popped:
+            // sort by (block of `window`, random key).
+            let n = keys.len() as u64;
+            let mut order: Vec<(u64, u32)> = (0..n).zip(keys).collect();
+            order.sort_by_key(|&(s, key)| (s / window, key));
+            let order = order.into_iter().map(|(s, _)| s);
+            let mut r = Resequencer::new(window);
+            let mut out = Vec::new();
+            for s in order {
+                r.push(s, s).unwrap();
+                while let Some(x) = r.pop() {
+                    out.push(x);
+                }
+            }
+            proptest::prop_assert_eq!(out, (0..n).collect::<Vec<_>>());
+        }
+    }
 }
