@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyWrite, Request,
@@ -436,6 +436,8 @@ impl Drop for FuseHost {
 
 /// Where the kernel's fusectl file system lives (`<conn>/abort` ends a FUSE connection).
 const FUSECTL: &str = "/sys/fs/fuse/connections";
+/// Longest [`Watchdog::spawn`] waits for `/bin/sh` to be started (the host works without it).
+const WATCHDOG_SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The FUSE server runs in this process, so when the process dies with a request already read
 /// by its (now killed) server thread, the requesting thread waits uninterruptibly for a reply
@@ -505,13 +507,16 @@ impl Watchdog {
                 }
                 let _ = child.wait();
             })?;
-        match spawned.recv() {
+        // On a timeout `stop` is dropped below, so the thread kills and reaps the child once
+        // it has one.
+        match spawned.recv_timeout(WATCHDOG_SPAWN_TIMEOUT) {
             Ok(Ok(())) => Ok(Watchdog {
                 stop: Some(stop),
                 thread: Some(thread),
             }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::from_raw_os_error(libc::ECHILD)),
+            Err(RecvTimeoutError::Timeout) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+            Err(RecvTimeoutError::Disconnected) => Err(io::Error::from_raw_os_error(libc::ECHILD)),
         }
     }
 }
