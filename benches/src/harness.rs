@@ -330,9 +330,11 @@ pub fn run_pair(
     }
     let deadline = Instant::now() + limit;
     let sender = SideProc::spawn("sender", send)?;
-    let src = sender.finish(deadline, limit);
-    let dst = receiver.finish(deadline, limit);
-    Ok((src?, dst?))
+    // A failed sender fails the pair at once: the receiver is ended (by its Drop) rather than
+    // waited on until it times out on its own.
+    let src = sender.finish(deadline, limit)?;
+    let dst = receiver.finish(deadline, limit)?;
+    Ok((src, dst))
 }
 
 /// Formats bytes per second as `MB/s` with one decimal (10^6 bytes).

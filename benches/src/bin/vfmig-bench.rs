@@ -61,6 +61,10 @@ struct RunArgs {
     /// Skip the peak-RSS runs.
     #[arg(long)]
     no_rss: bool,
+    /// Stop starting new rows after this many minutes (default 20; 5 with --short); rows not
+    /// run are listed as such.
+    #[arg(long)]
+    budget_mins: Option<u64>,
     /// Write every row as CSV here (input of tools/bench/plot.py).
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -299,15 +303,27 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
         a.links,
         a.profiles
     );
+    let budget = Duration::from_secs(60 * a.budget_mins.unwrap_or(if a.short { 5 } else { 20 }));
     let mut rows: Vec<(Row, Row)> = Vec::new();
-    let mut skipped = Vec::new();
+    // Rows that produced no figure, and why (no root for netns, a failed migration, the budget).
+    let mut skipped: Vec<String> = Vec::new();
     for &link in &links {
+        if t0.elapsed() > budget {
+            skipped.push(format!(
+                "{}: not run, suite budget of {budget:?} used up",
+                link.label()
+            ));
+            continue;
+        }
         let _guard = match link.tc_rate() {
             None => None,
             Some(rate) => match NetnsLink::up(&a.netns, &rate)? {
                 Some(g) => Some(g),
                 None => {
-                    skipped.push(link.label());
+                    skipped.push(format!(
+                        "{}: skipped, tools/netns.sh needs root",
+                        link.label()
+                    ));
                     continue;
                 }
             },
@@ -315,9 +331,26 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
         for profile in &a.profiles {
             // Alternate the implementations so slow drifts in machine load hit both alike.
             let (mut ref_runs, mut vfmig_runs) = (Vec::new(), Vec::new());
+            let mut failed = None;
             for _ in 0..repeat {
-                ref_runs.push(plan.migrate(link, Impl::Reference, size, profile)?);
-                vfmig_runs.push(plan.migrate(link, Impl::Vfmig, size, profile)?);
+                let pair = plan
+                    .migrate(link, Impl::Reference, size, profile)
+                    .and_then(|r| Ok((r, plan.migrate(link, Impl::Vfmig, size, profile)?)));
+                match pair {
+                    Ok((r, v)) => {
+                        ref_runs.push(r);
+                        vfmig_runs.push(v);
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                println!("  {:<10} {:<7} FAILED: {e}", link.label(), profile);
+                skipped.push(format!("{} {profile}: FAILED: {e}", link.label()));
+                continue;
             }
             let rf = median_row(ref_runs).ok_or("no reference run")?;
             let vf = median_row(vfmig_runs).ok_or("no vfmig run")?;
@@ -340,7 +373,18 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
     let mut rss_rows = Vec::new();
     if !a.no_rss {
         for imp in [Impl::Reference, Impl::Vfmig] {
-            let r = plan.migrate(Link::Loopback, imp, rss_size, "mixed")?;
+            let r = match plan.migrate(Link::Loopback, imp, rss_size, "mixed") {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("  peak RSS {:<5} FAILED: {e}", imp.as_str());
+                    skipped.push(format!(
+                        "peak RSS {} {}: FAILED: {e}",
+                        imp.as_str(),
+                        human(rss_size)
+                    ));
+                    continue;
+                }
+            };
             println!(
                 "  peak RSS {:<5} {}: source {}, destination {}",
                 imp.as_str(),
@@ -467,8 +511,11 @@ fn markdown(
             vf.src.secs * 1e3
         );
     }
-    for l in skipped {
-        s += &format!("| {l} | skipped: tools/netns.sh needs root | | | | | | |\n");
+    if !skipped.is_empty() {
+        s += "\nNot measured:\n\n";
+        for l in skipped {
+            s += &format!("- {l}\n");
+        }
     }
     if !rss_rows.is_empty() {
         s += "\nPeak RSS (VmHWM of each side's process), mixed content over loopback:\n\n\
