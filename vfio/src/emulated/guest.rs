@@ -45,7 +45,9 @@ impl GuestMemory {
         }
         let name = c"vfmig-emu-guest";
         // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new fd or -1.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -53,9 +55,16 @@ impl GuestMemory {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let file = File::from(fd.try_clone()?);
         file.set_len(len)?;
-        // SAFETY: the memfd is private to this process until `fd()` hands it out; concurrent
-        // writers through other mappings can only change bytes, never the mapping's validity, and
-        // the file is never truncated (its length is fixed here).
+        // The mapping must never outlive its pages: seal the size so that nobody holding the fd
+        // handed out by `fd()` can shrink the file under it (a shrunk memfd faults with SIGBUS).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS takes an integer argument and dereferences no pointer.
+        if unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the file is `len` bytes and sealed against shrinking just above, so every page
+        // of the mapping stays backed for its whole life; other mappings of the memfd (by holders
+        // of `fd()`) can change the bytes, never the mapping's validity.
         let map = unsafe { MmapMut::map_mut(&file)? };
         Ok(GuestMemory {
             fd,
@@ -65,7 +74,8 @@ impl GuestMemory {
         })
     }
 
-    /// The memfd holding the guest memory (map it, or `pread` it, to read dirty pages).
+    /// The memfd holding the guest memory (map it, or `pread` it, to read dirty pages). Its size
+    /// is sealed (`F_SEAL_SHRINK`): truncating it fails with EPERM.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -257,6 +267,20 @@ mod tests {
                 "iova {iova:#x} len {len:#x}"
             );
         }
+    }
+
+    #[test]
+    fn the_memfd_cannot_be_shrunk_under_the_mapping() {
+        let g = GuestMemory::new(0, 2 * GUEST_PAGE_SIZE).unwrap();
+        let f = File::from(g.fd().try_clone_to_owned().unwrap());
+        let err = f.set_len(GUEST_PAGE_SIZE).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // The mapping is intact: its last page is still readable and writable.
+        let last = GUEST_PAGE_SIZE;
+        g.write(last, &[7u8; 8]).unwrap();
+        let mut back = [0u8; 8];
+        g.read(last, &mut back).unwrap();
+        assert_eq!(back, [7u8; 8]);
     }
 
     #[test]
