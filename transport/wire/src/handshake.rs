@@ -1001,6 +1001,35 @@ fn parse_offer(body: &[u8], limits: &Limits) -> Result<(Fixed, Vec<DeviceDesc>),
     Ok((f, devices))
 }
 
+/// [`Handshake`] for a role type: both roles are the shared [`Core`] (envelopes, output,
+/// transcript, failure) driven by their own side's `expect` / `on_msg` state machine.
+macro_rules! impl_handshake {
+    ($role:ty) => {
+        impl Handshake for $role {
+            fn take_output(&mut self) -> Option<Vec<u8>> {
+                self.core.take_output()
+            }
+
+            fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
+                self.core.feed(
+                    &mut self.side,
+                    input,
+                    |s, c| s.expect(c),
+                    |s, c, ty, m| s.on_msg(c, ty, m),
+                )
+            }
+
+            fn agreed(&self) -> Option<&Agreed> {
+                self.core.agreed.as_ref()
+            }
+
+            fn is_failed(&self) -> bool {
+                self.core.failed.is_some()
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client.
 
@@ -1187,28 +1216,7 @@ impl ClientSide {
     }
 }
 
-impl Handshake for ClientHandshake {
-    fn take_output(&mut self) -> Option<Vec<u8>> {
-        self.core.take_output()
-    }
-
-    fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
-        self.core.feed(
-            &mut self.side,
-            input,
-            |s, c| s.expect(c),
-            |s, c, ty, m| s.on_msg(c, ty, m),
-        )
-    }
-
-    fn agreed(&self) -> Option<&Agreed> {
-        self.core.agreed.as_ref()
-    }
-
-    fn is_failed(&self) -> bool {
-        self.core.failed.is_some()
-    }
-}
+impl_handshake!(ClientHandshake);
 
 // ---------------------------------------------------------------------------------------------
 // Server.
@@ -1390,25 +1398,4 @@ impl ServerSide {
     }
 }
 
-impl Handshake for ServerHandshake {
-    fn take_output(&mut self) -> Option<Vec<u8>> {
-        self.core.take_output()
-    }
-
-    fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
-        self.core.feed(
-            &mut self.side,
-            input,
-            |s, c| s.expect(c),
-            |s, c, ty, m| s.on_msg(c, ty, m),
-        )
-    }
-
-    fn agreed(&self) -> Option<&Agreed> {
-        self.core.agreed.as_ref()
-    }
-
-    fn is_failed(&self) -> bool {
-        self.core.failed.is_some()
-    }
-}
+impl_handshake!(ServerHandshake);
