@@ -375,3 +375,115 @@ fn demo_migrates_and_verifies_in_one_command() {
     assert_eq!(j["devices"][0]["accepted"], true, "{j}");
     assert_eq!(j["devices"][1]["accepted"], true, "{j}");
 }
+
+#[test]
+fn silent_peer_times_out_with_the_configured_timeout_in_the_message() {
+    // A TCP peer that accepts and never says anything.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Detached: it holds the connection open past the sender's timeout.
+    std::thread::spawn(move || {
+        let conn = listener.accept().map(|(s, _)| s);
+        std::thread::sleep(Duration::from_secs(10));
+        drop(conn);
+    });
+    let out = run(
+        send(addr, &["--device", "emu:size=1M", "--timeout", "2"]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("timed out after 2 s"), "{lines:?}");
+}
+
+/// Forwards one TCP connection to `to`, flipping one bit of the source's stream at byte `at`.
+fn corrupting_proxy(to: std::net::SocketAddr, at: usize) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((client, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(server) = std::net::TcpStream::connect(to) else {
+            return;
+        };
+        let (mut c_in, mut s_out) = (
+            client.try_clone().expect("clone"),
+            server.try_clone().expect("clone"),
+        );
+        let (mut s_in, mut c_out) = (server, client);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s_in, &mut c_out);
+            let _ = c_out.shutdown(std::net::Shutdown::Both);
+        });
+        let mut seen = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match c_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if seen <= at && at < seen + n {
+                buf[at - seen] ^= 0x10;
+            }
+            seen += n;
+            if s_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s_out.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn bit_flipped_on_the_wire_is_reported_as_a_corrupted_stream_and_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.bin");
+    std::fs::write(&src, test_bytes(8 << 20, 9)).expect("write");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let dst = out_dir.path().join("dst.bin");
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "10",
+    ]);
+    let proxy = corrupting_proxy(recv.addr, 3 << 20);
+    let out = run(
+        send(
+            proxy,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--streams",
+                "1",
+                "--compress",
+                "none",
+                "--timeout",
+                "10",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("vfmig: stream corrupted at frame "),
+        "{rlines:?}"
+    );
+    assert!(last.contains("of device 0"), "{rlines:?}");
+    assert_eq!(stderr_lines(&out).len(), 1);
+    assert!(
+        dir_entries(out_dir.path()).is_empty(),
+        "nothing written at the destination"
+    );
+}
