@@ -710,3 +710,26 @@ fn mtty_quirks_keep_resuming_after_a_refusal_and_serve_mmio_in_stop() {
     assert!(dst.mmio_write(8, 5));
     assert_eq!(dst.mmio_read(8), 5);
 }
+
+#[test]
+fn explicit_dirtying_and_dma_writes_are_bounded_per_call_by_the_device_size() {
+    let mut cfg = small("bound");
+    cfg.guest = Some(GuestConfig {
+        iova: 1 << 30,
+        len: 16 * 4096,
+        dma_pages_per_sec: 0,
+    });
+    let dev = EmulatedDevice::new(cfg).unwrap();
+    // 1 MiB of state in 16 KiB blocks: 64 blocks.
+    assert_eq!(dev.dirty_blocks(65), 64);
+    assert_eq!(
+        dev.dirty_blocks(u64::MAX),
+        64,
+        "one pass, not 2^64 under the lock"
+    );
+    assert_eq!(
+        dev.dma_write_pages(u64::MAX).len(),
+        16,
+        "one write per guest page"
+    );
+}

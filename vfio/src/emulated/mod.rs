@@ -821,12 +821,14 @@ impl EmulatedDevice {
         lock(&self.core).last_resume_error.clone()
     }
 
-    /// Dirties `n` pseudo-random blocks now (only while running; returns how many were dirtied).
+    /// Dirties `n` pseudo-random blocks now, at most as many as the state has blocks per call
+    /// (the device lock is held meanwhile); only while running. Returns how many were dirtied.
     pub fn dirty_blocks(&self, n: u64) -> u64 {
         let mut c = lock(&self.core);
         if !c.state.is_running() {
             return 0;
         }
+        let n = n.min(c.blocks);
         c.dirty_random(n);
         n
     }
@@ -836,8 +838,8 @@ impl EmulatedDevice {
         lock(&self.core).guest.clone()
     }
 
-    /// Performs `n` device DMA writes to pseudo-random guest pages now (only while running);
-    /// returns the IOVAs written.
+    /// Performs `n` device DMA writes to pseudo-random guest pages now, at most as many as the
+    /// guest memory has pages per call; only while running. Returns the IOVAs written.
     pub fn dma_write_pages(&self, n: u64) -> Vec<u64> {
         let mut c = lock(&self.core);
         let Some(g) = c.guest.clone() else {
@@ -846,7 +848,8 @@ impl EmulatedDevice {
         if !c.state.is_running() {
             return Vec::new();
         }
-        let mut out = Vec::new();
+        let n = n.min(g.pages());
+        let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for _ in 0..n {
             let page = c.rng.below(g.pages());
             c.dma_write(&g, page);
