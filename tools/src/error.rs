@@ -294,6 +294,14 @@ pub fn describe_transport(e: &TransportError) -> String {
             }
         }
         TransportError::Io { op, source } => format!("{op} failed: {}", os_reason(source)),
+        TransportError::Short {
+            op,
+            conn,
+            done,
+            wanted,
+        } => format!(
+            "connection {conn} broke mid-frame ({op}: {done} of {wanted} bytes): the peer closed it (it may have found the stream corrupt) or the network failed"
+        ),
         other => other.to_string(),
     }
 }
@@ -565,6 +573,19 @@ mod tests {
             describe(&e),
             "peer closed connection 1 in the middle of a frame payload: it exited, was killed or lost the network"
         );
+    }
+
+    #[test]
+    fn connection_cut_mid_frame_says_the_peer_closed_it() {
+        let e = CliError::Transport(TransportError::Short {
+            op: "send frame payload",
+            conn: 0,
+            done: 10,
+            wanted: 20,
+        });
+        let msg = describe(&e);
+        assert!(msg.starts_with("connection 0 broke mid-frame"), "{msg}");
+        assert!(msg.contains("peer closed it"), "{msg}");
     }
 
     #[test]
