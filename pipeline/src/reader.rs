@@ -201,6 +201,7 @@ fn reader_loop(
     cmds_open: &mut bool,
 ) -> Result<(), PipelineError> {
     let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
+    let mut done = Vec::new();
     loop {
         if io.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -288,11 +289,12 @@ fn reader_loop(
         let wait = next_wake.saturating_duration_since(Instant::now());
         // Time waiting with reads in flight is time the devices take: it counts as busy.
         let t0 = Instant::now();
-        let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
-            op: "wait (reader)",
-            source,
-        })?;
-        for c in done {
+        ring.wait(wait, &mut done)
+            .map_err(|source| PipelineError::Uring {
+                op: "wait (reader)",
+                source,
+            })?;
+        for c in done.drain(..) {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i).and_then(|d| d.as_mut()) else {
                 continue;

@@ -146,12 +146,14 @@ impl DataRing {
     }
 
     /// Submits what is queued and waits up to `timeout` for at least one completion (returns
-    /// immediately if one is ready). Returns every completion reaped, possibly none.
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<Vec<Completion>> {
-        let mut done = self.reap();
-        if !done.is_empty() || self.inflight.is_empty() {
+    /// immediately if one is ready). Appends every completion reaped, possibly none, to `done`
+    /// (a vector the caller reuses, so waiting does not allocate).
+    pub fn wait(&mut self, timeout: Duration, done: &mut Vec<Completion>) -> io::Result<()> {
+        let before = done.len();
+        self.reap(done);
+        if done.len() > before || self.inflight.is_empty() {
             self.ring.submit()?;
-            return Ok(done);
+            return Ok(());
         }
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -160,12 +162,11 @@ impl DataRing {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
             Err(e) => return Err(e),
         }
-        done.extend(self.reap());
-        Ok(done)
+        self.reap(done);
+        Ok(())
     }
 
-    fn reap(&mut self) -> Vec<Completion> {
-        let mut out = Vec::new();
+    fn reap(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             let key = cqe.user_data();
             if key & CANCEL_BIT != 0 {
@@ -179,7 +180,6 @@ impl DataRing {
                 });
             }
         }
-        out
     }
 }
 
@@ -203,7 +203,11 @@ impl Drop for DataRing {
                 break;
             }
             // Completed buffers are dropped here: the kernel is done with them.
-            if self.wait(left.min(Duration::from_millis(100))).is_err() {
+            let mut done = Vec::new();
+            if self
+                .wait(left.min(Duration::from_millis(100)), &mut done)
+                .is_err()
+            {
                 break;
             }
         }
@@ -224,6 +228,12 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
 
+    fn wait_one(ring: &mut DataRing) -> Completion {
+        let mut done = Vec::new();
+        ring.wait(Duration::from_secs(5), &mut done).unwrap();
+        done.pop().unwrap()
+    }
+
     #[test]
     fn read_fixed_at_current_position_follows_a_socket_stream() {
         let pool = BufPool::new(2, 4096).unwrap();
@@ -232,11 +242,11 @@ mod tests {
         w.write_all(b"hello ").unwrap();
         let buf = pool.try_acquire().unwrap();
         ring.read(7, r.as_raw_fd(), buf, 0, 4096).unwrap();
-        let c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        let c = wait_one(&mut ring);
         assert_eq!((c.key, c.result), (7, 6));
         w.write_all(b"world").unwrap();
         ring.read(7, r.as_raw_fd(), c.buf, 6, 4090).unwrap();
-        let mut c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        let mut c = wait_one(&mut ring);
         assert_eq!(c.result, 5);
         c.buf.set_len(11);
         assert_eq!(c.buf.as_slice(), b"hello world");
@@ -257,7 +267,7 @@ mod tests {
         let mut buf = pool.try_acquire().unwrap();
         buf.spare_mut()[..6].copy_from_slice(b"abcdef");
         ring.write(1, w.as_raw_fd(), buf, 2, 4).unwrap();
-        let c = ring.wait(Duration::from_secs(5)).unwrap().pop().unwrap();
+        let c = wait_one(&mut ring);
         assert_eq!(c.result, 4);
         drop(w);
         let mut got = Vec::new();

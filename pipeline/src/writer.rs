@@ -129,6 +129,7 @@ fn write_loop(
 ) -> Result<(), PipelineError> {
     let (counters, timeout) = (ctx.counters, ctx.timeout);
     let mut open = true;
+    let mut done = Vec::new();
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -177,11 +178,12 @@ fn write_loop(
         };
         // Time waiting with writes in flight is time the devices take: it counts as busy.
         let t0 = Instant::now();
-        let done = ring.wait(wait).map_err(|source| PipelineError::Uring {
-            op: "wait (writer)",
-            source,
-        })?;
-        for c in done {
+        ring.wait(wait, &mut done)
+            .map_err(|source| PipelineError::Uring {
+                op: "wait (writer)",
+                source,
+            })?;
+        for c in done.drain(..) {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i) else { continue };
             let device = u16::try_from(i).unwrap_or(u16::MAX);
