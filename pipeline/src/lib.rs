@@ -18,6 +18,25 @@
 //!
 //! `unsafe` lives only in the `uring` module (submissions referencing pool buffers).
 //!
+//! # What a run guarantees
+//!
+//! - **Order.** One read in flight per data fd; chunks are numbered per device and handed to the
+//!   transport in that order after the parallel codec stage; the destination writes them in the
+//!   same order, one write in flight per fd.
+//! - **Verification.** Every frame is CRC-checked by the transport; each stream ends with its
+//!   length and BLAKE3 digest, checked before the destination device is asked to validate its
+//!   state (RESUMING -> STOP). Only then is `DeviceResumed` sent, and only that counts as success
+//!   on the source.
+//! - **Several devices.** Every source device reaches RUNNING_P2P (or PRE_COPY_P2P) before any
+//!   stops; destination devices resume (if asked) STOP -> RUNNING_P2P for all before RUNNING for
+//!   any. Devices without P2P are refused for multi-device runs unless overridden.
+//! - **Failure.** Any failure (device, peer, timeout, cancel) aborts the session with a reason
+//!   code, walks source devices back to RUNNING (resetting those in ERROR) and resets destination
+//!   devices; the error is a typed [`PipelineError`] and [`SourceSession::rollback_steps`] says
+//!   what was done.
+//! - **Memory.** Every queue is bounded and every buffer comes from the transport's fixed pool,
+//!   so memory does not grow with the state size.
+//!
 //! # Example: migrate an emulated device over loopback
 //!
 //! A VMM runs [`SourceSession::run`] on its migration thread; the destination host runs

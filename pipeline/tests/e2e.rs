@@ -591,3 +591,39 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
     assert!(report.ratio > 1.8, "{report:?}");
     assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
 }
+
+#[test]
+fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() {
+    let src = device("emu0", 1 << 20, Profile::Mixed, 9);
+    let extra = device("emu1", 1 << 20, Profile::Mixed, 10);
+    let targets = vec![src.destination().unwrap(), extra.destination().unwrap()];
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let dst = thread::spawn(move || {
+        let mut s = DestinationSession::new(targets, destination_options());
+        let r = s.run(&listener);
+        (r, s.into_devices())
+    });
+    let mut session = SourceSession::new(vec![src], source_options());
+    let err = session.run(addr).unwrap_err();
+    let (dr, mut dsts) = dst.join().unwrap();
+    assert!(matches!(
+        dr.unwrap_err(),
+        PipelineError::DeviceCount {
+            source_devices: 1,
+            destination_devices: 2
+        }
+    ));
+    assert!(
+        matches!(
+            err,
+            PipelineError::PeerAborted {
+                reason: Some(AbortReason::DeviceMismatch),
+                ..
+            } | PipelineError::Transport { .. }
+        ),
+        "{err}"
+    );
+    let mut srcs = session.into_devices();
+    assert_rolled_back(&mut srcs, &mut dsts);
+}
