@@ -271,7 +271,9 @@ fn missing_capability_names_the_state() {
 }
 
 #[test]
-fn every_arc_between_saving_states_continues_the_data_fd_and_no_other_arc_does() {
+fn data_fd_arcs_follow_from_which_states_hold_a_data_fd() {
+    // A state holds a data fd when it saves (PRE_COPY*, STOP_COPY) or resumes.
+    let has_fd = |s: DeviceState| s.is_saving() || s == DeviceState::Resuming;
     for caps in MigrationCaps::all_subsets() {
         for from in DeviceState::ALL {
             for to in DeviceState::ALL {
@@ -280,9 +282,19 @@ fn every_arc_between_saving_states_continues_the_data_fd_and_no_other_arc_does()
                 }
                 let arc = Arc { from, to };
                 assert_eq!(
+                    arc.opens_data_fd(),
+                    !has_fd(from) && has_fd(to),
+                    "opens: caps {caps}: {arc}"
+                );
+                assert_eq!(
                     arc.continues_data_fd(),
-                    from.is_saving() && to.is_saving(),
-                    "caps {caps}: {arc}"
+                    has_fd(from) && has_fd(to),
+                    "continues: caps {caps}: {arc}"
+                );
+                assert_eq!(
+                    arc.closes_data_fd(),
+                    has_fd(from) && !has_fd(to),
+                    "closes: caps {caps}: {arc}"
                 );
             }
         }
