@@ -47,6 +47,16 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   SIZE is an integer or decimal with an optional binary suffix: K, M, G, T (1K = 1024 bytes);
   KiB/MiB/GiB/TiB and KB/MB/GB/TB are accepted and mean the same.";
 
+const JSON_HELP: &str = "\
+JSON OUTPUT (--json): one object on stdout at the end, also on failure:
+  outcome (\"ok\"|\"failed\"), role, error (the failure line or null), exit_code, peer,
+  elapsed_ms, downtime_ms, raw_bytes, wire_bytes, ratio (raw/wire), throughput_bytes_per_sec,
+  limiting_stage (\"device\"|\"codec\"|\"network\"), stages_busy_ms, and devices: a list of
+  { index, name, kind, raw_bytes, wire_bytes, precopy_bytes, ratio, throughput_bytes_per_sec,
+  downtime_ms, accepted }. accepted is true only once the destination device took its state;
+  ratio is null for an all-zero stream; a device's throughput and downtime are measured over
+  the whole session (devices move concurrently and stop together).";
+
 const EXIT_HELP: &str = "\
 EXIT STATUS:
   0  every destination device accepted its state (for send: the destination acknowledged it)
@@ -116,7 +126,7 @@ given devices. For each device: (optionally) PRE_COPY while it runs, then every 
 RUNNING_P2P, then STOP_COPY, streaming the state. Succeeds (exit 0) only once the destination \
 reports that every device accepted its state; the source devices are then left in STOP. On any \
 failure they are walked back to RUNNING.",
-        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, EXIT_HELP, SEND_EXAMPLES])
+        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, JSON_HELP, EXIT_HELP, SEND_EXAMPLES])
     )]
     Send(SendArgs),
     /// Destination side: accept one migration and load the state into devices.
@@ -126,7 +136,7 @@ load each received device stream into the device at the same position. Nothing u
 reaches a device; at the end of each device the totals and digest are checked and the device \
 moves RESUMING -> STOP, validating its state, before the source is told. Exits after one \
 migration. Prints `vfmig: listening on ADDR` on stderr once the socket is bound.",
-        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, EXIT_HELP, RECV_EXAMPLES])
+        after_long_help = concat_help(&[SPEC_HELP, PROGRESS_HELP, JSON_HELP, EXIT_HELP, RECV_EXAMPLES])
     )]
     Recv(RecvArgs),
     /// Migrate emulated devices over loopback in one command and print a summary.

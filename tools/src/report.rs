@@ -13,7 +13,9 @@
 //!                  "throughput_bytes_per_sec": f64, "downtime_ms": null | f64,
 //!                  "accepted": bool } ] }
 //! ```
-//! `ratio` is raw / wire (2.5 means the wire carried 40 % of the bytes); 0 when nothing moved.
+//! `ratio` is raw / wire (2.5 means the wire carried 40 % of the bytes); 0 when nothing moved,
+//! null for an all-zero stream (nothing on the wire). A device's throughput and downtime are over
+//! the whole session: devices stream concurrently and stop together.
 //! `accepted` is true only when the destination device accepted its state (RESUMING -> STOP).
 
 use serde::Serialize;
