@@ -25,7 +25,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use crate::device::MigrationDevice;
@@ -431,6 +431,19 @@ fn expect_errno(op: &'static str, r: io::Result<usize>, expected: &'static [i32]
     }
 }
 
+/// SETs `to` along the kernel's path and returns the data fd its last arc, `from -> to`, opens.
+fn set_state_for_fd<D: MigrationDevice>(
+    dev: &mut D,
+    from: DeviceState,
+    to: DeviceState,
+) -> Result<File, Violation> {
+    dev.set_state(to)?.map(File::from).ok_or(Violation::DataFd {
+        arc: Arc { from, to },
+        returned: false,
+        expected: true,
+    })
+}
+
 /// Reads a full STOP_COPY stream from a device (from RUNNING) and returns it.
 pub fn stop_copy_stream<D: MigrationDevice>(
     dev: &mut D,
@@ -438,15 +451,7 @@ pub fn stop_copy_stream<D: MigrationDevice>(
 ) -> Result<Vec<u8>, Violation> {
     to_running(dev)?;
     let estimate = dev.stop_copy_size()?;
-    let fd = dev.set_state(DeviceState::StopCopy)?;
-    let fd = File::from(fd.ok_or(Violation::DataFd {
-        arc: Arc {
-            from: DeviceState::Stop,
-            to: DeviceState::StopCopy,
-        },
-        returned: false,
-        expected: true,
-    })?);
+    let fd = set_state_for_fd(dev, DeviceState::Stop, DeviceState::StopCopy)?;
     let mut data = Vec::new();
     read_to_end(&fd, opts, &mut data)?;
     if opts.exact_stop_copy_size && estimate != data.len() as u64 {
@@ -468,15 +473,7 @@ pub fn check_stop_copy_stream<D: MigrationDevice>(
 ) -> Result<u64, Violation> {
     to_running(dev)?;
     let estimate = dev.stop_copy_size()?;
-    let fd = dev.set_state(DeviceState::StopCopy)?;
-    let fd = File::from(fd.ok_or(Violation::DataFd {
-        arc: Arc {
-            from: DeviceState::Stop,
-            to: DeviceState::StopCopy,
-        },
-        returned: false,
-        expected: true,
-    })?);
+    let fd = set_state_for_fd(dev, DeviceState::Stop, DeviceState::StopCopy)?;
     let mut small = [0u8; 7];
     expect_errno(
         "pread on the STOP_COPY fd",
@@ -531,16 +528,7 @@ fn resume_with<D: MigrationDevice>(
     data: &[u8],
 ) -> Result<(Option<i32>, Result<(), DeviceError>), Violation> {
     to_running(dst)?;
-    let fd = dst.set_state(DeviceState::Resuming)?;
-    let fd: OwnedFd = fd.ok_or(Violation::DataFd {
-        arc: Arc {
-            from: DeviceState::Stop,
-            to: DeviceState::Resuming,
-        },
-        returned: false,
-        expected: true,
-    })?;
-    let f = File::from(fd);
+    let f = set_state_for_fd(dst, DeviceState::Stop, DeviceState::Resuming)?;
     let mut probe = [0u8; 1];
     expect_errno(
         "pwrite on the RESUMING fd",
@@ -644,16 +632,7 @@ pub fn check_precopy<D: MigrationDevice>(
     let caps = src.capabilities();
     to_running(src)?;
     // Outside PRE_COPY, precopy_info is EINVAL. A STOP_COPY fd serves as the fd argument.
-    let fd = src
-        .set_state(DeviceState::StopCopy)?
-        .ok_or(Violation::DataFd {
-            arc: Arc {
-                from: DeviceState::Stop,
-                to: DeviceState::StopCopy,
-            },
-            returned: false,
-            expected: true,
-        })?;
+    let fd = set_state_for_fd(src, DeviceState::Stop, DeviceState::StopCopy)?;
     match src.precopy_info(fd.as_fd()) {
         Err(e) if is_einval(&e) => {}
         other => {
@@ -665,17 +644,7 @@ pub fn check_precopy<D: MigrationDevice>(
     }
     drop(fd);
     to_running(src)?;
-    let fd = src
-        .set_state(DeviceState::PreCopy)?
-        .ok_or(Violation::DataFd {
-            arc: Arc {
-                from: DeviceState::Running,
-                to: DeviceState::PreCopy,
-            },
-            returned: false,
-            expected: true,
-        })?;
-    let f = File::from(fd);
+    let f = set_state_for_fd(src, DeviceState::Running, DeviceState::PreCopy)?;
     let mut small = [0u8; 7];
     expect_errno(
         "pread on the PRE_COPY fd",
