@@ -329,6 +329,13 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
             },
         };
         for profile in &a.profiles {
+            if t0.elapsed() > budget {
+                skipped.push(format!(
+                    "{} {profile}: not run, suite budget of {budget:?} used up",
+                    link.label()
+                ));
+                continue;
+            }
             // Alternate the implementations so slow drifts in machine load hit both alike.
             let (mut ref_runs, mut vfmig_runs) = (Vec::new(), Vec::new());
             let mut failed = None;
@@ -373,6 +380,13 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
     let mut rss_rows = Vec::new();
     if !a.no_rss {
         for imp in [Impl::Reference, Impl::Vfmig] {
+            if t0.elapsed() > budget {
+                skipped.push(format!(
+                    "peak RSS {}: not run, suite budget of {budget:?} used up",
+                    imp.as_str()
+                ));
+                continue;
+            }
             let r = match plan.migrate(Link::Loopback, imp, rss_size, "mixed") {
                 Ok(r) => r,
                 Err(e) => {
