@@ -233,6 +233,11 @@ fn demo_summary(
         "  compression at the end: {codec}; wall time including set-up: {:.2} s\n",
         wall.as_secs_f64()
     ));
+    if codec == "none" {
+        s.push_str(
+            "  (--compress auto sends raw when the CPU, not the link, limits, as on loopback; try --compress zstd:3)\n",
+        );
+    }
     if devices > 1 {
         let why = if p2p_lost == 0 {
             "every device reached RUNNING_P2P before any stopped"
