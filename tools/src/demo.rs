@@ -86,7 +86,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
 
     let show = progress::wanted(a.json, false);
     if !a.json {
-        eprintln!(
+        say!(
             "vfmig demo: {n} emulated device{} x {} ({} content{}{}) over {addr}, {} connection{}",
             if n == 1 { "" } else { "s" },
             human_bytes(spec.size),
@@ -194,20 +194,17 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
 
     let mut j = migrate::report_json("demo", Some(addr), &report, &labels, problems.is_empty());
     if a.json {
-        println!("{}", j.to_json());
+        crate::out_line(&j.to_json());
     } else {
-        eprint!(
-            "{}",
-            demo_summary(
-                &mut j,
-                &report.codec,
-                wall,
-                p2p.sent,
-                p2p.lost,
-                n,
-                &problems
-            )
-        );
+        crate::err_text(&demo_summary(
+            &mut j,
+            &report.codec,
+            wall,
+            p2p.sent,
+            p2p.lost,
+            n,
+            &problems,
+        ));
     }
     if problems.is_empty() {
         Ok(())

@@ -8,6 +8,14 @@
 
 #![forbid(unsafe_code)]
 
+/// Writes a line to stderr, ignoring errors (a closed stderr must not turn into a panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod demo;
 mod devices;
@@ -41,7 +49,7 @@ fn main() -> ExitCode {
     };
     let cancel = signals::Cancel::default();
     if let Err(e) = signals::install(&cancel) {
-        eprintln!("vfmig: cannot set up signal handling: {e}");
+        say!("vfmig: cannot set up signal handling: {e}");
         return ExitCode::from(error::EXIT_FAILED);
     }
     let (role, json) = match &cli.command {
@@ -63,6 +71,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes one line to stdout, ignoring errors (e.g. `vfmig ... --json | head -c 10`).
+pub(crate) fn out_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Writes text to stderr as is, ignoring errors.
+pub(crate) fn err_text(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// Reports a failure: the one line on stderr, and with `--json` a failure object on stdout unless
 /// the command already printed its own (a migration failure carries its report).
 fn fail(role: &'static str, e: &CliError, json: bool) {
@@ -70,7 +91,7 @@ fn fail(role: &'static str, e: &CliError, json: bool) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", report::failure_json(role, e));
     }
-    eprintln!("vfmig: {}", describe(e));
+    say!("vfmig: {}", describe(e));
 }
 
 /// Last resort: a panic prints one line and exits 1 (no backtrace, no abort message).
@@ -87,7 +108,7 @@ fn install_panic_hook() {
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         let line = format!("{what}{at}").replace('\n', " ");
-        eprintln!("vfmig: internal error (a bug, please report it): {line}");
+        say!("vfmig: internal error (a bug, please report it): {line}");
         std::process::exit(i32::from(error::EXIT_FAILED));
     }));
 }

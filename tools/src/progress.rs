@@ -84,8 +84,8 @@ impl Progress {
     /// Prints a line on stderr above the bars (or plainly when there are none).
     pub fn println(&self, line: &str) {
         match &self.multi {
-            Some(m) => m.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(m) => m.suspend(|| say!("{line}")),
+            None => say!("{line}"),
         }
     }
 
@@ -97,7 +97,7 @@ impl Progress {
             bar.finish();
         }
         if self.multi.is_some() {
-            eprintln!();
+            say!();
         }
     }
 

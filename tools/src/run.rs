@@ -35,7 +35,7 @@ fn finish(
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", j.to_json());
             } else if !quiet {
-                eprint!("{}", j.summary());
+                crate::err_text(&j.summary());
             }
             Ok(())
         }
@@ -85,7 +85,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let timeout = Duration::from_secs(c.timeout);
     let devs = devices::open(&c.devices, Side::Destination, timeout)?;
     let listener = Listener::bind(a.listen).map_err(CliError::Transport)?;
-    eprintln!("vfmig: listening on {}", listener.local_addr());
+    say!("vfmig: listening on {}", listener.local_addr());
 
     // Until a source is connected there is nothing to roll back: a signal ends the wait at once.
     let connected = Arc::new(AtomicBool::new(false));
@@ -93,7 +93,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
         let connected = connected.clone();
         cancel.on_cancel(move || {
             if !connected.load(Ordering::SeqCst) {
-                eprintln!("vfmig: interrupted while waiting for a source");
+                say!("vfmig: interrupted while waiting for a source");
                 std::process::exit(i32::from(crate::error::EXIT_FAILED));
             }
         });

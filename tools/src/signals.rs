@@ -90,7 +90,7 @@ pub fn install(cancel: &Cancel) -> Result<(), nix::errno::Errno> {
                 if seen == 1 {
                     cancel.cancel();
                 } else {
-                    eprintln!("vfmig: {sig} again: exiting without cleaning up");
+                    say!("vfmig: {sig} again: exiting without cleaning up");
                     std::process::exit(1);
                 }
             }
