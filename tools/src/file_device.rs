@@ -448,8 +448,9 @@ impl FileSink {
         let Some((temp, file)) = self.temp.take() else {
             return Err(errno(libc::EBADF));
         };
+        // Whatever is at PATH (a file, a symlink: link(2) does not follow it) can come back.
         let backup = match fs::symlink_metadata(&self.path) {
-            Ok(m) if m.is_file() => Some(self.side_name("old")),
+            Ok(m) if !m.is_dir() => Some(self.side_name("old")),
             _ => None,
         };
         let result = file
@@ -818,6 +819,26 @@ mod tests {
             vec!["out.bin".to_owned()],
             "no backup left"
         );
+    }
+
+    #[test]
+    fn sink_undo_restores_a_symlink_that_was_at_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("out.bin");
+        std::os::unix::fs::symlink("elsewhere", &p).expect("symlink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let fd = sink
+            .set_state(DeviceState::Resuming)
+            .expect("walk")
+            .expect("fd");
+        File::from(fd).write_all(b"new").expect("write");
+        sink.set_state(DeviceState::Stop).expect("commit");
+        sink.set_state(DeviceState::Running).expect("walk back");
+        assert_eq!(
+            fs::read_link(&p).expect("still a symlink"),
+            Path::new("elsewhere")
+        );
+        assert_eq!(files_in(dir.path()), vec!["out.bin".to_owned()]);
     }
 
     #[test]
