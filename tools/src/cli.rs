@@ -150,6 +150,15 @@ destination devices accepted their state.",
     Demo(DemoArgs),
 }
 
+/// `--streams` help with the transport's default (chosen there by measurement).
+fn streams_help() -> String {
+    format!(
+        "TCP connections per session, 1..=16 (default: {}, the transport's measured default). \
+         The receiver accepts what the sender asks for.",
+        vfmig_transport::SessionConfig::default().streams
+    )
+}
+
 /// Joins help sections (`concat!` only takes literals, not consts).
 fn concat_help(parts: &[&str]) -> String {
     parts.join("\n\n")
@@ -185,9 +194,9 @@ pub struct CommonArgs {
     #[arg(long)]
     pub insecure: bool,
 
-    /// TCP connections per session, 1..=16 (default: 2). The receiver accepts what the sender
-    /// asks for, up to 16.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    /// TCP connections per session, 1..=16. The receiver accepts what the sender asks for.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16),
+          long_help = streams_help())]
     pub streams: Option<u16>,
 
     /// Seconds of silence after which the peer is declared dead; also bounds every wait (connect,
@@ -368,8 +377,9 @@ pub struct DemoArgs {
     #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_compress)]
     pub compress: CompressArg,
 
-    /// TCP connections (1..=16; default: 2).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    /// TCP connections, 1..=16.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16),
+          long_help = streams_help())]
     pub streams: Option<u16>,
 
     /// Print the report as one JSON object on stdout instead of the summary.
