@@ -23,6 +23,16 @@ use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
 use crate::writer::{self, WriterDevice, WriterEvent};
 
+/// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
+const TRANSPORT_READY: usize = 8;
+
+/// Pool buffers the destination stages hold at most: the decode queue, one input and one output
+/// per worker, the writer's queue, and per device one buffer being written and one parked.
+fn own_buffers(workers: usize, devices: usize) -> usize {
+    let w = workers.clamp(1, 64);
+    2 * w + 2 * w + (2 * w + 2 * devices) + 2 * devices
+}
+
 /// Receives devices from a source. Blocking: run it on the VMM's migration thread.
 ///
 /// The devices pair with the source's by position. They are moved to RESUMING, loaded, and
@@ -331,6 +341,22 @@ impl<D: MigrationDevice> DestinationSession<D> {
     }
 
     fn check(&mut self, session: &RecvSession) -> Result<(), PipelineError> {
+        // The pool must hold what the transport may keep (its reorder window plus verified
+        // frames not yet taken) and what this side keeps in flight, or decoding would wait for
+        // buffers that only decoding can free.
+        let pool = session.pool();
+        let agreed = session.agreed();
+        let window = usize::try_from(agreed.window_bytes / pool.slot_size().max(1) as u64)
+            .unwrap_or(usize::MAX);
+        let needed = window
+            .saturating_add(TRANSPORT_READY + usize::from(agreed.streams))
+            .saturating_add(own_buffers(self.opts.codec_workers, self.devices.len()));
+        if pool.slots() < needed {
+            return Err(PipelineError::Options {
+                what: "session.pool_slots (destination: reorder window + stages need more)",
+                value: pool.slots() as u64,
+            });
+        }
         let remote = session.agreed().devices.len();
         if remote != self.devices.len() {
             return Err(PipelineError::DeviceCount {

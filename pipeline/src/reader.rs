@@ -148,6 +148,8 @@ struct Dev {
     last_progress: Instant,
     /// This device carries the dirty guest pages: its end waits for the last of them.
     hold_end: bool,
+    /// A full chunk numbered but not yet hashed and handed over.
+    full: Option<RawChunk>,
 }
 
 /// The reader loop. Returns when every device it was given has ended and the command channel
@@ -200,7 +202,7 @@ fn reader_loop(
     devs: &mut [Option<Dev>],
     cmds_open: &mut bool,
 ) -> Result<(), PipelineError> {
-    let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
+    let (io, timeout) = (ctx.io, ctx.timeout);
     let mut done = Vec::new();
     loop {
         if io.stop.load(Ordering::Relaxed) {
@@ -224,56 +226,18 @@ fn reader_loop(
             return Ok(());
         }
 
-        // Submit one read per device that has none in flight.
+        // Submit one read per device that has none in flight, then hash and hand over the
+        // chunk its last read completed, so the device works while we hash.
         let now = Instant::now();
         let mut next_wake = now + TICK;
         for (i, slot) in devs.iter_mut().enumerate() {
             let Some(dev) = slot.as_mut() else { continue };
-            let key = i as u64;
-            if ring.is_in_flight(key) {
-                continue;
-            }
-            match dev.phase {
-                DevPhase::Done | DevPhase::Quiesced | DevPhase::EndHeld => continue,
-                DevPhase::WantQuiesce => {
-                    quiesce(i, dev, ctx)?;
-                    continue;
+            if !ring.is_in_flight(i as u64) {
+                if let Some(wake) = submit_next(i, dev, ring, ctx, now)? {
+                    next_wake = next_wake.min(wake);
                 }
-                DevPhase::Reading => {}
             }
-            if let Some(at) = dev.retry_at {
-                if at > now {
-                    next_wake = next_wake.min(at);
-                    continue;
-                }
-                dev.retry_at = None;
-            }
-            let buf = match dev.buf.take() {
-                Some(b) => b,
-                None => {
-                    let t0 = Instant::now();
-                    let got = pool.acquire(Duration::from_millis(5));
-                    io.counters.buffer_wait.add_since(t0);
-                    match got {
-                        Ok(b) => b,
-                        Err(source) => {
-                            if dev.last_progress.elapsed() > timeout {
-                                return Err(PipelineError::Pool {
-                                    stage: "reader",
-                                    source,
-                                });
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            let want = ctx.chunk - dev.filled;
-            ring.read(key, dev.fd.as_raw_fd(), buf, dev.filled, want)
-                .map_err(|source| PipelineError::Uring {
-                    op: "submit read",
-                    source,
-                })?;
+            hand_over(dev, ctx)?;
         }
 
         // Wait for completions (or for commands when nothing is in flight).
@@ -319,6 +283,58 @@ fn reader_loop(
     }
 }
 
+/// Starts the next read of an idle device (or its quiesce). Returns when to look again if the
+/// device is waiting (PRE_COPY backoff).
+fn submit_next(
+    i: usize,
+    dev: &mut Dev,
+    ring: &mut DataRing,
+    ctx: &Ctx<'_>,
+    now: Instant,
+) -> Result<Option<Instant>, PipelineError> {
+    match dev.phase {
+        DevPhase::Done | DevPhase::Quiesced | DevPhase::EndHeld => return Ok(None),
+        DevPhase::WantQuiesce => {
+            quiesce(i, dev, ctx)?;
+            return Ok(None);
+        }
+        DevPhase::Reading => {}
+    }
+    if let Some(at) = dev.retry_at {
+        if at > now {
+            return Ok(Some(at));
+        }
+        dev.retry_at = None;
+    }
+    let buf = match dev.buf.take() {
+        Some(b) => b,
+        None => {
+            let t0 = Instant::now();
+            let got = ctx.pool.acquire(Duration::from_millis(5));
+            ctx.io.counters.buffer_wait.add_since(t0);
+            match got {
+                Ok(b) => b,
+                Err(source) if dev.last_progress.elapsed() > ctx.timeout => {
+                    return Err(PipelineError::Pool {
+                        stage: "reader",
+                        source,
+                    });
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    };
+    let want = ctx.chunk - dev.filled;
+    let submitted = ring
+        .read(i as u64, dev.fd.as_raw_fd(), buf, dev.filled, want)
+        .and_then(|()| ring.submit());
+    submitted.map_err(|source| PipelineError::Uring {
+        op: "submit read",
+        source,
+    })?;
+    Ok(None)
+}
+
 fn phase_of(mode: ReadMode) -> Phase {
     match mode {
         ReadMode::PreCopy => Phase::PreCopy,
@@ -353,6 +369,7 @@ fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), 
                 backoff: PRECOPY_POLL_MIN,
                 last_progress: Instant::now(),
                 hold_end: ctx.io.guest.as_ref().is_some_and(|(_, c)| *c == device),
+                full: None,
             });
         }
         ReaderCmd::EndPreCopy { device } => {
@@ -404,6 +421,9 @@ fn ship_pages(
     runs: &[Run],
     ctx: &Ctx<'_>,
 ) -> Result<(), PipelineError> {
+    // The staged chunk has an earlier sequence number: it must reach the sender first, or the
+    // sender would park these pages waiting for it while we wait for room behind them.
+    hand_over(dev, ctx)?;
     let max_pages = (ctx.chunk as u64 / GUEST_PAGE).max(1);
     let pieces = runs.iter().flat_map(|&(start, pages)| {
         (0..pages.div_ceil(max_pages)).map(move |k| {
@@ -455,14 +475,14 @@ fn completed(
     buf: PoolBuf,
     ctx: &Ctx<'_>,
 ) -> Result<(), PipelineError> {
-    let (io, timeout) = (ctx.io, ctx.timeout);
     let device = u16::try_from(i).unwrap_or(u16::MAX);
     if result > 0 {
         dev.filled += usize::try_from(result).unwrap_or(0);
         dev.last_progress = Instant::now();
         dev.backoff = PRECOPY_POLL_MIN;
         if dev.filled >= ctx.chunk {
-            emit(device, dev, buf, io, timeout)?;
+            // Hashed and handed over after the next read is submitted (`hand_over`).
+            dev.full = Some(stage(device, dev, buf, ctx.io));
         } else {
             dev.buf = Some(buf);
         }
@@ -474,7 +494,7 @@ fn completed(
         ReadMode::PreCopy if no_data_now => {
             // Nothing pending now: ship what is buffered, poll again after a backoff.
             if dev.filled > 0 {
-                emit(device, dev, buf, io, timeout)?;
+                emit(device, dev, buf, ctx)?;
             } else {
                 dev.buf = Some(buf);
             }
@@ -483,7 +503,7 @@ fn completed(
         }
         ReadMode::StopCopy if result == 0 => {
             if dev.filled > 0 {
-                emit(device, dev, buf, io, timeout)?;
+                emit(device, dev, buf, ctx)?;
             } else {
                 drop(buf);
             }
@@ -513,16 +533,10 @@ fn completed(
     Ok(())
 }
 
-/// Hands the filled part of `buf` to the codec stage as the next chunk.
-fn emit(
-    device: u16,
-    dev: &mut Dev,
-    mut buf: PoolBuf,
-    io: &ReaderIo,
-    timeout: Duration,
-) -> Result<(), PipelineError> {
+/// Makes the filled part of `buf` the device's next chunk: numbers it and counts it. The chunk
+/// is hashed and handed to the codec stage by [`hand_over`].
+fn stage(device: u16, dev: &mut Dev, mut buf: PoolBuf, io: &ReaderIo) -> RawChunk {
     buf.set_len(dev.filled);
-    dev.hasher.update(buf.as_slice());
     let len = dev.filled;
     let kind = match dev.mode {
         ReadMode::PreCopy => FrameKind::PreCopyData,
@@ -544,14 +558,33 @@ fn emit(
             DeviceCounters::add(&c.precopy_raw, len);
         }
     }
+    chunk
+}
+
+/// Hashes the staged chunk (stream order: nothing later is hashed before it) and hands it to
+/// the codec stage.
+fn hand_over(dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let Some(chunk) = dev.full.take() else {
+        return Ok(());
+    };
     let t0 = Instant::now();
-    let sent = io.chunks.send_timeout(chunk, timeout);
-    io.counters.buffer_wait.add_since(t0);
+    dev.hasher.update(chunk.buf.as_slice());
+    ctx.io.counters.fd_stage.add_since(t0);
+    let t0 = Instant::now();
+    let sent = ctx.io.chunks.send_timeout(chunk, ctx.timeout);
+    ctx.io.counters.buffer_wait.add_since(t0);
     sent.map_err(|_| PipelineError::Timeout {
         phase: phase_of(dev.mode),
         what: "the codec stage to take a chunk",
-        waited: timeout,
+        waited: ctx.timeout,
     })
+}
+
+/// Stages the filled part of `buf` and hands it over now.
+fn emit(device: u16, dev: &mut Dev, buf: PoolBuf, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    hand_over(dev, ctx)?;
+    dev.full = Some(stage(device, dev, buf, ctx.io));
+    hand_over(dev, ctx)
 }
 
 fn marker(
@@ -589,9 +622,10 @@ fn marker(
 fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     let (io, timeout) = (ctx.io, ctx.timeout);
     let device = u16::try_from(i).unwrap_or(u16::MAX);
+    hand_over(dev, ctx)?;
     if let Some(buf) = dev.buf.take() {
         if dev.filled > 0 {
-            emit(device, dev, buf, io, timeout)?;
+            emit(device, dev, buf, ctx)?;
         }
     }
     let raw = dev.emitted;
@@ -602,6 +636,7 @@ fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> 
 }
 
 fn end_of_stream(device: u16, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    hand_over(dev, ctx)?;
     let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
     let digest = dev.hasher.finalize();
     let mut p = pool

@@ -81,6 +81,7 @@ struct Stages {
     counters: Arc<Counters>,
     adaptive: Arc<Adaptive>,
     threads: Vec<JoinHandle<()>>,
+    timeout: Duration,
 }
 
 impl Stages {
@@ -164,15 +165,27 @@ impl Stages {
             counters,
             adaptive,
             threads,
+            timeout,
         })
     }
 
     fn cmd(&self, cmd: ReaderCmd) -> Result<(), PipelineError> {
-        self.cmds
+        let sent = self
+            .cmds
             .as_ref()
-            .ok_or(PipelineError::StageLost { stage: "reader" })?
-            .send_timeout(cmd, Duration::from_secs(5))
-            .map_err(|_| PipelineError::StageLost { stage: "reader" })
+            .is_some_and(|c| c.send_timeout(cmd, self.timeout).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The reader stopped: report why, if it said.
+        Err(self
+            .events
+            .try_iter()
+            .find_map(|ev| match ev {
+                ReaderEvent::Failed(e) => Some(e),
+                _ => None,
+            })
+            .unwrap_or(PipelineError::StageLost { stage: "reader" }))
     }
 
     /// Stops every stage and waits for its thread.

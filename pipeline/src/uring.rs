@@ -145,6 +145,11 @@ impl DataRing {
         Ok(())
     }
 
+    /// Hands what is queued to the kernel now.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit().map(drop)
+    }
+
     /// Submits what is queued and waits up to `timeout` for at least one completion (returns
     /// immediately if one is ready). Appends every completion reaped, possibly none, to `done`
     /// (a vector the caller reuses, so waiting does not allocate).

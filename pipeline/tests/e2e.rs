@@ -19,7 +19,7 @@ use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
 
 fn session_config() -> SessionConfig {
     SessionConfig {
-        pool_slots: 24,
+        pool_slots: 48,
         slot_size: 256 << 10,
         window_bytes: 4 << 20,
         timeout: Duration::from_secs(10),
