@@ -26,11 +26,11 @@ use crate::writer::{self, WriterDevice, WriterEvent};
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
 const TRANSPORT_READY: usize = 8;
 
-/// Pool buffers the destination stages hold at most: the decode queue, one input and one output
-/// per worker, the writer's queue, and per device one buffer being written and one parked.
+/// Pool buffers the destination stages need beyond what they pass along: an input and an
+/// output per decode worker, and a zero-filled slot per device for zero chunks. Everything else
+/// they hold drains into the devices without needing another buffer.
 fn own_buffers(workers: usize, devices: usize) -> usize {
-    let w = workers.clamp(1, 64);
-    2 * w + 2 * w + (2 * w + 2 * devices) + 2 * devices
+    2 * workers.clamp(1, 64) + devices
 }
 
 /// Receives devices from a source. Blocking: run it on the VMM's migration thread.

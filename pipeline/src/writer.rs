@@ -56,6 +56,11 @@ struct WDev {
     written: u64,
     done: bool,
     last_progress: Instant,
+    /// A zero-filled slot this device writes zero chunks from (taken while such a write is in
+    /// flight), so writing never waits for a pool buffer.
+    zero: Option<PoolBuf>,
+    /// The write in flight (or pending) is from `zero`.
+    writing_zero: bool,
 }
 
 /// Items a device may have parked out of order before the stream is declared broken.
@@ -84,9 +89,22 @@ pub(crate) fn run(
             return;
         }
     };
-    let mut devs: Vec<WDev> = devices
-        .into_iter()
-        .map(|d| WDev {
+    let mut devs = Vec::with_capacity(devices.len());
+    for d in devices {
+        let zero = match pool.acquire(timeout) {
+            Ok(mut b) => {
+                b.spare_mut().fill(0);
+                b
+            }
+            Err(source) => {
+                let _ = events.send(WriterEvent::Failed(PipelineError::Pool {
+                    stage: "writer",
+                    source,
+                }));
+                return;
+            }
+        };
+        devs.push(WDev {
             name: d.name,
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
@@ -96,10 +114,11 @@ pub(crate) fn run(
             written: 0,
             done: false,
             last_progress: Instant::now(),
-        })
-        .collect();
+            zero: Some(zero),
+            writing_zero: false,
+        });
+    }
     let ctx = Ctx {
-        pool: &pool,
         guest: guest.as_deref(),
         events: &events,
         counters: &counters,
@@ -113,7 +132,6 @@ pub(crate) fn run(
 
 /// What every step of the writer needs.
 struct Ctx<'a> {
-    pool: &'a BufPool,
     guest: Option<&'a dyn GuestMemoryAccess>,
     events: &'a Sender<WriterEvent>,
     counters: &'a Counters,
@@ -198,6 +216,9 @@ fn write_loop(
                 }
                 if at + n < buf.len() {
                     dev.pending = Some((buf, at + n));
+                } else if dev.writing_zero {
+                    dev.writing_zero = false;
+                    dev.zero = Some(buf);
                 }
             } else if c.result == -libc::EINTR || c.result == -libc::EAGAIN {
                 dev.pending = Some((buf, at));
@@ -280,7 +301,7 @@ fn advance(
     ctx: &Ctx<'_>,
     ring: &mut DataRing,
 ) -> Result<(), PipelineError> {
-    let (pool, events, timeout) = (ctx.pool, ctx.events, ctx.timeout);
+    let events = ctx.events;
     loop {
         if let Some((buf, at)) = dev.pending.take() {
             let len = buf.len() - at;
@@ -301,16 +322,15 @@ fn advance(
                 dev.pending = Some((buf, 0));
             }
             Incoming::Data(Decoded::Zero(n)) => {
-                let mut buf = pool
-                    .acquire(timeout)
-                    .map_err(|source| PipelineError::Pool {
-                        stage: "writer",
-                        source,
-                    })?;
-                buf.spare_mut()[..n].fill(0);
+                // Back in `zero` once written: one write in flight per device.
+                let mut buf = dev
+                    .zero
+                    .take()
+                    .ok_or(PipelineError::StageLost { stage: "writer" })?;
                 buf.set_len(n);
                 dev.hasher.update(buf.as_slice());
                 dev.pending = Some((buf, 0));
+                dev.writing_zero = true;
             }
             Incoming::Pages { gpa, data } => {
                 let guest = ctx.guest.ok_or(PipelineError::UnexpectedFrame {
