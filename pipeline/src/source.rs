@@ -679,6 +679,9 @@ pub(crate) fn roll_back_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
     let from = d.state().ok();
     let action = match from {
         Some(DeviceState::Running) => RollbackAction::AlreadyRunning,
+        // Aborting RESUMING needs a device reset (uAPI): walking RESUMING -> STOP would ask the
+        // device to validate a partial stream (and a file sink to commit it).
+        Some(DeviceState::Resuming) => reset(d, from),
         Some(state) if state != DeviceState::Error => match d.set_state(DeviceState::Running) {
             Ok(_) => RollbackAction::Walked { from: state },
             Err(_) => reset(d, from),
@@ -960,5 +963,36 @@ impl DirtyTracker {
                 let _ = d.dma_logging_stop();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod rollback_tests {
+    use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
+    use vfmig_vfio::{DeviceState, MigrationDevice};
+
+    use super::roll_back_one;
+    use crate::api::RollbackAction;
+
+    #[test]
+    fn rollback_of_a_resuming_device_resets_it_without_asking_it_to_validate() {
+        let src = EmulatedDevice::new(EmulatedConfig::new("rb", 1 << 20, 7)).unwrap();
+        let mut dst = src.destination().unwrap();
+        let _data_fd = dst.set_state(DeviceState::Resuming).unwrap();
+        let step = roll_back_one(&mut dst);
+        assert!(
+            matches!(
+                step.action,
+                RollbackAction::Reset {
+                    from: Some(DeviceState::Resuming)
+                }
+            ),
+            "{:?}",
+            step.action
+        );
+        assert_eq!(dst.state().unwrap(), DeviceState::Running);
+        // Walking RESUMING -> STOP would have run the device's validation of the partial
+        // stream and recorded its refusal; a reset aborts RESUMING without it.
+        assert_eq!(dst.last_resume_error(), None);
     }
 }
