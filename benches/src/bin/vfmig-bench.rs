@@ -502,7 +502,8 @@ fn markdown(
 ) -> String {
     let mut s = format!(
         "Machine: {}.\n\nThroughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
-         source's STOP_COPY SET to the destination device accepting the state.\n\n\
+         source device leaving RUNNING for STOP_COPY to the destination device accepting the state \
+         (the downtime of a STOP_COPY-only migration).\n\n\
          | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio, codec | limit: ref / vfmig (busiest vfmig stage) | downtime ref / vfmig (ms) |\n\
          |---|---|---:|---:|---:|---|---|---:|\n",
         machine(),
@@ -533,7 +534,7 @@ fn markdown(
     }
     if !rss_rows.is_empty() {
         s += "\nPeak RSS (VmHWM of each side's process), mixed content over loopback:\n\n\
-              | implementation | state size | source peak RSS | destination peak RSS | < 256 MiB per side |\n\
+              | implementation | stream bytes | source peak RSS | destination peak RSS | < 256 MiB per side |\n\
               |---|---:|---:|---:|---|\n";
         for r in rss_rows {
             s += &format!(
