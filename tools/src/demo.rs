@@ -23,6 +23,11 @@ use crate::units::human_bytes;
 const DEMO_DIRTY_RATE: u64 = 8 << 20;
 /// P2P rounds per second between the running demo devices.
 const DEMO_P2P_ROUNDS: u64 = 2000;
+
+/// Least RESUMING capacity of a demo destination device. The P2P traffic of the demo keeps
+/// re-dirtying a small device during pre-copy, so its stream can be many times its state; the
+/// emulated default (four times the state) made `vfmig demo --size 64K` fail with ENOMEM.
+const DEMO_MIN_RESUME_CAPACITY: u64 = 64 << 20;
 /// Session timeout of the demo.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,8 +67,9 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     let mut labels = Vec::with_capacity(n);
     let mut ports = Vec::with_capacity(n);
     for i in 0..n {
-        let src =
-            EmulatedDevice::new(emu_config(&spec, i, Side::Source)).map_err(|e| open_err(i, &e))?;
+        let mut cfg = emu_config(&spec, i, Side::Source);
+        cfg.resume_capacity = Some(spec.size.saturating_mul(4).max(DEMO_MIN_RESUME_CAPACITY));
+        let src = EmulatedDevice::new(cfg).map_err(|e| open_err(i, &e))?;
         let dst = src.destination().map_err(|e| open_err(i, &e))?;
         ports.push(src.p2p_port());
         labels.push(DeviceLabel {

@@ -376,6 +376,25 @@ fn demo_migrates_and_verifies_in_one_command() {
     assert_eq!(j["devices"][1]["accepted"], true, "{j}");
 }
 
+/// Regression: with two devices the demo's P2P traffic re-dirties a tiny device during pre-copy,
+/// and its stream outgrew the destination device's default capacity (ENOMEM, exit 1).
+#[test]
+fn demo_with_tiny_devices_exits_0_with_a_readable_summary() {
+    for size in ["4K", "64K"] {
+        let out = run(
+            {
+                let mut c = vfmig();
+                c.args(["demo", "--size", size]);
+                c
+            },
+            None,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "--size {size}: {err}");
+        assert!(err.contains("verification: OK"), "--size {size}: {err}");
+    }
+}
+
 #[test]
 fn silent_peer_times_out_with_the_configured_timeout_in_the_message() {
     // A TCP peer that accepts and never says anything.
