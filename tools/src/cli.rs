@@ -326,6 +326,31 @@ pub struct RecvArgs {
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub accept_timeout: u64,
 
+    /// Accepted on `recv` too, so both sides can be given the same options (issue 5: "on both
+    /// sides"); the value is checked, but the source chooses the codec and every frame says
+    /// which one it used, so the destination decodes whatever arrives. No effect here.
+    #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_compress)]
+    #[allow(dead_code)] // parsed and validated only: the source decides
+    pub compress: CompressArg,
+
+    /// Accepted on `recv` too, for symmetric scripts; the source decides whether to pre-copy
+    /// and the destination takes pre-copy data whenever it comes. No effect here.
+    #[arg(long)]
+    #[allow(dead_code)] // parsed only: the source decides
+    pub precopy: bool,
+
+    /// Accepted on `recv` too (milliseconds, 1..=3600000), for symmetric scripts; the downtime
+    /// budget is applied by the source. No effect here.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    #[allow(dead_code)] // parsed and validated only: the source decides
+    pub max_downtime: Option<u64>,
+
+    /// Accepted on `recv` too (same RATE syntax as on `send`), for symmetric scripts; the cap
+    /// is enforced by the source, which paces what it sends. No effect here.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    #[allow(dead_code)] // parsed and validated only: the source decides
+    pub max_bandwidth: Option<LinkRate>,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -458,6 +483,55 @@ mod tests {
         assert_eq!(s.max_bandwidth.map(|r| r.bytes_per_sec), Some(312_500_000));
         assert_eq!((s.max_downtime, s.common.timeout), (50, 9));
         assert!(s.precopy && s.common.json && s.common.insecure);
+    }
+
+    #[test]
+    fn recv_accepts_the_issue_options_that_send_takes() {
+        let cli = Cli::try_parse_from([
+            "vfmig",
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--device",
+            "emu:size=1M",
+            "--compress",
+            "zstd:5",
+            "--precopy",
+            "--max-downtime",
+            "50",
+            "--max-bandwidth",
+            "2.5G",
+            "--streams",
+            "2",
+            "--timeout",
+            "9",
+            "--json",
+            "--insecure",
+        ])
+        .expect("parses");
+        let Command::Recv(r) = cli.command else {
+            panic!("recv expected");
+        };
+        assert_eq!(r.compress, CompressArg::Zstd(5));
+        assert!(r.precopy);
+        assert_eq!(r.max_downtime, Some(50));
+        for bad in [
+            ["--compress", "gz"],
+            ["--max-downtime", "0"],
+            ["--max-bandwidth", "0"],
+        ] {
+            let mut args = vec![
+                "vfmig",
+                "recv",
+                "--listen",
+                "127.0.0.1:0",
+                "-d",
+                "emu:size=1M",
+            ];
+            args.extend(bad);
+            let err = Cli::try_parse_from(&args).expect_err("bad value refused on recv too");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]
