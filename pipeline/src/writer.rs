@@ -270,6 +270,25 @@ fn apply_pages(
     gpa: u64,
     data: &Decoded,
 ) -> Result<usize, PipelineError> {
+    // `gpa` comes from the peer: a run whose last byte lies past the top of the IOVA space would
+    // have the zero-fill loop below continue at IOVA 0.
+    let len = match data {
+        Decoded::Data(buf) => buf.len(),
+        Decoded::Zero(n) => *n,
+    };
+    if u64::try_from(len)
+        .ok()
+        .and_then(|l| gpa.checked_add(l.saturating_sub(1)))
+        .is_none()
+    {
+        return Err(PipelineError::Guest {
+            gpa,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "page run ends beyond the 64-bit IOVA space",
+            ),
+        });
+    }
     match data {
         Decoded::Data(buf) => {
             guest
@@ -282,7 +301,8 @@ fn apply_pages(
             let mut at = 0;
             while at < *n {
                 let len = (*n - at).min(zero.len());
-                let addr = gpa + at as u64;
+                // Cannot wrap: `gpa + n - 1` was checked above and `at < n`.
+                let addr = gpa.wrapping_add(u64::try_from(at).unwrap_or(u64::MAX));
                 guest
                     .write(addr, &zero[..len])
                     .map_err(|source| PipelineError::Guest { gpa: addr, source })?;
@@ -367,5 +387,45 @@ fn advance(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Guest memory that accepts a write anywhere and records where it went.
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<(u64, usize)>>);
+
+    impl GuestMemoryAccess for Recorder {
+        fn ranges(&self) -> Vec<vfmig_vfio::IovaRange> {
+            Vec::new()
+        }
+        fn read(&self, _iova: u64, _buf: &mut [u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write(&self, iova: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((iova, data.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn zero_run_wrapping_past_the_top_of_iova_space_is_refused_before_any_write() {
+        let guest = Recorder::default();
+        let gpa = u64::MAX - 4095;
+        let r = apply_pages(&guest, gpa, &Decoded::Zero(8192));
+        assert!(
+            matches!(r, Err(PipelineError::Guest { gpa: g, .. }) if g == gpa),
+            "{r:?}"
+        );
+        assert!(guest.0.lock().unwrap().is_empty(), "nothing written");
+        assert_eq!(
+            apply_pages(&guest, gpa, &Decoded::Zero(4096)).unwrap(),
+            4096
+        );
     }
 }
