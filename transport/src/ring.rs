@@ -619,11 +619,40 @@ impl Engine {
             .completion()
             .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
+        let mut failed = None;
         for (ud, res, flags) in cqes {
-            self.complete(ud, res, flags)?;
+            if failed.is_some() {
+                // These completions are reaped and will never be seen again: their ops must
+                // leave the table now, or teardown would wait for them and leak the pool.
+                self.release(ud, flags);
+            } else if let Err(e) = self.complete(ud, res, flags) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.deliver()?;
         self.check_time(Instant::now())
+    }
+
+    /// Drops the op a completion ends without acting on it (the engine is failing). A zero-copy
+    /// send whose completion says a notification follows stays until that notification.
+    fn release(&mut self, ud: u64, flags: u32) {
+        if ud == CANCEL_UD {
+            return;
+        }
+        match self.ops.get_mut(ud) {
+            Some(Op::SendPayload {
+                zc: true,
+                completed,
+                ..
+            }) if !cqueue::notif(flags) && cqueue::more(flags) => *completed = true,
+            Some(_) => {
+                self.ops.remove(ud);
+            }
+            None => {}
+        }
     }
 
     fn take_urgent(&mut self) {
@@ -1365,20 +1394,7 @@ impl Engine {
                 .map(|c| (c.user_data(), c.flags()))
                 .collect();
             for (ud, flags) in cqes {
-                if ud == CANCEL_UD {
-                    continue;
-                }
-                match self.ops.get_mut(ud) {
-                    Some(Op::SendPayload {
-                        zc: true,
-                        completed,
-                        ..
-                    }) if !cqueue::notif(flags) && cqueue::more(flags) => *completed = true,
-                    Some(_) => {
-                        self.ops.remove(ud);
-                    }
-                    None => {}
-                }
+                self.release(ud, flags);
             }
         }
         if self.ops.live > 0 {
