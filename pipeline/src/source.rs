@@ -505,12 +505,14 @@ impl<D: MigrationDevice> SourceSession<D> {
                         phase: Phase::PreCopy,
                         source,
                     })?;
-                initial_left += info.initial_bytes;
-                dirty += info.dirty_bytes;
+                // Sizes are device data: a huge one must not overflow the sums.
+                initial_left = initial_left.saturating_add(info.initial_bytes);
+                dirty = dirty.saturating_add(info.dirty_bytes);
                 let size = d.stop_copy_size().unwrap_or(info.dirty_bytes);
-                stop_copy += size;
-                runs[i].estimate =
-                    Some(DeviceCounters::load(&stages.counters.devices[i].raw) + size);
+                stop_copy = stop_copy.saturating_add(size);
+                runs[i].estimate = Some(
+                    DeviceCounters::load(&stages.counters.devices[i].raw).saturating_add(size),
+                );
             }
             if initial_left > 0 {
                 // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
@@ -518,11 +520,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             }
             // Switch when STOP_COPY fits the downtime budget, or when what pre-copy could still
             // drain (`dirty_bytes`) would fit it: more pre-copy cannot shrink the rest.
-            let fits = |bytes: u64| {
-                bytes == 0
-                    || (bps > 0.0
-                        && Duration::from_secs_f64(bytes as f64 / bps) <= self.opts.max_downtime)
-            };
+            let fits = |bytes: u64| fits_downtime(bytes, bps, self.opts.max_downtime);
             let within_budget = fits(stop_copy) || fits(dirty);
             // Re-sending more than twice what STOP_COPY would send means the devices dirty
             // state faster than it can be sent: pre-copy does not converge, stop it.
@@ -827,6 +825,13 @@ impl RateMeter {
     }
 }
 
+/// Whether sending `bytes` at `bps` takes at most `budget`. `bytes` comes from the devices
+/// (`stop_copy_size`, `dirty_bytes`): a time too large for a [`Duration`] does not fit.
+fn fits_downtime(bytes: u64, bps: f64, budget: Duration) -> bool {
+    bytes == 0
+        || (bps > 0.0 && Duration::try_from_secs_f64(bytes as f64 / bps).is_ok_and(|t| t <= budget))
+}
+
 /// Inactivity timeout and progress pacing.
 #[derive(Debug)]
 pub(crate) struct Watch {
@@ -971,8 +976,17 @@ mod rollback_tests {
     use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
     use vfmig_vfio::{DeviceState, MigrationDevice};
 
-    use super::roll_back_one;
+    use super::{fits_downtime, roll_back_one};
     use crate::api::RollbackAction;
+
+    #[test]
+    fn downtime_check_of_a_device_reporting_a_huge_state_size_does_not_panic() {
+        let budget = std::time::Duration::from_millis(300);
+        assert!(!fits_downtime(u64::MAX, 1.0, budget));
+        assert!(!fits_downtime(u64::MAX, 1e-3, budget));
+        assert!(fits_downtime(100, 1000.0, budget));
+        assert!(fits_downtime(0, 0.0, budget));
+    }
 
     #[test]
     fn rollback_of_a_resuming_device_resets_it_without_asking_it_to_validate() {
