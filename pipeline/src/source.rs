@@ -299,6 +299,13 @@ impl<D: MigrationDevice> SourceSession<D> {
                 value: 0,
             });
         }
+        if self.opts.max_bandwidth == Some(0) {
+            // The sender's rate limit would wait forever (and divide by zero) at 0 bytes/s.
+            return Err(PipelineError::Options {
+                what: "max_bandwidth",
+                value: 0,
+            });
+        }
         let multi = self.devices.len() > 1;
         for d in &mut self.devices {
             let state = d.state().map_err(|source| PipelineError::Device {
@@ -986,6 +993,29 @@ mod rollback_tests {
         assert!(!fits_downtime(u64::MAX, 1e-3, budget));
         assert!(fits_downtime(100, 1000.0, budget));
         assert!(fits_downtime(0, 0.0, budget));
+    }
+
+    #[test]
+    fn zero_max_bandwidth_is_refused_before_connecting() {
+        let dev = EmulatedDevice::new(EmulatedConfig::new("bw", 1 << 20, 7)).unwrap();
+        let opts = crate::api::SourceOptions {
+            max_bandwidth: Some(0),
+            ..crate::api::SourceOptions::default()
+        };
+        let mut s = super::SourceSession::new(vec![dev], opts);
+        // Nothing listens there: only a check before connecting gives an options error.
+        let r = s.run("127.0.0.1:1".parse().unwrap());
+        assert!(
+            matches!(
+                r,
+                Err(crate::PipelineError::Options {
+                    what: "max_bandwidth",
+                    value: 0
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
     }
 
     #[test]
