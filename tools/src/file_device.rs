@@ -395,6 +395,12 @@ impl FileSink {
         if fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
             return Err(bad("is a directory"));
         }
+        // The temporary file is created there only at RESUMING, after the source connected:
+        // refuse an unwritable directory now (exit 2) rather than after the transfer started.
+        let wx = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+        if nix::unistd::access(&dir, wx).is_err() {
+            return Err(bad("its directory is not writable (permission denied)"));
+        }
         Ok(FileSink {
             name: display_name(&path),
             path,
