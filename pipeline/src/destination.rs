@@ -394,7 +394,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         self.resets = self
             .devices
             .iter_mut()
-            .map(crate::source::roll_back_one)
+            .map(crate::source::reset_one)
             .collect();
         e
     }

@@ -696,6 +696,20 @@ pub(crate) fn roll_back_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
     RollbackStep { device, action }
 }
 
+/// Destination failure: every device that may hold (part of) the migrated state is reset, never
+/// walked to RUNNING: once the migration failed the source keeps running with its own state, and
+/// a destination device must not run with a copy the source did not commit to (nor validate a
+/// partial one).
+pub(crate) fn reset_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
+    let device = d.name().to_owned();
+    let from = d.state().ok();
+    let action = match from {
+        Some(DeviceState::Running) => RollbackAction::AlreadyRunning,
+        _ => reset(d, from),
+    };
+    RollbackStep { device, action }
+}
+
 fn reset<D: MigrationDevice>(d: &mut D, from: Option<DeviceState>) -> RollbackAction {
     match d.reset() {
         Ok(()) => match d.state() {
