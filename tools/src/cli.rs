@@ -326,9 +326,9 @@ pub struct RecvArgs {
     #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub accept_timeout: u64,
 
-    /// Accepted on `recv` too, so both sides can be given the same options (issue 5: "on both
-    /// sides"); the value is checked, but the source chooses the codec and every frame says
-    /// which one it used, so the destination decodes whatever arrives. No effect here.
+    /// Accepted on `recv` too, so both sides can be given the same options; the value is
+    /// checked, but the source chooses the codec and every frame says which one it used, so the
+    /// destination decodes whatever arrives. No effect here.
     #[arg(long, value_name = "CODEC", default_value = "auto", value_parser = parse_compress)]
     #[allow(dead_code)] // parsed and validated only: the source decides
     pub compress: CompressArg,
