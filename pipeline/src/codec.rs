@@ -52,10 +52,142 @@ pub(crate) fn chunk_len(slot_size: usize) -> usize {
     slot_size - slot_size / 8
 }
 
-/// Whether every byte is zero (checked a page at a time, so non-zero chunks exit early).
-pub(crate) fn is_all_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|page| page.iter().fold(0u8, |acc, &x| acc | x) == 0)
+/// Bytes per bit of the page map (docs/PROTOCOL.md, section 6): small enough that zero regions
+/// at any alignment in the device's stream are elided almost whole.
+const GRANULE: usize = vfmig_wire::MAP_GRANULE as usize;
+/// Most granules in one chunk ([`vfmig_wire::MAX_PAYLOAD`] / [`GRANULE`]) and the most map bytes.
+const MAX_GRANULES: usize = (vfmig_wire::MAX_PAYLOAD as usize).div_ceil(GRANULE);
+const MAX_MAP: usize = MAX_GRANULES.div_ceil(8);
+
+/// Whether every byte of `p` is zero. Most non-zero blocks show it in their first bytes; zero
+/// blocks are read whole, in a form the compiler vectorises.
+fn block_is_zero(p: &[u8]) -> bool {
+    let head = p.len().min(32);
+    if p[..head].iter().any(|&b| b != 0) {
+        return false;
+    }
+    p.iter().fold(0u8, |acc, &x| acc | x) == 0
+}
+
+/// Which granules of a chunk hold data: the page map of docs/PROTOCOL.md, section 6.
+#[derive(Clone)]
+pub(crate) struct PageMap {
+    bits: [u8; MAX_MAP],
+    granules: usize,
+    present: usize,
+}
+
+impl PageMap {
+    /// Scans `data`. Input longer than [`vfmig_wire::MAX_PAYLOAD`] is mapped as if every
+    /// granule past the limit held data (and is never packed).
+    pub fn scan(data: &[u8]) -> PageMap {
+        let mut m = PageMap {
+            bits: [0; MAX_MAP],
+            granules: data.len().div_ceil(GRANULE),
+            present: 0,
+        };
+        for (i, block) in data.chunks(GRANULE).enumerate() {
+            if i >= MAX_GRANULES || !block_is_zero(block) {
+                if let Some(b) = m.bits.get_mut(i / 8) {
+                    *b |= 1 << (i % 8);
+                }
+                m.present += 1;
+            }
+        }
+        m
+    }
+
+    fn map_len(&self) -> usize {
+        self.granules.div_ceil(8)
+    }
+}
+
+/// Maximal runs of granules whose bit in `bits` is `present`, as `(first, end)` granule indices.
+fn runs(bits: &[u8], granules: usize, present: bool) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let has = move |i: usize| {
+        bits.get(i / 8)
+            .is_some_and(|b| (b >> (i % 8) & 1 == 1) == present)
+    };
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < granules && !has(i) {
+            i += 1;
+        }
+        if i >= granules {
+            return None;
+        }
+        let first = i;
+        while i < granules && has(i) {
+            i += 1;
+        }
+        Some((first, i))
+    })
+}
+
+/// Packs the present granules of `buf` to its front and appends the page map (the paged body).
+/// Data before the first zero granule does not move. Returns false (leaving `buf` as it was)
+/// when `buf` lacks room for the map past its valid bytes; a pool slot holds `chunk_len` raw
+/// bytes, far less than its size, so the pipeline's chunks always have room.
+fn pack_pages(buf: &mut PoolBuf, map: &PageMap) -> bool {
+    let raw = buf.len();
+    let map_len = map.map_len();
+    if raw + map_len > buf.capacity() || map.granules > MAX_GRANULES {
+        return false;
+    }
+    let slot = buf.spare_mut();
+    let mut at = 0;
+    for (first, end) in runs(&map.bits, map.granules, true) {
+        let (start, stop) = (first * GRANULE, (end * GRANULE).min(raw));
+        if start != at {
+            slot.copy_within(start..stop, at);
+        }
+        at += stop - start;
+    }
+    slot[at..at + map_len].copy_from_slice(&map.bits[..map_len]);
+    buf.set_len(at + map_len);
+    true
+}
+
+/// Expands a paged body in `buf` in place to `raw` bytes: present runs move to their places (last
+/// first, so nothing is overwritten before it moved), absent ones become zeros.
+fn unpack_pages(buf: &mut PoolBuf, raw: usize) -> Result<(), DecodeFailure> {
+    let raw_len = u32::try_from(raw).map_err(|_| DecodeFailure::Payload)?;
+    let map_len = vfmig_wire::page_map_len(raw_len) as usize;
+    let granules = raw.div_ceil(GRANULE);
+    let body = buf.len();
+    if body < map_len || raw > buf.capacity() || map_len > MAX_MAP {
+        return Err(DecodeFailure::Payload);
+    }
+    let mut bits = [0u8; MAX_MAP];
+    bits[..map_len].copy_from_slice(&buf.as_slice()[body - map_len..]);
+    // Bits past the last granule must be clear.
+    if granules % 8 != 0 && bits[map_len - 1] >> (granules % 8) != 0 {
+        return Err(DecodeFailure::Malformed);
+    }
+    let bytes = |(first, end): (usize, usize)| (end * GRANULE).min(raw) - first * GRANULE;
+    let present: usize = runs(&bits, granules, true).map(bytes).sum();
+    if present + map_len != body {
+        return Err(DecodeFailure::Length {
+            raw_len,
+            got: body - map_len,
+        });
+    }
+    let slot = buf.spare_mut();
+    // Runs are few (one per zero region): collect the present ones to walk them backwards.
+    let mut src_end = present;
+    let mut present_runs: Vec<(usize, usize)> = runs(&bits, granules, true).collect();
+    while let Some((first, end)) = present_runs.pop() {
+        let (dst, len) = (first * GRANULE, bytes((first, end)));
+        src_end -= len;
+        if src_end != dst {
+            slot.copy_within(src_end..src_end + len, dst);
+        }
+    }
+    for (first, end) in runs(&bits, granules, false) {
+        slot[first * GRANULE..(end * GRANULE).min(raw)].fill(0);
+    }
+    buf.set_len(raw);
+    Ok(())
 }
 
 /// Shannon entropy (bits per byte) of a few evenly spaced samples: a cheap guess at whether a
@@ -106,48 +238,84 @@ pub(crate) enum Outcome {
     Raw,
 }
 
+/// One encoded chunk.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub codec: Codec,
+    /// `None` for zero chunks, the input buffer for raw ones, a new pool buffer for compressed.
+    pub payload: Option<PoolBuf>,
+    pub outcome: Outcome,
+    /// [`crate::digest::chunk_hash`] of the raw bytes.
+    pub hash: u128,
+}
+
 /// Per-worker encoder state (zstd context reused across chunks).
 pub(crate) struct Encoder {
     zstd: zstd::bulk::Compressor<'static>,
     zstd_level: i32,
+    /// Codecs the receiver agreed to (`handshake::codec_bit` bits).
+    codecs: u32,
 }
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Encoder")
             .field("zstd_level", &self.zstd_level)
+            .field("codecs", &self.codecs)
             .finish()
     }
 }
 
 impl Encoder {
-    pub fn new() -> std::io::Result<Encoder> {
+    /// An encoder that sends only `codecs` (the handshake's agreed bits; Raw is always allowed).
+    pub fn new(codecs: u32) -> std::io::Result<Encoder> {
         Ok(Encoder {
             zstd: zstd::bulk::Compressor::new(1)?,
             zstd_level: 1,
+            codecs,
         })
     }
 
-    /// Encodes `input` (its valid bytes) with `choice`. Returns the codec and the payload to send:
-    /// `None` for zero chunks, `input` itself for raw, a new pool buffer for compressed data.
-    pub fn encode(
-        &mut self,
-        input: PoolBuf,
-        choice: Choice,
-        pool: &BufPool,
-    ) -> (Codec, Option<PoolBuf>, Outcome) {
-        let data = input.as_slice();
-        if is_all_zero(data) {
-            return (Codec::Zero, None, Outcome::Zero);
+    fn allows(&self, codec: Codec) -> bool {
+        codec == Codec::Raw || self.codecs & vfmig_wire::handshake::codec_bit(codec) != 0
+    }
+
+    /// Encodes `input` (its valid bytes) with `choice`.
+    ///
+    /// All-zero chunks become `Zero` frames. Chunks with some zero pages drop them (a paged body,
+    /// when the receiver agreed to paged codecs). What is left goes raw if `choice` says so or it
+    /// samples as incompressible, and is compressed otherwise; compression that does not save
+    /// 1/32 falls back to raw.
+    pub fn encode(&mut self, mut input: PoolBuf, choice: Choice, pool: &BufPool) -> Encoded {
+        let hash = crate::digest::chunk_hash(input.as_slice());
+        let map = PageMap::scan(input.as_slice());
+        let done = |codec, payload, outcome| Encoded {
+            codec,
+            payload,
+            outcome,
+            hash,
+        };
+        if map.present == 0 {
+            return done(Codec::Zero, None, Outcome::Zero);
         }
+        let paged = map.present < map.granules
+            && self.allows(Codec::PagedRaw)
+            && pack_pages(&mut input, &map);
+        let raw_codec = if paged { Codec::PagedRaw } else { Codec::Raw };
+        let choice = match choice {
+            Choice::Lz4 if self.allows(Codec::Lz4) => Choice::Lz4,
+            Choice::Zstd(l) if self.allows(Codec::Zstd) => Choice::Zstd(l),
+            _ => Choice::Raw,
+        };
         if choice == Choice::Raw {
-            return (Codec::Raw, Some(input), Outcome::Raw);
+            return done(raw_codec, Some(input), Outcome::Raw);
         }
+        let data = input.as_slice();
         if looks_incompressible(data) {
-            return (Codec::Raw, Some(input), Outcome::ProbedRaw);
+            return done(raw_codec, Some(input), Outcome::ProbedRaw);
         }
         let Some(mut out) = pool.try_acquire() else {
-            return (Codec::Raw, Some(input), Outcome::FellBackRaw(choice));
+            return done(raw_codec, Some(input), Outcome::FellBackRaw(choice));
         };
         let limit = data.len() - (data.len() >> MIN_SAVING_SHIFT);
         let written = match choice {
@@ -166,13 +334,15 @@ impl Encoder {
         match written {
             Some(n) if n > 0 && n < limit => {
                 out.set_len(n);
-                let codec = match choice {
-                    Choice::Lz4 => Codec::Lz4,
-                    _ => Codec::Zstd,
+                let codec = match (choice, paged) {
+                    (Choice::Lz4, false) => Codec::Lz4,
+                    (Choice::Lz4, true) => Codec::PagedLz4,
+                    (_, false) => Codec::Zstd,
+                    (_, true) => Codec::PagedZstd,
                 };
-                (codec, Some(out), Outcome::Compressed(choice))
+                done(codec, Some(out), Outcome::Compressed(choice))
             }
-            _ => (Codec::Raw, Some(input), Outcome::FellBackRaw(choice)),
+            _ => done(raw_codec, Some(input), Outcome::FellBackRaw(choice)),
         }
     }
 }
@@ -247,6 +417,10 @@ impl Decoder {
             raw_len,
             slot: pool.slot_size(),
         })?;
+        if raw == 0 {
+            // Every data kind carries at least one byte (the wire checks it; so does this).
+            return Err(DecodeFailure::Payload);
+        }
         if raw > pool.slot_size() {
             return Err(DecodeFailure::TooLarge {
                 raw_len,
@@ -257,10 +431,23 @@ impl Decoder {
             (Codec::Zero, None) => Ok(Decoded::Zero(raw)),
             (Codec::Zero, Some(p)) if p.is_empty() => Ok(Decoded::Zero(raw)),
             (Codec::Raw, Some(p)) if p.len() == raw => Ok(Decoded::Data(p)),
-            (Codec::Lz4 | Codec::Zstd, Some(p)) if !p.is_empty() => {
+            (Codec::PagedRaw, Some(mut p)) => {
+                unpack_pages(&mut p, raw)?;
+                Ok(Decoded::Data(p))
+            }
+            (Codec::Lz4 | Codec::Zstd | Codec::PagedLz4 | Codec::PagedZstd, Some(p))
+                if !p.is_empty() =>
+            {
                 let mut out = pool.acquire(timeout).map_err(|_| DecodeFailure::NoBuffer)?;
-                let dst = &mut out.spare_mut()[..raw];
-                let got = if codec == Codec::Lz4 {
+                // A paged body is at most every page plus the map.
+                let expect = if codec.is_paged() {
+                    raw + vfmig_wire::page_map_len(raw_len) as usize
+                } else {
+                    raw
+                };
+                let cap = expect.min(out.capacity());
+                let dst = &mut out.spare_mut()[..cap];
+                let got = if matches!(codec, Codec::Lz4 | Codec::PagedLz4) {
                     lz4_flex::block::decompress_into(p.as_slice(), dst)
                         .map_err(|_| DecodeFailure::Malformed)?
                 } else {
@@ -268,10 +455,13 @@ impl Decoder {
                         .decompress_to_buffer(p.as_slice(), dst)
                         .map_err(|_| DecodeFailure::Malformed)?
                 };
-                if got != raw {
+                drop(p);
+                out.set_len(got);
+                if codec.is_paged() {
+                    unpack_pages(&mut out, raw)?;
+                } else if got != raw {
                     return Err(DecodeFailure::Length { raw_len, got });
                 }
-                out.set_len(raw);
                 Ok(Decoded::Data(out))
             }
             _ => Err(DecodeFailure::Payload),
@@ -438,6 +628,171 @@ impl Adaptive {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use vfmig_wire::handshake::{codec_bit, KNOWN_CODECS};
+
+    const ALL: u32 = KNOWN_CODECS;
+
+    fn decode_all(dec: &mut Decoder, e: Encoded, raw: usize, pool: &BufPool) -> Vec<u8> {
+        let t = Duration::from_secs(1);
+        match dec.decode(e.codec, raw as u32, e.payload, pool, t).unwrap() {
+            Decoded::Data(b) => b.as_slice().to_vec(),
+            Decoded::Zero(n) => vec![0; n],
+        }
+    }
+
+    /// `len` bytes in which the 512-byte granules listed in `zero` are zero and the rest hold
+    /// `kind` content (0 noise, 1 text).
+    fn sparse(len: usize, zero: &[bool], kind: u8, seed: u64) -> Vec<u8> {
+        let mut v = if kind == 0 {
+            noise(len, seed)
+        } else {
+            (0..len)
+                .map(|i| b"register file "[i % 14] ^ (seed as u8))
+                .collect()
+        };
+        for (g, chunk) in v.chunks_mut(GRANULE).enumerate() {
+            if zero.get(g % zero.len().max(1)).copied().unwrap_or(false) {
+                chunk.fill(0);
+            }
+        }
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any mix of zero and data granules, any length (also short last granules), every
+        /// choice: the decoder gives back exactly the input, and the chunk hash is the input's.
+        #[test]
+        fn paged_chunks_round_trip_exactly(
+            len in 1usize..60_000,
+            zero in proptest::collection::vec(any::<bool>(), 1..40),
+            kind in 0u8..2,
+            choice in 0usize..4,
+            seed in any::<u64>(),
+        ) {
+            let pool = BufPool::new(4, 65536).unwrap();
+            let data = sparse(len, &zero, kind, seed);
+            let choice = [Choice::Raw, Choice::Lz4, Choice::Zstd(1), Choice::Zstd(3)][choice];
+            let mut enc = Encoder::new(ALL).unwrap();
+            let mut dec = Decoder::new().unwrap();
+            let e = enc.encode(fill(&pool, &data), choice, &pool);
+            prop_assert_eq!(e.hash, crate::digest::chunk_hash(&data));
+            let back = decode_all(&mut dec, e, len, &pool);
+            prop_assert_eq!(back, data);
+            prop_assert_eq!(pool.free(), 4, "no buffer leaked");
+        }
+    }
+
+    #[test]
+    fn zero_granules_are_left_out_of_the_wire_at_any_alignment() {
+        let pool = BufPool::new(4, 1 << 20).unwrap();
+        let n = chunk_len(1 << 20);
+        // Random data with one zero region of 100 KiB starting at an odd offset.
+        let mut data = noise(n, 9);
+        data[12_345..12_345 + 100 * 1024].fill(0);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        let wire = e.payload.as_ref().unwrap().len();
+        // All but the partial granules at both ends of the region are dropped.
+        assert!(
+            wire <= n - 100 * 1024 + 2 * GRANULE + n / GRANULE / 8,
+            "{wire}"
+        );
+        let mut dec = Decoder::new().unwrap();
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+    }
+
+    #[test]
+    fn a_receiver_without_paged_or_compressed_codecs_gets_only_what_it_agreed_to() {
+        let pool = BufPool::new(4, 65536).unwrap();
+        let mut data = sparse(50_000, &[false, true], 1, 3);
+        data[..512].fill(1);
+        let only_raw = codec_bit(Codec::Raw) | codec_bit(Codec::Zero);
+        let mut enc = Encoder::new(only_raw).unwrap();
+        for choice in [Choice::Raw, Choice::Lz4, Choice::Zstd(3)] {
+            let e = enc.encode(fill(&pool, &data), choice, &pool);
+            assert_eq!(e.codec, Codec::Raw, "{choice:?}");
+            assert_eq!(e.payload.unwrap().as_slice(), &data[..]);
+        }
+        let mut enc = Encoder::new(only_raw | codec_bit(Codec::Zstd)).unwrap();
+        let e = enc.encode(fill(&pool, &data), Choice::Lz4, &pool);
+        assert_eq!(e.codec, Codec::Raw, "LZ4 was not agreed");
+        let e = enc.encode(fill(&pool, &data), Choice::Zstd(1), &pool);
+        assert_eq!(e.codec, Codec::Zstd, "zstd without page maps");
+    }
+
+    #[test]
+    fn corrupt_page_maps_and_bodies_are_typed_failures_not_panics() {
+        let pool = BufPool::new(8, 65536).unwrap();
+        let t = Duration::from_millis(50);
+        let mut dec = Decoder::new().unwrap();
+        let raw = 4096usize; // 8 granules: a 1-byte map.
+                             // Map says granules 0 and 2 present (1024 bytes), body holds 1024: valid.
+        let mut ok = vec![7u8; 1024];
+        ok.push(0b0000_0101);
+        let Decoded::Data(b) = dec
+            .decode(
+                Codec::PagedRaw,
+                raw as u32,
+                Some(fill(&pool, &ok)),
+                &pool,
+                t,
+            )
+            .unwrap()
+        else {
+            panic!("expected data")
+        };
+        assert_eq!(&b.as_slice()[..512], &[7u8; 512][..]);
+        assert_eq!(&b.as_slice()[512..1024], &[0u8; 512][..]);
+        assert_eq!(&b.as_slice()[1024..1536], &[7u8; 512][..]);
+        drop(b);
+        // Body shorter or longer than the map says.
+        for body in [512usize, 1536] {
+            let mut bad = vec![7u8; body];
+            bad.push(0b0000_0101);
+            assert!(matches!(
+                dec.decode(
+                    Codec::PagedRaw,
+                    raw as u32,
+                    Some(fill(&pool, &bad)),
+                    &pool,
+                    t
+                ),
+                Err(DecodeFailure::Length { .. })
+            ));
+        }
+        // Bits past the last granule (raw 1000 bytes = 2 granules).
+        let bad = vec![7u8, 7, 7, 0b0000_0101];
+        assert_eq!(
+            dec.decode(Codec::PagedRaw, 1000, Some(fill(&pool, &bad)), &pool, t)
+                .unwrap_err(),
+            DecodeFailure::Malformed
+        );
+        // A payload shorter than its map, and a zstd frame that is garbage.
+        assert!(dec
+            .decode(Codec::PagedRaw, 65536, Some(fill(&pool, &[1])), &pool, t)
+            .is_err());
+        assert_eq!(
+            dec.decode(
+                Codec::PagedZstd,
+                raw as u32,
+                Some(fill(&pool, &noise(64, 1))),
+                &pool,
+                t
+            )
+            .unwrap_err(),
+            DecodeFailure::Malformed
+        );
+        // A zero-length Zero frame is refused in decode.
+        assert_eq!(
+            dec.decode(Codec::Zero, 0, None, &pool, t).unwrap_err(),
+            DecodeFailure::Payload
+        );
+        assert_eq!(pool.free(), 8, "every buffer came back");
+    }
 
     fn fill(pool: &BufPool, data: &[u8]) -> PoolBuf {
         let mut b = pool.try_acquire().unwrap();
@@ -461,8 +816,13 @@ mod tests {
     #[test]
     fn zero_chunks_are_elided_and_decode_to_zeros() {
         let pool = BufPool::new(4, 65536).unwrap();
-        let mut enc = Encoder::new().unwrap();
-        let (codec, payload, out) = enc.encode(fill(&pool, &[0u8; 65536]), Choice::Zstd(3), &pool);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let Encoded {
+            codec,
+            payload,
+            outcome: out,
+            ..
+        } = enc.encode(fill(&pool, &[0u8; 65536]), Choice::Zstd(3), &pool);
         assert_eq!((codec, out), (Codec::Zero, Outcome::Zero));
         assert!(payload.is_none());
         assert_eq!(pool.free(), 4, "the input buffer went back to the pool");
@@ -479,8 +839,13 @@ mod tests {
         let data = noise(65536, 7);
         let input = fill(&pool, &data);
         let index = input.index();
-        let mut enc = Encoder::new().unwrap();
-        let (codec, payload, out) = enc.encode(input, Choice::Zstd(3), &pool);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let Encoded {
+            codec,
+            payload,
+            outcome: out,
+            ..
+        } = enc.encode(input, Choice::Zstd(3), &pool);
         assert_eq!((codec, out), (Codec::Raw, Outcome::ProbedRaw));
         let payload = payload.unwrap();
         assert_eq!(payload.index(), index, "no copy: the same slot is sent");
@@ -494,10 +859,15 @@ mod tests {
         let text: Vec<u8> = (0..n as u32)
             .map(|i| b"device register file "[(i % 21) as usize] ^ ((i / 4096) as u8))
             .collect();
-        let mut enc = Encoder::new().unwrap();
+        let mut enc = Encoder::new(ALL).unwrap();
         let mut dec = Decoder::new().unwrap();
         for choice in [Choice::Lz4, Choice::Zstd(1), Choice::Zstd(7)] {
-            let (codec, payload, out) = enc.encode(fill(&pool, &text), choice, &pool);
+            let Encoded {
+                codec,
+                payload,
+                outcome: out,
+                ..
+            } = enc.encode(fill(&pool, &text), choice, &pool);
             assert_eq!(out, Outcome::Compressed(choice));
             let payload = payload.unwrap();
             assert!(payload.len() < text.len() / 4);
@@ -538,8 +908,10 @@ mod tests {
             dec.decode(Codec::Zero, 8192, None, &pool, t),
             Err(DecodeFailure::TooLarge { .. })
         ));
-        let mut enc = Encoder::new().unwrap();
-        let (_, p, _) = enc.encode(fill(&pool, &[5u8; 4096]), Choice::Lz4, &pool);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let p = enc
+            .encode(fill(&pool, &[5u8; 4096]), Choice::Lz4, &pool)
+            .payload;
         assert!(matches!(
             dec.decode(Codec::Lz4, 2048, p, &pool, t),
             Err(DecodeFailure::Malformed | DecodeFailure::Length { .. })

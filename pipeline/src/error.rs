@@ -195,7 +195,8 @@ pub enum PipelineError {
         /// Total received and written.
         received: u64,
     },
-    /// The BLAKE3 digest of the received stream differs from the source's.
+    /// The stream digest (docs/PROTOCOL.md, section 5) of what was written differs from the
+    /// source's.
     #[error("device {device}: stream digest mismatch")]
     DigestMismatch {
         /// Device index.

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
+use vfmig_wire::handshake::KNOWN_CODECS;
 use vfmig_wire::{FrameHeader, FrameKind};
 
 use crate::codec::{Adaptive, Compress};
@@ -158,7 +159,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             stop.clone(),
         );
         threads.push(thread::spawn(move || {
-            stages::encode_worker(rx, tx, p, a, c, s, T).unwrap();
+            stages::encode_worker(rx, tx, p, a, c, s, T, KNOWN_CODECS).unwrap();
         }));
         let (rx, tx, p, c, s) = (
             recv_rx.clone(),
@@ -284,7 +285,7 @@ fn write_by_hand(chunks: &[&[u8]], end: (u64, [u8; 32])) -> WriterEvent {
         items.push(InItem {
             device: 0,
             seq,
-            item: Incoming::Data(crate::codec::Decoded::Data(b)),
+            item: Incoming::Data(crate::codec::Decoded::Data(b), crate::digest::chunk_hash(c)),
         });
         seq += 1;
     }
@@ -312,7 +313,11 @@ fn write_by_hand(chunks: &[&[u8]], end: (u64, [u8; 32])) -> WriterEvent {
 #[test]
 fn writer_verifies_length_and_digest_of_what_it_wrote() {
     let chunks: [&[u8]; 2] = [b"hello ", b"world"];
-    let digest = *blake3::hash(b"hello world").as_bytes();
+    // The source's fold of the same chunks (`stages::send_loop`).
+    let mut d = crate::digest::StreamDigest::new();
+    d.add(0, 6, crate::digest::chunk_hash(b"hello "));
+    d.add(6, 5, crate::digest::chunk_hash(b"world"));
+    let digest = d.finish();
     assert!(matches!(
         write_by_hand(&chunks, (11, digest)),
         WriterEvent::StreamVerified {

@@ -24,7 +24,7 @@
 //!   transport in that order after the parallel codec stage; the destination writes them in the
 //!   same order, one write in flight per fd.
 //! - **Verification.** Every frame is CRC-checked by the transport; each stream ends with its
-//!   length and BLAKE3 digest, checked before the destination device is asked to validate its
+//!   length and stream digest, checked before the destination device is asked to validate its
 //!   state (RESUMING -> STOP). Only then is `DeviceResumed` sent, and only that counts as success
 //!   on the source.
 //! - **Several devices.** Every source device reaches RUNNING_P2P (or PRE_COPY_P2P) before any
@@ -86,6 +86,7 @@
 mod api;
 mod codec;
 mod destination;
+mod digest;
 mod error;
 mod guest;
 mod reader;

@@ -37,6 +37,8 @@ pub(crate) struct RawChunk {
 pub(crate) struct Outgoing {
     pub header: FrameHeader,
     pub payload: Option<PoolBuf>,
+    /// For device state frames: [`crate::digest::chunk_hash`] of the raw bytes.
+    pub hash: Option<u128>,
 }
 
 /// Builds a header; the transport fills in `crc` (and checks `wire_len`).
@@ -142,13 +144,12 @@ struct Dev {
     seq: u64,
     /// Raw bytes emitted so far (stream offset of the slot's first byte).
     emitted: u64,
-    hasher: blake3::Hasher,
     retry_at: Option<Instant>,
     backoff: Duration,
     last_progress: Instant,
     /// This device carries the dirty guest pages: its end waits for the last of them.
     hold_end: bool,
-    /// A full chunk numbered but not yet hashed and handed over.
+    /// A full chunk numbered but not yet handed over.
     full: Option<RawChunk>,
 }
 
@@ -364,7 +365,6 @@ fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), 
                 filled: 0,
                 seq: 0,
                 emitted: 0,
-                hasher: blake3::Hasher::new(),
                 retry_at: None,
                 backoff: PRECOPY_POLL_MIN,
                 last_progress: Instant::now(),
@@ -561,15 +561,11 @@ fn stage(device: u16, dev: &mut Dev, mut buf: PoolBuf, io: &ReaderIo) -> RawChun
     chunk
 }
 
-/// Hashes the staged chunk (stream order: nothing later is hashed before it) and hands it to
-/// the codec stage.
+/// Hands the staged chunk to the codec stage.
 fn hand_over(dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     let Some(chunk) = dev.full.take() else {
         return Ok(());
     };
-    let t0 = Instant::now();
-    dev.hasher.update(chunk.buf.as_slice());
-    ctx.io.counters.fd_stage.add_since(t0);
     let t0 = Instant::now();
     let sent = ctx.io.chunks.send_timeout(chunk, ctx.timeout);
     ctx.io.counters.buffer_wait.add_since(t0);
@@ -608,6 +604,7 @@ fn marker(
             arg,
         ),
         payload,
+        hash: None,
     };
     dev.seq += 1;
     io.markers
@@ -638,15 +635,15 @@ fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> 
 fn end_of_stream(device: u16, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     hand_over(dev, ctx)?;
     let (pool, io, timeout) = (ctx.pool, ctx.io, ctx.timeout);
-    let digest = dev.hasher.finalize();
     let mut p = pool
         .acquire(timeout)
         .map_err(|source| PipelineError::Pool {
             stage: "reader",
             source,
         })?;
-    p.spare_mut()[..32].copy_from_slice(digest.as_bytes());
-    p.set_len(32);
+    // The sender writes the stream digest here, in stream order (`stages::send_loop`).
+    p.spare_mut()[..vfmig_wire::DIGEST_LEN].fill(0);
+    p.set_len(vfmig_wire::DIGEST_LEN);
     let total = dev.emitted;
     marker(
         device,

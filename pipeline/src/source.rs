@@ -132,8 +132,9 @@ impl Stages {
                 stop.clone(),
                 fail_tx.clone(),
             );
+            let codecs = session.agreed().codecs;
             threads.push(stages::spawn("vfmig-encode", move || {
-                if let Err(e) = stages::encode_worker(rx, tx, pool, a, c, s, timeout) {
+                if let Err(e) = stages::encode_worker(rx, tx, pool, a, c, s, timeout, codecs) {
                     let _ = f.try_send(e);
                 }
             })?);

@@ -8,7 +8,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{FrameHeader, FrameKind};
 
-use crate::codec::{Adaptive, Decoded, Decoder, Encoder, Outcome};
+use crate::codec::{Adaptive, Decoded, Decoder, Encoded, Encoder, Outcome};
+use crate::digest::{self, StreamDigest};
 use crate::error::{Phase, PipelineError};
 use crate::reader::{header, Outgoing, RawChunk};
 use crate::reseq::Resequencer;
@@ -31,7 +32,9 @@ pub(crate) fn spawn(
 /// How long a stage waits on its input before checking `stop` again.
 pub(crate) const POLL: Duration = Duration::from_millis(20);
 
-/// Source codec worker: encodes chunks until its input closes or `stop` is set.
+/// Source codec worker: encodes chunks until its input closes or `stop` is set. `codecs` are the
+/// agreed codec bits.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_worker(
     rx: Receiver<RawChunk>,
     tx: Sender<Outgoing>,
@@ -40,8 +43,9 @@ pub(crate) fn encode_worker(
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
+    codecs: u32,
 ) -> Result<(), PipelineError> {
-    let mut enc = Encoder::new().map_err(|source| PipelineError::Resource {
+    let mut enc = Encoder::new(codecs).map_err(|source| PipelineError::Resource {
         what: "a zstd context",
         source,
     })?;
@@ -59,7 +63,12 @@ pub(crate) fn encode_worker(
         let t0 = Instant::now();
         let raw_len = chunk.buf.len();
         let choice = adaptive.choose();
-        let (codec, payload, outcome) = enc.encode(chunk.buf, choice, &pool);
+        let Encoded {
+            codec,
+            payload,
+            outcome,
+            hash,
+        } = enc.encode(chunk.buf, choice, &pool);
         let took = t0.elapsed();
         counters.codec.add(took);
         let wire = payload.as_ref().map_or(0, PoolBuf::len);
@@ -85,6 +94,8 @@ pub(crate) fn encode_worker(
                 chunk.offset,
             ),
             payload,
+            hash: matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData)
+                .then_some(hash),
         };
         tx.send_timeout(out, timeout)
             .map_err(|_| PipelineError::Timeout {
@@ -166,6 +177,11 @@ pub(crate) fn send_loop(
         .iter()
         .map(|_| Resequencer::new(window))
         .collect();
+    let mut digests: Vec<StreamDigest> = counters
+        .devices
+        .iter()
+        .map(|_| StreamDigest::new())
+        .collect();
     loop {
         let out = match rx.recv_timeout(POLL) {
             Ok(o) => o,
@@ -190,7 +206,10 @@ pub(crate) fn send_loop(
             .ok_or(PipelineError::StageLost { stage: "sender" })?;
         r.push(out.header.seq, out)
             .map_err(|source| PipelineError::Sequence { device, source })?;
-        while let Some(o) = r.pop() {
+        while let Some(mut o) = r.pop() {
+            if let Some(d) = digests.get_mut(usize::from(device)) {
+                seal_digest(d, &mut o)?;
+            }
             let wire = o.payload.as_ref().map_or(0, PoolBuf::len);
             // A rate limit is a slower link: its wait counts as time blocked on the network.
             let t0 = Instant::now();
@@ -208,11 +227,29 @@ pub(crate) fn send_loop(
     }
 }
 
+/// Folds a device state frame into its device's digest, or writes the digest into the
+/// `EndOfDevice` frame that ends the stream (in sequence order, so the fold order is the
+/// stream's).
+fn seal_digest(d: &mut StreamDigest, o: &mut Outgoing) -> Result<(), PipelineError> {
+    let h = &o.header;
+    if let Some(hash) = o.hash {
+        d.add(h.arg, h.raw_len as usize, hash);
+    } else if h.kind == FrameKind::EndOfDevice {
+        let p = o
+            .payload
+            .as_mut()
+            .filter(|p| p.len() == vfmig_wire::DIGEST_LEN)
+            .ok_or(PipelineError::StageLost { stage: "reader" })?;
+        p.as_mut_slice().copy_from_slice(&d.finish());
+    }
+    Ok(())
+}
+
 /// What the destination writer receives, per device in sequence order.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// Decoded device state.
-    Data(Decoded),
+    /// Decoded device state and [`digest::chunk_hash`] of it.
+    Data(Decoded, u128),
     /// Decoded dirty guest pages starting at `gpa`.
     Pages { gpa: u64, data: Decoded },
     /// The source left PRE_COPY after `raw` bytes.
@@ -284,7 +321,11 @@ pub(crate) fn decode_worker(
                         data: decoded,
                     }
                 } else {
-                    Incoming::Data(decoded)
+                    let hash = match &decoded {
+                        Decoded::Data(b) => digest::chunk_hash(b.as_slice()),
+                        Decoded::Zero(n) => digest::zero_hash(*n),
+                    };
+                    Incoming::Data(decoded, hash)
                 },
             },
             timeout,

@@ -1,7 +1,8 @@
 //! Destination last stage: write each device's decoded stream, in sequence order, into its
 //! RESUMING data fd with io_uring `WriteFixed` at offset -1, one write in flight per fd, short
-//! writes resubmitted. The BLAKE3 digest of what was written is computed here in stream order and
-//! checked with the length against the source's `EndOfDevice`.
+//! writes resubmitted. The stream digest (`crate::digest`) of what is written is folded here in
+//! stream order from the decode workers' chunk hashes and checked with the length against the
+//! source's `EndOfDevice`.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use vfmig_transport::{BufPool, PoolBuf};
 
 use crate::codec::Decoded;
+use crate::digest::StreamDigest;
 use crate::error::{Phase, PipelineError};
 use crate::guest::GuestMemoryAccess;
 use crate::reseq::Resequencer;
@@ -49,7 +51,7 @@ struct WDev {
     reseq: Resequencer<Incoming>,
     /// A buffer whose bytes `[at, len)` are still to be written, when no write is in flight.
     pending: Option<(PoolBuf, usize)>,
-    hasher: blake3::Hasher,
+    digest: StreamDigest,
     /// Offset in the buffer of the write in flight.
     inflight_at: usize,
     /// Bytes of completed writes.
@@ -109,7 +111,7 @@ pub(crate) fn run(
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
             pending: None,
-            hasher: blake3::Hasher::new(),
+            digest: StreamDigest::new(),
             inflight_at: 0,
             written: 0,
             done: false,
@@ -337,18 +339,18 @@ fn advance(
             return Ok(());
         };
         match item {
-            Incoming::Data(Decoded::Data(buf)) => {
-                dev.hasher.update(buf.as_slice());
+            Incoming::Data(Decoded::Data(buf), hash) => {
+                dev.digest.add(dev.digest.total(), buf.len(), hash);
                 dev.pending = Some((buf, 0));
             }
-            Incoming::Data(Decoded::Zero(n)) => {
+            Incoming::Data(Decoded::Zero(n), hash) => {
                 // Back in `zero` once written: one write in flight per device.
                 let mut buf = dev
                     .zero
                     .take()
                     .ok_or(PipelineError::StageLost { stage: "writer" })?;
                 buf.set_len(n);
-                dev.hasher.update(buf.as_slice());
+                dev.digest.add(dev.digest.total(), n, hash);
                 dev.pending = Some((buf, 0));
                 dev.writing_zero = true;
             }
@@ -367,7 +369,7 @@ fn advance(
                 let _ = events.send(WriterEvent::PreCopyDone { device, raw });
             }
             Incoming::End { total, digest } => {
-                let computed = *dev.hasher.finalize().as_bytes();
+                let computed = dev.digest.finish();
                 dev.done = true;
                 if total != dev.written {
                     return Err(PipelineError::LengthMismatch {

@@ -18,7 +18,8 @@ use crate::WireError;
 
 /// Guest page size for [`FrameKind::DirtyPages`] (4 KiB in version 1).
 pub const PAGE_SIZE: u64 = 4096;
-/// Length of the BLAKE3 digest in an [`FrameKind::EndOfDevice`] payload.
+/// Length of the stream digest in an [`FrameKind::EndOfDevice`] payload (docs/PROTOCOL.md,
+/// section 5: BLAKE3 over one record per data frame, each carrying the XXH3-128 of its raw bytes).
 pub const DIGEST_LEN: usize = 32;
 /// Most bytes of UTF-8 detail in an [`FrameKind::Abort`] payload.
 pub const MAX_ABORT_DETAIL: usize = 1024;
@@ -43,8 +44,8 @@ pub enum FrameKind {
     /// ([`PAGE_SIZE`]-aligned); the raw payload is whole pages (`raw_len` a non-zero multiple of
     /// [`PAGE_SIZE`]), any codec.
     DirtyPages = 3,
-    /// End of a device's stream. `arg`: total raw bytes; payload: 32-byte BLAKE3 digest of the raw
-    /// stream (codec Raw). Takes the next sequence number of the device's stream.
+    /// End of a device's stream. `arg`: total raw bytes; payload: the 32-byte stream digest
+    /// ([`DIGEST_LEN`], codec Raw). Takes the next sequence number of the device's stream.
     EndOfDevice = 4,
     /// Destination -> source: the destination has loaded the initial pre-copy data
     /// (switchover may proceed). `arg`: raw bytes received so far. No payload, `seq` 0.
@@ -105,6 +106,12 @@ pub enum Codec {
     Zstd = 2,
     /// One LZ4 block (lz4_flex block format, size known from `raw_len`).
     Lz4 = 3,
+    /// A paged body (see [`page_map_len`]), sent as is.
+    PagedRaw = 4,
+    /// A paged body in one zstd frame.
+    PagedZstd = 5,
+    /// A paged body in one LZ4 block.
+    PagedLz4 = 6,
 }
 
 impl Codec {
@@ -115,9 +122,32 @@ impl Codec {
             1 => Codec::Zero,
             2 => Codec::Zstd,
             3 => Codec::Lz4,
+            4 => Codec::PagedRaw,
+            5 => Codec::PagedZstd,
+            6 => Codec::PagedLz4,
             _ => return None,
         })
     }
+
+    /// Whether the payload decodes to a paged body (zero pages left out, a page map at the end)
+    /// rather than to the raw bytes themselves.
+    pub fn is_paged(self) -> bool {
+        matches!(self, Codec::PagedRaw | Codec::PagedZstd | Codec::PagedLz4)
+    }
+}
+
+/// Bytes of raw data per bit of a page map.
+pub const MAP_GRANULE: u32 = 512;
+
+/// Bytes of the page map at the end of a paged body for `raw_len` raw bytes: one bit per
+/// [`MAP_GRANULE`] bytes (the last granule may be short), least significant bit first.
+///
+/// A paged body is the present granules of the raw bytes, in order, followed by this map; bit
+/// `i` (`map[i / 8] >> (i % 8) & 1`) set means granule `i` is in the body, clear means it is all
+/// zero. Bits past the last granule are 0. A codec `Paged*` frame's payload decodes (for
+/// `PagedRaw`: is) such a body; expanding it gives exactly `raw_len` bytes.
+pub fn page_map_len(raw_len: u32) -> u32 {
+    raw_len.div_ceil(MAP_GRANULE).div_ceil(8)
 }
 
 /// A decoded, validated frame header.
@@ -200,7 +230,12 @@ impl FrameHeader {
         let consistent = match codec {
             Codec::Raw => wire_len == raw_len,
             Codec::Zero => wire_len == 0,
-            Codec::Zstd | Codec::Lz4 => wire_len > 0,
+            Codec::Zstd | Codec::Lz4 | Codec::PagedZstd | Codec::PagedLz4 => wire_len > 0,
+            // The map plus at most every page.
+            Codec::PagedRaw => {
+                let map = page_map_len(raw_len);
+                wire_len > map && u64::from(wire_len) <= u64::from(raw_len) + u64::from(map)
+            }
         };
         if !consistent {
             return Err(WireError::LengthMismatch {

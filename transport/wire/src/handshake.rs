@@ -73,8 +73,9 @@ pub fn codec_bit(codec: Codec) -> u32 {
     1u32 << (codec as u8)
 }
 
-/// All codecs version 1 knows.
-pub const KNOWN_CODECS: u32 = 0b1111;
+/// All codecs this implementation knows (docs/PROTOCOL.md, section 6). A peer that knows fewer
+/// drops the other bits from its answer, so a sender never uses a codec its receiver lacks.
+pub const KNOWN_CODECS: u32 = 0b111_1111;
 
 type HmacSha256 = Hmac<Sha256>;
 

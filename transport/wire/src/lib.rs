@@ -23,5 +23,6 @@ pub use control::{AbortReason, Control};
 pub use deframer::{Deframer, Frame};
 pub use error::WireError;
 pub use frame::{
-    Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
+    page_map_len, Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAP_GRANULE,
+    MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
 };

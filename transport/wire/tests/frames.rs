@@ -197,6 +197,46 @@ fn oversize_lengths_are_refused_from_the_header_before_the_payload_arrives() {
 }
 
 #[test]
+fn paged_raw_lengths_are_checked_against_the_map_from_the_header() {
+    // 5000 raw bytes: 10 granules, a 2-byte map.
+    assert_eq!(page_map_len(5000), 2);
+    assert_eq!(page_map_len(512), 1);
+    assert_eq!(page_map_len(MAX_PAYLOAD), MAX_PAYLOAD / MAP_GRANULE / 8);
+    let ok = |wire: usize| {
+        let bytes = data(
+            FrameKind::StopCopyData,
+            Codec::PagedRaw,
+            5000,
+            &vec![1; wire],
+            0,
+        );
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&bytes[..HEADER_LEN]);
+        FrameHeader::decode(&h)
+    };
+    assert!(ok(3).is_ok(), "map and one byte");
+    assert!(ok(5002).is_ok(), "map and every byte");
+    for wire in [1, 2, 5003] {
+        assert!(
+            matches!(
+                ok(wire),
+                Err(WireError::LengthMismatch {
+                    codec: Codec::PagedRaw,
+                    ..
+                })
+            ),
+            "wire {wire}"
+        );
+    }
+    for c in [Codec::PagedRaw, Codec::PagedZstd, Codec::PagedLz4] {
+        assert!(c.is_paged());
+        assert_eq!(Codec::from_u8(c as u8), Some(c));
+    }
+    assert!(!Codec::Raw.is_paged());
+    assert_eq!(Codec::from_u8(7), None);
+}
+
+#[test]
 fn garbage_is_refused_at_its_first_byte() {
     let mut d = Deframer::new(MAX_PAYLOAD);
     assert_eq!(
@@ -307,6 +347,14 @@ fn arb_codec_payload(raw_len: u32) -> impl Strategy<Value = (Codec, Vec<u8>)> {
         Just((Codec::Zero, Vec::new())),
         prop::collection::vec(any::<u8>(), 1..64).prop_map(|p| (Codec::Zstd, p)),
         prop::collection::vec(any::<u8>(), 1..64).prop_map(|p| (Codec::Lz4, p)),
+        prop::collection::vec(any::<u8>(), 1..64).prop_map(|p| (Codec::PagedZstd, p)),
+        prop::collection::vec(any::<u8>(), 1..64).prop_map(|p| (Codec::PagedLz4, p)),
+        // A map plus some of the granules.
+        (0..=n).prop_flat_map(move |k| {
+            let map = page_map_len(raw_len) as usize;
+            prop::collection::vec(any::<u8>(), map + k.max(1)..=map + k.max(1))
+                .prop_map(|p| (Codec::PagedRaw, p))
+        }),
     ]
 }
 
