@@ -6,8 +6,6 @@
 //! slot; when no slot is free right now, or the output would not be smaller, the chunk goes raw.
 //! That fallback also means the codec stage can never deadlock on the pool.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use vfmig_transport::{BufPool, PoolBuf};
@@ -469,161 +467,6 @@ impl Decoder {
     }
 }
 
-/// The rungs `Compress::Auto` chooses from, cheapest first.
-const LADDER: [Choice; 5] = [
-    Choice::Raw,
-    Choice::Lz4,
-    Choice::Zstd(1),
-    Choice::Zstd(3),
-    Choice::Zstd(7),
-];
-/// Prior codec speed (raw bytes per second per worker) and wire/raw ratio per rung, replaced by
-/// measurements as they come in.
-const PRIOR_RATE: [f64; 5] = [20e9, 1.5e9, 5e8, 2.5e8, 8e7];
-const PRIOR_RATIO: [f64; 5] = [1.0, 0.6, 0.45, 0.42, 0.40];
-/// Every `EXPLORE`-th compressible chunk tries a neighbouring rung to keep its figures fresh.
-const EXPLORE: u64 = 16;
-/// Weight of a new measurement in the moving averages.
-const EWMA: f64 = 0.2;
-
-#[derive(Debug)]
-struct AdaptState {
-    rate: [f64; 5],
-    ratio: [f64; 5],
-    current: usize,
-    /// Wire bytes the sender handed to the transport and the time it spent blocked doing so.
-    link_bytes: u64,
-    link_busy: Duration,
-    link_rate: f64,
-}
-
-/// Chooses the encoding per chunk: pinned by [`Compress`], or adaptive (Auto).
-#[derive(Debug)]
-pub(crate) struct Adaptive {
-    pinned: Option<Choice>,
-    workers: f64,
-    chunks: AtomicU64,
-    state: Mutex<AdaptState>,
-}
-
-impl Adaptive {
-    pub fn new(compress: Compress, workers: usize) -> Adaptive {
-        let pinned = match compress {
-            Compress::Auto => None,
-            Compress::None => Some(Choice::Raw),
-            Compress::Lz4 => Some(Choice::Lz4),
-            Compress::Zstd(l) => Some(Choice::Zstd(l)),
-        };
-        Adaptive {
-            pinned,
-            workers: workers.max(1) as f64,
-            chunks: AtomicU64::new(0),
-            state: Mutex::new(AdaptState {
-                rate: PRIOR_RATE,
-                ratio: PRIOR_RATIO,
-                current: 1,
-                link_bytes: 0,
-                link_busy: Duration::ZERO,
-                // Unknown until measured: assume a 10 Gbit/s link.
-                link_rate: 1.25e9,
-            }),
-        }
-    }
-
-    /// The choice for the next chunk (and whether it is an exploration of another rung).
-    pub fn choose(&self) -> Choice {
-        if let Some(c) = self.pinned {
-            return c;
-        }
-        let n = self.chunks.fetch_add(1, Ordering::Relaxed);
-        let Ok(st) = self.state.lock() else {
-            return Choice::Lz4;
-        };
-        let cur = st.current;
-        let rung = if n % EXPLORE == EXPLORE - 1 {
-            // Alternate between the rung below and the rung above.
-            if (n / EXPLORE) % 2 == 0 {
-                cur.saturating_sub(1)
-            } else {
-                (cur + 1).min(LADDER.len() - 1)
-            }
-        } else {
-            cur
-        };
-        LADDER[rung]
-    }
-
-    /// Records a compression measured on one chunk.
-    pub fn record(&self, choice: Choice, raw: usize, wire: usize, took: Duration) {
-        if self.pinned.is_some() || raw == 0 {
-            return;
-        }
-        let Some(i) = LADDER.iter().position(|&c| c == choice) else {
-            return;
-        };
-        let secs = took.as_secs_f64().max(1e-7);
-        let Ok(mut st) = self.state.lock() else {
-            return;
-        };
-        let rate = raw as f64 / secs;
-        let ratio = (wire as f64 / raw as f64).min(1.0);
-        st.rate[i] = st.rate[i] * (1.0 - EWMA) + rate * EWMA;
-        st.ratio[i] = st.ratio[i] * (1.0 - EWMA) + ratio * EWMA;
-        Self::decide(&mut st, self.workers);
-    }
-
-    /// Records wire bytes handed to the transport and the time the sender was blocked doing it:
-    /// their quotient estimates the link's capacity when the link is the bottleneck, and is large
-    /// (favouring cheap codecs) when it is not.
-    pub fn record_link(&self, wire: usize, blocked: Duration) {
-        if self.pinned.is_some() {
-            return;
-        }
-        let Ok(mut st) = self.state.lock() else {
-            return;
-        };
-        st.link_bytes += wire as u64;
-        st.link_busy += blocked;
-        // Decide every 4 MiB, or sooner on a slow link (100 ms blocked).
-        if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(100) {
-            let secs = st.link_busy.as_secs_f64().max(1e-4);
-            let rate = st.link_bytes as f64 / secs;
-            st.link_rate = st.link_rate * 0.5 + rate * 0.5;
-            st.link_bytes = 0;
-            st.link_busy = Duration::ZERO;
-            Self::decide(&mut st, self.workers);
-        }
-    }
-
-    fn decide(st: &mut AdaptState, workers: f64) {
-        // Raw throughput each rung would sustain: the slower of the codec and the link.
-        let mut best = 0;
-        let mut best_rate = 0.0;
-        for i in 0..LADDER.len() {
-            let cpu = st.rate[i] * workers;
-            let net = st.link_rate / st.ratio[i].max(0.01);
-            let eff = cpu.min(net);
-            // Prefer the cheaper rung unless the costlier one is clearly (5 %) better.
-            if eff > best_rate * 1.05 {
-                best = i;
-                best_rate = eff;
-            }
-        }
-        st.current = best;
-    }
-
-    /// The rung in use (for reports).
-    pub fn current(&self) -> Choice {
-        if let Some(c) = self.pinned {
-            return c;
-        }
-        self.state
-            .lock()
-            .map(|s| LADDER[s.current])
-            .unwrap_or(Choice::Lz4)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
@@ -916,24 +759,5 @@ mod tests {
             dec.decode(Codec::Lz4, 2048, p, &pool, t),
             Err(DecodeFailure::Malformed | DecodeFailure::Length { .. })
         ));
-    }
-
-    #[test]
-    fn adaptive_compresses_harder_on_a_slow_link_and_less_on_a_fast_one() {
-        let a = Adaptive::new(Compress::Auto, 2);
-        // A slow link: 100 MB/s measured by blocked send time.
-        for _ in 0..4 {
-            a.record_link(16 << 20, Duration::from_millis(168));
-        }
-        assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
-        let b = Adaptive::new(Compress::Auto, 2);
-        // A link that never blocks: the codec is the bottleneck.
-        for _ in 0..4 {
-            b.record_link(16 << 20, Duration::from_micros(500));
-        }
-        assert_eq!(b.current(), Choice::Raw);
-        let pinned = Adaptive::new(Compress::Zstd(5), 2);
-        pinned.record_link(16 << 20, Duration::from_secs(10));
-        assert_eq!(pinned.choose(), Choice::Zstd(5));
     }
 }

@@ -17,7 +17,8 @@ use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::handshake::KNOWN_CODECS;
 use vfmig_wire::{FrameHeader, FrameKind};
 
-use crate::codec::{Adaptive, Compress};
+use crate::adapt::Adaptive;
+use crate::codec::Compress;
 use crate::error::PipelineError;
 use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, InItem, Incoming, Received};

@@ -13,11 +13,12 @@ use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
 use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
 use vfmig_wire::{FrameHeader, FrameKind};
 
+use crate::adapt::Adaptive;
 use crate::api::{
     ratio, CancelHandle, DeviceProgress, DeviceReport, Progress, Report, RollbackAction,
     RollbackStep, SourceOptions, Stage, StageTimes,
 };
-use crate::codec::{chunk_len, Adaptive, Choice};
+use crate::codec::{chunk_len, Choice};
 use crate::error::{AbortReason, Phase, PipelineError};
 use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
@@ -557,7 +558,9 @@ impl<D: MigrationDevice> SourceSession<D> {
         if let Ok(e) = stages.failures.try_recv() {
             return Err(e);
         }
+        let mut news = false;
         while let Ok(ev) = stages.events.try_recv() {
+            news = true;
             watch.progressed();
             match ev {
                 ReaderEvent::PreCopyQuiesced { device } => {
@@ -573,7 +576,10 @@ impl<D: MigrationDevice> SourceSession<D> {
                 ReaderEvent::Failed(e) => return Err(e),
             }
         }
-        match session.recv_control(TICK) {
+        // After news from the reader, return at once so the caller acts on it (e.g. a device
+        // whose end and acknowledgement are both in leaves STOP_COPY now, not a tick later).
+        let wait = if news { Duration::ZERO } else { TICK };
+        match session.recv_control(wait) {
             Ok(Some(f)) => {
                 watch.progressed();
                 let device = f.header.device;

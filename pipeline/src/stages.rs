@@ -8,7 +8,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{FrameHeader, FrameKind};
 
-use crate::codec::{Adaptive, Decoded, Decoder, Encoded, Encoder, Outcome};
+use crate::adapt::Adaptive;
+use crate::codec::{Decoded, Decoder, Encoded, Encoder, Outcome};
 use crate::digest::{self, StreamDigest};
 use crate::error::{Phase, PipelineError};
 use crate::reader::{header, Outgoing, RawChunk};
@@ -71,6 +72,7 @@ pub(crate) fn encode_worker(
         } = enc.encode(chunk.buf, choice, &pool);
         let took = t0.elapsed();
         counters.codec.add(took);
+        adaptive.busy(took);
         let wire = payload.as_ref().map_or(0, PoolBuf::len);
         if let Outcome::Compressed(c) | Outcome::FellBackRaw(c) = outcome {
             adaptive.record(c, raw_len, wire, took);

@@ -1,0 +1,375 @@
+//! `Compress::Auto`: how hard to compress, chosen at run time from measured link throughput,
+//! measured codec throughput and the CPU the machine has to spare.
+//!
+//! For each rung of [`LADDER`] the controller predicts the raw throughput it would sustain as the
+//! slower of
+//! - the link: the link's measured wire rate divided by the rung's measured wire/raw ratio, and
+//! - the CPU: the rung's measured raw bytes per second per core times the cores the codec stage
+//!   can have: the codec workers' own busy cores plus the machine's idle cores (`/proc/stat`),
+//!   at most one per worker.
+//!
+//! and picks the best (a costlier rung must be 5% better). The CPU term is what keeps a
+//! machine whose cores are already busy with the devices and the TCP stack (loopback, a fast
+//! link) from compressing: there, every core spent compressing is taken from moving bytes.
+//! Neighbouring rungs are tried on a few chunks to keep their figures fresh, often when their
+//! prediction is close to the current rung's and rarely when it is far off.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::codec::{Choice, Compress};
+
+/// The rungs `Compress::Auto` chooses from, cheapest first.
+const LADDER: [Choice; 5] = [
+    Choice::Raw,
+    Choice::Lz4,
+    Choice::Zstd(1),
+    Choice::Zstd(3),
+    Choice::Zstd(7),
+];
+/// Prior codec speed (raw bytes per second per core) and wire/raw ratio per rung, replaced by
+/// measurements as they come in.
+const PRIOR_RATE: [f64; 5] = [20e9, 1.5e9, 5e8, 2.5e8, 8e7];
+const PRIOR_RATIO: [f64; 5] = [1.0, 0.6, 0.45, 0.42, 0.40];
+/// A neighbouring rung whose prediction is within [`CLOSE`] of the current one is tried on one
+/// chunk in `EXPLORE`; one further off on one chunk in `EXPLORE_FAR`.
+const EXPLORE: u64 = 16;
+const EXPLORE_FAR: u64 = 128;
+const CLOSE: f64 = 0.75;
+/// Weight of a new measurement in the moving averages.
+const EWMA: f64 = 0.2;
+/// Shortest interval between two CPU samples (`/proc/stat` counts in 10 ms ticks).
+const CPU_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where the controller learns how idle the machine is.
+pub(crate) trait CpuSource: Send + std::fmt::Debug {
+    /// Idle cores (0 ..= number of CPUs) since the previous call; `None` when unknown.
+    fn idle_cores(&mut self) -> Option<f64>;
+}
+
+/// The machine's idle time from the aggregate `cpu` line of `/proc/stat` (idle + iowait).
+#[derive(Debug)]
+pub(crate) struct ProcStat {
+    last: Option<(u64, u64)>,
+    cpus: f64,
+}
+
+impl ProcStat {
+    pub fn new() -> ProcStat {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        ProcStat {
+            last: None,
+            cpus: cpus as f64,
+        }
+    }
+
+    /// (idle ticks, total ticks) now.
+    fn read() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((idle, total))
+    }
+}
+
+impl CpuSource for ProcStat {
+    fn idle_cores(&mut self) -> Option<f64> {
+        let now = ProcStat::read()?;
+        let prev = self.last.replace(now)?;
+        let total = now.1.checked_sub(prev.1).filter(|&t| t > 0)?;
+        let idle = now.0.checked_sub(prev.0)?;
+        Some((idle as f64 / total as f64).clamp(0.0, 1.0) * self.cpus)
+    }
+}
+
+#[derive(Debug)]
+struct AdaptState {
+    rate: [f64; 5],
+    ratio: [f64; 5],
+    current: usize,
+    /// Whether the rung below / above is worth frequent tries.
+    close: [bool; 2],
+    /// Wire bytes the sender handed to the transport and the time it spent blocked doing so.
+    link_bytes: u64,
+    link_busy: Duration,
+    link_rate: f64,
+    /// Codec busy time since the last CPU sample, and the cores the codec stage may use.
+    codec_busy: Duration,
+    cpu: Box<dyn CpuSource>,
+    cpu_at: Instant,
+    cores: f64,
+}
+
+/// Chooses the encoding per chunk: pinned by [`Compress`], or adaptive (Auto).
+#[derive(Debug)]
+pub(crate) struct Adaptive {
+    pinned: Option<Choice>,
+    workers: f64,
+    chunks: AtomicU64,
+    state: Mutex<AdaptState>,
+}
+
+impl Adaptive {
+    pub fn new(compress: Compress, workers: usize) -> Adaptive {
+        Adaptive::with_cpu(compress, workers, Box::new(ProcStat::new()))
+    }
+
+    /// With `cpu` as the source of idle time.
+    pub fn with_cpu(compress: Compress, workers: usize, mut cpu: Box<dyn CpuSource>) -> Adaptive {
+        let pinned = match compress {
+            Compress::Auto => None,
+            Compress::None => Some(Choice::Raw),
+            Compress::Lz4 => Some(Choice::Lz4),
+            Compress::Zstd(l) => Some(Choice::Zstd(l)),
+        };
+        // The first call only sets the baseline.
+        let _ = cpu.idle_cores();
+        let workers = workers.max(1) as f64;
+        Adaptive {
+            pinned,
+            workers,
+            chunks: AtomicU64::new(0),
+            state: Mutex::new(AdaptState {
+                rate: PRIOR_RATE,
+                ratio: PRIOR_RATIO,
+                current: 1,
+                close: [true, true],
+                link_bytes: 0,
+                link_busy: Duration::ZERO,
+                // Unknown until measured: assume a 10 Gbit/s link and every worker its core.
+                link_rate: 1.25e9,
+                codec_busy: Duration::ZERO,
+                cpu,
+                cpu_at: Instant::now(),
+                cores: workers,
+            }),
+        }
+    }
+
+    /// The choice for the next chunk (sometimes a neighbouring rung, to measure it).
+    pub fn choose(&self) -> Choice {
+        if let Some(c) = self.pinned {
+            return c;
+        }
+        let n = self.chunks.fetch_add(1, Ordering::Relaxed);
+        let Ok(st) = self.state.lock() else {
+            return Choice::Raw;
+        };
+        let cur = st.current;
+        // Alternate between the rung below and the rung above.
+        let (side, neighbour) = if (n / EXPLORE) % 2 == 0 {
+            (0, cur.saturating_sub(1))
+        } else {
+            (1, (cur + 1).min(LADDER.len() - 1))
+        };
+        let period = if st.close[side] { EXPLORE } else { EXPLORE_FAR };
+        if n % period == period - 1 {
+            LADDER[neighbour]
+        } else {
+            LADDER[cur]
+        }
+    }
+
+    /// Records time a codec worker spent on one chunk, whatever it did with it.
+    pub fn busy(&self, took: Duration) {
+        if self.pinned.is_some() {
+            return;
+        }
+        if let Ok(mut st) = self.state.lock() {
+            st.codec_busy += took;
+        }
+    }
+
+    /// Records a compression measured on one chunk.
+    pub fn record(&self, choice: Choice, raw: usize, wire: usize, took: Duration) {
+        if self.pinned.is_some() || raw == 0 {
+            return;
+        }
+        let Some(i) = LADDER.iter().position(|&c| c == choice) else {
+            return;
+        };
+        let secs = took.as_secs_f64().max(1e-7);
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let rate = raw as f64 / secs;
+        let ratio = (wire as f64 / raw as f64).min(1.0);
+        st.rate[i] = st.rate[i] * (1.0 - EWMA) + rate * EWMA;
+        st.ratio[i] = st.ratio[i] * (1.0 - EWMA) + ratio * EWMA;
+        self.decide(&mut st);
+    }
+
+    /// Records wire bytes handed to the transport and the time the sender was blocked doing it:
+    /// their quotient estimates the link's capacity when the link is the bottleneck, and is large
+    /// (favouring cheap codecs) when it is not.
+    pub fn record_link(&self, wire: usize, blocked: Duration) {
+        if self.pinned.is_some() {
+            return;
+        }
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        st.link_bytes += wire as u64;
+        st.link_busy += blocked;
+        // Decide every 4 MiB, or sooner on a slow link (100 ms blocked).
+        if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(100) {
+            let secs = st.link_busy.as_secs_f64().max(1e-4);
+            let rate = st.link_bytes as f64 / secs;
+            st.link_rate = st.link_rate * 0.5 + rate * 0.5;
+            st.link_bytes = 0;
+            st.link_busy = Duration::ZERO;
+            self.sample_cpu(&mut st);
+            self.decide(&mut st);
+        }
+    }
+
+    /// Updates the cores the codec stage may use, at most every [`CPU_INTERVAL`].
+    fn sample_cpu(&self, st: &mut AdaptState) {
+        let wall = st.cpu_at.elapsed();
+        if wall < CPU_INTERVAL {
+            return;
+        }
+        st.cpu_at = Instant::now();
+        let codec = std::mem::take(&mut st.codec_busy).as_secs_f64() / wall.as_secs_f64();
+        if let Some(idle) = st.cpu.idle_cores() {
+            let cores = (idle + codec).clamp(0.0, self.workers);
+            st.cores = st.cores * 0.5 + cores * 0.5;
+        }
+    }
+
+    fn decide(&self, st: &mut AdaptState) {
+        let eff = |i: usize| {
+            let cpu = st.rate[i] * st.cores;
+            let net = st.link_rate / st.ratio[i].max(0.01);
+            cpu.min(net)
+        };
+        let mut best = 0;
+        let mut best_rate = 0.0;
+        for i in 0..LADDER.len() {
+            let e = eff(i);
+            // Prefer the cheaper rung unless the costlier one is clearly (5 %) better.
+            if e > best_rate * 1.05 {
+                best = i;
+                best_rate = e;
+            }
+        }
+        st.current = best;
+        let near = |i: usize| eff(i) >= CLOSE * best_rate;
+        st.close = [
+            near(best.saturating_sub(1)),
+            near((best + 1).min(LADDER.len() - 1)),
+        ];
+    }
+
+    /// The rung in use (for reports).
+    pub fn current(&self) -> Choice {
+        if let Some(c) = self.pinned {
+            return c;
+        }
+        self.state
+            .lock()
+            .map(|s| LADDER[s.current])
+            .unwrap_or(Choice::Raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Idle cores as the test sets them.
+    #[derive(Debug, Clone, Default)]
+    struct FakeCpu(Arc<Mutex<f64>>);
+
+    impl CpuSource for FakeCpu {
+        fn idle_cores(&mut self) -> Option<f64> {
+            Some(*self.0.lock().unwrap())
+        }
+    }
+
+    fn auto(idle: f64) -> Adaptive {
+        let cpu = FakeCpu::default();
+        *cpu.0.lock().unwrap() = idle;
+        let a = Adaptive::with_cpu(Compress::Auto, 2, Box::new(cpu));
+        // Measured codecs: LZ4 1.2 GB/s per core at 0.6, zstd-1 0.8 GB/s at 0.42.
+        for _ in 0..20 {
+            a.record(Choice::Lz4, 1 << 20, 629_146, Duration::from_micros(874));
+            a.record(
+                Choice::Zstd(1),
+                1 << 20,
+                440_402,
+                Duration::from_micros(1311),
+            );
+        }
+        a
+    }
+
+    /// Sender blocked `blocked` per 16 MiB of wire bytes, over more than one CPU interval.
+    fn link(a: &Adaptive, blocked: Duration) {
+        for _ in 0..4 {
+            a.record_link(16 << 20, blocked);
+            std::thread::sleep(CPU_INTERVAL / 2);
+        }
+    }
+
+    #[test]
+    fn a_slow_link_with_idle_cores_gets_zstd() {
+        let a = auto(1.5);
+        // 100 MB/s.
+        link(&a, Duration::from_millis(168));
+        assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
+    }
+
+    #[test]
+    fn a_link_that_never_blocks_gets_no_compression() {
+        let a = auto(1.5);
+        link(&a, Duration::from_micros(500));
+        assert_eq!(a.current(), Choice::Raw);
+    }
+
+    #[test]
+    fn a_link_bound_sender_on_a_saturated_machine_does_not_compress() {
+        // 2 GB/s accepted by the transport (loopback, receiver CPU-bound) and no idle core: any
+        // compression would take cores from moving bytes.
+        let a = auto(0.05);
+        link(&a, Duration::from_millis(8));
+        assert_eq!(a.current(), Choice::Raw);
+        // The same link with both cores idle: LZ4 pays.
+        let b = auto(2.0);
+        link(&b, Duration::from_millis(8));
+        assert_ne!(b.current(), Choice::Raw);
+    }
+
+    #[test]
+    fn far_off_rungs_are_tried_rarely_and_pinned_choices_never_change() {
+        let a = auto(0.0);
+        link(&a, Duration::from_micros(500));
+        let tried = (0..1024).filter(|_| a.choose() != Choice::Raw).count();
+        assert!(
+            u64::try_from(tried).unwrap() <= 1024 / EXPLORE_FAR,
+            "{tried}"
+        );
+        let pinned = Adaptive::new(Compress::Zstd(5), 2);
+        pinned.record_link(16 << 20, Duration::from_secs(10));
+        assert_eq!(pinned.choose(), Choice::Zstd(5));
+    }
+
+    #[test]
+    fn proc_stat_reports_idle_cores_within_the_machine() {
+        let mut p = ProcStat::new();
+        assert_eq!(p.idle_cores(), None, "the first read is the baseline");
+        std::thread::sleep(Duration::from_millis(50));
+        let idle = p.idle_cores().expect("/proc/stat readable");
+        assert!((0.0..=p.cpus).contains(&idle), "{idle}");
+    }
+}
