@@ -6,7 +6,8 @@
 //! - the link: the link's measured wire rate divided by the rung's measured wire/raw ratio, and
 //! - the CPU: the rung's measured raw bytes per second per core times the cores the codec stage
 //!   can have: the codec workers' own busy cores plus the machine's idle cores (`/proc/stat`),
-//!   at most one per worker.
+//!   but at least the workers' fair share of a busy machine (cores / runnable threads), and at
+//!   most one per worker.
 //!
 //! and picks the best (a costlier rung must be 5% better). The CPU term is what keeps a
 //! machine whose cores are already busy with the devices and the TCP stack (loopback, a fast
@@ -42,10 +43,21 @@ const EWMA: f64 = 0.2;
 /// Shortest interval between two CPU samples (`/proc/stat` counts in 10 ms ticks).
 const CPU_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Where the controller learns how idle the machine is.
+/// What the machine's CPUs are doing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CpuSample {
+    /// Idle cores (0 ..= `cpus`) since the previous sample.
+    pub idle: f64,
+    /// Threads runnable right now (at least 1: the one asking).
+    pub runnable: f64,
+    /// Cores in the machine.
+    pub cpus: f64,
+}
+
+/// Where the controller learns how busy the machine is.
 pub(crate) trait CpuSource: Send + std::fmt::Debug {
-    /// Idle cores (0 ..= number of CPUs) since the previous call; `None` when unknown.
-    fn idle_cores(&mut self) -> Option<f64>;
+    /// The machine since the previous call; `None` when unknown (and on the first call).
+    fn sample(&mut self) -> Option<CpuSample>;
 }
 
 /// The machine's idle time from the aggregate `cpu` line of `/proc/stat` (idle + iowait).
@@ -64,9 +76,14 @@ impl ProcStat {
         }
     }
 
-    /// (idle ticks, total ticks) now.
-    fn read() -> Option<(u64, u64)> {
+    /// (idle ticks, total ticks, runnable threads) now.
+    fn read() -> Option<(u64, u64, u64)> {
         let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let running = text
+            .lines()
+            .find_map(|l| l.strip_prefix("procs_running "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(1);
         let line = text.lines().find(|l| l.starts_with("cpu "))?;
         let v: Vec<u64> = line
             .split_whitespace()
@@ -76,17 +93,21 @@ impl ProcStat {
         // user nice system idle iowait irq softirq steal (guest time is inside user).
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
-        Some((idle, total))
+        Some((idle, total, running))
     }
 }
 
 impl CpuSource for ProcStat {
-    fn idle_cores(&mut self) -> Option<f64> {
-        let now = ProcStat::read()?;
-        let prev = self.last.replace(now)?;
-        let total = now.1.checked_sub(prev.1).filter(|&t| t > 0)?;
-        let idle = now.0.checked_sub(prev.0)?;
-        Some((idle as f64 / total as f64).clamp(0.0, 1.0) * self.cpus)
+    fn sample(&mut self) -> Option<CpuSample> {
+        let (idle_now, total_now, running) = ProcStat::read()?;
+        let (idle_prev, total_prev) = self.last.replace((idle_now, total_now))?;
+        let total = total_now.checked_sub(total_prev).filter(|&t| t > 0)?;
+        let idle = idle_now.checked_sub(idle_prev)?;
+        Some(CpuSample {
+            idle: (idle as f64 / total as f64).clamp(0.0, 1.0) * self.cpus,
+            runnable: (running as f64).max(1.0),
+            cpus: self.cpus,
+        })
     }
 }
 
@@ -94,6 +115,10 @@ impl CpuSource for ProcStat {
 struct AdaptState {
     rate: [f64; 5],
     ratio: [f64; 5],
+    /// Which rungs' figures are measured (the others are priors).
+    measured: [bool; 5],
+    /// Whether a saturated link measurement came in (until then `link_rate` is the prior).
+    link_measured: bool,
     current: usize,
     /// Whether the rung below / above is worth frequent tries.
     close: [bool; 2],
@@ -101,6 +126,8 @@ struct AdaptState {
     link_bytes: u64,
     link_busy: Duration,
     link_rate: f64,
+    /// Start of the current link measurement.
+    link_since: Instant,
     /// Codec busy time since the last CPU sample, and the cores the codec stage may use.
     codec_busy: Duration,
     cpu: Box<dyn CpuSource>,
@@ -131,7 +158,7 @@ impl Adaptive {
             Compress::Zstd(l) => Some(Choice::Zstd(l)),
         };
         // The first call only sets the baseline.
-        let _ = cpu.idle_cores();
+        let _ = cpu.sample();
         let workers = workers.max(1) as f64;
         Adaptive {
             pinned,
@@ -140,12 +167,15 @@ impl Adaptive {
             state: Mutex::new(AdaptState {
                 rate: PRIOR_RATE,
                 ratio: PRIOR_RATIO,
+                measured: [false; 5],
+                link_measured: false,
                 current: 1,
                 close: [true, true],
                 link_bytes: 0,
                 link_busy: Duration::ZERO,
                 // Unknown until measured: assume a 10 Gbit/s link and every worker its core.
                 link_rate: 1.25e9,
+                link_since: Instant::now(),
                 codec_busy: Duration::ZERO,
                 cpu,
                 cpu_at: Instant::now(),
@@ -202,8 +232,15 @@ impl Adaptive {
         };
         let rate = raw as f64 / secs;
         let ratio = (wire as f64 / raw as f64).min(1.0);
-        st.rate[i] = st.rate[i] * (1.0 - EWMA) + rate * EWMA;
-        st.ratio[i] = st.ratio[i] * (1.0 - EWMA) + ratio * EWMA;
+        if st.measured[i] {
+            st.rate[i] = st.rate[i] * (1.0 - EWMA) + rate * EWMA;
+            st.ratio[i] = st.ratio[i] * (1.0 - EWMA) + ratio * EWMA;
+        } else {
+            // The first measurement replaces the prior.
+            st.rate[i] = rate;
+            st.ratio[i] = ratio;
+            st.measured[i] = true;
+        }
         self.decide(&mut st);
     }
 
@@ -223,7 +260,23 @@ impl Adaptive {
         if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(100) {
             let secs = st.link_busy.as_secs_f64().max(1e-4);
             let rate = st.link_bytes as f64 / secs;
-            st.link_rate = st.link_rate * 0.5 + rate * 0.5;
+            let wall = st.link_since.elapsed().as_secs_f64().max(1e-4);
+            // A sender blocked most of the time saturates the link: bytes per blocked second is
+            // its capacity. One mostly waiting for encoded chunks does not: the same quotient
+            // then only says the link is faster than what it was given, so the estimate may
+            // grow by a quarter per measurement rather than jump (trusting it outright would
+            // send raw whenever compression, not the link, is the bottleneck).
+            // The first saturated measurement replaces the prior.
+            let saturated = secs >= 0.5 * wall;
+            st.link_rate = if saturated && !st.link_measured {
+                rate
+            } else if saturated {
+                st.link_rate * 0.5 + rate * 0.5
+            } else {
+                rate.min(st.link_rate * 1.25)
+            };
+            st.link_measured |= saturated;
+            st.link_since = Instant::now();
             st.link_bytes = 0;
             st.link_busy = Duration::ZERO;
             self.sample_cpu(&mut st);
@@ -239,18 +292,37 @@ impl Adaptive {
         }
         st.cpu_at = Instant::now();
         let codec = std::mem::take(&mut st.codec_busy).as_secs_f64() / wall.as_secs_f64();
-        if let Some(idle) = st.cpu.idle_cores() {
-            let cores = (idle + codec).clamp(0.0, self.workers);
+        if let Some(m) = st.cpu.sample() {
+            // A busy machine still gives each runnable thread its share of the cores.
+            let fair = self.workers * (m.cpus / m.runnable).min(1.0);
+            let cores = (m.idle + codec).max(fair).clamp(0.0, self.workers);
             st.cores = st.cores * 0.5 + cores * 0.5;
         }
     }
 
+    /// The ratio to expect from rung `i`: measured, or else the nearest measured rung's ratio
+    /// scaled by the priors (the content decides how well anything compresses).
+    fn ratio(st: &AdaptState, i: usize) -> f64 {
+        // Raw is 1:1 until measured (it is less where zero granules are left out).
+        if st.measured[i] || i == 0 {
+            return st.ratio[i];
+        }
+        let nearest = (0..LADDER.len())
+            .filter(|&j| j != 0 && st.measured[j])
+            .min_by_key(|&j| j.abs_diff(i));
+        match nearest {
+            Some(j) => (st.ratio[j] * PRIOR_RATIO[i] / PRIOR_RATIO[j]).min(1.0),
+            None => st.ratio[i],
+        }
+    }
+
     fn decide(&self, st: &mut AdaptState) {
-        let eff = |i: usize| {
+        let effs: [f64; 5] = std::array::from_fn(|i| {
             let cpu = st.rate[i] * st.cores;
-            let net = st.link_rate / st.ratio[i].max(0.01);
+            let net = st.link_rate / Self::ratio(st, i).max(0.01);
             cpu.min(net)
-        };
+        });
+        let eff = |i: usize| effs[i];
         let mut best = 0;
         let mut best_rate = 0.0;
         for i in 0..LADDER.len() {
@@ -287,19 +359,28 @@ mod tests {
 
     use super::*;
 
-    /// Idle cores as the test sets them.
+    /// A 2-core machine as the test sets it: idle cores and runnable threads.
     #[derive(Debug, Clone, Default)]
-    struct FakeCpu(Arc<Mutex<f64>>);
+    struct FakeCpu(Arc<Mutex<(f64, f64)>>);
 
     impl CpuSource for FakeCpu {
-        fn idle_cores(&mut self) -> Option<f64> {
-            Some(*self.0.lock().unwrap())
+        fn sample(&mut self) -> Option<CpuSample> {
+            let (idle, runnable) = *self.0.lock().unwrap();
+            Some(CpuSample {
+                idle,
+                runnable,
+                cpus: 2.0,
+            })
         }
     }
 
     fn auto(idle: f64) -> Adaptive {
+        auto_busy(idle, 2.0)
+    }
+
+    fn auto_busy(idle: f64, runnable: f64) -> Adaptive {
         let cpu = FakeCpu::default();
-        *cpu.0.lock().unwrap() = idle;
+        *cpu.0.lock().unwrap() = (idle, runnable);
         let a = Adaptive::with_cpu(Compress::Auto, 2, Box::new(cpu));
         // Measured codecs: LZ4 1.2 GB/s per core at 0.6, zstd-1 0.8 GB/s at 0.42.
         for _ in 0..20 {
@@ -341,7 +422,8 @@ mod tests {
     fn a_link_bound_sender_on_a_saturated_machine_does_not_compress() {
         // 2 GB/s accepted by the transport (loopback, receiver CPU-bound) and no idle core: any
         // compression would take cores from moving bytes.
-        let a = auto(0.05);
+        // Seven runnable threads (both sides' stages and devices) share the two cores.
+        let a = auto_busy(0.05, 7.0);
         link(&a, Duration::from_millis(8));
         assert_eq!(a.current(), Choice::Raw);
         // The same link with both cores idle: LZ4 pays.
@@ -351,8 +433,38 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_link_on_a_busy_machine_still_gets_zstd_from_the_workers_fair_share() {
+        // No idle time, 8 runnable threads on 2 cores: each worker gets a quarter of a core,
+        // 200 MB/s of zstd-1 together, far above what a 24 MB/s link needs.
+        let a = auto_busy(0.0, 8.0);
+        link(&a, Duration::from_millis(700));
+        assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
+    }
+
+    #[test]
+    fn a_sender_starved_by_its_codec_does_not_take_the_link_for_fast_and_go_raw() {
+        let a = auto(1.5);
+        // 100 MB/s, the sender blocked all the time.
+        link(&a, Duration::from_millis(168));
+        assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
+        // Now compression is the bottleneck: 4 MiB per 50 ms, 1 ms of it blocked. Taken
+        // literally that is a 4 GB/s link.
+        for _ in 0..3 {
+            std::thread::sleep(CPU_INTERVAL / 2);
+            a.record_link(4 << 20, Duration::from_millis(1));
+        }
+        assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
+        let st = a.state.lock().unwrap();
+        assert!(
+            st.link_rate < 100e6 * 1.25f64.powi(3) * 1.01,
+            "{}",
+            st.link_rate
+        );
+    }
+
+    #[test]
     fn far_off_rungs_are_tried_rarely_and_pinned_choices_never_change() {
-        let a = auto(0.0);
+        let a = auto_busy(0.0, 8.0);
         link(&a, Duration::from_micros(500));
         let tried = (0..1024).filter(|_| a.choose() != Choice::Raw).count();
         assert!(
@@ -367,9 +479,11 @@ mod tests {
     #[test]
     fn proc_stat_reports_idle_cores_within_the_machine() {
         let mut p = ProcStat::new();
-        assert_eq!(p.idle_cores(), None, "the first read is the baseline");
+        assert_eq!(p.sample(), None, "the first read is the baseline");
         std::thread::sleep(Duration::from_millis(50));
-        let idle = p.idle_cores().expect("/proc/stat readable");
-        assert!((0.0..=p.cpus).contains(&idle), "{idle}");
+        let m = p.sample().expect("/proc/stat readable");
+        assert!((0.0..=p.cpus).contains(&m.idle), "{m:?}");
+        assert!(m.runnable >= 1.0, "this thread is running: {m:?}");
+        assert_eq!(m.cpus, p.cpus);
     }
 }

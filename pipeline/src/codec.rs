@@ -1,10 +1,11 @@
-//! The codec stage: zero elision, a cheap incompressibility probe, zstd / lz4 into pool buffers,
-//! and the adaptive choice of how hard to compress.
+//! The codec stage: zero elision (whole chunks, and 512-byte granules with a page map), a cheap
+//! incompressibility probe, and zstd / lz4. How hard to compress is `crate::adapt`'s choice.
 //!
 //! Encoding never copies a chunk it does not compress: `Codec::Raw` frames carry the buffer the
-//! reader filled, `Codec::Zero` frames carry nothing. Compressed output goes into a second pool
-//! slot; when no slot is free right now, or the output would not be smaller, the chunk goes raw.
-//! That fallback also means the codec stage can never deadlock on the pool.
+//! reader filled, `Codec::Zero` frames carry nothing. Compressed output goes to a per-worker
+//! scratch buffer and is copied back over its input in the same slot (it is smaller), so the
+//! source codec stage needs no second pool slot: it can neither wait for one nor deadlock on the
+//! pool. Output that would not save 1/32 is dropped and the chunk goes raw.
 
 use std::time::Duration;
 
@@ -231,7 +232,7 @@ pub(crate) enum Outcome {
     Zero,
     ProbedRaw,
     Compressed(Choice),
-    /// Compression was tried (or had no buffer) and did not pay.
+    /// Compression was tried and did not pay.
     FellBackRaw(Choice),
     Raw,
 }
@@ -247,9 +248,11 @@ pub(crate) struct Encoded {
     pub hash: u128,
 }
 
-/// Per-worker encoder state (zstd context reused across chunks).
+/// Per-worker encoder state (zstd context and output scratch reused across chunks).
 pub(crate) struct Encoder {
     zstd: zstd::bulk::Compressor<'static>,
+    /// Compressed output before it is copied back over its input (one slot's worth).
+    scratch: Vec<u8>,
     zstd_level: i32,
     /// Codecs the receiver agreed to (`handshake::codec_bit` bits).
     codecs: u32,
@@ -271,6 +274,7 @@ impl Encoder {
             zstd: zstd::bulk::Compressor::new(1)?,
             zstd_level: 1,
             codecs,
+            scratch: Vec::new(),
         })
     }
 
@@ -312,25 +316,31 @@ impl Encoder {
         if looks_incompressible(data) {
             return done(raw_codec, Some(input), Outcome::ProbedRaw);
         }
-        let Some(mut out) = pool.try_acquire() else {
-            return done(raw_codec, Some(input), Outcome::FellBackRaw(choice));
-        };
         let limit = data.len() - (data.len() >> MIN_SAVING_SHIFT);
+        // LZ4 insists on room for its worst case (`1.1 n + 20`).
+        let room = pool.slot_size().max(data.len() + data.len() / 8 + 64);
+        if self.scratch.len() < room {
+            self.scratch.resize(room, 0);
+        }
         let written = match choice {
-            // LZ4 insists on room for its worst case; `chunk_len` keeps that within a slot.
-            Choice::Lz4 => lz4_flex::block::compress_into(data, out.spare_mut()).ok(),
+            Choice::Lz4 => lz4_flex::block::compress_into(data, &mut self.scratch).ok(),
             Choice::Zstd(level) => {
                 if level != self.zstd_level && self.zstd.set_compression_level(level).is_ok() {
                     self.zstd_level = level;
                 }
                 self.zstd
-                    .compress_to_buffer(data, &mut out.spare_mut()[..limit])
+                    .compress_to_buffer(data, &mut self.scratch[..limit])
                     .ok()
             }
             Choice::Raw => None,
         };
         match written {
             Some(n) if n > 0 && n < limit => {
+                // The output is smaller than the input: it goes back into the input's slot, so
+                // a compressed chunk holds one slot, like a raw one, and compressing never waits
+                // for (or falls back to raw for lack of) a second slot.
+                let mut out = input;
+                out.spare_mut()[..n].copy_from_slice(&self.scratch[..n]);
                 out.set_len(n);
                 let codec = match (choice, paged) {
                     (Choice::Lz4, false) => Codec::Lz4,

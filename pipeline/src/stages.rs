@@ -9,7 +9,7 @@ use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
-use crate::codec::{Decoded, Decoder, Encoded, Encoder, Outcome};
+use crate::codec::{Choice, Decoded, Decoder, Encoded, Encoder, Outcome};
 use crate::digest::{self, StreamDigest};
 use crate::error::{Phase, PipelineError};
 use crate::reader::{header, Outgoing, RawChunk};
@@ -74,8 +74,13 @@ pub(crate) fn encode_worker(
         counters.codec.add(took);
         adaptive.busy(took);
         let wire = payload.as_ref().map_or(0, PoolBuf::len);
-        if let Outcome::Compressed(c) | Outcome::FellBackRaw(c) = outcome {
-            adaptive.record(c, raw_len, wire, took);
+        match outcome {
+            Outcome::Compressed(c) | Outcome::FellBackRaw(c) => {
+                adaptive.record(c, raw_len, wire, took);
+            }
+            // Raw's ratio too: below 1:1 where zero granules were left out.
+            Outcome::Raw => adaptive.record(Choice::Raw, raw_len, wire, took),
+            Outcome::Zero | Outcome::ProbedRaw => {}
         }
         if let Some(c) = counters.device(chunk.device) {
             let n = match outcome {
