@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use vfmig_transport::{BufPool, PoolBuf};
 
 /// `user_data` bit that marks cancel submissions (their buffers are never in the table).
@@ -94,6 +94,10 @@ impl DataRing {
         let sqe = opcode::ReadFixed::new(types::Fd(fd), ptr, len, buf.index())
             .offset(u64::MAX)
             .build()
+            // Straight to io-wq: a data fd read blocks in the driver (VFIO data fds have no
+            // nowait path; FUSE would fail a nowait try and arm a poll first), so an inline
+            // attempt only adds a round trip before every read.
+            .flags(squeue::Flags::ASYNC)
             .user_data(key);
         self.push(key, buf, &sqe)
     }
@@ -114,6 +118,7 @@ impl DataRing {
         let sqe = opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
             .offset(u64::MAX)
             .build()
+            .flags(squeue::Flags::ASYNC)
             .user_data(key);
         self.push(key, buf, &sqe)
     }
