@@ -513,7 +513,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
 
         /// Any mix of zero and data granules, any length (also short last granules), every
         /// choice: the decoder gives back exactly the input, and the chunk hash is the input's.
@@ -534,6 +534,33 @@ mod tests {
             prop_assert_eq!(e.hash, crate::digest::chunk_hash(&data));
             let back = decode_all(&mut dec, e, len, &pool);
             prop_assert_eq!(back, data);
+            prop_assert_eq!(pool.free(), 4, "no buffer leaked");
+        }
+
+        /// Whatever a peer sends (any codec, any declared length, any bytes), decoding returns
+        /// exactly `raw_len` bytes or a typed failure: no panic, no buffer leaked.
+        #[test]
+        fn arbitrary_payloads_decode_to_raw_len_bytes_or_a_typed_failure(
+            codec in 0u8..7,
+            raw_len in 0u32..70_000,
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+            tail in any::<u8>(),
+        ) {
+            let pool = BufPool::new(4, 65536).unwrap();
+            let mut dec = Decoder::new().unwrap();
+            let codec = Codec::from_u8(codec).unwrap();
+            // Half the cases end in a plausible page map byte.
+            let mut payload = payload;
+            if tail % 2 == 0 {
+                payload.push(tail);
+            }
+            let p = (!payload.is_empty()).then(|| fill(&pool, &payload));
+            let t = Duration::from_millis(10);
+            match dec.decode(codec, raw_len, p, &pool, t) {
+                Ok(Decoded::Data(b)) => prop_assert_eq!(b.len(), raw_len as usize),
+                Ok(Decoded::Zero(n)) => prop_assert_eq!(n, raw_len as usize),
+                Err(_) => {}
+            }
             prop_assert_eq!(pool.free(), 4, "no buffer leaked");
         }
     }
