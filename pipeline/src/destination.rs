@@ -458,8 +458,9 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 Ok(WriterEvent::Failed(e)) => return Err(e),
                 Err(_) => {}
             }
+            // Guest pages written are progress too (pre-copy may carry only those for a while).
             watch.check(
-                stages.counters.total_raw(),
+                stages.counters.total_moved(),
                 Phase::Resume,
                 self.opts.timeout,
             )?;

@@ -6,8 +6,9 @@
 //! for a slot to fill. Chunks are hashed in stream order here (BLAKE3 for EndOfDevice) and handed to
 //! the codec workers; the reader then immediately reads on while they compress and send.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,7 +91,9 @@ pub(crate) enum ReaderCmd {
         fd: Option<Arc<OwnedFd>>,
     },
     /// Ship these runs of guest pages (sorted, merged) on the carrier device's stream;
-    /// `last`: no more will come (DMA has stopped).
+    /// `last`: no more will come (DMA has stopped). The reader queues the batch and ships it a
+    /// few pieces per turn between device reads; [`GuestPages::batches_done`] counts the batches
+    /// it has finished handing to the codec stage.
     DirtyPages { runs: Vec<Run>, last: bool },
 }
 
@@ -111,9 +114,21 @@ pub(crate) struct ReaderIo {
     pub events: Sender<ReaderEvent>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
-    /// Guest memory for `DirtyPages` frames, and the device whose stream carries them: that
-    /// device's `EndOfDevice` waits for [`ReaderCmd::DirtyPages`] with `last` set.
-    pub guest: Option<(Arc<dyn GuestMemoryAccess>, u16)>,
+    /// Guest memory for `DirtyPages` frames (`None`: no device DMA tracking).
+    pub guest: Option<GuestPages>,
+}
+
+/// Where the reader gets dirty guest pages and on which stream it ships them.
+#[derive(Debug)]
+pub(crate) struct GuestPages {
+    pub memory: Arc<dyn GuestMemoryAccess>,
+    /// The device whose stream carries the pages: its `EndOfDevice` waits for the
+    /// [`ReaderCmd::DirtyPages`] batch with `last` set to be shipped.
+    pub carrier: u16,
+    /// `DirtyPages` batches whose every page was handed to the codec stage. The control thread
+    /// reads the next dirty log only once the previous batch is out, so guest pages never queue
+    /// up faster than they leave (the device's log keeps collecting meanwhile).
+    pub batches_done: Arc<AtomicU64>,
 }
 
 /// First re-poll delay after PRE_COPY said "nothing now", and the most it backs off to.
@@ -121,6 +136,24 @@ const PRECOPY_POLL_MIN: Duration = Duration::from_millis(2);
 const PRECOPY_POLL_MAX: Duration = Duration::from_millis(50);
 /// Longest single wait of the loop, so commands and `stop` are noticed promptly.
 const TICK: Duration = Duration::from_millis(20);
+/// Most guest-page pieces (frames) shipped per turn of the loop, so a long dirty-page batch
+/// never keeps the devices' data fds from being read.
+const PAGE_PIECES_PER_TURN: usize = 8;
+
+/// One `DirtyPages` command still being shipped.
+#[derive(Debug)]
+struct PageBatch {
+    runs: VecDeque<Run>,
+    last: bool,
+}
+
+/// Dirty guest pages waiting to be shipped on the carrier's stream, oldest batch first.
+#[derive(Debug, Default)]
+struct PageQueue {
+    batches: VecDeque<PageBatch>,
+    /// The batch with `last` set was shipped completely: the carrier's end may go.
+    last_shipped: bool,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DevPhase {
@@ -205,14 +238,16 @@ fn reader_loop(
 ) -> Result<(), PipelineError> {
     let (io, timeout) = (ctx.io, ctx.timeout);
     let mut done = Vec::new();
+    let mut pages = PageQueue::default();
     loop {
         if io.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // Commands.
+        // Commands. Each is cheap (dirty pages are only queued here), so a control thread
+        // sending commands back to back cannot keep the loop from reading the devices.
         loop {
             match io.cmds.try_recv() {
-                Ok(cmd) => apply(cmd, ctx, devs)?,
+                Ok(cmd) => apply(cmd, ctx, devs, &mut pages)?,
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     *cmds_open = false;
@@ -240,12 +275,18 @@ fn reader_loop(
             }
             hand_over(dev, ctx)?;
         }
+        // A few pieces of the queued guest pages, then back to the devices.
+        ship_some_pages(ctx, devs, &mut pages)?;
+        if !pages.batches.is_empty() {
+            // More pages to ship: only look for completions, do not sleep.
+            next_wake = Instant::now();
+        }
 
         // Wait for completions (or for commands when nothing is in flight).
         if ring.in_flight() == 0 {
             let wait = next_wake.saturating_duration_since(Instant::now());
             match io.cmds.recv_timeout(wait) {
-                Ok(cmd) => apply(cmd, ctx, devs)?,
+                Ok(cmd) => apply(cmd, ctx, devs, &mut pages)?,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => *cmds_open = false,
             }
@@ -343,7 +384,12 @@ fn phase_of(mode: ReadMode) -> Phase {
     }
 }
 
-fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), PipelineError> {
+fn apply(
+    cmd: ReaderCmd,
+    ctx: &Ctx<'_>,
+    devs: &mut [Option<Dev>],
+    pages: &mut PageQueue,
+) -> Result<(), PipelineError> {
     let names = ctx.names;
     let slot = |d: u16, devs: &mut [Option<Dev>]| -> Result<usize, PipelineError> {
         let i = usize::from(d);
@@ -368,7 +414,7 @@ fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), 
                 retry_at: None,
                 backoff: PRECOPY_POLL_MIN,
                 last_progress: Instant::now(),
-                hold_end: ctx.io.guest.as_ref().is_some_and(|(_, c)| *c == device),
+                hold_end: ctx.io.guest.as_ref().is_some_and(|g| g.carrier == device),
                 full: None,
             });
         }
@@ -393,78 +439,117 @@ fn apply(cmd: ReaderCmd, ctx: &Ctx<'_>, devs: &mut [Option<Dev>]) -> Result<(), 
             }
         }
         ReaderCmd::DirtyPages { runs, last } => {
-            let Some((guest, carrier)) = ctx.io.guest.as_ref() else {
+            let Some(g) = ctx.io.guest.as_ref() else {
                 return Err(PipelineError::StageLost { stage: "reader" });
             };
-            let i = slot(*carrier, devs)?;
-            let Some(dev) = devs[i].as_mut() else {
+            let i = slot(g.carrier, devs)?;
+            if devs[i].is_none() {
                 return Err(PipelineError::StageLost { stage: "reader" });
-            };
-            ship_pages(*carrier, dev, guest.as_ref(), &runs, ctx)?;
-            if last {
-                dev.hold_end = false;
-                if dev.phase == DevPhase::EndHeld {
-                    end_of_stream(*carrier, dev, ctx)?;
-                }
             }
+            pages.batches.push_back(PageBatch {
+                runs: runs.into_iter().filter(|&(_, n)| n > 0).collect(),
+                last,
+            });
         }
     }
     Ok(())
 }
 
-/// Reads dirty guest pages into pool slots (runs of contiguous pages, one slot each) and hands
-/// them to the codec stage as `DirtyPages` chunks of the carrier's stream.
-fn ship_pages(
+/// Ships up to [`PAGE_PIECES_PER_TURN`] pieces of the queued dirty guest pages, counts finished
+/// batches in [`GuestPages::batches_done`], and lets the carrier's stream end once the last batch is
+/// out.
+fn ship_some_pages(
+    ctx: &Ctx<'_>,
+    devs: &mut [Option<Dev>],
+    pages: &mut PageQueue,
+) -> Result<(), PipelineError> {
+    let Some(g) = ctx.io.guest.as_ref() else {
+        return Ok(());
+    };
+    let Some(dev) = devs
+        .get_mut(usize::from(g.carrier))
+        .and_then(Option::as_mut)
+    else {
+        return Ok(());
+    };
+    let max_pages = (ctx.chunk as u64 / GUEST_PAGE).max(1);
+    let mut shipped = 0;
+    while let Some(batch) = pages.batches.front_mut() {
+        if let Some((gpa, n)) = batch.runs.pop_front() {
+            if shipped == PAGE_PIECES_PER_TURN {
+                batch.runs.push_front((gpa, n));
+                break;
+            }
+            let take = n.min(max_pages);
+            if take < n {
+                batch
+                    .runs
+                    .push_front((gpa.saturating_add(take * GUEST_PAGE), n - take));
+            }
+            ship_piece(g.carrier, dev, g.memory.as_ref(), gpa, take, ctx)?;
+            shipped += 1;
+        }
+        if batch.runs.is_empty() {
+            let last = batch.last;
+            pages.batches.pop_front();
+            g.batches_done.fetch_add(1, Ordering::SeqCst);
+            pages.last_shipped |= last;
+        }
+    }
+    if pages.last_shipped && dev.hold_end {
+        dev.hold_end = false;
+        if dev.phase == DevPhase::EndHeld {
+            end_of_stream(g.carrier, dev, ctx)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `n` dirty guest pages at `gpa` into a pool slot and hands them to the codec stage as
+/// a `DirtyPages` chunk of the carrier's stream.
+fn ship_piece(
     device: u16,
     dev: &mut Dev,
     guest: &dyn GuestMemoryAccess,
-    runs: &[Run],
+    gpa: u64,
+    n: u64,
     ctx: &Ctx<'_>,
 ) -> Result<(), PipelineError> {
     // The staged chunk has an earlier sequence number: it must reach the sender first, or the
     // sender would park these pages waiting for it while we wait for room behind them.
     hand_over(dev, ctx)?;
-    let max_pages = (ctx.chunk as u64 / GUEST_PAGE).max(1);
-    let pieces = runs.iter().flat_map(|&(start, pages)| {
-        (0..pages.div_ceil(max_pages)).map(move |k| {
-            let first = k * max_pages;
-            (start + first * GUEST_PAGE, (pages - first).min(max_pages))
-        })
-    });
-    for (gpa, n) in pieces {
-        let mut buf = ctx
-            .pool
-            .acquire(ctx.timeout)
-            .map_err(|source| PipelineError::Pool {
-                stage: "reader (guest pages)",
-                source,
-            })?;
-        // `n <= max_pages`, so `len <= chunk`, a usize.
-        let len = usize::try_from(n * GUEST_PAGE).unwrap_or(usize::MAX);
-        guest
-            .read(gpa, &mut buf.spare_mut()[..len])
-            .map_err(|source| PipelineError::Guest { gpa, source })?;
-        buf.set_len(len);
-        if let Some(c) = ctx.io.counters.device(device) {
-            DeviceCounters::add(&c.guest, len);
-        }
-        let chunk = RawChunk {
-            device,
-            seq: dev.seq,
-            kind: FrameKind::DirtyPages,
-            offset: gpa,
-            buf,
-        };
-        dev.seq += 1;
-        ctx.io
-            .chunks
-            .send_timeout(chunk, ctx.timeout)
-            .map_err(|_| PipelineError::Timeout {
-                phase: phase_of(dev.mode),
-                what: "the codec stage to take guest pages",
-                waited: ctx.timeout,
-            })?;
+    let mut buf = ctx
+        .pool
+        .acquire(ctx.timeout)
+        .map_err(|source| PipelineError::Pool {
+            stage: "reader (guest pages)",
+            source,
+        })?;
+    // `n <= max_pages`, so `len <= chunk`, a usize.
+    let len = usize::try_from(n * GUEST_PAGE).unwrap_or(usize::MAX);
+    guest
+        .read(gpa, &mut buf.spare_mut()[..len])
+        .map_err(|source| PipelineError::Guest { gpa, source })?;
+    buf.set_len(len);
+    if let Some(c) = ctx.io.counters.device(device) {
+        DeviceCounters::add(&c.guest, len);
     }
+    let chunk = RawChunk {
+        device,
+        seq: dev.seq,
+        kind: FrameKind::DirtyPages,
+        offset: gpa,
+        buf,
+    };
+    dev.seq += 1;
+    ctx.io
+        .chunks
+        .send_timeout(chunk, ctx.timeout)
+        .map_err(|_| PipelineError::Timeout {
+            phase: phase_of(dev.mode),
+            what: "the codec stage to take guest pages",
+            waited: ctx.timeout,
+        })?;
     Ok(())
 }
 
@@ -660,4 +745,125 @@ fn end_of_stream(device: u16, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), Pipeli
         raw_bytes: total,
     });
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    use crossbeam_channel::bounded;
+
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// Guest memory whose every byte is the low byte of its page's IOVA.
+    #[derive(Debug)]
+    struct Pattern;
+
+    impl GuestMemoryAccess for Pattern {
+        fn ranges(&self) -> Vec<vfmig_vfio::IovaRange> {
+            Vec::new()
+        }
+        fn read(&self, iova: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill((iova / GUEST_PAGE) as u8);
+            Ok(())
+        }
+        fn write(&self, _iova: u64, _data: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The control thread may hand the reader dirty-page batches faster than the codec stage
+    /// takes them. Every batch is queued before the reader starts here: a reader that shipped
+    /// each batch whole while taking commands would read the device only after every page
+    /// (pre-copy could then never drain `initial_bytes` while DMA goes on).
+    #[test]
+    fn queued_dirty_guest_pages_do_not_keep_the_device_state_from_being_read() {
+        const BATCHES: u64 = 32;
+        const RUNS: u64 = 16;
+        const STATE: usize = 100_000;
+        let pool = BufPool::new(16, 64 << 10).unwrap();
+        let (mut dev, fd) = UnixStream::pair().unwrap();
+        // The device's PRE_COPY data, then nothing more for now (reads return 0).
+        dev.write_all(&[7u8; STATE]).unwrap();
+        drop(dev);
+        let (cmd_tx, cmd_rx) = bounded(BATCHES as usize + 1);
+        cmd_tx
+            .send(ReaderCmd::Add {
+                device: 0,
+                fd: Arc::new(OwnedFd::from(fd)),
+                mode: ReadMode::PreCopy,
+            })
+            .unwrap();
+        for b in 0..BATCHES {
+            // Single pages two apart: every run is a frame of its own.
+            let runs = (0..RUNS)
+                .map(|k| (0x4000_0000 + (b * RUNS + k) * 2 * GUEST_PAGE, 1))
+                .collect();
+            let last = false;
+            cmd_tx.send(ReaderCmd::DirtyPages { runs, last }).unwrap();
+        }
+        let (chunk_tx, chunk_rx) = bounded(4);
+        let (marker_tx, _marker_rx) = bounded(4);
+        let (ev_tx, _ev_rx) = bounded(8);
+        let stop = Arc::new(AtomicBool::new(false));
+        let batches_done = Arc::new(AtomicU64::new(0));
+        let io = ReaderIo {
+            cmds: cmd_rx,
+            chunks: chunk_tx,
+            markers: marker_tx,
+            events: ev_tx,
+            counters: Arc::new(Counters::new(1)),
+            stop: stop.clone(),
+            guest: Some(GuestPages {
+                memory: Arc::new(Pattern),
+                carrier: 0,
+                batches_done: batches_done.clone(),
+            }),
+        };
+        let reader = {
+            let pool = pool.clone();
+            thread::spawn(move || run(pool, vec!["dev0".into()], io, usize::MAX, T))
+        };
+        let (mut kinds, mut seqs) = (Vec::new(), Vec::new());
+        let (mut pages, mut state) = (0, 0);
+        while pages < BATCHES * RUNS || state < STATE {
+            let c = chunk_rx
+                .recv_timeout(T)
+                .expect("the reader hands over a chunk");
+            if c.kind == FrameKind::DirtyPages {
+                assert_eq!(c.buf.len() as u64, GUEST_PAGE);
+                assert!(c
+                    .buf
+                    .as_slice()
+                    .iter()
+                    .all(|&b| b == (c.offset / GUEST_PAGE) as u8));
+                pages += 1;
+            } else {
+                state += c.buf.len();
+            }
+            kinds.push(c.kind);
+            seqs.push(c.seq);
+        }
+        stop.store(true, Ordering::SeqCst);
+        drop(cmd_tx);
+        reader.join().unwrap();
+        let first_state = kinds.iter().position(|&k| k == FrameKind::PreCopyData);
+        let last_pages = kinds.iter().rposition(|&k| k == FrameKind::DirtyPages);
+        assert!(
+            first_state < last_pages,
+            "device state first came out at chunk {first_state:?}, after every queued page \
+             ({last_pages:?})"
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "one sequence, in order"
+        );
+        assert_eq!(batches_done.load(Ordering::SeqCst), BATCHES);
+        assert_eq!(state, STATE);
+    }
 }

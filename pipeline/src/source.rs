@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use crate::api::{
 use crate::codec::{chunk_len, Choice};
 use crate::error::{AbortReason, Phase, PipelineError};
 use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
-use crate::reader::{self, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
+use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
 use crate::stats::{Counters, DeviceCounters};
 
@@ -83,6 +83,9 @@ struct Stages {
     adaptive: Arc<Adaptive>,
     threads: Vec<JoinHandle<()>>,
     timeout: Duration,
+    /// `DirtyPages` batches sent to the reader, and how many it has finished shipping.
+    page_batches: std::cell::Cell<u64>,
+    page_batches_done: Arc<AtomicU64>,
 }
 
 impl Stages {
@@ -107,6 +110,7 @@ impl Stages {
         let max_payload = usize::try_from(session.agreed().max_payload).unwrap_or(usize::MAX);
         let chunk = chunk_len(pool.slot_size()).min(max_payload);
         let mut threads = Vec::new();
+        let page_batches_done = Arc::new(AtomicU64::new(0));
         {
             let io = ReaderIo {
                 cmds: cmd_rx,
@@ -116,7 +120,11 @@ impl Stages {
                 counters: counters.clone(),
                 stop: stop.clone(),
                 // Dirty guest pages travel on device 0's stream, so one sequence orders them.
-                guest: opts.guest_memory.clone().map(|g| (g, 0)),
+                guest: opts.guest_memory.clone().map(|memory| GuestPages {
+                    memory,
+                    carrier: 0,
+                    batches_done: page_batches_done.clone(),
+                }),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {
@@ -168,7 +176,21 @@ impl Stages {
             adaptive,
             threads,
             timeout,
+            page_batches: std::cell::Cell::new(0),
+            page_batches_done,
         })
+    }
+
+    /// Hands a batch of dirty guest pages to the reader.
+    fn pages(&self, runs: Vec<Run>, last: bool) -> Result<(), PipelineError> {
+        self.cmd(ReaderCmd::DirtyPages { runs, last })?;
+        self.page_batches.set(self.page_batches.get() + 1);
+        Ok(())
+    }
+
+    /// Whether the reader has shipped every batch of dirty pages it was given.
+    fn pages_idle(&self) -> bool {
+        self.page_batches_done.load(Ordering::SeqCst) >= self.page_batches.get()
     }
 
     fn cmd(&self, cmd: ReaderCmd) -> Result<(), PipelineError> {
@@ -375,10 +397,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             }
             if let Some(t) = &tracker {
                 if self.opts.guest_full_copy {
-                    stages.cmd(ReaderCmd::DirtyPages {
-                        runs: t.all_runs(),
-                        last: false,
-                    })?;
+                    stages.pages(t.all_runs(), false)?;
                 }
             }
             self.precopy_until_switchover(session, stages, runs, &mut watch, &mut tracker)?;
@@ -434,16 +453,10 @@ impl<D: MigrationDevice> SourceSession<D> {
         if let Some(mut t) = tracker {
             // Every device is stopped: no more DMA. The final report closes the dirty log.
             if self.opts.guest_full_copy && !precopy {
-                stages.cmd(ReaderCmd::DirtyPages {
-                    runs: t.all_runs(),
-                    last: false,
-                })?;
+                stages.pages(t.all_runs(), false)?;
             }
             let last = t.collect(&mut self.devices);
-            stages.cmd(ReaderCmd::DirtyPages {
-                runs: last,
-                last: true,
-            })?;
+            stages.pages(last, true)?;
             t.stop(&mut self.devices);
         }
         watch.progressed();
@@ -490,13 +503,13 @@ impl<D: MigrationDevice> SourceSession<D> {
             if last_sample.elapsed() >= PRECOPY_SAMPLE {
                 last_sample = Instant::now();
                 bps = rate.sample(stages.counters.total_raw());
-                if let Some(t) = tracker.as_mut() {
+                // The next dirty log is read only once the reader has shipped the last batch:
+                // until then the device's log keeps collecting (a page dirtied again is sent
+                // once), and batches never pile up faster than the pipeline ships them.
+                if let Some(t) = tracker.as_mut().filter(|_| stages.pages_idle()) {
                     let dirty = t.collect(&mut self.devices);
                     if !dirty.is_empty() {
-                        stages.cmd(ReaderCmd::DirtyPages {
-                            runs: dirty,
-                            last: false,
-                        })?;
+                        stages.pages(dirty, false)?;
                     }
                 }
             }
@@ -606,8 +619,8 @@ impl<D: MigrationDevice> SourceSession<D> {
             }
             Err(source) => return Err(PipelineError::Transport { phase, source }),
         }
-        let raw = stages.counters.total_raw();
-        watch.check(raw, phase, self.opts.timeout)?;
+        // Guest pages moving are progress too (pre-copy may ship only those for a while).
+        watch.check(stages.counters.total_moved(), phase, self.opts.timeout)?;
         if let Some(cb) = &self.opts.progress {
             if watch.progress_due() {
                 cb(&self.progress(stages, runs, phase, watch.started));
@@ -814,6 +827,15 @@ impl Counters {
             .iter()
             .map(|d| DeviceCounters::load(&d.raw))
             .sum()
+    }
+
+    /// Device state and dirty guest page bytes moved so far: what the inactivity timeouts
+    /// watch.
+    pub(crate) fn total_moved(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| DeviceCounters::load(&d.raw).saturating_add(DeviceCounters::load(&d.guest)))
+            .fold(0, u64::saturating_add)
     }
 }
 
