@@ -3,8 +3,10 @@
 //! Each read goes into the unfilled tail of a pool slot at offset -1. A slot is emitted as a chunk
 //! when it is full, when the stream ends (STOP_COPY read returned 0), or when PRE_COPY has nothing
 //! more for now (ENOMSG, EAGAIN, or 0 as the mtty sample driver does), so pre-copy data never waits
-//! for a slot to fill. Chunks are hashed in stream order here (BLAKE3 for EndOfDevice) and handed to
-//! the codec workers; the reader then immediately reads on while they compress and send.
+//! for a slot to fill. Chunks are numbered in stream order here and handed to the codec workers
+//! (which hash them for the stream digest, `crate::digest`); the reader then immediately reads on
+//! while they compress and send. `EndOfDevice` leaves with a placeholder digest that the in-order
+//! sender fills in.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
