@@ -173,8 +173,11 @@ impl Adaptive {
                 close: [true, true],
                 link_bytes: 0,
                 link_busy: Duration::ZERO,
-                // Unknown until measured: assume a 10 Gbit/s link and every worker its core.
-                link_rate: 1.25e9,
+                // Unknown until measured: assume a 1 Gbit/s link and every worker its core. The
+                // link prior errs on the slow side: compressing the first few chunks on a fast
+                // link costs a little CPU, sending them raw on a slow one costs link time, and
+                // the first 20 ms of blocked sending replace the prior either way.
+                link_rate: 1.25e8,
                 link_since: Instant::now(),
                 codec_busy: Duration::ZERO,
                 cpu,
@@ -256,8 +259,11 @@ impl Adaptive {
         };
         st.link_bytes += wire as u64;
         st.link_busy += blocked;
-        // Decide every 4 MiB, or sooner on a slow link (100 ms blocked).
-        if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(100) {
+        // Decide every 4 MiB, or sooner on a slow link (100 ms blocked; 20 ms while the link is
+        // still the prior, so that a slow link is known before the first CPU sample can make
+        // a loaded machine look too weak to compress for it).
+        let busy_limit = if st.link_measured { 100 } else { 20 };
+        if st.link_bytes >= 4 << 20 || st.link_busy >= Duration::from_millis(busy_limit) {
             let secs = st.link_busy.as_secs_f64().max(1e-4);
             let rate = st.link_bytes as f64 / secs;
             let wall = st.link_since.elapsed().as_secs_f64().max(1e-4);
