@@ -187,6 +187,18 @@ impl Adaptive {
         }
     }
 
+    /// For a peer on this host (loopback): the "link" is the kernel copying memory, so there is
+    /// no wire time for compression to save, only CPU to spend. Start from a 10 GB/s link prior
+    /// and send raw until measurements say otherwise (a receiver that cannot keep up blocks the
+    /// sender, and that is measured like any slow link).
+    pub fn on_this_host(self) -> Adaptive {
+        if let Ok(mut st) = self.state.lock() {
+            st.link_rate = 1e10;
+            self.decide(&mut st);
+        }
+        self
+    }
+
     /// The choice for the next chunk (sometimes a neighbouring rung, to measure it).
     pub fn choose(&self) -> Choice {
         if let Some(c) = self.pinned {
@@ -462,6 +474,14 @@ mod tests {
         assert!(matches!(a.current(), Choice::Zstd(_)), "{:?}", a.current());
         let st = a.state.lock().unwrap();
         assert!(st.link_rate < 100e6 * 8.0 * 1.01, "{}", st.link_rate);
+    }
+
+    #[test]
+    fn a_peer_on_this_host_starts_raw_and_a_remote_one_starts_compressed() {
+        assert_eq!(auto(2.0).on_this_host().current(), Choice::Raw);
+        let remote = Adaptive::with_cpu(Compress::Auto, 2, Box::new(FakeCpu::default()));
+        let first = remote.choose();
+        assert_ne!(first, Choice::Raw);
     }
 
     #[test]

@@ -98,7 +98,12 @@ impl Stages {
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
         let counters = Arc::new(Counters::new(n));
-        let adaptive = Arc::new(Adaptive::new(opts.compress, workers));
+        let adaptive = Adaptive::new(opts.compress, workers);
+        let adaptive = Arc::new(if session.peer().ip().is_loopback() {
+            adaptive.on_this_host()
+        } else {
+            adaptive
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
         let (cmd_tx, cmd_rx) = bounded(4 * n + 4);
