@@ -33,8 +33,9 @@ const LADDER: [Choice; 5] = [
 /// measurements as they come in.
 const PRIOR_RATE: [f64; 5] = [20e9, 1.5e9, 5e8, 2.5e8, 8e7];
 const PRIOR_RATIO: [f64; 5] = [1.0, 0.6, 0.45, 0.42, 0.40];
-/// A neighbouring rung whose prediction is within [`CLOSE`] of the current one is tried on one
-/// chunk in `EXPLORE`; one further off on one chunk in `EXPLORE_FAR`.
+/// One chunk in `EXPLORE` tries a neighbouring rung, alternately the one below and the one above
+/// (so each side is tried on one chunk in 2 x `EXPLORE`). A neighbour whose prediction is not
+/// within [`CLOSE`] of the current rung's is tried on one chunk in `EXPLORE_FAR`.
 const EXPLORE: u64 = 16;
 const EXPLORE_FAR: u64 = 128;
 const CLOSE: f64 = 0.75;
@@ -130,7 +131,6 @@ struct AdaptState {
     link_since: Instant,
     /// Codec busy time since the last CPU sample, and the cores the codec stage may use.
     codec_busy: Duration,
-    cpu: Box<dyn CpuSource>,
     cpu_at: Instant,
     cores: f64,
 }
@@ -142,6 +142,9 @@ pub(crate) struct Adaptive {
     workers: f64,
     chunks: AtomicU64,
     state: Mutex<AdaptState>,
+    /// Read by the sender thread only, outside `state`'s lock (reading `/proc/stat` takes a
+    /// while, and the codec workers take `state` for every chunk).
+    cpu: Mutex<Box<dyn CpuSource>>,
 }
 
 impl Adaptive {
@@ -164,6 +167,7 @@ impl Adaptive {
             pinned,
             workers,
             chunks: AtomicU64::new(0),
+            cpu: Mutex::new(cpu),
             state: Mutex::new(AdaptState {
                 rate: PRIOR_RATE,
                 ratio: PRIOR_RATIO,
@@ -180,7 +184,6 @@ impl Adaptive {
                 link_rate: 1.25e8,
                 link_since: Instant::now(),
                 codec_busy: Duration::ZERO,
-                cpu,
                 cpu_at: Instant::now(),
                 cores: workers,
             }),
@@ -209,14 +212,19 @@ impl Adaptive {
             return Choice::Raw;
         };
         let cur = st.current;
-        // Alternate between the rung below and the rung above.
-        let (side, neighbour) = if (n / EXPLORE) % 2 == 0 {
+        // One chunk in EXPLORE tries a neighbour, alternating below and above; a neighbour whose
+        // prediction is far off takes only one of every EXPLORE_FAR / EXPLORE / 2 of its turns.
+        if n % EXPLORE != EXPLORE - 1 {
+            return LADDER[cur];
+        }
+        let turn = n / EXPLORE;
+        let (side, neighbour) = if turn % 2 == 0 {
             (0, cur.saturating_sub(1))
         } else {
             (1, (cur + 1).min(LADDER.len() - 1))
         };
-        let period = if st.close[side] { EXPLORE } else { EXPLORE_FAR };
-        if n % period == period - 1 {
+        let far_turns = (EXPLORE_FAR / EXPLORE / 2).max(1);
+        if st.close[side] || (turn / 2) % far_turns == 0 {
             LADDER[neighbour]
         } else {
             LADDER[cur]
@@ -266,9 +274,14 @@ impl Adaptive {
         if self.pinned.is_some() {
             return;
         }
+        // A CPU sample, when one is due, is taken before the state is locked.
+        let sample = self.sample_cpu_if_due();
         let Ok(mut st) = self.state.lock() else {
             return;
         };
+        if let Some((m, wall)) = sample {
+            self.apply_cpu(&mut st, m, wall);
+        }
         st.link_bytes += wire as u64;
         st.link_busy += blocked;
         // Decide every 4 MiB, or sooner on a slow link (100 ms blocked; 20 ms while the link is
@@ -282,8 +295,8 @@ impl Adaptive {
             // A sender blocked most of the time saturates the link: bytes per blocked second is
             // its capacity. One mostly waiting for encoded chunks does not: the same quotient
             // then only says the link is faster than what it was given, so the estimate may
-            // at most double per measurement (every 4 MiB) rather than jump (trusting it outright would
-            // send raw whenever compression, not the link, is the bottleneck).
+            // at most double per measurement (every 4 MiB) rather than jump (trusting it
+            // outright would send raw whenever compression, not the link, is the bottleneck).
             // The first saturated measurement replaces the prior.
             let saturated = secs >= 0.5 * wall;
             st.link_rate = if saturated && !st.link_measured {
@@ -297,25 +310,31 @@ impl Adaptive {
             st.link_since = Instant::now();
             st.link_bytes = 0;
             st.link_busy = Duration::ZERO;
-            self.sample_cpu(&mut st);
             self.decide(&mut st);
         }
     }
 
-    /// Updates the cores the codec stage may use, at most every [`CPU_INTERVAL`].
-    fn sample_cpu(&self, st: &mut AdaptState) {
-        let wall = st.cpu_at.elapsed();
-        if wall < CPU_INTERVAL {
-            return;
-        }
-        st.cpu_at = Instant::now();
-        let codec = std::mem::take(&mut st.codec_busy).as_secs_f64() / wall.as_secs_f64();
-        if let Some(m) = st.cpu.sample() {
-            // A busy machine still gives each runnable thread its share of the cores.
-            let fair = self.workers * (m.cpus / m.runnable).min(1.0);
-            let cores = (m.idle + codec).max(fair).clamp(0.0, self.workers);
-            st.cores = st.cores * 0.5 + cores * 0.5;
-        }
+    /// A sample of the machine and the wall time it covers, at most every [`CPU_INTERVAL`].
+    fn sample_cpu_if_due(&self) -> Option<(CpuSample, Duration)> {
+        let due = {
+            let mut st = self.state.lock().ok()?;
+            let wall = st.cpu_at.elapsed();
+            (wall >= CPU_INTERVAL).then(|| {
+                st.cpu_at = Instant::now();
+                wall
+            })
+        }?;
+        let m = self.cpu.lock().ok()?.sample()?;
+        Some((m, due))
+    }
+
+    /// Updates the cores the codec stage may use from a machine sample covering `wall`.
+    fn apply_cpu(&self, st: &mut AdaptState, m: CpuSample, wall: Duration) {
+        let codec = std::mem::take(&mut st.codec_busy).as_secs_f64() / wall.as_secs_f64().max(1e-3);
+        // A busy machine still gives each runnable thread its share of the cores.
+        let fair = self.workers * (m.cpus / m.runnable).min(1.0);
+        let cores = (m.idle + codec).max(fair).clamp(0.0, self.workers);
+        st.cores = st.cores * 0.5 + cores * 0.5;
     }
 
     /// The ratio to expect from rung `i`: measured, or else the nearest measured rung's ratio
@@ -496,6 +515,27 @@ mod tests {
         let pinned = Adaptive::new(Compress::Zstd(5), 2);
         pinned.record_link(16 << 20, Duration::from_secs(10));
         assert_eq!(pinned.choose(), Choice::Zstd(5));
+    }
+
+    #[test]
+    fn far_off_neighbours_on_both_sides_are_still_tried_now_and_then() {
+        let a = auto(1.5);
+        {
+            let mut st = a.state.lock().unwrap();
+            st.current = 2;
+            st.close = [false, false];
+        }
+        let picks: Vec<Choice> = (0..1024).map(|_| a.choose()).collect();
+        let below = picks.iter().filter(|&&c| c == Choice::Lz4).count();
+        let above = picks.iter().filter(|&&c| c == Choice::Zstd(3)).count();
+        let per_side = usize::try_from(1024 / EXPLORE_FAR).unwrap();
+        assert!((1..=per_side).contains(&below), "below {below}");
+        assert!((1..=per_side).contains(&above), "above {above}");
+        // Close neighbours: one chunk in EXPLORE, alternating.
+        a.state.lock().unwrap().close = [true, true];
+        let picks: Vec<Choice> = (0..1024).map(|_| a.choose()).collect();
+        let tried = picks.iter().filter(|&&c| c != Choice::Zstd(1)).count();
+        assert_eq!(tried, usize::try_from(1024 / EXPLORE).unwrap());
     }
 
     #[test]

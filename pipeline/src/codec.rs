@@ -1,8 +1,9 @@
 //! The codec stage: zero elision (whole chunks, and 512-byte granules with a page map), a cheap
 //! incompressibility probe, and zstd / lz4. How hard to compress is `crate::adapt`'s choice.
 //!
-//! Encoding never copies a chunk it does not compress: `Codec::Raw` frames carry the buffer the
-//! reader filled, `Codec::Zero` frames carry nothing. Compressed output goes to a per-worker
+//! Encoding never copies a chunk it sends as it came: `Codec::Raw` frames carry the buffer the
+//! reader filled, `Codec::Zero` frames carry nothing, and a chunk with zero granules moves only
+//! the granules after its first zero one, within its slot. Compressed output goes to a per-worker
 //! scratch buffer and is copied back over its input in the same slot (it is smaller), so the
 //! source codec stage needs no second pool slot: it can neither wait for one nor deadlock on the
 //! pool. Output that would not save 1/32 is dropped and the chunk goes raw.
@@ -44,9 +45,10 @@ const SAMPLE_BYTES: u32 = 512;
 /// Compressed output must save at least 1/32 of the chunk, or the chunk goes raw.
 const MIN_SAVING_SHIFT: u32 = 5;
 
-/// Raw bytes per chunk for a pool slot: 7/8 of the slot, which leaves room in one slot for
-/// `lz4_flex`'s worst-case output bound (`1.1 n + 20`), which it insists on before compressing.
-/// Page-aligned for slots that are multiples of 32 KiB.
+/// Raw bytes per chunk for a pool slot: 7/8 of the slot (page-aligned for slots that are
+/// multiples of 32 KiB). The rest of the slot has room for a page map; compression output no
+/// longer needs it (it goes to the encoder's scratch), so a larger share is possible but has not
+/// been measured.
 pub(crate) fn chunk_len(slot_size: usize) -> usize {
     slot_size - slot_size / 8
 }
@@ -98,6 +100,18 @@ impl PageMap {
 
     fn map_len(&self) -> usize {
         self.granules.div_ceil(8)
+    }
+
+    /// Bytes of the paged body of `raw` bytes mapped by this map: present granules plus the map.
+    fn body_len(&self, raw: usize) -> usize {
+        let last = self.granules.saturating_sub(1);
+        let short = GRANULE * self.granules - raw;
+        let last_present = self
+            .bits
+            .get(last / 8)
+            .is_some_and(|b| b >> (last % 8) & 1 == 1);
+        let short = if last_present { short } else { 0 };
+        self.present * GRANULE - short + self.map_len()
     }
 }
 
@@ -241,7 +255,8 @@ pub(crate) enum Outcome {
 #[derive(Debug)]
 pub(crate) struct Encoded {
     pub codec: Codec,
-    /// `None` for zero chunks, the input buffer for raw ones, a new pool buffer for compressed.
+    /// `None` for zero chunks, else the input's slot (raw, packed, or holding the compressed
+    /// output).
     pub payload: Option<PoolBuf>,
     pub outcome: Outcome,
     /// [`crate::digest::chunk_hash`] of the raw bytes.
@@ -300,15 +315,24 @@ impl Encoder {
         if map.present == 0 {
             return done(Codec::Zero, None, Outcome::Zero);
         }
-        let paged = map.present < map.granules
-            && self.allows(Codec::PagedRaw)
-            && pack_pages(&mut input, &map);
-        let raw_codec = if paged { Codec::PagedRaw } else { Codec::Raw };
         let choice = match choice {
             Choice::Lz4 if self.allows(Codec::Lz4) => Choice::Lz4,
             Choice::Zstd(l) if self.allows(Codec::Zstd) => Choice::Zstd(l),
             _ => Choice::Raw,
         };
+        // Pack out zero granules when the body is smaller than the chunk and the receiver agreed
+        // to both paged forms this chunk may take (PagedRaw if compression does not pay).
+        let paged_variant = match choice {
+            Choice::Raw => Codec::PagedRaw,
+            Choice::Lz4 => Codec::PagedLz4,
+            Choice::Zstd(_) => Codec::PagedZstd,
+        };
+        let paged = map.present < map.granules
+            && map.body_len(input.len()) < input.len()
+            && self.allows(Codec::PagedRaw)
+            && self.allows(paged_variant)
+            && pack_pages(&mut input, &map);
+        let raw_codec = if paged { Codec::PagedRaw } else { Codec::Raw };
         if choice == Choice::Raw {
             return done(raw_codec, Some(input), Outcome::Raw);
         }
@@ -602,6 +626,31 @@ mod tests {
         assert_eq!(e.codec, Codec::Raw, "LZ4 was not agreed");
         let e = enc.encode(fill(&pool, &data), Choice::Zstd(1), &pool);
         assert_eq!(e.codec, Codec::Zstd, "zstd without page maps");
+        // PagedRaw agreed but not PagedLz4 / PagedZstd: compressed chunks are not packed.
+        let some = only_raw | codec_bit(Codec::Lz4) | codec_bit(Codec::PagedRaw);
+        let mut enc = Encoder::new(some).unwrap();
+        let e = enc.encode(fill(&pool, &data), Choice::Lz4, &pool);
+        assert_eq!(e.codec, Codec::Lz4);
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+    }
+
+    #[test]
+    fn a_chunk_is_packed_only_when_its_paged_body_is_smaller() {
+        let pool = BufPool::new(4, 65536).unwrap();
+        let mut enc = Encoder::new(ALL).unwrap();
+        // 4097 bytes whose 1-byte last granule is zero: the body (4096 + 2-byte map) is larger.
+        let mut data = noise(4097, 5);
+        data[4096] = 0;
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::Raw);
+        assert_eq!(e.payload.unwrap().len(), 4097);
+        // One zero granule in the middle of 4 KiB: 3584 + 1 < 4096, packed.
+        let mut data = noise(4096, 6);
+        data[512..1024].fill(0);
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        assert_eq!(e.payload.unwrap().len(), 3584 + 1);
     }
 
     #[test]

@@ -264,8 +264,8 @@ fn reader_loop(
             return Ok(());
         }
 
-        // Submit one read per device that has none in flight, then hash and hand over the
-        // chunk its last read completed, so the device works while we hash.
+        // Submit one read per device that has none in flight, then hand over the chunk its last
+        // read completed, so the device works while the chunk travels on.
         let now = Instant::now();
         let mut next_wake = now + TICK;
         for (i, slot) in devs.iter_mut().enumerate() {
@@ -621,7 +621,7 @@ fn completed(
 }
 
 /// Makes the filled part of `buf` the device's next chunk: numbers it and counts it. The chunk
-/// is hashed and handed to the codec stage by [`hand_over`].
+/// is handed to the codec stage by [`hand_over`].
 fn stage(device: u16, dev: &mut Dev, mut buf: PoolBuf, io: &ReaderIo) -> RawChunk {
     buf.set_len(dev.filled);
     let len = dev.filled;

@@ -63,7 +63,7 @@ fn wrong_protocol_version_is_refused_with_version_error() {
             dst,
             Err(TransportError::Handshake {
                 source: HandshakeError::VersionMismatch {
-                    ours: 1,
+                    ours: vfmig_wire::handshake::PROTOCOL_VERSION,
                     theirs: 99
                 },
                 ..

@@ -72,7 +72,7 @@ pub enum Control {
         seq: u64,
         /// Total raw bytes of the stream (pre-copy and stop-copy).
         total_raw_bytes: u64,
-        /// BLAKE3 digest of the raw stream.
+        /// Stream digest (docs/PROTOCOL.md, section 5).
         digest: [u8; DIGEST_LEN],
     },
     /// Source -> destination: pre-copy of `device` ends; stop-copy data follows.

@@ -10,13 +10,13 @@
 //! 16     4    raw_len  payload length after decoding (bytes of device state / pages)
 //! 20     4    wire_len payload length on the wire (bytes following the header)
 //! 24     8    arg      kind-specific (see FrameKind)
-//! 32     4    flags    reserved, must be 0 in version 1
+//! 32     4    flags    reserved, must be 0 in version 2
 //! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes
 //! ```
 
 use crate::WireError;
 
-/// Guest page size for [`FrameKind::DirtyPages`] (4 KiB in version 1).
+/// Guest page size for [`FrameKind::DirtyPages`] (4 KiB in version 2).
 pub const PAGE_SIZE: u64 = 4096;
 /// Length of the stream digest in an [`FrameKind::EndOfDevice`] payload (docs/PROTOCOL.md,
 /// section 5: BLAKE3 over one record per data frame, each carrying the XXH3-128 of its raw bytes).

@@ -33,7 +33,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The protocol version this crate speaks (envelope bytes 4..6 of every handshake message).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Magic at the start of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 4] = *b"VMHS";
 /// Length of the envelope that precedes every handshake message body.
@@ -46,7 +46,7 @@ pub const MAC_LEN: usize = 32;
 pub const MAX_DEVICES: usize = 256;
 /// Hard cap on a device name, in bytes of UTF-8.
 pub const MAX_DEVICE_NAME: usize = 255;
-/// Checksum algorithm identifier for CRC32C, the only one in version 1.
+/// Checksum algorithm identifier for CRC32C, the only one in version 2.
 pub const CHECKSUM_CRC32C: u8 = 1;
 
 /// Body length of `ClientHello` and `ServerChallenge`.
@@ -1067,7 +1067,7 @@ impl ClientHandshake {
     }
 
     /// Like [`ClientHandshake::new`], but announces `version` in every envelope. For interop
-    /// tests of version refusal; the message layouts stay those of version 1.
+    /// tests of version refusal; the message layouts stay those of this version.
     pub fn with_version(params: ClientParams, version: u16) -> ClientHandshake {
         let ClientParams {
             auth,

@@ -153,7 +153,8 @@ fn unauthenticated_client_learns_only_the_server_nonce_and_a_refusal() {
 
 #[test]
 fn wrong_version_is_a_typed_error_on_both_sides_in_both_directions() {
-    // A version-2 client against our server.
+    let (v, next) = (PROTOCOL_VERSION, PROTOCOL_VERSION + 1);
+    // A client of the next version against our server.
     let mut c = ClientHandshake::with_version(
         ClientParams {
             auth: psk(KEY),
@@ -161,17 +162,23 @@ fn wrong_version_is_a_typed_error_on_both_sides_in_both_directions() {
             join: None,
             nonce: [1; 32],
         },
-        2,
+        next,
     );
     let mut s = server(psk(KEY), 2);
     pump(&mut c, &mut s);
     assert_eq!(
         s.error(),
-        Some(&HandshakeError::VersionMismatch { ours: 1, theirs: 2 })
+        Some(&HandshakeError::VersionMismatch {
+            ours: v,
+            theirs: next
+        })
     );
     assert_eq!(
         c.error(),
-        Some(&HandshakeError::VersionMismatch { ours: 2, theirs: 1 })
+        Some(&HandshakeError::VersionMismatch {
+            ours: next,
+            theirs: v
+        })
     );
 
     // Our client against a version-7 server: the server refuses the hello, the client learns why.
@@ -188,11 +195,11 @@ fn wrong_version_is_a_typed_error_on_both_sides_in_both_directions() {
     pump(&mut c, &mut s);
     assert_eq!(
         s.error(),
-        Some(&HandshakeError::VersionMismatch { ours: 7, theirs: 1 })
+        Some(&HandshakeError::VersionMismatch { ours: 7, theirs: v })
     );
     assert_eq!(
         c.error(),
-        Some(&HandshakeError::VersionMismatch { ours: 1, theirs: 7 })
+        Some(&HandshakeError::VersionMismatch { ours: v, theirs: 7 })
     );
 }
 
@@ -201,14 +208,17 @@ fn a_refusal_from_a_peer_of_another_version_is_a_version_mismatch_and_is_not_ans
     let mut c = client(psk(KEY), 1);
     let _ = c.take_output();
     let mut refuse = b"VMHS".to_vec();
-    refuse.extend_from_slice(&2u16.to_le_bytes());
+    refuse.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
     refuse.extend_from_slice(&[5, 0]);
     refuse.extend_from_slice(&12u32.to_le_bytes());
     refuse.extend_from_slice(&1u16.to_le_bytes());
     refuse.extend_from_slice(&[0; 10]);
     assert_eq!(
         c.feed(&refuse),
-        Err(HandshakeError::VersionMismatch { ours: 1, theirs: 2 })
+        Err(HandshakeError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: PROTOCOL_VERSION + 1
+        })
     );
     assert_eq!(c.take_output(), None);
 }
@@ -354,7 +364,7 @@ fn garbage_input_gives_bad_magic_on_the_first_wrong_byte() {
 
 fn envelope(ty: u8, body_len: u32) -> Vec<u8> {
     let mut e = b"VMHS".to_vec();
-    e.extend_from_slice(&1u16.to_le_bytes());
+    e.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     e.push(ty);
     e.push(0);
     e.extend_from_slice(&body_len.to_le_bytes());
