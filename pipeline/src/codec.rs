@@ -259,8 +259,8 @@ pub(crate) struct Encoded {
     /// output).
     pub payload: Option<PoolBuf>,
     pub outcome: Outcome,
-    /// [`crate::digest::chunk_hash`] of the raw bytes.
-    pub hash: u128,
+    /// [`crate::digest::chunk_hash`] of the raw bytes, when asked for.
+    pub hash: Option<u128>,
 }
 
 /// Per-worker encoder state (zstd context and output scratch reused across chunks).
@@ -303,8 +303,21 @@ impl Encoder {
     /// when the receiver agreed to paged codecs). What is left goes raw if `choice` says so or it
     /// samples as incompressible, and is compressed otherwise; compression that does not save
     /// 1/32 falls back to raw.
-    pub fn encode(&mut self, mut input: PoolBuf, choice: Choice, pool: &BufPool) -> Encoded {
-        let hash = crate::digest::chunk_hash(input.as_slice());
+    #[cfg(test)]
+    pub fn encode(&mut self, input: PoolBuf, choice: Choice, pool: &BufPool) -> Encoded {
+        self.encode_hashed(input, choice, pool, true)
+    }
+
+    /// [`Encoder::encode`], hashing the raw bytes only when `hash` is set (device state goes
+    /// into the stream digest; guest pages do not).
+    pub fn encode_hashed(
+        &mut self,
+        mut input: PoolBuf,
+        choice: Choice,
+        pool: &BufPool,
+        hash: bool,
+    ) -> Encoded {
+        let hash = hash.then(|| crate::digest::chunk_hash(input.as_slice()));
         let map = PageMap::scan(input.as_slice());
         let done = |codec, payload, outcome| Encoded {
             codec,
@@ -555,7 +568,7 @@ mod tests {
             let mut enc = Encoder::new(ALL).unwrap();
             let mut dec = Decoder::new().unwrap();
             let e = enc.encode(fill(&pool, &data), choice, &pool);
-            prop_assert_eq!(e.hash, crate::digest::chunk_hash(&data));
+            prop_assert_eq!(e.hash, Some(crate::digest::chunk_hash(&data)));
             let back = decode_all(&mut dec, e, len, &pool);
             prop_assert_eq!(back, data);
             prop_assert_eq!(pool.free(), 4, "no buffer leaked");

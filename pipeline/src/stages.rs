@@ -69,7 +69,12 @@ pub(crate) fn encode_worker(
             payload,
             outcome,
             hash,
-        } = enc.encode(chunk.buf, choice, &pool);
+        } = enc.encode_hashed(
+            chunk.buf,
+            choice,
+            &pool,
+            matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData),
+        );
         let took = t0.elapsed();
         counters.codec.add(took);
         adaptive.busy(took);
@@ -101,8 +106,7 @@ pub(crate) fn encode_worker(
                 chunk.offset,
             ),
             payload,
-            hash: matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData)
-                .then_some(hash),
+            hash,
         };
         tx.send_timeout(out, timeout)
             .map_err(|_| PipelineError::Timeout {
