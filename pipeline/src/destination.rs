@@ -446,6 +446,12 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 }
                 Ok(WriterEvent::PreCopyDone { device, raw }) => {
                     watch.progressed();
+                    // The marker's `arg` is the raw length of the device's PRE_COPY stream, and
+                    // the writer emits this event only once all of it was written: that is the
+                    // pre-copy figure of this side's report.
+                    if let Some(c) = stages.counters.device(device) {
+                        c.precopy_raw.store(raw, Ordering::Relaxed);
+                    }
                     // Everything the source sent in PRE_COPY is loaded.
                     let ack = control(FrameKind::SwitchoverAck, device, raw);
                     session

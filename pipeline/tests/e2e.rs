@@ -233,11 +233,15 @@ fn precopy_streams_while_the_device_dirties_state_then_switches_over() {
             destination_options(),
         );
         let report = sr.unwrap_or_else(|e| panic!("{quirks:?}: {e}"));
-        dr.unwrap();
+        let dreport = dr.unwrap();
         let dev = &report.devices[0];
         assert!(
             dev.precopy_bytes >= 8 << 20,
             "{quirks:?}: the initial state went in PRE_COPY: {dev:?}"
+        );
+        assert_eq!(
+            dreport.devices[0].precopy_bytes, dev.precopy_bytes,
+            "{quirks:?}: the destination reports the PRE_COPY bytes it received"
         );
         assert!(dev.raw_bytes > dev.precopy_bytes, "STOP_COPY sent the rest");
         assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
