@@ -124,6 +124,9 @@ pub enum CliError {
         /// Whether the command already printed a JSON report for this failure.
         report_printed: bool,
     },
+    /// SIGINT or SIGTERM arrived before a source connected: nothing was migrated.
+    #[error("interrupted (SIGINT/SIGTERM) while waiting for a source")]
+    Interrupted,
     /// The demo's verification found a difference although the pipeline reported success.
     #[error("verification failed: {what}")]
     Verification {
@@ -190,6 +193,10 @@ pub fn describe(e: &CliError) -> String {
         ),
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
+        CliError::Interrupted => {
+            "interrupted (SIGINT/SIGTERM) while waiting for a source; nothing was migrated"
+                .to_owned()
+        }
         CliError::Verification { what } => format!("verification failed: {what}"),
     };
     one_line(&line)

@@ -87,14 +87,18 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let listener = Listener::bind(a.listen).map_err(CliError::Transport)?;
     say!("vfmig: listening on {}", listener.local_addr());
 
-    // Until a source is connected there is nothing to roll back: a signal ends the wait at once.
+    // Until a source is connected there is nothing to roll back: a signal ends the wait at once,
+    // reported like any other failure (the one line, and with --json the failure object).
     let connected = Arc::new(AtomicBool::new(false));
     {
         let connected = connected.clone();
+        let json = c.json;
         cancel.on_cancel(move || {
             if !connected.load(Ordering::SeqCst) {
-                say!("vfmig: interrupted while waiting for a source");
-                std::process::exit(i32::from(crate::error::EXIT_FAILED));
+                let e = CliError::Interrupted;
+                crate::fail("recv", &e, json);
+                let _ = std::io::stdout().lock().flush();
+                std::process::exit(i32::from(e.exit_code()));
             }
         });
     }

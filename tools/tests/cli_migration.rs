@@ -355,6 +355,43 @@ fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
 }
 
 #[test]
+fn receiver_signalled_while_waiting_prints_the_json_failure_object_with_its_exit_code() {
+    for signal in ["-INT", "-TERM"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dst = dir.path().join("state.out");
+        let recv = Receiver::spawn(&[
+            "--device",
+            &format!("file:{}", dst.display()),
+            "--json",
+            "--timeout",
+            "10",
+        ]);
+        // `listening on` was printed: the receiver is waiting for a source.
+        let status = Command::new("kill")
+            .args([signal, &recv.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+        let (rstatus, rstdout, rlines) = recv.finish();
+        let code = rstatus.code().expect("exited, not killed by the signal");
+        assert_eq!(code, 1, "{signal}: {rlines:?}");
+        let r = json(rstdout.as_bytes());
+        assert_eq!(r["outcome"], "failed", "{signal}: {r}");
+        assert_eq!(r["role"], "recv", "{signal}: {r}");
+        assert_eq!(r["exit_code"].as_i64(), Some(i64::from(code)), "{r}");
+        let error = r["error"].as_str().expect("error is a string");
+        assert!(error.contains("interrupted"), "{signal}: {r}");
+        let last = rlines.last().expect("a failure line on stderr");
+        assert_eq!(last, &format!("vfmig: {error}"), "{rlines:?}");
+        assert_eq!(
+            dir_entries(dir.path()),
+            Vec::<String>::new(),
+            "{signal}: nothing at PATH"
+        );
+    }
+}
+
+#[test]
 fn demo_migrates_and_verifies_in_one_command() {
     let out = run(
         {
