@@ -186,15 +186,25 @@ fn unpack_pages(buf: &mut PoolBuf, raw: usize) -> Result<(), DecodeFailure> {
         });
     }
     let slot = buf.spare_mut();
-    // Runs are few (one per zero region): collect the present ones to walk them backwards.
+    // Walk the present runs from the last one back.
+    let has = |i: usize| bits[i / 8] >> (i % 8) & 1 == 1;
     let mut src_end = present;
-    let mut present_runs: Vec<(usize, usize)> = runs(&bits, granules, true).collect();
-    while let Some((first, end)) = present_runs.pop() {
+    let mut end = granules;
+    while end > 0 {
+        if !has(end - 1) {
+            end -= 1;
+            continue;
+        }
+        let mut first = end - 1;
+        while first > 0 && has(first - 1) {
+            first -= 1;
+        }
         let (dst, len) = (first * GRANULE, bytes((first, end)));
         src_end -= len;
         if src_end != dst {
             slot.copy_within(src_end..src_end + len, dst);
         }
+        end = first;
     }
     for (first, end) in runs(&bits, granules, false) {
         slot[first * GRANULE..(end * GRANULE).min(raw)].fill(0);
