@@ -231,28 +231,23 @@ impl Adaptive {
         }
     }
 
-    /// Records time a codec worker spent on one chunk, whatever it did with it.
-    pub fn busy(&self, took: Duration) {
+    /// Records one chunk's codec time and, when it was encoded with a rung (`choice`), that
+    /// rung's measured speed and ratio. One lock per chunk.
+    pub fn record(&self, choice: Option<Choice>, raw: usize, wire: usize, took: Duration) {
         if self.pinned.is_some() {
             return;
         }
-        if let Ok(mut st) = self.state.lock() {
-            st.codec_busy += took;
-        }
-    }
-
-    /// Records a compression measured on one chunk.
-    pub fn record(&self, choice: Choice, raw: usize, wire: usize, took: Duration) {
-        if self.pinned.is_some() || raw == 0 {
-            return;
-        }
-        let Some(i) = LADDER.iter().position(|&c| c == choice) else {
-            return;
-        };
-        let secs = took.as_secs_f64().max(1e-7);
         let Ok(mut st) = self.state.lock() else {
             return;
         };
+        st.codec_busy += took;
+        let Some(i) = choice.and_then(|c| LADDER.iter().position(|&l| l == c)) else {
+            return;
+        };
+        if raw == 0 {
+            return;
+        }
+        let secs = took.as_secs_f64().max(1e-7);
         let rate = raw as f64 / secs;
         let ratio = (wire as f64 / raw as f64).min(1.0);
         if st.measured[i] {
@@ -421,9 +416,14 @@ mod tests {
         let a = Adaptive::with_cpu(Compress::Auto, 2, Box::new(cpu));
         // Measured codecs: LZ4 1.2 GB/s per core at 0.6, zstd-1 0.8 GB/s at 0.42.
         for _ in 0..20 {
-            a.record(Choice::Lz4, 1 << 20, 629_146, Duration::from_micros(874));
             a.record(
-                Choice::Zstd(1),
+                Some(Choice::Lz4),
+                1 << 20,
+                629_146,
+                Duration::from_micros(874),
+            );
+            a.record(
+                Some(Choice::Zstd(1)),
                 1 << 20,
                 440_402,
                 Duration::from_micros(1311),

@@ -77,16 +77,14 @@ pub(crate) fn encode_worker(
         );
         let took = t0.elapsed();
         counters.codec.add(took);
-        adaptive.busy(took);
         let wire = payload.as_ref().map_or(0, PoolBuf::len);
-        match outcome {
-            Outcome::Compressed(c) | Outcome::FellBackRaw(c) => {
-                adaptive.record(c, raw_len, wire, took);
-            }
+        let rung = match outcome {
+            Outcome::Compressed(c) | Outcome::FellBackRaw(c) => Some(c),
             // Raw's ratio too: below 1:1 where zero granules were left out.
-            Outcome::Raw => adaptive.record(Choice::Raw, raw_len, wire, took),
-            Outcome::Zero | Outcome::ProbedRaw => {}
-        }
+            Outcome::Raw => Some(Choice::Raw),
+            Outcome::Zero | Outcome::ProbedRaw => None,
+        };
+        adaptive.record(rung, raw_len, wire, took);
         if let Some(c) = counters.device(chunk.device) {
             let n = match outcome {
                 Outcome::Zero => &c.zero_chunks,
