@@ -289,6 +289,9 @@ pub fn describe_transport(e: &TransportError) -> String {
         } => format!(
             "stream corrupted at frame {seq} of device {device} (connection {conn}): {source}"
         ),
+        TransportError::Unauthentic { conn, .. } => format!(
+            "a frame on connection {conn} failed authentication: it was changed, injected, replayed or reordered on the way; nothing of it reached a device"
+        ),
         TransportError::PeerAborted { reason, detail } => {
             let why = AbortReason::from_code(*reason).map_or_else(
                 || format!("reason {reason}"),

@@ -159,7 +159,8 @@ fn file_round_trip_from_fifo_is_byte_identical() {
 }
 
 #[test]
-fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
+fn wrong_key_fails_the_sender_and_the_receiver_logs_it_and_waits_for_the_right_source_and_leaves_nothing(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("s.bin");
@@ -175,6 +176,8 @@ fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
         &key_a,
         "--timeout",
         "10",
+        "--accept-timeout",
+        "2",
     ]);
     let out = run(
         send(
@@ -196,8 +199,20 @@ fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
     let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
     assert!(lines[0].contains("authentication failed"), "{lines:?}");
+    // The receiver logs the failed handshake in one line and keeps waiting for a source that
+    // holds the key, until --accept-timeout.
+    assert!(
+        rlines.iter().any(
+            |l| l.starts_with("vfmig: dropped connection from 127.0.0.1:")
+                && l.contains("authentication failed")
+        ),
+        "{rlines:?}"
+    );
     let last = rlines.last().cloned().unwrap_or_default();
-    assert!(last.contains("authentication failed"), "{rlines:?}");
+    assert!(
+        last.contains("waiting for a source to connect"),
+        "{rlines:?}"
+    );
     assert!(!dst.exists(), "nothing at the destination path");
     assert!(
         dir_entries(out_dir.path()).is_empty(),

@@ -78,7 +78,15 @@ fn certificate_from_another_ca_is_refused_on_both_sides() {
     let server = leaf(dir.path(), "server", &ca("ca one"));
     let client = leaf(dir.path(), "client", &ca("ca two"));
     let dev = "emu:size=1M";
-    let mut rargs = vec!["--device", dev, "--require-client-cert", "--timeout", "10"];
+    let mut rargs = vec![
+        "--device",
+        dev,
+        "--require-client-cert",
+        "--timeout",
+        "10",
+        "--accept-timeout",
+        "2",
+    ];
     rargs.extend(tls_args(&server));
     let recv = Receiver::spawn(&rargs);
     let mut sargs = vec!["--device", dev, "--timeout", "10"];
@@ -86,7 +94,14 @@ fn certificate_from_another_ca_is_refused_on_both_sides() {
     let out = run(send(recv.addr, &sargs), None);
     let (rstatus, _, rlines) = recv.finish();
     assert_eq!(out.status.code(), Some(1));
+    // The receiver drops the refused source with one line and waits on until --accept-timeout.
     assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    assert!(
+        rlines
+            .iter()
+            .any(|l| l.starts_with("vfmig: dropped connection from") && l.contains("TLS")),
+        "{rlines:?}"
+    );
     let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("TLS"), "{lines:?}");

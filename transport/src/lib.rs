@@ -45,6 +45,7 @@
 
 #![deny(unsafe_code)]
 
+mod accept;
 pub mod config;
 pub mod error;
 mod handshake_io;
@@ -58,6 +59,7 @@ mod session;
 pub mod stats;
 mod tls;
 
+pub use accept::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
 pub use config::{check_peer_policy, AuthConfig, SessionConfig, TlsConfig};
 pub use error::{FramePart, Limit, TransportError};
 pub use pool::{BufPool, PoolBuf, PoolError};
