@@ -133,7 +133,9 @@ fn receive_loop(
     stop: &AtomicBool,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
-    let phase = Phase::Resume;
+    // What the source is sending, as the frames say: errors name it truthfully.
+    let mut phase = Phase::Setup;
+    let mut ended = vec![false; devices];
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -141,7 +143,17 @@ fn receive_loop(
         let frame = match session.recv(POLL) {
             Ok(f) => f,
             Err(TransportError::Timeout { .. }) => continue,
-            Err(TransportError::Closed) => return Ok(()),
+            Err(TransportError::Closed) => {
+                // A source closes only after every device's EndOfDevice; a close before that is
+                // a source that died (its kernel closed the sockets), known now, not at timeout.
+                return match ended.iter().position(|e| !e) {
+                    Some(device) => Err(PipelineError::SourceGone {
+                        phase,
+                        device: u16::try_from(device).unwrap_or(u16::MAX),
+                    }),
+                    None => Ok(()),
+                };
+            }
             Err(TransportError::PeerAborted { reason, detail }) => {
                 return Err(PipelineError::PeerAborted {
                     phase,
@@ -154,6 +166,11 @@ fn receive_loop(
         };
         let t0 = Instant::now();
         let h: FrameHeader = frame.header;
+        phase = match (phase, h.kind) {
+            (Phase::Setup, FrameKind::PreCopyData | FrameKind::DirtyPages) => Phase::PreCopy,
+            (_, FrameKind::StopCopyData | FrameKind::PreCopyDone) => Phase::StopCopy,
+            (p, _) => p,
+        };
         if h.kind.is_sequenced() && usize::from(h.device) >= devices {
             return Err(PipelineError::UnexpectedFrame {
                 kind: h.kind,
@@ -178,6 +195,9 @@ fn receive_loop(
                 .map_err(|_| lost())?;
             }
             FrameKind::EndOfDevice => {
+                if let Some(e) = ended.get_mut(usize::from(h.device)) {
+                    *e = true;
+                }
                 let mut digest = [0u8; DIGEST_LEN];
                 match &frame.payload {
                     Some(p) if p.len() == DIGEST_LEN && h.codec == Codec::Raw => {

@@ -294,6 +294,15 @@ pub enum PipelineError {
         /// Its value.
         value: u64,
     },
+    /// Destination: the source closed every connection before the end of a device's stream
+    /// (it exited, was killed or lost the network). Reported at once, not after a timeout.
+    #[error("the source closed the session during {phase} before the end of device {device}'s stream (it exited, was killed or lost the network)")]
+    SourceGone {
+        /// What the source was sending: pre-copy or stop-copy data, or nothing yet (setup).
+        phase: Phase,
+        /// The first device whose stream had not ended.
+        device: u16,
+    },
     /// A stage thread stopped without reporting (a bug; reported rather than hung).
     #[error("the {stage} stage stopped unexpectedly")]
     StageLost {

@@ -369,6 +369,10 @@ fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
 pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
     match e {
         PipelineError::Transport { source, .. } => describe_transport(source),
+        PipelineError::SourceGone { phase, device } => format!(
+            "the source closed the session during {phase} before the end of {}'s stream: it exited, was killed or lost the network",
+            label_by_index(*device, devices)
+        ),
         PipelineError::DeviceRefused { device, source } => format!(
             "destination {} refused the state: {}",
             label_by_name(device, devices),

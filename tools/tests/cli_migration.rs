@@ -268,6 +268,55 @@ fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
 }
 
 #[test]
+fn sender_killed_mid_stream_makes_the_receiver_fail_at_once_naming_the_dead_source_and_the_phase() {
+    // 256 MiB of incompressible state capped at 400 Mbit/s: several seconds of stop-copy, so the
+    // sender is killed mid-stream. The receiver's --timeout is long: a receiver that noticed the
+    // dead source only by its silence would report a timeout, which the test refuses.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.out");
+    let mut recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "60",
+    ]);
+    let mut sender = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            "60",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    std::thread::sleep(Duration::from_millis(300));
+    sender.kill().expect("SIGKILL the sender");
+    let _ = sender.wait();
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("closed") && last.contains("it exited, was killed or lost the network"),
+        "the cause is the dead source: {rlines:?}"
+    );
+    assert!(!last.contains("timed out"), "{rlines:?}");
+    if last.contains("the source closed the session") {
+        assert!(last.contains("during stop-copy"), "the phase: {rlines:?}");
+    }
+    assert!(!dst.exists(), "nothing at the destination path");
+    assert!(dir_entries(dir.path()).is_empty(), "no temporary file left");
+}
+
+#[test]
 fn unreachable_peer_exits_1_with_one_line_and_a_json_failure_report() {
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
