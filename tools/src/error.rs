@@ -369,6 +369,16 @@ fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
 pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
     match e {
         PipelineError::Transport { source, .. } => describe_transport(source),
+        PipelineError::SourceChanged {
+            device,
+            read,
+            size_before,
+            size_after,
+            ..
+        } => format!(
+            "{} changed while it was read ({size_before} bytes when reading began, {size_after} at its end, {read} read): refusing a stream that is neither the old nor the new file",
+            label_by_name(device, devices)
+        ),
         PipelineError::SourceGone { phase, device } => format!(
             "the source closed the session during {phase} before the end of {}'s stream: it exited, was killed or lost the network",
             label_by_index(*device, devices)

@@ -91,9 +91,46 @@ fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceE
     }
 }
 
+/// A regular file's identity at open: where it lives (device, inode) and what it holds (size,
+/// modification time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+}
+
+/// A `file:` source changed between its open and the start of STOP_COPY (see also the
+/// pipeline's `SourceChanged`, which covers the read itself).
+#[derive(Debug, thiserror::Error)]
+#[error("the file changed since it was opened (size {len_then} -> {len_now} bytes, modified: {modified}, replaced: {replaced})")]
+pub struct FileChanged {
+    /// Size at open.
+    pub len_then: u64,
+    /// Size now.
+    pub len_now: u64,
+    /// The modification time differs.
+    pub modified: bool,
+    /// PATH now names another file (device or inode differ).
+    pub replaced: bool,
+}
+
 enum SourceKind {
-    /// Regular file: size known, can be reopened.
-    Regular { len: u64 },
+    /// Regular file: size known, can be reopened; its identity at open.
+    Regular { len: u64, stamp: FileStamp },
     /// FIFO or stdin pipe, opened non-blocking; made blocking once a writer is there.
     Pipe { waited_for_writer: bool },
 }
@@ -173,7 +210,10 @@ impl FileSource {
             source,
         })?;
         let kind = if meta.file_type().is_file() {
-            SourceKind::Regular { len: meta.len() }
+            SourceKind::Regular {
+                len: meta.len(),
+                stamp: FileStamp::of(&meta),
+            }
         } else {
             SourceKind::Pipe {
                 waited_for_writer: false,
@@ -220,6 +260,24 @@ impl FileSource {
                 _ => return Err(errno(libc::ENODATA)),
             },
         };
+        if let SourceKind::Regular { stamp, .. } = &self.kind {
+            // What is read must be the file that was opened, as it was then.
+            let now = FileStamp::of(&File::from(fd.try_clone()?).metadata()?);
+            let at_path = match &self.path {
+                Some(p) => FileStamp::of(&fs::metadata(p)?),
+                None => now,
+            };
+            let replaced = (at_path.dev, at_path.ino) != (stamp.dev, stamp.ino)
+                || (now.dev, now.ino) != (stamp.dev, stamp.ino);
+            if replaced || now.len != stamp.len || now.mtime != stamp.mtime {
+                return Err(io::Error::other(FileChanged {
+                    len_then: stamp.len,
+                    len_now: now.len,
+                    modified: now.mtime != stamp.mtime,
+                    replaced,
+                }));
+            }
+        }
         if let SourceKind::Pipe { waited_for_writer } = &mut self.kind {
             if !*waited_for_writer {
                 wait_for_writer(fd.as_fd(), self.writer_timeout)?;
@@ -297,7 +355,7 @@ impl MigrationDevice for FileSource {
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         Ok(match self.kind {
-            SourceKind::Regular { len } => len,
+            SourceKind::Regular { len, .. } => len,
             SourceKind::Pipe { .. } => 0,
         })
     }
@@ -661,6 +719,43 @@ mod tests {
             .expect("walk")
             .expect("fd");
         assert_eq!(read_all(fd), b"abc");
+    }
+
+    #[test]
+    fn source_regular_file_changed_or_replaced_since_open_is_refused_at_stop_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state");
+        let target = FileTarget::Path(p.clone());
+        let to_stop_copy = |d: &mut FileSource| match d.set_state(DeviceState::StopCopy) {
+            Err(DeviceError::SetState { source, .. }) => Err(source),
+            Err(e) => panic!("{e:?}"),
+            Ok(fd) => Ok(fd),
+        };
+        // Grown.
+        fs::write(&p, b"0123456789").unwrap();
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        fs::write(&p, b"0123456789abc").unwrap();
+        let e = to_stop_copy(&mut d).unwrap_err();
+        let c = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<FileChanged>())
+            .unwrap();
+        assert_eq!((c.len_then, c.len_now, c.replaced), (10, 13, false));
+        // Replaced by another file at the same path.
+        fs::write(&p, b"0123456789").unwrap();
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        let q = dir.path().join("other");
+        fs::write(&q, b"0123456789").unwrap();
+        fs::rename(&q, &p).unwrap();
+        let e = to_stop_copy(&mut d).unwrap_err();
+        let c = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<FileChanged>())
+            .unwrap();
+        assert!(c.replaced);
+        // Unchanged: the data fd is handed out.
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        assert!(to_stop_copy(&mut d).unwrap().is_some());
     }
 
     #[test]

@@ -317,6 +317,57 @@ fn sender_killed_mid_stream_makes_the_receiver_fail_at_once_naming_the_dead_sour
 }
 
 #[test]
+fn a_source_file_truncated_while_it_is_read_fails_both_sides_and_leaves_nothing() {
+    // 256 MiB capped at 400 Mbit/s: the read is paced by the link for seconds, and the file is
+    // cut to half meanwhile. Before, both sides exited 0 with a prefix matching neither file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("s.bin");
+    std::fs::write(&src, test_bytes(256 << 20, 11)).expect("write");
+    let dst = out_dir.path().join("d.bin");
+    let mut recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "30",
+    ]);
+    let mut cmd = send(
+        recv.addr,
+        &[
+            "--device",
+            &format!("file:{}", src.display()),
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            "30",
+        ],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let sender = std::thread::spawn(move || run(cmd, None));
+    recv.wait_for_line("vfmig: source ");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| f.set_len(128 << 20))
+        .expect("truncate the source");
+    let out = sender.join().expect("sender thread");
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1), "send must fail");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("changed while it was read"), "{lines:?}");
+    assert_eq!(rstatus.code(), Some(1), "recv must fail: {rlines:?}");
+    assert!(!dst.exists(), "nothing at the destination path");
+    assert!(
+        dir_entries(out_dir.path()).is_empty(),
+        "no temporary file left either"
+    );
+}
+
+#[test]
 fn unreachable_peer_exits_1_with_one_line_and_a_json_failure_report() {
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
