@@ -17,7 +17,7 @@ use vfmig_wire::{Codec, FrameHeader, FrameKind, DIGEST_LEN};
 use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
-use crate::error::{AbortReason, Phase, PipelineError};
+use crate::error::{Phase, PipelineError};
 use crate::source::{build_report, set_state, Watch};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
@@ -144,8 +144,7 @@ fn receive_loop(
             Err(TransportError::PeerAborted { reason, detail }) => {
                 return Err(PipelineError::PeerAborted {
                     phase,
-                    reason: AbortReason::from_code(reason),
-                    code: reason,
+                    reason,
                     detail,
                 })
             }
@@ -285,7 +284,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         let started = Instant::now();
         let session = Arc::new(session);
         if let Err(e) = self.check(&session) {
-            session.abort(e.abort_reason(false).code(), &e.to_string());
+            session.abort(e.abort_reason(false), &e.to_string());
             return Err(e);
         }
         let mut fds = Vec::new();
@@ -386,7 +385,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         e: PipelineError,
     ) -> PipelineError {
         if !matches!(e, PipelineError::PeerAborted { .. }) {
-            session.abort(e.abort_reason(false).code(), &e.to_string());
+            session.abort(e.abort_reason(false), &e.to_string());
         }
         if let Some(s) = stages {
             s.stop();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vfmig_transport::{PoolError, TransportError};
 use vfmig_vfio::{DeviceError, DeviceState, MigrationCaps};
-use vfmig_wire::{Codec, FrameKind};
+use vfmig_wire::{AbortReason, Codec, FrameKind};
 
 use crate::codec::DecodeFailure;
 use crate::reseq::SequenceError;
@@ -37,44 +37,6 @@ impl fmt::Display for Phase {
             Phase::Resume => "resume",
             Phase::Acknowledge => "acknowledge",
             Phase::Rollback => "rollback",
-        })
-    }
-}
-
-/// Reason codes carried by `Abort` frames (`arg`), shared by both sides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum AbortReason {
-    /// The source's migration failed (device, read, codec, cancel...).
-    SourceFailed = 1,
-    /// A destination device refused its state (RESUMING -> STOP failed).
-    DeviceRefused = 2,
-    /// The stream failed verification on the destination (length, digest, decode, order).
-    StreamCorrupt = 3,
-    /// The destination could not write to or set up its device.
-    DestinationFailed = 4,
-    /// Cancelled by the operator or the VMM.
-    Cancelled = 5,
-    /// The two sides disagree on the devices.
-    DeviceMismatch = 6,
-}
-
-impl AbortReason {
-    /// The wire value.
-    pub const fn code(self) -> u16 {
-        self as u16
-    }
-
-    /// Parses a wire value.
-    pub fn from_code(code: u16) -> Option<AbortReason> {
-        Some(match code {
-            1 => AbortReason::SourceFailed,
-            2 => AbortReason::DeviceRefused,
-            3 => AbortReason::StreamCorrupt,
-            4 => AbortReason::DestinationFailed,
-            5 => AbortReason::Cancelled,
-            6 => AbortReason::DeviceMismatch,
-            _ => return None,
         })
     }
 }
@@ -216,14 +178,12 @@ pub enum PipelineError {
         source: DeviceError,
     },
     /// The peer aborted the migration.
-    #[error("peer aborted in {phase}: {reason:?} (code {code}): {detail}")]
+    #[error("peer aborted in {phase}: {reason}: {detail}")]
     PeerAborted {
         /// Phase.
         phase: Phase,
-        /// The reason, if the code is known.
-        reason: Option<AbortReason>,
-        /// The raw reason code.
-        code: u16,
+        /// The reason (the wire's one vocabulary; unknown codes are `AbortReason::Unknown`).
+        reason: AbortReason,
         /// The peer's detail text.
         detail: String,
     },
@@ -312,10 +272,21 @@ impl PipelineError {
             PipelineError::Decode { .. }
             | PipelineError::Sequence { .. }
             | PipelineError::LengthMismatch { .. }
-            | PipelineError::DigestMismatch { .. }
-            | PipelineError::UnexpectedFrame { .. } => AbortReason::StreamCorrupt,
-            _ if source_side => AbortReason::SourceFailed,
-            _ => AbortReason::DestinationFailed,
+            | PipelineError::DigestMismatch { .. } => AbortReason::Integrity,
+            PipelineError::UnexpectedFrame { .. } => AbortReason::Protocol,
+            PipelineError::Timeout { .. } => AbortReason::Timeout,
+            PipelineError::Pool { .. } | PipelineError::Resource { .. } => AbortReason::Resources,
+            PipelineError::StageLost { .. } => AbortReason::Internal,
+            PipelineError::Transport { source, .. } => match source {
+                TransportError::Corrupt { .. } => AbortReason::Integrity,
+                TransportError::Timeout { .. } | TransportError::PeerSilent { .. } => {
+                    AbortReason::Timeout
+                }
+                _ if source_side => AbortReason::SourceDevice,
+                _ => AbortReason::DestinationDevice,
+            },
+            _ if source_side => AbortReason::SourceDevice,
+            _ => AbortReason::DestinationDevice,
         }
     }
 }

@@ -107,7 +107,9 @@ pub use api::{
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
-pub use error::{AbortReason, Phase, PipelineError};
+pub use error::{Phase, PipelineError};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
 pub use source::SourceSession;
+/// The one abort vocabulary (docs/PROTOCOL.md, section 5), re-exported from the wire crate.
+pub use vfmig_wire::AbortReason;

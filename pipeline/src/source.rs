@@ -19,7 +19,7 @@ use crate::api::{
     RollbackStep, SourceOptions, Stage, StageTimes,
 };
 use crate::codec::{chunk_len, Choice};
-use crate::error::{AbortReason, Phase, PipelineError};
+use crate::error::{Phase, PipelineError};
 use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
@@ -293,7 +293,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         let mut stages = match Stages::start(&session, names, &self.opts) {
             Ok(s) => s,
             Err(e) => {
-                session.abort(AbortReason::SourceFailed.code(), &e.to_string());
+                session.abort(e.abort_reason(true), &e.to_string());
                 return Err(e);
             }
         };
@@ -312,7 +312,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 Ok(self.report(&stages, elapsed, Some(downtime)))
             }
             Err(e) => {
-                session.abort(e.abort_reason(true).code(), &e.to_string());
+                session.abort(e.abort_reason(true), &e.to_string());
                 stages.stop();
                 self.roll_back();
                 Err(e)
@@ -617,8 +617,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             Err(TransportError::PeerAborted { reason, detail }) => {
                 return Err(PipelineError::PeerAborted {
                     phase,
-                    reason: AbortReason::from_code(reason),
-                    code: reason,
+                    reason,
                     detail,
                 })
             }

@@ -309,7 +309,7 @@ fn read_error_at_byte_n_fails_typed_and_rolls_back_both_sides() {
     assert!(matches!(
         dr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::SourceFailed),
+            reason: AbortReason::SourceDevice,
             ..
         } | PipelineError::Transport { .. }
     ));
@@ -331,7 +331,7 @@ fn early_end_of_stream_is_refused_by_the_destination_device_and_rolled_back() {
         matches!(
             sr.as_ref().unwrap_err(),
             PipelineError::PeerAborted {
-                reason: Some(AbortReason::DeviceRefused),
+                reason: AbortReason::DeviceRefused,
                 ..
             }
         ),
@@ -359,7 +359,7 @@ fn destination_refusing_resume_fails_typed_and_the_source_runs_again() {
     assert!(matches!(
         sr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::DeviceRefused),
+            reason: AbortReason::DeviceRefused,
             ..
         }
     ));
@@ -483,7 +483,7 @@ fn cancel_from_another_thread_rolls_back_both_sides() {
     assert!(matches!(
         dr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::Cancelled),
+            reason: AbortReason::Cancelled,
             ..
         }
     ));
@@ -622,7 +622,7 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
         matches!(
             err,
             PipelineError::PeerAborted {
-                reason: Some(AbortReason::DeviceMismatch),
+                reason: AbortReason::DeviceMismatch,
                 ..
             } | PipelineError::Transport { .. }
         ),

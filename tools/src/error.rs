@@ -290,10 +290,7 @@ pub fn describe_transport(e: &TransportError) -> String {
             "stream corrupted at frame {seq} of device {device} (connection {conn}): {source}"
         ),
         TransportError::PeerAborted { reason, detail } => {
-            let why = AbortReason::from_code(*reason).map_or_else(
-                || format!("reason {reason}"),
-                |r| abort_reason_text(r).to_owned(),
-            );
+            let why = abort_reason_text(*reason);
             if detail.is_empty() {
                 format!("peer aborted the migration: {why}")
             } else {
@@ -336,14 +333,19 @@ fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String 
     }
 }
 
-fn abort_reason_text(r: AbortReason) -> &'static str {
+fn abort_reason_text(r: AbortReason) -> String {
     match r {
-        AbortReason::SourceFailed => "the source failed",
-        AbortReason::DeviceRefused => "a destination device refused the state",
-        AbortReason::StreamCorrupt => "the stream failed verification",
-        AbortReason::DestinationFailed => "the destination failed",
-        AbortReason::Cancelled => "cancelled by the operator",
-        AbortReason::DeviceMismatch => "the two sides were given different devices",
+        AbortReason::Cancelled => "cancelled by the operator".to_owned(),
+        AbortReason::SourceDevice => "the source failed".to_owned(),
+        AbortReason::DestinationDevice => "the destination failed".to_owned(),
+        AbortReason::Protocol => "the peer broke the protocol".to_owned(),
+        AbortReason::Integrity => "the stream failed verification".to_owned(),
+        AbortReason::Timeout => "the peer timed out".to_owned(),
+        AbortReason::Resources => "the peer ran out of buffers or queue space".to_owned(),
+        AbortReason::Internal => "an internal error on the peer".to_owned(),
+        AbortReason::DeviceRefused => "a destination device refused the state".to_owned(),
+        AbortReason::DeviceMismatch => "the two sides were given different devices".to_owned(),
+        AbortReason::Unknown(code) => format!("reason {code}"),
     }
 }
 
@@ -423,13 +425,9 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
         PipelineError::PeerAborted {
             phase,
             reason,
-            code,
             detail,
         } => {
-            let why = reason.map_or_else(
-                || format!("reason {code}"),
-                |r| abort_reason_text(r).to_owned(),
-            );
+            let why = abort_reason_text(*reason);
             if detail.is_empty() {
                 format!("peer aborted the migration in {phase} ({why})")
             } else {
@@ -633,8 +631,7 @@ mod tests {
     fn messages_are_always_exactly_one_line() {
         let e = migration(PipelineError::PeerAborted {
             phase: Phase::Resume,
-            reason: Some(AbortReason::DeviceRefused),
-            code: 2,
+            reason: AbortReason::DeviceRefused,
             detail: "line one\nline two\r\n".into(),
         });
         let msg = describe(&e);

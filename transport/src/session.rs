@@ -14,7 +14,7 @@ use vfmig_wire::handshake::{
     Agreed, Auth, ClientHandshake, ClientParams, DeviceDesc, Limits, Offer, ServerHandshake,
     ServerParams, KNOWN_CODECS,
 };
-use vfmig_wire::{FrameHeader, HEADER_LEN};
+use vfmig_wire::{AbortReason, FrameHeader, HEADER_LEN};
 
 use crate::config::{
     check_peer_policy, AuthConfig, SessionConfig, MAX_ABORT_DETAIL, MAX_DEVICES, MAX_STREAMS,
@@ -174,7 +174,7 @@ impl Core {
         }
     }
 
-    fn abort(&self, reason: u16, detail: &str) {
+    fn abort(&self, reason: AbortReason, detail: &str) {
         let mut d = detail.as_bytes();
         if d.len() > MAX_ABORT_DETAIL {
             // Cut at a character boundary so the detail stays valid UTF-8.
@@ -211,7 +211,7 @@ impl Core {
 ///
 /// Dropping it without [`SendSession::close`] aborts the session: queued frames are discarded
 /// and the destination gets [`TransportError::PeerAborted`] with reason
-/// `AbortReason::Cancelled` (best effort, in the background).
+/// [`AbortReason::Cancelled`] (best effort, in the background).
 #[derive(Debug)]
 pub struct SendSession {
     core: Core,
@@ -355,7 +355,7 @@ impl SendSession {
     }
 
     /// Sends an `Abort` on every connection (bounded wait) and ends the session.
-    pub fn abort(&self, reason: u16, detail: &str) {
+    pub fn abort(&self, reason: AbortReason, detail: &str) {
         self.core.abort(reason, detail);
     }
 
@@ -564,7 +564,7 @@ impl RecvSession {
     }
 
     /// Sends an `Abort` on every connection (bounded wait) and ends the session.
-    pub fn abort(&self, reason: u16, detail: &str) {
+    pub fn abort(&self, reason: AbortReason, detail: &str) {
         self.core.abort(reason, detail);
     }
 

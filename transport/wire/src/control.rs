@@ -6,32 +6,53 @@ use crate::deframer::Frame;
 use crate::frame::{Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAX_ABORT_DETAIL};
 use crate::WireError;
 
-/// Why a session is aborted (`arg` of an `Abort` frame).
+/// Why a session is aborted: the code in the `arg` of an `Abort` frame (docs/PROTOCOL.md,
+/// section 5). This is the one abort vocabulary of vfmig: the transport sends it
+/// (`abort(AbortReason)`), reports it (`PeerAborted { reason }`), and the pipeline picks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AbortReason {
-    /// The operator or the VMM cancelled the migration.
+    /// 1: the operator or the VMM cancelled the migration (also: a session handle dropped
+    /// without closing).
     Cancelled,
-    /// A source device failed (read, state transition).
+    /// 2: a source device or the source's pipeline failed (read, state transition, codec).
     SourceDevice,
-    /// A destination device failed or rejected its state.
+    /// 3: the destination could not set up or write to its device.
     DestinationDevice,
-    /// The peer broke the protocol (bad frame, wrong order, unknown device).
+    /// 4: the peer broke the protocol (bad frame, wrong order, unknown device).
     Protocol,
-    /// A checksum, length or digest did not match.
+    /// 5: a checksum, length, digest or decode check failed.
     Integrity,
-    /// The peer was silent past the liveness timeout.
+    /// 6: the peer was silent, or made no progress, past the timeout.
     Timeout,
-    /// A bounded resource ran out (pool, window, queue) past its timeout.
+    /// 7: a bounded resource ran out (pool, window, queue) past its timeout.
     Resources,
-    /// An internal error on the sender.
+    /// 8: an internal error on the sender.
     Internal,
+    /// 9: a destination device refused its state (RESUMING -> STOP failed).
+    DeviceRefused,
+    /// 10: the two sides were given different devices.
+    DeviceMismatch,
     /// A code this version does not know.
-    Unknown(u64),
+    Unknown(u16),
 }
 
 impl AbortReason {
-    /// Wire value.
-    pub fn to_u64(self) -> u64 {
+    /// Every known reason, in code order.
+    pub const ALL: [AbortReason; 10] = [
+        AbortReason::Cancelled,
+        AbortReason::SourceDevice,
+        AbortReason::DestinationDevice,
+        AbortReason::Protocol,
+        AbortReason::Integrity,
+        AbortReason::Timeout,
+        AbortReason::Resources,
+        AbortReason::Internal,
+        AbortReason::DeviceRefused,
+        AbortReason::DeviceMismatch,
+    ];
+
+    /// Wire code.
+    pub const fn code(self) -> u16 {
         match self {
             AbortReason::Cancelled => 1,
             AbortReason::SourceDevice => 2,
@@ -41,22 +62,43 @@ impl AbortReason {
             AbortReason::Timeout => 6,
             AbortReason::Resources => 7,
             AbortReason::Internal => 8,
+            AbortReason::DeviceRefused => 9,
+            AbortReason::DeviceMismatch => 10,
             AbortReason::Unknown(v) => v,
         }
     }
 
-    /// Parses a wire value.
-    pub fn from_u64(v: u64) -> AbortReason {
-        match v {
-            1 => AbortReason::Cancelled,
-            2 => AbortReason::SourceDevice,
-            3 => AbortReason::DestinationDevice,
-            4 => AbortReason::Protocol,
-            5 => AbortReason::Integrity,
-            6 => AbortReason::Timeout,
-            7 => AbortReason::Resources,
-            8 => AbortReason::Internal,
-            v => AbortReason::Unknown(v),
+    /// Parses a wire code; codes this version does not know become [`AbortReason::Unknown`].
+    pub fn from_code(code: u16) -> AbortReason {
+        AbortReason::ALL
+            .into_iter()
+            .find(|r| r.code() == code)
+            .unwrap_or(AbortReason::Unknown(code))
+    }
+
+    /// The name docs/PROTOCOL.md gives the code (`"unknown"` for unknown codes).
+    pub const fn name(self) -> &'static str {
+        match self {
+            AbortReason::Cancelled => "Cancelled",
+            AbortReason::SourceDevice => "SourceDevice",
+            AbortReason::DestinationDevice => "DestinationDevice",
+            AbortReason::Protocol => "Protocol",
+            AbortReason::Integrity => "Integrity",
+            AbortReason::Timeout => "Timeout",
+            AbortReason::Resources => "Resources",
+            AbortReason::Internal => "Internal",
+            AbortReason::DeviceRefused => "DeviceRefused",
+            AbortReason::DeviceMismatch => "DeviceMismatch",
+            AbortReason::Unknown(_) => "Unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AbortReason::Unknown(c) => write!(f, "unknown reason {c}"),
+            r => write!(f, "{} ({})", r.name(), r.code()),
         }
     }
 }
@@ -166,7 +208,7 @@ impl Control {
                 device,
                 total_raw_bytes,
             } => (*device, 0, *total_raw_bytes),
-            Control::Abort { reason, .. } => (0, 0, reason.to_u64()),
+            Control::Abort { reason, .. } => (0, 0, u64::from(reason.code())),
             Control::Keepalive { millis } => (0, 0, *millis),
         };
         // Payloads are at most MAX_ABORT_DETAIL bytes.
@@ -232,7 +274,8 @@ impl Control {
                 total_raw_bytes: arg,
             },
             FrameKind::Abort => Control::Abort {
-                reason: AbortReason::from_u64(arg),
+                // `check_kind_rules` bounds an Abort's `arg` to 16 bits.
+                reason: AbortReason::from_code(u16::try_from(arg).unwrap_or(u16::MAX)),
                 detail: std::str::from_utf8(payload)
                     .map_err(|e| WireError::AbortDetailNotUtf8 {
                         valid_up_to: e.valid_up_to(),

@@ -306,6 +306,7 @@ impl FrameHeader {
                     self.raw_len as usize <= MAX_ABORT_DETAIL,
                     "detail longer than MAX_ABORT_DETAIL",
                 )?;
+                rule(self.arg <= u64::from(u16::MAX), "reason code above 16 bits")?;
                 rule(
                     self.device == 0 && self.seq == 0,
                     "device and seq must be 0",

@@ -313,6 +313,45 @@ fn abort_detail_that_is_not_utf8_is_a_typed_error_and_long_detail_is_cut_at_a_ch
 }
 
 #[test]
+fn every_abort_code_round_trips_through_a_frame_and_unknown_codes_keep_their_value() {
+    for (i, reason) in AbortReason::ALL.into_iter().enumerate() {
+        // Codes are dense from 1, in the order of docs/PROTOCOL.md.
+        assert_eq!(usize::from(reason.code()), i + 1, "{reason:?}");
+        assert_eq!(AbortReason::from_code(reason.code()), reason);
+        assert_eq!(format!("{reason:?}"), reason.name());
+        let c = Control::Abort {
+            reason,
+            detail: String::new(),
+        };
+        let (frames, err) = deframe(&c.encode());
+        assert_eq!(err, None);
+        assert_eq!(Control::try_from(&frames[0]), Ok(c));
+    }
+    for code in [0, 11, 999, u16::MAX] {
+        assert_eq!(AbortReason::from_code(code), AbortReason::Unknown(code));
+        assert_eq!(AbortReason::Unknown(code).code(), code);
+    }
+}
+
+#[test]
+fn abort_reason_above_16_bits_is_a_kind_rule_error() {
+    let mut h = Control::Abort {
+        reason: AbortReason::Cancelled,
+        detail: String::new(),
+    }
+    .header();
+    h.arg = 1 << 16;
+    let bytes = h.encode(&[]);
+    assert_eq!(
+        FrameHeader::decode(&bytes),
+        Err(WireError::KindRule {
+            kind: FrameKind::Abort,
+            what: "reason code above 16 bits"
+        })
+    );
+}
+
+#[test]
 fn data_frames_are_not_control_frames() {
     let (frames, _) = deframe(&one_of_each()[0]);
     assert_eq!(
@@ -413,8 +452,8 @@ fn arb_control() -> impl Strategy<Value = Control> {
                 total_raw_bytes,
             }
         }),
-        (any::<u64>(), "\\PC{0,200}").prop_map(|(r, detail)| Control::Abort {
-            reason: AbortReason::from_u64(r),
+        (any::<u16>(), "\\PC{0,200}").prop_map(|(r, detail)| Control::Abort {
+            reason: AbortReason::from_code(r),
             detail
         }),
         any::<u64>().prop_map(|millis| Control::Keepalive { millis }),
