@@ -254,7 +254,7 @@ pub struct Report {
     pub elapsed: Duration,
     /// Raw bytes per second over the session.
     pub throughput_bps: f64,
-    /// Source: from the first device leaving a running state to the last `DeviceResumed` ack.
+    /// Source: from the first device leaving a running state to the last `DevicePrepared` ack.
     pub downtime: Option<Duration>,
     /// Busy time per stage.
     pub stages: StageTimes,
@@ -262,6 +262,9 @@ pub struct Report {
     pub limiting_stage: Stage,
     /// Compression in use at the end (e.g. `zstd:3`, `lz4`, `none`).
     pub codec: String,
+    /// What the destination did after the commit: on the source, the outcome it reported; on
+    /// the destination, the outcome it sent. `None` before the end of the session.
+    pub outcome: Option<vfmig_wire::FinalOutcome>,
 }
 
 /// What rollback did to one device.

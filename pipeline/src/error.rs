@@ -22,8 +22,11 @@ pub enum Phase {
     StopCopy,
     /// Destination: loading state into the RESUMING data fd and validating it.
     Resume,
-    /// Waiting for the destination's acknowledgements.
+    /// Waiting for the destination's acknowledgements (each device *prepared*).
     Acknowledge,
+    /// The end of the session (docs/PROTOCOL.md, section 5.1): the source's decision and the
+    /// destination's outcome.
+    Commit,
     /// Walking devices back after a failure.
     Rollback,
 }
@@ -36,7 +39,26 @@ impl fmt::Display for Phase {
             Phase::StopCopy => "stop-copy",
             Phase::Resume => "resume",
             Phase::Acknowledge => "acknowledge",
+            Phase::Commit => "commit",
             Phase::Rollback => "rollback",
+        })
+    }
+}
+
+/// A side of a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The side that sends the state and decides commit or abort.
+    Source,
+    /// The side that loads the state and acts on the decision.
+    Destination,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
         })
     }
 }
@@ -254,6 +276,34 @@ pub enum PipelineError {
         /// Its value.
         value: u64,
     },
+    /// The decision of the session cannot be known on this side (docs/PROTOCOL.md, section
+    /// 5.1). On the source: *commit* was sent, and the destination's outcome never arrived. On
+    /// the destination: every device was prepared (and said so), and neither *commit* nor
+    /// *abort* arrived. This side's devices are left in STOP holding a complete, valid copy of
+    /// the state; nothing here resumes them or resets them. [`PipelineError::in_doubt_guidance`]
+    /// says how to finish.
+    #[error("in doubt ({side}): {cause}; this side's devices stay in STOP with valid state")]
+    InDoubt {
+        /// The side that reports.
+        side: Side,
+        /// What cut the session short (link lost, timeout, cancel, unknown outcome).
+        #[source]
+        cause: Box<PipelineError>,
+    },
+    /// The source committed, and the destination reported that it could not resume its devices:
+    /// it reset them, so the source holds the only valid state and rolled back to RUNNING.
+    #[error("the destination could not resume its devices after the commit; it reset them, and the source rolled back")]
+    DestinationResumeFailed,
+    /// A destination step that needs a committed session ([`crate::DestinationSession::resume`],
+    /// [`crate::DestinationSession::finish`]) was called without one.
+    #[error("no committed session: receive() must return Ok first")]
+    NotCommitted,
+    /// The destination sent an outcome code this version does not know (then in doubt).
+    #[error("unknown outcome code {code} from the destination")]
+    UnknownOutcome {
+        /// The code.
+        code: u16,
+    },
     /// A stage thread stopped without reporting (a bug; reported rather than hung).
     #[error("the {stage} stage stopped unexpectedly")]
     StageLost {
@@ -263,6 +313,30 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// For [`PipelineError::InDoubt`]: which side holds valid state and how to finish (one
+    /// line). `None` for every other error.
+    pub fn in_doubt_guidance(&self) -> Option<&'static str> {
+        match self {
+            PipelineError::InDoubt {
+                side: Side::Source, ..
+            } => Some(
+                "the source sent commit: the destination holds a complete, validated copy and may \
+                 already run it. Ask the destination: if it succeeded or is in doubt too, resume \
+                 the guest there and discard the source; only if it failed (it reset its devices), \
+                 roll the source back (its devices are stopped with their state intact)",
+            ),
+            PipelineError::InDoubt {
+                side: Side::Destination,
+                ..
+            } => Some(
+                "this destination holds a complete, validated copy in STOP and did not learn the \
+                 decision. Ask the source: if it is in doubt too (it sent commit) or succeeded, \
+                 resume the guest here; if it failed (it rolled back and runs), reset these devices",
+            ),
+            _ => None,
+        }
+    }
+
     /// The abort reason to tell the peer about this failure.
     pub fn abort_reason(&self, source_side: bool) -> AbortReason {
         match self {

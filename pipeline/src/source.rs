@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
 use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
-use vfmig_wire::{FrameHeader, FrameKind};
+use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::api::{
@@ -19,7 +19,7 @@ use crate::api::{
     RollbackStep, SourceOptions, Stage, StageTimes,
 };
 use crate::codec::{chunk_len, Choice};
-use crate::error::{Phase, PipelineError};
+use crate::error::{Phase, PipelineError, Side};
 use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
@@ -268,7 +268,7 @@ impl<D: MigrationDevice> SourceSession<D> {
     }
 
     /// Migrates every device to the destination listening at `addr`. Blocks until the
-    /// destination acknowledged every device (`DeviceResumed`), or fails.
+    /// destination acknowledged every device (`DevicePrepared`), or fails.
     pub fn run(&mut self, addr: SocketAddr) -> Result<Report, PipelineError> {
         self.rollback.clear();
         let started = Instant::now();
@@ -301,21 +301,106 @@ impl<D: MigrationDevice> SourceSession<D> {
         let mut downtime_start = None;
         match self.drive(&session, &stages, &mut runs, &mut downtime_start, started) {
             Ok(downtime) => {
-                let elapsed = started.elapsed();
                 stages.cmds = None;
                 stages.join();
-                let session = Arc::try_unwrap(session);
-                if let Ok(s) = session {
-                    // The destination has everything; a failed clean close changes nothing.
-                    let _ = s.close();
+                // Every device is prepared on the destination and stopped here: the decision.
+                let decided = self.commit(&session);
+                let elapsed = started.elapsed();
+                let mut report = self.report(&stages, elapsed, Some(downtime));
+                match decided {
+                    Ok(outcome) => {
+                        close_quietly(session);
+                        report.outcome = Some(outcome);
+                        Ok(report)
+                    }
+                    Err(e @ PipelineError::InDoubt { .. }) => {
+                        // No Abort may follow a sent commit (the destination would reset what
+                        // may be the only copy): a clean close, and the devices stay in STOP.
+                        close_quietly(session);
+                        Err(e)
+                    }
+                    Err(e) => {
+                        // The commit was never queued, or the destination reset its devices
+                        // after a failed resume: the state here is the only valid copy.
+                        session.abort(e.abort_reason(true), &e.to_string());
+                        self.roll_back();
+                        Err(e)
+                    }
                 }
-                Ok(self.report(&stages, elapsed, Some(downtime)))
             }
             Err(e) => {
                 session.abort(e.abort_reason(true), &e.to_string());
                 stages.stop();
                 self.roll_back();
                 Err(e)
+            }
+        }
+    }
+
+    /// The decision point (docs/PROTOCOL.md, section 5.1): every destination device is prepared
+    /// and every source device is in STOP. Sends *commit*, after which the source devices never
+    /// run again unless the destination reports `ResumeFailed`, then waits (at most the timeout)
+    /// for the destination's outcome. A commit the transport refused to queue was never sent:
+    /// that is an ordinary failure, not [`PipelineError::InDoubt`].
+    fn commit(&mut self, session: &SendSession) -> Result<FinalOutcome, PipelineError> {
+        let in_doubt = |cause: PipelineError| PipelineError::InDoubt {
+            side: Side::Source,
+            cause: Box::new(cause),
+        };
+        session
+            .send(Control::Commit.header(), None)
+            .map_err(|source| PipelineError::Transport {
+                phase: Phase::Commit,
+                source,
+            })?;
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(in_doubt(PipelineError::Timeout {
+                    phase: Phase::Commit,
+                    what: "the destination's outcome",
+                    waited: self.opts.timeout,
+                }));
+            }
+            let frame = match session.recv_control(left.min(TICK * 10)) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(TransportError::PeerAborted { reason, detail }) => {
+                    return Err(in_doubt(PipelineError::PeerAborted {
+                        phase: Phase::Commit,
+                        reason,
+                        detail,
+                    }))
+                }
+                Err(source) => {
+                    return Err(in_doubt(PipelineError::Transport {
+                        phase: Phase::Commit,
+                        source,
+                    }))
+                }
+            };
+            match Control::decode(
+                &frame.header,
+                frame.payload.as_ref().map_or(&[][..], |p| p.as_slice()),
+            ) {
+                Ok(Control::Outcome { outcome }) => {
+                    return match outcome {
+                        FinalOutcome::Resumed | FinalOutcome::Held => Ok(outcome),
+                        FinalOutcome::ResumeFailed => Err(PipelineError::DestinationResumeFailed),
+                        FinalOutcome::Unknown(code) => {
+                            Err(in_doubt(PipelineError::UnknownOutcome { code }))
+                        }
+                    }
+                }
+                Ok(Control::Keepalive { .. } | Control::SwitchoverAck { .. }) => {}
+                _ => {
+                    return Err(in_doubt(PipelineError::UnexpectedFrame {
+                        kind: frame.header.kind,
+                        device: frame.header.device,
+                        phase: Phase::Commit,
+                    }))
+                }
             }
         }
     }
@@ -602,7 +687,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 watch.progressed();
                 let device = f.header.device;
                 match (f.header.kind, runs.get_mut(usize::from(device))) {
-                    (FrameKind::DeviceResumed, Some(r)) => r.acked = Some(f.header.arg),
+                    (FrameKind::DevicePrepared, Some(r)) => r.acked = Some(f.header.arg),
                     (FrameKind::SwitchoverAck | FrameKind::Keepalive, _) => {}
                     (kind, _) => {
                         return Err(PipelineError::UnexpectedFrame {
@@ -689,6 +774,15 @@ impl<D: MigrationDevice> SourceSession<D> {
     }
 }
 
+/// Ends a session without an Abort frame: a clean close (bounded by the session timeout). If
+/// another handle still held it, dropping would abort; every stage is joined before this.
+fn close_quietly(session: Arc<SendSession>) {
+    if let Ok(s) = Arc::try_unwrap(session) {
+        // The outcome is decided; a failed clean close changes nothing.
+        let _ = s.close();
+    }
+}
+
 /// `set_state` with the error carrying the device and the phase.
 pub(crate) fn set_state<D: MigrationDevice>(
     d: &mut D,
@@ -732,6 +826,17 @@ pub(crate) fn reset_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
         _ => reset(d, from),
     };
     RollbackStep { device, action }
+}
+
+/// After a commit whose resume failed: every device is reset, a RUNNING one too (it may run the
+/// migrated state), so that the source may run again.
+pub(crate) fn reset_committed<D: MigrationDevice>(d: &mut D) -> RollbackStep {
+    let device = d.name().to_owned();
+    let from = d.state().ok();
+    RollbackStep {
+        device,
+        action: reset(d, from),
+    }
 }
 
 fn reset<D: MigrationDevice>(d: &mut D, from: Option<DeviceState>) -> RollbackAction {
@@ -822,6 +927,7 @@ pub(crate) fn build_report(
         stages,
         limiting_stage,
         codec: codec.to_owned(),
+        outcome: None,
     }
 }
 

@@ -49,7 +49,8 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
 
 const JSON_HELP: &str = "\
 JSON OUTPUT (--json): one object on stdout at the end, also on failure:
-  outcome (\"ok\"|\"failed\"), role, error (the failure line or null), exit_code, peer,
+  outcome (\"ok\"|\"failed\"|\"in-doubt\"), role, error (the failure line or null), exit_code,
+  guidance (in doubt: which side holds valid state and how to finish, else null), peer,
   elapsed_ms, downtime_ms, raw_bytes, wire_bytes, ratio (raw/wire), throughput_bytes_per_sec,
   limiting_stage (\"device\"|\"codec\"|\"network\"), stages_busy_ms, and devices: a list of
   { index, name, kind, raw_bytes, wire_bytes, precopy_bytes, ratio, throughput_bytes_per_sec,
@@ -63,7 +64,10 @@ EXIT STATUS:
   1  the migration failed; one line on stderr names the cause
      (the source devices are walked back to RUNNING, the destination devices are reset)
   2  usage error: unknown option, bad value, bad device spec, a file or device path that does
-     not exist, an unreadable key or certificate";
+     not exist, an unreadable key or certificate
+  3  in doubt: the link was lost at the commit point, so this side cannot know the decision;
+     its devices stay stopped with valid state (never resumed on their own) and the message
+     (--json: \"outcome\": \"in-doubt\", \"guidance\") says which side to resume";
 
 const SEND_EXAMPLES: &str = "\
 EXAMPLES:

@@ -16,6 +16,9 @@ use crate::file_device::FileDeviceError;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit status: usage error (clap's, or a bad value found after parsing).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the migration is in doubt (docs/PROTOCOL.md, section 5.1): this side's devices
+/// are left in STOP with valid state and the operator finishes it.
+pub const EXIT_IN_DOUBT: u8 = 3;
 
 /// One device of the command line, for naming it in messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +143,16 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
+            _ if self.in_doubt_guidance().is_some() => EXIT_IN_DOUBT,
             _ => EXIT_FAILED,
+        }
+    }
+
+    /// For a migration in doubt: which side holds valid state and how to finish.
+    pub fn in_doubt_guidance(&self) -> Option<&'static str> {
+        match self {
+            CliError::Migration { error, .. } => error.in_doubt_guidance(),
+            _ => None,
         }
     }
 
@@ -367,6 +379,11 @@ fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
 /// Pipeline errors, worded for an operator.
 pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
     match e {
+        PipelineError::InDoubt { side, cause } => format!(
+            "IN DOUBT on the {side}: {}; this side's devices stay stopped with valid state; {}",
+            describe_pipeline(cause, devices),
+            e.in_doubt_guidance().unwrap_or_default()
+        ),
         PipelineError::Transport { source, .. } => describe_transport(source),
         PipelineError::DeviceRefused { device, source } => format!(
             "destination {} refused the state: {}",

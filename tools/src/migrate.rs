@@ -64,6 +64,7 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::StopCopy => "stop-copy",
         Phase::Resume => "resume",
         Phase::Acknowledge => "verifying",
+        Phase::Commit => "committing",
         Phase::Rollback => "rollback",
     }
 }
@@ -134,6 +135,7 @@ pub fn report_json(
         } else {
             crate::error::EXIT_FAILED
         },
+        guidance: None,
         peer: peer.map(|p| p.to_string()),
         elapsed_ms: secs * 1000.0,
         downtime_ms,

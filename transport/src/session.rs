@@ -348,7 +348,7 @@ impl SendSession {
     }
 
     /// Waits up to `timeout` for a frame from the destination (`SwitchoverAck`,
-    /// `DeviceResumed`). An `Abort` from the destination ends the session and comes back as
+    /// `DevicePrepared`). An `Abort` from the destination ends the session and comes back as
     /// [`TransportError::PeerAborted`].
     pub fn recv_control(&self, timeout: Duration) -> Result<Option<Frame>, TransportError> {
         self.core.recv(timeout)
@@ -553,7 +553,7 @@ impl RecvSession {
         })
     }
 
-    /// Sends a control frame to the source (`SwitchoverAck`, `DeviceResumed`).
+    /// Sends a control frame to the source (`SwitchoverAck`, `DevicePrepared`).
     pub fn send_control(&self, header: FrameHeader, payload: &[u8]) -> Result<(), TransportError> {
         let p = if payload.is_empty() {
             OutPayload::Empty

@@ -441,7 +441,7 @@ fn control_frames_flow_back_to_the_source() {
     let src = SendSession::connect(addr, &cfg(3), devices(2)).unwrap();
     let dst = dst.join().unwrap().unwrap();
     let ack = FrameHeader {
-        kind: FrameKind::DeviceResumed,
+        kind: FrameKind::DevicePrepared,
         codec: Codec::Raw,
         device: 1,
         seq: 0,
@@ -454,7 +454,7 @@ fn control_frames_flow_back_to_the_source() {
     let f = src.recv_control(Duration::from_secs(5)).unwrap().unwrap();
     assert_eq!(
         (f.header.kind, f.header.device, f.header.arg),
-        (FrameKind::DeviceResumed, 1, 1234)
+        (FrameKind::DevicePrepared, 1, 1234)
     );
     assert!(src
         .recv_control(Duration::from_millis(50))

@@ -103,6 +103,48 @@ impl std::fmt::Display for AbortReason {
     }
 }
 
+/// What the destination did after the source's commit (`arg` of an `Outcome` frame,
+/// docs/PROTOCOL.md, section 5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinalOutcome {
+    /// 1: every destination device is RUNNING (resumed by the library or by the VMM).
+    Resumed,
+    /// 2: every destination device holds the committed state in STOP; its owner resumes it.
+    Held,
+    /// 3: resuming failed; the destination reset its devices before saying so, so the source
+    /// holds the only valid state and may run again.
+    ResumeFailed,
+    /// A code this version does not know (the source treats it as in doubt).
+    Unknown(u16),
+}
+
+impl FinalOutcome {
+    /// Every known outcome, in code order.
+    pub const ALL: [FinalOutcome; 3] = [
+        FinalOutcome::Resumed,
+        FinalOutcome::Held,
+        FinalOutcome::ResumeFailed,
+    ];
+
+    /// Wire code.
+    pub const fn code(self) -> u16 {
+        match self {
+            FinalOutcome::Resumed => 1,
+            FinalOutcome::Held => 2,
+            FinalOutcome::ResumeFailed => 3,
+            FinalOutcome::Unknown(c) => c,
+        }
+    }
+
+    /// Parses a wire code.
+    pub fn from_code(code: u16) -> FinalOutcome {
+        FinalOutcome::ALL
+            .into_iter()
+            .find(|o| o.code() == code)
+            .unwrap_or(FinalOutcome::Unknown(code))
+    }
+}
+
 /// A control frame, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Control {
@@ -133,8 +175,9 @@ pub enum Control {
         /// Raw bytes received so far for that device.
         raw_bytes: u64,
     },
-    /// Destination -> source: `device` accepted its state (RESUMING -> STOP succeeded).
-    DeviceResumed {
+    /// Destination -> source: `device` is prepared (verified, RESUMING -> STOP succeeded; it
+    /// waits in STOP for the decision).
+    DevicePrepared {
         /// Device index.
         device: u16,
         /// Total raw bytes written to the device.
@@ -152,6 +195,13 @@ pub enum Control {
     Keepalive {
         /// The sender's monotonic clock in milliseconds.
         millis: u64,
+    },
+    /// Source -> destination: the decision is *commit*.
+    Commit,
+    /// Destination -> source: what the destination did after the commit.
+    Outcome {
+        /// The outcome.
+        outcome: FinalOutcome,
     },
 }
 
@@ -174,9 +224,11 @@ impl Control {
             Control::EndOfDevice { .. } => FrameKind::EndOfDevice,
             Control::PreCopyDone { .. } => FrameKind::PreCopyDone,
             Control::SwitchoverAck { .. } => FrameKind::SwitchoverAck,
-            Control::DeviceResumed { .. } => FrameKind::DeviceResumed,
+            Control::DevicePrepared { .. } => FrameKind::DevicePrepared,
             Control::Abort { .. } => FrameKind::Abort,
             Control::Keepalive { .. } => FrameKind::Keepalive,
+            Control::Commit => FrameKind::Commit,
+            Control::Outcome { .. } => FrameKind::Outcome,
         }
     }
 
@@ -204,12 +256,14 @@ impl Control {
                 precopy_bytes,
             } => (*device, *seq, *precopy_bytes),
             Control::SwitchoverAck { device, raw_bytes } => (*device, 0, *raw_bytes),
-            Control::DeviceResumed {
+            Control::DevicePrepared {
                 device,
                 total_raw_bytes,
             } => (*device, 0, *total_raw_bytes),
             Control::Abort { reason, .. } => (0, 0, u64::from(reason.code())),
             Control::Keepalive { millis } => (0, 0, *millis),
+            Control::Commit => (0, 0, 0),
+            Control::Outcome { outcome } => (0, 0, u64::from(outcome.code())),
         };
         // Payloads are at most MAX_ABORT_DETAIL bytes.
         let len = u32::try_from(self.payload().len()).unwrap_or(u32::MAX);
@@ -269,7 +323,7 @@ impl Control {
                 device,
                 raw_bytes: arg,
             },
-            FrameKind::DeviceResumed => Control::DeviceResumed {
+            FrameKind::DevicePrepared => Control::DevicePrepared {
                 device,
                 total_raw_bytes: arg,
             },
@@ -283,6 +337,11 @@ impl Control {
                     .to_owned(),
             },
             FrameKind::Keepalive => Control::Keepalive { millis: arg },
+            FrameKind::Commit => Control::Commit,
+            FrameKind::Outcome => Control::Outcome {
+                // `check_kind_rules` bounds the code to 16 bits.
+                outcome: FinalOutcome::from_code(u16::try_from(arg).unwrap_or(u16::MAX)),
+            },
         })
     }
 }

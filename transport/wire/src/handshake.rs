@@ -33,7 +33,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The protocol version this crate speaks (envelope bytes 4..6 of every handshake message).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Magic at the start of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 4] = *b"VMHS";
 /// Length of the envelope that precedes every handshake message body.

@@ -19,7 +19,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 
-pub use control::{AbortReason, Control};
+pub use control::{AbortReason, Control, FinalOutcome};
 pub use deframer::{Deframer, Frame};
 pub use error::WireError;
 pub use frame::{
