@@ -465,7 +465,17 @@ impl<D: MigrationDevice> DestinationSession<D> {
         }
         let frame = Control::Outcome { outcome };
         // A failed send leaves the source in doubt; the decision here was made either way.
-        let _ = c.session.send_control(frame.header(), &[]);
+        if c.session.send_control(frame.header(), &[]).is_ok() {
+            // The source closes once it has the outcome. Closing first could overtake the
+            // outcome: each connection is FIFO, the session is not.
+            let deadline = Instant::now() + self.opts.timeout;
+            while Instant::now() < deadline {
+                match c.session.recv(POLL) {
+                    Ok(_) | Err(TransportError::Timeout { .. }) => {}
+                    Err(_) => break,
+                }
+            }
+        }
         let elapsed = c.started.elapsed();
         if let Ok(s) = Arc::try_unwrap(c.session) {
             let _ = s.close();

@@ -645,6 +645,39 @@ mod tests {
     }
 
     #[test]
+    fn in_doubt_exits_3_and_names_the_side_the_cause_and_how_to_finish() {
+        let e = migration(PipelineError::InDoubt {
+            side: vfmig_pipeline::Side::Source,
+            cause: Box::new(PipelineError::Timeout {
+                phase: Phase::Commit,
+                what: "the destination's outcome",
+                waited: Duration::from_secs(30),
+            }),
+        });
+        assert_eq!(e.exit_code(), EXIT_IN_DOUBT);
+        let msg = describe(&e);
+        assert!(!msg.contains('\n'), "{msg:?}");
+        assert!(
+            msg.starts_with("IN DOUBT on the source: timed out after 30 s"),
+            "{msg}"
+        );
+        assert!(msg.contains("the source sent commit"), "{msg}");
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::report::failure_json("send", &e)).expect("JSON");
+        assert_eq!(v["outcome"], "in-doubt");
+        assert_eq!(v["exit_code"], 3);
+        assert!(v["guidance"]
+            .as_str()
+            .is_some_and(|g| g.contains("roll the source back")));
+        let f = migration(PipelineError::DestinationResumeFailed);
+        assert_eq!(f.exit_code(), EXIT_FAILED);
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::report::failure_json("send", &f)).expect("JSON");
+        assert_eq!(v["outcome"], "failed");
+        assert!(v["guidance"].is_null());
+    }
+
+    #[test]
     fn messages_are_always_exactly_one_line() {
         let e = migration(PipelineError::PeerAborted {
             phase: Phase::Resume,
