@@ -88,8 +88,9 @@ impl Stages {
         {
             let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
             let guest = opts.guest_memory.clone();
+            let key = session.agreed().keys.as_ref().map(|k| *k.digest_key());
             threads.push(stages::spawn("vfmig-writer", move || {
-                writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout)
+                writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout, key)
             })?);
         }
         for _ in 0..workers {

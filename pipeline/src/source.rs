@@ -45,6 +45,10 @@ impl FrameSink for SendSession {
         self.send(header, payload)
             .map_err(|source| PipelineError::Transport { phase, source })
     }
+
+    fn digest_key(&self) -> Option<[u8; 32]> {
+        self.agreed().keys.as_ref().map(|k| *k.digest_key())
+    }
 }
 
 /// Migrates devices to a destination. Blocking: run it on the VMM's migration thread.

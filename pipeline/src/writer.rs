@@ -80,6 +80,7 @@ pub(crate) fn run(
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
+    digest_key: Option<[u8; 32]>,
 ) {
     let mut ring = match DataRing::new(&pool, 64) {
         Ok(r) => r,
@@ -111,7 +112,7 @@ pub(crate) fn run(
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
             pending: None,
-            digest: StreamDigest::new(),
+            digest: StreamDigest::with_key(digest_key.as_ref()),
             inflight_at: 0,
             written: 0,
             done: false,
