@@ -97,7 +97,7 @@ impl Stages {
         let n = names.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let adaptive = Adaptive::new(opts.compress, workers);
         let adaptive = Arc::new(if session.peer().ip().is_loopback() {
             adaptive.on_this_host()

@@ -31,15 +31,8 @@ const DEMO_MIN_RESUME_CAPACITY: u64 = 64 << 20;
 /// Session timeout of the demo.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn open_err(index: usize, e: &vfmig_vfio::emulated::EmulatedError) -> CliError {
-    CliError::OpenDevice {
-        index,
-        kind: "emu",
-        source: vfmig_vfio::DeviceError::NotVfio {
-            path: format!("emu{index}"),
-            reason: e.to_string(),
-        },
-    }
+fn open_err(index: usize, e: vfmig_vfio::emulated::EmulatedError) -> CliError {
+    CliError::Emulated { index, source: e }
 }
 
 /// `vfmig demo`.
@@ -69,8 +62,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     for i in 0..n {
         let mut cfg = emu_config(&spec, i, Side::Source);
         cfg.resume_capacity = Some(spec.size.saturating_mul(4).max(DEMO_MIN_RESUME_CAPACITY));
-        let src = EmulatedDevice::new(cfg).map_err(|e| open_err(i, &e))?;
-        let dst = src.destination().map_err(|e| open_err(i, &e))?;
+        let src = EmulatedDevice::new(cfg).map_err(|e| open_err(i, e))?;
+        let dst = src.destination().map_err(|e| open_err(i, e))?;
         ports.push(src.p2p_port());
         labels.push(DeviceLabel {
             name: src.name().to_owned(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::{AbortReason, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
+use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
 
@@ -111,6 +112,15 @@ pub enum CliError {
         #[source]
         source: DeviceError,
     },
+    /// An emulated device could not be set up (its FUSE mount, its memory).
+    #[error("device {index} (emu): {source}")]
+    Emulated {
+        /// Position of the device.
+        index: usize,
+        /// Why.
+        #[source]
+        source: EmulatedError,
+    },
     /// The listener could not be bound, or no source arrived.
     #[error("{0}")]
     Transport(TransportError),
@@ -191,6 +201,9 @@ pub fn describe(e: &CliError) -> String {
             "cannot open device {index} ({kind}): {}",
             describe_device(source)
         ),
+        CliError::Emulated { index, source } => {
+            format!("device {index} (emu): {}", describe_emulated(source))
+        }
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
         CliError::Interrupted => {
@@ -230,6 +243,26 @@ fn secs(d: Duration) -> String {
         format!("{s:.0} s")
     } else {
         format!("{s:.1} s")
+    }
+}
+
+/// An emulated device's set-up failure; a FUSE failure says what `emu:` needs.
+fn describe_emulated(e: &EmulatedError) -> String {
+    match e {
+        EmulatedError::Host(source) => {
+            let need = if std::path::Path::new("/dev/fuse").exists() {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE: /dev/fuse usable by this user \
+                 and the right to mount (root, CAP_SYS_ADMIN, or fusermount3 installed)"
+            } else {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE, and /dev/fuse does not exist \
+                 (load the module: modprobe fuse)"
+            };
+            format!(
+                "cannot mount the FUSE file system that serves its data fd: {}; {need}; `file:` devices need neither",
+                os_reason(source)
+            )
+        }
+        other => other.to_string(),
     }
 }
 
@@ -300,7 +333,14 @@ pub fn describe_transport(e: &TransportError) -> String {
                 format!("peer aborted the migration: {why}: {detail}")
             }
         }
-        TransportError::Io { op, source } => format!("{op} failed: {}", os_reason(source)),
+        TransportError::Io { op, source } => {
+            let hint = if op.starts_with("io_uring") {
+                memlock_hint(source)
+            } else {
+                ""
+            };
+            format!("{op} failed: {}{hint}", os_reason(source))
+        }
         TransportError::Short {
             op,
             conn,
@@ -454,7 +494,21 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
         PipelineError::Cancelled { phase } => format!(
             "cancelled (SIGINT/SIGTERM) in {phase}; source devices are walked back to RUNNING, destination devices reset"
         ),
+        PipelineError::Uring { op, source } => {
+            format!("io_uring {op} failed: {}{}", os_reason(source), memlock_hint(source))
+        }
         other => other.to_string(),
+    }
+}
+
+/// For an `ENOMEM` from io_uring set-up: the usual cause (the rings themselves count against
+/// `RLIMIT_MEMLOCK` on recent kernels for a process without `CAP_IPC_LOCK`).
+fn memlock_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        "; io_uring rings count against the locked-memory limit: raise RLIMIT_MEMLOCK to at \
+         least 1 MiB (`ulimit -l`, systemd LimitMEMLOCK=)"
+    } else {
+        ""
     }
 }
 

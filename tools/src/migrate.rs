@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    DestinationOptions, DestinationSession, Phase, PipelineError, Progress as PipelineProgress,
-    Report, SourceOptions, SourceSession, Stage,
+    DestinationOptions, DestinationSession, Notice, Phase, PipelineError,
+    Progress as PipelineProgress, Report, SourceOptions, SourceSession, Stage,
 };
 use vfmig_transport::{Listener, SessionConfig};
 use vfmig_vfio::{DeviceState, MigrationDevice};
@@ -66,6 +66,24 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Acknowledge => "verifying",
         Phase::Rollback => "rollback",
     }
+}
+
+/// Prints each pipeline notice once per process (the demo runs both sides in one).
+fn notice_fn(progress: &Progress) -> vfmig_pipeline::NoticeFn {
+    static UNPINNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let bars = progress.clone();
+    Arc::new(move |n: Notice| {
+        if let Notice::UnpinnedBuffers { errno, .. } = n {
+            if !UNPINNED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let why = nix::errno::Errno::from_raw(errno).desc().to_lowercase();
+                bars.println(&format!(
+                    "vfmig: notice: cannot pin the buffer pool ({why}: RLIMIT_MEMLOCK is below it and \
+                     CAP_IPC_LOCK is missing); using unregistered buffers. Raise the limit \
+                     (`ulimit -l`, systemd LimitMEMLOCK=) to pin them"
+                ));
+            }
+        }
+    })
 }
 
 fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
@@ -172,6 +190,7 @@ pub fn run_source<D: MigrationDevice>(
         allow_without_p2p: plan.allow_without_p2p,
         session: plan.session.clone(),
         progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
         ..SourceOptions::default()
     };
     let mut session = SourceSession::new(devices, opts);
@@ -199,6 +218,7 @@ pub fn run_destination<D: MigrationDevice>(
         allow_without_p2p: true,
         session: plan.session.clone(),
         progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
         ..DestinationOptions::default()
     };
     let mut session = DestinationSession::new(devices, opts);
