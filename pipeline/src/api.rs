@@ -36,6 +36,30 @@ pub enum Notice {
 /// A notice callback (see [`Notice`]); called from a stage thread.
 pub type NoticeFn = Arc<dyn Fn(Notice) + Send + Sync>;
 
+/// A data rate in bytes per second; never zero (a cap of nothing would never send).
+///
+/// Operators speak of links in bits per second and of memory in binary multiples; this type
+/// takes neither guess: build it from the unit you have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rate(std::num::NonZeroU64);
+
+impl Rate {
+    /// `bytes` per second; `None` for zero.
+    pub fn from_bytes_per_sec(bytes: u64) -> Option<Rate> {
+        std::num::NonZeroU64::new(bytes).map(Rate)
+    }
+
+    /// `bits` per second, rounded down to whole bytes; `None` below 8 bit/s.
+    pub fn from_bits_per_sec(bits: u64) -> Option<Rate> {
+        Rate::from_bytes_per_sec(bits / 8)
+    }
+
+    /// Bytes per second.
+    pub fn bytes_per_sec(self) -> u64 {
+        self.0.get()
+    }
+}
+
 /// Source options. `Default` gives adaptive compression, 2 codec workers, pre-copy when every
 /// device supports it, 300 ms max downtime, no rate limit, 30 s timeout.
 #[derive(Clone)]
@@ -52,8 +76,8 @@ pub struct SourceOptions {
     /// Longest pre-copy phase; switch over after it even if the estimate is still above
     /// `max_downtime` (the device keeps dirtying faster than we send).
     pub max_precopy: Duration,
-    /// Wire bytes per second, `None` for no limit.
-    pub max_bandwidth: Option<u64>,
+    /// Cap on wire bytes per second, `None` for no limit.
+    pub max_bandwidth: Option<Rate>,
     /// Longest time without progress at any step (device, transport, peer).
     pub timeout: Duration,
     /// Migrate several devices even if some lack P2P (RUNNING_P2P); P2P traffic between them

@@ -103,7 +103,7 @@ mod flow_tests;
 
 pub use api::{
     CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, Progress,
-    ProgressFn, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;

@@ -27,9 +27,15 @@ pub struct DeviceLabel {
     pub kind: &'static str,
 }
 
-/// Usage errors found after clap accepted the arguments.
+/// Usage errors: the arguments did not parse, or a value was found bad after parsing.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
+    /// The arguments did not parse (clap's message, for the `--json` failure object).
+    #[error("{message}")]
+    Arguments {
+        /// Clap's one-line message.
+        message: String,
+    },
     /// The PSK file cannot be read.
     #[error("cannot read --psk-file {path}: {source}")]
     PskFile {

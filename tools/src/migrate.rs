@@ -31,8 +31,8 @@ pub struct SourcePlan {
     pub precopy: bool,
     /// `--max-downtime`.
     pub max_downtime: Duration,
-    /// `--max-bandwidth`, bytes per second.
-    pub max_bandwidth: Option<u64>,
+    /// `--max-bandwidth`.
+    pub max_bandwidth: Option<vfmig_pipeline::Rate>,
     /// `--timeout`.
     pub timeout: Duration,
     /// `--allow-non-p2p`.

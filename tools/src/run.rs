@@ -60,7 +60,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         compress: a.compress,
         precopy: a.precopy,
         max_downtime: Duration::from_millis(a.max_downtime),
-        max_bandwidth: a.max_bandwidth.map(|r| r.bytes_per_sec),
+        max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,
     };

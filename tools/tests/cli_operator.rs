@@ -101,3 +101,108 @@ fn demo_without_fuse_access_says_what_is_missing() {
     assert!(!err.contains("not a VFIO device"), "{err}");
     assert_eq!(err.lines().count(), 1, "one failure line: {err}");
 }
+
+/// Runs `vfmig ARGS` to completion.
+fn vfmig_run(args: &[&str]) -> std::process::Output {
+    let mut c = vfmig();
+    c.args(args);
+    run(c, None)
+}
+
+/// A usage error: exit 2, the JSON failure object on stdout (with `--json`), and clap's or our
+/// message on stderr. Returns the object's `error`.
+fn usage_error_with_json(args: &[&str]) -> String {
+    let out = vfmig_run(args);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    let j = json(&out.stdout);
+    assert_eq!(j["outcome"], "failed", "{j}");
+    assert_eq!(j["exit_code"], 2, "{j}");
+    j["error"].as_str().expect("error text").to_owned()
+}
+
+#[test]
+fn a_rate_without_a_unit_is_a_usage_error_naming_the_units() {
+    let e = usage_error_with_json(&[
+        "send",
+        "--connect",
+        "127.0.0.1:1",
+        "--device",
+        "emu:size=1M",
+        "--max-bandwidth",
+        "10",
+        "--json",
+    ]);
+    assert!(e.contains("no unit") && e.contains("Mbit/s"), "{e}");
+}
+
+#[test]
+fn rates_in_mbit_gbit_mb_and_mib_per_second_are_accepted() {
+    let dev = "emu:size=4M";
+    for rate in ["100Mbit/s", "2.5Gbit/s", "300MB/s", "300MiB/s", "2.5G"] {
+        let mut c = vfmig();
+        c.args(["send", "--connect", "127.0.0.1:9", "--device", dev])
+            .args(["--max-bandwidth", rate, "--timeout", "1"]);
+        let o = run(c, None);
+        assert_ne!(
+            o.status.code(),
+            Some(2),
+            "{rate} refused: {}",
+            text(&o.stderr)
+        );
+    }
+    let recv = Receiver::spawn(&["--device", dev, "--max-bandwidth", "1Gbit/s"]);
+    let out = run(
+        send(
+            recv.addr,
+            &["--device", dev, "--max-bandwidth", "200MiB/s", "--json"],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}
+
+#[test]
+fn an_emulated_device_larger_than_possible_is_a_usage_error() {
+    let e = usage_error_with_json(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--device",
+        "emu:size=100T",
+        "--json",
+    ]);
+    assert!(e.contains("100T") || e.contains("larger"), "{e}");
+    assert!(!e.contains("VFIO"), "{e}");
+}
+
+#[test]
+fn every_usage_error_prints_the_json_failure_object_when_asked() {
+    for args in [
+        &["send", "--connect", "127.0.0.1:1", "--json"][..],
+        &[
+            "send",
+            "--json",
+            "--connect",
+            "127.0.0.1:1",
+            "-d",
+            "bogus:x",
+        ],
+        &[
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "-d",
+            "emu:size=1M",
+            "--streams",
+            "0",
+            "--json",
+        ],
+        &["demo", "--json", "--size", "12Q"],
+    ] {
+        let e = usage_error_with_json(args);
+        assert!(!e.is_empty(), "{args:?}");
+    }
+}
