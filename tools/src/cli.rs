@@ -1,10 +1,10 @@
 //! The command line: `vfmig send`, `vfmig recv`, `vfmig demo`, with man-page quality `--help`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::addr::{parse_connect, parse_listen, Endpoint};
 use crate::spec::{DeviceSpec, Profile};
 use crate::units::{parse_link_rate, parse_size, UnitError};
 use vfmig_pipeline::Rate;
@@ -284,9 +284,11 @@ fn parse_demo_size(s: &str) -> Result<u64, UnitError> {
 /// `vfmig send`.
 #[derive(Debug, Args)]
 pub struct SendArgs {
-    /// Address of the receiver (`vfmig recv --listen`), e.g. 10.0.0.2:7000 or [fd00::2]:7000.
-    #[arg(long, value_name = "ADDR")]
-    pub connect: SocketAddr,
+    /// Address of the receiver (`vfmig recv --listen`): HOST:PORT, e.g. 10.0.0.2:7000,
+    /// dst.example.com:7000 (every address the name resolves to is tried in turn) or
+    /// [fd00::2]:7000 (IPv6 in brackets).
+    #[arg(long, value_name = "ADDR", value_parser = parse_connect)]
+    pub connect: Endpoint,
 
     /// Compression: auto (chosen at run time from measured link and CPU throughput: compress
     /// when the network limits, less or not at all when the CPU does), none, lz4, or zstd[:LEVEL]
@@ -323,9 +325,10 @@ pub struct SendArgs {
 /// `vfmig recv`.
 #[derive(Debug, Args)]
 pub struct RecvArgs {
-    /// Address to listen on, e.g. 0.0.0.0:7000; port 0 picks a free port (printed on stderr).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: SocketAddr,
+    /// Address to listen on: :7000 or 7000 (every address, IPv6 and IPv4), 0.0.0.0:7000,
+    /// [::1]:7000, or a host name; port 0 picks a free port (printed on stderr).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Endpoint,
 
     /// Destination TLS: refuse sources without a certificate signed by --tls-ca.
     #[arg(long, requires = "tls_cert")]

@@ -141,7 +141,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         })?;
 
     let plan = SourcePlan {
-        connect: addr,
+        connect: vec![addr],
+        host: addr.to_string(),
         session,
         compress: a.compress,
         precopy: !a.no_precopy,
@@ -151,7 +152,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         allow_without_p2p: false,
     };
     let started = Instant::now();
-    let (src_result, src_devices) =
+    let (src_result, _, src_devices) =
         migrate::run_source(&plan, src_list, &labels, &progress, cancel);
     let (dst_result, mut dst_devices) = receiver.join().unwrap_or_else(|_| {
         (

@@ -127,6 +127,32 @@ pub enum CliError {
         #[source]
         source: EmulatedError,
     },
+    /// No address of the receiver accepted a connection.
+    #[error("{host} unreachable")]
+    Unreachable {
+        /// The receiver as given.
+        host: String,
+        /// Each address tried, with its failure, in order.
+        attempts: Vec<(std::net::SocketAddr, TransportError)>,
+    },
+    /// The receiver's host name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listening socket could not be bound on any of the addresses.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The (first) address tried.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<TransportError>,
+    },
     /// The listener could not be bound, or no source arrived.
     #[error("{0}")]
     Transport(TransportError),
@@ -209,6 +235,35 @@ pub fn describe(e: &CliError) -> String {
         ),
         CliError::Emulated { index, source } => {
             format!("device {index} (emu): {}", describe_emulated(source))
+        }
+        CliError::Unreachable { host, attempts } => {
+            let each: Vec<String> = attempts
+                .iter()
+                .map(|(a, e)| match e {
+                    TransportError::Connect { source, .. } => format!("{a}: {}", os_reason(source)),
+                    other => format!("{a}: {}", describe_transport(other)),
+                })
+                .collect();
+            format!("{host} unreachable on every address: {}", each.join(", "))
+        }
+        CliError::Resolve { host, source } => format!(
+            "cannot resolve host {host}: {}",
+            source.to_string().to_lowercase()
+        ),
+        CliError::Bind { addr, source } => {
+            let why = match &**source {
+                TransportError::Io { source, .. } => os_reason(source),
+                other => describe_transport(other),
+            };
+            let hint = match &**source {
+                TransportError::Io { source, .. }
+                    if source.raw_os_error() == Some(libc::EADDRINUSE) =>
+                {
+                    " (another process listens there: stop it or choose another port)"
+                }
+                _ => "",
+            };
+            format!("cannot listen on {addr}: {why}{hint}")
         }
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),

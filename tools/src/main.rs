@@ -16,6 +16,7 @@ macro_rules! say {
     }};
 }
 
+mod addr;
 mod cli;
 mod demo;
 mod devices;

@@ -9,7 +9,7 @@ use vfmig_pipeline::{
     DestinationOptions, DestinationSession, Notice, Phase, PipelineError,
     Progress as PipelineProgress, Report, SourceOptions, SourceSession, Stage,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::{Listener, SessionConfig, TransportError};
 use vfmig_vfio::{DeviceState, MigrationDevice};
 
 use crate::cli::CompressArg;
@@ -21,8 +21,10 @@ use crate::signals::Cancel;
 /// What the source side needs besides its devices.
 #[derive(Debug, Clone)]
 pub struct SourcePlan {
-    /// The receiver.
-    pub connect: SocketAddr,
+    /// The receiver's addresses, tried in turn until one answers.
+    pub connect: Vec<SocketAddr>,
+    /// The receiver as the operator named it (for messages).
+    pub host: String,
     /// Transport settings.
     pub session: SessionConfig,
     /// `--compress`.
@@ -173,14 +175,27 @@ fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
     }
 }
 
-/// Runs the source side to the destination's last acknowledgement; gives the devices back.
+/// Whether a source run failed at TCP connect, so that the receiver's next address may answer.
+fn is_connect_failure(e: &PipelineError) -> bool {
+    matches!(
+        e,
+        PipelineError::Transport {
+            source: TransportError::Connect { .. },
+            ..
+        }
+    )
+}
+
+/// Runs the source side to the destination's last acknowledgement, trying the receiver's
+/// addresses in turn until one accepts the connection; gives back the address that answered
+/// (or the last one tried) and the devices.
 pub fn run_source<D: MigrationDevice>(
     plan: &SourcePlan,
     devices: Vec<D>,
     labels: &[DeviceLabel],
     progress: &Progress,
     cancel: &Cancel,
-) -> (Result<Report, CliError>, Vec<D>) {
+) -> (Result<Report, CliError>, Option<SocketAddr>, Vec<D>) {
     let opts = SourceOptions {
         compress: compress(plan.compress),
         precopy: plan.precopy,
@@ -196,10 +211,39 @@ pub fn run_source<D: MigrationDevice>(
     let mut session = SourceSession::new(devices, opts);
     let handle = session.cancel_handle();
     cancel.on_cancel(move || handle.cancel());
-    let result = session
-        .run(plan.connect)
-        .map_err(|e| migration_error(e, labels));
-    (result, session.into_devices())
+    let attempt = crate::addr::try_in_turn(
+        &plan.connect,
+        |a| session.run(a),
+        |e| !is_connect_failure(e),
+    );
+    let (result, peer) = match attempt {
+        Ok((a, report)) => (Ok(report), Some(a)),
+        Err(mut failures) => {
+            let peer = failures.last().map(|f| f.0);
+            let e = if failures.len() > 1 && failures.iter().all(|f| is_connect_failure(&f.1)) {
+                CliError::Unreachable {
+                    host: plan.host.clone(),
+                    attempts: failures
+                        .into_iter()
+                        .filter_map(|(a, e)| match e {
+                            PipelineError::Transport { source, .. } => Some((a, source)),
+                            _ => None,
+                        })
+                        .collect(),
+                }
+            } else {
+                match failures.pop() {
+                    Some((_, e)) => migration_error(e, labels),
+                    None => CliError::Unreachable {
+                        host: plan.host.clone(),
+                        attempts: Vec::new(),
+                    },
+                }
+            };
+            (Err(e), peer)
+        }
+    };
+    (result, peer, session.into_devices())
 }
 
 /// Accepts one source on `listener` (calling `on_connected` with its address once it is

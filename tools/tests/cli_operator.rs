@@ -206,3 +206,81 @@ fn every_usage_error_prints_the_json_failure_object_when_asked() {
         assert!(!e.is_empty(), "{args:?}");
     }
 }
+
+/// A receiver listening on `listen` (e.g. `:0`), emulated device `dev`.
+fn recv_on(listen: &str, dev: &str) -> Receiver {
+    let mut c = vfmig();
+    c.args(["recv", "--listen", listen, "--device", dev]);
+    Receiver::start(c)
+}
+
+fn send_to(target: &str, dev: &str) -> std::process::Output {
+    let mut c = vfmig();
+    c.args(["send", "--connect", target, "--device", dev, "--json"]);
+    run(c, None)
+}
+
+#[test]
+fn a_host_name_connects_and_a_bare_port_listens_on_every_address() {
+    let dev = "emu:size=1M";
+    for listen in [":0", "0"] {
+        let recv = recv_on(listen, dev);
+        assert!(
+            recv.addr.ip().is_unspecified(),
+            "{listen}: listening on {}",
+            recv.addr
+        );
+        let out = send_to(&format!("localhost:{}", recv.addr.port()), dev);
+        let (rstatus, _, rlines) = recv.finish();
+        assert!(out.status.success(), "{listen}: {}", text(&out.stderr));
+        assert!(rstatus.success(), "{rlines:?}");
+        let peer = json(&out.stdout)["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            peer.starts_with("127.0.0.1:"),
+            "the address that answered: {peer}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_literals_work_on_both_sides() {
+    let dev = "emu:size=1M";
+    let recv = recv_on("[::1]:0", dev);
+    assert!(recv.addr.is_ipv6(), "{}", recv.addr);
+    let out = send_to(&format!("[::1]:{}", recv.addr.port()), dev);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    // The IPv6 wildcard of a bare port takes IPv6 peers too.
+    let recv = recv_on(":0", dev);
+    let out = send_to(&format!("[::1]:{}", recv.addr.port()), dev);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}
+
+#[test]
+fn an_occupied_port_is_named_in_the_failure() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let mut c = vfmig();
+    c.args([
+        "recv",
+        "--listen",
+        &addr,
+        "--device",
+        "emu:size=1M",
+        "--json",
+    ]);
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&addr) && err.contains("address already in use"),
+        "{err}"
+    );
+    assert_eq!(json(&out.stdout)["outcome"], "failed");
+}
