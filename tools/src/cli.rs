@@ -71,7 +71,10 @@ EXIT STATUS:
   1  the migration failed; one line on stderr names the cause
      (the source devices are walked back to RUNNING, the destination devices are reset)
   2  usage error: unknown option, bad value, bad device spec, a file or device path that does
-     not exist, an unreadable key or certificate";
+     not exist, an unreadable key or certificate (with --json, the failure object is printed too)
+  130, 143  cancelled by SIGINT or SIGTERM (128 + the signal's number, as shells expect); the
+     devices were rolled back as for 1, and the JSON failure object says `cancelled` or
+     `interrupted`";
 
 const SEND_EXAMPLES: &str = "\
 EXAMPLES:

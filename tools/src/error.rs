@@ -178,10 +178,17 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The exit status for this error (see `--help`, EXIT STATUS).
+    /// The exit status for this error (see `--help`, EXIT STATUS): 128 + the signal's number
+    /// for a command a signal cancelled.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
+            CliError::Interrupted => crate::signals::exit_status().unwrap_or(EXIT_FAILED),
+            CliError::Migration { error, .. }
+                if matches!(**error, PipelineError::Cancelled { .. }) =>
+            {
+                crate::signals::exit_status().unwrap_or(EXIT_FAILED)
+            }
             _ => EXIT_FAILED,
         }
     }

@@ -284,3 +284,50 @@ fn an_occupied_port_is_named_in_the_failure() {
     );
     assert_eq!(json(&out.stdout)["outcome"], "failed");
 }
+
+#[test]
+fn sigint_exits_130_and_the_json_object_says_cancelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.out");
+    let mut recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let mut c = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "400Mbit/s",
+            "--compress",
+            "none",
+            "--json",
+        ],
+    );
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut sender = c.spawn().expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    let status = Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let sstatus = wait_bounded(&mut sender);
+    let mut out = String::new();
+    use std::io::Read as _;
+    let _ = sender
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out);
+    let _ = recv.finish();
+    assert_eq!(sstatus.code(), Some(130), "{out}");
+    let j = json(out.as_bytes());
+    assert_eq!(j["exit_code"], 130, "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{j}"
+    );
+}
