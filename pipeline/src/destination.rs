@@ -76,7 +76,7 @@ impl Stages {
         let n = devices.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
         let (recv_tx, recv_rx) = bounded::<Received>(workers * 2);

@@ -106,8 +106,8 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Progress, ProgressFn, Report,
-    RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, Progress,
+    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;

@@ -101,7 +101,7 @@ impl Stages {
         let n = names.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let adaptive = Adaptive::new(opts.compress, workers);
         let adaptive = Arc::new(if session.peer().ip().is_loopback() {
             adaptive.on_this_host()
@@ -166,7 +166,9 @@ impl Stages {
                 stop.clone(),
                 fail_tx,
             );
-            let limit = opts.max_bandwidth.map(RateLimit::new);
+            let limit = opts
+                .max_bandwidth
+                .map(|r| RateLimit::new(r.bytes_per_sec()));
             // Each device may have at most every pool slot in flight.
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
             threads.push(stages::spawn("vfmig-send", move || {
@@ -414,13 +416,6 @@ impl<D: MigrationDevice> SourceSession<D> {
         if self.devices.is_empty() {
             return Err(PipelineError::Options {
                 what: "devices",
-                value: 0,
-            });
-        }
-        if self.opts.max_bandwidth == Some(0) {
-            // The sender's rate limit would wait forever (and divide by zero) at 0 bytes/s.
-            return Err(PipelineError::Options {
-                what: "max_bandwidth",
                 value: 0,
             });
         }
@@ -1153,26 +1148,11 @@ mod rollback_tests {
     }
 
     #[test]
-    fn zero_max_bandwidth_is_refused_before_connecting() {
-        let dev = EmulatedDevice::new(EmulatedConfig::new("bw", 1 << 20, 7)).unwrap();
-        let opts = crate::api::SourceOptions {
-            max_bandwidth: Some(0),
-            ..crate::api::SourceOptions::default()
-        };
-        let mut s = super::SourceSession::new(vec![dev], opts);
-        // Nothing listens there: only a check before connecting gives an options error.
-        let r = s.run("127.0.0.1:1".parse().unwrap());
-        assert!(
-            matches!(
-                r,
-                Err(crate::PipelineError::Options {
-                    what: "max_bandwidth",
-                    value: 0
-                })
-            ),
-            "{r:?}"
-        );
-        assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
+    fn a_rate_is_never_zero_and_says_its_unit() {
+        assert_eq!(crate::Rate::from_bytes_per_sec(0), None);
+        assert_eq!(crate::Rate::from_bits_per_sec(7), None);
+        let r = crate::Rate::from_bits_per_sec(2_500_000_000).unwrap();
+        assert_eq!(r.bytes_per_sec(), 312_500_000);
     }
 
     #[test]

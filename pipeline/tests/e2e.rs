@@ -584,7 +584,7 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
             precopy: false,
             compress: Compress::Auto,
             // A 24 MB/s link: far slower than any codec rung.
-            max_bandwidth: Some(24_000_000),
+            max_bandwidth: vfmig_pipeline::Rate::from_bytes_per_sec(24_000_000),
             ..source_options()
         },
         destination_options(),
