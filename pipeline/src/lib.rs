@@ -88,8 +88,10 @@ mod api;
 mod codec;
 mod destination;
 mod digest;
+mod dirty;
 mod error;
 mod guest;
+mod initial;
 mod reader;
 mod reseq;
 mod source;
@@ -107,6 +109,7 @@ pub use api::{
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
+pub use dirty::{DirtyBitmap, DirtyReport, DirtySink, DirtyTracking, LoggingStarted};
 pub use error::{AbortReason, Phase, PipelineError};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
