@@ -10,6 +10,7 @@ use vfmig_transport::SessionConfig;
 use vfmig_vfio::{DeviceError, DeviceState};
 
 use crate::codec::Compress;
+use crate::dirty::DirtyTracking;
 use crate::error::Phase;
 use crate::guest::GuestMemoryAccess;
 
@@ -91,12 +92,9 @@ pub struct SourceOptions {
     pub notice: Option<NoticeFn>,
     /// How often the progress callback is called.
     pub progress_interval: Duration,
-    /// Guest memory the devices DMA into: enables device DMA dirty tracking (devices that
-    /// support `DMA_LOGGING_*`); dirtied pages travel as `DirtyPages` frames.
-    pub guest_memory: Option<Arc<dyn GuestMemoryAccess>>,
-    /// With `guest_memory`: send every guest page once after logging started (for a standalone
-    /// transfer where no VMM copies guest RAM).
-    pub guest_full_copy: bool,
+    /// Device DMA dirty tracking (devices that support `DMA_LOGGING_*`): off, vfmig ships the
+    /// dirtied pages as `DirtyPages` frames, or vfmig hands the dirty bitmaps to the VMM.
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl Default for SourceOptions {
@@ -114,8 +112,7 @@ impl Default for SourceOptions {
             progress: None,
             notice: None,
             progress_interval: Duration::from_millis(200),
-            guest_memory: None,
-            guest_full_copy: false,
+            dirty_tracking: DirtyTracking::Off,
         }
     }
 }
@@ -133,9 +130,7 @@ impl fmt::Debug for SourceOptions {
             .field("allow_without_p2p", &self.allow_without_p2p)
             .field("session", &self.session)
             .field("progress", &self.progress.is_some())
-            .field("notice", &self.notice.is_some())
-            .field("guest_memory", &self.guest_memory.is_some())
-            .field("guest_full_copy", &self.guest_full_copy)
+            .field("dirty_tracking", &self.dirty_tracking)
             .finish()
     }
 }
@@ -286,6 +281,12 @@ pub struct DeviceReport {
     pub compressed_chunks: u64,
     /// Bytes of dirty guest pages carried on this device's stream.
     pub guest_page_bytes: u64,
+    /// Source: `MIG_PRECOPY_INFOv2` was in force for this device's pre-copy (the kernel and
+    /// driver offered it); false under v1 or without pre-copy.
+    pub precopy_info_v2: bool,
+    /// Source: `VFIO_PRECOPY_INFO_REINIT` reports seen in pre-copy (new initial data, read in
+    /// PRE_COPY before switching over).
+    pub precopy_reinits: u64,
     /// The device's state at the end.
     pub final_state: Option<DeviceState>,
 }

@@ -92,8 +92,10 @@ mod api;
 mod codec;
 mod destination;
 mod digest;
+mod dirty;
 mod error;
 mod guest;
+mod initial;
 mod reader;
 mod reseq;
 mod source;
@@ -111,6 +113,7 @@ pub use api::{
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
+pub use dirty::{DirtyBitmap, DirtyReport, DirtySink, DirtyTracking, LoggingStarted};
 pub use error::{Phase, PipelineError, Side};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;

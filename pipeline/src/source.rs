@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
 use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
@@ -19,8 +19,10 @@ use crate::api::{
     RollbackStep, SourceOptions, Stage, StageTimes,
 };
 use crate::codec::{chunk_len, Choice};
+use crate::dirty::DirtyLog;
 use crate::error::{Phase, PipelineError, Side};
-use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
+use crate::guest::Run;
+use crate::initial::InitialData;
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
 use crate::stats::{Counters, DeviceCounters};
@@ -63,6 +65,8 @@ pub struct SourceSession<D: MigrationDevice> {
     opts: SourceOptions,
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
+    /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
+    initial: InitialData,
 }
 
 /// Per-device bookkeeping of one run.
@@ -129,11 +133,15 @@ impl Stages {
                 counters: counters.clone(),
                 stop: stop.clone(),
                 // Dirty guest pages travel on device 0's stream, so one sequence orders them.
-                guest: opts.guest_memory.clone().map(|memory| GuestPages {
-                    memory,
-                    carrier: 0,
-                    batches_done: page_batches_done.clone(),
-                }),
+                guest: opts
+                    .dirty_tracking
+                    .ship_memory()
+                    .cloned()
+                    .map(|memory| GuestPages {
+                        memory,
+                        carrier: 0,
+                        batches_done: page_batches_done.clone(),
+                    }),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {
@@ -245,6 +253,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             opts,
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
+            initial: InitialData::default(),
         }
     }
 
@@ -464,11 +473,10 @@ impl<D: MigrationDevice> SourceSession<D> {
                 .iter()
                 .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
         let mut watch = Watch::new(started, &self.opts);
-        let mut tracker = match self.opts.guest_memory.clone() {
-            Some(g) => Some(DirtyTracker::start(g, &mut self.devices)?),
-            None => None,
-        };
+        let mut tracker = DirtyLog::start(&self.opts.dirty_tracking, &mut self.devices)?;
+        self.initial = InitialData::default();
         if precopy {
+            self.initial = InitialData::opt_in(&mut self.devices);
             for (i, d) in self.devices.iter_mut().enumerate() {
                 let fd = set_state(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
                     PipelineError::NoDataFd {
@@ -484,10 +492,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                     mode: ReadMode::PreCopy,
                 })?;
             }
-            if let Some(t) = &tracker {
-                if self.opts.guest_full_copy {
-                    stages.pages(t.all_runs(), false)?;
-                }
+            if let Some(t) = tracker
+                .as_ref()
+                .filter(|_| self.opts.dirty_tracking.full_copy())
+            {
+                stages.pages(t.all_runs(), false)?;
             }
             self.precopy_until_switchover(session, stages, runs, &mut watch, &mut tracker)?;
             for i in 0..self.devices.len() {
@@ -539,14 +548,16 @@ impl<D: MigrationDevice> SourceSession<D> {
                 })?;
             }
         }
-        if let Some(mut t) = tracker {
+        if let Some(t) = tracker {
             // Every device is stopped: no more DMA. The final report closes the dirty log.
-            if self.opts.guest_full_copy && !precopy {
+            if self.opts.dirty_tracking.full_copy() && !precopy {
                 stages.pages(t.all_runs(), false)?;
             }
-            let last = t.collect(&mut self.devices);
-            stages.pages(last, true)?;
-            t.stop(&mut self.devices);
+            let exports = t.exports();
+            let last = t.finish(&mut self.devices);
+            if !exports {
+                stages.pages(last, true)?;
+            }
         }
         watch.progressed();
         while !runs.iter().all(|r| r.stopped) {
@@ -579,7 +590,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         stages: &Stages,
         runs: &mut [DevRun],
         watch: &mut Watch,
-        tracker: &mut Option<DirtyTracker>,
+        tracker: &mut Option<DirtyLog>,
     ) -> Result<(), PipelineError> {
         let begun = Instant::now();
         let mut last_sample = Instant::now() - PRECOPY_SAMPLE;
@@ -595,11 +606,15 @@ impl<D: MigrationDevice> SourceSession<D> {
                 // The next dirty log is read only once the reader has shipped the last batch:
                 // until then the device's log keeps collecting (a page dirtied again is sent
                 // once), and batches never pile up faster than the pipeline ships them.
-                if let Some(t) = tracker.as_mut().filter(|_| stages.pages_idle()) {
-                    let dirty = t.collect(&mut self.devices);
-                    if !dirty.is_empty() {
-                        stages.pages(dirty, false)?;
+                match tracker.as_mut() {
+                    Some(t) if t.exports() => t.export(&mut self.devices),
+                    Some(t) if stages.pages_idle() => {
+                        let dirty = t.collect_runs(&mut self.devices);
+                        if !dirty.is_empty() {
+                            stages.pages(dirty, false)?;
+                        }
                     }
+                    _ => {}
                 }
             }
             let mut initial_left = 0u64;
@@ -616,6 +631,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                         phase: Phase::PreCopy,
                         source,
                     })?;
+                if self.initial.observe(i, &info) {
+                    // New initial data (REINIT): it is read in PRE_COPY again, and re-sending
+                    // it is not a sign of non-convergence.
+                    initial_done_at = None;
+                }
                 // Sizes are device data: a huge one must not overflow the sums.
                 initial_left = initial_left.saturating_add(info.initial_bytes);
                 dirty = dirty.saturating_add(info.dirty_bytes);
@@ -748,7 +768,7 @@ impl<D: MigrationDevice> SourceSession<D> {
 
     fn report(&mut self, stages: &Stages, elapsed: Duration, downtime: Option<Duration>) -> Report {
         let workers = self.opts.codec_workers.clamp(1, 64);
-        build_report(
+        let mut report = build_report(
             &stages.counters,
             self.devices
                 .iter_mut()
@@ -758,12 +778,14 @@ impl<D: MigrationDevice> SourceSession<D> {
             downtime,
             workers,
             &describe(stages.adaptive.current()),
-        )
+        );
+        self.initial.fill(&mut report.devices);
+        report
     }
 
     /// Walks every device back to RUNNING (reset first if it is in ERROR or the walk fails).
     fn roll_back(&mut self) {
-        if self.opts.guest_memory.is_some() {
+        if self.opts.dirty_tracking.is_on() {
             for d in &mut self.devices {
                 // Not logging (never started, or already stopped) is fine here.
                 let _ = d.dma_logging_stop();
@@ -890,6 +912,8 @@ pub(crate) fn build_report(
                 raw_chunks: DeviceCounters::load(&c.raw_chunks),
                 compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
                 guest_page_bytes: DeviceCounters::load(&c.guest),
+                precopy_info_v2: false,
+                precopy_reinits: 0,
                 final_state,
             }
         })
@@ -1047,85 +1071,6 @@ impl Watch {
             true
         } else {
             false
-        }
-    }
-}
-
-/// Device DMA dirty tracking over the VMM's guest memory (`DMA_LOGGING_START/REPORT/STOP`).
-struct DirtyTracker {
-    ranges: Vec<IovaRange>,
-    /// Devices with logging on, and the page size each chose.
-    logging: Vec<(usize, u64)>,
-}
-
-impl std::fmt::Debug for DirtyTracker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyTracker")
-            .field("ranges", &self.ranges.len())
-            .field("logging", &self.logging)
-            .finish()
-    }
-}
-
-impl DirtyTracker {
-    /// Starts logging on every device that supports it.
-    fn start<D: MigrationDevice>(
-        guest: Arc<dyn GuestMemoryAccess>,
-        devices: &mut [D],
-    ) -> Result<DirtyTracker, PipelineError> {
-        let ranges = guest.ranges();
-        let mut logging = Vec::new();
-        for (i, d) in devices.iter_mut().enumerate() {
-            match d.dma_logging_start(&ranges, GUEST_PAGE) {
-                Ok(page_size) => logging.push((i, page_size)),
-                Err(DeviceError::Unsupported { .. }) => {}
-                Err(source) => {
-                    return Err(PipelineError::Device {
-                        device: d.name().to_owned(),
-                        phase: Phase::Setup,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(DirtyTracker { ranges, logging })
-    }
-
-    /// Every page of guest memory.
-    fn all_runs(&self) -> Vec<Run> {
-        self.ranges
-            .iter()
-            .map(|r| (r.iova, r.length / GUEST_PAGE))
-            .collect()
-    }
-
-    /// Reads and clears every device's log. A report that fails makes its whole range dirty
-    /// (the uAPI says to treat the log as corrupt).
-    fn collect<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Run> {
-        let mut runs = Vec::new();
-        for &(i, page_size) in &self.logging {
-            let Some(d) = devices.get_mut(i) else {
-                continue;
-            };
-            for &r in &self.ranges {
-                let bits = r.length.div_ceil(page_size.max(1));
-                let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX);
-                let mut bitmap = vec![0u64; words];
-                match d.dma_logging_report(r.iova, r.length, page_size, &mut bitmap) {
-                    Ok(()) => bitmap_runs(r, page_size, &bitmap, &mut runs),
-                    Err(_) => runs.push((r.iova, r.length / GUEST_PAGE)),
-                }
-            }
-        }
-        merge_runs(runs)
-    }
-
-    fn stop<D: MigrationDevice>(&self, devices: &mut [D]) {
-        for &(i, _) in &self.logging {
-            if let Some(d) = devices.get_mut(i) {
-                // Logging ends with the devices' stop anyway; a failed STOP loses nothing.
-                let _ = d.dma_logging_stop();
-            }
         }
     }
 }

@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    AbortReason, Compress, DestinationOptions, DestinationSession, PipelineError, Report,
-    RollbackAction, SourceOptions, SourceSession,
+    AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
+    Report, RollbackAction, SourceOptions, SourceSession,
 };
 use vfmig_transport::{Listener, SessionConfig};
 use vfmig_vfio::emulated::{
@@ -502,6 +502,7 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
                 iova: 0x4000_0000,
                 len: 4 << 20,
                 dma_pages_per_sec: 5000,
+                quiesce_dma_pages: 0,
             }),
             ..EmulatedConfig::default()
         })
@@ -528,8 +529,10 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
             vec![src],
             SourceOptions {
                 precopy,
-                guest_memory: Some(src_guest.clone()),
-                guest_full_copy: true,
+                dirty_tracking: DirtyTracking::ShipPages {
+                    memory: src_guest.clone(),
+                    full_copy: true,
+                },
                 ..source_options()
             },
         );
