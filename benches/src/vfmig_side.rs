@@ -58,7 +58,7 @@ fn result(r: &Report, secs: Duration) -> SideResult {
 }
 
 /// Source: migrates one `size`-byte `profile` device to `addr`. `secs` is the pipeline's downtime
-/// (first device leaving RUNNING to the last `DeviceResumed`).
+/// (first device leaving RUNNING to the last `DevicePrepared`).
 pub fn send(addr: SocketAddr, size: u64, profile: &str) -> Result<SideResult, VfmigSideError> {
     let dev = devices::source(size, profile)?;
     let opts = SourceOptions {

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{Listener, RecvSession, TransportError};
 use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
-use vfmig_wire::{Codec, FrameHeader, FrameKind, DIGEST_LEN};
+use vfmig_wire::{AbortReason, Codec, Control, FinalOutcome, FrameHeader, FrameKind, DIGEST_LEN};
 
 use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
-use crate::error::{AbortReason, Phase, PipelineError};
-use crate::source::{build_report, set_state, Watch};
+use crate::error::{Phase, PipelineError, Side};
+use crate::source::{build_report, reset_committed, reset_one, set_state, Watch};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
 use crate::writer::{self, WriterDevice, WriterEvent};
@@ -45,6 +45,16 @@ pub struct DestinationSession<D: MigrationDevice> {
     opts: DestinationOptions,
     cancel: CancelHandle,
     resets: Vec<RollbackStep>,
+    /// Between a commit and [`DestinationSession::finish`].
+    committed: Option<Committed>,
+}
+
+/// A session whose source committed, waiting for the VMM's outcome.
+#[derive(Debug)]
+struct Committed {
+    session: Arc<RecvSession>,
+    stages: Stages,
+    started: Instant,
 }
 
 #[derive(Debug)]
@@ -52,6 +62,7 @@ struct Stages {
     stop: Arc<AtomicBool>,
     events: Receiver<WriterEvent>,
     failures: Receiver<PipelineError>,
+    decisions: Receiver<Decision>,
     counters: Arc<Counters>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -65,13 +76,14 @@ impl Stages {
         let n = devices.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
         let (recv_tx, recv_rx) = bounded::<Received>(workers * 2);
         let (item_tx, item_rx) = bounded::<InItem>(workers * 2 + 2 * n);
         let (ev_tx, ev_rx) = bounded(4 * n + 4);
         let (fail_tx, fail_rx) = bounded(workers + 4);
+        let (dec_tx, dec_rx) = bounded(4);
         let mut threads = Vec::new();
         {
             let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
@@ -100,7 +112,12 @@ impl Stages {
         {
             let (session, c, s) = (session.clone(), counters.clone(), stop.clone());
             threads.push(stages::spawn("vfmig-recv", move || {
-                if let Err(e) = receive_loop(&session, n, &recv_tx, &item_tx, &c, &s, timeout) {
+                let out = Outputs {
+                    data: &recv_tx,
+                    markers: &item_tx,
+                    decisions: &dec_tx,
+                };
+                if let Err(e) = receive_loop(&session, n, &out, &c, &s, timeout) {
                     let _ = fail_tx.try_send(e);
                 }
             })?);
@@ -109,6 +126,7 @@ impl Stages {
             stop,
             events: ev_rx,
             failures: fail_rx,
+            decisions: dec_rx,
             counters,
             threads,
         })
@@ -122,13 +140,29 @@ impl Stages {
     }
 }
 
+/// What the source says about the end of the session, as the receive stage sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    /// A `Commit` frame arrived.
+    Commit,
+    /// The source closed the session cleanly (after every frame it sent was delivered).
+    Closed,
+}
+
+/// Where the receive stage hands what it received.
+struct Outputs<'a> {
+    data: &'a Sender<Received>,
+    markers: &'a Sender<InItem>,
+    decisions: &'a Sender<Decision>,
+}
+
 /// Dispatches received frames: data to the decoders, markers straight to the writer (which
-/// restores each device's order across both). Ends when the source closes the session.
+/// restores each device's order across both), the source's decision to the control loop. Ends
+/// when the source closes the session.
 fn receive_loop(
     session: &RecvSession,
     devices: usize,
-    data: &Sender<Received>,
-    markers: &Sender<InItem>,
+    out: &Outputs<'_>,
     counters: &Counters,
     stop: &AtomicBool,
     timeout: Duration,
@@ -146,19 +180,20 @@ fn receive_loop(
             Err(TransportError::Closed) => {
                 // A source closes only after every device's EndOfDevice; a close before that is
                 // a source that died (its kernel closed the sockets), known now, not at timeout.
-                return match ended.iter().position(|e| !e) {
-                    Some(device) => Err(PipelineError::SourceGone {
+                if let Some(device) = ended.iter().position(|e| !e) {
+                    return Err(PipelineError::SourceGone {
                         phase,
                         device: u16::try_from(device).unwrap_or(u16::MAX),
-                    }),
-                    None => Ok(()),
-                };
+                    });
+                }
+                // Bounded: the control loop takes at most two decisions.
+                let _ = out.decisions.send_timeout(Decision::Closed, timeout);
+                return Ok(());
             }
             Err(TransportError::PeerAborted { reason, detail }) => {
                 return Err(PipelineError::PeerAborted {
                     phase,
-                    reason: AbortReason::from_code(reason),
-                    code: reason,
+                    reason,
                     detail,
                 })
             }
@@ -178,25 +213,31 @@ fn receive_loop(
                 phase,
             });
         }
+        let at = phase;
         let lost = || PipelineError::Timeout {
-            phase,
+            phase: at,
             what: "the decode stage to take a frame",
             waited: timeout,
         };
         match h.kind {
             FrameKind::PreCopyData | FrameKind::StopCopyData | FrameKind::DirtyPages => {
-                data.send_timeout(
-                    Received {
-                        header: h,
-                        payload: frame.payload,
-                    },
-                    timeout,
-                )
-                .map_err(|_| lost())?;
+                out.data
+                    .send_timeout(
+                        Received {
+                            header: h,
+                            payload: frame.payload,
+                        },
+                        timeout,
+                    )
+                    .map_err(|_| lost())?;
             }
             FrameKind::EndOfDevice => {
                 if let Some(e) = ended.get_mut(usize::from(h.device)) {
                     *e = true;
+                }
+                if ended.iter().all(|&e| e) {
+                    // Every stream is in: what follows is the source's decision.
+                    phase = Phase::Commit;
                 }
                 let mut digest = [0u8; DIGEST_LEN];
                 match &frame.payload {
@@ -215,7 +256,7 @@ fn receive_loop(
                     total: h.arg,
                     digest,
                 };
-                markers
+                out.markers
                     .send_timeout(
                         InItem {
                             device: h.device,
@@ -228,7 +269,7 @@ fn receive_loop(
             }
             FrameKind::PreCopyDone => {
                 let item = Incoming::PreCopyDone { raw: h.arg };
-                markers
+                out.markers
                     .send_timeout(
                         InItem {
                             device: h.device,
@@ -237,6 +278,11 @@ fn receive_loop(
                         },
                         timeout,
                     )
+                    .map_err(|_| lost())?;
+            }
+            FrameKind::Commit => {
+                out.decisions
+                    .send_timeout(Decision::Commit, timeout)
                     .map_err(|_| lost())?;
             }
             FrameKind::Keepalive => {}
@@ -260,6 +306,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             opts,
             cancel: CancelHandle::default(),
             resets: Vec::new(),
+            committed: None,
         }
     }
 
@@ -288,25 +335,65 @@ impl<D: MigrationDevice> DestinationSession<D> {
         &self.resets
     }
 
-    /// Accepts one source on `listener` (using [`DestinationOptions::session`]) and runs.
+    /// Accepts one source on `listener` (using [`DestinationOptions::session`]) and runs the
+    /// whole session: [`DestinationSession::receive`], then (with
+    /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
+    /// [`DestinationSession::finish`].
     pub fn run(&mut self, listener: &Listener) -> Result<Report, PipelineError> {
-        let session =
-            listener
-                .accept(&self.opts.session)
-                .map_err(|source| PipelineError::Transport {
-                    phase: Phase::Setup,
-                    source,
-                })?;
+        let session = self.accept(listener)?;
         self.run_session(session)
     }
 
-    /// Runs on an accepted session.
+    /// [`DestinationSession::run`] on an accepted session.
     pub fn run_session(&mut self, session: RecvSession) -> Result<Report, PipelineError> {
+        self.receive_session(session)?;
+        if !self.opts.resume_devices {
+            return self.finish(FinalOutcome::Held);
+        }
+        match self.resume() {
+            Ok(()) => self.finish(FinalOutcome::Resumed),
+            Err(e) => {
+                // `finish` resets the devices before the source learns the outcome.
+                self.finish(FinalOutcome::ResumeFailed)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Step 1 of a VMM-driven destination: accepts one source on `listener`, loads every
+    /// device, lets each validate its state (RESUMING -> STOP), reports them *prepared* and
+    /// waits for the source's decision (docs/PROTOCOL.md, section 5.1).
+    ///
+    /// `Ok(())`: the source committed. The devices are in STOP with the migrated state and the
+    /// source's devices never run again; the VMM loads its RAM, resumes the devices (itself, or
+    /// with [`DestinationSession::resume`]) and then calls [`DestinationSession::finish`]
+    /// promptly: the source waits for that outcome at most its timeout, then reports in doubt.
+    ///
+    /// `Err(PipelineError::InDoubt { .. })`: the decision cannot be known here; the devices
+    /// stay in STOP (see [`PipelineError::in_doubt_guidance`]). Any other `Err`: the migration
+    /// failed before the decision, the devices were reset and the source rolls back.
+    pub fn receive(&mut self, listener: &Listener) -> Result<(), PipelineError> {
+        let session = self.accept(listener)?;
+        self.receive_session(session)
+    }
+
+    fn accept(&self, listener: &Listener) -> Result<RecvSession, PipelineError> {
+        listener
+            .accept(&self.opts.session)
+            .map_err(|source| PipelineError::Transport {
+                phase: Phase::Setup,
+                source,
+            })
+    }
+
+    /// [`DestinationSession::receive`] on an accepted session.
+    pub fn receive_session(&mut self, session: RecvSession) -> Result<(), PipelineError> {
         self.resets.clear();
+        self.committed = None;
         let started = Instant::now();
         let session = Arc::new(session);
         if let Err(e) = self.check(&session) {
-            session.abort(e.abort_reason(false).code(), &e.to_string());
+            session.abort(e.abort_reason(false), &e.to_string());
             return Err(e);
         }
         let mut fds = Vec::new();
@@ -336,28 +423,141 @@ impl<D: MigrationDevice> DestinationSession<D> {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&session, None, e)),
         };
-        match self.drive(&session, &stages, fds, started) {
+        if let Err(e) = self.drive(&session, &stages, fds, started) {
+            return Err(self.fail(&session, Some(&mut stages), e));
+        }
+        match self.await_decision(&stages) {
             Ok(()) => {
-                let elapsed = started.elapsed();
                 stages.stop();
-                if let Ok(s) = Arc::try_unwrap(session) {
-                    let _ = s.close();
-                }
-                let devices = self
-                    .devices
-                    .iter_mut()
-                    .map(|d| (d.name().to_owned(), d.state().ok()))
-                    .collect();
-                Ok(build_report(
-                    &stages.counters,
-                    devices,
-                    elapsed,
-                    None,
-                    self.opts.codec_workers.clamp(1, 64),
-                    "decode",
-                ))
+                self.committed = Some(Committed {
+                    session,
+                    stages,
+                    started,
+                });
+                Ok(())
+            }
+            Err(e @ PipelineError::InDoubt { .. }) => {
+                // Keep the devices in STOP: they may hold the only copy. An Abort is safe: a
+                // source that has not committed rolls back on it, one that has is in doubt.
+                let reason = match &e {
+                    PipelineError::InDoubt { cause, .. } => cause.abort_reason(false),
+                    _ => AbortReason::Internal,
+                };
+                session.abort(reason, &e.to_string());
+                stages.stop();
+                Err(e)
             }
             Err(e) => Err(self.fail(&session, Some(&mut stages), e)),
+        }
+    }
+
+    /// Step 2 (optional): moves every device STOP -> RUNNING_P2P (all, when several and all
+    /// support P2P) -> RUNNING (all), the RUNNING_P2P order on the destination. Only after a commit
+    /// ([`DestinationSession::receive`] returned `Ok`).
+    pub fn resume(&mut self) -> Result<(), PipelineError> {
+        if self.committed.is_none() {
+            return Err(PipelineError::NotCommitted);
+        }
+        // A device without P2P has no RUNNING_P2P (allow_without_p2p): then there is no order
+        // to keep, and asking for that state would only fail.
+        let p2p = self
+            .devices
+            .iter()
+            .all(|d| d.capabilities().contains(MigrationCaps::P2P));
+        if self.devices.len() > 1 && p2p {
+            for d in &mut self.devices {
+                set_state(d, DeviceState::RunningP2p, Phase::Commit)?;
+            }
+        }
+        for d in &mut self.devices {
+            set_state(d, DeviceState::Running, Phase::Commit)?;
+        }
+        Ok(())
+    }
+
+    /// Step 3: tells the source what happened after the commit and ends the session.
+    /// `Resumed`: the devices run here. `Held`: they hold the state in STOP for their owner.
+    /// `ResumeFailed`: resuming failed; every device is reset *before* the source learns it, so
+    /// the source may run again (the report's `outcome` says `ResumeFailed`). The send is best
+    /// effort: if the link is gone the source reports in doubt, and this side's outcome stands.
+    pub fn finish(&mut self, outcome: FinalOutcome) -> Result<Report, PipelineError> {
+        let Some(c) = self.committed.take() else {
+            return Err(PipelineError::NotCommitted);
+        };
+        if outcome == FinalOutcome::ResumeFailed {
+            self.resets = self.devices.iter_mut().map(reset_committed).collect();
+        }
+        let frame = Control::Outcome { outcome };
+        // A failed send leaves the source in doubt; the decision here was made either way.
+        if c.session.send_control(frame.header(), &[]).is_ok() {
+            // The source closes once it has the outcome. Closing first could overtake the
+            // outcome: each connection is FIFO, the session is not.
+            let deadline = Instant::now() + self.opts.timeout;
+            while Instant::now() < deadline {
+                match c.session.recv(POLL) {
+                    Ok(_) | Err(TransportError::Timeout { .. }) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        let elapsed = c.started.elapsed();
+        if let Ok(s) = Arc::try_unwrap(c.session) {
+            let _ = s.close();
+        }
+        let devices = self
+            .devices
+            .iter_mut()
+            .map(|d| (d.name().to_owned(), d.state().ok()))
+            .collect();
+        let mut report = build_report(
+            &c.stages.counters,
+            devices,
+            elapsed,
+            None,
+            self.opts.codec_workers.clamp(1, 64),
+            "decode",
+        );
+        report.outcome = Some(outcome);
+        Ok(report)
+    }
+
+    /// Every device is prepared: waits (at most the timeout) for the source's decision.
+    fn await_decision(&mut self, stages: &Stages) -> Result<(), PipelineError> {
+        let in_doubt = |cause: PipelineError| PipelineError::InDoubt {
+            side: Side::Destination,
+            cause: Box::new(cause),
+        };
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(in_doubt(PipelineError::Cancelled {
+                    phase: Phase::Commit,
+                }));
+            }
+            if let Ok(e) = stages.failures.try_recv() {
+                return Err(match e {
+                    // An Abort before the decision: the source did not commit and rolls back.
+                    e @ PipelineError::PeerAborted { .. } => e,
+                    e => in_doubt(e),
+                });
+            }
+            match stages.decisions.recv_timeout(POLL) {
+                Ok(Decision::Commit) => return Ok(()),
+                Ok(Decision::Closed) => {
+                    return Err(in_doubt(PipelineError::Transport {
+                        phase: Phase::Commit,
+                        source: TransportError::Closed,
+                    }))
+                }
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(in_doubt(PipelineError::Timeout {
+                    phase: Phase::Commit,
+                    what: "the source's decision (commit or abort)",
+                    waited: self.opts.timeout,
+                }));
+            }
         }
     }
 
@@ -407,19 +607,16 @@ impl<D: MigrationDevice> DestinationSession<D> {
         e: PipelineError,
     ) -> PipelineError {
         if !matches!(e, PipelineError::PeerAborted { .. }) {
-            session.abort(e.abort_reason(false).code(), &e.to_string());
+            session.abort(e.abort_reason(false), &e.to_string());
         }
         if let Some(s) = stages {
             s.stop();
         }
-        self.resets = self
-            .devices
-            .iter_mut()
-            .map(crate::source::reset_one)
-            .collect();
+        self.resets = self.devices.iter_mut().map(reset_one).collect();
         e
     }
 
+    /// Loads every device and reports each *prepared*; returns once all are.
     fn drive(
         &mut self,
         session: &RecvSession,
@@ -440,6 +637,23 @@ impl<D: MigrationDevice> DestinationSession<D> {
             if let Ok(e) = stages.failures.try_recv() {
                 return Err(e);
             }
+            match stages.decisions.try_recv() {
+                // The source decides only after every device was prepared.
+                Ok(Decision::Commit) => {
+                    return Err(PipelineError::UnexpectedFrame {
+                        kind: FrameKind::Commit,
+                        device: 0,
+                        phase: Phase::Resume,
+                    })
+                }
+                Ok(Decision::Closed) => {
+                    return Err(PipelineError::Transport {
+                        phase: Phase::Resume,
+                        source: TransportError::Closed,
+                    })
+                }
+                Err(_) => {}
+            }
             match stages.events.recv_timeout(POLL) {
                 Ok(WriterEvent::StreamVerified { device, total }) => {
                     watch.progressed();
@@ -457,9 +671,12 @@ impl<D: MigrationDevice> DestinationSession<D> {
                     })?;
                     fds[i] = None;
                     done[i] = true;
-                    let ack = control(FrameKind::DeviceResumed, device, total);
+                    let prepared = Control::DevicePrepared {
+                        device,
+                        total_raw_bytes: total,
+                    };
                     session
-                        .send_control(ack, &[])
+                        .send_control(prepared.header(), &[])
                         .map_err(|source| PipelineError::Transport {
                             phase: Phase::Acknowledge,
                             source,
@@ -474,13 +691,16 @@ impl<D: MigrationDevice> DestinationSession<D> {
                         c.precopy_raw.store(raw, Ordering::Relaxed);
                     }
                     // Everything the source sent in PRE_COPY is loaded.
-                    let ack = control(FrameKind::SwitchoverAck, device, raw);
-                    session
-                        .send_control(ack, &[])
-                        .map_err(|source| PipelineError::Transport {
+                    let ack = Control::SwitchoverAck {
+                        device,
+                        raw_bytes: raw,
+                    };
+                    session.send_control(ack.header(), &[]).map_err(|source| {
+                        PipelineError::Transport {
                             phase: Phase::PreCopy,
                             source,
-                        })?;
+                        }
+                    })?;
                 }
                 Ok(WriterEvent::Failed(e)) => return Err(e),
                 Err(_) => {}
@@ -495,18 +715,6 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 if watch.progress_due() {
                     cb(&self.progress(stages, &done, started));
                 }
-            }
-        }
-        if self.opts.resume_devices {
-            // RUNNING_P2P rule on the destination: all devices reach RUNNING_P2P before any
-            // runs, so none receives P2P traffic while it cannot process it.
-            if n > 1 {
-                for d in &mut self.devices {
-                    set_state(d, DeviceState::RunningP2p, Phase::Acknowledge)?;
-                }
-            }
-            for d in &mut self.devices {
-                set_state(d, DeviceState::Running, Phase::Acknowledge)?;
             }
         }
         Ok(())
@@ -535,19 +743,5 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 })
                 .collect(),
         }
-    }
-}
-
-/// A control frame to the source (no payload, seq 0).
-fn control(kind: FrameKind, device: u16, arg: u64) -> FrameHeader {
-    FrameHeader {
-        kind,
-        codec: Codec::Raw,
-        device,
-        seq: 0,
-        raw_len: 0,
-        wire_len: 0,
-        arg,
-        crc: 0,
     }
 }

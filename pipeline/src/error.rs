@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vfmig_transport::{PoolError, TransportError};
 use vfmig_vfio::{DeviceError, DeviceState, MigrationCaps};
-use vfmig_wire::{Codec, FrameKind};
+use vfmig_wire::{AbortReason, Codec, FrameKind};
 
 use crate::codec::DecodeFailure;
 use crate::reseq::SequenceError;
@@ -22,8 +22,11 @@ pub enum Phase {
     StopCopy,
     /// Destination: loading state into the RESUMING data fd and validating it.
     Resume,
-    /// Waiting for the destination's acknowledgements.
+    /// Waiting for the destination's acknowledgements (each device *prepared*).
     Acknowledge,
+    /// The end of the session (docs/PROTOCOL.md, section 5.1): the source's decision and the
+    /// destination's outcome.
+    Commit,
     /// Walking devices back after a failure.
     Rollback,
 }
@@ -36,45 +39,26 @@ impl fmt::Display for Phase {
             Phase::StopCopy => "stop-copy",
             Phase::Resume => "resume",
             Phase::Acknowledge => "acknowledge",
+            Phase::Commit => "commit",
             Phase::Rollback => "rollback",
         })
     }
 }
 
-/// Reason codes carried by `Abort` frames (`arg`), shared by both sides.
+/// A side of a migration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum AbortReason {
-    /// The source's migration failed (device, read, codec, cancel...).
-    SourceFailed = 1,
-    /// A destination device refused its state (RESUMING -> STOP failed).
-    DeviceRefused = 2,
-    /// The stream failed verification on the destination (length, digest, decode, order).
-    StreamCorrupt = 3,
-    /// The destination could not write to or set up its device.
-    DestinationFailed = 4,
-    /// Cancelled by the operator or the VMM.
-    Cancelled = 5,
-    /// The two sides disagree on the devices.
-    DeviceMismatch = 6,
+pub enum Side {
+    /// The side that sends the state and decides commit or abort.
+    Source,
+    /// The side that loads the state and acts on the decision.
+    Destination,
 }
 
-impl AbortReason {
-    /// The wire value.
-    pub const fn code(self) -> u16 {
-        self as u16
-    }
-
-    /// Parses a wire value.
-    pub fn from_code(code: u16) -> Option<AbortReason> {
-        Some(match code {
-            1 => AbortReason::SourceFailed,
-            2 => AbortReason::DeviceRefused,
-            3 => AbortReason::StreamCorrupt,
-            4 => AbortReason::DestinationFailed,
-            5 => AbortReason::Cancelled,
-            6 => AbortReason::DeviceMismatch,
-            _ => return None,
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
         })
     }
 }
@@ -216,14 +200,12 @@ pub enum PipelineError {
         source: DeviceError,
     },
     /// The peer aborted the migration.
-    #[error("peer aborted in {phase}: {reason:?} (code {code}): {detail}")]
+    #[error("peer aborted in {phase}: {reason}: {detail}")]
     PeerAborted {
         /// Phase.
         phase: Phase,
-        /// The reason, if the code is known.
-        reason: Option<AbortReason>,
-        /// The raw reason code.
-        code: u16,
+        /// The reason (the wire's one vocabulary; unknown codes are `AbortReason::Unknown`).
+        reason: AbortReason,
         /// The peer's detail text.
         detail: String,
     },
@@ -320,6 +302,34 @@ pub enum PipelineError {
         /// The first device whose stream had not ended.
         device: u16,
     },
+    /// The decision of the session cannot be known on this side (docs/PROTOCOL.md, section
+    /// 5.1). On the source: *commit* was sent, and the destination's outcome never arrived. On
+    /// the destination: every device was prepared (and said so), and neither *commit* nor
+    /// *abort* arrived. This side's devices are left in STOP holding a complete, valid copy of
+    /// the state; nothing here resumes them or resets them. [`PipelineError::in_doubt_guidance`]
+    /// says how to finish.
+    #[error("in doubt ({side}): {cause}; this side's devices stay in STOP with valid state")]
+    InDoubt {
+        /// The side that reports.
+        side: Side,
+        /// What cut the session short (link lost, timeout, cancel, unknown outcome).
+        #[source]
+        cause: Box<PipelineError>,
+    },
+    /// The source committed, and the destination reported that it could not resume its devices:
+    /// it reset them, so the source holds the only valid state and rolled back to RUNNING.
+    #[error("the destination could not resume its devices after the commit; it reset them, and the source rolled back")]
+    DestinationResumeFailed,
+    /// A destination step that needs a committed session ([`crate::DestinationSession::resume`],
+    /// [`crate::DestinationSession::finish`]) was called without one.
+    #[error("no committed session: receive() must return Ok first")]
+    NotCommitted,
+    /// The destination sent an outcome code this version does not know (then in doubt).
+    #[error("unknown outcome code {code} from the destination")]
+    UnknownOutcome {
+        /// The code.
+        code: u16,
+    },
     /// A stage thread stopped without reporting (a bug; reported rather than hung).
     #[error("the {stage} stage stopped unexpectedly")]
     StageLost {
@@ -329,6 +339,30 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// For [`PipelineError::InDoubt`]: which side holds valid state and how to finish (one
+    /// line). `None` for every other error.
+    pub fn in_doubt_guidance(&self) -> Option<&'static str> {
+        match self {
+            PipelineError::InDoubt {
+                side: Side::Source, ..
+            } => Some(
+                "the source sent commit: the destination holds a complete, validated copy and may \
+                 already run it. Ask the destination: if it succeeded or is in doubt too, resume \
+                 the guest there and discard the source; only if it failed (it reset its devices), \
+                 roll the source back (its devices are stopped with their state intact)",
+            ),
+            PipelineError::InDoubt {
+                side: Side::Destination,
+                ..
+            } => Some(
+                "this destination holds a complete, validated copy in STOP and did not learn the \
+                 decision. Ask the source: if it is in doubt too (it sent commit) or succeeded, \
+                 resume the guest here; if it failed (it rolled back and runs), reset these devices",
+            ),
+            _ => None,
+        }
+    }
+
     /// The abort reason to tell the peer about this failure.
     pub fn abort_reason(&self, source_side: bool) -> AbortReason {
         match self {
@@ -338,10 +372,21 @@ impl PipelineError {
             PipelineError::Decode { .. }
             | PipelineError::Sequence { .. }
             | PipelineError::LengthMismatch { .. }
-            | PipelineError::DigestMismatch { .. }
-            | PipelineError::UnexpectedFrame { .. } => AbortReason::StreamCorrupt,
-            _ if source_side => AbortReason::SourceFailed,
-            _ => AbortReason::DestinationFailed,
+            | PipelineError::DigestMismatch { .. } => AbortReason::Integrity,
+            PipelineError::UnexpectedFrame { .. } => AbortReason::Protocol,
+            PipelineError::Timeout { .. } => AbortReason::Timeout,
+            PipelineError::Pool { .. } | PipelineError::Resource { .. } => AbortReason::Resources,
+            PipelineError::StageLost { .. } => AbortReason::Internal,
+            PipelineError::Transport { source, .. } => match source {
+                TransportError::Corrupt { .. } => AbortReason::Integrity,
+                TransportError::Timeout { .. } | TransportError::PeerSilent { .. } => {
+                    AbortReason::Timeout
+                }
+                _ if source_side => AbortReason::SourceDevice,
+                _ => AbortReason::DestinationDevice,
+            },
+            _ if source_side => AbortReason::SourceDevice,
+            _ => AbortReason::DestinationDevice,
         }
     }
 }

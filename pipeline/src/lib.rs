@@ -25,8 +25,12 @@
 //!   same order, one write in flight per fd.
 //! - **Verification.** Every frame is CRC-checked by the transport; each stream ends with its
 //!   length and stream digest, checked before the destination device is asked to validate its
-//!   state (RESUMING -> STOP). Only then is `DeviceResumed` sent, and only that counts as success
-//!   on the source.
+//!   state (RESUMING -> STOP). Only then is `DevicePrepared` sent.
+//! - **One decision point.** Once every device is prepared and every source device is in STOP, the
+//!   source sends `Commit`; the destination resumes only after it and answers with its outcome,
+//!   and only that counts as success on the source. Without a commit the destination resets. A
+//!   side that cannot know the decision reports [`PipelineError::InDoubt`] and leaves its devices
+//!   in STOP (docs/PROTOCOL.md, section 5.1): never both running, never the state lost.
 //! - **Several devices.** Every source device reaches RUNNING_P2P (or PRE_COPY_P2P) before any
 //!   stops; destination devices resume (if asked) STOP -> RUNNING_P2P for all before RUNNING for
 //!   any. Devices without P2P are refused for multi-device runs unless overridden.
@@ -88,8 +92,10 @@ mod api;
 mod codec;
 mod destination;
 mod digest;
+mod dirty;
 mod error;
 mod guest;
+mod initial;
 mod reader;
 mod reseq;
 mod source;
@@ -102,12 +108,17 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Progress, ProgressFn, Report,
-    RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, Progress,
+    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
-pub use error::{AbortReason, Phase, PipelineError};
+pub use dirty::{DirtyBitmap, DirtyReport, DirtySink, DirtyTracking, LoggingStarted};
+pub use error::{Phase, PipelineError, Side};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
 pub use source::SourceSession;
+/// The one abort vocabulary (docs/PROTOCOL.md, section 5), re-exported from the wire crate.
+pub use vfmig_wire::AbortReason;
+/// What the destination did after the commit (docs/PROTOCOL.md, section 5.1).
+pub use vfmig_wire::FinalOutcome;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
-use vfmig_wire::{FrameHeader, FrameKind};
+use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::api::{
@@ -19,8 +19,10 @@ use crate::api::{
     RollbackStep, SourceOptions, Stage, StageTimes,
 };
 use crate::codec::{chunk_len, Choice};
-use crate::error::{AbortReason, Phase, PipelineError};
-use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
+use crate::dirty::DirtyLog;
+use crate::error::{Phase, PipelineError, Side};
+use crate::guest::Run;
+use crate::initial::InitialData;
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::stages::{self, FrameSink, RateLimit};
 use crate::stats::{Counters, DeviceCounters};
@@ -63,6 +65,8 @@ pub struct SourceSession<D: MigrationDevice> {
     opts: SourceOptions,
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
+    /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
+    initial: InitialData,
 }
 
 /// Per-device bookkeeping of one run.
@@ -101,7 +105,7 @@ impl Stages {
         let n = names.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let adaptive = Adaptive::new(opts.compress, workers);
         let adaptive = Arc::new(if session.peer().ip().is_loopback() {
             adaptive.on_this_host()
@@ -129,11 +133,15 @@ impl Stages {
                 counters: counters.clone(),
                 stop: stop.clone(),
                 // Dirty guest pages travel on device 0's stream, so one sequence orders them.
-                guest: opts.guest_memory.clone().map(|memory| GuestPages {
-                    memory,
-                    carrier: 0,
-                    batches_done: page_batches_done.clone(),
-                }),
+                guest: opts
+                    .dirty_tracking
+                    .ship_memory()
+                    .cloned()
+                    .map(|memory| GuestPages {
+                        memory,
+                        carrier: 0,
+                        batches_done: page_batches_done.clone(),
+                    }),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {
@@ -166,7 +174,9 @@ impl Stages {
                 stop.clone(),
                 fail_tx,
             );
-            let limit = opts.max_bandwidth.map(RateLimit::new);
+            let limit = opts
+                .max_bandwidth
+                .map(|r| RateLimit::new(r.bytes_per_sec()));
             // Each device may have at most every pool slot in flight.
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
             threads.push(stages::spawn("vfmig-send", move || {
@@ -243,6 +253,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             opts,
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
+            initial: InitialData::default(),
         }
     }
 
@@ -272,7 +283,7 @@ impl<D: MigrationDevice> SourceSession<D> {
     }
 
     /// Migrates every device to the destination listening at `addr`. Blocks until the
-    /// destination acknowledged every device (`DeviceResumed`), or fails.
+    /// destination acknowledged every device (`DevicePrepared`), or fails.
     pub fn run(&mut self, addr: SocketAddr) -> Result<Report, PipelineError> {
         self.rollback.clear();
         let started = Instant::now();
@@ -297,7 +308,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         let mut stages = match Stages::start(&session, names, &self.opts) {
             Ok(s) => s,
             Err(e) => {
-                session.abort(AbortReason::SourceFailed.code(), &e.to_string());
+                session.abort(e.abort_reason(true), &e.to_string());
                 return Err(e);
             }
         };
@@ -305,21 +316,106 @@ impl<D: MigrationDevice> SourceSession<D> {
         let mut downtime_start = None;
         match self.drive(&session, &stages, &mut runs, &mut downtime_start, started) {
             Ok(downtime) => {
-                let elapsed = started.elapsed();
                 stages.cmds = None;
                 stages.join();
-                let session = Arc::try_unwrap(session);
-                if let Ok(s) = session {
-                    // The destination has everything; a failed clean close changes nothing.
-                    let _ = s.close();
+                // Every device is prepared on the destination and stopped here: the decision.
+                let decided = self.commit(&session);
+                let elapsed = started.elapsed();
+                let mut report = self.report(&stages, elapsed, Some(downtime));
+                match decided {
+                    Ok(outcome) => {
+                        close_quietly(session);
+                        report.outcome = Some(outcome);
+                        Ok(report)
+                    }
+                    Err(e @ PipelineError::InDoubt { .. }) => {
+                        // No Abort may follow a sent commit (the destination would reset what
+                        // may be the only copy): a clean close, and the devices stay in STOP.
+                        close_quietly(session);
+                        Err(e)
+                    }
+                    Err(e) => {
+                        // The commit was never queued, or the destination reset its devices
+                        // after a failed resume: the state here is the only valid copy.
+                        session.abort(e.abort_reason(true), &e.to_string());
+                        self.roll_back();
+                        Err(e)
+                    }
                 }
-                Ok(self.report(&stages, elapsed, Some(downtime)))
             }
             Err(e) => {
-                session.abort(e.abort_reason(true).code(), &e.to_string());
+                session.abort(e.abort_reason(true), &e.to_string());
                 stages.stop();
                 self.roll_back();
                 Err(e)
+            }
+        }
+    }
+
+    /// The decision point (docs/PROTOCOL.md, section 5.1): every destination device is prepared
+    /// and every source device is in STOP. Sends *commit*, after which the source devices never
+    /// run again unless the destination reports `ResumeFailed`, then waits (at most the timeout)
+    /// for the destination's outcome. A commit the transport refused to queue was never sent:
+    /// that is an ordinary failure, not [`PipelineError::InDoubt`].
+    fn commit(&mut self, session: &SendSession) -> Result<FinalOutcome, PipelineError> {
+        let in_doubt = |cause: PipelineError| PipelineError::InDoubt {
+            side: Side::Source,
+            cause: Box::new(cause),
+        };
+        session
+            .send(Control::Commit.header(), None)
+            .map_err(|source| PipelineError::Transport {
+                phase: Phase::Commit,
+                source,
+            })?;
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(in_doubt(PipelineError::Timeout {
+                    phase: Phase::Commit,
+                    what: "the destination's outcome",
+                    waited: self.opts.timeout,
+                }));
+            }
+            let frame = match session.recv_control(left.min(TICK * 10)) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(TransportError::PeerAborted { reason, detail }) => {
+                    return Err(in_doubt(PipelineError::PeerAborted {
+                        phase: Phase::Commit,
+                        reason,
+                        detail,
+                    }))
+                }
+                Err(source) => {
+                    return Err(in_doubt(PipelineError::Transport {
+                        phase: Phase::Commit,
+                        source,
+                    }))
+                }
+            };
+            match Control::decode(
+                &frame.header,
+                frame.payload.as_ref().map_or(&[][..], |p| p.as_slice()),
+            ) {
+                Ok(Control::Outcome { outcome }) => {
+                    return match outcome {
+                        FinalOutcome::Resumed | FinalOutcome::Held => Ok(outcome),
+                        FinalOutcome::ResumeFailed => Err(PipelineError::DestinationResumeFailed),
+                        FinalOutcome::Unknown(code) => {
+                            Err(in_doubt(PipelineError::UnknownOutcome { code }))
+                        }
+                    }
+                }
+                Ok(Control::Keepalive { .. } | Control::SwitchoverAck { .. }) => {}
+                _ => {
+                    return Err(in_doubt(PipelineError::UnexpectedFrame {
+                        kind: frame.header.kind,
+                        device: frame.header.device,
+                        phase: Phase::Commit,
+                    }))
+                }
             }
         }
     }
@@ -329,13 +425,6 @@ impl<D: MigrationDevice> SourceSession<D> {
         if self.devices.is_empty() {
             return Err(PipelineError::Options {
                 what: "devices",
-                value: 0,
-            });
-        }
-        if self.opts.max_bandwidth == Some(0) {
-            // The sender's rate limit would wait forever (and divide by zero) at 0 bytes/s.
-            return Err(PipelineError::Options {
-                what: "max_bandwidth",
                 value: 0,
             });
         }
@@ -384,11 +473,10 @@ impl<D: MigrationDevice> SourceSession<D> {
                 .iter()
                 .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
         let mut watch = Watch::new(started, &self.opts);
-        let mut tracker = match self.opts.guest_memory.clone() {
-            Some(g) => Some(DirtyTracker::start(g, &mut self.devices)?),
-            None => None,
-        };
+        let mut tracker = DirtyLog::start(&self.opts.dirty_tracking, &mut self.devices)?;
+        self.initial = InitialData::default();
         if precopy {
+            self.initial = InitialData::opt_in(&mut self.devices);
             for (i, d) in self.devices.iter_mut().enumerate() {
                 let fd = set_state(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
                     PipelineError::NoDataFd {
@@ -404,10 +492,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                     mode: ReadMode::PreCopy,
                 })?;
             }
-            if let Some(t) = &tracker {
-                if self.opts.guest_full_copy {
-                    stages.pages(t.all_runs(), false)?;
-                }
+            if let Some(t) = tracker
+                .as_ref()
+                .filter(|_| self.opts.dirty_tracking.full_copy())
+            {
+                stages.pages(t.all_runs(), false)?;
             }
             self.precopy_until_switchover(session, stages, runs, &mut watch, &mut tracker)?;
             for i in 0..self.devices.len() {
@@ -459,14 +548,16 @@ impl<D: MigrationDevice> SourceSession<D> {
                 })?;
             }
         }
-        if let Some(mut t) = tracker {
+        if let Some(t) = tracker {
             // Every device is stopped: no more DMA. The final report closes the dirty log.
-            if self.opts.guest_full_copy && !precopy {
+            if self.opts.dirty_tracking.full_copy() && !precopy {
                 stages.pages(t.all_runs(), false)?;
             }
-            let last = t.collect(&mut self.devices);
-            stages.pages(last, true)?;
-            t.stop(&mut self.devices);
+            let exports = t.exports();
+            let last = t.finish(&mut self.devices);
+            if !exports {
+                stages.pages(last, true)?;
+            }
         }
         watch.progressed();
         while !runs.iter().all(|r| r.stopped) {
@@ -499,7 +590,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         stages: &Stages,
         runs: &mut [DevRun],
         watch: &mut Watch,
-        tracker: &mut Option<DirtyTracker>,
+        tracker: &mut Option<DirtyLog>,
     ) -> Result<(), PipelineError> {
         let begun = Instant::now();
         let mut last_sample = Instant::now() - PRECOPY_SAMPLE;
@@ -515,11 +606,15 @@ impl<D: MigrationDevice> SourceSession<D> {
                 // The next dirty log is read only once the reader has shipped the last batch:
                 // until then the device's log keeps collecting (a page dirtied again is sent
                 // once), and batches never pile up faster than the pipeline ships them.
-                if let Some(t) = tracker.as_mut().filter(|_| stages.pages_idle()) {
-                    let dirty = t.collect(&mut self.devices);
-                    if !dirty.is_empty() {
-                        stages.pages(dirty, false)?;
+                match tracker.as_mut() {
+                    Some(t) if t.exports() => t.export(&mut self.devices),
+                    Some(t) if stages.pages_idle() => {
+                        let dirty = t.collect_runs(&mut self.devices);
+                        if !dirty.is_empty() {
+                            stages.pages(dirty, false)?;
+                        }
                     }
+                    _ => {}
                 }
             }
             let mut initial_left = 0u64;
@@ -536,6 +631,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                         phase: Phase::PreCopy,
                         source,
                     })?;
+                if self.initial.observe(i, &info) {
+                    // New initial data (REINIT): it is read in PRE_COPY again, and re-sending
+                    // it is not a sign of non-convergence.
+                    initial_done_at = None;
+                }
                 // Sizes are device data: a huge one must not overflow the sums.
                 initial_left = initial_left.saturating_add(info.initial_bytes);
                 dirty = dirty.saturating_add(info.dirty_bytes);
@@ -606,7 +706,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 watch.progressed();
                 let device = f.header.device;
                 match (f.header.kind, runs.get_mut(usize::from(device))) {
-                    (FrameKind::DeviceResumed, Some(r)) => r.acked = Some(f.header.arg),
+                    (FrameKind::DevicePrepared, Some(r)) => r.acked = Some(f.header.arg),
                     (FrameKind::SwitchoverAck | FrameKind::Keepalive, _) => {}
                     (kind, _) => {
                         return Err(PipelineError::UnexpectedFrame {
@@ -621,8 +721,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             Err(TransportError::PeerAborted { reason, detail }) => {
                 return Err(PipelineError::PeerAborted {
                     phase,
-                    reason: AbortReason::from_code(reason),
-                    code: reason,
+                    reason,
                     detail,
                 })
             }
@@ -669,7 +768,7 @@ impl<D: MigrationDevice> SourceSession<D> {
 
     fn report(&mut self, stages: &Stages, elapsed: Duration, downtime: Option<Duration>) -> Report {
         let workers = self.opts.codec_workers.clamp(1, 64);
-        build_report(
+        let mut report = build_report(
             &stages.counters,
             self.devices
                 .iter_mut()
@@ -679,18 +778,29 @@ impl<D: MigrationDevice> SourceSession<D> {
             downtime,
             workers,
             &describe(stages.adaptive.current()),
-        )
+        );
+        self.initial.fill(&mut report.devices);
+        report
     }
 
     /// Walks every device back to RUNNING (reset first if it is in ERROR or the walk fails).
     fn roll_back(&mut self) {
-        if self.opts.guest_memory.is_some() {
+        if self.opts.dirty_tracking.is_on() {
             for d in &mut self.devices {
                 // Not logging (never started, or already stopped) is fine here.
                 let _ = d.dma_logging_stop();
             }
         }
         self.rollback = self.devices.iter_mut().map(roll_back_one).collect();
+    }
+}
+
+/// Ends a session without an Abort frame: a clean close (bounded by the session timeout). If
+/// another handle still held it, dropping would abort; every stage is joined before this.
+fn close_quietly(session: Arc<SendSession>) {
+    if let Ok(s) = Arc::try_unwrap(session) {
+        // The outcome is decided; a failed clean close changes nothing.
+        let _ = s.close();
     }
 }
 
@@ -737,6 +847,17 @@ pub(crate) fn reset_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
         _ => reset(d, from),
     };
     RollbackStep { device, action }
+}
+
+/// After a commit whose resume failed: every device is reset, a RUNNING one too (it may run the
+/// migrated state), so that the source may run again.
+pub(crate) fn reset_committed<D: MigrationDevice>(d: &mut D) -> RollbackStep {
+    let device = d.name().to_owned();
+    let from = d.state().ok();
+    RollbackStep {
+        device,
+        action: reset(d, from),
+    }
 }
 
 fn reset<D: MigrationDevice>(d: &mut D, from: Option<DeviceState>) -> RollbackAction {
@@ -791,6 +912,8 @@ pub(crate) fn build_report(
                 raw_chunks: DeviceCounters::load(&c.raw_chunks),
                 compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
                 guest_page_bytes: DeviceCounters::load(&c.guest),
+                precopy_info_v2: false,
+                precopy_reinits: 0,
                 final_state,
             }
         })
@@ -827,6 +950,7 @@ pub(crate) fn build_report(
         stages,
         limiting_stage,
         codec: codec.to_owned(),
+        outcome: None,
     }
 }
 
@@ -951,85 +1075,6 @@ impl Watch {
     }
 }
 
-/// Device DMA dirty tracking over the VMM's guest memory (`DMA_LOGGING_START/REPORT/STOP`).
-struct DirtyTracker {
-    ranges: Vec<IovaRange>,
-    /// Devices with logging on, and the page size each chose.
-    logging: Vec<(usize, u64)>,
-}
-
-impl std::fmt::Debug for DirtyTracker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyTracker")
-            .field("ranges", &self.ranges.len())
-            .field("logging", &self.logging)
-            .finish()
-    }
-}
-
-impl DirtyTracker {
-    /// Starts logging on every device that supports it.
-    fn start<D: MigrationDevice>(
-        guest: Arc<dyn GuestMemoryAccess>,
-        devices: &mut [D],
-    ) -> Result<DirtyTracker, PipelineError> {
-        let ranges = guest.ranges();
-        let mut logging = Vec::new();
-        for (i, d) in devices.iter_mut().enumerate() {
-            match d.dma_logging_start(&ranges, GUEST_PAGE) {
-                Ok(page_size) => logging.push((i, page_size)),
-                Err(DeviceError::Unsupported { .. }) => {}
-                Err(source) => {
-                    return Err(PipelineError::Device {
-                        device: d.name().to_owned(),
-                        phase: Phase::Setup,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(DirtyTracker { ranges, logging })
-    }
-
-    /// Every page of guest memory.
-    fn all_runs(&self) -> Vec<Run> {
-        self.ranges
-            .iter()
-            .map(|r| (r.iova, r.length / GUEST_PAGE))
-            .collect()
-    }
-
-    /// Reads and clears every device's log. A report that fails makes its whole range dirty
-    /// (the uAPI says to treat the log as corrupt).
-    fn collect<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Run> {
-        let mut runs = Vec::new();
-        for &(i, page_size) in &self.logging {
-            let Some(d) = devices.get_mut(i) else {
-                continue;
-            };
-            for &r in &self.ranges {
-                let bits = r.length.div_ceil(page_size.max(1));
-                let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX);
-                let mut bitmap = vec![0u64; words];
-                match d.dma_logging_report(r.iova, r.length, page_size, &mut bitmap) {
-                    Ok(()) => bitmap_runs(r, page_size, &bitmap, &mut runs),
-                    Err(_) => runs.push((r.iova, r.length / GUEST_PAGE)),
-                }
-            }
-        }
-        merge_runs(runs)
-    }
-
-    fn stop<D: MigrationDevice>(&self, devices: &mut [D]) {
-        for &(i, _) in &self.logging {
-            if let Some(d) = devices.get_mut(i) {
-                // Logging ends with the devices' stop anyway; a failed STOP loses nothing.
-                let _ = d.dma_logging_stop();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod rollback_tests {
     use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
@@ -1048,26 +1093,11 @@ mod rollback_tests {
     }
 
     #[test]
-    fn zero_max_bandwidth_is_refused_before_connecting() {
-        let dev = EmulatedDevice::new(EmulatedConfig::new("bw", 1 << 20, 7)).unwrap();
-        let opts = crate::api::SourceOptions {
-            max_bandwidth: Some(0),
-            ..crate::api::SourceOptions::default()
-        };
-        let mut s = super::SourceSession::new(vec![dev], opts);
-        // Nothing listens there: only a check before connecting gives an options error.
-        let r = s.run("127.0.0.1:1".parse().unwrap());
-        assert!(
-            matches!(
-                r,
-                Err(crate::PipelineError::Options {
-                    what: "max_bandwidth",
-                    value: 0
-                })
-            ),
-            "{r:?}"
-        );
-        assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
+    fn a_rate_is_never_zero_and_says_its_unit() {
+        assert_eq!(crate::Rate::from_bytes_per_sec(0), None);
+        assert_eq!(crate::Rate::from_bits_per_sec(7), None);
+        let r = crate::Rate::from_bits_per_sec(2_500_000_000).unwrap();
+        assert_eq!(r.bytes_per_sec(), 312_500_000);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use vfmig_transport::{BufPool, PoolBuf};
 
+use crate::api::Notice;
 use crate::codec::Decoded;
 use crate::digest::StreamDigest;
 use crate::error::{Phase, PipelineError};
@@ -92,6 +93,12 @@ pub(crate) fn run(
             return;
         }
     };
+    if let Some(errno) = ring.unpinned_errno() {
+        counters.notices.notify(Notice::UnpinnedBuffers {
+            stage: "writer",
+            errno,
+        });
+    }
     let mut devs = Vec::with_capacity(devices.len());
     for d in devices {
         let zero = match pool.acquire(timeout) {

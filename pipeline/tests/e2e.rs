@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    AbortReason, Compress, DestinationOptions, DestinationSession, PipelineError, Report,
-    RollbackAction, SourceOptions, SourceSession,
+    AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
+    Report, RollbackAction, SourceOptions, SourceSession,
 };
 use vfmig_transport::{Listener, SessionConfig};
 use vfmig_vfio::emulated::{
@@ -309,7 +309,7 @@ fn read_error_at_byte_n_fails_typed_and_rolls_back_both_sides() {
     assert!(matches!(
         dr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::SourceFailed),
+            reason: AbortReason::SourceDevice,
             ..
         } | PipelineError::Transport { .. }
     ));
@@ -331,7 +331,7 @@ fn early_end_of_stream_is_refused_by_the_destination_device_and_rolled_back() {
         matches!(
             sr.as_ref().unwrap_err(),
             PipelineError::PeerAborted {
-                reason: Some(AbortReason::DeviceRefused),
+                reason: AbortReason::DeviceRefused,
                 ..
             }
         ),
@@ -359,7 +359,7 @@ fn destination_refusing_resume_fails_typed_and_the_source_runs_again() {
     assert!(matches!(
         sr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::DeviceRefused),
+            reason: AbortReason::DeviceRefused,
             ..
         }
     ));
@@ -483,7 +483,7 @@ fn cancel_from_another_thread_rolls_back_both_sides() {
     assert!(matches!(
         dr.unwrap_err(),
         PipelineError::PeerAborted {
-            reason: Some(AbortReason::Cancelled),
+            reason: AbortReason::Cancelled,
             ..
         }
     ));
@@ -502,6 +502,7 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
                 iova: 0x4000_0000,
                 len: 4 << 20,
                 dma_pages_per_sec: 5000,
+                quiesce_dma_pages: 0,
             }),
             ..EmulatedConfig::default()
         })
@@ -528,8 +529,10 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
             vec![src],
             SourceOptions {
                 precopy,
-                guest_memory: Some(src_guest.clone()),
-                guest_full_copy: true,
+                dirty_tracking: DirtyTracking::ShipPages {
+                    memory: src_guest.clone(),
+                    full_copy: true,
+                },
                 ..source_options()
             },
         );
@@ -584,7 +587,7 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
             precopy: false,
             compress: Compress::Auto,
             // A 24 MB/s link: far slower than any codec rung.
-            max_bandwidth: Some(24_000_000),
+            max_bandwidth: vfmig_pipeline::Rate::from_bytes_per_sec(24_000_000),
             ..source_options()
         },
         destination_options(),
@@ -622,7 +625,7 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
         matches!(
             err,
             PipelineError::PeerAborted {
-                reason: Some(AbortReason::DeviceMismatch),
+                reason: AbortReason::DeviceMismatch,
                 ..
             } | PipelineError::Transport { .. }
         ),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vfmig_transport::{AuthConfig, SessionConfig, TlsConfig};
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Profile as EmuProfile};
-use vfmig_vfio::{DeviceError, MigrationDevice, VfioDevice};
+use vfmig_vfio::{MigrationDevice, VfioDevice};
 
 use crate::cli::CommonArgs;
 use crate::error::{CliError, DeviceLabel, UsageError};
@@ -72,15 +72,8 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
         .with_dirty_rate(dirty)
 }
 
-fn emulated_error(index: usize, e: &vfmig_vfio::emulated::EmulatedError) -> CliError {
-    CliError::OpenDevice {
-        index,
-        kind: "emu",
-        source: DeviceError::NotVfio {
-            path: format!("emu{index}"),
-            reason: e.to_string(),
-        },
-    }
+fn emulated_error(index: usize, source: vfmig_vfio::emulated::EmulatedError) -> CliError {
+    CliError::Emulated { index, source }
 }
 
 /// Checks what can be checked about the specs as a whole before opening anything.
@@ -136,7 +129,7 @@ pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devic
         let (dev, total): (Box<dyn MigrationDevice>, Option<u64>) = match spec {
             DeviceSpec::Emu(e) => {
                 let d = EmulatedDevice::new(emu_config(e, index, side))
-                    .map_err(|err| emulated_error(index, &err))?;
+                    .map_err(|err| emulated_error(index, err))?;
                 (Box::new(d), Some(e.size))
             }
             DeviceSpec::File(t) => match side {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::{AbortReason, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
+use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
 
@@ -16,6 +17,9 @@ use crate::file_device::FileDeviceError;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit status: usage error (clap's, or a bad value found after parsing).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the migration is in doubt (docs/PROTOCOL.md, section 5.1): this side's devices
+/// are left in STOP with valid state and the operator finishes it.
+pub const EXIT_IN_DOUBT: u8 = 3;
 
 /// One device of the command line, for naming it in messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +30,15 @@ pub struct DeviceLabel {
     pub kind: &'static str,
 }
 
-/// Usage errors found after clap accepted the arguments.
+/// Usage errors: the arguments did not parse, or a value was found bad after parsing.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
+    /// The arguments did not parse (clap's message, for the `--json` failure object).
+    #[error("{message}")]
+    Arguments {
+        /// Clap's one-line message.
+        message: String,
+    },
     /// The PSK file cannot be read.
     #[error("cannot read --psk-file {path}: {source}")]
     PskFile {
@@ -111,6 +121,41 @@ pub enum CliError {
         #[source]
         source: DeviceError,
     },
+    /// An emulated device could not be set up (its FUSE mount, its memory).
+    #[error("device {index} (emu): {source}")]
+    Emulated {
+        /// Position of the device.
+        index: usize,
+        /// Why.
+        #[source]
+        source: EmulatedError,
+    },
+    /// No address of the receiver accepted a connection.
+    #[error("{host} unreachable")]
+    Unreachable {
+        /// The receiver as given.
+        host: String,
+        /// Each address tried, with its failure, in order.
+        attempts: Vec<(std::net::SocketAddr, TransportError)>,
+    },
+    /// The receiver's host name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listening socket could not be bound on any of the addresses.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The (first) address tried.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<TransportError>,
+    },
     /// The listener could not be bound, or no source arrived.
     #[error("{0}")]
     Transport(TransportError),
@@ -136,11 +181,27 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The exit status for this error (see `--help`, EXIT STATUS).
+    /// The exit status for this error (see `--help`, EXIT STATUS): 128 + the signal's number
+    /// for a command a signal cancelled.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
+            _ if self.in_doubt_guidance().is_some() => EXIT_IN_DOUBT,
+            CliError::Interrupted => crate::signals::exit_status().unwrap_or(EXIT_FAILED),
+            CliError::Migration { error, .. }
+                if matches!(**error, PipelineError::Cancelled { .. }) =>
+            {
+                crate::signals::exit_status().unwrap_or(EXIT_FAILED)
+            }
             _ => EXIT_FAILED,
+        }
+    }
+
+    /// For a migration in doubt: which side holds valid state and how to finish.
+    pub fn in_doubt_guidance(&self) -> Option<&'static str> {
+        match self {
+            CliError::Migration { error, .. } => error.in_doubt_guidance(),
+            _ => None,
         }
     }
 
@@ -191,6 +252,38 @@ pub fn describe(e: &CliError) -> String {
             "cannot open device {index} ({kind}): {}",
             describe_device(source)
         ),
+        CliError::Emulated { index, source } => {
+            format!("device {index} (emu): {}", describe_emulated(source))
+        }
+        CliError::Unreachable { host, attempts } => {
+            let each: Vec<String> = attempts
+                .iter()
+                .map(|(a, e)| match e {
+                    TransportError::Connect { source, .. } => format!("{a}: {}", os_reason(source)),
+                    other => format!("{a}: {}", describe_transport(other)),
+                })
+                .collect();
+            format!("{host} unreachable on every address: {}", each.join(", "))
+        }
+        CliError::Resolve { host, source } => format!(
+            "cannot resolve host {host}: {}",
+            source.to_string().to_lowercase()
+        ),
+        CliError::Bind { addr, source } => {
+            let why = match &**source {
+                TransportError::Io { source, .. } => os_reason(source),
+                other => describe_transport(other),
+            };
+            let hint = match &**source {
+                TransportError::Io { source, .. }
+                    if source.raw_os_error() == Some(libc::EADDRINUSE) =>
+                {
+                    " (another process listens there: stop it or choose another port)"
+                }
+                _ => "",
+            };
+            format!("cannot listen on {addr}: {why}{hint}")
+        }
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
         CliError::Interrupted => {
@@ -230,6 +323,26 @@ fn secs(d: Duration) -> String {
         format!("{s:.0} s")
     } else {
         format!("{s:.1} s")
+    }
+}
+
+/// An emulated device's set-up failure; a FUSE failure says what `emu:` needs.
+fn describe_emulated(e: &EmulatedError) -> String {
+    match e {
+        EmulatedError::Host(source) => {
+            let need = if std::path::Path::new("/dev/fuse").exists() {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE: /dev/fuse usable by this user \
+                 and the right to mount (root, CAP_SYS_ADMIN, or fusermount3 installed)"
+            } else {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE, and /dev/fuse does not exist \
+                 (load the module: modprobe fuse)"
+            };
+            format!(
+                "cannot mount the FUSE file system that serves its data fd: {}; {need}; `file:` devices need neither",
+                os_reason(source)
+            )
+        }
+        other => other.to_string(),
     }
 }
 
@@ -293,17 +406,21 @@ pub fn describe_transport(e: &TransportError) -> String {
             "a frame on connection {conn} failed authentication: it was changed, injected, replayed or reordered on the way; nothing of it reached a device"
         ),
         TransportError::PeerAborted { reason, detail } => {
-            let why = AbortReason::from_code(*reason).map_or_else(
-                || format!("reason {reason}"),
-                |r| abort_reason_text(r).to_owned(),
-            );
+            let why = abort_reason_text(*reason);
             if detail.is_empty() {
                 format!("peer aborted the migration: {why}")
             } else {
                 format!("peer aborted the migration: {why}: {detail}")
             }
         }
-        TransportError::Io { op, source } => format!("{op} failed: {}", os_reason(source)),
+        TransportError::Io { op, source } => {
+            let hint = if op.starts_with("io_uring") {
+                memlock_hint(source)
+            } else {
+                ""
+            };
+            format!("{op} failed: {}{hint}", os_reason(source))
+        }
         TransportError::Short {
             op,
             conn,
@@ -339,14 +456,19 @@ fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String 
     }
 }
 
-fn abort_reason_text(r: AbortReason) -> &'static str {
+fn abort_reason_text(r: AbortReason) -> String {
     match r {
-        AbortReason::SourceFailed => "the source failed",
-        AbortReason::DeviceRefused => "a destination device refused the state",
-        AbortReason::StreamCorrupt => "the stream failed verification",
-        AbortReason::DestinationFailed => "the destination failed",
-        AbortReason::Cancelled => "cancelled by the operator",
-        AbortReason::DeviceMismatch => "the two sides were given different devices",
+        AbortReason::Cancelled => "cancelled by the operator".to_owned(),
+        AbortReason::SourceDevice => "the source failed".to_owned(),
+        AbortReason::DestinationDevice => "the destination failed".to_owned(),
+        AbortReason::Protocol => "the peer broke the protocol".to_owned(),
+        AbortReason::Integrity => "the stream failed verification".to_owned(),
+        AbortReason::Timeout => "the peer timed out".to_owned(),
+        AbortReason::Resources => "the peer ran out of buffers or queue space".to_owned(),
+        AbortReason::Internal => "an internal error on the peer".to_owned(),
+        AbortReason::DeviceRefused => "a destination device refused the state".to_owned(),
+        AbortReason::DeviceMismatch => "the two sides were given different devices".to_owned(),
+        AbortReason::Unknown(code) => format!("reason {code}"),
     }
 }
 
@@ -368,6 +490,11 @@ fn label_by_index(index: u16, devices: &[DeviceLabel]) -> String {
 /// Pipeline errors, worded for an operator.
 pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
     match e {
+        PipelineError::InDoubt { side, cause } => format!(
+            "IN DOUBT on the {side}: {}; this side's devices stay stopped with valid state; {}",
+            describe_pipeline(cause, devices),
+            e.in_doubt_guidance().unwrap_or_default()
+        ),
         PipelineError::Transport { source, .. } => describe_transport(source),
         PipelineError::SourceChanged {
             device,
@@ -440,13 +567,9 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
         PipelineError::PeerAborted {
             phase,
             reason,
-            code,
             detail,
         } => {
-            let why = reason.map_or_else(
-                || format!("reason {code}"),
-                |r| abort_reason_text(r).to_owned(),
-            );
+            let why = abort_reason_text(*reason);
             if detail.is_empty() {
                 format!("peer aborted the migration in {phase} ({why})")
             } else {
@@ -471,7 +594,21 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
         PipelineError::Cancelled { phase } => format!(
             "cancelled (SIGINT/SIGTERM) in {phase}; source devices are walked back to RUNNING, destination devices reset"
         ),
+        PipelineError::Uring { op, source } => {
+            format!("io_uring {op} failed: {}{}", os_reason(source), memlock_hint(source))
+        }
         other => other.to_string(),
+    }
+}
+
+/// For an `ENOMEM` from io_uring set-up: the usual cause (the rings themselves count against
+/// `RLIMIT_MEMLOCK` on recent kernels for a process without `CAP_IPC_LOCK`).
+fn memlock_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        "; io_uring rings count against the locked-memory limit: raise RLIMIT_MEMLOCK to at \
+         least 1 MiB (`ulimit -l`, systemd LimitMEMLOCK=)"
+    } else {
+        ""
     }
 }
 
@@ -647,11 +784,43 @@ mod tests {
     }
 
     #[test]
+    fn in_doubt_exits_3_and_names_the_side_the_cause_and_how_to_finish() {
+        let e = migration(PipelineError::InDoubt {
+            side: vfmig_pipeline::Side::Source,
+            cause: Box::new(PipelineError::Timeout {
+                phase: Phase::Commit,
+                what: "the destination's outcome",
+                waited: Duration::from_secs(30),
+            }),
+        });
+        assert_eq!(e.exit_code(), EXIT_IN_DOUBT);
+        let msg = describe(&e);
+        assert!(!msg.contains('\n'), "{msg:?}");
+        assert!(
+            msg.starts_with("IN DOUBT on the source: timed out after 30 s"),
+            "{msg}"
+        );
+        assert!(msg.contains("the source sent commit"), "{msg}");
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::report::failure_json("send", &e)).expect("JSON");
+        assert_eq!(v["outcome"], "in-doubt");
+        assert_eq!(v["exit_code"], 3);
+        assert!(v["guidance"]
+            .as_str()
+            .is_some_and(|g| g.contains("roll the source back")));
+        let f = migration(PipelineError::DestinationResumeFailed);
+        assert_eq!(f.exit_code(), EXIT_FAILED);
+        let v: serde_json::Value =
+            serde_json::from_str(&crate::report::failure_json("send", &f)).expect("JSON");
+        assert_eq!(v["outcome"], "failed");
+        assert!(v["guidance"].is_null());
+    }
+
+    #[test]
     fn messages_are_always_exactly_one_line() {
         let e = migration(PipelineError::PeerAborted {
             phase: Phase::Resume,
-            reason: Some(AbortReason::DeviceRefused),
-            code: 2,
+            reason: AbortReason::DeviceRefused,
             detail: "line one\nline two\r\n".into(),
         });
         let msg = describe(&e);

@@ -2,8 +2,9 @@
 //!
 //! JSON schema (stable; scripts read it):
 //! ```text
-//! { "outcome": "ok" | "failed", "role": "send" | "recv" | "demo",
-//!   "error": null | "<the one-line message>", "exit_code": 0 | 1 | 2,
+//! { "outcome": "ok" | "failed" | "in-doubt", "role": "send" | "recv" | "demo",
+//!   "error": null | "<the one-line message>", "exit_code": 0 | 1 | 2 | 3,
+//!   "guidance": null | "<in doubt: which side holds valid state and how to finish>",
 //!   "peer": null | "ADDR", "elapsed_ms": f64, "downtime_ms": null | f64,
 //!   "raw_bytes": u64, "wire_bytes": u64, "ratio": f64, "throughput_bytes_per_sec": f64,
 //!   "limiting_stage": null | "device" | "codec" | "network",
@@ -64,7 +65,7 @@ pub struct StagesJson {
 /// The whole report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ReportJson {
-    /// `ok` or `failed`.
+    /// `ok`, `failed` or `in-doubt`.
     pub outcome: &'static str,
     /// `send`, `recv` or `demo`.
     pub role: &'static str,
@@ -72,6 +73,8 @@ pub struct ReportJson {
     pub error: Option<String>,
     /// The exit status the command returns.
     pub exit_code: u8,
+    /// In doubt: which side holds valid state and how to finish.
+    pub guidance: Option<&'static str>,
     /// The peer's address, once known.
     pub peer: Option<String>,
     /// Wall time of the migration (ms).
@@ -133,11 +136,17 @@ pub fn limiting(stages: &StagesJson) -> Option<&'static str> {
 impl ReportJson {
     /// A report for a failure before any figures exist.
     pub fn failure(role: &'static str, e: &CliError) -> ReportJson {
+        let guidance = e.in_doubt_guidance();
         ReportJson {
-            outcome: "failed",
+            outcome: if guidance.is_some() {
+                "in-doubt"
+            } else {
+                "failed"
+            },
             role,
             error: Some(describe(e)),
             exit_code: e.exit_code(),
+            guidance,
             peer: None,
             elapsed_ms: 0.0,
             downtime_ms: None,
@@ -237,6 +246,7 @@ mod tests {
         ReportJson {
             outcome: "ok",
             role: "send",
+            guidance: None,
             error: None,
             exit_code: 0,
             peer: Some("127.0.0.1:7000".into()),

@@ -190,6 +190,14 @@ pub enum SpecError {
         /// The accepted values.
         allowed: &'static [&'static str],
     },
+    /// A size above what an emulated device can hold.
+    #[error("size {size} is larger than an emulated device can be ({max} bytes = 1 TiB)")]
+    TooLarge {
+        /// The size given.
+        size: u64,
+        /// The largest size.
+        max: u64,
+    },
     /// `size=0`: a device with no state cannot be migrated meaningfully.
     #[error("size must be greater than zero")]
     ZeroSize,
@@ -298,6 +306,12 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     }
                     if v % 4096 != 0 {
                         return Err(SpecError::UnalignedSize { size: v });
+                    }
+                    if v > vfmig_vfio::emulated::MAX_SIZE {
+                        return Err(SpecError::TooLarge {
+                            size: v,
+                            max: vfmig_vfio::emulated::MAX_SIZE,
+                        });
                     }
                     size = Some(v);
                 }
@@ -463,6 +477,10 @@ mod tests {
         );
         assert_eq!(parse("emu:size=1M,"), Err(SpecError::EmptyParam));
         assert_eq!(parse("emu:size=0"), Err(SpecError::ZeroSize));
+        assert!(matches!(
+            parse("emu:size=100T"),
+            Err(SpecError::TooLarge { .. })
+        ));
         assert_eq!(
             parse("emu:size=1000"),
             Err(SpecError::UnalignedSize { size: 1000 })

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vfmig_wire::WireError;
+use vfmig_wire::{AbortReason, WireError};
 
 use crate::pool::PoolError;
 
@@ -221,18 +221,18 @@ pub enum TransportError {
         after: Duration,
     },
     /// The peer aborted the session.
-    #[error("peer aborted the session: reason {reason}, {detail:?}")]
+    #[error("peer aborted the session: {reason}, {detail:?}")]
     PeerAborted {
-        /// Reason code from the abort frame.
-        reason: u16,
+        /// The reason from the abort frame.
+        reason: AbortReason,
         /// Detail text (lossy UTF-8, bounded).
         detail: String,
     },
     /// We aborted the session (see [`crate::SendSession::abort`]).
-    #[error("session aborted locally: reason {reason}")]
+    #[error("session aborted locally: {reason}")]
     Aborted {
-        /// Reason code we sent.
-        reason: u16,
+        /// The reason we sent.
+        reason: AbortReason,
     },
     /// An OS call failed.
     #[error("{op} failed: {source}")]

@@ -66,3 +66,4 @@ pub use pool::{BufPool, PoolBuf, PoolError};
 pub use session::{Frame, Listener, RecvSession, SendSession};
 pub use stats::TransportStats;
 pub use vfmig_wire::handshake::{Agreed, DeviceDesc};
+pub use vfmig_wire::AbortReason;

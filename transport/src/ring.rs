@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use vfmig_wire::seal::{FrameOpener, FrameSealer, SEALED_HEAD_LEN};
-use vfmig_wire::{Codec, FrameHeader, FrameKind, HEADER_LEN};
+use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{FramePart, TransportError};
 use crate::pool::{BufPool, PoolBuf};
@@ -156,7 +156,10 @@ pub(crate) struct OutFrame {
 /// Requests that overtake the data queue.
 #[derive(Debug)]
 pub(crate) enum Urgent {
-    Abort { reason: u16, detail: Vec<u8> },
+    Abort {
+        reason: AbortReason,
+        detail: Vec<u8>,
+    },
     Close,
 }
 
@@ -379,7 +382,7 @@ struct Engine {
     sends_in_flight: usize,
     busy_since: Option<Instant>,
     closing_since: Option<Instant>,
-    aborting: Option<(u16, Instant)>,
+    aborting: Option<(AbortReason, Instant)>,
     last_progress: Instant,
     started: Instant,
 }
@@ -549,7 +552,7 @@ fn keepalive_frame(ms: u64) -> OutFrame {
 }
 
 /// Builds an abort frame (detail truncated to the limit by the caller).
-pub(crate) fn abort_frame(reason: u16, detail: Vec<u8>) -> OutFrame {
+pub(crate) fn abort_frame(reason: AbortReason, detail: Vec<u8>) -> OutFrame {
     let len = u32::try_from(detail.len()).unwrap_or(0);
     let h = FrameHeader {
         kind: FrameKind::Abort,
@@ -558,7 +561,7 @@ pub(crate) fn abort_frame(reason: u16, detail: Vec<u8>) -> OutFrame {
         seq: 0,
         raw_len: len,
         wire_len: len,
-        arg: u64::from(reason),
+        arg: u64::from(reason.code()),
         crc: 0,
     };
     let payload = if len == 0 {
@@ -693,15 +696,13 @@ impl Engine {
                 // Every handle is gone without close(): tell the peer this is no clean end.
                 if self.closing_since.is_none() {
                     self.shared.set_failure(TransportError::Cancelled);
-                    let reason = u16::try_from(vfmig_wire::AbortReason::Cancelled.to_u64())
-                        .unwrap_or(u16::MAX);
-                    self.start_abort(reason, b"session dropped".to_vec());
+                    self.start_abort(AbortReason::Cancelled, b"session dropped".to_vec());
                 }
             }
         }
     }
 
-    fn start_abort(&mut self, reason: u16, detail: Vec<u8>) {
+    fn start_abort(&mut self, reason: AbortReason, detail: Vec<u8>) {
         if self.aborting.is_some() {
             return;
         }
@@ -1260,7 +1261,8 @@ impl Engine {
             FrameKind::Abort => {
                 let n = bytes.len().min(crate::config::MAX_ABORT_DETAIL);
                 Err(TransportError::PeerAborted {
-                    reason: u16::try_from(hdr.arg).unwrap_or(u16::MAX),
+                    // The header's kind rules bound an Abort's `arg` to 16 bits.
+                    reason: AbortReason::from_code(u16::try_from(hdr.arg).unwrap_or(u16::MAX)),
                     detail: String::from_utf8_lossy(&bytes[..n]).into_owned(),
                 })
             }

@@ -15,7 +15,7 @@ use vfmig_wire::handshake::{
     ServerHandshake, ServerParams, KNOWN_CODECS,
 };
 use vfmig_wire::seal::{FrameOpener, FrameSealer};
-use vfmig_wire::{FrameHeader, FrameProtection, HEADER_LEN};
+use vfmig_wire::{AbortReason, FrameHeader, FrameProtection, HEADER_LEN};
 
 use crate::config::{
     check_peer_policy, AuthConfig, SessionConfig, MAX_ABORT_DETAIL, MAX_DEVICES, MAX_STREAMS,
@@ -201,7 +201,7 @@ impl Core {
         }
     }
 
-    fn abort(&self, reason: u16, detail: &str) {
+    fn abort(&self, reason: AbortReason, detail: &str) {
         let mut d = detail.as_bytes();
         if d.len() > MAX_ABORT_DETAIL {
             // Cut at a character boundary so the detail stays valid UTF-8.
@@ -238,7 +238,7 @@ impl Core {
 ///
 /// Dropping it without [`SendSession::close`] aborts the session: queued frames are discarded
 /// and the destination gets [`TransportError::PeerAborted`] with reason
-/// `AbortReason::Cancelled` (best effort, in the background).
+/// [`AbortReason::Cancelled`] (best effort, in the background).
 #[derive(Debug)]
 pub struct SendSession {
     core: Core,
@@ -378,14 +378,14 @@ impl SendSession {
     }
 
     /// Waits up to `timeout` for a frame from the destination (`SwitchoverAck`,
-    /// `DeviceResumed`). An `Abort` from the destination ends the session and comes back as
+    /// `DevicePrepared`). An `Abort` from the destination ends the session and comes back as
     /// [`TransportError::PeerAborted`].
     pub fn recv_control(&self, timeout: Duration) -> Result<Option<Frame>, TransportError> {
         self.core.recv(timeout)
     }
 
     /// Sends an `Abort` on every connection (bounded wait) and ends the session.
-    pub fn abort(&self, reason: u16, detail: &str) {
+    pub fn abort(&self, reason: AbortReason, detail: &str) {
         self.core.abort(reason, detail);
     }
 
@@ -535,7 +535,7 @@ impl RecvSession {
         })
     }
 
-    /// Sends a control frame to the source (`SwitchoverAck`, `DeviceResumed`).
+    /// Sends a control frame to the source (`SwitchoverAck`, `DevicePrepared`).
     pub fn send_control(&self, header: FrameHeader, payload: &[u8]) -> Result<(), TransportError> {
         let p = if payload.is_empty() {
             OutPayload::Empty
@@ -546,7 +546,7 @@ impl RecvSession {
     }
 
     /// Sends an `Abort` on every connection (bounded wait) and ends the session.
-    pub fn abort(&self, reason: u16, detail: &str) {
+    pub fn abort(&self, reason: AbortReason, detail: &str) {
         self.core.abort(reason, detail);
     }
 

@@ -8,7 +8,9 @@ use std::net::Shutdown;
 use std::time::Duration;
 
 use common::*;
-use vfmig_transport::{AuthConfig, FramePart, Limit, SendSession, SessionConfig, TransportError};
+use vfmig_transport::{
+    AbortReason, AuthConfig, FramePart, Limit, SendSession, SessionConfig, TransportError,
+};
 use vfmig_wire::handshake::{Auth, ClientHandshake, HandshakeError};
 use vfmig_wire::{Codec, FrameHeader, FrameKind, WireError, MAX_PAYLOAD};
 
@@ -383,16 +385,53 @@ fn abort_reaches_the_peer_with_reason_and_detail() {
     let dst = accept_in_thread(l, cfg(2));
     let src = SendSession::connect(addr, &cfg(2), devices(1)).unwrap();
     let dst = dst.join().unwrap().unwrap();
-    src.abort(4, "device fell over");
+    src.abort(AbortReason::SourceDevice, "device fell over");
     let r = dst.recv(Duration::from_secs(5));
     assert!(
-        matches!(&r, Err(TransportError::PeerAborted { reason: 4, detail }) if detail == "device fell over"),
+        matches!(&r, Err(TransportError::PeerAborted { reason: AbortReason::SourceDevice, detail }) if detail == "device fell over"),
         "{r:?}"
     );
     assert!(matches!(
         src.send(data_header(0, 0, 1), None),
-        Err(TransportError::Aborted { reason: 4 })
+        Err(TransportError::Aborted {
+            reason: AbortReason::SourceDevice
+        })
     ));
+}
+
+/// Every abort code, sent either way, is read back by the peer as the same reason, under the
+/// same name: one vocabulary on both sides (issue 17: a cancel once went out as a code the peer
+/// read as an integrity failure).
+#[test]
+fn every_abort_reason_is_read_back_identically_by_the_peer_in_both_directions() {
+    let reasons = AbortReason::ALL
+        .into_iter()
+        .chain([AbortReason::Unknown(4242)]);
+    for (i, reason) in reasons.enumerate() {
+        let (l, addr) = listen();
+        let dst = accept_in_thread(l, cfg(1));
+        let src = SendSession::connect(addr, &cfg(1), devices(1)).unwrap();
+        let dst = dst.join().unwrap().unwrap();
+        let detail = format!("{} {}", reason.name(), reason.code());
+        let got = if i % 2 == 0 {
+            src.abort(reason, &detail);
+            dst.recv(Duration::from_secs(5)).map(|_| ())
+        } else {
+            dst.abort(reason, &detail);
+            src.recv_control(Duration::from_secs(5)).map(|_| ())
+        };
+        match got {
+            Err(TransportError::PeerAborted {
+                reason: r,
+                detail: d,
+            }) => {
+                assert_eq!(r, reason);
+                assert_eq!(r.name(), reason.name());
+                assert_eq!(d, detail);
+            }
+            other => panic!("{reason:?}: {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -402,7 +441,7 @@ fn control_frames_flow_back_to_the_source() {
     let src = SendSession::connect(addr, &cfg(3), devices(2)).unwrap();
     let dst = dst.join().unwrap().unwrap();
     let ack = FrameHeader {
-        kind: FrameKind::DeviceResumed,
+        kind: FrameKind::DevicePrepared,
         codec: Codec::Raw,
         device: 1,
         seq: 0,
@@ -415,7 +454,7 @@ fn control_frames_flow_back_to_the_source() {
     let f = src.recv_control(Duration::from_secs(5)).unwrap().unwrap();
     assert_eq!(
         (f.header.kind, f.header.device, f.header.arg),
-        (FrameKind::DeviceResumed, 1, 1234)
+        (FrameKind::DevicePrepared, 1, 1234)
     );
     assert!(src
         .recv_control(Duration::from_millis(50))
@@ -490,7 +529,7 @@ fn dropping_a_session_without_close_aborts_the_peer() {
     drop(src);
     let r = dst.recv(Duration::from_secs(5));
     assert!(
-        matches!(&r, Err(TransportError::PeerAborted { reason: 1, detail }) if detail == "session dropped"),
+        matches!(&r, Err(TransportError::PeerAborted { reason: AbortReason::Cancelled, detail }) if detail == "session dropped"),
         "{r:?}"
     );
 }

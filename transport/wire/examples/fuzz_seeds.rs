@@ -47,7 +47,7 @@ fn frames() -> Vec<Vec<u8>> {
             device: 1,
             raw_bytes: 4,
         },
-        Control::DeviceResumed {
+        Control::DevicePrepared {
             device: 1,
             total_raw_bytes: 68,
         },
@@ -56,6 +56,10 @@ fn frames() -> Vec<Vec<u8>> {
             detail: "stop".into(),
         },
         Control::Keepalive { millis: 5 },
+        Control::Commit,
+        Control::Outcome {
+            outcome: FinalOutcome::Resumed,
+        },
     ] {
         v.push(c.encode());
     }

@@ -6,32 +6,53 @@ use crate::deframer::Frame;
 use crate::frame::{Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAX_ABORT_DETAIL};
 use crate::WireError;
 
-/// Why a session is aborted (`arg` of an `Abort` frame).
+/// Why a session is aborted: the code in the `arg` of an `Abort` frame (docs/PROTOCOL.md,
+/// section 5). This is the one abort vocabulary of vfmig: the transport sends it
+/// (`abort(AbortReason)`), reports it (`PeerAborted { reason }`), and the pipeline picks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AbortReason {
-    /// The operator or the VMM cancelled the migration.
+    /// 1: the operator or the VMM cancelled the migration (also: a session handle dropped
+    /// without closing).
     Cancelled,
-    /// A source device failed (read, state transition).
+    /// 2: a source device or the source's pipeline failed (read, state transition, codec).
     SourceDevice,
-    /// A destination device failed or rejected its state.
+    /// 3: the destination could not set up or write to its device.
     DestinationDevice,
-    /// The peer broke the protocol (bad frame, wrong order, unknown device).
+    /// 4: the peer broke the protocol (bad frame, wrong order, unknown device).
     Protocol,
-    /// A checksum, length or digest did not match.
+    /// 5: a checksum, length, digest or decode check failed.
     Integrity,
-    /// The peer was silent past the liveness timeout.
+    /// 6: the peer was silent, or made no progress, past the timeout.
     Timeout,
-    /// A bounded resource ran out (pool, window, queue) past its timeout.
+    /// 7: a bounded resource ran out (pool, window, queue) past its timeout.
     Resources,
-    /// An internal error on the sender.
+    /// 8: an internal error on the sender.
     Internal,
+    /// 9: a destination device refused its state (RESUMING -> STOP failed).
+    DeviceRefused,
+    /// 10: the two sides were given different devices.
+    DeviceMismatch,
     /// A code this version does not know.
-    Unknown(u64),
+    Unknown(u16),
 }
 
 impl AbortReason {
-    /// Wire value.
-    pub fn to_u64(self) -> u64 {
+    /// Every known reason, in code order.
+    pub const ALL: [AbortReason; 10] = [
+        AbortReason::Cancelled,
+        AbortReason::SourceDevice,
+        AbortReason::DestinationDevice,
+        AbortReason::Protocol,
+        AbortReason::Integrity,
+        AbortReason::Timeout,
+        AbortReason::Resources,
+        AbortReason::Internal,
+        AbortReason::DeviceRefused,
+        AbortReason::DeviceMismatch,
+    ];
+
+    /// Wire code.
+    pub const fn code(self) -> u16 {
         match self {
             AbortReason::Cancelled => 1,
             AbortReason::SourceDevice => 2,
@@ -41,23 +62,86 @@ impl AbortReason {
             AbortReason::Timeout => 6,
             AbortReason::Resources => 7,
             AbortReason::Internal => 8,
+            AbortReason::DeviceRefused => 9,
+            AbortReason::DeviceMismatch => 10,
             AbortReason::Unknown(v) => v,
         }
     }
 
-    /// Parses a wire value.
-    pub fn from_u64(v: u64) -> AbortReason {
-        match v {
-            1 => AbortReason::Cancelled,
-            2 => AbortReason::SourceDevice,
-            3 => AbortReason::DestinationDevice,
-            4 => AbortReason::Protocol,
-            5 => AbortReason::Integrity,
-            6 => AbortReason::Timeout,
-            7 => AbortReason::Resources,
-            8 => AbortReason::Internal,
-            v => AbortReason::Unknown(v),
+    /// Parses a wire code; codes this version does not know become [`AbortReason::Unknown`].
+    pub fn from_code(code: u16) -> AbortReason {
+        AbortReason::ALL
+            .into_iter()
+            .find(|r| r.code() == code)
+            .unwrap_or(AbortReason::Unknown(code))
+    }
+
+    /// The name docs/PROTOCOL.md gives the code (`"unknown"` for unknown codes).
+    pub const fn name(self) -> &'static str {
+        match self {
+            AbortReason::Cancelled => "Cancelled",
+            AbortReason::SourceDevice => "SourceDevice",
+            AbortReason::DestinationDevice => "DestinationDevice",
+            AbortReason::Protocol => "Protocol",
+            AbortReason::Integrity => "Integrity",
+            AbortReason::Timeout => "Timeout",
+            AbortReason::Resources => "Resources",
+            AbortReason::Internal => "Internal",
+            AbortReason::DeviceRefused => "DeviceRefused",
+            AbortReason::DeviceMismatch => "DeviceMismatch",
+            AbortReason::Unknown(_) => "Unknown",
         }
+    }
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AbortReason::Unknown(c) => write!(f, "unknown reason {c}"),
+            r => write!(f, "{} ({})", r.name(), r.code()),
+        }
+    }
+}
+
+/// What the destination did after the source's commit (`arg` of an `Outcome` frame,
+/// docs/PROTOCOL.md, section 5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinalOutcome {
+    /// 1: every destination device is RUNNING (resumed by the library or by the VMM).
+    Resumed,
+    /// 2: every destination device holds the committed state in STOP; its owner resumes it.
+    Held,
+    /// 3: resuming failed; the destination reset its devices before saying so, so the source
+    /// holds the only valid state and may run again.
+    ResumeFailed,
+    /// A code this version does not know (the source treats it as in doubt).
+    Unknown(u16),
+}
+
+impl FinalOutcome {
+    /// Every known outcome, in code order.
+    pub const ALL: [FinalOutcome; 3] = [
+        FinalOutcome::Resumed,
+        FinalOutcome::Held,
+        FinalOutcome::ResumeFailed,
+    ];
+
+    /// Wire code.
+    pub const fn code(self) -> u16 {
+        match self {
+            FinalOutcome::Resumed => 1,
+            FinalOutcome::Held => 2,
+            FinalOutcome::ResumeFailed => 3,
+            FinalOutcome::Unknown(c) => c,
+        }
+    }
+
+    /// Parses a wire code.
+    pub fn from_code(code: u16) -> FinalOutcome {
+        FinalOutcome::ALL
+            .into_iter()
+            .find(|o| o.code() == code)
+            .unwrap_or(FinalOutcome::Unknown(code))
     }
 }
 
@@ -91,8 +175,9 @@ pub enum Control {
         /// Raw bytes received so far for that device.
         raw_bytes: u64,
     },
-    /// Destination -> source: `device` accepted its state (RESUMING -> STOP succeeded).
-    DeviceResumed {
+    /// Destination -> source: `device` is prepared (verified, RESUMING -> STOP succeeded; it
+    /// waits in STOP for the decision).
+    DevicePrepared {
         /// Device index.
         device: u16,
         /// Total raw bytes written to the device.
@@ -110,6 +195,13 @@ pub enum Control {
     Keepalive {
         /// The sender's monotonic clock in milliseconds.
         millis: u64,
+    },
+    /// Source -> destination: the decision is *commit*.
+    Commit,
+    /// Destination -> source: what the destination did after the commit.
+    Outcome {
+        /// The outcome.
+        outcome: FinalOutcome,
     },
 }
 
@@ -132,9 +224,11 @@ impl Control {
             Control::EndOfDevice { .. } => FrameKind::EndOfDevice,
             Control::PreCopyDone { .. } => FrameKind::PreCopyDone,
             Control::SwitchoverAck { .. } => FrameKind::SwitchoverAck,
-            Control::DeviceResumed { .. } => FrameKind::DeviceResumed,
+            Control::DevicePrepared { .. } => FrameKind::DevicePrepared,
             Control::Abort { .. } => FrameKind::Abort,
             Control::Keepalive { .. } => FrameKind::Keepalive,
+            Control::Commit => FrameKind::Commit,
+            Control::Outcome { .. } => FrameKind::Outcome,
         }
     }
 
@@ -162,12 +256,14 @@ impl Control {
                 precopy_bytes,
             } => (*device, *seq, *precopy_bytes),
             Control::SwitchoverAck { device, raw_bytes } => (*device, 0, *raw_bytes),
-            Control::DeviceResumed {
+            Control::DevicePrepared {
                 device,
                 total_raw_bytes,
             } => (*device, 0, *total_raw_bytes),
-            Control::Abort { reason, .. } => (0, 0, reason.to_u64()),
+            Control::Abort { reason, .. } => (0, 0, u64::from(reason.code())),
             Control::Keepalive { millis } => (0, 0, *millis),
+            Control::Commit => (0, 0, 0),
+            Control::Outcome { outcome } => (0, 0, u64::from(outcome.code())),
         };
         // Payloads are at most MAX_ABORT_DETAIL bytes.
         let len = u32::try_from(self.payload().len()).unwrap_or(u32::MAX);
@@ -227,12 +323,13 @@ impl Control {
                 device,
                 raw_bytes: arg,
             },
-            FrameKind::DeviceResumed => Control::DeviceResumed {
+            FrameKind::DevicePrepared => Control::DevicePrepared {
                 device,
                 total_raw_bytes: arg,
             },
             FrameKind::Abort => Control::Abort {
-                reason: AbortReason::from_u64(arg),
+                // `check_kind_rules` bounds an Abort's `arg` to 16 bits.
+                reason: AbortReason::from_code(u16::try_from(arg).unwrap_or(u16::MAX)),
                 detail: std::str::from_utf8(payload)
                     .map_err(|e| WireError::AbortDetailNotUtf8 {
                         valid_up_to: e.valid_up_to(),
@@ -240,6 +337,11 @@ impl Control {
                     .to_owned(),
             },
             FrameKind::Keepalive => Control::Keepalive { millis: arg },
+            FrameKind::Commit => Control::Commit,
+            FrameKind::Outcome => Control::Outcome {
+                // `check_kind_rules` bounds the code to 16 bits.
+                outcome: FinalOutcome::from_code(u16::try_from(arg).unwrap_or(u16::MAX)),
+            },
         })
     }
 }

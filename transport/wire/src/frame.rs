@@ -10,7 +10,7 @@
 //! 16     4    raw_len  payload length after decoding (bytes of device state / pages)
 //! 20     4    wire_len payload length on the wire (bytes following the header)
 //! 24     8    arg      kind-specific (see FrameKind)
-//! 32     4    flags    reserved, must be 0 in version 2
+//! 32     4    flags    reserved, must be 0 in version 3
 //! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes;
 //!                      0 on a connection with sealed frames (the AEAD tag covers them, `seal`)
 //! ```
@@ -51,9 +51,11 @@ pub enum FrameKind {
     /// Destination -> source: the destination has loaded the initial pre-copy data
     /// (switchover may proceed). `arg`: raw bytes received so far. No payload, `seq` 0.
     SwitchoverAck = 5,
-    /// Destination -> source: the destination device accepted its state (RESUMING -> STOP ok).
-    /// `arg`: total raw bytes written to the device. No payload, `seq` 0.
-    DeviceResumed = 6,
+    /// Destination -> source: the destination device is *prepared*: length and digest verified,
+    /// RESUMING -> STOP succeeded (the device validated its state); it stays in STOP until the
+    /// source's [`FrameKind::Commit`]. `arg`: total raw bytes written to the device. No payload,
+    /// `seq` 0.
+    DevicePrepared = 6,
     /// Either way: abort the session. `arg`: reason code (`AbortReason`); payload: UTF-8 detail,
     /// at most [`MAX_ABORT_DETAIL`] bytes, codec Raw. `device` and `seq` 0.
     Abort = 7,
@@ -63,6 +65,12 @@ pub enum FrameKind {
     /// Source -> destination: pre-copy of this device ends; STOP_COPY data follows. `arg`: raw
     /// pre-copy bytes sent. No payload; takes the next sequence number of the device's stream.
     PreCopyDone = 9,
+    /// Source -> destination: the decision *commit*, sent once every device was prepared and
+    /// every source device stopped for good. `arg` 0; no payload, `device` and `seq` 0.
+    Commit = 10,
+    /// Destination -> source: what the destination did after [`FrameKind::Commit`]. `arg`: the
+    /// outcome code (`FinalOutcome`, 16 bits); no payload, `device` and `seq` 0.
+    Outcome = 11,
 }
 
 impl FrameKind {
@@ -74,10 +82,12 @@ impl FrameKind {
             3 => FrameKind::DirtyPages,
             4 => FrameKind::EndOfDevice,
             5 => FrameKind::SwitchoverAck,
-            6 => FrameKind::DeviceResumed,
+            6 => FrameKind::DevicePrepared,
             7 => FrameKind::Abort,
             8 => FrameKind::Keepalive,
             9 => FrameKind::PreCopyDone,
+            10 => FrameKind::Commit,
+            11 => FrameKind::Outcome,
             _ => return None,
         })
     }
@@ -303,7 +313,7 @@ impl FrameHeader {
                 "payload must be the raw 32-byte digest",
             ),
             FrameKind::PreCopyDone => rule(empty, "payload must be empty"),
-            FrameKind::SwitchoverAck | FrameKind::DeviceResumed => {
+            FrameKind::SwitchoverAck | FrameKind::DevicePrepared => {
                 rule(empty, "payload must be empty")?;
                 rule(self.seq == 0, "seq must be 0")
             }
@@ -314,12 +324,32 @@ impl FrameHeader {
                     "device and seq must be 0",
                 )
             }
+            FrameKind::Commit => {
+                rule(empty, "payload must be empty")?;
+                rule(
+                    self.device == 0 && self.seq == 0,
+                    "device and seq must be 0",
+                )?;
+                rule(self.arg == 0, "arg must be 0")
+            }
+            FrameKind::Outcome => {
+                rule(empty, "payload must be empty")?;
+                rule(
+                    self.device == 0 && self.seq == 0,
+                    "device and seq must be 0",
+                )?;
+                rule(
+                    self.arg <= u64::from(u16::MAX),
+                    "outcome code above 16 bits",
+                )
+            }
             FrameKind::Abort => {
                 rule(self.codec == Codec::Raw, "detail must be raw UTF-8")?;
                 rule(
                     self.raw_len as usize <= MAX_ABORT_DETAIL,
                     "detail longer than MAX_ABORT_DETAIL",
                 )?;
+                rule(self.arg <= u64::from(u16::MAX), "reason code above 16 bits")?;
                 rule(
                     self.device == 0 && self.seq == 0,
                     "device and seq must be 0",

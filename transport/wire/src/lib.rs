@@ -21,7 +21,7 @@ pub mod frame;
 pub mod handshake;
 pub mod seal;
 
-pub use control::{AbortReason, Control};
+pub use control::{AbortReason, Control, FinalOutcome};
 pub use deframer::{Deframer, Frame};
 pub use error::WireError;
 pub use frame::{

@@ -55,7 +55,7 @@ fn one_of_each() -> Vec<Vec<u8>> {
             device: 2,
             raw_bytes: 77,
         },
-        Control::DeviceResumed {
+        Control::DevicePrepared {
             device: 2,
             total_raw_bytes: 12345,
         },
@@ -64,6 +64,10 @@ fn one_of_each() -> Vec<Vec<u8>> {
             detail: "device refused its state".into(),
         },
         Control::Keepalive { millis: 1234 },
+        Control::Commit,
+        Control::Outcome {
+            outcome: FinalOutcome::ResumeFailed,
+        },
     ] {
         v.push(c.encode());
     }
@@ -313,6 +317,66 @@ fn abort_detail_that_is_not_utf8_is_a_typed_error_and_long_detail_is_cut_at_a_ch
 }
 
 #[test]
+fn every_abort_code_round_trips_through_a_frame_and_unknown_codes_keep_their_value() {
+    for (i, reason) in AbortReason::ALL.into_iter().enumerate() {
+        // Codes are dense from 1, in the order of docs/PROTOCOL.md.
+        assert_eq!(usize::from(reason.code()), i + 1, "{reason:?}");
+        assert_eq!(AbortReason::from_code(reason.code()), reason);
+        assert_eq!(format!("{reason:?}"), reason.name());
+        let c = Control::Abort {
+            reason,
+            detail: String::new(),
+        };
+        let (frames, err) = deframe(&c.encode());
+        assert_eq!(err, None);
+        assert_eq!(Control::try_from(&frames[0]), Ok(c));
+    }
+    for code in [0, 11, 999, u16::MAX] {
+        assert_eq!(AbortReason::from_code(code), AbortReason::Unknown(code));
+        assert_eq!(AbortReason::Unknown(code).code(), code);
+    }
+}
+
+#[test]
+fn every_final_outcome_round_trips_and_commit_carries_nothing() {
+    for (i, outcome) in FinalOutcome::ALL.into_iter().enumerate() {
+        assert_eq!(usize::from(outcome.code()), i + 1, "{outcome:?}");
+        let c = Control::Outcome { outcome };
+        let (frames, err) = deframe(&c.encode());
+        assert_eq!(err, None);
+        assert_eq!(Control::try_from(&frames[0]), Ok(c));
+    }
+    assert_eq!(FinalOutcome::from_code(77), FinalOutcome::Unknown(77));
+    let mut h = Control::Commit.header();
+    h.arg = 1;
+    assert_eq!(
+        FrameHeader::decode(&h.encode(&[])),
+        Err(WireError::KindRule {
+            kind: FrameKind::Commit,
+            what: "arg must be 0"
+        })
+    );
+}
+
+#[test]
+fn abort_reason_above_16_bits_is_a_kind_rule_error() {
+    let mut h = Control::Abort {
+        reason: AbortReason::Cancelled,
+        detail: String::new(),
+    }
+    .header();
+    h.arg = 1 << 16;
+    let bytes = h.encode(&[]);
+    assert_eq!(
+        FrameHeader::decode(&bytes),
+        Err(WireError::KindRule {
+            kind: FrameKind::Abort,
+            what: "reason code above 16 bits"
+        })
+    );
+}
+
+#[test]
 fn data_frames_are_not_control_frames() {
     let (frames, _) = deframe(&one_of_each()[0]);
     assert_eq!(
@@ -408,16 +472,20 @@ fn arb_control() -> impl Strategy<Value = Control> {
         (any::<u16>(), any::<u64>())
             .prop_map(|(device, raw_bytes)| Control::SwitchoverAck { device, raw_bytes }),
         (any::<u16>(), any::<u64>()).prop_map(|(device, total_raw_bytes)| {
-            Control::DeviceResumed {
+            Control::DevicePrepared {
                 device,
                 total_raw_bytes,
             }
         }),
-        (any::<u64>(), "\\PC{0,200}").prop_map(|(r, detail)| Control::Abort {
-            reason: AbortReason::from_u64(r),
+        (any::<u16>(), "\\PC{0,200}").prop_map(|(r, detail)| Control::Abort {
+            reason: AbortReason::from_code(r),
             detail
         }),
         any::<u64>().prop_map(|millis| Control::Keepalive { millis }),
+        Just(Control::Commit),
+        any::<u16>().prop_map(|c| Control::Outcome {
+            outcome: FinalOutcome::from_code(c)
+        }),
     ]
 }
 
