@@ -13,6 +13,34 @@ use std::time::Duration;
 
 use common::*;
 
+/// `vfmig recv` writing to `file:DST`, with `--timeout SECS`.
+fn file_receiver(dst: &std::path::Path, secs: &str) -> Receiver {
+    Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        secs,
+    ])
+}
+
+/// `vfmig send` of `device` uncompressed and capped at 400 Mbit/s, with `--timeout SECS`: 256 MiB
+/// take several seconds, so a fault injected after the source connected lands mid-stream.
+fn paced_send(addr: std::net::SocketAddr, device: &str, secs: &str) -> Command {
+    send(
+        addr,
+        &[
+            "--device",
+            device,
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            secs,
+        ],
+    )
+}
+
 #[test]
 fn emulated_device_migration_succeeds_and_both_sides_report_acceptance() {
     let dev = "emu:size=16M,profile=mixed,seed=3";
@@ -228,25 +256,8 @@ fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
     // killed in the middle of a request).
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
-    let mut cmd = send(
-        recv.addr,
-        &[
-            "--device",
-            "emu:size=256M,profile=random",
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "10",
-        ],
-    );
+    let mut recv = file_receiver(&dst, "10");
+    let mut cmd = paced_send(recv.addr, "emu:size=256M,profile=random", "10");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let sender = std::thread::spawn(move || run(cmd, None));
     recv.wait_for_line("vfmig: source ");
@@ -274,29 +285,12 @@ fn sender_killed_mid_stream_makes_the_receiver_fail_at_once_naming_the_dead_sour
     // dead source only by its silence would report a timeout, which the test refuses.
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "60",
-    ]);
-    let mut sender = send(
-        recv.addr,
-        &[
-            "--device",
-            "emu:size=256M,profile=random",
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "60",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("spawn sender");
+    let mut recv = file_receiver(&dst, "60");
+    let mut sender = paced_send(recv.addr, "emu:size=256M,profile=random", "60")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
     std::thread::sleep(Duration::from_millis(300));
     sender.kill().expect("SIGKILL the sender");
@@ -325,25 +319,8 @@ fn a_source_file_truncated_while_it_is_read_fails_both_sides_and_leaves_nothing(
     let src = dir.path().join("s.bin");
     std::fs::write(&src, test_bytes(256 << 20, 11)).expect("write");
     let dst = out_dir.path().join("d.bin");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "30",
-    ]);
-    let mut cmd = send(
-        recv.addr,
-        &[
-            "--device",
-            &format!("file:{}", src.display()),
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "30",
-        ],
-    );
+    let mut recv = file_receiver(&dst, "30");
+    let mut cmd = paced_send(recv.addr, &format!("file:{}", src.display()), "30");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let sender = std::thread::spawn(move || run(cmd, None));
     recv.wait_for_line("vfmig: source ");
@@ -421,29 +398,12 @@ fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
 fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
-    let mut sender = send(
-        recv.addr,
-        &[
-            "--device",
-            "emu:size=256M,profile=random",
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "10",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn sender");
+    let mut recv = file_receiver(&dst, "10");
+    let mut sender = paced_send(recv.addr, "emu:size=256M,profile=random", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
     let status = Command::new("kill")
         .args(["-INT", &sender.id().to_string()])
@@ -615,12 +575,7 @@ fn bit_flipped_on_the_wire_is_reported_as_a_corrupted_stream_and_nothing_is_writ
     std::fs::write(&src, test_bytes(8 << 20, 9)).expect("write");
     let out_dir = tempfile::tempdir().expect("tempdir");
     let dst = out_dir.path().join("dst.bin");
-    let recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
+    let recv = file_receiver(&dst, "10");
     let proxy = corrupting_proxy(recv.addr, 3 << 20);
     let out = run(
         send(
