@@ -80,6 +80,7 @@ pub(crate) fn assemble(
     let (tx, rx) = crossbeam_channel::bounded::<HsResult>(MAX_HANDSHAKE_THREADS);
     let mut st = State {
         pending: VecDeque::new(),
+        evicted: VecDeque::new(),
         live: Arc::new(AtomicUsize::new(0)),
         next_id: 0,
         tx,
@@ -91,7 +92,7 @@ pub(crate) fn assemble(
     let outcome = loop {
         // Results first: a completed source must not wait behind strangers.
         while let Ok(r) = rx.try_recv() {
-            st.finished(r.0);
+            let r = st.finished(r);
             handle(r, &mut session, cfg, sealing, on_dropped);
         }
         if let Some(s) = &session {
@@ -169,7 +170,7 @@ fn wait(
 ) {
     match rx.recv_timeout(POLL) {
         Ok(r) => {
-            st.finished(r.0);
+            let r = st.finished(r);
             handle(r, session, cfg, sealing, on_dropped);
         }
         Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
@@ -178,6 +179,9 @@ fn wait(
 
 struct State {
     pending: VecDeque<Pending>,
+    /// Handshakes dropped for newer ones whose result has not come back yet (at most
+    /// [`MAX_HANDSHAKE_THREADS`]): their failure is ours, reported as the bound.
+    evicted: VecDeque<u64>,
     live: Arc<AtomicUsize>,
     next_id: u64,
     tx: Sender<HsResult>,
@@ -186,8 +190,21 @@ struct State {
 }
 
 impl State {
-    fn finished(&mut self, id: u64) {
+    /// Takes a finished handshake off the books; one we cut off reports the bound as its cause.
+    fn finished(&mut self, r: HsResult) -> HsResult {
+        let (id, peer, res) = r;
         self.pending.retain(|p| p.id != id);
+        let before = self.evicted.len();
+        self.evicted.retain(|&e| e != id);
+        if self.evicted.len() < before && res.is_err() {
+            let e = TransportError::TooMany {
+                what: Limit::PendingHandshakes,
+                got: MAX_PENDING_HANDSHAKES as u64 + 1,
+                max: MAX_PENDING_HANDSHAKES as u64,
+            };
+            return (id, peer, Err(e));
+        }
+        (id, peer, res)
     }
 
     /// Starts a handshake on a new connection, evicting the oldest pending one if the bound is
@@ -211,6 +228,10 @@ impl State {
         if self.pending.len() >= MAX_PENDING_HANDSHAKES {
             if let Some(old) = self.pending.pop_front() {
                 let _ = old.stop.shutdown(Shutdown::Both);
+                if self.evicted.len() >= MAX_HANDSHAKE_THREADS {
+                    self.evicted.pop_front();
+                }
+                self.evicted.push_back(old.id);
             }
         }
         stream

@@ -80,3 +80,29 @@ fn joins_of_another_session_and_second_new_sessions_are_dropped_while_assembling
         "{dropped:?}"
     );
 }
+
+#[test]
+fn more_silent_connections_than_the_pending_bound_do_not_lock_the_real_source_out() {
+    let (l, addr) = listen();
+    let dst = reporting_in_thread(l, cfg(2));
+    // Silent strangers: more than can be pending at once, each holding its slot until its
+    // handshake deadline unless a newer connection pushes it out.
+    let silent: Vec<_> = (0..vfmig_transport::MAX_PENDING_HANDSHAKES + 16)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let src = vfmig_transport::SendSession::connect(addr, &cfg(2), devices(1)).unwrap();
+    let (r, dropped) = dst.join().unwrap();
+    let dst = r.expect("the real source got its session");
+    assert_eq!(dst.agreed().session_id, src.agreed().session_id);
+    assert!(
+        dropped.iter().all(|e| matches!(
+            e,
+            TransportError::TooMany {
+                what: vfmig_transport::Limit::PendingHandshakes,
+                ..
+            }
+        )),
+        "{dropped:?}"
+    );
+    drop(silent);
+}
