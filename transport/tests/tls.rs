@@ -71,6 +71,11 @@ fn tls_round_trip_with_mutual_certificates_restores_order() {
     let dst = dst.join().unwrap().unwrap();
     assert_eq!(dst.agreed().streams, 3);
     assert!(dst.agreed().authenticated && src.agreed().authenticated);
+    // Inside TLS the frames carry a CRC32C (TLS protects them); the PSK still keys the digest.
+    for a in [dst.agreed(), src.agreed()] {
+        assert_eq!(a.protection, vfmig_wire::FrameProtection::Crc32c);
+        assert!(a.keys.is_some());
+    }
     let rx = std::thread::spawn(move || {
         let mut next = [0u64; 2];
         loop {
