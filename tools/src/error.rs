@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vfmig_pipeline::{AbortReason, PipelineError};
+use vfmig_pipeline::{AbortReason, Phase, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
 use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
@@ -362,6 +362,17 @@ fn describe_device(e: &DeviceError) -> String {
     }
 }
 
+/// A peer that closed or reset a connection, with the phase of the migration when known.
+fn peer_closed(conn: usize, during: FramePart, phase: Option<Phase>) -> String {
+    let at = match during {
+        FramePart::Between => "between frames".to_owned(),
+        FramePart::Handshake => "during the handshake".to_owned(),
+        other => format!("in the middle of a {other}"),
+    };
+    let phase = phase.map_or_else(String::new, |p| format!(" in {p}"));
+    format!("peer closed connection {conn} {at}{phase}: it exited, was killed or lost the network")
+}
+
 /// Transport errors, worded for an operator.
 pub fn describe_transport(e: &TransportError) -> String {
     match e {
@@ -379,14 +390,7 @@ pub fn describe_transport(e: &TransportError) -> String {
         TransportError::TlsConfig { what, path, reason } => {
             format!("TLS configuration: cannot use {what} {path}: {reason}")
         }
-        TransportError::PeerClosed { conn, during } => {
-            let at = match during {
-                FramePart::Between => "between frames".to_owned(),
-                FramePart::Handshake => "during the handshake".to_owned(),
-                other => format!("in the middle of a {other}"),
-            };
-            format!("peer closed connection {conn} {at}: it exited, was killed or lost the network")
-        }
+        TransportError::PeerClosed { conn, during } => peer_closed(*conn, *during, None),
         TransportError::Closed => "peer closed the session before the migration finished".to_owned(),
         TransportError::Timeout { after, what } if after.is_zero() => {
             format!("timed out waiting for {what}")
@@ -495,6 +499,11 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
             describe_pipeline(cause, devices),
             e.in_doubt_guidance().unwrap_or_default()
         ),
+        // A dead peer: say what the migration was doing when it went.
+        PipelineError::Transport {
+            phase,
+            source: TransportError::PeerClosed { conn, during },
+        } => peer_closed(*conn, *during, Some(*phase)),
         PipelineError::Transport { source, .. } => describe_transport(source),
         PipelineError::SourceChanged {
             device,

@@ -275,6 +275,9 @@ fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
     assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
     assert!(lines[0].starts_with("vfmig: "), "{lines:?}");
     assert!(!lines[0].contains("panicked"), "{lines:?}");
+    // Noticed at once from the connection, not from silence.
+    assert!(lines[0].contains("closed"), "{lines:?}");
+    assert!(!lines[0].contains("timed out"), "{lines:?}");
     assert!(!dst.exists(), "nothing at the destination path");
 }
 
