@@ -361,40 +361,32 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                 EmuKey::DirtyRate => {
                     spec.dirty_rate = Some(parse_byte_rate(value).map_err(bad_size)?)
                 }
-                EmuKey::PrecopyInfo => {
-                    spec.precopy_info_v2 = match value {
-                        "v1" => false,
-                        "v2" => true,
-                        _ => {
-                            return Err(SpecError::BadChoice {
-                                key,
-                                value: value.to_owned(),
-                                allowed: &["v1", "v2"],
-                            })
-                        }
-                    }
-                }
+                EmuKey::PrecopyInfo => spec.precopy_info_v2 = yes_no(key, value, &["v1", "v2"])?,
                 EmuKey::ReinitAfter => {
                     spec.reinit_after = Some(parse_size(value).map_err(bad_size)?)
                 }
-                EmuKey::P2p => {
-                    spec.p2p = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => {
-                            return Err(SpecError::BadChoice {
-                                key,
-                                value: value.to_owned(),
-                                allowed: &["on", "off"],
-                            })
-                        }
-                    }
-                }
+                EmuKey::P2p => spec.p2p = yes_no(key, value, &["off", "on"])?,
             }
         }
     }
     spec.size = size.ok_or(SpecError::MissingKey { key: "size" })?;
     Ok(spec)
+}
+
+/// A two-valued key: `[no, yes]` spellings, in the order the error message lists them.
+fn yes_no(
+    key: &'static str,
+    value: &str,
+    names: &'static [&'static str; 2],
+) -> Result<bool, SpecError> {
+    match names.iter().position(|n| *n == value) {
+        Some(i) => Ok(i == 1),
+        None => Err(SpecError::BadChoice {
+            key,
+            value: value.to_owned(),
+            allowed: names,
+        }),
+    }
 }
 
 impl fmt::Display for DeviceSpec {
