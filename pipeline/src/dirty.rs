@@ -77,6 +77,20 @@ impl DirtyTracking {
         !matches!(self, DirtyTracking::Off)
     }
 
+    /// Checks Export's ranges and page size (aligned, non-overlapping, at most 256, page size
+    /// a power of two of at least 4 KiB), before anything is connected or started.
+    pub(crate) fn check(&self) -> Result<(), PipelineError> {
+        match self {
+            DirtyTracking::Export {
+                ranges, page_size, ..
+            } => validate_ranges(ranges, *page_size).map_err(|_| PipelineError::Options {
+                what: "dirty_tracking ranges (aligned to page_size, at most 256)",
+                value: ranges.len().min(MAX_LOGGING_RANGES + 1) as u64,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The guest memory vfmig ships pages from (ShipPages only).
     pub(crate) fn ship_memory(&self) -> Option<&Arc<dyn GuestMemoryAccess>> {
         match self {
@@ -272,10 +286,7 @@ impl DirtyLog {
                 page_size,
                 sink,
             } => {
-                validate_ranges(ranges, *page_size).map_err(|_| PipelineError::Options {
-                    what: "dirty_tracking ranges (aligned to page_size, at most 256)",
-                    value: ranges.len().min(MAX_LOGGING_RANGES + 1) as u64,
-                })?;
+                tracking.check()?;
                 let report = DirtyReport {
                     round: 0,
                     last: false,

@@ -428,6 +428,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 value: 0,
             });
         }
+        self.opts.dirty_tracking.check()?;
         let multi = self.devices.len() > 1;
         for d in &mut self.devices {
             let state = d.state().map_err(|source| PipelineError::Device {

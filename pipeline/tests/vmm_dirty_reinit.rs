@@ -282,14 +282,13 @@ fn exported_bitmaps_hold_every_page_the_devices_wrote_including_while_they_quies
 }
 
 #[test]
-fn export_ranges_not_aligned_to_the_page_size_are_refused_before_any_device_is_touched() {
+fn export_ranges_not_aligned_to_the_page_size_are_refused_before_connecting() {
     let dev = EmulatedDevice::new(EmulatedConfig::new("e", 1 << 20, 5)).unwrap();
     struct Nothing;
     impl DirtySink for Nothing {
         fn logging_started(&self, _: &LoggingStarted) {}
         fn dirty(&self, _: &DirtyReport) {}
     }
-    let (sopts, dopts) = options();
     let sopts = SourceOptions {
         dirty_tracking: DirtyTracking::Export {
             ranges: vec![IovaRange {
@@ -299,12 +298,14 @@ fn export_ranges_not_aligned_to_the_page_size_are_refused_before_any_device_is_t
             page_size: 0x20_0000,
             sink: Arc::new(Nothing),
         },
-        ..sopts
+        ..options().0
     };
-    let (report, mut srcs, _) = migrate(vec![dev], sopts, dopts);
+    let mut src = SourceSession::new(vec![dev], sopts);
+    // Nothing listens there: only a check before connecting gives an options error.
+    let report = src.run("127.0.0.1:1".parse().unwrap());
     assert!(
         matches!(report, Err(PipelineError::Options { .. })),
         "{report:?}"
     );
-    assert_eq!(srcs[0].state().unwrap(), DeviceState::Running);
+    assert_eq!(src.devices_mut()[0].state().unwrap(), DeviceState::Running);
 }

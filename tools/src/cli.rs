@@ -26,7 +26,7 @@ Run `vfmig recv` on the destination first, then `vfmig send` on the source with 
 const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
-      [,dirty-rate=SIZE/s][,p2p=on|off]
+      [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -36,6 +36,12 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
                     runs; `off`: no PRE_COPY capability (default: all of the state)
         dirty-rate  bytes per second the running device dirties (default: 0)
         p2p         VFIO_MIGRATION_P2P support, needed with several devices (default: on)
+        precopy-info
+                    v2: offers VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 (REINIT reports,
+                    Linux 7.1), which the source opts in to (default: v1)
+        reinit-after
+                    re-initialise once in PRE_COPY after SIZE stream bytes and a report of
+                    initial_bytes 0: the initial data is read again (default: never)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a

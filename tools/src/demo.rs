@@ -53,6 +53,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
             Some(DEMO_DIRTY_RATE)
         },
         p2p: true,
+        precopy_info_v2: false,
+        reinit_after: None,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);
