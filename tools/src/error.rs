@@ -45,6 +45,16 @@ pub enum UsageError {
         #[source]
         source: io::Error,
     },
+    /// A key file that group or others may read.
+    #[error("{what} {path} is readable by others (mode {mode:04o}): chmod 600 it, or pass --insecure-key-perms")]
+    KeyPermissions {
+        /// The option.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The PSK is too short to be a key.
     #[error("--psk-file {path} holds {len} bytes; a key needs at least {min}")]
     PskTooShort {

@@ -331,3 +331,154 @@ fn sigint_exits_130_and_the_json_object_says_cancelled() {
         "{j}"
     );
 }
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+#[test]
+fn an_existing_destination_file_needs_force_and_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.bin");
+    std::fs::write(&dst, b"old state").expect("write");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let spec = format!("file:{}", dst.display());
+
+    let mut c = vfmig();
+    c.args(["recv", "--listen", "127.0.0.1:0", "--device", &spec]);
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--force") && err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read(&dst).expect("read"), b"old state");
+
+    let src = dir.path().join("new.bin");
+    let data = test_bytes(300_000, 5);
+    std::fs::write(&src, &data).expect("write");
+    let recv = Receiver::spawn(&["--device", &spec, "--force"]);
+    let out = run(
+        send(recv.addr, &["--device", &format!("file:{}", src.display())]),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    assert_eq!(std::fs::read(&dst).expect("read"), data);
+    assert_eq!(mode_of(&dst), 0o644, "the replaced file's mode is kept");
+}
+
+#[test]
+fn recv_removes_the_temp_file_a_killed_receiver_left_and_only_that_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.bin");
+    let spec = format!("file:{}", dst.display());
+    // A temporary file of a live process (this test) for the same path, and a dead one's for
+    // another path: neither is ours to remove.
+    let live = dir
+        .path()
+        .join(format!(".state.bin.vfmig-{}-7.tmp", std::process::id()));
+    std::fs::write(&live, b"live").expect("write");
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().expect("wait");
+    let other = dir
+        .path()
+        .join(format!(".other.bin.vfmig-{dead_pid}-0.tmp"));
+    std::fs::write(&other, b"other").expect("write");
+
+    let mut recv = Receiver::spawn(&["--device", &spec, "--timeout", "30"]);
+    let mut sender = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "200Mbit/s",
+            "--compress",
+            "none",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    let prefix = format!(".state.bin.vfmig-{}-", recv.child.id());
+    let deadline = std::time::Instant::now() + PROCESS_LIMIT;
+    let left = loop {
+        let found = dir_entries(dir.path())
+            .into_iter()
+            .find(|n| n.starts_with(&prefix));
+        if let Some(n) = found {
+            break dir.path().join(n);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    recv.child.kill().expect("SIGKILL the receiver");
+    let _ = recv.finish();
+    let _ = sender.kill();
+    let _ = wait_bounded(&mut sender);
+    assert!(left.exists(), "SIGKILL leaves the temp file behind");
+
+    // The clean-up happens before `listening on`, which `spawn` waited for.
+    let again = Receiver::spawn(&["--device", &spec]);
+    let seen = again.seen().join("\n");
+    assert!(
+        seen.contains(&format!("vfmig: removed {}", left.display())),
+        "{seen}"
+    );
+    assert!(!left.exists(), "the dead receiver's temp file is gone");
+    assert!(live.exists(), "a live PID's temp file stays");
+    assert!(other.exists(), "another path's temp file stays");
+    let mut again = again;
+    again.child.kill().expect("kill");
+    let _ = again.finish();
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_unless_insecure_key_perms() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = write_key(dir.path(), "key", "0123456789abcdef0123456789abcdef\n");
+    let open_key = dir.path().join("open-key");
+    std::fs::copy(&key, &open_key).expect("copy");
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let open_key = open_key.display().to_string();
+
+    let dev = "emu:size=1M";
+    let mut c = vfmig();
+    c.args(["send", "--connect", "127.0.0.1:1", "--device", dev])
+        .args(["--psk-file", &open_key, "--json"]);
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--insecure-key-perms") && err.contains("0644"),
+        "{err}"
+    );
+    assert_eq!(json(&out.stdout)["exit_code"], 2);
+
+    let recv = Receiver::spawn(&["--device", dev, "--psk-file", &key]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                dev,
+                "--psk-file",
+                &open_key,
+                "--insecure-key-perms",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}

@@ -34,6 +34,11 @@ fn leaf(dir: &Path, name: &str, ca: &Ca) -> [String; 3] {
     ];
     std::fs::write(&paths[0], cert.pem()).expect("write");
     std::fs::write(&paths[1], key.serialize_pem()).expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&paths[1], std::fs::Permissions::from_mode(0o600))
+            .expect("chmod key");
+    }
     std::fs::write(&paths[2], ca.cert.pem()).expect("write");
     paths.map(|p| p.to_string_lossy().into_owned())
 }
