@@ -9,7 +9,10 @@ use vfmig_pipeline::{AbortReason, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
 use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
+use vfmig_wire::declare::{DeclField, DeviceKind, DeviceMismatch};
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
+
+use crate::units::human_bytes;
 
 use crate::file_device::FileDeviceError;
 
@@ -447,10 +450,57 @@ fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String 
         } => format!(
             "authentication failed with {peer}: only one side was given --psk-file"
         ),
+        HandshakeError::DeviceCountMismatch {
+            source_count,
+            destination_count,
+        } => format!(
+            "the source has {source_count} devices and the destination {destination_count} (found in the handshake with {peer}; no device was touched): give both sides the same --device list"
+        ),
+        HandshakeError::DeviceMismatch(m) => format!(
+            "{} (found in the handshake with {peer}; no device was touched): give both sides matching --device specs",
+            describe_mismatch(m)
+        ),
         HandshakeError::VersionMismatch { ours, theirs } => format!(
             "peer {peer} speaks protocol version {theirs}, this vfmig speaks {ours}: use the same vfmig on both sides"
         ),
         other => format!("handshake with {peer} failed: {other}"),
+    }
+}
+
+fn kind_name(k: DeviceKind) -> &'static str {
+    match k {
+        DeviceKind::Unspecified => "unspecified",
+        DeviceKind::Stream => "file",
+        DeviceKind::Emulated => "emu",
+        DeviceKind::Vfio => "vfio",
+    }
+}
+
+/// `device 0: the source's size is 128.0 MiB, the destination's 64.0 MiB`.
+fn describe_mismatch(m: &DeviceMismatch) -> String {
+    let (s, d) = (&m.source, &m.destination);
+    let i = m.index;
+    let size = |v: Option<u64>| v.map_or_else(|| "unknown".to_owned(), human_bytes);
+    match m.field {
+        DeclField::Kind => format!(
+            "device {i} differs in kind: the source's is {}, the destination's {}",
+            kind_name(s.kind),
+            kind_name(d.kind)
+        ),
+        DeclField::Size => format!(
+            "device {i} ({}) differs in size: the source's is {} ({} bytes), the destination's {} ({} bytes)",
+            kind_name(s.kind),
+            size(s.size),
+            s.size.unwrap_or(0),
+            size(d.size),
+            d.size.unwrap_or(0)
+        ),
+        DeclField::Compat => format!(
+            "device {i} ({}) is not compatible: the source's is `{}`, the destination's `{}`",
+            kind_name(s.kind),
+            s.compat,
+            d.compat
+        ),
     }
 }
 

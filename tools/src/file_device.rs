@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfmig_vfio::{
-    next_state, DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice, PrecopyInfo,
+    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
+    MigrationDevice, PrecopyInfo,
 };
 
 use crate::spec::FileTarget;
@@ -273,6 +274,18 @@ fn display_name(p: &Path) -> String {
 impl MigrationDevice for FileSource {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A byte stream (pairs with any destination device); a regular file's length is exact.
+    fn identity(&self) -> Identity {
+        Identity {
+            class: DeviceClass::Stream,
+            size: match self.kind {
+                SourceKind::Regular { len } => Some(len),
+                SourceKind::Pipe { .. } => None,
+            },
+            compat: String::new(),
+        }
     }
 
     fn capabilities(&self) -> MigrationCaps {
@@ -604,6 +617,15 @@ impl Drop for FileSink {
 impl MigrationDevice for FileSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A byte stream: takes any source device's state.
+    fn identity(&self) -> Identity {
+        Identity {
+            class: DeviceClass::Stream,
+            size: None,
+            compat: String::new(),
+        }
     }
 
     fn capabilities(&self) -> MigrationCaps {

@@ -266,7 +266,11 @@ pub fn run_destination<D: MigrationDevice>(
         ..DestinationOptions::default()
     };
     let mut session = DestinationSession::new(devices, opts);
-    let recv = match listener.accept(&plan.session) {
+    // Declare the devices, so that a source whose devices cannot pair with them is refused in
+    // the handshake, before any device on either side moves.
+    let mut cfg = plan.session.clone();
+    cfg.declared_devices = Some(session.declarations());
+    let recv = match listener.accept(&cfg) {
         Ok(r) => r,
         Err(e) => return (Err(CliError::Transport(e)), session.into_devices()),
     };

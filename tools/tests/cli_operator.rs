@@ -482,3 +482,86 @@ fn a_key_file_readable_by_others_is_refused_unless_insecure_key_perms() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(rstatus.success(), "{rlines:?}");
 }
+
+/// Runs `send` with `src` devices against `recv` with `dst` devices; returns both exit codes
+/// and failure lines.
+fn mismatched(src: &[&str], dst: &[&str]) -> ((Option<i32>, String), (Option<i32>, String)) {
+    let mut rargs = Vec::new();
+    for d in dst {
+        rargs.extend(["--device", d]);
+    }
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--json"];
+    for d in src {
+        sargs.extend(["--device", d]);
+    }
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    let j = json(&out.stdout);
+    assert_eq!(j["raw_bytes"], 0, "nothing was streamed: {j}");
+    (
+        (out.status.code(), text(&out.stderr)),
+        (rstatus.code(), rlines.last().cloned().unwrap_or_default()),
+    )
+}
+
+#[test]
+fn a_larger_source_device_is_refused_in_the_handshake_naming_both_sizes() {
+    let ((s, serr), (r, rerr)) = mismatched(&["emu:size=128M"], &["emu:size=64M"]);
+    for (code, line) in [(s, &serr), (r, &rerr)] {
+        assert_eq!(code, Some(1), "{line}");
+        assert!(
+            line.contains("128.0 MiB") && line.contains("64.0 MiB") && line.contains("handshake"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("RESUMING") && !line.contains("stop-copy"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn different_seeds_or_profiles_are_refused_in_the_handshake_naming_both() {
+    for (src, dst, a, b) in [
+        (
+            "emu:size=4M,seed=1",
+            "emu:size=4M,seed=2",
+            "seed=1",
+            "seed=2",
+        ),
+        (
+            "emu:size=4M,profile=zero",
+            "emu:size=4M,profile=text",
+            "profile=zero",
+            "profile=text",
+        ),
+    ] {
+        let ((s, serr), (r, rerr)) = mismatched(&[src], &[dst]);
+        for (code, line) in [(s, &serr), (r, &rerr)] {
+            assert_eq!(code, Some(1), "{src} vs {dst}: {line}");
+            assert!(line.contains(a) && line.contains(b), "{line}");
+        }
+    }
+}
+
+#[test]
+fn a_device_count_mismatch_is_refused_in_the_handshake_not_in_stop_copy() {
+    let ((s, serr), (r, rerr)) = mismatched(&["emu:size=4M"], &["emu:size=4M", "emu:size=4M"]);
+    for (code, line) in [(s, &serr), (r, &rerr)] {
+        assert_eq!(code, Some(1), "{line}");
+        assert!(line.contains("1 devices") && line.contains("2"), "{line}");
+        assert!(!line.contains("stop-copy"), "{line}");
+    }
+}
+
+#[test]
+fn a_file_pairs_with_any_device_kind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("emu.state");
+    let recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let out = run(send(recv.addr, &["--device", "emu:size=4M"]), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}

@@ -442,6 +442,7 @@ impl Listener {
             },
             session_id,
             nonce: random()?,
+            devices: cfg.declared_devices.clone(),
         }));
         if let Some(c) = tls_config {
             return tls::server(stream, c, peer, &mut side, conn, cfg);
