@@ -8,7 +8,7 @@ use std::time::Duration;
 use vfmig_pipeline::{AbortReason, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
 use vfmig_vfio::emulated::EmulatedError;
-use vfmig_vfio::DeviceError;
+use vfmig_vfio::{DeviceError, DeviceState};
 use vfmig_wire::declare::{DeclField, DeviceKind, DeviceMismatch};
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
 
@@ -376,6 +376,16 @@ pub fn describe_transport(e: &TransportError) -> String {
         TransportError::InsecureRefused { peer } => format!(
             "refused unauthenticated connection with non-loopback peer {peer}: use --psk-file or TLS on both sides (or --insecure)"
         ),
+        TransportError::Tls {
+            peer,
+            source:
+                rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType
+                    | rustls::InvalidMessage::UnknownProtocolVersion,
+                ),
+        } => format!(
+            "peer {peer} does not speak TLS but this side does: {SAME_SECURITY}"
+        ),
         TransportError::Tls { peer, source } => format!("TLS with {peer} failed: {source}"),
         TransportError::TlsConfig { what, path, reason } => {
             format!("TLS configuration: cannot use {what} {path}: {reason}")
@@ -434,8 +444,39 @@ pub fn describe_transport(e: &TransportError) -> String {
     }
 }
 
+/// What to do when the two sides disagree on TLS.
+const SAME_SECURITY: &str = "start both sides with the same security options (--tls-cert, \
+--tls-key and --tls-ca on both, or neither)";
+
+/// Names what sent `found` instead of a vfmig handshake: a TLS record, or a stranger's first
+/// bytes shown as text.
+fn describe_bad_magic(peer: std::net::SocketAddr, found: &[u8; 4]) -> String {
+    // A TLS record: content type 20..=23 (alert 21, handshake 22), then version major 3.
+    if (0x14..=0x17).contains(&found[0]) && found[1] == 0x03 {
+        return format!("peer {peer} speaks TLS and this side does not: {SAME_SECURITY}");
+    }
+    let shown: String = found
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                char::from(b).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect();
+    let what = match found {
+        b"SSH-" => " (an SSH client or server)",
+        b"GET " | b"POST" | b"HEAD" | b"PUT " | b"HTTP" => " (HTTP)",
+        _ => "",
+    };
+    format!("peer {peer} is not vfmig: it sent \"{shown}\"{what} instead of a vfmig handshake; check the address and port")
+}
+
 fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String {
     match e {
+        HandshakeError::BadMagic { found } => describe_bad_magic(peer, found),
         HandshakeError::AuthenticationFailed
         | HandshakeError::Refused {
             code: RefuseCode::AuthenticationFailed,
@@ -539,6 +580,22 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
             label_by_name(device, devices),
             describe_device(source)
         ),
+        // A `file:` FIFO source waits for its writer on STOP -> STOP_COPY, bounded by --timeout.
+        PipelineError::Device {
+            device,
+            source: DeviceError::SetState { arc, source, .. },
+            ..
+        } if source.raw_os_error() == Some(libc::ETIMEDOUT)
+            && arc.to == DeviceState::StopCopy
+            && devices
+                .iter()
+                .any(|d| d.name == *device && d.kind == "file") =>
+        {
+            format!(
+                "{}: no process opened the FIFO for writing within --timeout; start the writer (e.g. `produce-state > FIFO`) or raise --timeout",
+                label_by_name(device, devices)
+            )
+        }
         PipelineError::Device {
             device,
             phase,
@@ -598,10 +655,16 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
                 || format!("reason {code}"),
                 |r| abort_reason_text(r).to_owned(),
             );
-            if detail.is_empty() {
-                format!("peer aborted the migration in {phase} ({why})")
+            // A device mismatch is about the set-up, whatever phase this side had reached.
+            let phase = if *reason == Some(AbortReason::DeviceMismatch) {
+                "at the start".to_owned()
             } else {
-                format!("peer aborted the migration in {phase} ({why}); it reported: {detail}")
+                format!("in {phase}")
+            };
+            if detail.is_empty() {
+                format!("peer aborted the migration {phase} ({why})")
+            } else {
+                format!("peer aborted the migration {phase} ({why}); it reported: {detail}")
             }
         }
         PipelineError::P2pRequired { device, caps } => format!(

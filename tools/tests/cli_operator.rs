@@ -565,3 +565,65 @@ fn a_file_pairs_with_any_device_kind() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(rstatus.success(), "{rlines:?}");
 }
+
+/// A client that sends `bytes` to a receiver and returns the receiver's last line.
+fn stranger_sends(bytes: &[u8]) -> String {
+    use std::io::Write as _;
+    let recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
+    let mut s = std::net::TcpStream::connect(recv.addr).expect("connect");
+    let _ = s.write_all(bytes);
+    let (_, _, lines) = recv.finish();
+    drop(s);
+    lines.last().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_non_vfmig_client_is_named_with_its_first_bytes_as_text() {
+    for (bytes, shown, what) in [
+        (&b"SSH-2.0-OpenSSH_9.6\r\n"[..], "SSH-", "SSH"),
+        (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "GET ", "HTTP"),
+    ] {
+        let line = stranger_sends(bytes);
+        assert!(
+            line.contains("not vfmig") && line.contains(shown) && line.contains(what),
+            "{line}"
+        );
+        assert!(!line.contains("magic"), "{line}");
+    }
+}
+
+#[test]
+fn a_fifo_without_a_writer_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("state.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let dst = dir.path().join("out");
+    // The receiver's own fate is not this test's subject: bound its wait.
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "3",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", fifo.display()),
+                "--timeout",
+                "1",
+            ],
+        ),
+        None,
+    );
+    let _ = recv.finish();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no process opened the FIFO") && err.contains("--timeout"),
+        "{err}"
+    );
+    assert!(!err.contains("STOP_COPY"), "{err}");
+}
