@@ -335,7 +335,19 @@ impl<D: MigrationDevice> DestinationSession<D> {
         &self.resets
     }
 
-    /// Accepts one source on `listener` (using [`DestinationOptions::session`]) and runs the
+    /// What this side declares about its devices in the handshake (see
+    /// `vfmig_transport::SessionConfig::declared_devices`): a session configuration for
+    /// [`Listener::accept`] should carry them, so that a source whose devices cannot pair with
+    /// these is refused before any device moves. [`DestinationSession::run`] does so.
+    pub fn declarations(&self) -> Vec<vfmig_wire::declare::DeviceDecl> {
+        self.devices
+            .iter()
+            .map(|d| crate::source::declaration(&d.identity()))
+            .collect()
+    }
+
+    /// Accepts one source on `listener` (using [`DestinationOptions::session`], with this
+    /// side's [`DestinationSession::declarations`]) and runs the
     /// whole session: [`DestinationSession::receive`], then (with
     /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
     /// [`DestinationSession::finish`].
@@ -378,8 +390,10 @@ impl<D: MigrationDevice> DestinationSession<D> {
     }
 
     fn accept(&self, listener: &Listener) -> Result<RecvSession, PipelineError> {
+        let mut cfg = self.opts.session.clone();
+        cfg.declared_devices = Some(self.declarations());
         listener
-            .accept(&self.opts.session)
+            .accept(&cfg)
             .map_err(|source| PipelineError::Transport {
                 phase: Phase::Setup,
                 source,

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceClass, DeviceState, Identity, MigrationCaps, MigrationDevice};
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
@@ -295,6 +296,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 name: d.name().to_owned(),
                 caps: d.capabilities().bits(),
                 state_size_hint: d.stop_copy_size().unwrap_or(0),
+                decl: declaration(&d.identity()),
             })
             .collect();
         let session = SendSession::connect(addr, &self.opts.session, descs).map_err(|source| {
@@ -889,6 +891,20 @@ pub(crate) fn describe(c: Choice) -> String {
 }
 
 /// Builds a report from the counters.
+/// A device's identity as the handshake declares it (docs/PROTOCOL.md, "Device declarations").
+pub(crate) fn declaration(id: &Identity) -> DeviceDecl {
+    DeviceDecl {
+        kind: match id.class {
+            DeviceClass::Unspecified => DeviceKind::Unspecified,
+            DeviceClass::Stream => DeviceKind::Stream,
+            DeviceClass::Emulated => DeviceKind::Emulated,
+            DeviceClass::Vfio => DeviceKind::Vfio,
+        },
+        size: id.size,
+        compat: id.compat.clone(),
+    }
+}
+
 pub(crate) fn build_report(
     counters: &Counters,
     devices: Vec<(String, Option<DeviceState>)>,

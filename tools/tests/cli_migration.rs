@@ -378,10 +378,22 @@ fn unreachable_peer_exits_1_with_one_line_and_a_json_failure_report() {
 
 #[test]
 fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
-    // Different sizes: the destination device's own stream validation refuses the state.
-    let recv = Receiver::spawn(&["--device", "emu:size=8M", "--timeout", "10"]);
+    // Bytes that are no emulated device's state (a file pairs with any device, so the handshake
+    // lets it through): the destination device's own stream validation refuses them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, test_bytes(4 << 20, 3)).expect("write");
+    let recv = Receiver::spawn(&["--device", "emu:size=4M", "--timeout", "10"]);
     let out = run(
-        send(recv.addr, &["--device", "emu:size=4M", "--timeout", "10"]),
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", junk.display()),
+                "--timeout",
+                "10",
+            ],
+        ),
         None,
     );
     let (rstatus, _, rlines) = recv.finish();

@@ -27,7 +27,7 @@
 //! let addr = listener.local_addr();
 //! let dst = std::thread::spawn(move || listener.accept(&SessionConfig::default()));
 //! let devices = vec![vfmig_wire::handshake::DeviceDesc {
-//!     name: "gpu0".into(), caps: 0, state_size_hint: 0,
+//!     name: "gpu0".into(), caps: 0, state_size_hint: 0, decl: Default::default(),
 //! }];
 //! let src = SendSession::connect(addr, &cfg, devices)?;
 //! let mut buf = src.pool().acquire(Duration::from_secs(1))?;

@@ -484,6 +484,7 @@ impl crate::accept::ServerHandshaker for Handshaker {
                 },
                 session_id,
                 nonce: random()?,
+                devices: cfg.declared_devices.clone(),
             },
             protection(cfg),
         ));

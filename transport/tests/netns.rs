@@ -190,6 +190,7 @@ fn netns_source() {
         name: "d".into(),
         caps: 0,
         state_size_hint: 0,
+        decl: Default::default(),
     }];
     if role == "strict" {
         // The source refuses on its own before connecting...

@@ -31,6 +31,7 @@ pub fn devices(n: usize) -> Vec<DeviceDesc> {
             name: format!("dev{i}"),
             caps: 0,
             state_size_hint: 0,
+            decl: Default::default(),
         })
         .collect()
 }
@@ -232,5 +233,6 @@ pub fn server_params() -> ServerParams {
         limits: Limits::default(),
         session_id: [3; 16],
         nonce: [5; 32],
+        devices: None,
     }
 }
