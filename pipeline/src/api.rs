@@ -30,9 +30,14 @@ pub struct SourceOptions {
     /// Switch over once the estimated STOP_COPY time (remaining bytes / measured throughput) is
     /// below this.
     pub max_downtime: Duration,
-    /// Longest pre-copy phase; switch over after it even if the estimate is still above
-    /// `max_downtime` (the device keeps dirtying faster than we send).
+    /// Longest pre-copy phase; then [`SourceOptions::on_max_precopy`] says what happens when
+    /// the estimate is still above `max_downtime` (the device keeps dirtying faster than we
+    /// send).
     pub max_precopy: Duration,
+    /// What the automatic mode does when `max_precopy` passed and the downtime estimate does not
+    /// fit: switch over anyway (the default; the report then says whether `max_downtime` was
+    /// exceeded) or abort with [`crate::PipelineError::PrecopyTooLong`].
+    pub on_max_precopy: PrecopyLimit,
     /// Wire bytes per second, `None` for no limit.
     pub max_bandwidth: Option<u64>,
     /// Longest time without progress at any step (device, transport, peer).
@@ -62,6 +67,7 @@ impl Default for SourceOptions {
             precopy: true,
             max_downtime: Duration::from_millis(300),
             max_precopy: Duration::from_secs(60),
+            on_max_precopy: PrecopyLimit::Switchover,
             max_bandwidth: None,
             timeout: Duration::from_secs(30),
             allow_without_p2p: false,
@@ -82,6 +88,7 @@ impl fmt::Debug for SourceOptions {
             .field("precopy", &self.precopy)
             .field("max_downtime", &self.max_downtime)
             .field("max_precopy", &self.max_precopy)
+            .field("on_max_precopy", &self.on_max_precopy)
             .field("max_bandwidth", &self.max_bandwidth)
             .field("timeout", &self.timeout)
             .field("allow_without_p2p", &self.allow_without_p2p)
@@ -91,6 +98,17 @@ impl fmt::Debug for SourceOptions {
             .field("guest_full_copy", &self.guest_full_copy)
             .finish()
     }
+}
+
+/// What happens when pre-copy reached [`SourceOptions::max_precopy`] without the downtime
+/// estimate fitting `max_downtime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrecopyLimit {
+    /// Switch over anyway (the downtime may exceed `max_downtime`; the report says so).
+    #[default]
+    Switchover,
+    /// Abort the migration; the devices are rolled back and keep running.
+    Abort,
 }
 
 /// Destination options.
@@ -161,11 +179,14 @@ impl CancelHandle {
     }
 }
 
-/// A progress snapshot.
+/// A progress snapshot. Delivered about every `progress_interval`, and at once on every phase
+/// change of a source session: `Setup`, `PreCopy` (with pre-copy), `StopCopy`, `Commit`, `Done`.
 #[derive(Clone, Debug)]
 pub struct Progress {
     /// Time since the session started.
     pub elapsed: Duration,
+    /// The session's phase.
+    pub phase: Phase,
     /// Per device, in session order.
     pub devices: Vec<DeviceProgress>,
 }
@@ -265,6 +286,8 @@ pub struct Report {
     /// What the destination did after the commit: on the source, the outcome it reported; on
     /// the destination, the outcome it sent. `None` before the end of the session.
     pub outcome: Option<vfmig_wire::FinalOutcome>,
+    /// Source: the measured `downtime` exceeded [`SourceOptions::max_downtime`].
+    pub max_downtime_exceeded: bool,
 }
 
 /// What rollback did to one device.

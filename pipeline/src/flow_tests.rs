@@ -68,6 +68,14 @@ impl FrameSink for Direct {
                     item: Incoming::PreCopyDone { raw: header.arg },
                 })
                 .map_err(|_| lost()),
+            FrameKind::InitialDataSent => self
+                .markers
+                .send(InItem {
+                    device: header.device,
+                    seq: header.seq,
+                    item: Incoming::InitialDone { raw: header.arg },
+                })
+                .map_err(|_| lost()),
             _ => Err(lost()),
         }
     }

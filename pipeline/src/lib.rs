@@ -99,6 +99,7 @@ mod reseq;
 mod source;
 mod stages;
 mod stats;
+mod status;
 mod uring;
 mod writer;
 
@@ -106,8 +107,8 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Progress, ProgressFn, Report,
-    RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, PrecopyLimit, Progress,
+    ProgressFn, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
@@ -115,6 +116,7 @@ pub use error::{Phase, PipelineError, Side};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
 pub use source::SourceSession;
+pub use status::{DeviceStatus, SourceStatus};
 /// The one abort vocabulary (docs/PROTOCOL.md, section 5), re-exported from the wire crate.
 pub use vfmig_wire::AbortReason;
 /// What the destination did after the commit (docs/PROTOCOL.md, section 5.1).

@@ -87,6 +87,9 @@ pub(crate) enum ReaderCmd {
     /// Leave PRE_COPY: let the read in flight finish, emit what is buffered and `PreCopyDone`,
     /// then report [`ReaderEvent::PreCopyQuiesced`] and wait for [`ReaderCmd::StopCopy`].
     EndPreCopy { device: u16 },
+    /// Every initial byte of the device has been read from its fd (`initial_bytes` reached 0):
+    /// once the read in flight is in, emit what is buffered and `InitialDataSent`, read on.
+    MarkInitial { device: u16 },
     /// The device is in STOP_COPY: read on (from a new fd if the SET returned one) until 0.
     StopCopy {
         device: u16,
@@ -186,6 +189,8 @@ struct Dev {
     hold_end: bool,
     /// A full chunk numbered but not yet handed over.
     full: Option<RawChunk>,
+    /// `InitialDataSent` is due once no read is in flight.
+    mark_initial: bool,
 }
 
 /// The reader loop. Returns when every device it was given has ended and the command channel
@@ -344,6 +349,9 @@ fn submit_next(
         }
         DevPhase::Reading => {}
     }
+    if dev.mark_initial {
+        mark_initial(i, dev, ctx)?;
+    }
     if let Some(at) = dev.retry_at {
         if at > now {
             return Ok(Some(at));
@@ -418,6 +426,7 @@ fn apply(
                 last_progress: Instant::now(),
                 hold_end: ctx.io.guest.as_ref().is_some_and(|g| g.carrier == device),
                 full: None,
+                mark_initial: false,
             });
         }
         ReaderCmd::EndPreCopy { device } => {
@@ -426,6 +435,14 @@ fn apply(
                 if d.phase == DevPhase::Reading {
                     d.phase = DevPhase::WantQuiesce;
                 }
+            }
+        }
+        ReaderCmd::MarkInitial { device } => {
+            let i = slot(device, devs)?;
+            if let Some(d) = devs[i].as_mut() {
+                // Once the device left pre-copy, `PreCopyDone` says more than this would.
+                d.mark_initial = matches!(d.phase, DevPhase::Reading | DevPhase::WantQuiesce)
+                    && d.mode == ReadMode::PreCopy;
             }
         }
         ReaderCmd::StopCopy { device, fd } => {
@@ -701,6 +718,31 @@ fn marker(
             what: "the sender to take a marker frame",
             waited: timeout,
         })
+}
+
+/// With no read in flight: everything read so far goes out, then `InitialDataSent`.
+fn mark_initial(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let device = u16::try_from(i).unwrap_or(u16::MAX);
+    hand_over(dev, ctx)?;
+    if let Some(buf) = dev.buf.take() {
+        if dev.filled > 0 {
+            emit(device, dev, buf, ctx)?;
+        } else {
+            dev.buf = Some(buf);
+        }
+    }
+    let raw = dev.emitted;
+    marker(
+        device,
+        dev,
+        FrameKind::InitialDataSent,
+        raw,
+        None,
+        ctx.io,
+        ctx.timeout,
+    )?;
+    dev.mark_initial = false;
+    Ok(())
 }
 
 fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {

@@ -65,6 +65,7 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Resume => "resume",
         Phase::Acknowledge => "verifying",
         Phase::Commit => "committing",
+        Phase::Done => "done",
         Phase::Rollback => "rollback",
     }
 }
