@@ -786,7 +786,9 @@ impl<D: MigrationDevice> SourceSession<D> {
         // Switch when STOP_COPY fits the downtime budget, or when what pre-copy could still
         // drain (`dirty_bytes`) would fit it: more pre-copy cannot shrink the rest.
         let within_budget = initial_left == 0 && (fits(stop_copy) || fits(dirty));
-        if over_time && !within_budget && self.opts.on_max_precopy == PrecopyLimit::Abort {
+        // The abort is about the downtime estimate itself (STOP_COPY bytes at the measured rate).
+        let estimate_fits = initial_left == 0 && fits(stop_copy);
+        if over_time && !estimate_fits && self.opts.on_max_precopy == PrecopyLimit::Abort {
             return Err(PipelineError::PrecopyTooLong {
                 limit: self.opts.max_precopy,
             });
