@@ -59,17 +59,16 @@ fn precopy_device(name: &str, seed: u64) -> EmulatedDevice {
     .unwrap()
 }
 
+type DestinationThread = thread::JoinHandle<(
+    Result<vfmig_pipeline::Report, PipelineError>,
+    Vec<EmulatedDevice>,
+)>;
+
 /// Starts a destination thread that runs the whole session; returns its address and handle.
 fn destination(
     sources: &[EmulatedDevice],
     opts: DestinationOptions,
-) -> (
-    std::net::SocketAddr,
-    thread::JoinHandle<(
-        Result<vfmig_pipeline::Report, PipelineError>,
-        Vec<EmulatedDevice>,
-    )>,
-) {
+) -> (std::net::SocketAddr, DestinationThread) {
     let targets: Vec<EmulatedDevice> = sources.iter().map(|d| d.destination().unwrap()).collect();
     let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr();
