@@ -31,6 +31,10 @@ pub struct SourcePlan {
     pub precopy: bool,
     /// `--max-downtime`.
     pub max_downtime: Duration,
+    /// `--max-precopy-time`.
+    pub max_precopy: Duration,
+    /// `--on-max-precopy`.
+    pub on_max_precopy: vfmig_pipeline::PrecopyLimit,
     /// `--max-bandwidth`, bytes per second.
     pub max_bandwidth: Option<u64>,
     /// `--timeout`.
@@ -137,6 +141,7 @@ pub fn report_json(
             crate::error::EXIT_FAILED
         },
         guidance: None,
+        max_downtime_exceeded: report.max_downtime_exceeded,
         peer: peer.map(|p| p.to_string()),
         elapsed_ms: secs * 1000.0,
         downtime_ms,
@@ -170,6 +175,8 @@ pub fn run_source<D: MigrationDevice>(
         compress: compress(plan.compress),
         precopy: plan.precopy,
         max_downtime: plan.max_downtime,
+        max_precopy: plan.max_precopy,
+        on_max_precopy: plan.on_max_precopy,
         max_bandwidth: plan.max_bandwidth,
         timeout: plan.timeout,
         allow_without_p2p: plan.allow_without_p2p,
