@@ -87,6 +87,68 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+//!
+//! # Example: a VMM drives the switchover (step mode)
+//!
+//! The VMM streams two devices in pre-copy while its vCPUs run, polls
+//! [`SourceSession::status`], pauses its vCPUs once the destination acknowledged the initial data
+//! and the estimate fits, then calls [`SourceSession::switchover`] and
+//! [`SourceSession::finish`]. The destination VMM resumes its devices after the commit
+//! ([`DestinationSession::receive`], [`DestinationSession::resume`],
+//! [`DestinationSession::finish`]); the source's report carries that outcome.
+//! `examples/vmm_loop.rs` is the same with logging.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//! use vfmig_pipeline::{
+//!     DestinationOptions, DestinationSession, FinalOutcome, SourceOptions, SourceSession,
+//! };
+//! use vfmig_transport::Listener;
+//! use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
+//! use vfmig_vfio::{DeviceState, MigrationDevice};
+//!
+//! let device = |name: &str, seed| EmulatedDevice::new(EmulatedConfig {
+//!     name: name.into(), size: 2 << 20, seed, precopy: Some(u64::MAX), dirty_rate: 1 << 20,
+//!     ..EmulatedConfig::default()
+//! });
+//! let sources = vec![device("gpu0", 1)?, device("nic0", 2)?];
+//! let targets: Vec<_> = sources.iter().map(|d| d.destination()).collect::<Result<_, _>>()?;
+//! let listener = Listener::bind("127.0.0.1:0".parse()?)?;
+//! let addr = listener.local_addr();
+//! let destination = std::thread::spawn(move || {
+//!     let mut s = DestinationSession::new(targets, DestinationOptions::default());
+//!     s.receive(&listener).expect("committed");
+//!     // ... the VMM loads its RAM here ...
+//!     s.resume().expect("devices resume");
+//!     s.finish(FinalOutcome::Resumed).expect("outcome sent");
+//! });
+//!
+//! let vcpus_paused = AtomicBool::new(false);
+//! let mut s = SourceSession::new(sources, SourceOptions::default());
+//! s.start(addr)?;
+//! loop {
+//!     let st = s.status()?;
+//!     for d in s.devices_mut() {
+//!         // Running vCPUs need running devices.
+//!         assert!(vcpus_paused.load(Ordering::SeqCst) || d.state()?.is_running());
+//!     }
+//!     let initial_out = st.devices.iter().all(|d| d.initial_bytes == 0);
+//!     if initial_out && st.switchover_acked && st.switchover_due {
+//!         break;
+//!     }
+//! }
+//! vcpus_paused.store(true, Ordering::SeqCst); // pause-before-switchover
+//! s.switchover()?;
+//! let report = s.finish()?;
+//! destination.join().expect("destination");
+//! assert_eq!(report.outcome, Some(FinalOutcome::Resumed));
+//! for d in s.devices_mut() {
+//!     assert_eq!(d.state()?, DeviceState::Stop);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 mod adapt;
 mod api;
 mod codec;
