@@ -349,7 +349,7 @@ fn submit_next(
         }
         DevPhase::Reading => {}
     }
-    if dev.mark_initial {
+    if dev.mark_initial && dev.mode == ReadMode::PreCopy {
         mark_initial(i, dev, ctx)?;
     }
     if let Some(at) = dev.retry_at {
@@ -755,6 +755,8 @@ fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> 
         }
     }
     let raw = dev.emitted;
+    // `PreCopyDone` covers the initial data too: the destination acks on either.
+    dev.mark_initial = false;
     marker(device, dev, FrameKind::PreCopyDone, raw, None, io, timeout)?;
     dev.phase = DevPhase::Quiesced;
     let _ = io.events.send(ReaderEvent::PreCopyQuiesced { device });
