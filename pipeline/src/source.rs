@@ -604,19 +604,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             return Ok(());
         }
         for (i, d) in self.devices.iter_mut().enumerate() {
-            let fd = set_state(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
-                PipelineError::NoDataFd {
-                    device: d.name().to_owned(),
-                    state: DeviceState::PreCopy,
-                }
-            })?;
-            let fd = Arc::new(fd);
-            a.runs[i].data_fd = Some(fd.clone());
-            a.stages.cmd(ReaderCmd::Add {
-                device: dev_index(i),
-                fd,
-                mode: ReadMode::PreCopy,
-            })?;
+            open_stream(d, i, a, ReadMode::PreCopy)?;
         }
         if let Some(t) = &a.tracker {
             if self.opts.guest_full_copy {
@@ -669,20 +657,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             }
             a.downtime_start = Some(Instant::now());
             for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd =
-                    set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.ok_or_else(|| {
-                        PipelineError::NoDataFd {
-                            device: d.name().to_owned(),
-                            state: DeviceState::StopCopy,
-                        }
-                    })?;
-                let fd = Arc::new(fd);
-                a.runs[i].data_fd = Some(fd.clone());
-                a.stages.cmd(ReaderCmd::Add {
-                    device: dev_index(i),
-                    fd,
-                    mode: ReadMode::StopCopy,
-                })?;
+                open_stream(d, i, a, ReadMode::StopCopy)?;
             }
         }
         if let Some(mut t) = a.tracker.take() {
@@ -1060,6 +1035,31 @@ impl<D: MigrationDevice> SourceSession<D> {
         }
         self.rollback = self.devices.iter_mut().map(roll_back_one).collect();
     }
+}
+
+/// Moves device `i` from RUNNING (or RUNNING_P2P) to PRE_COPY or STOP_COPY (per `mode`) and hands
+/// its data fd to the reader.
+fn open_stream<D: MigrationDevice>(
+    d: &mut D,
+    i: usize,
+    a: &mut Active,
+    mode: ReadMode,
+) -> Result<(), PipelineError> {
+    let (state, phase) = match mode {
+        ReadMode::PreCopy => (DeviceState::PreCopy, Phase::PreCopy),
+        ReadMode::StopCopy => (DeviceState::StopCopy, Phase::StopCopy),
+    };
+    let fd = set_state(d, state, phase)?.ok_or_else(|| PipelineError::NoDataFd {
+        device: d.name().to_owned(),
+        state,
+    })?;
+    let fd = Arc::new(fd);
+    a.runs[i].data_fd = Some(fd.clone());
+    a.stages.cmd(ReaderCmd::Add {
+        device: dev_index(i),
+        fd,
+        mode,
+    })
 }
 
 impl<D: MigrationDevice> Drop for SourceSession<D> {

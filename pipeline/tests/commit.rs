@@ -12,7 +12,7 @@ use vfmig_pipeline::{
     AbortReason, DestinationOptions, DestinationSession, FinalOutcome, Phase, PipelineError,
     Report, RollbackAction, Side, SourceOptions, SourceSession,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::Listener;
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, Profile};
 use vfmig_vfio::{Arc as MigArc, DeviceState, MigrationDevice};
 use vfmig_wire::FrameKind;
@@ -20,31 +20,18 @@ use vfmig_wire::FrameKind;
 mod common;
 use common::{proxy, Fault};
 
-fn session_config() -> SessionConfig {
-    SessionConfig {
-        pool_slots: 48,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(5),
-        keepalive: Duration::from_secs(1),
-        ..SessionConfig::default()
-    }
-}
-
 fn source_options() -> SourceOptions {
     SourceOptions {
-        session: session_config(),
         timeout: Duration::from_secs(5),
         precopy: false,
-        ..SourceOptions::default()
+        ..common::source_options()
     }
 }
 
 fn destination_options() -> DestinationOptions {
     DestinationOptions {
-        session: session_config(),
         timeout: Duration::from_secs(5),
-        ..DestinationOptions::default()
+        ..common::destination_options()
     }
 }
 

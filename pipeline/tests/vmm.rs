@@ -11,53 +11,13 @@ use vfmig_pipeline::{
     DestinationOptions, DestinationSession, FinalOutcome, Phase, PipelineError, PrecopyLimit,
     Progress, SourceOptions, SourceSession,
 };
-use vfmig_transport::{Listener, SessionConfig};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
+use vfmig_transport::Listener;
+use vfmig_vfio::emulated::EmulatedDevice;
 use vfmig_vfio::{DeviceState, MigrationDevice};
 use vfmig_wire::FrameKind;
 
 mod common;
-use common::{proxy, Fault};
-
-fn session_config() -> SessionConfig {
-    SessionConfig {
-        pool_slots: 48,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(10),
-        keepalive: Duration::from_secs(1),
-        ..SessionConfig::default()
-    }
-}
-
-fn source_options() -> SourceOptions {
-    SourceOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..SourceOptions::default()
-    }
-}
-
-fn destination_options() -> DestinationOptions {
-    DestinationOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..DestinationOptions::default()
-    }
-}
-
-/// A device with pre-copy: its whole state is initial data, and it dirties state while running.
-fn precopy_device(name: &str, seed: u64) -> EmulatedDevice {
-    EmulatedDevice::new(EmulatedConfig {
-        name: name.into(),
-        size: 4 << 20,
-        seed,
-        precopy: Some(u64::MAX),
-        dirty_rate: 1 << 20,
-        ..EmulatedConfig::default()
-    })
-    .unwrap()
-}
+use common::{destination_options, precopy_device, proxy, source_options, Fault};
 
 type DestinationThread = thread::JoinHandle<(
     Result<vfmig_pipeline::Report, PipelineError>,

@@ -8,7 +8,54 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use vfmig_pipeline::{DestinationOptions, SourceOptions};
+use vfmig_transport::SessionConfig;
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
 use vfmig_wire::FrameKind;
+
+/// A 4 MiB emulated device with pre-copy: its whole state is initial data, and it dirties
+/// 1 MiB/s while running.
+pub fn precopy_device(name: &str, seed: u64) -> EmulatedDevice {
+    EmulatedDevice::new(EmulatedConfig {
+        name: name.into(),
+        size: 4 << 20,
+        seed,
+        precopy: Some(u64::MAX),
+        dirty_rate: 1 << 20,
+        ..EmulatedConfig::default()
+    })
+    .expect("emulated device")
+}
+
+/// Transport settings for loopback tests: small pool and window, 10 s timeout.
+pub fn session_config() -> SessionConfig {
+    SessionConfig {
+        pool_slots: 48,
+        slot_size: 256 << 10,
+        window_bytes: 4 << 20,
+        timeout: Duration::from_secs(10),
+        keepalive: Duration::from_secs(1),
+        ..SessionConfig::default()
+    }
+}
+
+/// Source options over [`session_config`].
+pub fn source_options() -> SourceOptions {
+    SourceOptions {
+        session: session_config(),
+        timeout: Duration::from_secs(10),
+        ..SourceOptions::default()
+    }
+}
+
+/// Destination options over [`session_config`].
+pub fn destination_options() -> DestinationOptions {
+    DestinationOptions {
+        session: session_config(),
+        timeout: Duration::from_secs(10),
+        ..DestinationOptions::default()
+    }
+}
 
 /// What the proxy does to the session.
 #[derive(Clone, Debug)]
