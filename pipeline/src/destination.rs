@@ -18,9 +18,11 @@ use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
 use crate::error::{Phase, PipelineError, Side};
-use crate::source::{build_report, reset_committed, reset_one, set_state, Watch};
+use crate::report::build_report;
+use crate::rollback::{reset_committed, reset_one, set_state};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
+use crate::watch::Watch;
 use crate::writer::{self, WriterDevice, WriterEvent};
 
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).

@@ -157,12 +157,15 @@ mod digest;
 mod error;
 mod guest;
 mod reader;
+mod report;
 mod reseq;
+mod rollback;
 mod source;
 mod stages;
 mod stats;
 mod status;
 mod uring;
+mod watch;
 mod writer;
 
 #[cfg(test)]
