@@ -275,7 +275,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Raw bytes per second over the session.
     pub throughput_bps: f64,
-    /// Source: from the first device leaving a running state to the last `DevicePrepared` ack.
+    /// Source: from the first device leaving a running state to the destination's outcome (after
+    /// the commit): the time the guest's devices run nowhere.
     pub downtime: Option<Duration>,
     /// Busy time per stage.
     pub stages: StageTimes,

@@ -475,12 +475,13 @@ impl<D: MigrationDevice> SourceSession<D> {
         let Some(mut a) = self.active.take() else {
             return Err(PipelineError::StageLost { stage: "control" });
         };
-        let downtime = a.downtime_start.map_or(Duration::ZERO, |t| t.elapsed());
         a.stages.cmds = None;
         a.stages.join();
         self.enter(&mut a, Phase::Commit);
         // Every device is prepared on the destination and stopped here: the decision.
         let decided = self.commit(&a.session);
+        // The guest is down until the destination said what it did with the state.
+        let downtime = a.downtime_start.map_or(Duration::ZERO, |t| t.elapsed());
         let mut report = self.report(&a.stages, a.started.elapsed(), Some(downtime));
         report.max_downtime_exceeded = downtime > self.opts.max_downtime;
         match decided {
