@@ -163,7 +163,7 @@ fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
     }
 }
 
-/// Runs the source side to the destination's last acknowledgement; gives the devices back.
+/// Runs the source side to the destination's outcome; gives the devices back.
 pub fn run_source<D: MigrationDevice>(
     plan: &SourcePlan,
     devices: Vec<D>,

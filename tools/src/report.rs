@@ -82,8 +82,8 @@ pub struct ReportJson {
     pub peer: Option<String>,
     /// Wall time of the migration (ms).
     pub elapsed_ms: f64,
-    /// Downtime as the VMM sees it (ms): from the first device stopping to the destination
-    /// acknowledging the last one.
+    /// Downtime as the VMM sees it (ms): from the first device stopping to the destination's
+    /// outcome after the commit.
     pub downtime_ms: Option<f64>,
     /// Sum over devices.
     pub raw_bytes: u64,
