@@ -34,10 +34,11 @@
 //! - **Several devices.** Every source device reaches RUNNING_P2P (or PRE_COPY_P2P) before any
 //!   stops; destination devices resume (if asked) STOP -> RUNNING_P2P for all before RUNNING for
 //!   any. Devices without P2P are refused for multi-device runs unless overridden.
-//! - **Failure.** Any failure (device, peer, timeout, cancel) aborts the session with a reason
-//!   code, walks source devices back to RUNNING (resetting those in ERROR) and resets destination
-//!   devices; the error is a typed [`PipelineError`] and [`SourceSession::rollback_steps`] says
-//!   what was done.
+//! - **Failure.** Any failure before the decision (device, peer, timeout, cancel) aborts the
+//!   session with an [`AbortReason`], walks source devices back to RUNNING (resetting those in
+//!   ERROR) and resets destination devices; the error is a typed [`PipelineError`] and
+//!   [`SourceSession::rollback_steps`] says what was done. The one exception is
+//!   [`PipelineError::InDoubt`], where both sides keep their devices in STOP.
 //! - **Memory.** Every queue is bounded and every buffer comes from the transport's fixed pool,
 //!   so memory does not grow with the state size.
 //!
