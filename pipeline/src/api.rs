@@ -10,12 +10,56 @@ use vfmig_transport::SessionConfig;
 use vfmig_vfio::{DeviceError, DeviceState};
 
 use crate::codec::Compress;
+use crate::dirty::DirtyTracking;
 use crate::error::Phase;
 use crate::guest::GuestMemoryAccess;
 
 /// A progress callback: called from the session's thread about every
 /// [`SourceOptions::progress_interval`].
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Something the operator should know that does not stop the migration. Each kind is reported
+/// at most once per session, from whichever stage thread finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// The kernel refused to pin the buffer pool for the data-fd ring (`RLIMIT_MEMLOCK` without
+    /// `CAP_IPC_LOCK`): the data fds are read and written with unregistered buffers, which costs
+    /// a page mapping per operation and nothing else.
+    UnpinnedBuffers {
+        /// `reader` (source) or `writer` (destination).
+        stage: &'static str,
+        /// The errno of the refused registration (`ENOMEM` or `EPERM`).
+        errno: i32,
+    },
+}
+
+/// A notice callback (see [`Notice`]); called from a stage thread.
+pub type NoticeFn = Arc<dyn Fn(Notice) + Send + Sync>;
+
+/// A data rate in bytes per second; never zero (a cap of nothing would never send).
+///
+/// Operators speak of links in bits per second and of memory in binary multiples; this type
+/// takes neither guess: build it from the unit you have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rate(std::num::NonZeroU64);
+
+impl Rate {
+    /// `bytes` per second; `None` for zero.
+    pub fn from_bytes_per_sec(bytes: u64) -> Option<Rate> {
+        std::num::NonZeroU64::new(bytes).map(Rate)
+    }
+
+    /// `bits` per second, rounded down to whole bytes; `None` below 8 bit/s.
+    pub fn from_bits_per_sec(bits: u64) -> Option<Rate> {
+        Rate::from_bytes_per_sec(bits / 8)
+    }
+
+    /// Bytes per second.
+    pub fn bytes_per_sec(self) -> u64 {
+        self.0.get()
+    }
+}
 
 /// Source options. `Default` gives adaptive compression, 2 codec workers, pre-copy when every
 /// device supports it, 300 ms max downtime, no rate limit, 30 s timeout.
@@ -38,8 +82,8 @@ pub struct SourceOptions {
     /// fit: switch over anyway (the default; the report then says whether `max_downtime` was
     /// exceeded) or abort with [`crate::PipelineError::PrecopyTooLong`].
     pub on_max_precopy: PrecopyLimit,
-    /// Wire bytes per second, `None` for no limit.
-    pub max_bandwidth: Option<u64>,
+    /// Cap on wire bytes per second, `None` for no limit.
+    pub max_bandwidth: Option<Rate>,
     /// Longest time without progress at any step (device, transport, peer).
     pub timeout: Duration,
     /// Migrate several devices even if some lack P2P (RUNNING_P2P); P2P traffic between them
@@ -49,14 +93,13 @@ pub struct SourceOptions {
     pub session: SessionConfig,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Notice callback (see [`Notice`]).
+    pub notice: Option<NoticeFn>,
     /// How often the progress callback is called.
     pub progress_interval: Duration,
-    /// Guest memory the devices DMA into: enables device DMA dirty tracking (devices that
-    /// support `DMA_LOGGING_*`); dirtied pages travel as `DirtyPages` frames.
-    pub guest_memory: Option<Arc<dyn GuestMemoryAccess>>,
-    /// With `guest_memory`: send every guest page once after logging started (for a standalone
-    /// transfer where no VMM copies guest RAM).
-    pub guest_full_copy: bool,
+    /// Device DMA dirty tracking (devices that support `DMA_LOGGING_*`): off, vfmig ships the
+    /// dirtied pages as `DirtyPages` frames, or vfmig hands the dirty bitmaps to the VMM.
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl Default for SourceOptions {
@@ -73,9 +116,9 @@ impl Default for SourceOptions {
             allow_without_p2p: false,
             session: SessionConfig::default(),
             progress: None,
+            notice: None,
             progress_interval: Duration::from_millis(200),
-            guest_memory: None,
-            guest_full_copy: false,
+            dirty_tracking: DirtyTracking::Off,
         }
     }
 }
@@ -94,8 +137,7 @@ impl fmt::Debug for SourceOptions {
             .field("allow_without_p2p", &self.allow_without_p2p)
             .field("session", &self.session)
             .field("progress", &self.progress.is_some())
-            .field("guest_memory", &self.guest_memory.is_some())
-            .field("guest_full_copy", &self.guest_full_copy)
+            .field("dirty_tracking", &self.dirty_tracking)
             .finish()
     }
 }
@@ -127,6 +169,8 @@ pub struct DestinationOptions {
     pub session: SessionConfig,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Notice callback (see [`Notice`]).
+    pub notice: Option<NoticeFn>,
     /// How often the progress callback is called.
     pub progress_interval: Duration,
     /// Guest memory that receives `DirtyPages` frames.
@@ -142,6 +186,7 @@ impl Default for DestinationOptions {
             allow_without_p2p: false,
             session: SessionConfig::default(),
             progress: None,
+            notice: None,
             progress_interval: Duration::from_millis(200),
             guest_memory: None,
         }
@@ -157,6 +202,7 @@ impl fmt::Debug for DestinationOptions {
             .field("allow_without_p2p", &self.allow_without_p2p)
             .field("session", &self.session)
             .field("progress", &self.progress.is_some())
+            .field("notice", &self.notice.is_some())
             .field("guest_memory", &self.guest_memory.is_some())
             .finish()
     }
@@ -256,6 +302,12 @@ pub struct DeviceReport {
     pub compressed_chunks: u64,
     /// Bytes of dirty guest pages carried on this device's stream.
     pub guest_page_bytes: u64,
+    /// Source: `MIG_PRECOPY_INFOv2` was in force for this device's pre-copy (the kernel and
+    /// driver offered it); false under v1 or without pre-copy.
+    pub precopy_info_v2: bool,
+    /// Source: `VFIO_PRECOPY_INFO_REINIT` reports seen in pre-copy (new initial data, read in
+    /// PRE_COPY before switching over).
+    pub precopy_reinits: u64,
     /// The device's state at the end.
     pub final_state: Option<DeviceState>,
 }

@@ -78,7 +78,7 @@ impl Stages {
         let n = devices.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
         let (recv_tx, recv_rx) = bounded::<Received>(workers * 2);
@@ -90,8 +90,9 @@ impl Stages {
         {
             let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
             let guest = opts.guest_memory.clone();
+            let key = session.agreed().keys.as_ref().map(|k| *k.digest_key());
             threads.push(stages::spawn("vfmig-writer", move || {
-                writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout)
+                writer::run(pool, devices, guest, item_rx, ev_tx, c, s, timeout, key)
             })?);
         }
         for _ in 0..workers {

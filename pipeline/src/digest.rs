@@ -41,7 +41,8 @@ pub(crate) fn zero_hash(len: usize) -> u128 {
     v
 }
 
-/// Folds per-chunk hashes, in stream order, into the device's stream digest.
+/// Folds per-chunk hashes, in stream order, into the device's stream digest: BLAKE3 keyed with
+/// the session's digest key when the session has one (PSK), plain BLAKE3 otherwise.
 #[derive(Debug, Default)]
 pub(crate) struct StreamDigest {
     hasher: blake3::Hasher,
@@ -50,8 +51,17 @@ pub(crate) struct StreamDigest {
 }
 
 impl StreamDigest {
+    #[cfg(test)]
     pub fn new() -> StreamDigest {
         StreamDigest::default()
+    }
+
+    /// A digest keyed with `key` (BLAKE3 keyed mode), or unkeyed for `None`.
+    pub fn with_key(key: Option<&[u8; 32]>) -> StreamDigest {
+        StreamDigest {
+            hasher: key.map_or_else(blake3::Hasher::new, blake3::Hasher::new_keyed),
+            total: 0,
+        }
     }
 
     /// Adds the next chunk: `len` raw bytes at stream offset `offset` hashing to `hash`.
@@ -107,5 +117,23 @@ mod tests {
             "content"
         );
         assert_eq!(base, fold(&[(0, 11, a), (11, 12, b)]));
+    }
+
+    #[test]
+    fn a_keyed_digest_differs_from_the_unkeyed_one_and_between_keys() {
+        let fold = |key: Option<&[u8; 32]>| {
+            let mut d = StreamDigest::with_key(key);
+            d.add(0, 5, chunk_hash(b"state"));
+            d.finish()
+        };
+        let plain = fold(None);
+        assert_eq!(plain, {
+            let mut d = StreamDigest::new();
+            d.add(0, 5, chunk_hash(b"state"));
+            d.finish()
+        });
+        assert_ne!(plain, fold(Some(&[1; 32])));
+        assert_ne!(fold(Some(&[1; 32])), fold(Some(&[2; 32])));
+        assert_eq!(fold(Some(&[1; 32])), fold(Some(&[1; 32])));
     }
 }

@@ -189,7 +189,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             .collect();
         let (pool, c, s) = (pool.clone(), counters.clone(), stop.clone());
         threads.push(thread::spawn(move || {
-            writer::run(pool, devices, None, in_rx, wev_tx, c, s, T)
+            writer::run(pool, devices, None, in_rx, wev_tx, c, s, T, None)
         }));
     }
     for (i, fd) in src_fds.iter().enumerate() {
@@ -278,7 +278,7 @@ fn write_by_hand(chunks: &[&[u8]], end: (u64, [u8; 32])) -> WriterEvent {
     let stop = Arc::new(AtomicBool::new(false));
     let w = {
         let pool = pool.clone();
-        thread::spawn(move || writer::run(pool, devices, None, rx, ev_tx, counters, stop, T))
+        thread::spawn(move || writer::run(pool, devices, None, rx, ev_tx, counters, stop, T, None))
     };
     let mut seq = 0;
     // Out of order on purpose: the writer restores the order.

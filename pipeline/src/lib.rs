@@ -155,8 +155,10 @@ mod api;
 mod codec;
 mod destination;
 mod digest;
+mod dirty;
 mod error;
 mod guest;
+mod initial;
 mod reader;
 mod report;
 mod reseq;
@@ -173,11 +175,13 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, PrecopyLimit, Progress,
-    ProgressFn, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit,
+    Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage,
+    StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
+pub use dirty::{DirtyBitmap, DirtyReport, DirtySink, DirtyTracking, LoggingStarted};
 pub use error::{Phase, PipelineError, Side};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
+use crate::api::Notice;
 use crate::codec::chunk_len;
 use crate::error::{Phase, PipelineError};
 use crate::guest::{GuestMemoryAccess, Run, GUEST_PAGE};
@@ -213,6 +214,12 @@ pub(crate) fn run(
             return;
         }
     };
+    if let Some(errno) = ring.unpinned_errno() {
+        io.counters.notices.notify(Notice::UnpinnedBuffers {
+            stage: "reader",
+            errno,
+        });
+    }
     let mut devs: Vec<Option<Dev>> = names.iter().map(|_| None).collect();
     let mut cmds_open = true;
     let chunk = chunk.clamp(1, chunk_len(pool.slot_size()));

@@ -42,6 +42,8 @@ pub(crate) fn build_report(
                 raw_chunks: DeviceCounters::load(&c.raw_chunks),
                 compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
                 guest_page_bytes: DeviceCounters::load(&c.guest),
+                precopy_info_v2: false,
+                precopy_reinits: 0,
                 final_state,
             }
         })

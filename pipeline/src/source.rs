@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
 use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
@@ -18,8 +18,10 @@ use crate::api::{
     CancelHandle, DeviceProgress, PrecopyLimit, Progress, Report, RollbackStep, SourceOptions,
 };
 use crate::codec::chunk_len;
+use crate::dirty::DirtyLog;
 use crate::error::{Phase, PipelineError, Side};
-use crate::guest::{bitmap_runs, merge_runs, GuestMemoryAccess, Run, GUEST_PAGE};
+use crate::guest::Run;
+use crate::initial::InitialData;
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
 use crate::report::{build_report, describe};
 use crate::rollback::{roll_back_one, set_state};
@@ -48,6 +50,10 @@ impl FrameSink for SendSession {
         self.send(header, payload)
             .map_err(|source| PipelineError::Transport { phase, source })
     }
+
+    fn digest_key(&self) -> Option<[u8; 32]> {
+        self.agreed().keys.as_ref().map(|k| *k.digest_key())
+    }
 }
 
 /// Migrates devices to a destination. Blocking: run it on the VMM's migration thread.
@@ -73,6 +79,8 @@ pub struct SourceSession<D: MigrationDevice> {
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
     active: Option<Active>,
+    /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
+    initial: InitialData,
 }
 
 /// Per-device bookkeeping of one run.
@@ -121,7 +129,7 @@ struct Active {
     stages: Stages,
     runs: Vec<DevRun>,
     watch: Watch,
-    tracker: Option<DirtyTracker>,
+    tracker: Option<DirtyLog>,
     /// Pre-copy is used (the option, and every device supports it).
     precopy: bool,
     pre: PreCopyState,
@@ -169,7 +177,7 @@ impl Stages {
         let n = names.len();
         let pool = session.pool().clone();
         let workers = opts.codec_workers.clamp(1, 64);
-        let counters = Arc::new(Counters::new(n));
+        let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let adaptive = Adaptive::new(opts.compress, workers);
         let adaptive = Arc::new(if session.peer().ip().is_loopback() {
             adaptive.on_this_host()
@@ -197,11 +205,15 @@ impl Stages {
                 counters: counters.clone(),
                 stop: stop.clone(),
                 // Dirty guest pages travel on device 0's stream, so one sequence orders them.
-                guest: opts.guest_memory.clone().map(|memory| GuestPages {
-                    memory,
-                    carrier: 0,
-                    batches_done: page_batches_done.clone(),
-                }),
+                guest: opts
+                    .dirty_tracking
+                    .ship_memory()
+                    .cloned()
+                    .map(|memory| GuestPages {
+                        memory,
+                        carrier: 0,
+                        batches_done: page_batches_done.clone(),
+                    }),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {
@@ -234,7 +246,9 @@ impl Stages {
                 stop.clone(),
                 fail_tx,
             );
-            let limit = opts.max_bandwidth.map(RateLimit::new);
+            let limit = opts
+                .max_bandwidth
+                .map(|r| RateLimit::new(r.bytes_per_sec()));
             // Each device may have at most every pool slot in flight.
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
             threads.push(stages::spawn("vfmig-send", move || {
@@ -312,6 +326,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
             active: None,
+            initial: InitialData::default(),
         }
     }
 
@@ -565,13 +580,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 value: 0,
             });
         }
-        if self.opts.max_bandwidth == Some(0) {
-            // The sender's rate limit would wait forever (and divide by zero) at 0 bytes/s.
-            return Err(PipelineError::Options {
-                what: "max_bandwidth",
-                value: 0,
-            });
-        }
+        self.opts.dirty_tracking.check()?;
         let multi = self.devices.len() > 1;
         for d in &mut self.devices {
             let state = d.state().map_err(|source| PipelineError::Device {
@@ -599,20 +608,22 @@ impl<D: MigrationDevice> SourceSession<D> {
 
     /// Dirty tracking, then PRE_COPY for every device.
     fn begin(&mut self, a: &mut Active) -> Result<(), PipelineError> {
-        if let Some(g) = self.opts.guest_memory.clone() {
-            a.tracker = Some(DirtyTracker::start(g, &mut self.devices)?);
-        }
+        a.tracker = DirtyLog::start(&self.opts.dirty_tracking, &mut self.devices)?;
+        self.initial = InitialData::default();
         self.enter(a, Phase::Setup);
         if !a.precopy {
             return Ok(());
         }
+        self.initial = InitialData::opt_in(&mut self.devices);
         for (i, d) in self.devices.iter_mut().enumerate() {
             open_stream(d, i, a, ReadMode::PreCopy)?;
         }
-        if let Some(t) = &a.tracker {
-            if self.opts.guest_full_copy {
-                a.stages.pages(t.all_runs(), false)?;
-            }
+        if let Some(t) = a
+            .tracker
+            .as_ref()
+            .filter(|_| self.opts.dirty_tracking.full_copy())
+        {
+            a.stages.pages(t.all_runs(), false)?;
         }
         a.pre.begun = Instant::now();
         self.enter(a, Phase::PreCopy);
@@ -663,14 +674,16 @@ impl<D: MigrationDevice> SourceSession<D> {
                 open_stream(d, i, a, ReadMode::StopCopy)?;
             }
         }
-        if let Some(mut t) = a.tracker.take() {
+        if let Some(t) = a.tracker.take() {
             // Every device is stopped: no more DMA. The final report closes the dirty log.
-            if self.opts.guest_full_copy && !a.precopy {
+            if self.opts.dirty_tracking.full_copy() && !a.precopy {
                 a.stages.pages(t.all_runs(), false)?;
             }
-            let last = t.collect(&mut self.devices);
-            a.stages.pages(last, true)?;
-            t.stop(&mut self.devices);
+            let exports = t.exports();
+            let last = t.finish(&mut self.devices);
+            if !exports {
+                a.stages.pages(last, true)?;
+            }
         }
         for r in &mut a.runs {
             r.initial_bytes = 0;
@@ -716,11 +729,15 @@ impl<D: MigrationDevice> SourceSession<D> {
             // The next dirty log is read only once the reader has shipped the last batch:
             // until then the device's log keeps collecting (a page dirtied again is sent
             // once), and batches never pile up faster than the pipeline ships them.
-            if let Some(t) = a.tracker.as_mut().filter(|_| a.stages.pages_idle()) {
-                let dirty = t.collect(&mut self.devices);
-                if !dirty.is_empty() {
-                    a.stages.pages(dirty, false)?;
+            match a.tracker.as_mut() {
+                Some(t) if t.exports() => t.export(&mut self.devices),
+                Some(t) if a.stages.pages_idle() => {
+                    let dirty = t.collect_runs(&mut self.devices);
+                    if !dirty.is_empty() {
+                        a.stages.pages(dirty, false)?;
+                    }
                 }
+                _ => {}
             }
         }
         let mut initial_left = 0u64;
@@ -738,6 +755,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                     phase: Phase::PreCopy,
                     source,
                 })?;
+            if self.initial.observe(i, &info) {
+                // New initial data (REINIT): it is read in PRE_COPY again, and re-sending it is
+                // not a sign of non-convergence.
+                a.pre.initial_done_at = None;
+            }
             // Sizes are device data: a huge one must not overflow the sums.
             initial_left = initial_left.saturating_add(info.initial_bytes);
             dirty = dirty.saturating_add(info.dirty_bytes);
@@ -1015,7 +1037,7 @@ impl<D: MigrationDevice> SourceSession<D> {
 
     fn report(&mut self, stages: &Stages, elapsed: Duration, downtime: Option<Duration>) -> Report {
         let workers = self.opts.codec_workers.clamp(1, 64);
-        build_report(
+        let mut report = build_report(
             &stages.counters,
             self.devices
                 .iter_mut()
@@ -1025,12 +1047,14 @@ impl<D: MigrationDevice> SourceSession<D> {
             downtime,
             workers,
             &describe(stages.adaptive.current()),
-        )
+        );
+        self.initial.fill(&mut report.devices);
+        report
     }
 
     /// Walks every device back to RUNNING (reset first if it is in ERROR or the walk fails).
     fn roll_back(&mut self) {
-        if self.opts.guest_memory.is_some() {
+        if self.opts.dirty_tracking.is_on() {
             for d in &mut self.devices {
                 // Not logging (never started, or already stopped) is fine here.
                 let _ = d.dma_logging_stop();
@@ -1086,85 +1110,6 @@ pub(crate) fn dev_index(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }
 
-/// Device DMA dirty tracking over the VMM's guest memory (`DMA_LOGGING_START/REPORT/STOP`).
-struct DirtyTracker {
-    ranges: Vec<IovaRange>,
-    /// Devices with logging on, and the page size each chose.
-    logging: Vec<(usize, u64)>,
-}
-
-impl std::fmt::Debug for DirtyTracker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyTracker")
-            .field("ranges", &self.ranges.len())
-            .field("logging", &self.logging)
-            .finish()
-    }
-}
-
-impl DirtyTracker {
-    /// Starts logging on every device that supports it.
-    fn start<D: MigrationDevice>(
-        guest: Arc<dyn GuestMemoryAccess>,
-        devices: &mut [D],
-    ) -> Result<DirtyTracker, PipelineError> {
-        let ranges = guest.ranges();
-        let mut logging = Vec::new();
-        for (i, d) in devices.iter_mut().enumerate() {
-            match d.dma_logging_start(&ranges, GUEST_PAGE) {
-                Ok(page_size) => logging.push((i, page_size)),
-                Err(DeviceError::Unsupported { .. }) => {}
-                Err(source) => {
-                    return Err(PipelineError::Device {
-                        device: d.name().to_owned(),
-                        phase: Phase::Setup,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(DirtyTracker { ranges, logging })
-    }
-
-    /// Every page of guest memory.
-    fn all_runs(&self) -> Vec<Run> {
-        self.ranges
-            .iter()
-            .map(|r| (r.iova, r.length / GUEST_PAGE))
-            .collect()
-    }
-
-    /// Reads and clears every device's log. A report that fails makes its whole range dirty
-    /// (the uAPI says to treat the log as corrupt).
-    fn collect<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Run> {
-        let mut runs = Vec::new();
-        for &(i, page_size) in &self.logging {
-            let Some(d) = devices.get_mut(i) else {
-                continue;
-            };
-            for &r in &self.ranges {
-                let bits = r.length.div_ceil(page_size.max(1));
-                let words = usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX);
-                let mut bitmap = vec![0u64; words];
-                match d.dma_logging_report(r.iova, r.length, page_size, &mut bitmap) {
-                    Ok(()) => bitmap_runs(r, page_size, &bitmap, &mut runs),
-                    Err(_) => runs.push((r.iova, r.length / GUEST_PAGE)),
-                }
-            }
-        }
-        merge_runs(runs)
-    }
-
-    fn stop<D: MigrationDevice>(&self, devices: &mut [D]) {
-        for &(i, _) in &self.logging {
-            if let Some(d) = devices.get_mut(i) {
-                // Logging ends with the devices' stop anyway; a failed STOP loses nothing.
-                let _ = d.dma_logging_stop();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod rollback_tests {
     use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
@@ -1183,26 +1128,11 @@ mod rollback_tests {
     }
 
     #[test]
-    fn zero_max_bandwidth_is_refused_before_connecting() {
-        let dev = EmulatedDevice::new(EmulatedConfig::new("bw", 1 << 20, 7)).unwrap();
-        let opts = crate::api::SourceOptions {
-            max_bandwidth: Some(0),
-            ..crate::api::SourceOptions::default()
-        };
-        let mut s = super::SourceSession::new(vec![dev], opts);
-        // Nothing listens there: only a check before connecting gives an options error.
-        let r = s.run("127.0.0.1:1".parse().unwrap());
-        assert!(
-            matches!(
-                r,
-                Err(crate::PipelineError::Options {
-                    what: "max_bandwidth",
-                    value: 0
-                })
-            ),
-            "{r:?}"
-        );
-        assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
+    fn a_rate_is_never_zero_and_says_its_unit() {
+        assert_eq!(crate::Rate::from_bytes_per_sec(0), None);
+        assert_eq!(crate::Rate::from_bits_per_sec(7), None);
+        let r = crate::Rate::from_bits_per_sec(2_500_000_000).unwrap();
+        assert_eq!(r.bytes_per_sec(), 312_500_000);
     }
 
     #[test]

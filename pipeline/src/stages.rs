@@ -130,6 +130,11 @@ pub(crate) trait FrameSink {
         header: FrameHeader,
         payload: Option<PoolBuf>,
     ) -> Result<(), PipelineError>;
+
+    /// The key of the session's stream digests (PSK sessions), `None` for an unkeyed digest.
+    fn digest_key(&self) -> Option<[u8; 32]> {
+        None
+    }
 }
 
 /// A token bucket on wire bytes (`--max-bandwidth`).
@@ -186,10 +191,11 @@ pub(crate) fn send_loop(
         .iter()
         .map(|_| Resequencer::new(window))
         .collect();
+    let key = sink.digest_key();
     let mut digests: Vec<StreamDigest> = counters
         .devices
         .iter()
-        .map(|_| StreamDigest::new())
+        .map(|_| StreamDigest::with_key(key.as_ref()))
         .collect();
     loop {
         let out = match rx.recv_timeout(POLL) {

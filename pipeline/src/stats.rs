@@ -1,8 +1,10 @@
 //! Counters shared by the stage threads: per-device bytes and per-stage busy time, read by the
 //! progress callback and the final report. Lock-free (relaxed atomics): they are statistics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::api::{Notice, NoticeFn};
 
 /// Busy time of one stage, summed over its threads.
 #[derive(Debug, Default)]
@@ -65,6 +67,37 @@ pub(crate) struct Counters {
     pub net: StageClock,
     /// Time a stage waited for a free pool buffer (downstream full).
     pub buffer_wait: StageClock,
+    /// Where notices go (at most one per kind).
+    pub notices: Notices,
+}
+
+/// The session's [`Notice`] callback, each kind reported at most once.
+#[derive(Default)]
+pub(crate) struct Notices {
+    callback: Option<NoticeFn>,
+    unpinned: AtomicBool,
+}
+
+impl std::fmt::Debug for Notices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notices")
+            .field("callback", &self.callback.is_some())
+            .finish()
+    }
+}
+
+impl Notices {
+    /// Reports `n` unless its kind was already reported.
+    pub fn notify(&self, n: Notice) {
+        let once = match n {
+            Notice::UnpinnedBuffers { .. } => &self.unpinned,
+        };
+        if !once.swap(true, Ordering::SeqCst) {
+            if let Some(f) = &self.callback {
+                f(n);
+            }
+        }
+    }
 }
 
 impl Counters {
@@ -75,7 +108,14 @@ impl Counters {
             codec: StageClock::default(),
             net: StageClock::default(),
             buffer_wait: StageClock::default(),
+            notices: Notices::default(),
         }
+    }
+
+    /// Sends notices to `callback`.
+    pub fn with_notices(mut self, callback: Option<NoticeFn>) -> Counters {
+        self.notices.callback = callback;
+        self
     }
 
     pub fn device(&self, i: u16) -> Option<&DeviceCounters> {

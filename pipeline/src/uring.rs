@@ -1,6 +1,12 @@
 //! The only `unsafe` of the pipeline: io_uring `ReadFixed` / `WriteFixed` on data fds, into and out
 //! of the registered [`BufPool`] slots.
 //!
+//! Registering the pool pins it, which counts against `RLIMIT_MEMLOCK` for a caller without
+//! `CAP_IPC_LOCK` (an unprivileged user, a container, a systemd unit without `LimitMEMLOCK=`).
+//! When the kernel refuses (`ENOMEM`, `EPERM`), the ring runs on the same slots unregistered,
+//! with plain `Read` / `Write` (the kernel maps the pages per operation instead of once) and
+//! [`DataRing::is_pinned`] says so; nothing else changes.
+//!
 //! Invariant behind every `SAFETY` comment here: a buffer handed to the kernel is moved into the
 //! in-flight table (`inflight`, keyed by the submission's `user_data`) and is given back only when
 //! that submission's completion has been reaped. Until then nothing else can reach the slot (a
@@ -34,12 +40,17 @@ pub(crate) struct Completion {
     pub buf: PoolBuf,
 }
 
-/// An io_uring instance with a [`BufPool`] registered as fixed buffers.
+/// An io_uring instance with a [`BufPool`] registered as fixed buffers (or, where the pool
+/// cannot be pinned, used unregistered).
 pub(crate) struct DataRing {
     // Field order matters: the ring (and with it the registration) is dropped before the pool.
     ring: IoUring,
     inflight: HashMap<u64, PoolBuf>,
     pool: BufPool,
+    /// The pool's slots are registered: use `ReadFixed` / `WriteFixed`.
+    fixed: bool,
+    /// Why registration was refused (an errno), when it was.
+    unpinned_errno: Option<i32>,
 }
 
 impl std::fmt::Debug for DataRing {
@@ -47,24 +58,53 @@ impl std::fmt::Debug for DataRing {
         f.debug_struct("DataRing")
             .field("inflight", &self.inflight.len())
             .field("pool", &self.pool)
+            .field("fixed", &self.fixed)
             .finish()
     }
 }
 
 impl DataRing {
-    /// Creates a ring with `entries` submission slots and registers every slot of `pool`.
+    /// Creates a ring with `entries` submission slots and registers every slot of `pool`; if
+    /// the kernel refuses to pin them (`ENOMEM`, `EPERM`: `RLIMIT_MEMLOCK`), the ring uses the
+    /// slots unregistered (see [`DataRing::is_pinned`]).
     pub fn new(pool: &BufPool, entries: u32) -> io::Result<DataRing> {
         let ring = IoUring::new(entries)?;
         let iovecs = pool.iovecs();
         // SAFETY: the iovecs describe the pool's mapping, which stays mapped as long as any
         // `BufPool` clone lives; `self.pool` is such a clone and is dropped after `self.ring`
         // (field order), which unregisters the buffers.
-        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        let unpinned_errno = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => None,
+            Err(e) => match e.raw_os_error() {
+                Some(n @ (libc::ENOMEM | libc::EPERM)) => Some(n),
+                _ => return Err(e),
+            },
+        };
         Ok(DataRing {
             ring,
             inflight: HashMap::new(),
             pool: pool.clone(),
+            fixed: unpinned_errno.is_none(),
+            unpinned_errno,
         })
+    }
+
+    /// Like [`DataRing::new`] but never registers: for tests of the unregistered path.
+    #[cfg(test)]
+    fn unregistered(pool: &BufPool, entries: u32) -> io::Result<DataRing> {
+        Ok(DataRing {
+            ring: IoUring::new(entries)?,
+            inflight: HashMap::new(),
+            pool: pool.clone(),
+            fixed: false,
+            unpinned_errno: Some(libc::ENOMEM),
+        })
+    }
+
+    /// `None` when the pool is registered (pinned); otherwise the errno the kernel refused the
+    /// registration with (`ENOMEM` or `EPERM`).
+    pub fn unpinned_errno(&self) -> Option<i32> {
+        self.unpinned_errno
     }
 
     /// Operations submitted and not yet completed.
@@ -91,9 +131,16 @@ impl DataRing {
         let len = u32::try_from(len).map_err(|_| invalid("read length"))?;
         // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
         let ptr = unsafe { buf.as_mut_ptr().add(at) };
-        let sqe = opcode::ReadFixed::new(types::Fd(fd), ptr, len, buf.index())
-            .offset(u64::MAX)
-            .build()
+        let sqe = if self.fixed {
+            opcode::ReadFixed::new(types::Fd(fd), ptr, len, buf.index())
+                .offset(u64::MAX)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(fd), ptr, len)
+                .offset(u64::MAX)
+                .build()
+        };
+        let sqe = sqe
             // Straight to io-wq: a data fd read blocks in the driver (VFIO data fds have no
             // nowait path; FUSE would fail a nowait try and arm a poll first), so an inline
             // attempt only adds a round trip before every read.
@@ -115,11 +162,16 @@ impl DataRing {
         let len32 = u32::try_from(len).map_err(|_| invalid("write length"))?;
         // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
         let ptr = unsafe { buf.as_ptr().add(at) };
-        let sqe = opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
-            .offset(u64::MAX)
-            .build()
-            .flags(squeue::Flags::ASYNC)
-            .user_data(key);
+        let sqe = if self.fixed {
+            opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
+                .offset(u64::MAX)
+                .build()
+        } else {
+            opcode::Write::new(types::Fd(fd), ptr, len32)
+                .offset(u64::MAX)
+                .build()
+        };
+        let sqe = sqe.flags(squeue::Flags::ASYNC).user_data(key);
         self.push(key, buf, &sqe)
     }
 
@@ -139,8 +191,8 @@ impl DataRing {
         }
         // The buffer enters the table before the kernel can see the entry.
         self.inflight.insert(key, buf);
-        // SAFETY: the entry's buffer span lies inside a registered slot owned by the table entry
-        // just inserted, which is removed only when this entry's completion is reaped.
+        // SAFETY: the entry's buffer span lies inside a pool slot (registered or not) owned by the
+        // table entry just inserted, which is removed only when this entry's completion is reaped.
         let pushed = unsafe { self.ring.submission().push(sqe) };
         if pushed.is_err() {
             // Still full after a submit: take the buffer back, the kernel never saw the entry.
@@ -283,6 +335,28 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"cdef");
+    }
+
+    #[test]
+    fn unregistered_ring_reads_and_writes_the_same_bytes() {
+        let pool = BufPool::new(2, 4096).unwrap();
+        let mut ring = DataRing::unregistered(&pool, 8).unwrap();
+        assert_eq!(ring.unpinned_errno(), Some(libc::ENOMEM));
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut buf = pool.try_acquire().unwrap();
+        buf.spare_mut()[..6].copy_from_slice(b"abcdef");
+        ring.write(1, w.as_raw_fd(), buf, 1, 4).unwrap();
+        let c = wait_one(&mut ring);
+        assert_eq!(c.result, 4);
+        let mut got = [0u8; 4];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"bcde");
+        (&r).write_all(b"xyz").unwrap();
+        ring.read(2, w.as_raw_fd(), c.buf, 0, 4096).unwrap();
+        let mut c = wait_one(&mut ring);
+        assert_eq!(c.result, 3);
+        c.buf.set_len(3);
+        assert_eq!(c.buf.as_slice(), b"xyz");
     }
 
     #[test]

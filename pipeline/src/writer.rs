@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use vfmig_transport::{BufPool, PoolBuf};
 
+use crate::api::Notice;
 use crate::codec::Decoded;
 use crate::digest::StreamDigest;
 use crate::error::{Phase, PipelineError};
@@ -85,6 +86,7 @@ pub(crate) fn run(
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
+    digest_key: Option<[u8; 32]>,
 ) {
     let mut ring = match DataRing::new(&pool, 64) {
         Ok(r) => r,
@@ -96,6 +98,12 @@ pub(crate) fn run(
             return;
         }
     };
+    if let Some(errno) = ring.unpinned_errno() {
+        counters.notices.notify(Notice::UnpinnedBuffers {
+            stage: "writer",
+            errno,
+        });
+    }
     let mut devs = Vec::with_capacity(devices.len());
     for d in devices {
         let zero = match pool.acquire(timeout) {
@@ -116,7 +124,7 @@ pub(crate) fn run(
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
             pending: None,
-            digest: StreamDigest::new(),
+            digest: StreamDigest::with_key(digest_key.as_ref()),
             inflight_at: 0,
             written: 0,
             done: false,

@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    AbortReason, Compress, DestinationOptions, DestinationSession, PipelineError, Report,
-    RollbackAction, SourceOptions, SourceSession,
+    AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
+    Report, RollbackAction, SourceOptions, SourceSession,
 };
 use vfmig_transport::Listener;
 
@@ -467,6 +467,7 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
                 iova: 0x4000_0000,
                 len: 4 << 20,
                 dma_pages_per_sec: 5000,
+                quiesce_dma_pages: 0,
             }),
             ..EmulatedConfig::default()
         })
@@ -493,8 +494,10 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
             vec![src],
             SourceOptions {
                 precopy,
-                guest_memory: Some(src_guest.clone()),
-                guest_full_copy: true,
+                dirty_tracking: DirtyTracking::ShipPages {
+                    memory: src_guest.clone(),
+                    full_copy: true,
+                },
                 ..source_options()
             },
         );
@@ -549,7 +552,7 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
             precopy: false,
             compress: Compress::Auto,
             // A 24 MB/s link: far slower than any codec rung.
-            max_bandwidth: Some(24_000_000),
+            max_bandwidth: vfmig_pipeline::Rate::from_bytes_per_sec(24_000_000),
             ..source_options()
         },
         destination_options(),

@@ -1,12 +1,13 @@
 //! The command line: `vfmig send`, `vfmig recv`, `vfmig demo`, with man-page quality `--help`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::addr::{parse_connect, parse_listen, Endpoint};
 use crate::spec::{DeviceSpec, Profile};
-use crate::units::{parse_link_rate, parse_size, LinkRate, UnitError};
+use crate::units::{parse_link_rate, parse_size, UnitError};
+use vfmig_pipeline::Rate;
 
 const ABOUT: &str = "Move VFIO device migration state between hosts";
 
@@ -25,7 +26,7 @@ Run `vfmig recv` on the destination first, then `vfmig send` on the source with 
 const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
-      [,dirty-rate=SIZE/s][,p2p=on|off]
+      [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -35,6 +36,12 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
                     runs; `off`: no PRE_COPY capability (default: all of the state)
         dirty-rate  bytes per second the running device dirties (default: 0)
         p2p         VFIO_MIGRATION_P2P support, needed with several devices (default: on)
+        precopy-info
+                    v2: offers VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 (REINIT reports,
+                    Linux 7.1), which the source opts in to (default: v1)
+        reinit-after
+                    re-initialise once in PRE_COPY after SIZE stream bytes and a report of
+                    initial_bytes 0: the initial data is read again (default: never)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
@@ -44,8 +51,15 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   vfio:PATH
       A real VFIO device with migration support: its cdev (/dev/vfio/devices/vfioN) or its sysfs
       device path (/sys/bus/pci/devices/0000:01:00.0).
-  SIZE is an integer or decimal with an optional binary suffix: K, M, G, T (1K = 1024 bytes);
-  KiB/MiB/GiB/TiB and KB/MB/GB/TB are accepted and mean the same.";
+
+UNITS (sizes and rates side by side):
+  SIZE   --size, emu:size=, precopy=   512M, 2GiB, 4096   binary: K = 1024; KB/MB/GB/TB and
+                                                          KiB/MiB/GiB/TiB mean the same; bare = bytes
+  RATE   --max-bandwidth               2.5Gbit/s, 500Mbit/s   decimal bits (2.5G, 500M: bits too)
+                                       300MB/s                decimal bytes (10^6)
+                                       300MiB/s               binary bytes (2^20)
+                                       a bare number is refused (bits or bytes?)
+  dirty-rate=SIZE/s is a device's byte rate: binary, like a size.";
 
 const JSON_HELP: &str = "\
 JSON OUTPUT (--json): one object on stdout at the end, also on failure:
@@ -64,10 +78,13 @@ EXIT STATUS:
   1  the migration failed; one line on stderr names the cause
      (the source devices are walked back to RUNNING, the destination devices are reset)
   2  usage error: unknown option, bad value, bad device spec, a file or device path that does
-     not exist, an unreadable key or certificate
+     not exist, an unreadable key or certificate (with --json, the failure object is printed too)
   3  in doubt: the link was lost at the commit point, so this side cannot know the decision;
      its devices stay stopped with valid state (never resumed on their own) and the message
-     (--json: \"outcome\": \"in-doubt\", \"guidance\") says which side to resume";
+     (--json: \"outcome\": \"in-doubt\", \"guidance\") says which side to resume
+  130, 143  cancelled by SIGINT or SIGTERM (128 + the signal's number, as shells expect); the
+     devices were rolled back as for 1, and the JSON failure object says `cancelled` or
+     `interrupted`";
 
 const SEND_EXAMPLES: &str = "\
 EXAMPLES:
@@ -75,7 +92,7 @@ EXAMPLES:
     vfmig send --connect 10.0.0.2:7000 --psk-file /etc/vfmig/key --streams 4 --precopy \\
         --device emu:size=2G,precopy=256M --device emu:size=2G,precopy=256M
   Send a file's contents (e.g. a saved device state) over a 2.5 Gbit/s budget:
-    vfmig send --connect 10.0.0.2:7000 --psk-file key --max-bandwidth 2.5G --device file:state.bin
+    vfmig send --connect 10.0.0.2:7000 --psk-file key --max-bandwidth 2.5Gbit/s --device file:state.bin
   Stream from a pipe, machine-readable result:
     produce-state | vfmig send --connect 10.0.0.2:7000 --psk-file key --json --device file:-";
 
@@ -266,7 +283,7 @@ fn parse_spec(s: &str) -> Result<DeviceSpec, crate::spec::SpecError> {
     s.parse()
 }
 
-fn parse_rate(s: &str) -> Result<LinkRate, UnitError> {
+fn parse_rate(s: &str) -> Result<Rate, UnitError> {
     parse_link_rate(s)
 }
 
@@ -280,9 +297,11 @@ fn parse_demo_size(s: &str) -> Result<u64, UnitError> {
 /// `vfmig send`.
 #[derive(Debug, Args)]
 pub struct SendArgs {
-    /// Address of the receiver (`vfmig recv --listen`), e.g. 10.0.0.2:7000 or [fd00::2]:7000.
-    #[arg(long, value_name = "ADDR")]
-    pub connect: SocketAddr,
+    /// Address of the receiver (`vfmig recv --listen`): HOST:PORT, e.g. 10.0.0.2:7000,
+    /// dst.example.com:7000 (every address the name resolves to is tried in turn) or
+    /// [fd00::2]:7000 (IPv6 in brackets).
+    #[arg(long, value_name = "ADDR", value_parser = parse_connect)]
+    pub connect: Endpoint,
 
     /// Compression: auto (chosen at run time from measured link and CPU throughput: compress
     /// when the network limits, less or not at all when the CPU does), none, lz4, or zstd[:LEVEL]
@@ -311,11 +330,12 @@ pub struct SendArgs {
     #[arg(long, value_name = "ACTION", value_enum, default_value_t = PrecopyLimitArg::Switchover)]
     pub on_max_precopy: PrecopyLimitArg,
 
-    /// Cap on the wire rate, in bits per second with decimal multiples as link speeds are given:
-    /// 2.5G = 2.5 Gbit/s, 500M = 500 Mbit/s (`bit`, `bps` suffixes also accepted). Bytes per
-    /// second when spelled with B/s: 300MB/s. Default: no cap.
+    /// Cap on the wire rate, with its unit: bits per second with decimal multiples as link
+    /// speeds are given (2.5Gbit/s, 500Mbit/s; the short forms 2.5G and 500M mean bits too), or
+    /// bytes per second spelled with B/s (300MB/s = 300 * 10^6, 300MiB/s = 300 * 2^20). A bare
+    /// number is refused. Default: no cap.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub max_bandwidth: Option<LinkRate>,
+    pub max_bandwidth: Option<Rate>,
 
     /// Allow several devices of which some lack VFIO_MIGRATION_P2P (their peers may lose P2P
     /// writes while they stop). Refused by default, as QEMU does.
@@ -329,9 +349,10 @@ pub struct SendArgs {
 /// `vfmig recv`.
 #[derive(Debug, Args)]
 pub struct RecvArgs {
-    /// Address to listen on, e.g. 0.0.0.0:7000; port 0 picks a free port (printed on stderr).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: SocketAddr,
+    /// Address to listen on: :7000 or 7000 (every address, IPv6 and IPv4), 0.0.0.0:7000,
+    /// [::1]:7000, or a host name; port 0 picks a free port (printed on stderr).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Endpoint,
 
     /// Destination TLS: refuse sources without a certificate signed by --tls-ca.
     #[arg(long, requires = "tls_cert")]
@@ -364,7 +385,7 @@ pub struct RecvArgs {
     /// is enforced by the source, which paces what it sends. No effect here.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     #[allow(dead_code)] // parsed and validated only: the source decides
-    pub max_bandwidth: Option<LinkRate>,
+    pub max_bandwidth: Option<Rate>,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -491,7 +512,7 @@ mod tests {
             "--max-downtime",
             "50",
             "--max-bandwidth",
-            "2.5G",
+            "2.5Gbit/s",
             "--timeout",
             "9",
             "--json",
@@ -504,7 +525,7 @@ mod tests {
         assert_eq!(s.common.devices.len(), 2);
         assert_eq!(s.compress, CompressArg::Zstd(5));
         assert_eq!(s.common.streams, Some(4));
-        assert_eq!(s.max_bandwidth.map(|r| r.bytes_per_sec), Some(312_500_000));
+        assert_eq!(s.max_bandwidth.map(Rate::bytes_per_sec), Some(312_500_000));
         assert_eq!((s.max_downtime, s.common.timeout), (50, 9));
         assert!(s.precopy && s.common.json && s.common.insecure);
     }

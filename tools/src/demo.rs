@@ -31,15 +31,8 @@ const DEMO_MIN_RESUME_CAPACITY: u64 = 64 << 20;
 /// Session timeout of the demo.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn open_err(index: usize, e: &vfmig_vfio::emulated::EmulatedError) -> CliError {
-    CliError::OpenDevice {
-        index,
-        kind: "emu",
-        source: vfmig_vfio::DeviceError::NotVfio {
-            path: format!("emu{index}"),
-            reason: e.to_string(),
-        },
-    }
+fn open_err(index: usize, e: vfmig_vfio::emulated::EmulatedError) -> CliError {
+    CliError::Emulated { index, source: e }
 }
 
 /// `vfmig demo`.
@@ -60,6 +53,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
             Some(DEMO_DIRTY_RATE)
         },
         p2p: true,
+        precopy_info_v2: false,
+        reinit_after: None,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);
@@ -69,8 +64,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     for i in 0..n {
         let mut cfg = emu_config(&spec, i, Side::Source);
         cfg.resume_capacity = Some(spec.size.saturating_mul(4).max(DEMO_MIN_RESUME_CAPACITY));
-        let src = EmulatedDevice::new(cfg).map_err(|e| open_err(i, &e))?;
-        let dst = src.destination().map_err(|e| open_err(i, &e))?;
+        let src = EmulatedDevice::new(cfg).map_err(|e| open_err(i, e))?;
+        let dst = src.destination().map_err(|e| open_err(i, e))?;
         ports.push(src.p2p_port());
         labels.push(DeviceLabel {
             name: src.name().to_owned(),
@@ -148,7 +143,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         })?;
 
     let plan = SourcePlan {
-        connect: addr,
+        connect: vec![addr],
+        host: addr.to_string(),
         session,
         compress: a.compress,
         precopy: !a.no_precopy,
@@ -160,7 +156,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         allow_without_p2p: false,
     };
     let started = Instant::now();
-    let (src_result, src_devices) =
+    let (src_result, _, src_devices) =
         migrate::run_source(&plan, src_list, &labels, &progress, cancel);
     let (dst_result, mut dst_devices) = receiver.join().unwrap_or_else(|_| {
         (

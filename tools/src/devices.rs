@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vfmig_transport::{AuthConfig, SessionConfig, TlsConfig};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Profile as EmuProfile};
-use vfmig_vfio::{DeviceError, MigrationDevice, VfioDevice};
+use vfmig_vfio::emulated::{
+    EmulatedConfig, EmulatedDevice, PrecopyInfoVersion, Profile as EmuProfile,
+};
+use vfmig_vfio::{MigrationDevice, VfioDevice};
 
 use crate::cli::CommonArgs;
 use crate::error::{CliError, DeviceLabel, UsageError};
@@ -70,17 +72,18 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
         .with_precopy(precopy)
         .with_p2p(spec.p2p)
         .with_dirty_rate(dirty)
+        .with_precopy_info(
+            if spec.precopy_info_v2 {
+                PrecopyInfoVersion::V2
+            } else {
+                PrecopyInfoVersion::V1
+            },
+            spec.reinit_after,
+        )
 }
 
-fn emulated_error(index: usize, e: &vfmig_vfio::emulated::EmulatedError) -> CliError {
-    CliError::OpenDevice {
-        index,
-        kind: "emu",
-        source: DeviceError::NotVfio {
-            path: format!("emu{index}"),
-            reason: e.to_string(),
-        },
-    }
+fn emulated_error(index: usize, source: vfmig_vfio::emulated::EmulatedError) -> CliError {
+    CliError::Emulated { index, source }
 }
 
 /// Checks what can be checked about the specs as a whole before opening anything.
@@ -136,7 +139,7 @@ pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devic
         let (dev, total): (Box<dyn MigrationDevice>, Option<u64>) = match spec {
             DeviceSpec::Emu(e) => {
                 let d = EmulatedDevice::new(emu_config(e, index, side))
-                    .map_err(|err| emulated_error(index, &err))?;
+                    .map_err(|err| emulated_error(index, err))?;
                 (Box::new(d), Some(e.size))
             }
             DeviceSpec::File(t) => match side {
@@ -294,5 +297,19 @@ mod tests {
         );
         assert_eq!(src.profile, EmuProfile::Text);
         assert_eq!(emu_config(&e, 3, Side::Destination).dirty_rate, 0);
+        assert_eq!(
+            (src.precopy_info, src.reinit_after),
+            (PrecopyInfoVersion::V1, None)
+        );
+        let Ok(DeviceSpec::Emu(v2)) =
+            "emu:size=1M,precopy-info=v2,reinit-after=4K".parse::<DeviceSpec>()
+        else {
+            panic!("spec parses");
+        };
+        let cfg = emu_config(&v2, 0, Side::Source);
+        assert_eq!(
+            (cfg.precopy_info, cfg.reinit_after),
+            (PrecopyInfoVersion::V2, Some(4096))
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::{AbortReason, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
+use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
 
@@ -29,9 +30,15 @@ pub struct DeviceLabel {
     pub kind: &'static str,
 }
 
-/// Usage errors found after clap accepted the arguments.
+/// Usage errors: the arguments did not parse, or a value was found bad after parsing.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
+    /// The arguments did not parse (clap's message, for the `--json` failure object).
+    #[error("{message}")]
+    Arguments {
+        /// Clap's one-line message.
+        message: String,
+    },
     /// The PSK file cannot be read.
     #[error("cannot read --psk-file {path}: {source}")]
     PskFile {
@@ -114,6 +121,41 @@ pub enum CliError {
         #[source]
         source: DeviceError,
     },
+    /// An emulated device could not be set up (its FUSE mount, its memory).
+    #[error("device {index} (emu): {source}")]
+    Emulated {
+        /// Position of the device.
+        index: usize,
+        /// Why.
+        #[source]
+        source: EmulatedError,
+    },
+    /// No address of the receiver accepted a connection.
+    #[error("{host} unreachable")]
+    Unreachable {
+        /// The receiver as given.
+        host: String,
+        /// Each address tried, with its failure, in order.
+        attempts: Vec<(std::net::SocketAddr, TransportError)>,
+    },
+    /// The receiver's host name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listening socket could not be bound on any of the addresses.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The (first) address tried.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: Box<TransportError>,
+    },
     /// The listener could not be bound, or no source arrived.
     #[error("{0}")]
     Transport(TransportError),
@@ -139,11 +181,18 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The exit status for this error (see `--help`, EXIT STATUS).
+    /// The exit status for this error (see `--help`, EXIT STATUS): 128 + the signal's number
+    /// for a command a signal cancelled.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
             _ if self.in_doubt_guidance().is_some() => EXIT_IN_DOUBT,
+            CliError::Interrupted => crate::signals::exit_status().unwrap_or(EXIT_FAILED),
+            CliError::Migration { error, .. }
+                if matches!(**error, PipelineError::Cancelled { .. }) =>
+            {
+                crate::signals::exit_status().unwrap_or(EXIT_FAILED)
+            }
             _ => EXIT_FAILED,
         }
     }
@@ -203,6 +252,38 @@ pub fn describe(e: &CliError) -> String {
             "cannot open device {index} ({kind}): {}",
             describe_device(source)
         ),
+        CliError::Emulated { index, source } => {
+            format!("device {index} (emu): {}", describe_emulated(source))
+        }
+        CliError::Unreachable { host, attempts } => {
+            let each: Vec<String> = attempts
+                .iter()
+                .map(|(a, e)| match e {
+                    TransportError::Connect { source, .. } => format!("{a}: {}", os_reason(source)),
+                    other => format!("{a}: {}", describe_transport(other)),
+                })
+                .collect();
+            format!("{host} unreachable on every address: {}", each.join(", "))
+        }
+        CliError::Resolve { host, source } => format!(
+            "cannot resolve host {host}: {}",
+            source.to_string().to_lowercase()
+        ),
+        CliError::Bind { addr, source } => {
+            let why = match &**source {
+                TransportError::Io { source, .. } => os_reason(source),
+                other => describe_transport(other),
+            };
+            let hint = match &**source {
+                TransportError::Io { source, .. }
+                    if source.raw_os_error() == Some(libc::EADDRINUSE) =>
+                {
+                    " (another process listens there: stop it or choose another port)"
+                }
+                _ => "",
+            };
+            format!("cannot listen on {addr}: {why}{hint}")
+        }
         CliError::Transport(t) => describe_transport(t),
         CliError::Migration { error, devices, .. } => describe_pipeline(error, devices),
         CliError::Interrupted => {
@@ -242,6 +323,26 @@ fn secs(d: Duration) -> String {
         format!("{s:.0} s")
     } else {
         format!("{s:.1} s")
+    }
+}
+
+/// An emulated device's set-up failure; a FUSE failure says what `emu:` needs.
+fn describe_emulated(e: &EmulatedError) -> String {
+    match e {
+        EmulatedError::Host(source) => {
+            let need = if std::path::Path::new("/dev/fuse").exists() {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE: /dev/fuse usable by this user \
+                 and the right to mount (root, CAP_SYS_ADMIN, or fusermount3 installed)"
+            } else {
+                "emulated devices (`emu:`, `vfmig demo`) need FUSE, and /dev/fuse does not exist \
+                 (load the module: modprobe fuse)"
+            };
+            format!(
+                "cannot mount the FUSE file system that serves its data fd: {}; {need}; `file:` devices need neither",
+                os_reason(source)
+            )
+        }
+        other => other.to_string(),
     }
 }
 
@@ -309,7 +410,14 @@ pub fn describe_transport(e: &TransportError) -> String {
                 format!("peer aborted the migration: {why}: {detail}")
             }
         }
-        TransportError::Io { op, source } => format!("{op} failed: {}", os_reason(source)),
+        TransportError::Io { op, source } => {
+            let hint = if op.starts_with("io_uring") {
+                memlock_hint(source)
+            } else {
+                ""
+            };
+            format!("{op} failed: {}{hint}", os_reason(source))
+        }
         TransportError::Short {
             op,
             conn,
@@ -469,7 +577,21 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
         PipelineError::Cancelled { phase } => format!(
             "cancelled (SIGINT/SIGTERM) in {phase}; source devices are walked back to RUNNING, destination devices reset"
         ),
+        PipelineError::Uring { op, source } => {
+            format!("io_uring {op} failed: {}{}", os_reason(source), memlock_hint(source))
+        }
         other => other.to_string(),
+    }
+}
+
+/// For an `ENOMEM` from io_uring set-up: the usual cause (the rings themselves count against
+/// `RLIMIT_MEMLOCK` on recent kernels for a process without `CAP_IPC_LOCK`).
+fn memlock_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        "; io_uring rings count against the locked-memory limit: raise RLIMIT_MEMLOCK to at \
+         least 1 MiB (`ulimit -l`, systemd LimitMEMLOCK=)"
+    } else {
+        ""
     }
 }
 

@@ -16,6 +16,7 @@ macro_rules! say {
     }};
 }
 
+mod addr;
 mod cli;
 mod demo;
 mod devices;
@@ -42,7 +43,17 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // --help / --version print to stdout and exit 0; every usage error exits 2.
+            // --help / --version print to stdout and exit 0; every usage error exits 2 (with
+            // --json, after the failure object on stdout).
+            if e.use_stderr() {
+                let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+                if wants_json(&args) {
+                    let usage = CliError::Usage(error::UsageError::Arguments {
+                        message: clap_message(&e),
+                    });
+                    out_line(&report::failure_json(role_of(&args), &usage));
+                }
+            }
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { error::EXIT_USAGE } else { 0 });
         }
@@ -69,6 +80,32 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Whether the raw arguments ask for JSON (`--json` before any `--`), for errors found before
+/// the arguments parsed.
+fn wants_json(args: &[std::ffi::OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| a.as_os_str() != "--")
+        .any(|a| a.as_os_str() == "--json")
+}
+
+/// The subcommand named in the raw arguments, for the failure object's `role`.
+fn role_of(args: &[std::ffi::OsString]) -> &'static str {
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("send") => "send",
+        Some("recv") => "recv",
+        Some("demo") => "demo",
+        _ => "vfmig",
+    }
+}
+
+/// Clap's error as one line, without its `error: ` prefix and usage lines.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
 }
 
 /// Writes one line to stdout, ignoring errors (e.g. `vfmig ... --json | head -c 10`).

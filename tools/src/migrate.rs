@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    DestinationOptions, DestinationSession, Phase, PipelineError, Progress as PipelineProgress,
-    Report, SourceOptions, SourceSession, Stage,
+    DestinationOptions, DestinationSession, Notice, Phase, PipelineError,
+    Progress as PipelineProgress, Report, SourceOptions, SourceSession, Stage,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::{Listener, SessionConfig, TransportError};
 use vfmig_vfio::{DeviceState, MigrationDevice};
 
 use crate::cli::CompressArg;
@@ -21,8 +21,10 @@ use crate::signals::Cancel;
 /// What the source side needs besides its devices.
 #[derive(Debug, Clone)]
 pub struct SourcePlan {
-    /// The receiver.
-    pub connect: SocketAddr,
+    /// The receiver's addresses, tried in turn until one answers.
+    pub connect: Vec<SocketAddr>,
+    /// The receiver as the operator named it (for messages).
+    pub host: String,
     /// Transport settings.
     pub session: SessionConfig,
     /// `--compress`.
@@ -35,8 +37,8 @@ pub struct SourcePlan {
     pub max_precopy: Duration,
     /// `--on-max-precopy`.
     pub on_max_precopy: vfmig_pipeline::PrecopyLimit,
-    /// `--max-bandwidth`, bytes per second.
-    pub max_bandwidth: Option<u64>,
+    /// `--max-bandwidth`.
+    pub max_bandwidth: Option<vfmig_pipeline::Rate>,
     /// `--timeout`.
     pub timeout: Duration,
     /// `--allow-non-p2p`.
@@ -72,6 +74,24 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Done => "done",
         Phase::Rollback => "rollback",
     }
+}
+
+/// Prints each pipeline notice once per process (the demo runs both sides in one).
+fn notice_fn(progress: &Progress) -> vfmig_pipeline::NoticeFn {
+    static UNPINNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let bars = progress.clone();
+    Arc::new(move |n: Notice| {
+        if let Notice::UnpinnedBuffers { errno, .. } = n {
+            if !UNPINNED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let why = nix::errno::Errno::from_raw(errno).desc().to_lowercase();
+                bars.println(&format!(
+                    "vfmig: notice: cannot pin the buffer pool ({why}: RLIMIT_MEMLOCK is below it and \
+                     CAP_IPC_LOCK is missing); using unregistered buffers. Raise the limit \
+                     (`ulimit -l`, systemd LimitMEMLOCK=) to pin them"
+                ));
+            }
+        }
+    })
 }
 
 fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
@@ -163,14 +183,27 @@ fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
     }
 }
 
-/// Runs the source side to the destination's outcome; gives the devices back.
+/// Whether a source run failed at TCP connect, so that the receiver's next address may answer.
+fn is_connect_failure(e: &PipelineError) -> bool {
+    matches!(
+        e,
+        PipelineError::Transport {
+            source: TransportError::Connect { .. },
+            ..
+        }
+    )
+}
+
+/// Runs the source side to the destination's outcome, trying the receiver's
+/// addresses in turn until one accepts the connection; gives back the address that answered
+/// (or the last one tried) and the devices.
 pub fn run_source<D: MigrationDevice>(
     plan: &SourcePlan,
     devices: Vec<D>,
     labels: &[DeviceLabel],
     progress: &Progress,
     cancel: &Cancel,
-) -> (Result<Report, CliError>, Vec<D>) {
+) -> (Result<Report, CliError>, Option<SocketAddr>, Vec<D>) {
     let opts = SourceOptions {
         compress: compress(plan.compress),
         precopy: plan.precopy,
@@ -182,15 +215,45 @@ pub fn run_source<D: MigrationDevice>(
         allow_without_p2p: plan.allow_without_p2p,
         session: plan.session.clone(),
         progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
         ..SourceOptions::default()
     };
     let mut session = SourceSession::new(devices, opts);
     let handle = session.cancel_handle();
     cancel.on_cancel(move || handle.cancel());
-    let result = session
-        .run(plan.connect)
-        .map_err(|e| migration_error(e, labels));
-    (result, session.into_devices())
+    let attempt = crate::addr::try_in_turn(
+        &plan.connect,
+        |a| session.run(a),
+        |e| !is_connect_failure(e),
+    );
+    let (result, peer) = match attempt {
+        Ok((a, report)) => (Ok(report), Some(a)),
+        Err(mut failures) => {
+            let peer = failures.last().map(|f| f.0);
+            let e = if failures.len() > 1 && failures.iter().all(|f| is_connect_failure(&f.1)) {
+                CliError::Unreachable {
+                    host: plan.host.clone(),
+                    attempts: failures
+                        .into_iter()
+                        .filter_map(|(a, e)| match e {
+                            PipelineError::Transport { source, .. } => Some((a, source)),
+                            _ => None,
+                        })
+                        .collect(),
+                }
+            } else {
+                match failures.pop() {
+                    Some((_, e)) => migration_error(e, labels),
+                    None => CliError::Unreachable {
+                        host: plan.host.clone(),
+                        attempts: Vec::new(),
+                    },
+                }
+            };
+            (Err(e), peer)
+        }
+    };
+    (result, peer, session.into_devices())
 }
 
 /// Accepts one source on `listener` (calling `on_connected` with its address once it is
@@ -209,6 +272,7 @@ pub fn run_destination<D: MigrationDevice>(
         allow_without_p2p: true,
         session: plan.session.clone(),
         progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
         ..DestinationOptions::default()
     };
     let mut session = DestinationSession::new(devices, opts);

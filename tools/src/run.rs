@@ -9,6 +9,7 @@ use std::time::Duration;
 use vfmig_pipeline::Report;
 use vfmig_transport::Listener;
 
+use crate::addr::Endpoint;
 use crate::cli::{PrecopyLimitArg, RecvArgs, SendArgs};
 use crate::devices::{self, Side};
 use crate::error::{CliError, DeviceLabel};
@@ -60,8 +61,13 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let devs = devices::open(&c.devices, Side::Source, timeout)?;
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
     let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let connect = a.connect.resolve().map_err(|source| CliError::Resolve {
+        host: a.connect.host.clone().unwrap_or_default(),
+        source,
+    })?;
     let plan = SourcePlan {
-        connect: a.connect,
+        connect,
+        host: a.connect.to_string(),
         session,
         compress: a.compress,
         precopy: a.precopy,
@@ -71,21 +77,38 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
             PrecopyLimitArg::Switchover => vfmig_pipeline::PrecopyLimit::Switchover,
             PrecopyLimitArg::Abort => vfmig_pipeline::PrecopyLimit::Abort,
         },
-        max_bandwidth: a.max_bandwidth.map(|r| r.bytes_per_sec),
+        max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,
     };
     let labels = devs.labels;
-    let (result, _devices) = migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
-    finish(
-        "send",
-        Some(a.connect),
-        result,
-        &labels,
-        &progress,
-        c.json,
-        c.quiet,
-    )
+    let (result, peer, _devices) =
+        migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
+    finish("send", peer, result, &labels, &progress, c.json, c.quiet)
+}
+
+/// Binds the first address of `at` that takes it (every address: IPv6 wildcard, then IPv4).
+fn bind(at: &Endpoint) -> Result<Listener, CliError> {
+    let addrs = at.resolve().map_err(|source| CliError::Resolve {
+        host: at.host.clone().unwrap_or_default(),
+        source,
+    })?;
+    crate::addr::try_in_turn(&addrs, Listener::bind, |_| false)
+        .map(|(_, l)| l)
+        .map_err(|mut failures| {
+            // The first address is the one asked for (or the dual-stack wildcard).
+            if failures.is_empty() {
+                return CliError::Resolve {
+                    host: at.to_string(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                };
+            }
+            let (addr, source) = failures.swap_remove(0);
+            CliError::Bind {
+                addr,
+                source: Box::new(source),
+            }
+        })
 }
 
 /// `vfmig recv`.
@@ -95,7 +118,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     session.accept_timeout = Duration::from_secs(a.accept_timeout);
     let timeout = Duration::from_secs(c.timeout);
     let devs = devices::open(&c.devices, Side::Destination, timeout)?;
-    let listener = Listener::bind(a.listen).map_err(CliError::Transport)?;
+    let listener = bind(&a.listen)?;
     say!("vfmig: listening on {}", listener.local_addr());
 
     // Until a source is connected there is nothing to roll back: a signal ends the wait at once,

@@ -1,17 +1,29 @@
 //! SIGINT / SIGTERM: the first one cancels the migration (so the source devices are walked back to
-//! RUNNING, the destination devices reset and a partial `file:` output removed); a second one
-//! exits at once with status 1.
+//! RUNNING, the destination devices reset and a partial `file:` output removed) and the command
+//! then exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as shells expect;
+//! a second one exits at once with the same status.
 //!
 //! The signals are blocked in every thread (the mask is set before any thread is spawned and
 //! inherited) and taken synchronously with `sigwait` on one dedicated thread: no async-signal
 //! handler code at all.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::sys::signal::{SigSet, Signal};
 
 type Hook = Box<dyn Fn() + Send>;
+
+/// The first signal received (0: none). Process-wide, as signals are.
+static FIRED: AtomicI32 = AtomicI32::new(0);
+
+/// The exit status for a command ended by the signal received, if one was: 128 + its number.
+pub fn exit_status() -> Option<u8> {
+    match FIRED.load(Ordering::SeqCst) {
+        0 => None,
+        n => u8::try_from(128 + n).ok(),
+    }
+}
 
 /// Where cancellation hooks are registered; shared with the signal thread.
 #[derive(Clone, Default)]
@@ -88,10 +100,11 @@ pub fn install(cancel: &Cancel) -> Result<(), nix::errno::Errno> {
             while let Ok(sig) = set.wait() {
                 seen += 1;
                 if seen == 1 {
+                    FIRED.store(sig as i32, Ordering::SeqCst);
                     cancel.cancel();
                 } else {
                     say!("vfmig: {sig} again: exiting without cleaning up");
-                    std::process::exit(1);
+                    std::process::exit(i32::from(exit_status().unwrap_or(1)));
                 }
             }
         })

@@ -5,6 +5,7 @@
 //! PARAMS  := PARAM ("," PARAM)*           each key at most once; `size` is required
 //! PARAM   := "size=" SIZE | "seed=" U64 | "profile=" ("mixed"|"zero"|"random"|"text")
 //!          | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE ["/s"] | "p2p=" ("on"|"off")
+//!          | "precopy-info=" ("v1"|"v2") | "reinit-after=" SIZE
 //! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
 //! ```
 //!
@@ -72,6 +73,12 @@ pub struct EmuSpec {
     pub dirty_rate: Option<u64>,
     /// Whether the device supports RUNNING_P2P (`VFIO_MIGRATION_P2P`). Default on.
     pub p2p: bool,
+    /// `precopy-info=v2`: the device offers `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (REINIT
+    /// reporting). Default v1.
+    pub precopy_info_v2: bool,
+    /// `reinit-after=SIZE`: the device re-initialises once in PRE_COPY, after SIZE stream bytes
+    /// and a report of `initial_bytes` 0 (its initial data must then be read again).
+    pub reinit_after: Option<u64>,
 }
 
 /// Where a `file:` device's bytes come from or go to.
@@ -135,7 +142,10 @@ pub enum SpecError {
         example: &'static str,
     },
     /// A parameter name the kind does not have.
-    #[error("unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p)")]
+    #[error(
+        "unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p, \
+         precopy-info, reinit-after)"
+    )]
     UnknownKey {
         /// What was given.
         key: String,
@@ -190,6 +200,14 @@ pub enum SpecError {
         /// The accepted values.
         allowed: &'static [&'static str],
     },
+    /// A size above what an emulated device can hold.
+    #[error("size {size} is larger than an emulated device can be ({max} bytes = 1 TiB)")]
+    TooLarge {
+        /// The size given.
+        size: u64,
+        /// The largest size.
+        max: u64,
+    },
     /// `size=0`: a device with no state cannot be migrated meaningfully.
     #[error("size must be greater than zero")]
     ZeroSize,
@@ -209,15 +227,19 @@ enum EmuKey {
     Precopy,
     DirtyRate,
     P2p,
+    PrecopyInfo,
+    ReinitAfter,
 }
 
-const EMU_KEYS: [(&str, EmuKey); 6] = [
+const EMU_KEYS: [(&str, EmuKey); 8] = [
     ("size", EmuKey::Size),
     ("seed", EmuKey::Seed),
     ("profile", EmuKey::Profile),
     ("precopy", EmuKey::Precopy),
     ("dirty-rate", EmuKey::DirtyRate),
     ("p2p", EmuKey::P2p),
+    ("precopy-info", EmuKey::PrecopyInfo),
+    ("reinit-after", EmuKey::ReinitAfter),
 ];
 
 impl FromStr for DeviceSpec {
@@ -262,6 +284,8 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
         precopy: Precopy::Whole,
         dirty_rate: None,
         p2p: true,
+        precopy_info_v2: false,
+        reinit_after: None,
     };
     if !params.is_empty() {
         for param in params.split(',') {
@@ -299,6 +323,12 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     if v % 4096 != 0 {
                         return Err(SpecError::UnalignedSize { size: v });
                     }
+                    if v > vfmig_vfio::emulated::MAX_SIZE {
+                        return Err(SpecError::TooLarge {
+                            size: v,
+                            max: vfmig_vfio::emulated::MAX_SIZE,
+                        });
+                    }
                     size = Some(v);
                 }
                 EmuKey::Seed => {
@@ -331,24 +361,32 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                 EmuKey::DirtyRate => {
                     spec.dirty_rate = Some(parse_byte_rate(value).map_err(bad_size)?)
                 }
-                EmuKey::P2p => {
-                    spec.p2p = match value {
-                        "on" => true,
-                        "off" => false,
-                        _ => {
-                            return Err(SpecError::BadChoice {
-                                key,
-                                value: value.to_owned(),
-                                allowed: &["on", "off"],
-                            })
-                        }
-                    }
+                EmuKey::PrecopyInfo => spec.precopy_info_v2 = yes_no(key, value, &["v1", "v2"])?,
+                EmuKey::ReinitAfter => {
+                    spec.reinit_after = Some(parse_size(value).map_err(bad_size)?)
                 }
+                EmuKey::P2p => spec.p2p = yes_no(key, value, &["off", "on"])?,
             }
         }
     }
     spec.size = size.ok_or(SpecError::MissingKey { key: "size" })?;
     Ok(spec)
+}
+
+/// A two-valued key: `[no, yes]` spellings, in the order the error message lists them.
+fn yes_no(
+    key: &'static str,
+    value: &str,
+    names: &'static [&'static str; 2],
+) -> Result<bool, SpecError> {
+    match names.iter().position(|n| *n == value) {
+        Some(i) => Ok(i == 1),
+        None => Err(SpecError::BadChoice {
+            key,
+            value: value.to_owned(),
+            allowed: names,
+        }),
+    }
 }
 
 impl fmt::Display for DeviceSpec {
@@ -368,7 +406,14 @@ impl fmt::Display for DeviceSpec {
                 if let Some(r) = e.dirty_rate {
                     write!(f, ",dirty-rate={r}")?;
                 }
-                write!(f, ",p2p={}", if e.p2p { "on" } else { "off" })
+                write!(f, ",p2p={}", if e.p2p { "on" } else { "off" })?;
+                if e.precopy_info_v2 {
+                    f.write_str(",precopy-info=v2")?;
+                }
+                if let Some(n) = e.reinit_after {
+                    write!(f, ",reinit-after={n}")?;
+                }
+                Ok(())
             }
             DeviceSpec::File(t) => write!(f, "file:{t}"),
             DeviceSpec::Vfio(p) => write!(f, "vfio:{}", p.display()),
@@ -397,8 +442,37 @@ mod tests {
                 precopy: Precopy::Initial(64 << 20),
                 dirty_rate: Some(8 << 20),
                 p2p: false,
+                precopy_info_v2: false,
+                reinit_after: None,
             }))
         );
+    }
+
+    #[test]
+    fn precopy_info_and_reinit_after_parse_and_refuse_other_versions() {
+        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M,precopy-info=v2,reinit-after=64K") else {
+            panic!("must parse");
+        };
+        assert!(e.precopy_info_v2);
+        assert_eq!(e.reinit_after, Some(64 << 10));
+        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M,precopy-info=v1") else {
+            panic!("must parse");
+        };
+        assert_eq!((e.precopy_info_v2, e.reinit_after), (false, None));
+        assert!(matches!(
+            parse("emu:size=1M,precopy-info=v3"),
+            Err(SpecError::BadChoice {
+                key: "precopy-info",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,reinit-after=lots"),
+            Err(SpecError::BadSize {
+                key: "reinit-after",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -463,6 +537,10 @@ mod tests {
         );
         assert_eq!(parse("emu:size=1M,"), Err(SpecError::EmptyParam));
         assert_eq!(parse("emu:size=0"), Err(SpecError::ZeroSize));
+        assert!(matches!(
+            parse("emu:size=100T"),
+            Err(SpecError::TooLarge { .. })
+        ));
         assert_eq!(
             parse("emu:size=1000"),
             Err(SpecError::UnalignedSize { size: 1000 })
@@ -516,20 +594,28 @@ mod tests {
             ],
             proptest::option::of(0u64..(1 << 40)),
             any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(0u64..(1 << 40)),
         )
-            .prop_map(|(pages, seed, p, precopy, dirty_rate, p2p)| EmuSpec {
-                size: pages * 4096,
-                seed,
-                profile: [
-                    Profile::Mixed,
-                    Profile::Zero,
-                    Profile::Random,
-                    Profile::Text,
-                ][p],
-                precopy,
-                dirty_rate,
-                p2p,
-            })
+            .prop_map(
+                |(pages, seed, p, precopy, dirty_rate, p2p, precopy_info_v2, reinit_after)| {
+                    EmuSpec {
+                        size: pages * 4096,
+                        seed,
+                        profile: [
+                            Profile::Mixed,
+                            Profile::Zero,
+                            Profile::Random,
+                            Profile::Text,
+                        ][p],
+                        precopy,
+                        dirty_rate,
+                        p2p,
+                        precopy_info_v2,
+                        reinit_after,
+                    }
+                },
+            )
     }
 
     proptest! {

@@ -1,11 +1,18 @@
 //! Numbers with units as operators type them: sizes (`512M`, `2G`, `4096`), byte rates for device
 //! specs (`64M` = 64 MiB/s) and link rates for `--max-bandwidth` (`2.5G` = 2.5 Gbit/s).
 //!
-//! Sizes and byte rates use binary multiples (K = 1024): they describe memory. Link rates use
-//! decimal multiples of *bits* per second (G = 10^9 bit/s), as `tc`, `ethtool` and NIC data sheets
-//! do; `B/s` after the multiple switches to bytes per second (`300MB/s`).
+//! | what | example | multiples | unit |
+//! |------|---------|-----------|------|
+//! | size (`--size`, `emu:size=`, `precopy=`) | `512M`, `2GiB`, `4096` | binary: K = 1024 (`MB` = `MiB`) | bytes |
+//! | device byte rate (`dirty-rate=`) | `64M/s` | binary | bytes per second |
+//! | link rate (`--max-bandwidth`) | `2.5Gbit/s`, `300MB/s`, `300MiB/s` | decimal (`M` = 10^6) unless `Mi` | bits, or bytes with `B/s` |
+//!
+//! Sizes describe memory, so a bare number is bytes and `M` is 2^20 (`MB` too, as `dd`, `qemu-img`
+//! and `free` read it). Link rates follow `tc`, `ethtool` and NIC data sheets: decimal multiples of
+//! bits (`2.5G` = 2.5 Gbit/s); bytes must be spelled `B/s` (`MB/s` decimal, `MiB/s` binary). A bare
+//! number is refused for a rate.
 
-use std::fmt;
+use vfmig_pipeline::Rate;
 
 /// Why a number with a unit did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +45,18 @@ pub enum UnitError {
     /// Zero where zero makes no sense (a bandwidth cap of 0).
     #[error("must be greater than zero")]
     Zero,
+    /// A rate given as a bare number: bits or bytes?
+    #[error("`{text}` has no unit: write e.g. {text}Mbit/s, {text}MB/s or {text}MiB/s")]
+    NoUnit {
+        /// The text given.
+        text: String,
+    },
+    /// A size where a rate is expected (`300MB`).
+    #[error("`{text}` is a size, not a rate: add /s ({text}/s) or write bits (e.g. 300Mbit/s)")]
+    SizeNotRate {
+        /// The text given.
+        text: String,
+    },
 }
 
 const SIZE_SUFFIXES: &str =
@@ -133,26 +152,22 @@ pub fn parse_byte_rate(text: &str) -> Result<u64, UnitError> {
     parse_size(t)
 }
 
-/// A link rate in bytes per second, parsed from `--max-bandwidth`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkRate {
-    /// Bytes per second (bits / 8, rounded down).
-    pub bytes_per_sec: u64,
-}
+/// Accepted spellings of a rate, for messages and help.
+pub const RATE_SUFFIXES: &str =
+    "Mbit/s, Gbit/s (also kbit/s, Tbit/s, bit/s, and the short forms M, G, \
+Mbit, Mbps: bits, powers of 1000); MB/s, GB/s (bytes, powers of 1000); MiB/s, GiB/s (bytes, \
+powers of 1024)";
 
-impl fmt::Display for LinkRate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let bits = self.bytes_per_sec.saturating_mul(8);
-        write!(f, "{}", human_bits(bits))
-    }
-}
-
-const RATE_SUFFIXES: &str =
-    "K, M, G, T = 10^3.. bit/s (also `bit`, `bps`, `bit/s`); KB/s, MB/s, GB/s, TB/s = 10^3.. bytes/s";
-
-/// Parses `--max-bandwidth`: `2.5G` and `2.5Gbit` are 2.5 * 10^9 bit/s; `300MB/s` is
-/// 300 * 10^6 bytes/s. Zero is refused (omit the option for no cap).
-pub fn parse_link_rate(text: &str) -> Result<LinkRate, UnitError> {
+/// Parses a rate (`--max-bandwidth`) into bytes per second.
+///
+/// - Bits, decimal multiples as link speeds are given: `2.5G`, `2.5Gbit/s`, `10gbps`, `500Mbit`
+///   (a multiple with no unit means bits: `2.5G` = 2.5 Gbit/s).
+/// - Bytes, decimal: `300MB/s`, `1GBps`; bytes, binary: `300MiB/s`.
+///
+/// A bare number (`10`) is refused: it would be read as 10 bit/s by some and 10 bytes/s by
+/// others. A size without `/s` (`300MB`) is refused too. Zero is refused (omit the option for
+/// no cap).
+pub fn parse_link_rate(text: &str) -> Result<Rate, UnitError> {
     let t = text.trim();
     if t.is_empty() {
         return Err(UnitError::Empty);
@@ -161,40 +176,51 @@ pub fn parse_link_rate(text: &str) -> Result<LinkRate, UnitError> {
     if num.is_empty() {
         return Err(UnitError::NotANumber {
             text: t.to_owned(),
-            example: "2.5G",
+            example: "2.5Gbit/s",
         });
+    }
+    if suffix.is_empty() {
+        return Err(UnitError::NoUnit { text: t.to_owned() });
     }
     let unknown = || UnitError::UnknownSuffix {
         suffix: suffix.to_owned(),
         accepted: RATE_SUFFIXES,
     };
     // Case matters for the unit: `B` means bytes, `b`/`bit` bits; the multiple is case-insensitive.
-    let (mult_part, bytes) = if let Some(m) = suffix.strip_suffix("B/s") {
+    let (mult_part, bytes) = if let Some(m) = suffix
+        .strip_suffix("B/s")
+        .or_else(|| suffix.strip_suffix("Bps"))
+    {
         (m, true)
-    } else if let Some(m) = suffix.strip_suffix("Bps") {
-        (m, true)
+    } else if suffix.ends_with('B') {
+        return Err(UnitError::SizeNotRate { text: t.to_owned() });
     } else {
         let lower = suffix.to_ascii_lowercase();
-        let keep = ["bit/s", "bits/s", "bps", "bit", "bits", "b"]
+        let keep = ["bit/s", "bits/s", "bps", "bit", "bits", "b/s", "b"]
             .iter()
             .find_map(|u| lower.strip_suffix(u).map(str::len))
             .unwrap_or(lower.len());
         (&suffix[..keep], false)
     };
-    let mult: u64 = match mult_part.to_ascii_lowercase().as_str() {
-        "" => 1,
-        "k" => 1_000,
-        "m" => 1_000_000,
-        "g" => 1_000_000_000,
-        "t" => 1_000_000_000_000,
+    let mult: u64 = match (mult_part.to_ascii_lowercase().as_str(), bytes) {
+        ("", _) => 1,
+        ("k", _) => 1_000,
+        ("m", _) => 1_000_000,
+        ("g", _) => 1_000_000_000,
+        ("t", _) => 1_000_000_000_000,
+        ("ki", true) => 1 << 10,
+        ("mi", true) => 1 << 20,
+        ("gi", true) => 1 << 30,
+        ("ti", true) => 1 << 40,
         _ => return Err(unknown()),
     };
-    let v = scale(t, num, mult, "2.5G")?;
-    let bytes_per_sec = if bytes { v } else { v / 8 };
-    if bytes_per_sec == 0 {
-        return Err(UnitError::Zero);
-    }
-    Ok(LinkRate { bytes_per_sec })
+    let v = scale(t, num, mult, "2.5Gbit/s")?;
+    let rate = if bytes {
+        Rate::from_bytes_per_sec(v)
+    } else {
+        Rate::from_bits_per_sec(v)
+    };
+    rate.ok_or(UnitError::Zero)
 }
 
 /// `1536` -> `1.5 KiB`: binary multiples with one decimal, for sizes.
@@ -218,12 +244,7 @@ pub fn human_bytes_f(bytes: f64) -> String {
     }
 }
 
-/// `2_500_000_000` -> `2.50 Gbit/s`: decimal multiples, for link rates.
-pub fn human_bits(bits_per_sec: u64) -> String {
-    human_bits_f(bits_per_sec as f64)
-}
-
-/// [`human_bits`] for a fractional rate.
+/// `2_500_000_000.0` -> `2.50 Gbit/s`: decimal multiples, for link rates.
 pub fn human_bits_f(bits_per_sec: f64) -> String {
     const UNITS: [&str; 5] = ["bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"];
     let mut v = bits_per_sec;
@@ -279,31 +300,46 @@ mod tests {
 
     #[test]
     fn link_rates_are_bits_unless_bytes_are_spelled_out() {
+        let bps = |t: &str| parse_link_rate(t).map(Rate::bytes_per_sec);
+        assert_eq!(bps("2.5G"), Ok(312_500_000));
+        assert_eq!(bps("2.5Gbit/s"), Ok(312_500_000));
+        assert_eq!(bps("100Mbit/s"), Ok(12_500_000));
+        assert_eq!(bps("100MiB/s"), Ok(100 << 20));
+        assert_eq!(bps("1GiB/s"), Ok(1 << 30));
+        assert_eq!(bps("800bit/s"), Ok(100));
+        assert!(matches!(
+            parse_link_rate("10"),
+            Err(UnitError::NoUnit { .. })
+        ));
+        assert!(matches!(
+            parse_link_rate("300MB"),
+            Err(UnitError::SizeNotRate { .. })
+        ));
+        assert!(matches!(
+            parse_link_rate("5Mi"),
+            Err(UnitError::UnknownSuffix { .. })
+        ));
         assert_eq!(
-            parse_link_rate("2.5G").map(|r| r.bytes_per_sec),
+            parse_link_rate("2.5Gbit").map(Rate::bytes_per_sec),
             Ok(312_500_000)
         );
         assert_eq!(
-            parse_link_rate("2.5Gbit").map(|r| r.bytes_per_sec),
-            Ok(312_500_000)
-        );
-        assert_eq!(
-            parse_link_rate("10gbps").map(|r| r.bytes_per_sec),
+            parse_link_rate("10gbps").map(Rate::bytes_per_sec),
             Ok(1_250_000_000)
         );
         assert_eq!(
-            parse_link_rate("500M").map(|r| r.bytes_per_sec),
+            parse_link_rate("500M").map(Rate::bytes_per_sec),
             Ok(62_500_000)
         );
         assert_eq!(
-            parse_link_rate("300MB/s").map(|r| r.bytes_per_sec),
+            parse_link_rate("300MB/s").map(Rate::bytes_per_sec),
             Ok(300_000_000)
         );
         assert_eq!(
-            parse_link_rate("1GBps").map(|r| r.bytes_per_sec),
+            parse_link_rate("1GBps").map(Rate::bytes_per_sec),
             Ok(1_000_000_000)
         );
-        assert_eq!(parse_link_rate("0"), Err(UnitError::Zero));
+        assert_eq!(parse_link_rate("0M"), Err(UnitError::Zero));
         assert!(matches!(
             parse_link_rate("5Q"),
             Err(UnitError::UnknownSuffix { .. })
@@ -315,14 +351,7 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(512 << 20), "512.0 MiB");
-        assert_eq!(human_bits(2_500_000_000), "2.50 Gbit/s");
-        assert_eq!(
-            LinkRate {
-                bytes_per_sec: 312_500_000
-            }
-            .to_string(),
-            "2.50 Gbit/s"
-        );
+        assert_eq!(human_bits_f(2_500_000_000.0), "2.50 Gbit/s");
     }
 
     proptest! {

@@ -368,7 +368,7 @@ fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
         .expect("stderr")
         .read_to_string(&mut err);
     let (rstatus, _, rlines) = recv.finish();
-    assert_eq!(sstatus.code(), Some(1), "{err}");
+    assert_eq!(sstatus.code(), Some(130), "128 + SIGINT: {err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cancelled"), "{err}");
     assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
@@ -381,7 +381,7 @@ fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
 
 #[test]
 fn receiver_signalled_while_waiting_prints_the_json_failure_object_with_its_exit_code() {
-    for signal in ["-INT", "-TERM"] {
+    for (signal, expected) in [("-INT", 130), ("-TERM", 143)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let dst = dir.path().join("state.out");
         let recv = Receiver::spawn(&[
@@ -399,7 +399,7 @@ fn receiver_signalled_while_waiting_prints_the_json_failure_object_with_its_exit
         assert!(status.success(), "kill {signal}");
         let (rstatus, rstdout, rlines) = recv.finish();
         let code = rstatus.code().expect("exited, not killed by the signal");
-        assert_eq!(code, 1, "{signal}: {rlines:?}");
+        assert_eq!(code, expected, "{signal}: 128 + its number: {rlines:?}");
         let r = json(rstdout.as_bytes());
         assert_eq!(r["outcome"], "failed", "{signal}: {r}");
         assert_eq!(r["role"], "recv", "{signal}: {r}");

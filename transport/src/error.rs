@@ -142,6 +142,30 @@ pub enum TransportError {
         #[source]
         source: WireError,
     },
+    /// A sealed frame failed authentication (altered, injected, replayed, reordered or moved
+    /// between connections by someone on the path, or a peer with other keys). Nothing of it
+    /// was delivered.
+    #[error("frame on connection {conn} (device {device}, seq {seq} as received) failed authentication: {source}")]
+    Unauthentic {
+        /// Connection index.
+        conn: usize,
+        /// Device index from the header (as received; unauthenticated).
+        device: u16,
+        /// Sequence number from the header (as received; unauthenticated).
+        seq: u64,
+        /// What failed.
+        #[source]
+        source: vfmig_wire::seal::SealError,
+    },
+    /// A frame could not be sealed for sending.
+    #[error("cannot seal a frame on connection {conn}: {source}")]
+    Sealing {
+        /// Connection index.
+        conn: usize,
+        /// What failed.
+        #[source]
+        source: vfmig_wire::seal::SealError,
+    },
     /// A sequenced frame arrived that can never be delivered: a duplicate or one from the past.
     #[error("device {device}: frame seq {seq} arrived but seq {expected} is next (duplicate or reordered by the sender)")]
     OutOfSequence {

@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use vfmig_wire::seal::{FrameOpener, FrameSealer, SEALED_HEAD_LEN};
 use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{FramePart, TransportError};
@@ -81,6 +82,18 @@ const READY_MAX: usize = 8;
 const CONN_QUEUE_MAX: usize = 2;
 /// Bound on waiting for the kernel to hand back every buffer at teardown.
 const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// A frame's header bytes, with room for the AEAD tag that follows the header on a sealed
+/// connection (only the first `Engine::head_len` bytes travel).
+pub(crate) type Head = [u8; SEALED_HEAD_LEN];
+
+/// The AEAD state of a connection whose frames are sealed (docs/PROTOCOL.md, section 4.2): the
+/// sealer counts the frames we send on it, the opener the frames we receive.
+#[derive(Debug)]
+pub(crate) struct Sealing {
+    pub(crate) sealer: FrameSealer,
+    pub(crate) opener: FrameOpener,
+}
 
 /// A connected socket the engine reads and writes: TCP, or for TLS the local end of the socket
 /// pair that the TLS threads pump.
@@ -136,7 +149,7 @@ impl OutPayload {
 /// An encoded frame ready for the wire.
 #[derive(Debug)]
 pub(crate) struct OutFrame {
-    pub(crate) hdr: Box<[u8; HEADER_LEN]>,
+    pub(crate) hdr: Box<Head>,
     pub(crate) payload: OutPayload,
 }
 
@@ -252,10 +265,7 @@ enum Rx {
     /// A read (header or payload) is in flight; its op owns the buffer.
     Busy,
     /// Header read, payload waits for window room or a free buffer.
-    Waiting {
-        hdr: FrameHeader,
-        raw: [u8; HEADER_LEN],
-    },
+    Waiting { hdr: FrameHeader, raw: Head },
     /// The peer closed at a frame boundary.
     Eof,
 }
@@ -271,13 +281,15 @@ struct Conn {
     last_rx: Instant,
     rx: Rx,
     wr_shut: bool,
+    /// `Some` when the connection's frames are sealed.
+    sealing: Option<Sealing>,
 }
 
 #[derive(Debug)]
 enum Op {
     SendHeader {
         conn: usize,
-        hdr: Box<[u8; HEADER_LEN]>,
+        hdr: Box<Head>,
         last: bool,
     },
     SendPayload {
@@ -290,13 +302,13 @@ enum Op {
     },
     RecvHeader {
         conn: usize,
-        buf: Box<[u8; HEADER_LEN]>,
+        buf: Box<Head>,
         got: usize,
     },
     RecvPayload {
         conn: usize,
         hdr: FrameHeader,
-        raw: [u8; HEADER_LEN],
+        raw: Head,
         buf: PoolBuf,
         got: usize,
         reserved: bool,
@@ -348,6 +360,8 @@ enum Step {
 
 struct Engine {
     ring: IoUring,
+    /// Bytes before each frame's payload: the header, and the tag on sealed connections.
+    head_len: usize,
     pool: BufPool,
     /// The pool's buffers are registered with the ring (fixed-buffer zero-copy possible).
     registered: bool,
@@ -398,7 +412,7 @@ fn setup_ring(pool: &BufPool) -> Result<(IoUring, bool), TransportError> {
 /// Starts the engine thread, which sets up its ring (registering the pool's buffers) itself, so
 /// that no other thread ever touches the ring; setup errors come back here.
 pub(crate) fn start(
-    socks: Vec<Sock>,
+    socks: Vec<(Sock, Option<Sealing>)>,
     pool: BufPool,
     p: EngineParams,
     name: &str,
@@ -427,9 +441,10 @@ pub(crate) fn start(
                 }
             };
             let now = Instant::now();
+            let sealed = socks.iter().any(|(_, s)| s.is_some());
             let conns = socks
                 .into_iter()
-                .map(|sock| Conn {
+                .map(|(sock, sealing)| Conn {
                     sock,
                     queue: VecDeque::new(),
                     queued_bytes: 0,
@@ -438,6 +453,7 @@ pub(crate) fn start(
                     last_rx: now,
                     rx: Rx::Idle,
                     wr_shut: false,
+                    sealing,
                 })
                 .collect::<Vec<_>>();
             // Out-of-order frames may use at most half the pool, so the next needed frame
@@ -445,6 +461,7 @@ pub(crate) fn start(
             let max_frames = (pool.slots() / 2).max(1);
             let engine = Engine {
                 ring,
+                head_len: if sealed { SEALED_HEAD_LEN } else { HEADER_LEN },
                 registered,
                 outstanding: 0,
                 reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
@@ -490,8 +507,12 @@ pub(crate) fn start(
     })
 }
 
-#[allow(clippy::cast_possible_truncation)] // 40
-const HEADER_LEN_U32: u32 = HEADER_LEN as u32;
+/// A header in a [`Head`] buffer, tag room zero.
+pub(crate) fn head(hdr: [u8; HEADER_LEN]) -> Box<Head> {
+    let mut h = Box::new([0u8; SEALED_HEAD_LEN]);
+    h[..HEADER_LEN].copy_from_slice(&hdr);
+    h
+}
 
 /// A completion result already checked to be non-negative, as a byte count.
 fn ures(res: i32) -> usize {
@@ -525,7 +546,7 @@ fn keepalive_frame(ms: u64) -> OutFrame {
         crc: 0,
     };
     OutFrame {
-        hdr: Box::new(h.encode(&[])),
+        hdr: head(h.encode(&[])),
         payload: OutPayload::Empty,
     }
 }
@@ -549,7 +570,7 @@ pub(crate) fn abort_frame(reason: AbortReason, detail: Vec<u8>) -> OutFrame {
         OutPayload::Heap(detail)
     };
     OutFrame {
-        hdr: Box::new(h.encode(if len == 0 {
+        hdr: head(h.encode(if len == 0 {
             &[]
         } else {
             detail_bytes(&payload)
@@ -726,7 +747,7 @@ impl Engine {
                 Ok(f) => {
                     self.outstanding += f.payload.len() as u64;
                     let c = &mut self.conns[best];
-                    c.queued_bytes += HEADER_LEN + f.payload.len();
+                    c.queued_bytes += self.head_len + f.payload.len();
                     c.queue.push_back(f);
                 }
                 Err(_) => return,
@@ -739,6 +760,7 @@ impl Engine {
             return;
         }
         let ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let head_len = self.head_len;
         for c in &mut self.conns {
             if !c.wr_shut
                 && c.queue.is_empty()
@@ -746,7 +768,7 @@ impl Engine {
                 && now.duration_since(c.last_tx) >= self.p.keepalive
             {
                 c.queue.push_back(keepalive_frame(ms));
-                c.queued_bytes += HEADER_LEN;
+                c.queued_bytes += head_len;
                 Counters::add(&self.shared.counters.keepalives_sent, 1);
             }
         }
@@ -783,12 +805,26 @@ impl Engine {
         if c.sending_since.is_some() || c.wr_shut {
             return Ok(());
         }
-        let Some(frame) = c.queue.pop_front() else {
+        let Some(mut frame) = c.queue.pop_front() else {
             return Ok(());
         };
         let fd = types::Fd(c.sock.fd());
         let plen = frame.payload.len();
-        c.queued_bytes = c.queued_bytes.saturating_sub(HEADER_LEN + plen);
+        let head_len = self.head_len;
+        c.queued_bytes = c.queued_bytes.saturating_sub(head_len + plen);
+        if let Some(s) = &mut c.sealing {
+            // Sealed in sending order, so the counter in the nonce is the frame's position on
+            // this connection; the tag replaces the CRC.
+            frame.hdr[36..HEADER_LEN].fill(0);
+            let payload: &mut [u8] = match &mut frame.payload {
+                OutPayload::Empty => &mut [],
+                OutPayload::Pool(b) => b.as_mut_slice(),
+                OutPayload::Heap(v) => v,
+            };
+            s.sealer
+                .seal(&mut frame.hdr, payload)
+                .map_err(|source| TransportError::Sealing { conn: i, source })?;
+        }
         let now = Instant::now();
         c.sending_since = Some(now);
         c.last_tx = now;
@@ -807,7 +843,7 @@ impl Engine {
         } else {
             base
         };
-        let mut hdr_sqe = opcode::Send::new(fd, hdr_ptr, HEADER_LEN_U32)
+        let mut hdr_sqe = opcode::Send::new(fd, hdr_ptr, len_u32(head_len))
             .flags(hdr_flags)
             .build()
             .user_data(hdr_ud);
@@ -866,7 +902,7 @@ impl Engine {
         let fd = types::Fd(self.conns[i].sock.fd());
         let ud = self.ops.insert(Op::RecvHeader {
             conn: i,
-            buf: Box::new([0u8; HEADER_LEN]),
+            buf: Box::new([0u8; SEALED_HEAD_LEN]),
             got: 0,
         });
         self.conns[i].rx = Rx::Busy;
@@ -876,10 +912,11 @@ impl Engine {
     }
 
     fn submit_recv_header(&mut self, ud: u64, fd: types::Fd) -> Result<(), TransportError> {
+        let head_len = self.head_len;
         let Some(Op::RecvHeader { buf, got, .. }) = self.ops.get_mut(ud) else {
             return Ok(());
         };
-        let rest = &mut buf[*got..];
+        let rest = &mut buf[*got..head_len];
         let sqe = opcode::Recv::new(fd, rest.as_mut_ptr(), len_u32(rest.len()))
             .flags(libc::MSG_WAITALL)
             .build()
@@ -955,15 +992,15 @@ impl Engine {
                 if res < 0 {
                     return Err(errno_err(conn, "send frame header", FramePart::Header, res));
                 }
-                if ures(res) != HEADER_LEN {
+                if ures(res) != self.head_len {
                     return Err(TransportError::Short {
                         op: "send frame header",
                         conn,
                         done: ures(res),
-                        wanted: HEADER_LEN,
+                        wanted: self.head_len,
                     });
                 }
-                Counters::add(&counters.bytes_sent, HEADER_LEN as u64);
+                Counters::add(&counters.bytes_sent, self.head_len as u64);
                 if last {
                     Counters::add(&counters.frames_sent, 1);
                     self.send_done(conn, now);
@@ -1029,7 +1066,7 @@ impl Engine {
                 }
                 let n = ures(res);
                 *got += n;
-                let full = *got >= HEADER_LEN;
+                let full = *got >= self.head_len;
                 Counters::add(&counters.bytes_received, n as u64);
                 self.conns[conn].last_rx = now;
                 let fd = types::Fd(self.conns[conn].sock.fd());
@@ -1109,8 +1146,10 @@ impl Engine {
         Ok(())
     }
 
-    fn on_header(&mut self, conn: usize, raw: [u8; HEADER_LEN]) -> Result<(), TransportError> {
-        let hdr = FrameHeader::decode(&raw).map_err(|source| TransportError::Corrupt {
+    fn on_header(&mut self, conn: usize, raw: Head) -> Result<(), TransportError> {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&raw[..HEADER_LEN]);
+        let hdr = FrameHeader::decode(&h).map_err(|source| TransportError::Corrupt {
             conn,
             device: u16::from_le_bytes([raw[6], raw[7]]),
             seq: u64::from_le_bytes([
@@ -1189,17 +1228,33 @@ impl Engine {
         &mut self,
         conn: usize,
         hdr: FrameHeader,
-        raw: &[u8; HEADER_LEN],
-        payload: Option<PoolBuf>,
+        raw: &Head,
+        mut payload: Option<PoolBuf>,
     ) -> Result<(), TransportError> {
+        // Nothing of a frame goes anywhere before its tag (sealed) or CRC verified.
+        if let Some(s) = &mut self.conns[conn].sealing {
+            let bytes = payload.as_mut().map_or(&mut [][..], |b| b.as_mut_slice());
+            s.opener
+                .open(raw, bytes)
+                .map_err(|source| TransportError::Unauthentic {
+                    conn,
+                    device: hdr.device,
+                    seq: hdr.seq,
+                    source,
+                })?;
+        } else {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&raw[..HEADER_LEN]);
+            let bytes = payload.as_ref().map_or(&[][..], |b| b.as_slice());
+            hdr.verify(&h, bytes)
+                .map_err(|source| TransportError::Corrupt {
+                    conn,
+                    device: hdr.device,
+                    seq: hdr.seq,
+                    source,
+                })?;
+        }
         let bytes = payload.as_ref().map_or(&[][..], |b| b.as_slice());
-        hdr.verify(raw, bytes)
-            .map_err(|source| TransportError::Corrupt {
-                conn,
-                device: hdr.device,
-                seq: hdr.seq,
-                source,
-            })?;
         Counters::add(&self.shared.counters.frames_received, 1);
         match hdr.kind {
             FrameKind::Keepalive => Ok(()),

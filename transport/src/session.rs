@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use vfmig_wire::handshake::{
-    Agreed, Auth, ClientHandshake, ClientParams, DeviceDesc, Limits, Offer, ServerHandshake,
-    ServerParams, KNOWN_CODECS,
+    default_protection, Agreed, Auth, ClientHandshake, ClientParams, DeviceDesc, Limits, Offer,
+    ServerHandshake, ServerParams, KNOWN_CODECS,
 };
-use vfmig_wire::{AbortReason, FrameHeader, HEADER_LEN};
+use vfmig_wire::seal::{FrameOpener, FrameSealer};
+use vfmig_wire::{AbortReason, FrameHeader, FrameProtection, HEADER_LEN};
 
 use crate::config::{
     check_peer_policy, AuthConfig, SessionConfig, MAX_ABORT_DETAIL, MAX_DEVICES, MAX_STREAMS,
@@ -22,7 +23,7 @@ use crate::config::{
 use crate::error::{Limit, TransportError};
 use crate::handshake_io::{drive, Side, TcpHs};
 use crate::pool::{BufPool, PoolBuf};
-use crate::ring::{self, EngineHandle, EngineParams, OutFrame, OutPayload, Sock, Urgent};
+use crate::ring::{self, EngineHandle, EngineParams, OutFrame, OutPayload, Sealing, Sock, Urgent};
 use crate::stats::TransportStats;
 use crate::tls;
 
@@ -53,6 +54,27 @@ fn wire_auth(a: &AuthConfig) -> Auth {
     }
 }
 
+/// How frames are protected: inside TLS, TLS does it (CRC32C against faults); with a PSK and no
+/// TLS, AES-256-GCM with keys from the handshake; otherwise CRC32C.
+fn protection(cfg: &SessionConfig) -> FrameProtection {
+    if cfg.tls.is_some() {
+        FrameProtection::Crc32c
+    } else {
+        default_protection(&wire_auth(&cfg.auth))
+    }
+}
+
+/// The AEAD state of one connection, from its own handshake's keys (`client`: we are the source).
+fn sealing(agreed: &Agreed, client: bool) -> Option<Sealing> {
+    match (&agreed.keys, agreed.protection) {
+        (Some(keys), FrameProtection::Aes256Gcm) => Some(Sealing {
+            sealer: FrameSealer::new(keys, client, agreed.conn_index),
+            opener: FrameOpener::new(keys, client, agreed.conn_index),
+        }),
+        _ => None,
+    }
+}
+
 /// What both handle types share.
 #[derive(Debug)]
 struct Core {
@@ -65,7 +87,7 @@ struct Core {
 
 impl Core {
     fn start(
-        socks: Vec<Sock>,
+        socks: Vec<(Sock, Option<Sealing>)>,
         agreed: Agreed,
         cfg: &SessionConfig,
         peer: SocketAddr,
@@ -125,7 +147,12 @@ impl Core {
         }
         // `len <= max_payload`, a u32.
         header.wire_len = u32::try_from(len).unwrap_or(u32::MAX);
-        let hdr = header.encode(bytes);
+        // A sealed frame's tag covers it (the engine seals it); else one CRC32C pass here.
+        let hdr = if self.agreed.protection == FrameProtection::Aes256Gcm {
+            header.encode_unprotected()
+        } else {
+            header.encode(bytes)
+        };
         FrameHeader::decode(&hdr).map_err(|source| TransportError::InvalidFrame { source })?;
         if header.kind.is_sequenced() && usize::from(header.device) >= self.agreed.devices.len() {
             return Err(TransportError::UnknownDevice {
@@ -134,7 +161,7 @@ impl Core {
             });
         }
         let frame = OutFrame {
-            hdr: Box::new(hdr),
+            hdr: ring::head(hdr),
             payload,
         };
         match self.engine.out_tx.send_timeout(frame, self.timeout) {
@@ -245,12 +272,15 @@ fn open(
     stream
         .set_nodelay(true)
         .map_err(|e| TransportError::io("setsockopt TCP_NODELAY", e))?;
-    let mut side = Side::Client(ClientHandshake::new(ClientParams {
-        auth: wire_auth(&cfg.auth),
-        offer: offer.clone(),
-        join,
-        nonce: random()?,
-    }));
+    let mut side = Side::Client(ClientHandshake::with_protection(
+        ClientParams {
+            auth: wire_auth(&cfg.auth),
+            offer: offer.clone(),
+            join,
+            nonce: random()?,
+        },
+        protection(cfg),
+    ));
     if let (Some(tls), Some(c)) = (&cfg.tls, tls_config) {
         return tls::client(stream, c, tls, addr, &mut side, conn, cfg);
     }
@@ -287,7 +317,7 @@ impl SendSession {
         let tls_config = tls_config.as_ref();
         let (first, agreed) = open(addr, cfg, tls_config, &offer, None)?;
         let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
-        let mut socks = vec![first];
+        let mut socks = vec![(first, sealing(&agreed, true))];
         for i in 1..streams {
             // `i < streams <= MAX_STREAMS`.
             let index = u16::try_from(i).unwrap_or(u16::MAX);
@@ -307,7 +337,7 @@ impl SendSession {
                     },
                 });
             }
-            socks.push(sock);
+            socks.push((sock, sealing(&a, true)));
         }
         Ok(SendSession {
             core: Core::start(socks, agreed, cfg, addr, false)?,
@@ -432,17 +462,20 @@ impl Listener {
         session_id: [u8; 16],
         conn: usize,
     ) -> Result<(Sock, Agreed), TransportError> {
-        let mut side = Side::Server(ServerHandshake::new(ServerParams {
-            auth: wire_auth(&cfg.auth),
-            limits: Limits {
-                max_streams: u16::try_from(MAX_STREAMS).unwrap_or(u16::MAX),
-                max_devices: MAX_DEVICES,
-                max_payload: cfg.max_payload(),
-                max_window_bytes: cfg.window_bytes,
+        let mut side = Side::Server(ServerHandshake::with_protection(
+            ServerParams {
+                auth: wire_auth(&cfg.auth),
+                limits: Limits {
+                    max_streams: u16::try_from(MAX_STREAMS).unwrap_or(u16::MAX),
+                    max_devices: MAX_DEVICES,
+                    max_payload: cfg.max_payload(),
+                    max_window_bytes: cfg.window_bytes,
+                },
+                session_id,
+                nonce: random()?,
             },
-            session_id,
-            nonce: random()?,
-        }));
+            protection(cfg),
+        ));
         if let Some(c) = tls_config {
             return tls::server(stream, c, peer, &mut side, conn, cfg);
         }
@@ -472,8 +505,8 @@ impl Listener {
             });
         }
         let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
-        let mut socks: Vec<Option<Sock>> = (0..streams).map(|_| None).collect();
-        socks[0] = Some(first);
+        let mut socks: Vec<Option<(Sock, Option<Sealing>)>> = (0..streams).map(|_| None).collect();
+        socks[0] = Some((first, sealing(&agreed, false)));
         let mut missing = streams - 1;
         let mut attempts = 0;
         let deadline = Instant::now() + cfg.timeout;
@@ -503,7 +536,7 @@ impl Listener {
                 continue;
             }
             if socks[index].is_none() {
-                socks[index] = Some(sock);
+                socks[index] = Some((sock, sealing(&a, false)));
                 missing -= 1;
             }
         }

@@ -15,8 +15,11 @@
 //!   STOP_COPY (and again after it), no ENOMSG in STOP_COPY, the saving fd is not writable
 //!   ([`check_stop_copy_stream`]);
 //! - PRE_COPY: `precopy_info` valid only in PRE_COPY states (EINVAL otherwise), `initial_bytes`
-//!   never grows, ENOMSG (or 0, mtty) when drained, PRE_COPY -> STOP_COPY continues the stream on
-//!   the same fd, and the whole stream resumes ([`check_precopy`]);
+//!   never grows except with `VFIO_PRECOPY_INFO_REINIT`, which only comes after the
+//!   `MIG_PRECOPY_INFOv2` opt-in and always with non-zero `initial_bytes` (new initial data is
+//!   then read to the end too), ENOMSG (or 0, mtty) when drained, PRE_COPY -> STOP_COPY continues
+//!   the stream on the same fd, and the whole stream resumes ([`check_precopy`]; v1 or v2 as
+//!   [`ContractOptions::precopy_info_v2`] says);
 //! - a full STOP_COPY -> RESUMING transfer, written in odd-sized pieces, is accepted
 //!   ([`check_transfer`]); a truncated and a corrupted one are refused, and RESET leaves ERROR
 //!   for RUNNING ([`check_truncated_refused`], [`check_corrupted_refused`]);
@@ -28,7 +31,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
-use crate::device::MigrationDevice;
+use crate::device::{MigrationDevice, PrecopyInfo};
 use crate::dma::{DmaLoggingError, IovaRange, MAX_LOGGING_RANGES};
 use crate::error::{DeviceError, FsmError};
 use crate::state::{next_state, path, Arc, DeviceState, MigrationCaps};
@@ -50,6 +53,9 @@ pub struct ContractOptions {
     pub refusal_goes_to_error: bool,
     /// Most reads any loop issues before giving up.
     pub max_reads: u64,
+    /// Opt in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` before the PRE_COPY check, when the
+    /// device offers it (false: check the v1 behaviour, where REINIT must never be reported).
+    pub precopy_info_v2: bool,
 }
 
 impl Default for ContractOptions {
@@ -61,6 +67,7 @@ impl Default for ContractOptions {
             exact_stop_copy_size: false,
             refusal_goes_to_error: true,
             max_reads: 1 << 20,
+            precopy_info_v2: true,
         }
     }
 }
@@ -158,6 +165,16 @@ pub enum Violation {
         /// Reads issued.
         reads: u64,
     },
+    /// `VFIO_PRECOPY_INFO_REINIT` was reported without the `MIG_PRECOPY_INFOv2` opt-in.
+    #[error("VFIO_PRECOPY_INFO_REINIT reported without the MIG_PRECOPY_INFOv2 opt-in")]
+    ReinitWithoutOptIn,
+    /// `VFIO_PRECOPY_INFO_REINIT` was reported with `initial_bytes` = 0 (it means new initial
+    /// data is on the stream).
+    #[error("VFIO_PRECOPY_INFO_REINIT reported with initial_bytes 0 (dirty_bytes {dirty_bytes})")]
+    ReinitWithoutInitialBytes {
+        /// The `dirty_bytes` reported with it.
+        dirty_bytes: u64,
+    },
     /// `precopy_info` succeeded outside PRE_COPY, or failed with something else than EINVAL.
     #[error("precopy_info in {state}: expected EINVAL, got {got}")]
     PrecopyInfoOutsidePrecopy {
@@ -212,6 +229,19 @@ pub struct ContractReport {
     pub arcs: Vec<Arc>,
     /// Bytes of the last full STOP_COPY stream.
     pub stop_copy_bytes: u64,
+    /// The PRE_COPY check ran with `MIG_PRECOPY_INFOv2` in force.
+    pub precopy_info_v2: bool,
+    /// `VFIO_PRECOPY_INFO_REINIT` reports seen by the PRE_COPY check.
+    pub precopy_reinits: u64,
+}
+
+/// What [`check_precopy`] saw of the pre-copy information.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrecopyCheck {
+    /// `MIG_PRECOPY_INFOv2` was in force.
+    pub v2: bool,
+    /// `VFIO_PRECOPY_INFO_REINIT` reports seen.
+    pub reinits: u64,
 }
 
 type CheckResult = Result<(), Violation>;
@@ -623,14 +653,39 @@ pub fn check_corrupted_refused<D: MigrationDevice>(
 
 /// PRE_COPY: the fd, `precopy_info` rules, draining, and PRE_COPY -> STOP_COPY continuity; the
 /// combined stream resumes on `dst`. The source must not dirty state faster than the check reads
-/// it (it reads until `initial_bytes` is 0 and a read finds nothing pending).
+/// it (it reads until `initial_bytes` is 0, a read finds nothing pending and one more
+/// `precopy_info` reports no new initial data).
 pub fn check_precopy<D: MigrationDevice>(
     src: &mut D,
     dst: &mut D,
     opts: &ContractOptions,
-) -> CheckResult {
+) -> Result<PrecopyCheck, Violation> {
     let caps = src.capabilities();
     to_running(src)?;
+    let mut seen = PrecopyCheck {
+        v2: opts.precopy_info_v2 && src.enable_precopy_info_v2()?,
+        reinits: 0,
+    };
+    // Checks one report against the previous one; counts REINITs.
+    let mut observe = |before: &PrecopyInfo, now: &PrecopyInfo| -> CheckResult {
+        if now.reinit {
+            if !seen.v2 {
+                return Err(Violation::ReinitWithoutOptIn);
+            }
+            if now.initial_bytes == 0 {
+                return Err(Violation::ReinitWithoutInitialBytes {
+                    dirty_bytes: now.dirty_bytes,
+                });
+            }
+            seen.reinits += 1;
+        } else if now.initial_bytes > before.initial_bytes {
+            return Err(Violation::InitialBytesGrew {
+                before: before.initial_bytes,
+                after: now.initial_bytes,
+            });
+        }
+        Ok(())
+    };
     // Outside PRE_COPY, precopy_info is EINVAL. A STOP_COPY fd serves as the fd argument.
     let fd = set_state_for_fd(src, DeviceState::Stop, DeviceState::StopCopy)?;
     match src.precopy_info(fd.as_fd()) {
@@ -686,15 +741,16 @@ pub fn check_precopy<D: MigrationDevice>(
             }
         };
         let now = src.precopy_info(f.as_fd())?;
-        if now.initial_bytes > info.initial_bytes && !now.reinit {
-            return Err(Violation::InitialBytesGrew {
-                before: info.initial_bytes,
-                after: now.initial_bytes,
-            });
-        }
+        observe(&info, &now)?;
         info = now;
         if empty && info.initial_bytes == 0 {
-            break;
+            // Drained; a v2 device may have new initial data by the next report.
+            let again = src.precopy_info(f.as_fd())?;
+            observe(&info, &again)?;
+            info = again;
+            if info.initial_bytes == 0 {
+                break;
+            }
         }
     }
     if caps.contains(MigrationCaps::P2P) {
@@ -744,7 +800,7 @@ pub fn check_precopy<D: MigrationDevice>(
             }
         }
     }
-    Ok(())
+    Ok(seen)
 }
 
 /// DMA logging argument rules; `Ok(false)` when the device does not log DMA.
@@ -894,7 +950,9 @@ pub fn run_all<D: MigrationDevice>(
         check_corrupted_refused(&mut src, &mut dst, opts)
     );
     if caps.contains(MigrationCaps::PRE_COPY) {
-        check!("precopy", &src, check_precopy(&mut src, &mut dst, opts));
+        let seen = check!("precopy", &src, check_precopy(&mut src, &mut dst, opts));
+        report.precopy_info_v2 = seen.v2;
+        report.precopy_reinits = seen.reinits;
     } else {
         report.skipped.push(("precopy", "VFIO_MIGRATION_PRE_COPY"));
     }

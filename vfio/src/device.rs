@@ -15,8 +15,9 @@ pub struct PrecopyInfo {
     pub initial_bytes: u64,
     /// Estimate of state dirtied since it was last read.
     pub dirty_bytes: u64,
-    /// `VFIO_PRECOPY_INFO_REINIT` (only with `MIG_PRECOPY_INFOv2` enabled): initial_bytes was reset
-    /// to non-zero and dirty_bytes to 0.
+    /// `VFIO_PRECOPY_INFO_REINIT` (flags bit 0; only after
+    /// [`MigrationDevice::enable_precopy_info_v2`] returned `Ok(true)`): new initial data is on
+    /// the stream, `initial_bytes` was reset to non-zero and `dirty_bytes` to 0.
     pub reinit: bool,
 }
 
@@ -40,7 +41,28 @@ pub trait MigrationDevice: Send {
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error>;
 
     /// `VFIO_MIG_GET_PRECOPY_INFO` on the data fd; valid in PRE_COPY and PRE_COPY_P2P only.
+    /// [`PrecopyInfo::reinit`] is only ever set after
+    /// [`enable_precopy_info_v2`](MigrationDevice::enable_precopy_info_v2) returned `Ok(true)`.
     fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError>;
+
+    /// Opts in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.1; a SET without payload).
+    ///
+    /// Without the opt-in the kernel keeps the v1 behaviour: `vfio_precopy_info.flags` is
+    /// reserved (older drivers echo what userspace passed in), `initial_bytes` only decreases,
+    /// and new initial data a device produces shows up as `dirty_bytes`. After it, `flags` is an
+    /// output and `VFIO_PRECOPY_INFO_REINIT` says that new initial data is on the stream:
+    /// `initial_bytes` was reset to a non-zero value and `dirty_bytes` to 0, so the caller must
+    /// treat the device as not ready for STOP_COPY again until `initial_bytes` is back to 0.
+    /// (Kernel commit "vfio: Add support for VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2",
+    /// lore 20260317161753.18964-3-yishaih@nvidia.com; the core refuses it with EINVAL for a
+    /// device without `VFIO_MIGRATION_PRE_COPY`; the opt-in lasts until the device fd is closed.)
+    ///
+    /// Returns whether v2 is in force: `Ok(false)` when the kernel or the driver lacks the
+    /// feature (v1 stays; nothing was changed). Calling it again is harmless. The default is
+    /// that v1 fallback, for implementations that have no v2.
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: the estimated STOP_COPY size, in any state.
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError>;
@@ -112,6 +134,9 @@ impl<D: MigrationDevice + ?Sized> MigrationDevice for Box<D> {
     }
     fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
         (**self).precopy_info(data_fd)
+    }
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        (**self).enable_precopy_info_v2()
     }
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         (**self).stop_copy_size()

@@ -127,6 +127,8 @@ pub struct VfioDevice {
     num_regions: u32,
     /// The ranges of the running DMA_LOGGING_START; `None` while logging is off.
     dma_logging: Option<Vec<IovaRange>>,
+    /// `MIG_PRECOPY_INFOv2` was SET: `vfio_precopy_info.flags` is an output.
+    precopy_info_v2: bool,
 }
 
 fn open_err(path: &Path, what: &'static str, source: io::Error) -> DeviceError {
@@ -368,6 +370,7 @@ impl VfioDevice {
             features: OptionalFeatures::default(),
             num_regions: 0,
             dma_logging: None,
+            precopy_info_v2: false,
         };
         let mut info = b::vfio_device_info {
             argsz: argsz_of::<b::vfio_device_info>(),
@@ -414,19 +417,6 @@ impl VfioDevice {
     /// Number of regions (`vfio_device_info::num_regions`).
     pub fn num_regions(&self) -> u32 {
         self.num_regions
-    }
-
-    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` SET: from now on `VFIO_PRECOPY_INFO_REINIT` may
-    /// be reported by [`MigrationDevice::precopy_info`].
-    pub fn enable_precopy_info_v2(&mut self) -> Result<(), DeviceError> {
-        if !self.features.precopy_info_v2 {
-            return Err(self.unsupported(OP_PRECOPY_INFO_V2, OP_PRECOPY_INFO_V2));
-        }
-        self.feature_no_payload(
-            FeatureOp::Set,
-            b::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
-            OP_PRECOPY_INFO_V2,
-        )
     }
 
     /// `VFIO_DEVICE_GET_REGION_INFO` for region `index`.
@@ -605,8 +595,27 @@ impl MigrationDevice for VfioDevice {
         Ok(PrecopyInfo {
             initial_bytes: info.initial_bytes,
             dirty_bytes: info.dirty_bytes,
-            reinit: info.flags & b::VFIO_PRECOPY_INFO_REINIT != 0,
+            // Without the v2 opt-in `flags` is reserved: v1 drivers echo the input back.
+            reinit: self.precopy_info_v2 && info.flags & b::VFIO_PRECOPY_INFO_REINIT != 0,
         })
+    }
+
+    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` SET, when the PROBE at open found it (the core
+    /// answers a PROBE|SET of a feature it does not know with ENOTTY, and of this one on a device
+    /// without PRE_COPY with EINVAL: both leave v1 in force).
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        if !self.features.precopy_info_v2 {
+            return Ok(false);
+        }
+        if !self.precopy_info_v2 {
+            self.feature_no_payload(
+                FeatureOp::Set,
+                b::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
+                OP_PRECOPY_INFO_V2,
+            )?;
+            self.precopy_info_v2 = true;
+        }
+        Ok(true)
     }
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {

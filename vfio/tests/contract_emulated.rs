@@ -2,7 +2,9 @@
 //! STOP_COPY and both quirk modes (uAPI text and mtty).
 
 use vfmig_vfio::contract::{run_all, ContractOptions};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, GuestConfig, Profile, Quirks};
+use vfmig_vfio::emulated::{
+    EmulatedConfig, EmulatedDevice, GuestConfig, PrecopyInfoVersion, Profile, Quirks,
+};
 use vfmig_vfio::{DeviceState, MigrationCaps};
 
 fn config(caps: MigrationCaps, quirks: Quirks, guest: bool) -> EmulatedConfig {
@@ -20,6 +22,7 @@ fn config(caps: MigrationCaps, quirks: Quirks, guest: bool) -> EmulatedConfig {
             iova: 1 << 30,
             len: 1 << 20,
             dma_pages_per_sec: 0,
+            quiesce_dma_pages: 0,
         });
     }
     cfg
@@ -149,4 +152,58 @@ fn contract_detects_zero_reads_in_precopy_when_enomsg_is_required() {
     )
     .expect_err("0 in PRE_COPY must fail when ENOMSG is required");
     assert_eq!(err.check, "precopy");
+}
+
+/// One run of the suite over a PRE_COPY device that re-initialises once its initial data was
+/// read, with the given pre-copy information version offered and the opt-in asked or not.
+fn run_reinit(
+    version: PrecopyInfoVersion,
+    opt_in: bool,
+    quirks: Quirks,
+) -> vfmig_vfio::contract::ContractReport {
+    let cfg = config(MigrationCaps::ALL, quirks, false).with_precopy_info(version, Some(0));
+    let opts = ContractOptions {
+        exact_stop_copy_size: true,
+        allow_precopy_zero: quirks == Quirks::mtty(),
+        refusal_goes_to_error: !quirks.refusal_stays_resuming,
+        precopy_info_v2: opt_in,
+        ..ContractOptions::default()
+    };
+    let src_cfg = cfg.clone();
+    run_all(
+        || EmulatedDevice::new(src_cfg.clone()).expect("source device"),
+        || EmulatedDevice::new(cfg.clone()).expect("destination device"),
+        &opts,
+    )
+    .unwrap_or_else(|e| panic!("{version:?} opt-in {opt_in} {quirks:?}: {e}"))
+}
+
+#[test]
+fn contract_holds_with_precopy_info_v2_and_a_reinit_is_reported_only_after_the_opt_in() {
+    for quirks in [Quirks::uapi(), Quirks::mtty()] {
+        let v2 = run_reinit(PrecopyInfoVersion::V2, true, quirks);
+        assert!(v2.precopy_info_v2, "{quirks:?}: the opt-in took");
+        assert_eq!(
+            v2.precopy_reinits, 1,
+            "{quirks:?}: the re-initialisation was reported, its initial data read and resumed"
+        );
+        // A v2 device not opted in behaves as v1: its new initial data is dirty data.
+        let not_opted = run_reinit(PrecopyInfoVersion::V2, false, quirks);
+        assert!(!not_opted.precopy_info_v2);
+        assert_eq!(not_opted.precopy_reinits, 0, "{quirks:?}");
+        // A v1 kernel refuses the opt-in; the suite falls back to the v1 rules.
+        let v1 = run_reinit(PrecopyInfoVersion::V1, true, quirks);
+        assert!(!v1.precopy_info_v2);
+        assert_eq!(v1.precopy_reinits, 0, "{quirks:?}");
+        assert!(v1.passed.contains(&"precopy"));
+    }
+}
+
+#[test]
+fn precopy_info_v2_opt_in_is_refused_without_pre_copy_as_the_kernel_does() {
+    use vfmig_vfio::MigrationDevice;
+    let cfg = config(MigrationCaps::STOP_COPY, Quirks::uapi(), false)
+        .with_precopy_info(PrecopyInfoVersion::V2, None);
+    let mut dev = EmulatedDevice::new(cfg).unwrap();
+    assert!(!dev.enable_precopy_info_v2().unwrap());
 }

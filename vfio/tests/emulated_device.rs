@@ -7,8 +7,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use vfmig_vfio::emulated::format::HEADER_LEN;
 use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
-    StreamError,
+    EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, PrecopyInfoVersion,
+    Profile, Quirks, StreamError,
 };
 use vfmig_vfio::{Arc, DeviceError, DeviceState, DmaLoggingError, IovaRange, MigrationDevice};
 
@@ -233,6 +233,75 @@ fn precopy_reports_initial_then_dirty_bytes_and_the_final_state_transfers() {
     assert_eq!(dst.state_digest(), src.state_digest());
 }
 
+/// Reads a PRE_COPY fd until it has nothing pending (ENOMSG).
+fn drain_precopy(fd: &File, out: &mut Vec<u8>) {
+    let mut buf = vec![0u8; 100_000];
+    loop {
+        match (&*fd).read(&mut buf) {
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOMSG));
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn reinit_after_the_initial_data_was_drained_reports_new_initial_bytes_once_in_v2_only() {
+    // 512 KiB initial region in 32 blocks; the device re-initialises once that was drained.
+    let region = 32 * (48 + (16 << 10));
+    for (version, v2) in [
+        (PrecopyInfoVersion::V2, true),
+        (PrecopyInfoVersion::V1, false),
+    ] {
+        let cfg = small("reinit")
+            .with_precopy(Some(512 << 10))
+            .with_precopy_info(version, Some(0));
+        let mut src = EmulatedDevice::new(cfg).unwrap();
+        let mut dst = src.destination().unwrap();
+        assert_eq!(src.enable_precopy_info_v2().unwrap(), v2);
+        let fd = File::from(src.set_state(DeviceState::PreCopy).unwrap().unwrap());
+        let mut stream = Vec::new();
+        drain_precopy(&fd, &mut stream);
+        src.dirty_blocks(40);
+        let drained = src.precopy_info(fd.as_fd()).unwrap();
+        assert_eq!(drained.initial_bytes, 0, "{version:?}");
+        assert!(!drained.reinit);
+        let dirty_before = drained.dirty_bytes;
+        assert!(dirty_before > 0);
+        // The report after one that said 0 finds the device re-initialised.
+        let info = src.precopy_info(fd.as_fd()).unwrap();
+        assert_eq!(src.stats().precopy_reinits, 1);
+        if v2 {
+            assert!(info.reinit, "REINIT reported");
+            // The initial region, and what was dirty, is initial data now; dirty_bytes is 0.
+            assert!(info.initial_bytes >= region && info.initial_bytes <= region + dirty_before);
+            assert_eq!(info.dirty_bytes, 0);
+            let again = src.precopy_info(fd.as_fd()).unwrap();
+            assert!(!again.reinit, "REINIT is reported once");
+            assert_eq!(again.initial_bytes, info.initial_bytes);
+        } else {
+            assert!(!info.reinit, "v1: flags stay reserved");
+            assert_eq!(info.initial_bytes, 0, "v1: initial_bytes never grows");
+            assert!(info.dirty_bytes >= region, "v1: the new data is dirty data");
+        }
+        let before = stream.len();
+        drain_precopy(&fd, &mut stream);
+        let sent = (stream.len() - before) as u64;
+        assert_eq!(sent, info.initial_bytes + info.dirty_bytes);
+        let after = src.precopy_info(fd.as_fd()).unwrap();
+        assert_eq!((after.initial_bytes, after.dirty_bytes), (0, 0));
+        assert!(!after.reinit, "once per stream");
+        assert!(src.set_state(DeviceState::StopCopy).unwrap().is_none());
+        assert_eq!(src.stats().initial_bytes_at_precopy_exit, Some(0));
+        stream.extend_from_slice(&read_all(&fd).unwrap());
+        src.set_state(DeviceState::Stop).unwrap();
+        resume(&mut dst, &stream).unwrap();
+        assert_eq!(dst.state_digest(), src.state_digest(), "{version:?}");
+    }
+}
+
 #[test]
 fn precopy_drained_read_returns_zero_in_mtty_mode() {
     let cfg = EmulatedConfig::new("mtty", 4096, 1).with_quirks(Quirks::mtty());
@@ -417,6 +486,7 @@ fn dma_logging_reports_exactly_the_pages_written_and_clears_them() {
         iova,
         len: 4 << 20,
         dma_pages_per_sec: 0,
+        quiesce_dma_pages: 0,
     });
     let mut dev = EmulatedDevice::new(cfg).unwrap();
     let mem = dev.guest_memory().unwrap();
@@ -718,6 +788,7 @@ fn explicit_dirtying_and_dma_writes_are_bounded_per_call_by_the_device_size() {
         iova: 1 << 30,
         len: 16 * 4096,
         dma_pages_per_sec: 0,
+        quiesce_dma_pages: 0,
     });
     let dev = EmulatedDevice::new(cfg).unwrap();
     // 1 MiB of state in 16 KiB blocks: 64 blocks.

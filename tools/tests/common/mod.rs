@@ -13,8 +13,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_vfmig");
 /// Upper bound on any one process in these tests (a hang fails the test instead of CI).
 pub const PROCESS_LIMIT: Duration = Duration::from_secs(90);
 
+/// The binary under test: [`BIN`], or `$VFMIG_TEST_BIN` (to run these tests against another
+/// build, e.g. to show that a test fails on an older one).
+pub fn bin() -> String {
+    std::env::var("VFMIG_TEST_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 pub fn vfmig() -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.stdin(Stdio::null());
     c
 }
@@ -32,10 +38,15 @@ pub struct Receiver {
 impl Receiver {
     /// Starts `vfmig recv --listen 127.0.0.1:0 ARGS` and waits for its `listening on` line.
     pub fn spawn(args: &[&str]) -> Receiver {
-        let mut child = vfmig()
-            .arg("recv")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+        let mut cmd = vfmig();
+        cmd.arg("recv").args(["--listen", "127.0.0.1:0"]).args(args);
+        Receiver::start(cmd)
+    }
+
+    /// Starts `cmd` (a `vfmig recv` with its `--listen`, possibly behind a wrapper such as
+    /// [`unprivileged`]) and waits for its `listening on` line.
+    pub fn start(mut cmd: Command) -> Receiver {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -216,4 +227,61 @@ pub fn write_key(dir: &Path, name: &str, key: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, key).expect("write key");
     p.to_string_lossy().into_owned()
+}
+
+/// Whether the tests run as root (then [`unprivileged`] drops to `nobody`).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Locked-memory limit for [`unprivileged`] and [`without_ipc_lock`]: enough for io_uring's rings,
+/// far below the 64 MiB buffer pool, so registering the pool must fail.
+pub const LOW_MEMLOCK: &str = "--memlock=1048576:1048576";
+
+/// `vfmig` as an unprivileged user: `nobody` (uid/gid 65534, no supplementary groups) when the
+/// tests run as root, with [`LOW_MEMLOCK`] either way.
+pub fn unprivileged() -> Command {
+    let mut c = Command::new("prlimit");
+    c.arg(LOW_MEMLOCK);
+    if is_root() {
+        c.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]);
+    }
+    c.arg(bin()).stdin(Stdio::null());
+    c
+}
+
+/// `vfmig` as root without `CAP_IPC_LOCK` (dropped from the bounding and inheritable sets before
+/// exec) and with [`LOW_MEMLOCK`]: the container / systemd-unit case.
+pub fn without_ipc_lock() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--bounding-set=-ipc_lock",
+        "--inh-caps=-ipc_lock",
+        "prlimit",
+        LOW_MEMLOCK,
+        &bin(),
+    ])
+    .stdin(Stdio::null());
+    c
+}
+
+/// A temporary directory every user may write (mode 1777), for [`unprivileged`] runs.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    d
+}
+
+/// Writes `data` to `path` readable by everyone (mode 0644).
+pub fn write_public(path: &Path, data: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, data).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 }

@@ -11,7 +11,8 @@
 //! 20     4    wire_len payload length on the wire (bytes following the header)
 //! 24     8    arg      kind-specific (see FrameKind)
 //! 32     4    flags    reserved, must be 0 in version 3
-//! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes
+//! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes;
+//!                      0 on a connection with sealed frames (the AEAD tag covers them, `seal`)
 //! ```
 
 use crate::WireError;
@@ -192,6 +193,21 @@ impl FrameHeader {
     /// Writes the header with `crc` computed over it and `payload` (which must be `wire_len`
     /// bytes long).
     pub fn encode(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
+        let mut b = self.encode_fields();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..36]), payload);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Writes the header with its CRC field 0, for a connection whose frames are sealed
+    /// ([`crate::seal`]): the AEAD tag covers header and payload instead of the CRC.
+    pub fn encode_unprotected(&self) -> [u8; HEADER_LEN] {
+        let mut b = self.encode_fields();
+        b[36..40].fill(0);
+        b
+    }
+
+    fn encode_fields(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&FRAME_MAGIC);
         b[4] = self.kind as u8;
@@ -202,8 +218,6 @@ impl FrameHeader {
         b[20..24].copy_from_slice(&self.wire_len.to_le_bytes());
         b[24..32].copy_from_slice(&self.arg.to_le_bytes());
         // flags: reserved, zero.
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..36]), payload);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
         b
     }
 

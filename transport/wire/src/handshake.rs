@@ -20,8 +20,9 @@
 //! (envelopes included). Both nonces, both roles, the offer, the answer, the session id and the
 //! join request are therefore bound; a replayed `ClientOffer` fails against a fresh `nonce_s`, and
 //! a reflected MAC fails because the labels differ. The client proves first, so the server reveals
-//! nothing but its nonce (and a refusal) to a client that does not hold the key. No keys are
-//! derived.
+//! nothing but its nonce (and a refusal) to a client that does not hold the key. With a PSK both
+//! sides then derive the connection's keys from the PSK and the transcript
+//! ([`SessionKeys::derive`]): frame keys per direction and the stream digest key.
 //!
 //! The driver (the transport) loops: write [`Handshake::take_output`] to the peer, read bytes,
 //! [`Handshake::feed`] them, until [`Handshake::agreed`] is `Some` or `feed` fails. `feed` consumes
@@ -29,6 +30,7 @@
 //! caller. After a failure, write the remaining `take_output` (a `Refuse` for the peer) and close.
 
 use crate::frame::{Codec, MAX_PAYLOAD};
+use crate::seal::{FrameProtection, SessionKeys};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -46,8 +48,8 @@ pub const MAC_LEN: usize = 32;
 pub const MAX_DEVICES: usize = 256;
 /// Hard cap on a device name, in bytes of UTF-8.
 pub const MAX_DEVICE_NAME: usize = 255;
-/// Checksum algorithm identifier for CRC32C, the only one in version 2.
-pub const CHECKSUM_CRC32C: u8 = 1;
+/// Frame protection byte for CRC32C ([`FrameProtection::Crc32c`]).
+pub const CHECKSUM_CRC32C: u8 = FrameProtection::Crc32c as u8;
 
 /// Body length of `ClientHello` and `ServerChallenge`.
 pub const HELLO_BODY_LEN: usize = NONCE_LEN + 4;
@@ -67,6 +69,15 @@ pub const MAX_OFFER_BODY: usize =
 pub const CLIENT_MAC_LABEL: &[u8; 32] = b"vfmig handshake v1 client proof\0";
 /// Label prefixed to the server's MAC input (32 bytes).
 pub const SERVER_MAC_LABEL: &[u8; 32] = b"vfmig handshake v1 server proof\0";
+
+/// The frame protection a side uses unless told otherwise: AES-256-GCM with a PSK, CRC32C
+/// without one.
+pub fn default_protection(auth: &Auth) -> FrameProtection {
+    match auth {
+        Auth::None => FrameProtection::Crc32c,
+        Auth::Psk(_) => FrameProtection::Aes256Gcm,
+    }
+}
 
 /// Bit for `codec` in [`Offer::codecs`] / [`Agreed::codecs`].
 pub fn codec_bit(codec: Codec) -> u32 {
@@ -217,6 +228,11 @@ pub struct Agreed {
     pub devices: Vec<DeviceDesc>,
     /// Both sides proved possession of the PSK.
     pub authenticated: bool,
+    /// How this connection's frames are protected.
+    pub protection: FrameProtection,
+    /// This connection's keys, derived from the PSK and its handshake transcript (`None` without
+    /// a PSK).
+    pub keys: Option<SessionKeys>,
 }
 
 /// Handshake message types (envelope byte 6).
@@ -270,6 +286,8 @@ pub enum RefuseCode {
     UnexpectedMessage,
     /// A join asked for a connection index outside the session. Value: the agreed streams.
     BadJoinIndex,
+    /// The offer asks for another frame protection. Value: the refuser's protection byte.
+    ProtectionMismatch,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -287,6 +305,7 @@ impl RefuseCode {
             RefuseCode::NoCommonCodec => 7,
             RefuseCode::UnexpectedMessage => 8,
             RefuseCode::BadJoinIndex => 9,
+            RefuseCode::ProtectionMismatch => 10,
             RefuseCode::Unknown(v) => v,
         }
     }
@@ -303,6 +322,7 @@ impl RefuseCode {
             7 => RefuseCode::NoCommonCodec,
             8 => RefuseCode::UnexpectedMessage,
             9 => RefuseCode::BadJoinIndex,
+            10 => RefuseCode::ProtectionMismatch,
             v => RefuseCode::Unknown(v),
         }
     }
@@ -376,6 +396,15 @@ pub enum HandshakeError {
         /// Agreed streams.
         streams: u16,
     },
+    /// The peers are configured to protect frames differently (detected by the server or
+    /// reported by it).
+    #[error("frame protection mismatch: ours {ours:?}, theirs {theirs}")]
+    ProtectionMismatch {
+        /// Ours.
+        ours: FrameProtection,
+        /// The peer's protection byte.
+        theirs: u8,
+    },
     /// The peer refused with `code` (and a code-specific `value`, see [`RefuseCode`]).
     #[error("peer refused: {code:?} (value {value})")]
     Refused {
@@ -422,6 +451,9 @@ impl HandshakeError {
             HandshakeError::BadJoinIndex { streams, .. } => {
                 (RefuseCode::BadJoinIndex, u64::from(*streams))
             }
+            HandshakeError::ProtectionMismatch { ours, .. } => {
+                (RefuseCode::ProtectionMismatch, *ours as u64)
+            }
             HandshakeError::UnexpectedMessage { found, .. } => {
                 (RefuseCode::UnexpectedMessage, u64::from(*found))
             }
@@ -460,6 +492,7 @@ struct Core {
     role: Role,
     version: u16,
     auth: Auth,
+    protection: FrameProtection,
     /// The message being reassembled: envelope, then body.
     rx: Vec<u8>,
     /// Body length of the message in `rx`, once its envelope is in and validated.
@@ -477,6 +510,7 @@ impl std::fmt::Debug for Core {
             .field("role", &self.role)
             .field("version", &self.version)
             .field("auth", &self.auth)
+            .field("protection", &self.protection)
             .field("rx_len", &self.rx.len())
             .field("out_len", &self.out.len())
             .field("failed", &self.failed)
@@ -495,17 +529,36 @@ struct Expect {
 }
 
 impl Core {
-    fn new(role: Role, version: u16, auth: Auth) -> Core {
+    fn new(role: Role, version: u16, auth: Auth, protection: FrameProtection) -> Core {
         Core {
             role,
             version,
             auth,
+            protection,
             rx: Vec::new(),
             rx_body: None,
             out: Vec::new(),
             transcript: Vec::new(),
             failed: None,
             agreed: None,
+        }
+    }
+
+    /// The connection's keys once the transcript is complete (PSK only).
+    fn keys(&self) -> Option<SessionKeys> {
+        match &self.auth {
+            Auth::None => None,
+            Auth::Psk(k) => Some(SessionKeys::derive(k, &self.transcript)),
+        }
+    }
+
+    /// A PSK without TLS protects frames with AES-256-GCM; no key cannot.
+    fn check_protection(&self) -> Option<HandshakeError> {
+        match (&self.auth, self.protection) {
+            (Auth::None, FrameProtection::Aes256Gcm) => Some(HandshakeError::BadLocalParams {
+                what: "frame encryption without a PSK",
+            }),
+            _ => None,
         }
     }
 
@@ -681,6 +734,10 @@ impl Core {
             },
             RefuseCode::AuthModeMismatch => HandshakeError::AuthModeMismatch {
                 ours: self.auth.mode(),
+                theirs: u8::try_from(value).unwrap_or(u8::MAX),
+            },
+            RefuseCode::ProtectionMismatch => HandshakeError::ProtectionMismatch {
+                ours: self.protection,
                 theirs: u8::try_from(value).unwrap_or(u8::MAX),
             },
             code => HandshakeError::Refused { code, value },
@@ -863,9 +920,9 @@ impl Fixed {
             session_id: r.arr16()?,
             window_bytes: r.u64()?,
         };
-        if f.checksum != CHECKSUM_CRC32C {
+        if FrameProtection::from_u8(f.checksum).is_none() {
             return Err(HandshakeError::Malformed {
-                what: "checksum algorithm",
+                what: "frame protection",
             });
         }
         if f.join > 1 {
@@ -896,7 +953,11 @@ impl Fixed {
 }
 
 /// Validates and encodes an offer body (without MAC).
-fn encode_offer(offer: &Offer, join: Option<([u8; 16], u16)>) -> Result<Vec<u8>, HandshakeError> {
+fn encode_offer(
+    offer: &Offer,
+    join: Option<([u8; 16], u16)>,
+    protection: FrameProtection,
+) -> Result<Vec<u8>, HandshakeError> {
     let bad = |what| Err(HandshakeError::BadLocalParams { what });
     let Ok(device_count) = u16::try_from(offer.devices.len()) else {
         return bad("more than MAX_DEVICES devices");
@@ -920,7 +981,7 @@ fn encode_offer(offer: &Offer, join: Option<([u8; 16], u16)>) -> Result<Vec<u8>,
         device_count,
         codecs: offer.codecs,
         max_payload: offer.max_payload,
-        checksum: CHECKSUM_CRC32C,
+        checksum: protection as u8,
         join: u8::from(join.is_some()),
         conn_index: join.map_or(0, |j| j.1),
         session_id: join.map_or([0; 16], |j| j.0),
@@ -1056,6 +1117,7 @@ struct ClientSide {
     offer_body: Vec<u8>,
     offer: Offer,
     join: Option<([u8; 16], u16)>,
+    protection: FrameProtection,
 }
 
 impl ClientHandshake {
@@ -1063,22 +1125,40 @@ impl ClientHandshake {
     /// parameters (empty PSK, an offer outside the protocol's caps) give a client that is already
     /// failed with [`HandshakeError::BadLocalParams`] and has nothing to send.
     pub fn new(params: ClientParams) -> ClientHandshake {
-        ClientHandshake::with_version(params, PROTOCOL_VERSION)
+        let p = default_protection(&params.auth);
+        ClientHandshake::build(params, PROTOCOL_VERSION, p)
     }
 
     /// Like [`ClientHandshake::new`], but announces `version` in every envelope. For interop
     /// tests of version refusal; the message layouts stay those of this version.
     pub fn with_version(params: ClientParams, version: u16) -> ClientHandshake {
+        let p = default_protection(&params.auth);
+        ClientHandshake::build(params, version, p)
+    }
+
+    /// Like [`ClientHandshake::new`], with the frame protection given instead of the default for
+    /// the auth mode (the transport asks for [`FrameProtection::Crc32c`] inside TLS).
+    pub fn with_protection(params: ClientParams, protection: FrameProtection) -> ClientHandshake {
+        ClientHandshake::build(params, PROTOCOL_VERSION, protection)
+    }
+
+    fn build(params: ClientParams, version: u16, protection: FrameProtection) -> ClientHandshake {
         let ClientParams {
             auth,
             offer,
             join,
             nonce,
         } = params;
-        let mut core = Core::new(Role::Client, version, auth);
-        let offer_body = match (&core.auth, encode_offer(&offer, join)) {
+        let mut core = Core::new(Role::Client, version, auth, protection);
+        let offer_body = match (&core.auth, encode_offer(&offer, join, protection)) {
             (Auth::Psk(k), _) if k.is_empty() => {
                 core.fail(HandshakeError::BadLocalParams { what: "empty PSK" });
+                Vec::new()
+            }
+            _ if core.check_protection().is_some() => {
+                if let Some(e) = core.check_protection() {
+                    core.fail(e);
+                }
                 Vec::new()
             }
             (_, Err(e)) => {
@@ -1099,6 +1179,7 @@ impl ClientHandshake {
                 offer_body,
                 offer,
                 join,
+                protection,
             },
         }
     }
@@ -1171,6 +1252,8 @@ impl ClientSide {
                     window_bytes: a.window_bytes,
                     devices: self.offer.devices.clone(),
                     authenticated: core.mac_len() > 0,
+                    protection: core.protection,
+                    keys: core.keys(),
                 });
                 self.state = ClientState::Done;
                 Ok(())
@@ -1200,6 +1283,9 @@ impl ClientSide {
         }
         if usize::from(a.device_count) != o.devices.len() {
             return bad("accepted device count differs from offer");
+        }
+        if a.checksum != self.protection as u8 {
+            return bad("accepted frame protection differs from offer");
         }
         match self.join {
             Some((sid, idx)) => {
@@ -1248,21 +1334,35 @@ impl ServerHandshake {
     /// Starts a server; it waits for the `ClientHello`. Invalid local parameters (empty PSK, a
     /// zero limit) give a server that is already failed with [`HandshakeError::BadLocalParams`].
     pub fn new(params: ServerParams) -> ServerHandshake {
-        ServerHandshake::with_version(params, PROTOCOL_VERSION)
+        let p = default_protection(&params.auth);
+        ServerHandshake::build(params, PROTOCOL_VERSION, p)
     }
 
     /// Like [`ServerHandshake::new`], but announces `version`. For interop tests.
     pub fn with_version(params: ServerParams, version: u16) -> ServerHandshake {
+        let p = default_protection(&params.auth);
+        ServerHandshake::build(params, version, p)
+    }
+
+    /// Like [`ServerHandshake::new`], requiring `protection` of the client instead of the
+    /// default for the auth mode (the transport requires [`FrameProtection::Crc32c`] inside TLS).
+    pub fn with_protection(params: ServerParams, protection: FrameProtection) -> ServerHandshake {
+        ServerHandshake::build(params, PROTOCOL_VERSION, protection)
+    }
+
+    fn build(params: ServerParams, version: u16, protection: FrameProtection) -> ServerHandshake {
         let ServerParams {
             auth,
             limits,
             session_id,
             nonce,
         } = params;
-        let mut core = Core::new(Role::Server, version, auth);
+        let mut core = Core::new(Role::Server, version, auth, protection);
         let l = &limits;
         if matches!(&core.auth, Auth::Psk(k) if k.is_empty()) {
             core.fail(HandshakeError::BadLocalParams { what: "empty PSK" });
+        } else if let Some(e) = core.check_protection() {
+            core.fail(e);
         } else if l.max_streams == 0
             || l.max_devices == 0
             || l.max_payload == 0
@@ -1337,6 +1437,12 @@ impl ServerSide {
                 }
                 let offer_body = &body[..body.len() - mac_len];
                 let (f, devices) = parse_offer(offer_body, &self.limits)?;
+                if f.checksum != core.protection as u8 {
+                    return Err(HandshakeError::ProtectionMismatch {
+                        ours: core.protection,
+                        theirs: f.checksum,
+                    });
+                }
                 let streams = f.streams.min(self.limits.max_streams);
                 let (session_id, conn_index) = if f.join == 1 {
                     if f.conn_index == 0 || f.conn_index >= streams {
@@ -1361,7 +1467,7 @@ impl ServerSide {
                     device_count: f.device_count,
                     codecs,
                     max_payload,
-                    checksum: CHECKSUM_CRC32C,
+                    checksum: core.protection as u8,
                     join: f.join,
                     conn_index,
                     session_id,
@@ -1387,6 +1493,8 @@ impl ServerSide {
                     window_bytes,
                     devices,
                     authenticated: mac_len > 0,
+                    protection: core.protection,
+                    keys: core.keys(),
                 });
                 self.state = ServerState::Done;
                 Ok(())

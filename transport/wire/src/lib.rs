@@ -1,7 +1,8 @@
 //! # vfmig-wire: the vfmig wire protocol (docs/PROTOCOL.md)
 //!
 //! Owns: the 40-byte frame header ([`frame`]), typed control frames ([`control`]), the
-//! incremental [`Deframer`], and the sans-IO handshake with PSK authentication ([`handshake`]).
+//! incremental [`Deframer`], the sans-IO handshake with PSK authentication ([`handshake`]), and
+//! the key derivation and AES-256-GCM sealing of frames on PSK connections ([`seal`]).
 //! Pure functions and state machines over bytes.
 //!
 //! Never touches: sockets, files, io_uring, clocks or randomness (nonces and session ids are
@@ -18,6 +19,7 @@ pub mod deframer;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod seal;
 
 pub use control::{AbortReason, Control, FinalOutcome};
 pub use deframer::{Deframer, Frame};
@@ -26,3 +28,4 @@ pub use frame::{
     page_map_len, Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAP_GRANULE,
     MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
 };
+pub use seal::{FrameProtection, SessionKeys};

@@ -706,3 +706,68 @@ proptest! {
         prop_assert!(s.agreed().is_none());
     }
 }
+
+#[test]
+fn psk_sessions_derive_equal_keys_on_both_sides_fresh_per_handshake_and_seal_frames() {
+    let (mut c, mut s) = (client(psk(KEY), 1), server(psk(KEY), 2));
+    pump(&mut c, &mut s);
+    let (a, b) = (c.agreed().unwrap(), s.agreed().unwrap());
+    assert_eq!(a.protection, vfmig_wire::FrameProtection::Aes256Gcm);
+    let keys = a.keys.clone().expect("PSK derives keys");
+    assert_eq!(Some(&keys), b.keys.as_ref());
+    // Another handshake with the same key (fresh nonces) gives other keys.
+    let (mut c2, mut s2) = (client(psk(KEY), 3), server(psk(KEY), 4));
+    pump(&mut c2, &mut s2);
+    assert_ne!(c2.agreed().unwrap().keys.as_ref(), Some(&keys));
+    // Without a key: CRC32C and no keys.
+    let (mut c3, mut s3) = (client(Auth::None, 1), server(Auth::None, 2));
+    pump(&mut c3, &mut s3);
+    let n = c3.agreed().unwrap();
+    assert_eq!(
+        (n.protection, n.keys.is_none()),
+        (vfmig_wire::FrameProtection::Crc32c, true)
+    );
+}
+
+#[test]
+fn a_frame_protection_mismatch_is_refused_with_a_typed_error_on_both_sides() {
+    use vfmig_wire::FrameProtection;
+    let params = ClientParams {
+        auth: psk(KEY),
+        offer: offer(),
+        join: None,
+        nonce: [1; 32],
+    };
+    // A PSK client inside TLS (CRC32C) against a PSK server that wants sealed frames.
+    let mut c = ClientHandshake::with_protection(params, FrameProtection::Crc32c);
+    let mut s = server(psk(KEY), 2);
+    pump(&mut c, &mut s);
+    assert_eq!(
+        s.error(),
+        Some(&HandshakeError::ProtectionMismatch {
+            ours: FrameProtection::Aes256Gcm,
+            theirs: 1
+        })
+    );
+    assert_eq!(
+        c.error(),
+        Some(&HandshakeError::ProtectionMismatch {
+            ours: FrameProtection::Crc32c,
+            theirs: 2
+        })
+    );
+    // Sealed frames need a key.
+    let c = ClientHandshake::with_protection(
+        ClientParams {
+            auth: Auth::None,
+            offer: offer(),
+            join: None,
+            nonce: [1; 32],
+        },
+        FrameProtection::Aes256Gcm,
+    );
+    assert!(matches!(
+        c.error(),
+        Some(HandshakeError::BadLocalParams { .. })
+    ));
+}

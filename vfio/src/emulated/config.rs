@@ -23,6 +23,18 @@ pub enum StopCopyFd {
     Dup,
 }
 
+/// Which pre-copy information behaviour the device offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrecopyInfoVersion {
+    /// A kernel or driver without `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`: the opt-in is
+    /// refused, `initial_bytes` only decreases and new initial data shows up as `dirty_bytes`.
+    #[default]
+    V1,
+    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.1) is offered; once opted in,
+    /// `VFIO_PRECOPY_INFO_REINIT` reports new initial data.
+    V2,
+}
+
 /// Behaviours real drivers differ in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Quirks {
@@ -103,6 +115,10 @@ pub struct GuestConfig {
     pub len: u64,
     /// Guest pages written per second while the device runs (0: only explicit writes).
     pub dma_pages_per_sec: u64,
+    /// Guest pages the device writes when it enters RUNNING_P2P or PRE_COPY_P2P: the DMA it
+    /// still had outstanding, completed while quiescing (the last device writes before it
+    /// stops).
+    pub quiesce_dma_pages: u64,
 }
 
 /// Everything an emulated device is made of. Every field of the CLI spec
@@ -136,6 +152,15 @@ pub struct EmulatedConfig {
     /// Most bytes a RESUMING data fd accepts before writes fail with ENOMEM; `None` = four full
     /// streams' worth.
     pub resume_capacity: Option<u64>,
+    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` support (`precopy-info=v1|v2`).
+    pub precopy_info: PrecopyInfoVersion,
+    /// Re-initialisation in PRE_COPY (`reinit-after=SIZE`): once the PRE_COPY stream has
+    /// delivered at least this many bytes and a `precopy_info` has reported `initial_bytes` = 0,
+    /// the next `precopy_info` finds the device reconfigured (once per stream). The blocks of
+    /// its initial region change and must be sent again: with the v2 opt-in they, and the
+    /// blocks dirty so far, are new initial data (`VFIO_PRECOPY_INFO_REINIT` set once,
+    /// `dirty_bytes` 0, as mlx5 does); without it they are counted as `dirty_bytes` (v1).
+    pub reinit_after: Option<u64>,
 }
 
 /// Default block size: 64 KiB.
@@ -156,6 +181,8 @@ impl Default for EmulatedConfig {
             faults: Faults::default(),
             guest: None,
             resume_capacity: None,
+            precopy_info: PrecopyInfoVersion::V1,
+            reinit_after: None,
         }
     }
 }
@@ -234,6 +261,17 @@ impl EmulatedConfig {
     /// Sets the faults.
     pub fn with_faults(mut self, faults: Faults) -> EmulatedConfig {
         self.faults = faults;
+        self
+    }
+
+    /// Sets the pre-copy information behaviour and the re-initialisation trigger.
+    pub fn with_precopy_info(
+        mut self,
+        version: PrecopyInfoVersion,
+        reinit_after: Option<u64>,
+    ) -> EmulatedConfig {
+        self.precopy_info = version;
+        self.reinit_after = reinit_after;
         self
     }
 

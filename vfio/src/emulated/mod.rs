@@ -55,8 +55,8 @@ use crate::state::{path, Arc as MigArc, DeviceState, MigrationCaps};
 
 use self::bits::BitSet;
 pub use self::config::{
-    EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, Quirks, StopCopyFd,
-    DEFAULT_BLOCK_SIZE,
+    EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, PrecopyInfoVersion, Quirks,
+    StopCopyFd, DEFAULT_BLOCK_SIZE,
 };
 pub use self::content::{Profile, PAGE_SIZE};
 pub use self::format::StreamError;
@@ -120,6 +120,14 @@ struct SaveStream {
     dirty_cursor: u64,
     /// Blocks `< initial_blocks` are PRE_COPY initial data.
     initial_blocks: u64,
+    /// Blocks that became initial data again when the device re-initialised (v2).
+    reinit: BitSet,
+    /// The re-initialisation of `reinit_after` happened (once per stream).
+    reinit_done: bool,
+    /// `VFIO_PRECOPY_INFO_REINIT` is still to be reported.
+    reinit_report: bool,
+    /// A `precopy_info` reported `initial_bytes` = 0.
+    zero_reported: bool,
     payload_bytes: u64,
     /// The record being read out.
     cur: Vec<u8>,
@@ -140,7 +148,7 @@ struct ResumeStream {
 
 #[derive(Debug)]
 enum Stream {
-    Save(SaveStream),
+    Save(Box<SaveStream>),
     Resume(Arc<Mutex<ResumeStream>>),
 }
 
@@ -173,6 +181,11 @@ pub struct EmulatedStats {
     pub max_read_request: u64,
     /// Largest FUSE WRITE request seen by the process-wide mount.
     pub max_write_request: u64,
+    /// Re-initialisations in PRE_COPY (`reinit_after`).
+    pub precopy_reinits: u64,
+    /// The `initial_bytes` a `precopy_info` would have reported when the device last left
+    /// PRE_COPY for STOP_COPY (0: every initial byte was read in PRE_COPY).
+    pub initial_bytes_at_precopy_exit: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -203,6 +216,8 @@ pub(crate) struct Core {
     /// The MMIO BAR: a small register file (not part of the migrated stream; an applied write
     /// also dirties a state block, which is).
     mmio: [u64; MMIO_REGS],
+    /// `MIG_PRECOPY_INFOv2` was opted in to (lasts for the device's life, as for an open fd).
+    precopy_info_v2: bool,
 }
 
 /// 64-bit registers in the emulated MMIO BAR.
@@ -278,7 +293,7 @@ impl Core {
         };
         self.stats.blocks_dirtied += 1;
         if let Some(Stream::Save(s)) = &mut self.stream {
-            if !s.unsent.contains(i) {
+            if !s.unsent.contains(i) && !s.reinit.contains(i) {
                 s.dirty.insert(i);
             }
         }
@@ -349,6 +364,10 @@ impl Core {
             dirty: BitSet::new(self.blocks),
             dirty_cursor: 0,
             initial_blocks,
+            reinit: BitSet::new(self.blocks),
+            reinit_done: false,
+            reinit_report: false,
+            zero_reported: false,
             payload_bytes: 0,
             cur: Vec::new(),
             cur_pos: 0,
@@ -417,6 +436,9 @@ impl Core {
                     Class::StopCopyOnly
                 },
             )
+        } else if let Some(i) = s.reinit.next_from(0) {
+            s.reinit.remove(i);
+            (i, Class::Initial)
         } else if let Some(i) = s.dirty.next_wrapping(s.dirty_cursor) {
             s.dirty.remove(i);
             s.dirty_cursor = i + 1;
@@ -522,8 +544,69 @@ impl Core {
         Ok(out.len)
     }
 
+    /// `VFIO_MIG_GET_PRECOPY_INFO`: the sizes, after the re-initialisation of `reinit_after`
+    /// if it is due; `reinit` only once opted in to v2, once per re-initialisation.
     fn precopy_info(&mut self) -> PrecopyInfo {
         self.tick();
+        self.maybe_reinit();
+        let mut info = self.precopy_sizes();
+        let v2 = self.precopy_info_v2;
+        if let Some(s) = self.save() {
+            s.zero_reported |= info.initial_bytes == 0;
+            info.reinit = v2 && std::mem::take(&mut s.reinit_report);
+        }
+        info
+    }
+
+    /// The device reconfigures itself in PRE_COPY (see [`EmulatedConfig::reinit_after`]): the
+    /// blocks of its initial region change and must be sent again.
+    fn maybe_reinit(&mut self) {
+        let Some(after) = self.cfg.reinit_after else {
+            return;
+        };
+        if !matches!(self.state, DeviceState::PreCopy | DeviceState::PreCopyP2p) {
+            return;
+        }
+        let v2 = self.precopy_info_v2;
+        let Some(Stream::Save(mut s)) = self.stream.take() else {
+            return;
+        };
+        if !s.reinit_done && s.zero_reported && s.offset >= after {
+            s.reinit_done = true;
+            self.stats.precopy_reinits += 1;
+            let region = s.initial_blocks.clamp(1, self.blocks);
+            for i in 0..region {
+                let v = &mut self.versions[Self::vidx(i)];
+                *v = match v.wrapping_add(1) {
+                    u32::MAX => 0,
+                    n => n,
+                };
+                // A block not sent yet goes out at its new version anyway.
+                if !s.unsent.contains(i) {
+                    let set = if v2 { &mut s.reinit } else { &mut s.dirty };
+                    set.insert(i);
+                }
+            }
+            if v2 {
+                // As mlx5: what was dirty, and the rest of the record being read, precede the
+                // new initial data on the stream and count as initial bytes; dirty_bytes is 0.
+                let mut at = 0;
+                while let Some(i) = s.dirty.next_from(at) {
+                    s.dirty.remove(i);
+                    s.reinit.insert(i);
+                    at = i + 1;
+                }
+                if s.cur_class == Class::Dirty {
+                    s.cur_class = Class::Initial;
+                }
+                s.reinit_report = true;
+            }
+        }
+        self.stream = Some(Stream::Save(s));
+    }
+
+    /// `initial_bytes` and `dirty_bytes` of the saving stream now (no side effects).
+    fn precopy_sizes(&self) -> PrecopyInfo {
         let Some(Stream::Save(s)) = &self.stream else {
             return PrecopyInfo::default();
         };
@@ -543,6 +626,7 @@ impl Core {
                 initial -= self.block_size - self.block_len(self.blocks - 1);
             }
         }
+        initial += self.set_bytes(&s.reinit);
         dirty += self.set_bytes(&s.dirty);
         match s.cur_class {
             Class::Initial => initial += rest,
@@ -767,6 +851,7 @@ impl EmulatedDevice {
             dma_log: DmaLog::default(),
             dma_counter: 0,
             mmio: [0; MMIO_REGS],
+            precopy_info_v2: false,
             stats: EmulatedStats::default(),
             cfg,
         };
@@ -932,7 +1017,7 @@ impl EmulatedDevice {
         if c.cfg.quirks.stop_copy_fd == StopCopyFd::Dup {
             s.fd = Some(fd.try_clone()?);
         }
-        c.stream = Some(Stream::Save(s));
+        c.stream = Some(Stream::Save(Box::new(s)));
         Ok(fd)
     }
 
@@ -964,6 +1049,17 @@ impl EmulatedDevice {
                 }
                 return Err(errno(libc::EIO));
             }
+        }
+        if matches!(
+            (arc.from, arc.to),
+            (Running, RunningP2p) | (PreCopy, PreCopyP2p)
+        ) {
+            // Quiescing: the DMA still outstanding completes before the device holds still.
+            let n = c.cfg.guest.map_or(0, |g| g.quiesce_dma_pages);
+            c.dma_random(n);
+        }
+        if matches!(arc.from, PreCopy | PreCopyP2p) && arc.to == StopCopy {
+            c.stats.initial_bytes_at_precopy_exit = Some(c.precopy_sizes().initial_bytes);
         }
         let fd = match (arc.from, arc.to) {
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) => Some(self.open_save(c, true)?),
@@ -1099,6 +1195,16 @@ impl MigrationDevice for EmulatedDevice {
                 source: errno(libc::ENOTTY),
             }),
         }
+    }
+
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        let mut c = self.core();
+        // As the kernel: only offered with v2 support, and refused without PRE_COPY (the
+        // PROBE fails, so the caller keeps v1).
+        let offered = c.cfg.precopy_info == PrecopyInfoVersion::V2
+            && self.caps.contains(MigrationCaps::PRE_COPY);
+        c.precopy_info_v2 |= offered;
+        Ok(offered)
     }
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
