@@ -18,9 +18,11 @@ use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
 use crate::error::{Phase, PipelineError, Side};
-use crate::source::{build_report, reset_committed, reset_one, set_state, Watch};
+use crate::report::build_report;
+use crate::rollback::{reset_committed, reset_one, set_state};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
+use crate::watch::Watch;
 use crate::writer::{self, WriterDevice, WriterEvent};
 
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
@@ -267,8 +269,12 @@ fn receive_loop(
                     )
                     .map_err(|_| lost())?;
             }
-            FrameKind::PreCopyDone => {
-                let item = Incoming::PreCopyDone { raw: h.arg };
+            FrameKind::PreCopyDone | FrameKind::InitialDataSent => {
+                let item = if h.kind == FrameKind::PreCopyDone {
+                    Incoming::PreCopyDone { raw: h.arg }
+                } else {
+                    Incoming::InitialDone { raw: h.arg }
+                };
                 out.markers
                     .send_timeout(
                         InItem {
@@ -641,6 +647,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         let n = self.devices.len();
         let mut fds: Vec<Option<Arc<OwnedFd>>> = fds.into_iter().map(Some).collect();
         let mut done = vec![false; n];
+        let mut acked = vec![false; n];
         let mut watch = Watch::with_interval(started, self.opts.progress_interval);
         while !done.iter().all(|&d| d) {
             if self.cancel.is_cancelled() {
@@ -696,25 +703,35 @@ impl<D: MigrationDevice> DestinationSession<D> {
                             source,
                         })?;
                 }
-                Ok(WriterEvent::PreCopyDone { device, raw }) => {
+                Ok(
+                    ev @ (WriterEvent::PreCopyDone { device, raw }
+                    | WriterEvent::InitialLoaded { device, raw }),
+                ) => {
                     watch.progressed();
-                    // The marker's `arg` is the raw length of the device's PRE_COPY stream, and
-                    // the writer emits this event only once all of it was written: that is the
-                    // pre-copy figure of this side's report.
-                    if let Some(c) = stages.counters.device(device) {
-                        c.precopy_raw.store(raw, Ordering::Relaxed);
-                    }
-                    // Everything the source sent in PRE_COPY is loaded.
-                    let ack = Control::SwitchoverAck {
-                        device,
-                        raw_bytes: raw,
-                    };
-                    session.send_control(ack.header(), &[]).map_err(|source| {
-                        PipelineError::Transport {
-                            phase: Phase::PreCopy,
-                            source,
+                    if matches!(ev, WriterEvent::PreCopyDone { .. }) {
+                        // The marker's `arg` is the raw length of the device's PRE_COPY stream,
+                        // and the writer emits this event only once all of it was written: that
+                        // is the pre-copy figure of this side's report.
+                        if let Some(c) = stages.counters.device(device) {
+                            c.precopy_raw.store(raw, Ordering::Relaxed);
                         }
-                    })?;
+                    }
+                    // The device's initial data (or all its pre-copy data) is loaded: the
+                    // switchover-ack, once per device (issue 13; uAPI `initial_bytes`).
+                    let i = usize::from(device);
+                    if acked.get(i) == Some(&false) {
+                        acked[i] = true;
+                        let ack = Control::SwitchoverAck {
+                            device,
+                            raw_bytes: raw,
+                        };
+                        session.send_control(ack.header(), &[]).map_err(|source| {
+                            PipelineError::Transport {
+                                phase: Phase::PreCopy,
+                                source,
+                            }
+                        })?;
+                    }
                 }
                 Ok(WriterEvent::Failed(e)) => return Err(e),
                 Err(_) => {}
@@ -738,6 +755,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         let elapsed = started.elapsed();
         Progress {
             elapsed,
+            phase: Phase::Resume,
             devices: self
                 .devices
                 .iter()

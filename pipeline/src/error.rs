@@ -27,6 +27,8 @@ pub enum Phase {
     /// The end of the session (docs/PROTOCOL.md, section 5.1): the source's decision and the
     /// destination's outcome.
     Commit,
+    /// The session ended successfully.
+    Done,
     /// Walking devices back after a failure.
     Rollback,
 }
@@ -40,6 +42,7 @@ impl fmt::Display for Phase {
             Phase::Resume => "resume",
             Phase::Acknowledge => "acknowledge",
             Phase::Commit => "commit",
+            Phase::Done => "done",
             Phase::Rollback => "rollback",
         })
     }
@@ -324,6 +327,22 @@ pub enum PipelineError {
     /// [`crate::DestinationSession::finish`]) was called without one.
     #[error("no committed session: receive() must return Ok first")]
     NotCommitted,
+    /// A step of [`crate::SourceSession`] called out of order (e.g. `switchover` before
+    /// `start`, `finish` before `switchover`). Nothing was changed.
+    #[error("{step} is not valid now (phase {phase:?})")]
+    WrongStep {
+        /// The step called.
+        step: &'static str,
+        /// The session's phase, `None` when no session is in progress.
+        phase: Option<Phase>,
+    },
+    /// Pre-copy reached `max_precopy` without the downtime estimate fitting `max_downtime`, and
+    /// [`crate::PrecopyLimit::Abort`] was asked for.
+    #[error("pre-copy ran for {limit:?} without the estimated downtime fitting max_downtime")]
+    PrecopyTooLong {
+        /// The limit.
+        limit: Duration,
+    },
     /// The destination sent an outcome code this version does not know (then in doubt).
     #[error("unknown outcome code {code} from the destination")]
     UnknownOutcome {

@@ -88,6 +88,9 @@ pub(crate) enum ReaderCmd {
     /// Leave PRE_COPY: let the read in flight finish, emit what is buffered and `PreCopyDone`,
     /// then report [`ReaderEvent::PreCopyQuiesced`] and wait for [`ReaderCmd::StopCopy`].
     EndPreCopy { device: u16 },
+    /// Every initial byte of the device has been read from its fd (`initial_bytes` reached 0):
+    /// once the read in flight is in, emit what is buffered and `InitialDataSent`, read on.
+    MarkInitial { device: u16 },
     /// The device is in STOP_COPY: read on (from a new fd if the SET returned one) until 0.
     StopCopy {
         device: u16,
@@ -189,6 +192,8 @@ struct Dev {
     full: Option<RawChunk>,
     /// The data fd is a regular file (a `file:` source): what it was when STOP_COPY began.
     file: Option<FileId>,
+    /// `InitialDataSent` is due once no read is in flight.
+    mark_initial: bool,
 }
 
 /// What identifies the contents of a regular file read as a data fd.
@@ -392,6 +397,9 @@ fn submit_next(
         }
         DevPhase::Reading => {}
     }
+    if dev.mark_initial && dev.mode == ReadMode::PreCopy {
+        mark_initial(i, dev, ctx)?;
+    }
     if let Some(at) = dev.retry_at {
         if at > now {
             return Ok(Some(at));
@@ -468,6 +476,7 @@ fn apply(
                 hold_end: ctx.io.guest.as_ref().is_some_and(|g| g.carrier == device),
                 full: None,
                 file,
+                mark_initial: false,
             });
         }
         ReaderCmd::EndPreCopy { device } => {
@@ -476,6 +485,14 @@ fn apply(
                 if d.phase == DevPhase::Reading {
                     d.phase = DevPhase::WantQuiesce;
                 }
+            }
+        }
+        ReaderCmd::MarkInitial { device } => {
+            let i = slot(device, devs)?;
+            if let Some(d) = devs[i].as_mut() {
+                // Once the device left pre-copy, `PreCopyDone` says more than this would.
+                d.mark_initial = matches!(d.phase, DevPhase::Reading | DevPhase::WantQuiesce)
+                    && d.mode == ReadMode::PreCopy;
             }
         }
         ReaderCmd::StopCopy { device, fd } => {
@@ -755,6 +772,31 @@ fn marker(
         })
 }
 
+/// With no read in flight: everything read so far goes out, then `InitialDataSent`.
+fn mark_initial(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let device = u16::try_from(i).unwrap_or(u16::MAX);
+    hand_over(dev, ctx)?;
+    if let Some(buf) = dev.buf.take() {
+        if dev.filled > 0 {
+            emit(device, dev, buf, ctx)?;
+        } else {
+            dev.buf = Some(buf);
+        }
+    }
+    let raw = dev.emitted;
+    marker(
+        device,
+        dev,
+        FrameKind::InitialDataSent,
+        raw,
+        None,
+        ctx.io,
+        ctx.timeout,
+    )?;
+    dev.mark_initial = false;
+    Ok(())
+}
+
 fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     let (io, timeout) = (ctx.io, ctx.timeout);
     let device = u16::try_from(i).unwrap_or(u16::MAX);
@@ -765,6 +807,8 @@ fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> 
         }
     }
     let raw = dev.emitted;
+    // `PreCopyDone` covers the initial data too: the destination acks on either.
+    dev.mark_initial = false;
     marker(device, dev, FrameKind::PreCopyDone, raw, None, io, timeout)?;
     dev.phase = DevPhase::Quiesced;
     let _ = io.events.send(ReaderEvent::PreCopyQuiesced { device });

@@ -10,39 +10,15 @@ use vfmig_pipeline::{
     AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
     Report, RollbackAction, SourceOptions, SourceSession,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::Listener;
+
+mod common;
+use common::{destination_options, precopy_device, session_config, source_options};
 use vfmig_vfio::emulated::{
     EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
     StopCopyFd,
 };
 use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
-
-fn session_config() -> SessionConfig {
-    SessionConfig {
-        pool_slots: 48,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(10),
-        keepalive: Duration::from_secs(1),
-        ..SessionConfig::default()
-    }
-}
-
-fn source_options() -> SourceOptions {
-    SourceOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..SourceOptions::default()
-    }
-}
-
-fn destination_options() -> DestinationOptions {
-    DestinationOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..DestinationOptions::default()
-    }
-}
 
 fn device(name: &str, size: u64, profile: Profile, seed: u64) -> EmulatedDevice {
     EmulatedDevice::new(EmulatedConfig {
@@ -251,18 +227,7 @@ fn precopy_streams_while_the_device_dirties_state_then_switches_over() {
 
 #[test]
 fn two_devices_precopy_through_precopy_p2p_and_the_destination_resumes_both_in_p2p_order() {
-    let mk = |name: &str, seed| {
-        EmulatedDevice::new(EmulatedConfig {
-            name: name.into(),
-            size: 4 << 20,
-            seed,
-            precopy: Some(u64::MAX),
-            dirty_rate: 1 << 20,
-            ..EmulatedConfig::default()
-        })
-        .unwrap()
-    };
-    let (a, b) = (mk("a", 1), mk("b", 2));
+    let (a, b) = (precopy_device("a", 1), precopy_device("b", 2));
     let fabric = P2pFabric::new(vec![a.p2p_port(), b.p2p_port()]);
     let traffic = fabric.spawn(20_000).unwrap();
     let (sr, srcs, dr, mut dsts) = migrate(

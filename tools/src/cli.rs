@@ -326,6 +326,17 @@ pub struct SendArgs {
     #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub max_downtime: u64,
 
+    /// Longest pre-copy in seconds: after it, --on-max-precopy decides when the remaining state
+    /// still does not fit --max-downtime.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub max_precopy_time: u64,
+
+    /// What happens when --max-precopy-time passes without the downtime estimate fitting
+    /// --max-downtime: switchover (anyway; the report says if the downtime was exceeded) or
+    /// abort (the migration fails and the source devices keep running).
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = PrecopyLimitArg::Switchover)]
+    pub on_max_precopy: PrecopyLimitArg,
+
     /// Cap on the wire rate, with its unit: bits per second with decimal multiples as link
     /// speeds are given (2.5Gbit/s, 500Mbit/s; the short forms 2.5G and 500M mean bits too), or
     /// bytes per second spelled with B/s (300MB/s = 300 * 10^6, 300MiB/s = 300 * 2^20). A bare
@@ -390,6 +401,15 @@ pub struct RecvArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `--on-max-precopy`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PrecopyLimitArg {
+    /// Switch over anyway.
+    Switchover,
+    /// Abort the migration.
+    Abort,
 }
 
 /// Content profile for the demo.

@@ -149,6 +149,8 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         compress: a.compress,
         precopy: !a.no_precopy,
         max_downtime: Duration::from_millis(300),
+        max_precopy: Duration::from_secs(60),
+        on_max_precopy: vfmig_pipeline::PrecopyLimit::Switchover,
         max_bandwidth: None,
         timeout: DEMO_TIMEOUT,
         allow_without_p2p: false,

@@ -33,6 +33,10 @@ pub struct SourcePlan {
     pub precopy: bool,
     /// `--max-downtime`.
     pub max_downtime: Duration,
+    /// `--max-precopy-time`.
+    pub max_precopy: Duration,
+    /// `--on-max-precopy`.
+    pub on_max_precopy: vfmig_pipeline::PrecopyLimit,
     /// `--max-bandwidth`.
     pub max_bandwidth: Option<vfmig_pipeline::Rate>,
     /// `--timeout`.
@@ -67,6 +71,7 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Resume => "resume",
         Phase::Acknowledge => "verifying",
         Phase::Commit => "committing",
+        Phase::Done => "done",
         Phase::Rollback => "rollback",
     }
 }
@@ -156,6 +161,7 @@ pub fn report_json(
             crate::error::EXIT_FAILED
         },
         guidance: None,
+        max_downtime_exceeded: report.max_downtime_exceeded,
         peer: peer.map(|p| p.to_string()),
         elapsed_ms: secs * 1000.0,
         downtime_ms,
@@ -188,7 +194,7 @@ fn is_connect_failure(e: &PipelineError) -> bool {
     )
 }
 
-/// Runs the source side to the destination's last acknowledgement, trying the receiver's
+/// Runs the source side to the destination's outcome, trying the receiver's
 /// addresses in turn until one accepts the connection; gives back the address that answered
 /// (or the last one tried) and the devices.
 pub fn run_source<D: MigrationDevice>(
@@ -202,6 +208,8 @@ pub fn run_source<D: MigrationDevice>(
         compress: compress(plan.compress),
         precopy: plan.precopy,
         max_downtime: plan.max_downtime,
+        max_precopy: plan.max_precopy,
+        on_max_precopy: plan.on_max_precopy,
         max_bandwidth: plan.max_bandwidth,
         timeout: plan.timeout,
         allow_without_p2p: plan.allow_without_p2p,

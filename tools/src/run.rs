@@ -10,7 +10,7 @@ use vfmig_pipeline::Report;
 use vfmig_transport::Listener;
 
 use crate::addr::Endpoint;
-use crate::cli::{RecvArgs, SendArgs};
+use crate::cli::{PrecopyLimitArg, RecvArgs, SendArgs};
 use crate::devices::{self, Side};
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan, SourcePlan};
@@ -32,6 +32,12 @@ fn finish(
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
             progress.complete(&raw, "accepted");
             let j = migrate::report_json(role, peer, &report, labels, true);
+            if let (true, Some(d)) = (report.max_downtime_exceeded, report.downtime) {
+                progress.println(&format!(
+                    "vfmig: warning: downtime {:.1} ms exceeded --max-downtime",
+                    d.as_secs_f64() * 1000.0
+                ));
+            }
             if json {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", j.to_json());
@@ -66,6 +72,11 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         compress: a.compress,
         precopy: a.precopy,
         max_downtime: Duration::from_millis(a.max_downtime),
+        max_precopy: Duration::from_secs(a.max_precopy_time),
+        on_max_precopy: match a.on_max_precopy {
+            PrecopyLimitArg::Switchover => vfmig_pipeline::PrecopyLimit::Switchover,
+            PrecopyLimitArg::Abort => vfmig_pipeline::PrecopyLimit::Abort,
+        },
         max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,

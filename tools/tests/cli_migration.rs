@@ -76,6 +76,31 @@ fn emulated_device_migration_succeeds_and_both_sides_report_acceptance() {
 }
 
 #[test]
+fn a_downtime_above_max_downtime_succeeds_with_a_warning_and_the_json_flag() {
+    // 64 MiB stopped and copied cannot move within 1 ms.
+    let dev = "emu:size=64M,profile=mixed,seed=4";
+    let recv = Receiver::spawn(&["--device", dev, "--timeout", "30"]);
+    let out = run(
+        send(
+            recv.addr,
+            &["--device", dev, "--json", "--max-downtime", "1"],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(rstatus.success(), "recv failed: {rlines:?}");
+    assert!(out.status.success(), "{:?}", out.status);
+    let s = json(&out.stdout);
+    assert_eq!(s["outcome"], "ok", "{s}");
+    assert_eq!(s["max_downtime_exceeded"], true, "{s}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: downtime") && err.contains("exceeded --max-downtime"),
+        "{err}"
+    );
+}
+
+#[test]
 fn file_round_trip_through_regular_file_is_byte_identical_and_leaves_no_temp_file() {
     let src_dir = tempfile::tempdir().expect("tempdir");
     let dst_dir = tempfile::tempdir().expect("tempdir");

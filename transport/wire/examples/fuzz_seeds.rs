@@ -58,6 +58,11 @@ fn frames() -> Vec<Vec<u8>> {
         },
         Control::Keepalive { millis: 5 },
         Control::Commit,
+        Control::InitialDataSent {
+            device: 1,
+            seq: 1,
+            raw_bytes: 4,
+        },
         Control::Outcome {
             outcome: FinalOutcome::Resumed,
         },
