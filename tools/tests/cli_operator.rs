@@ -627,3 +627,76 @@ fn a_fifo_without_a_writer_says_so() {
     );
     assert!(!err.contains("STOP_COPY"), "{err}");
 }
+
+#[test]
+fn bars_are_drawn_when_only_stderr_is_a_terminal() {
+    let dev = "emu:size=4M";
+    let recv = Receiver::spawn(&["--device", dev, "--quiet"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_file = dir.path().join("send.out");
+    // `script` gives the command a terminal; stdout goes to a file, as in `send ... > log`.
+    let cmd = format!(
+        "'{}' send --connect {} --device {dev} --max-bandwidth 16Mbit/s > '{}'",
+        bin(),
+        recv.addr,
+        out_file.display()
+    );
+    let mut c = Command::new("script");
+    c.args(["-qfec", &cmd, "/dev/null"]);
+    let out = run(c, None);
+    let _ = recv.finish();
+    let tty = text(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("emu0") && tty.contains("MiB/4.00 MiB") && tty.contains("ETA"),
+        "no bars on the terminal: {tty:?}"
+    );
+}
+
+#[test]
+fn log_progress_prints_lines_with_bytes_rate_eta_and_phase_on_both_sides() {
+    let dev = "emu:size=4M,profile=random";
+    let log = ["--progress", "log", "--progress-interval", "1"];
+    let mut rargs = vec!["--device", dev];
+    rargs.extend(log);
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--device", dev, "--max-bandwidth", "16Mbit/s"];
+    sargs.extend(log);
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    let slines: Vec<String> = text(&out.stderr).lines().map(str::to_owned).collect();
+    for (side, lines) in [("send", &slines), ("recv", &rlines)] {
+        let progress: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("vfmig: progress: "))
+            .collect();
+        let last = progress
+            .last()
+            .unwrap_or_else(|| panic!("{side}: no progress line: {lines:?}"));
+        assert!(
+            last.starts_with("vfmig: progress: done, 4.0 MiB of 4.0 MiB (100%), "),
+            "{side}: {last}"
+        );
+        for l in &progress {
+            assert!(l.contains("/s, ETA "), "{side}: {l}");
+            let phase = l["vfmig: progress: ".len()..]
+                .split(',')
+                .next()
+                .unwrap_or_default();
+            assert!(
+                [
+                    "handshake",
+                    "pre-copy",
+                    "stop-copy",
+                    "verifying",
+                    "resuming",
+                    "done"
+                ]
+                .contains(&phase),
+                "{side}: phase `{phase}` in {l}"
+            );
+        }
+    }
+}
