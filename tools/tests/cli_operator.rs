@@ -700,3 +700,24 @@ fn log_progress_prints_lines_with_bytes_rate_eta_and_phase_on_both_sides() {
         }
     }
 }
+
+#[test]
+fn a_host_name_that_does_not_resolve_is_named() {
+    let mut c = vfmig();
+    c.args([
+        "send",
+        "--connect",
+        "no-such-host.invalid:7000",
+        "--device",
+        "emu:size=1M",
+    ])
+    .arg("--json");
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot resolve host no-such-host.invalid"),
+        "{err}"
+    );
+    assert_eq!(json(&out.stdout)["outcome"], "failed");
+}
