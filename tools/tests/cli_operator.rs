@@ -567,14 +567,17 @@ fn a_file_pairs_with_any_device_kind() {
 }
 
 /// A client that sends `bytes` to a receiver and returns the receiver's last line.
+/// Whether the receiver then exits or keeps waiting for its real source, it names the stranger.
 fn stranger_sends(bytes: &[u8]) -> String {
     use std::io::Write as _;
-    let recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
+    let mut recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
     let mut s = std::net::TcpStream::connect(recv.addr).expect("connect");
     let _ = s.write_all(bytes);
-    let (_, _, lines) = recv.finish();
+    let line = recv.wait_for_containing("not vfmig");
     drop(s);
-    lines.last().cloned().unwrap_or_default()
+    let _ = recv.child.kill();
+    let _ = recv.finish();
+    line
 }
 
 #[test]

@@ -90,13 +90,26 @@ impl Receiver {
 
     /// Waits (bounded) for a stderr line starting with `prefix`.
     pub fn wait_for_line(&mut self, prefix: &str) -> String {
+        self.wait_for(prefix, |l| l.starts_with(prefix))
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle` (already seen ones count).
+    pub fn wait_for_containing(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        self.wait_for(needle, |l| l.contains(needle))
+    }
+
+    fn wait_for(&mut self, what: &str, found: impl Fn(&str) -> bool) -> String {
+        let prefix = what;
         let deadline = Instant::now() + PROCESS_LIMIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
+                    if found(&line) {
                         return line;
                     }
                 }
