@@ -306,19 +306,8 @@ fn sigint_exits_130_and_the_json_object_says_cancelled() {
         .stderr(std::process::Stdio::piped());
     let mut sender = c.spawn().expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
-    let status = Command::new("kill")
-        .args(["-INT", &sender.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let sstatus = wait_bounded(&mut sender);
-    let mut out = String::new();
-    use std::io::Read as _;
-    let _ = sender
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out);
+    let stdout = sender.stdout.take();
+    let (sstatus, out) = signal_and_collect(&mut sender, "-INT", stdout);
     let _ = recv.finish();
     assert_eq!(sstatus.code(), Some(130), "{out}");
     let j = json(out.as_bytes());

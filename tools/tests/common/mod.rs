@@ -306,3 +306,23 @@ pub fn write_public(path: &Path, data: &[u8]) {
     std::fs::write(path, data).expect("write");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 }
+
+/// Sends `signal` (e.g. `-INT`) to `child` with kill(1), then waits (bounded) for it to exit and
+/// returns its status and what it wrote to `pipe` (its stdout or stderr, whichever was piped).
+pub fn signal_and_collect(
+    child: &mut Child,
+    signal: &str,
+    pipe: Option<impl Read>,
+) -> (ExitStatus, String) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+    let exit = wait_bounded(child);
+    let mut text = String::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_string(&mut text);
+    }
+    (exit, text)
+}
