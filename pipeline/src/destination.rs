@@ -72,6 +72,8 @@ struct Stages {
     decisions: Receiver<Decision>,
     counters: Arc<Counters>,
     threads: Vec<JoinHandle<()>>,
+    /// Codec workers running (what the pool can feed, at most the option).
+    workers: usize,
 }
 
 impl Stages {
@@ -79,10 +81,10 @@ impl Stages {
         session: &Arc<RecvSession>,
         devices: Vec<WriterDevice>,
         opts: &DestinationOptions,
+        workers: usize,
     ) -> Result<Stages, PipelineError> {
         let n = devices.len();
         let pool = session.pool().clone();
-        let workers = opts.codec_workers.clamp(1, 64);
         let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
@@ -136,6 +138,7 @@ impl Stages {
             decisions: dec_rx,
             counters,
             threads,
+            workers,
         })
     }
 
@@ -426,10 +429,13 @@ impl<D: MigrationDevice> DestinationSession<D> {
         self.committed = None;
         let started = Instant::now();
         let session = Arc::new(session);
-        if let Err(e) = self.check(&session) {
-            session.abort(e.abort_reason(false), &e.to_string());
-            return Err(e);
-        }
+        let workers = match self.check(&session) {
+            Ok(w) => w,
+            Err(e) => {
+                session.abort(e.abort_reason(false), &e.to_string());
+                return Err(e);
+            }
+        };
         let mut fds = Vec::new();
         for d in &mut self.devices {
             match set_state(d, DeviceState::Resuming, Phase::Setup) {
@@ -453,7 +459,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 fd: fd.clone(),
             })
             .collect();
-        let mut stages = match Stages::start(&session, writer_devices, &self.opts) {
+        let mut stages = match Stages::start(&session, writer_devices, &self.opts, workers) {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&session, None, e)),
         };
@@ -548,7 +554,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             devices,
             elapsed,
             None,
-            self.opts.codec_workers.clamp(1, 64),
+            c.stages.workers,
             "decode",
         );
         report.outcome = Some(outcome);
@@ -595,23 +601,29 @@ impl<D: MigrationDevice> DestinationSession<D> {
         }
     }
 
-    fn check(&mut self, session: &RecvSession) -> Result<(), PipelineError> {
+    /// Checks the session against this side's devices and pool; returns how many codec
+    /// workers the pool can feed (at most [`DestinationOptions::codec_workers`]).
+    fn check(&mut self, session: &RecvSession) -> Result<usize, PipelineError> {
         // The pool must hold what the transport may keep (its reorder window plus verified
         // frames not yet taken) and what this side keeps in flight, or decoding would wait for
-        // buffers that only decoding can free.
+        // buffers that only decoding can free. Workers beyond what the pool can feed would
+        // only wait for slots: the session runs with fewer rather than fail.
         let pool = session.pool();
         let agreed = session.agreed();
         let window = usize::try_from(agreed.window_bytes / pool.slot_size().max(1) as u64)
             .unwrap_or(usize::MAX);
-        let needed = window
-            .saturating_add(TRANSPORT_READY + usize::from(agreed.streams))
-            .saturating_add(own_buffers(self.opts.codec_workers, self.devices.len()));
-        if pool.slots() < needed {
+        let fixed = window.saturating_add(TRANSPORT_READY + usize::from(agreed.streams));
+        let fits =
+            |w: usize| fixed.saturating_add(own_buffers(w, self.devices.len())) <= pool.slots();
+        let Some(workers) = (1..=self.opts.codec_workers.clamp(1, 64))
+            .rev()
+            .find(|&w| fits(w))
+        else {
             return Err(PipelineError::Options {
                 what: "session.pool_slots (destination: reorder window + stages need more)",
                 value: pool.slots() as u64,
             });
-        }
+        };
         let remote = session.agreed().devices.len();
         if remote != self.devices.len() {
             return Err(PipelineError::DeviceCount {
@@ -630,7 +642,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 }
             }
         }
-        Ok(())
+        Ok(workers)
     }
 
     /// Tells the source, stops the stages, resets every device.

@@ -175,9 +175,9 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit,
-    Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage,
-    StageTimes,
+    default_codec_workers, CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice,
+    NoticeFn, PrecopyLimit, Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep,
+    SourceOptions, Stage, StageTimes, DEFAULT_CODEC_WORKERS_MAX,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;

@@ -646,3 +646,33 @@ fn devices_that_cannot_pair_fail_the_handshake_on_both_sides_before_any_device_m
     assert_eq!(state(&mut s.into_devices()[0]), DeviceState::Running);
     assert_eq!(state(&mut dsts[0]), DeviceState::Running);
 }
+
+#[test]
+fn a_destination_asked_for_more_codec_workers_than_its_pool_can_feed_runs_with_fewer() {
+    // 64 workers would each hold up to two of the 48 slots beside the reorder window: the
+    // destination runs as many as the pool can feed instead of refusing the session.
+    let sopts = SourceOptions {
+        compress: Compress::Zstd(1),
+        codec_workers: 64,
+        ..source_options()
+    };
+    let dopts = DestinationOptions {
+        codec_workers: 64,
+        ..destination_options()
+    };
+    let src = device("emu0", 8 << 20, Profile::Mixed, 5);
+    let (sr, srcs, dr, dsts) = migrate(vec![src], sopts, dopts);
+    let report = sr.unwrap_or_else(|e| panic!("source failed: {e}"));
+    let dreport = dr.unwrap_or_else(|e| panic!("destination failed: {e}"));
+    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+    assert_eq!(report.raw_bytes, dreport.raw_bytes);
+}
+
+#[test]
+fn default_codec_workers_follow_the_cores_within_their_bounds() {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let w = vfmig_pipeline::default_codec_workers();
+    assert_eq!(w, cores.clamp(2, vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX));
+    assert_eq!(SourceOptions::default().codec_workers, w);
+    assert_eq!(DestinationOptions::default().codec_workers, w);
+}

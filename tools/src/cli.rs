@@ -186,6 +186,18 @@ fn streams_help() -> String {
     )
 }
 
+/// `--workers` help with the default this process would use.
+fn workers_help() -> String {
+    format!(
+        "Codec worker threads, 1..=64 (compression on send, decompression on recv). Default: the \
+         cores this process may use (CPU affinity and cgroup quota), at least 2 and at most {} \
+         (here: {}). A receiver runs as many as its buffer pool can feed beside the reorder \
+         window.",
+        vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX,
+        vfmig_pipeline::default_codec_workers()
+    )
+}
+
 /// Joins help sections (`concat!` only takes literals, not consts).
 fn concat_help(parts: &[&str]) -> String {
     parts.join("\n\n")
@@ -230,6 +242,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16),
           long_help = streams_help())]
     pub streams: Option<u16>,
+
+    /// Codec worker threads (compression on send, decompression on recv), 1..=64.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64),
+          long_help = workers_help())]
+    pub workers: Option<u16>,
 
     /// Seconds of silence after which the peer is declared dead; also bounds every wait (connect,
     /// handshake, a FIFO's writer).
@@ -477,6 +494,11 @@ pub struct DemoArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16),
           long_help = streams_help())]
     pub streams: Option<u16>,
+
+    /// Codec worker threads on each side, 1..=64.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64),
+          long_help = workers_help())]
+    pub workers: Option<u16>,
 
     /// Print the report as one JSON object on stdout instead of the summary.
     #[arg(long)]

@@ -118,9 +118,13 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         None
     };
 
+    let workers = a
+        .workers
+        .map_or_else(vfmig_pipeline::default_codec_workers, usize::from);
     let dst_plan = DestinationPlan {
         session: session.clone(),
         timeout: DEMO_TIMEOUT,
+        workers,
     };
     let dst_labels = labels.clone();
     let dst_cancel = cancel.clone();
@@ -154,6 +158,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         max_bandwidth: None,
         timeout: DEMO_TIMEOUT,
         allow_without_p2p: false,
+        workers,
     };
     let started = Instant::now();
     let (src_result, _, src_devices) =

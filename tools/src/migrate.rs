@@ -43,6 +43,8 @@ pub struct SourcePlan {
     pub timeout: Duration,
     /// `--allow-non-p2p`.
     pub allow_without_p2p: bool,
+    /// `--workers`.
+    pub workers: usize,
 }
 
 /// What the destination side needs besides its devices and listener.
@@ -52,6 +54,8 @@ pub struct DestinationPlan {
     pub session: SessionConfig,
     /// `--timeout`.
     pub timeout: Duration,
+    /// `--workers`.
+    pub workers: usize,
 }
 
 fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
@@ -210,6 +214,7 @@ pub fn run_source<D: MigrationDevice>(
         max_bandwidth: plan.max_bandwidth,
         timeout: plan.timeout,
         allow_without_p2p: plan.allow_without_p2p,
+        codec_workers: plan.workers,
         session: plan.session.clone(),
         progress: progress_fn(progress),
         notice: Some(notice_fn(progress)),
@@ -266,6 +271,7 @@ pub fn run_destination<D: MigrationDevice>(
 ) -> (Result<Report, CliError>, Vec<D>) {
     let opts = DestinationOptions {
         timeout: plan.timeout,
+        codec_workers: plan.workers,
         allow_without_p2p: true,
         session: plan.session.clone(),
         progress: progress_fn(progress),

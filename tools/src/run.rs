@@ -96,6 +96,9 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,
+        workers: c
+            .workers
+            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
     };
     let labels = devs.labels;
     let (result, peer, _devices) =
@@ -154,7 +157,13 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     }
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
     let progress = progress_for(c, &names, &devs.totals, "listening");
-    let plan = DestinationPlan { session, timeout };
+    let plan = DestinationPlan {
+        session,
+        timeout,
+        workers: c
+            .workers
+            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
+    };
     let labels = devs.labels;
     let mut peer = None;
     let (result, _devices) = migrate::run_destination(

@@ -713,3 +713,48 @@ fn a_host_name_that_does_not_resolve_is_named() {
     );
     assert_eq!(json(&out.stdout)["outcome"], "failed");
 }
+
+#[test]
+fn workers_set_on_both_sides_migrate_and_out_of_range_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.bin");
+    let dst = dir.path().join("dst.bin");
+    let bytes: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &bytes).expect("source file");
+    // More workers than the receiver's pool can feed: it runs with fewer instead of failing.
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--workers",
+        "64",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--workers",
+                "5",
+                "--compress",
+                "zstd",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    assert_eq!(std::fs::read(&dst).expect("destination file"), bytes);
+    let e = usage_error_with_json(&[
+        "send",
+        "--connect",
+        "127.0.0.1:1",
+        "--device",
+        "emu:size=1M",
+        "--workers",
+        "0",
+        "--json",
+    ]);
+    assert!(e.contains("--workers"), "{e}");
+}
