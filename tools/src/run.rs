@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::Report;
 use vfmig_transport::Listener;
+use vfmig_vfio::{DeviceState, MigrationDevice};
 
 use crate::addr::Endpoint;
 use crate::cli::{RecvArgs, SendArgs};
@@ -15,23 +16,36 @@ use crate::devices::{self, Side};
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan, SourcePlan};
 use crate::progress::{self, Progress};
+use crate::report::{DeviceJson, ReportJson};
 use crate::signals::Cancel;
 
-/// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr.
+/// Where each device was left when the session ended (kernel state names; `None` if unreadable).
+fn final_states(devices: &mut [Box<dyn MigrationDevice>]) -> Vec<Option<&'static str>> {
+    devices
+        .iter_mut()
+        .map(|d| d.state().ok().map(DeviceState::kernel_name))
+        .collect()
+}
+
+/// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr. With
+/// `--json`, a migration failure's object is printed here, with each device's `final_state`.
 fn finish(
     role: &'static str,
     peer: Option<SocketAddr>,
     result: Result<Report, CliError>,
     labels: &[DeviceLabel],
+    states: &[Option<&'static str>],
     progress: &Progress,
-    json: bool,
-    quiet: bool,
+    (json, quiet): (bool, bool),
 ) -> Result<(), CliError> {
     match result {
         Ok(report) => {
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
             progress.complete(&raw, "accepted");
-            let j = migrate::report_json(role, peer, &report, labels, true);
+            let mut j = migrate::report_json(role, peer, &report, labels, true);
+            for (d, s) in j.devices.iter_mut().zip(states) {
+                d.final_state = *s;
+            }
             if json {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", j.to_json());
@@ -39,6 +53,34 @@ fn finish(
                 crate::err_text(&j.summary());
             }
             Ok(())
+        }
+        Err(CliError::Migration {
+            error,
+            devices,
+            report_printed: false,
+        }) if json => {
+            progress.clear();
+            let e = CliError::Migration {
+                error,
+                devices,
+                report_printed: true,
+            };
+            let mut j = ReportJson::failure(role, &e);
+            j.peer = peer.map(|p| p.to_string());
+            j.devices = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    DeviceJson::untouched(
+                        i,
+                        l.name.clone(),
+                        l.kind,
+                        states.get(i).copied().flatten(),
+                    )
+                })
+                .collect();
+            crate::out_line(&j.to_json());
+            Err(e)
         }
         Err(e) => {
             progress.clear();
@@ -71,9 +113,18 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         allow_without_p2p: a.allow_non_p2p,
     };
     let labels = devs.labels;
-    let (result, peer, _devices) =
+    let (result, peer, mut devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
-    finish("send", peer, result, &labels, &progress, c.json, c.quiet)
+    let states = final_states(&mut devices);
+    finish(
+        "send",
+        peer,
+        result,
+        &labels,
+        &states,
+        &progress,
+        (c.json, c.quiet),
+    )
 }
 
 /// Binds the first address of `at` that takes it (every address: IPv6 wildcard, then IPv4).
@@ -130,7 +181,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let plan = DestinationPlan { session, timeout };
     let labels = devs.labels;
     let mut peer = None;
-    let (result, _devices) = migrate::run_destination(
+    let (result, mut devices) = migrate::run_destination(
         &plan,
         &listener,
         devs.list,
@@ -143,5 +194,14 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             progress.println(&format!("vfmig: source {addr} connected"));
         },
     );
-    finish("recv", peer, result, &labels, &progress, c.json, c.quiet)
+    let states = final_states(&mut devices);
+    finish(
+        "recv",
+        peer,
+        result,
+        &labels,
+        &states,
+        &progress,
+        (c.json, c.quiet),
+    )
 }
