@@ -27,7 +27,7 @@ const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
       [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
-      [,read-error-at=SIZE][,slow=SIZE/s]
+      [,read-error-at=SIZE][,slow=SIZE/s][,refuse-resume=on|off]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -48,6 +48,9 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
                     byte SIZE (default: never)
         slow        fault injection (tests): the state is read at most SIZE bytes per
                     second (default: unthrottled)
+        refuse-resume
+                    fault injection (tests): on a destination, RESUMING -> STOP fails even
+                    for a valid stream (default: off)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a

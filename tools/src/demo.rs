@@ -57,6 +57,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         reinit_after: None,
         read_error_at: None,
         slow: None,
+        refuse_resume: false,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);

@@ -83,6 +83,7 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
         .with_faults(Faults {
             read_error_at: spec.read_error_at,
             slow_bytes_per_sec: spec.slow,
+            refuse_resume: spec.refuse_resume,
             ..Faults::default()
         })
 }

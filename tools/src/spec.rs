@@ -7,6 +7,7 @@
 //!          | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE ["/s"] | "p2p=" ("on"|"off")
 //!          | "precopy-info=" ("v1"|"v2") | "reinit-after=" SIZE
 //!          | "read-error-at=" SIZE | "slow=" SIZE ["/s"]      (injected faults, for tests)
+//!          | "refuse-resume=" ("off"|"on")
 //! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
 //! ```
 //!
@@ -85,6 +86,8 @@ pub struct EmuSpec {
     pub read_error_at: Option<u64>,
     /// `slow=SIZE/s` (fault injection): the saving data fd delivers at most SIZE bytes per second.
     pub slow: Option<u64>,
+    /// `refuse-resume=on` (fault injection): RESUMING -> STOP fails even for a valid stream.
+    pub refuse_resume: bool,
 }
 
 /// Where a `file:` device's bytes come from or go to.
@@ -150,7 +153,7 @@ pub enum SpecError {
     /// A parameter name the kind does not have.
     #[error(
         "unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p, \
-         precopy-info, reinit-after, read-error-at, slow)"
+         precopy-info, reinit-after, read-error-at, slow, refuse-resume)"
     )]
     UnknownKey {
         /// What was given.
@@ -237,9 +240,10 @@ enum EmuKey {
     ReinitAfter,
     ReadErrorAt,
     Slow,
+    RefuseResume,
 }
 
-const EMU_KEYS: [(&str, EmuKey); 10] = [
+const EMU_KEYS: [(&str, EmuKey); 11] = [
     ("size", EmuKey::Size),
     ("seed", EmuKey::Seed),
     ("profile", EmuKey::Profile),
@@ -250,6 +254,7 @@ const EMU_KEYS: [(&str, EmuKey); 10] = [
     ("reinit-after", EmuKey::ReinitAfter),
     ("read-error-at", EmuKey::ReadErrorAt),
     ("slow", EmuKey::Slow),
+    ("refuse-resume", EmuKey::RefuseResume),
 ];
 
 impl FromStr for DeviceSpec {
@@ -298,6 +303,7 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
         reinit_after: None,
         read_error_at: None,
         slow: None,
+        refuse_resume: false,
     };
     if !params.is_empty() {
         for param in params.split(',') {
@@ -382,6 +388,7 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     spec.read_error_at = Some(parse_size(value).map_err(bad_size)?)
                 }
                 EmuKey::Slow => spec.slow = Some(parse_byte_rate(value).map_err(bad_size)?),
+                EmuKey::RefuseResume => spec.refuse_resume = yes_no(key, value, &["off", "on"])?,
             }
         }
     }
@@ -435,6 +442,9 @@ impl fmt::Display for DeviceSpec {
                 if let Some(r) = e.slow {
                     write!(f, ",slow={r}/s")?;
                 }
+                if e.refuse_resume {
+                    f.write_str(",refuse-resume=on")?;
+                }
                 Ok(())
             }
             DeviceSpec::File(t) => write!(f, "file:{t}"),
@@ -468,16 +478,20 @@ mod tests {
                 reinit_after: None,
                 read_error_at: None,
                 slow: None,
+                refuse_resume: false,
             }))
         );
     }
 
     #[test]
     fn fault_keys_parse_and_print_back() {
-        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M,read-error-at=64K,slow=2M/s") else {
+        let Ok(DeviceSpec::Emu(e)) =
+            parse("emu:size=1M,read-error-at=64K,slow=2M/s,refuse-resume=on")
+        else {
             panic!("fault keys refused");
         };
         assert_eq!((e.read_error_at, e.slow), (Some(64 << 10), Some(2 << 20)));
+        assert!(e.refuse_resume);
         let again = parse(&DeviceSpec::Emu(e.clone()).to_string());
         assert_eq!(again, Ok(DeviceSpec::Emu(e)));
         assert!(parse("emu:size=1M,read-error-at=x").is_err());
@@ -663,6 +677,7 @@ mod tests {
                         reinit_after,
                         read_error_at,
                         slow,
+                        refuse_resume: false,
                     }
                 },
             )
