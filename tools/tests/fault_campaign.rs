@@ -13,7 +13,7 @@
 //!   docs/PROTOCOL.md 5.1's finish table (the state is held somewhere, never running twice);
 //! - never both sides succeed-and-run, never a split outcome, never state lost.
 //!
-//! `VFMIG_CAMPAIGN_SEED` (default: fixed) and `VFMIG_CAMPAIGN_TRIALS` (default 48) choose the
+//! `VFMIG_CAMPAIGN_SEED` (default: fixed) and `VFMIG_CAMPAIGN_TRIALS` (default [`DEFAULT_TRIALS`]; CI runs 240) choose the
 //! run; `VFMIG_CAMPAIGN_JOBS` (default 3) the trials run at once; `VFMIG_CAMPAIGN_REPORT=PATH`
 //! writes the per-fault table. Each trial's seed derives from the campaign seed; a failing trial
 //! prints its own seed and a one-line repro. Fault kind, devices, sizes and fault position are
@@ -37,6 +37,8 @@ use serde_json::Value;
 
 use common::{bin, test_bytes};
 
+/// Trials of a plain `cargo test` (about 15 s here); `.ci/run` runs 240.
+const DEFAULT_TRIALS: u64 = 48;
 /// `--timeout` of both processes (seconds).
 const TIMEOUT_S: u64 = 3;
 /// `--accept-timeout` of `recv` (seconds).
@@ -65,6 +67,10 @@ enum Fault {
     CutUp,
     /// ... of the destination -> source stream (acknowledgements, DevicePrepared, Outcome).
     CutDown,
+    /// A calibration run without fault measures the destination -> source stream; the trial
+    /// then cuts it 1-40 bytes before its end, inside the last frame (the `Outcome`): the link
+    /// dies after `Commit` passed (the destination committed), so the source is in doubt.
+    LoseOutcome,
     /// The proxy flips one bit at a random byte, source -> destination.
     FlipUp,
     /// ... destination -> source.
@@ -111,6 +117,7 @@ const FAULTS: &[Fault] = &[
     Fault::None,
     Fault::CutUp,
     Fault::CutDown,
+    Fault::LoseOutcome,
     Fault::FlipUp,
     Fault::FlipDown,
     Fault::KillSend,
@@ -165,6 +172,7 @@ impl Fault {
             self,
             Fault::CutUp
                 | Fault::CutDown
+                | Fault::LoseOutcome
                 | Fault::FlipUp
                 | Fault::FlipDown
                 | Fault::KillSend
@@ -678,6 +686,8 @@ struct Outcome {
     recv: End,
     violations: Vec<String>,
     skipped: Option<String>,
+    /// Bytes the proxy forwarded destination -> source.
+    down_total: u64,
 }
 
 /// A small tmpfs for the ENOSPC fault, unmounted on drop.
@@ -772,6 +782,17 @@ fn all_in(states: &[Option<String>], want: &str) -> bool {
 }
 
 fn run_trial(plan: &Plan, work: &Path) -> Outcome {
+    // LoseOutcome: the same trial without fault first, to learn where the last frame lies.
+    let outcome_at = (plan.fault == Fault::LoseOutcome).then(|| {
+        let cal = run_trial(
+            &Plan {
+                fault: Fault::None,
+                ..plan.clone()
+            },
+            work,
+        );
+        cal.down_total.saturating_sub(1 + plan.at % 40)
+    });
     let mut v: Vec<String> = Vec::new();
     let dir = work.join(format!("t{:016x}", plan.seed));
     let src_dir = dir.join("src");
@@ -790,6 +811,7 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
                     recv: End::Broken,
                     violations: Vec::new(),
                     skipped: Some(format!("cannot mount a tmpfs: {e}")),
+                    down_total: 0,
                 };
             }
         }
@@ -875,7 +897,7 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
     let Some(line) = recv.wait_for_line("vfmig: listening on ") else {
         let (_, _, lines) = recv.collect();
         v.push(format!("recv never listened: {lines:?}"));
-        return finish(plan, End::Broken, End::Broken, v, None, &dir);
+        return finish(plan, (End::Broken, End::Broken), v, 0, &dir);
     };
     let raddr: SocketAddr = line
         .trim_start_matches("vfmig: listening on ")
@@ -900,6 +922,10 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
             dir: Dir::Down,
             at: plan.at,
             bit: plan.bit,
+        },
+        Fault::LoseOutcome => Inject::Cut {
+            dir: Dir::Down,
+            at: outcome_at.unwrap_or(u64::MAX),
         },
         Fault::SlowLink => Inject::Throttle {
             bytes_per_sec: plan.link_rate,
@@ -1131,6 +1157,8 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
     let (sstatus, sout, slines) = send.collect();
     let (rstatus, rout, rlines) = recv.collect();
     let plog = proxy.log();
+    let down_total = proxy.shared.down.load(Ordering::SeqCst);
+    let fired = plog.len() > 1 || fault_at.lock().expect("lock").is_some();
     drop(proxy);
 
     let mut side_v = Vec::new();
@@ -1168,6 +1196,9 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
         let said = format!("{} {}", sj["error"], sj["guidance"]).to_lowercase();
         if !said.contains("commit") {
             v.push(format!("send in doubt without saying it committed: {said}"));
+        }
+        if !fired {
+            v.push("send in doubt, but the campaign's fault never fired".to_owned());
         }
         if !plan.fault.can_leave_in_doubt() {
             v.push(format!(
@@ -1287,21 +1318,28 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
             ));
         }
     }
+    if std::env::var_os("VFMIG_CAMPAIGN_VERBOSE").is_some() {
+        eprintln!(
+            "trial {:#x} {:?}: send {s_end:?} recv {r_end:?}; {}",
+            plan.seed,
+            plan.fault,
+            plog.join("; ")
+        );
+    }
     if !v.is_empty() {
         v.push(format!("send stderr: {slines:?}"));
         v.push(format!("recv stderr: {rlines:?}"));
         v.push(format!("proxy: {plog:?}"));
         v.push(format!("plan: {plan:?}"));
     }
-    finish(plan, s_end, r_end, v, None, &dir)
+    finish(plan, (s_end, r_end), v, down_total, &dir)
 }
 
 fn finish(
     plan: &Plan,
-    send: End,
-    recv: End,
+    (send, recv): (End, End),
     violations: Vec<String>,
-    skipped: Option<String>,
+    down_total: u64,
     dir: &Path,
 ) -> Outcome {
     let _ = std::fs::remove_dir_all(dir.join("src"));
@@ -1313,7 +1351,8 @@ fn finish(
         send,
         recv,
         violations,
-        skipped,
+        skipped: None,
+        down_total,
     }
 }
 
@@ -1356,7 +1395,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[test]
 fn every_seeded_fault_trial_ends_in_verified_success_or_clean_failure() {
     let base = env_u64("VFMIG_CAMPAIGN_SEED", 0x5eed_f00d);
-    let trials = to_usize(env_u64("VFMIG_CAMPAIGN_TRIALS", 48));
+    let trials = to_usize(env_u64("VFMIG_CAMPAIGN_TRIALS", DEFAULT_TRIALS));
     let jobs = to_usize(env_u64("VFMIG_CAMPAIGN_JOBS", 3).max(1));
     // Trial 0 uses the campaign seed itself, so a trial's seed alone reproduces it.
     let mut seeds = Vec::with_capacity(trials);
