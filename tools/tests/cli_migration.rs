@@ -303,6 +303,64 @@ fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
 }
 
 #[test]
+fn failure_json_reports_each_devices_final_state_rolled_back_and_reset() {
+    // The source's device 1 fails a read in stop-copy: the source rolls both devices back to
+    // RUNNING and the destination resets both (RUNNING), and --json says so per device.
+    let recv = Receiver::spawn(&[
+        "--device",
+        "emu:size=256K",
+        "--device",
+        "emu:size=256K",
+        "--json",
+        "--timeout",
+        "10",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                "emu:size=256K",
+                "--device",
+                "emu:size=256K,read-error-at=64K",
+                "--json",
+                "--timeout",
+                "10",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, rstdout, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    for j in [json(&out.stdout), json(rstdout.as_bytes())] {
+        assert_eq!(j["outcome"], "failed", "{j}");
+        let states: Vec<&str> = j["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["final_state"].as_str().unwrap_or("null"))
+            .collect();
+        assert_eq!(states, ["RUNNING", "RUNNING"], "{j}");
+    }
+}
+
+#[test]
+fn success_json_reports_both_sides_devices_in_stop() {
+    let dev = "emu:size=128K";
+    let recv = Receiver::spawn(&["--device", dev, "--json", "--timeout", "10"]);
+    let out = run(
+        send(recv.addr, &["--device", dev, "--json", "--timeout", "10"]),
+        None,
+    );
+    let (rstatus, rstdout, _) = recv.finish();
+    assert!(out.status.success() && rstatus.success());
+    for j in [json(&out.stdout), json(rstdout.as_bytes())] {
+        assert_eq!(j["devices"][0]["final_state"], "STOP", "{j}");
+    }
+}
+
+#[test]
 fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");

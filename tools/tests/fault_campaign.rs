@@ -1181,6 +1181,24 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
     v.extend(side_v);
     let s_states = device_states(&sj);
     let r_states = device_states(&rj);
+    let ndev = plan.devices.len();
+    if matches!(s_end, End::Ok | End::Failed | End::InDoubt) && s_states.len() != ndev {
+        v.push(format!(
+            "send JSON reports {} device states, want {ndev}",
+            s_states.len()
+        ));
+    }
+    // A recv that never had a session (no source connected) reports no devices.
+    let had_session = rlines.iter().any(|l| l.starts_with("vfmig: source "));
+    if matches!(r_end, End::Ok | End::Failed | End::InDoubt)
+        && (had_session || !r_states.is_empty())
+        && r_states.len() != ndev
+    {
+        v.push(format!(
+            "recv JSON reports {} device states, want {ndev}",
+            r_states.len()
+        ));
+    }
 
     // The source's devices.
     match s_end {
