@@ -361,6 +361,60 @@ fn success_json_reports_both_sides_devices_in_stop() {
 }
 
 #[test]
+fn destination_file_on_a_full_file_system_fails_with_enospc_and_leaves_nothing() {
+    // A 64 KiB tmpfs (needs root to mount; skipped, saying so, elsewhere). Before the fix, the
+    // kernel's partial counts for offset -1 writes made both sides succeed with 64 KiB written.
+    let src_dir = tempfile::tempdir().expect("tempdir");
+    let dst_dir = tempfile::tempdir().expect("tempdir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(dst_dir.path())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).output();
+        }
+    }
+    let _guard = Unmount(dst_dir.path());
+    let src = src_dir.path().join("state.bin");
+    std::fs::write(&src, test_bytes(300_000, 11)).expect("write source");
+    let dst = dst_dir.path().join("state.out");
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "10",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--timeout",
+                "10",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1), "{:?}", stderr_lines(&out));
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(last.contains("no space left on device"), "{rlines:?}");
+    assert!(
+        dir_entries(dst_dir.path()).is_empty(),
+        "nothing left behind"
+    );
+}
+
+#[test]
 fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
