@@ -29,15 +29,28 @@ fn final_states(devices: &mut [Box<dyn MigrationDevice>]) -> Vec<Option<&'static
 
 /// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr. With
 /// `--json`, a migration failure's object is printed here, with each device's `final_state`.
+/// What [`finish`] reports on and where.
+struct Output<'a> {
+    labels: &'a [DeviceLabel],
+    states: &'a [Option<&'static str>],
+    progress: &'a Progress,
+    json: bool,
+    quiet: bool,
+}
+
 fn finish(
     role: &'static str,
     peer: Option<SocketAddr>,
     result: Result<Report, CliError>,
-    labels: &[DeviceLabel],
-    states: &[Option<&'static str>],
-    progress: &Progress,
-    (json, quiet): (bool, bool),
+    out: &Output<'_>,
 ) -> Result<(), CliError> {
+    let Output {
+        labels,
+        states,
+        progress,
+        json,
+        quiet,
+    } = *out;
     match result {
         Ok(report) => {
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
@@ -116,15 +129,14 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let (result, peer, mut devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
     let states = final_states(&mut devices);
-    finish(
-        "send",
-        peer,
-        result,
-        &labels,
-        &states,
-        &progress,
-        (c.json, c.quiet),
-    )
+    let out = Output {
+        labels: &labels,
+        states: &states,
+        progress: &progress,
+        json: c.json,
+        quiet: c.quiet,
+    };
+    finish("send", peer, result, &out)
 }
 
 /// Binds the first address of `at` that takes it (every address: IPv6 wildcard, then IPv4).
@@ -195,13 +207,12 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
         },
     );
     let states = final_states(&mut devices);
-    finish(
-        "recv",
-        peer,
-        result,
-        &labels,
-        &states,
-        &progress,
-        (c.json, c.quiet),
-    )
+    let out = Output {
+        labels: &labels,
+        states: &states,
+        progress: &progress,
+        json: c.json,
+        quiet: c.quiet,
+    };
+    finish("recv", peer, result, &out)
 }

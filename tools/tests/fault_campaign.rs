@@ -22,7 +22,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -167,16 +167,11 @@ impl Fault {
         )
     }
 
-    /// Faults that can take the link away at the commit point (so "in doubt" is possible).
-    fn can_leave_in_doubt(self) -> bool {
+    /// Faults that signal a process when the proxy reaches a byte position.
+    fn signals(self) -> bool {
         matches!(
             self,
-            Fault::CutUp
-                | Fault::CutDown
-                | Fault::LoseOutcome
-                | Fault::FlipUp
-                | Fault::FlipDown
-                | Fault::KillSend
+            Fault::KillSend
                 | Fault::KillRecv
                 | Fault::StopSend
                 | Fault::StopRecv
@@ -185,6 +180,19 @@ impl Fault {
                 | Fault::CancelSend
                 | Fault::CancelRecv
         )
+    }
+
+    /// Faults that can take the link away at the commit point (so "in doubt" is possible).
+    fn can_leave_in_doubt(self) -> bool {
+        self.signals()
+            || matches!(
+                self,
+                Fault::CutUp
+                    | Fault::CutDown
+                    | Fault::LoseOutcome
+                    | Fault::FlipUp
+                    | Fault::FlipDown
+            )
     }
 }
 
@@ -579,22 +587,7 @@ impl Proc {
             .spawn()
             .expect("spawn vfmig");
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-        let mut out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        let stderr = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
+        let (lines, stderr, stdout) = common::collect_output(&mut child);
         let exited = Arc::new(Mutex::new(None));
         let ex = exited.clone();
         let waiter = std::thread::spawn(move || {
@@ -931,14 +924,7 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
         Fault::SlowLink => Inject::Throttle {
             bytes_per_sec: plan.link_rate,
         },
-        Fault::KillSend
-        | Fault::KillRecv
-        | Fault::StopSend
-        | Fault::StopRecv
-        | Fault::HoldSend
-        | Fault::HoldRecv
-        | Fault::CancelSend
-        | Fault::CancelRecv => Inject::Trigger { at: plan.at },
+        f if f.signals() => Inject::Trigger { at: plan.at },
         _ => Inject::Nothing,
     };
     let proxy = Proxy::start(raddr, inject);
