@@ -74,9 +74,14 @@ pub struct SourceOptions {
     /// Switch over once the estimated STOP_COPY time (remaining bytes / measured throughput) is
     /// below this.
     pub max_downtime: Duration,
-    /// Longest pre-copy phase; switch over after it even if the estimate is still above
-    /// `max_downtime` (the device keeps dirtying faster than we send).
+    /// Longest pre-copy phase; then [`SourceOptions::on_max_precopy`] says what happens when
+    /// the estimate is still above `max_downtime` (the device keeps dirtying faster than we
+    /// send).
     pub max_precopy: Duration,
+    /// What the automatic mode does when `max_precopy` passed and the downtime estimate does not
+    /// fit: switch over anyway (the default; the report then says whether `max_downtime` was
+    /// exceeded) or abort with [`crate::PipelineError::PrecopyTooLong`].
+    pub on_max_precopy: PrecopyLimit,
     /// Cap on wire bytes per second, `None` for no limit.
     pub max_bandwidth: Option<Rate>,
     /// Longest time without progress at any step (device, transport, peer).
@@ -105,6 +110,7 @@ impl Default for SourceOptions {
             precopy: true,
             max_downtime: Duration::from_millis(300),
             max_precopy: Duration::from_secs(60),
+            on_max_precopy: PrecopyLimit::Switchover,
             max_bandwidth: None,
             timeout: Duration::from_secs(30),
             allow_without_p2p: false,
@@ -125,6 +131,7 @@ impl fmt::Debug for SourceOptions {
             .field("precopy", &self.precopy)
             .field("max_downtime", &self.max_downtime)
             .field("max_precopy", &self.max_precopy)
+            .field("on_max_precopy", &self.on_max_precopy)
             .field("max_bandwidth", &self.max_bandwidth)
             .field("timeout", &self.timeout)
             .field("allow_without_p2p", &self.allow_without_p2p)
@@ -133,6 +140,17 @@ impl fmt::Debug for SourceOptions {
             .field("dirty_tracking", &self.dirty_tracking)
             .finish()
     }
+}
+
+/// What happens when pre-copy reached [`SourceOptions::max_precopy`] without the downtime
+/// estimate fitting `max_downtime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrecopyLimit {
+    /// Switch over anyway (the downtime may exceed `max_downtime`; the report says so).
+    #[default]
+    Switchover,
+    /// Abort the migration; the devices are rolled back and keep running.
+    Abort,
 }
 
 /// Destination options.
@@ -207,11 +225,14 @@ impl CancelHandle {
     }
 }
 
-/// A progress snapshot.
+/// A progress snapshot. Delivered about every `progress_interval`, and at once on every phase
+/// change of a source session: `Setup`, `PreCopy` (with pre-copy), `StopCopy`, `Commit`, `Done`.
 #[derive(Clone, Debug)]
 pub struct Progress {
     /// Time since the session started.
     pub elapsed: Duration,
+    /// The session's phase.
+    pub phase: Phase,
     /// Per device, in session order.
     pub devices: Vec<DeviceProgress>,
 }
@@ -306,7 +327,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Raw bytes per second over the session.
     pub throughput_bps: f64,
-    /// Source: from the first device leaving a running state to the last `DevicePrepared` ack.
+    /// Source: from the first device leaving a running state to the destination's outcome (after
+    /// the commit): the time the guest's devices run nowhere.
     pub downtime: Option<Duration>,
     /// Busy time per stage.
     pub stages: StageTimes,
@@ -317,6 +339,8 @@ pub struct Report {
     /// What the destination did after the commit: on the source, the outcome it reported; on
     /// the destination, the outcome it sent. `None` before the end of the session.
     pub outcome: Option<vfmig_wire::FinalOutcome>,
+    /// Source: the measured `downtime` exceeded [`SourceOptions::max_downtime`].
+    pub max_downtime_exceeded: bool,
 }
 
 /// What rollback did to one device.

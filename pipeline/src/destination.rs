@@ -18,10 +18,17 @@ use crate::api::{
     CancelHandle, DestinationOptions, DeviceProgress, Progress, Report, RollbackStep,
 };
 use crate::error::{Phase, PipelineError, Side};
-use crate::source::{build_report, reset_committed, reset_one, set_state, Watch};
+use crate::report::build_report;
+use crate::rollback::{reset_committed, reset_one, set_state};
 use crate::stages::{self, InItem, Incoming, Received, POLL};
 use crate::stats::{Counters, DeviceCounters};
+use crate::watch::Watch;
 use crate::writer::{self, WriterDevice, WriterEvent};
+
+/// [`DeviceCounters::seen`] values: the furthest kind of frame received for a device.
+const SEEN_PRECOPY: u8 = 1;
+const SEEN_STOPCOPY: u8 = 2;
+const SEEN_END: u8 = 3;
 
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
 const TRANSPORT_READY: usize = 8;
@@ -167,7 +174,9 @@ fn receive_loop(
     stop: &AtomicBool,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
-    let phase = Phase::Resume;
+    // What the source is sending, as the frames say: errors name it truthfully.
+    let mut phase = Phase::Setup;
+    let mut ended = vec![false; devices];
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -176,6 +185,14 @@ fn receive_loop(
             Ok(f) => f,
             Err(TransportError::Timeout { .. }) => continue,
             Err(TransportError::Closed) => {
+                // A source closes only after every device's EndOfDevice; a close before that is
+                // a source that died (its kernel closed the sockets), known now, not at timeout.
+                if let Some(device) = ended.iter().position(|e| !e) {
+                    return Err(PipelineError::SourceGone {
+                        phase,
+                        device: u16::try_from(device).unwrap_or(u16::MAX),
+                    });
+                }
                 // Bounded: the control loop takes at most two decisions.
                 let _ = out.decisions.send_timeout(Decision::Closed, timeout);
                 return Ok(());
@@ -191,6 +208,11 @@ fn receive_loop(
         };
         let t0 = Instant::now();
         let h: FrameHeader = frame.header;
+        phase = match (phase, h.kind) {
+            (Phase::Setup, FrameKind::PreCopyData | FrameKind::DirtyPages) => Phase::PreCopy,
+            (_, FrameKind::StopCopyData | FrameKind::PreCopyDone) => Phase::StopCopy,
+            (p, _) => p,
+        };
         if h.kind.is_sequenced() && usize::from(h.device) >= devices {
             return Err(PipelineError::UnexpectedFrame {
                 kind: h.kind,
@@ -198,11 +220,21 @@ fn receive_loop(
                 phase,
             });
         }
+        let at = phase;
         let lost = || PipelineError::Timeout {
-            phase,
+            phase: at,
             what: "the decode stage to take a frame",
             waited: timeout,
         };
+        // What the source is streaming, for the progress callback's phase.
+        if let Some(c) = counters.device(h.device) {
+            match h.kind {
+                FrameKind::PreCopyData => c.seen.fetch_max(SEEN_PRECOPY, Ordering::Relaxed),
+                FrameKind::StopCopyData => c.seen.fetch_max(SEEN_STOPCOPY, Ordering::Relaxed),
+                FrameKind::EndOfDevice => c.seen.fetch_max(SEEN_END, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
         match h.kind {
             FrameKind::PreCopyData | FrameKind::StopCopyData | FrameKind::DirtyPages => {
                 out.data
@@ -216,6 +248,13 @@ fn receive_loop(
                     .map_err(|_| lost())?;
             }
             FrameKind::EndOfDevice => {
+                if let Some(e) = ended.get_mut(usize::from(h.device)) {
+                    *e = true;
+                }
+                if ended.iter().all(|&e| e) {
+                    // Every stream is in: what follows is the source's decision.
+                    phase = Phase::Commit;
+                }
                 let mut digest = [0u8; DIGEST_LEN];
                 match &frame.payload {
                     Some(p) if p.len() == DIGEST_LEN && h.codec == Codec::Raw => {
@@ -244,8 +283,12 @@ fn receive_loop(
                     )
                     .map_err(|_| lost())?;
             }
-            FrameKind::PreCopyDone => {
-                let item = Incoming::PreCopyDone { raw: h.arg };
+            FrameKind::PreCopyDone | FrameKind::InitialDataSent => {
+                let item = if h.kind == FrameKind::PreCopyDone {
+                    Incoming::PreCopyDone { raw: h.arg }
+                } else {
+                    Incoming::InitialDone { raw: h.arg }
+                };
                 out.markers
                     .send_timeout(
                         InItem {
@@ -312,7 +355,19 @@ impl<D: MigrationDevice> DestinationSession<D> {
         &self.resets
     }
 
-    /// Accepts one source on `listener` (using [`DestinationOptions::session`]) and runs the
+    /// What this side declares about its devices in the handshake (see
+    /// `vfmig_transport::SessionConfig::declared_devices`): a session configuration for
+    /// [`Listener::accept`] should carry them, so that a source whose devices cannot pair with
+    /// these is refused before any device moves. [`DestinationSession::run`] does so.
+    pub fn declarations(&self) -> Vec<vfmig_wire::declare::DeviceDecl> {
+        self.devices
+            .iter()
+            .map(|d| crate::source::declaration(&d.identity()))
+            .collect()
+    }
+
+    /// Accepts one source on `listener` (using [`DestinationOptions::session`], with this
+    /// side's [`DestinationSession::declarations`]) and runs the
     /// whole session: [`DestinationSession::receive`], then (with
     /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
     /// [`DestinationSession::finish`].
@@ -355,8 +410,10 @@ impl<D: MigrationDevice> DestinationSession<D> {
     }
 
     fn accept(&self, listener: &Listener) -> Result<RecvSession, PipelineError> {
+        let mut cfg = self.opts.session.clone();
+        cfg.declared_devices = Some(self.declarations());
         listener
-            .accept(&self.opts.session)
+            .accept(&cfg)
             .map_err(|source| PipelineError::Transport {
                 phase: Phase::Setup,
                 source,
@@ -604,6 +661,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         let n = self.devices.len();
         let mut fds: Vec<Option<Arc<OwnedFd>>> = fds.into_iter().map(Some).collect();
         let mut done = vec![false; n];
+        let mut acked = vec![false; n];
         let mut watch = Watch::with_interval(started, self.opts.progress_interval);
         while !done.iter().all(|&d| d) {
             if self.cancel.is_cancelled() {
@@ -659,25 +717,35 @@ impl<D: MigrationDevice> DestinationSession<D> {
                             source,
                         })?;
                 }
-                Ok(WriterEvent::PreCopyDone { device, raw }) => {
+                Ok(
+                    ev @ (WriterEvent::PreCopyDone { device, raw }
+                    | WriterEvent::InitialLoaded { device, raw }),
+                ) => {
                     watch.progressed();
-                    // The marker's `arg` is the raw length of the device's PRE_COPY stream, and
-                    // the writer emits this event only once all of it was written: that is the
-                    // pre-copy figure of this side's report.
-                    if let Some(c) = stages.counters.device(device) {
-                        c.precopy_raw.store(raw, Ordering::Relaxed);
-                    }
-                    // Everything the source sent in PRE_COPY is loaded.
-                    let ack = Control::SwitchoverAck {
-                        device,
-                        raw_bytes: raw,
-                    };
-                    session.send_control(ack.header(), &[]).map_err(|source| {
-                        PipelineError::Transport {
-                            phase: Phase::PreCopy,
-                            source,
+                    if matches!(ev, WriterEvent::PreCopyDone { .. }) {
+                        // The marker's `arg` is the raw length of the device's PRE_COPY stream,
+                        // and the writer emits this event only once all of it was written: that
+                        // is the pre-copy figure of this side's report.
+                        if let Some(c) = stages.counters.device(device) {
+                            c.precopy_raw.store(raw, Ordering::Relaxed);
                         }
-                    })?;
+                    }
+                    // The device's initial data (or all its pre-copy data) is loaded: the
+                    // switchover-ack, once per device (issue 13; uAPI `initial_bytes`).
+                    let i = usize::from(device);
+                    if acked.get(i) == Some(&false) {
+                        acked[i] = true;
+                        let ack = Control::SwitchoverAck {
+                            device,
+                            raw_bytes: raw,
+                        };
+                        session.send_control(ack.header(), &[]).map_err(|source| {
+                            PipelineError::Transport {
+                                phase: Phase::PreCopy,
+                                source,
+                            }
+                        })?;
+                    }
                 }
                 Ok(WriterEvent::Failed(e)) => return Err(e),
                 Err(_) => {}
@@ -701,6 +769,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
         let elapsed = started.elapsed();
         Progress {
             elapsed,
+            phase: Phase::Resume,
             devices: self
                 .devices
                 .iter()
@@ -708,9 +777,17 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 .enumerate()
                 .map(|(i, (d, c))| {
                     let raw = DeviceCounters::load(&c.raw);
+                    // The furthest the source's stream got: nothing yet (just after the
+                    // handshake), pre-copy data, stop-copy data, its end (being verified).
+                    let phase = match c.seen.load(Ordering::Relaxed) {
+                        SEEN_END => Phase::Acknowledge,
+                        SEEN_STOPCOPY => Phase::StopCopy,
+                        SEEN_PRECOPY => Phase::PreCopy,
+                        _ => Phase::Setup,
+                    };
                     DeviceProgress {
                         name: d.name().to_owned(),
-                        phase: Phase::Resume,
+                        phase,
                         raw_bytes: raw,
                         wire_bytes: DeviceCounters::load(&c.wire),
                         rate_bps: raw as f64 / elapsed.as_secs_f64().max(1e-3),

@@ -27,6 +27,8 @@ pub enum Phase {
     /// The end of the session (docs/PROTOCOL.md, section 5.1): the source's decision and the
     /// destination's outcome.
     Commit,
+    /// The session ended successfully.
+    Done,
     /// Walking devices back after a failure.
     Rollback,
 }
@@ -40,6 +42,7 @@ impl fmt::Display for Phase {
             Phase::Resume => "resume",
             Phase::Acknowledge => "acknowledge",
             Phase::Commit => "commit",
+            Phase::Done => "done",
             Phase::Rollback => "rollback",
         })
     }
@@ -276,6 +279,32 @@ pub enum PipelineError {
         /// Its value.
         value: u64,
     },
+    /// Source: a data fd that is a regular file (a `file:` source) changed while it was read in
+    /// STOP_COPY: its size or modification time differs from when STOP_COPY began. The stream
+    /// would be neither the old file nor the new one, so it is refused before its `EndOfDevice`
+    /// (the destination is told by an abort and discards what it received).
+    #[error("device {device}: the file changed while it was read ({read} bytes read, size {size_before} when reading began, {size_after} at its end, modified: {modified})")]
+    SourceChanged {
+        /// Device name.
+        device: String,
+        /// Bytes read before the end of the file.
+        read: u64,
+        /// The file's size when STOP_COPY began.
+        size_before: u64,
+        /// Its size at the end of the read.
+        size_after: u64,
+        /// Its modification time changed.
+        modified: bool,
+    },
+    /// Destination: the source closed every connection before the end of a device's stream
+    /// (it exited, was killed or lost the network). Reported at once, not after a timeout.
+    #[error("the source closed the session during {phase} before the end of device {device}'s stream (it exited, was killed or lost the network)")]
+    SourceGone {
+        /// What the source was sending: pre-copy or stop-copy data, or nothing yet (setup).
+        phase: Phase,
+        /// The first device whose stream had not ended.
+        device: u16,
+    },
     /// The decision of the session cannot be known on this side (docs/PROTOCOL.md, section
     /// 5.1). On the source: *commit* was sent, and the destination's outcome never arrived. On
     /// the destination: every device was prepared (and said so), and neither *commit* nor
@@ -298,6 +327,22 @@ pub enum PipelineError {
     /// [`crate::DestinationSession::finish`]) was called without one.
     #[error("no committed session: receive() must return Ok first")]
     NotCommitted,
+    /// A step of [`crate::SourceSession`] called out of order (e.g. `switchover` before
+    /// `start`, `finish` before `switchover`). Nothing was changed.
+    #[error("{step} is not valid now (phase {phase:?})")]
+    WrongStep {
+        /// The step called.
+        step: &'static str,
+        /// The session's phase, `None` when no session is in progress.
+        phase: Option<Phase>,
+    },
+    /// Pre-copy reached `max_precopy` without the downtime estimate fitting `max_downtime`, and
+    /// [`crate::PrecopyLimit::Abort`] was asked for.
+    #[error("pre-copy ran for {limit:?} without the estimated downtime fitting max_downtime")]
+    PrecopyTooLong {
+        /// The limit.
+        limit: Duration,
+    },
     /// The destination sent an outcome code this version does not know (then in doubt).
     #[error("unknown outcome code {code} from the destination")]
     UnknownOutcome {

@@ -60,12 +60,16 @@ impl FrameSink for Direct {
                     })
                     .map_err(|_| lost())
             }
-            FrameKind::PreCopyDone => self
+            FrameKind::PreCopyDone | FrameKind::InitialDataSent => self
                 .markers
                 .send(InItem {
                     device: header.device,
                     seq: header.seq,
-                    item: Incoming::PreCopyDone { raw: header.arg },
+                    item: if header.kind == FrameKind::PreCopyDone {
+                        Incoming::PreCopyDone { raw: header.arg }
+                    } else {
+                        Incoming::InitialDone { raw: header.arg }
+                    },
                 })
                 .map_err(|_| lost()),
             _ => Err(lost()),

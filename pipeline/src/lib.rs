@@ -34,10 +34,11 @@
 //! - **Several devices.** Every source device reaches RUNNING_P2P (or PRE_COPY_P2P) before any
 //!   stops; destination devices resume (if asked) STOP -> RUNNING_P2P for all before RUNNING for
 //!   any. Devices without P2P are refused for multi-device runs unless overridden.
-//! - **Failure.** Any failure (device, peer, timeout, cancel) aborts the session with a reason
-//!   code, walks source devices back to RUNNING (resetting those in ERROR) and resets destination
-//!   devices; the error is a typed [`PipelineError`] and [`SourceSession::rollback_steps`] says
-//!   what was done.
+//! - **Failure.** Any failure before the decision (device, peer, timeout, cancel) aborts the
+//!   session with an [`AbortReason`], walks source devices back to RUNNING (resetting those in
+//!   ERROR) and resets destination devices; the error is a typed [`PipelineError`] and
+//!   [`SourceSession::rollback_steps`] says what was done. The one exception is
+//!   [`PipelineError::InDoubt`], where both sides keep their devices in STOP.
 //! - **Memory.** Every queue is bounded and every buffer comes from the transport's fixed pool,
 //!   so memory does not grow with the state size.
 //!
@@ -87,6 +88,68 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+//!
+//! # Example: a VMM drives the switchover (step mode)
+//!
+//! The VMM streams two devices in pre-copy while its vCPUs run, polls
+//! [`SourceSession::status`], pauses its vCPUs once the destination acknowledged the initial data
+//! and the estimate fits, then calls [`SourceSession::switchover`] and
+//! [`SourceSession::finish`]. The destination VMM resumes its devices after the commit
+//! ([`DestinationSession::receive`], [`DestinationSession::resume`],
+//! [`DestinationSession::finish`]); the source's report carries that outcome.
+//! `examples/vmm_loop.rs` is the same with logging.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//! use vfmig_pipeline::{
+//!     DestinationOptions, DestinationSession, FinalOutcome, SourceOptions, SourceSession,
+//! };
+//! use vfmig_transport::Listener;
+//! use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
+//! use vfmig_vfio::{DeviceState, MigrationDevice};
+//!
+//! let device = |name: &str, seed| EmulatedDevice::new(EmulatedConfig {
+//!     name: name.into(), size: 2 << 20, seed, precopy: Some(u64::MAX), dirty_rate: 1 << 20,
+//!     ..EmulatedConfig::default()
+//! });
+//! let sources = vec![device("gpu0", 1)?, device("nic0", 2)?];
+//! let targets: Vec<_> = sources.iter().map(|d| d.destination()).collect::<Result<_, _>>()?;
+//! let listener = Listener::bind("127.0.0.1:0".parse()?)?;
+//! let addr = listener.local_addr();
+//! let destination = std::thread::spawn(move || {
+//!     let mut s = DestinationSession::new(targets, DestinationOptions::default());
+//!     s.receive(&listener).expect("committed");
+//!     // ... the VMM loads its RAM here ...
+//!     s.resume().expect("devices resume");
+//!     s.finish(FinalOutcome::Resumed).expect("outcome sent");
+//! });
+//!
+//! let vcpus_paused = AtomicBool::new(false);
+//! let mut s = SourceSession::new(sources, SourceOptions::default());
+//! s.start(addr)?;
+//! loop {
+//!     let st = s.status()?;
+//!     for d in s.devices_mut() {
+//!         // Running vCPUs need running devices.
+//!         assert!(vcpus_paused.load(Ordering::SeqCst) || d.state()?.is_running());
+//!     }
+//!     let initial_out = st.devices.iter().all(|d| d.initial_bytes == 0);
+//!     if initial_out && st.switchover_acked && st.switchover_due {
+//!         break;
+//!     }
+//! }
+//! vcpus_paused.store(true, Ordering::SeqCst); // pause-before-switchover
+//! s.switchover()?;
+//! let report = s.finish()?;
+//! destination.join().expect("destination");
+//! assert_eq!(report.outcome, Some(FinalOutcome::Resumed));
+//! for d in s.devices_mut() {
+//!     assert_eq!(d.state()?, DeviceState::Stop);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 mod adapt;
 mod api;
 mod codec;
@@ -97,19 +160,24 @@ mod error;
 mod guest;
 mod initial;
 mod reader;
+mod report;
 mod reseq;
+mod rollback;
 mod source;
 mod stages;
 mod stats;
+mod status;
 mod uring;
+mod watch;
 mod writer;
 
 #[cfg(test)]
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, Progress,
-    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit,
+    Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage,
+    StageTimes,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
@@ -118,6 +186,7 @@ pub use error::{Phase, PipelineError, Side};
 pub use guest::{GuestMemoryAccess, GUEST_PAGE};
 pub use reseq::SequenceError;
 pub use source::SourceSession;
+pub use status::{DeviceStatus, SourceStatus};
 /// The one abort vocabulary (docs/PROTOCOL.md, section 5), re-exported from the wire crate.
 pub use vfmig_wire::AbortReason;
 /// What the destination did after the commit (docs/PROTOCOL.md, section 5.1).

@@ -88,6 +88,9 @@ pub(crate) enum ReaderCmd {
     /// Leave PRE_COPY: let the read in flight finish, emit what is buffered and `PreCopyDone`,
     /// then report [`ReaderEvent::PreCopyQuiesced`] and wait for [`ReaderCmd::StopCopy`].
     EndPreCopy { device: u16 },
+    /// Every initial byte of the device has been read from its fd (`initial_bytes` reached 0):
+    /// once the read in flight is in, emit what is buffered and `InitialDataSent`, read on.
+    MarkInitial { device: u16 },
     /// The device is in STOP_COPY: read on (from a new fd if the SET returned one) until 0.
     StopCopy {
         device: u16,
@@ -187,6 +190,49 @@ struct Dev {
     hold_end: bool,
     /// A full chunk numbered but not yet handed over.
     full: Option<RawChunk>,
+    /// The data fd is a regular file (a `file:` source): what it was when STOP_COPY began.
+    file: Option<FileId>,
+    /// `InitialDataSent` is due once no read is in flight.
+    mark_initial: bool,
+}
+
+/// What identifies the contents of a regular file read as a data fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    size: u64,
+    mtime: (i64, i64),
+}
+
+/// The identity of `fd` if it is a regular file (VFIO data fds are not).
+fn file_id(fd: &OwnedFd) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::File::from(fd.try_clone().ok()?).metadata().ok()?;
+    meta.file_type().is_file().then(|| FileId {
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+    })
+}
+
+/// At the end of a regular file's STOP_COPY stream: the file must be what it was when reading
+/// began (no growth, truncation or rewrite meanwhile), so what was read is exactly the file. A
+/// file whose size and mtime stay put was read whole: reads of a regular file end only at its
+/// end. (An emulated device's FUSE stream file keeps constant attributes and passes.)
+fn check_file_end(dev: &Dev) -> Result<(), PipelineError> {
+    let Some(before) = dev.file else {
+        return Ok(());
+    };
+    let read = dev.emitted + dev.filled as u64;
+    let after = file_id(&dev.fd);
+    if after == Some(before) {
+        return Ok(());
+    }
+    Err(PipelineError::SourceChanged {
+        device: dev.name.clone(),
+        read,
+        size_before: before.size,
+        size_after: after.map_or(0, |a| a.size),
+        modified: after.map(|a| a.mtime) != Some(before.mtime),
+    })
 }
 
 /// The reader loop. Returns when every device it was given has ended and the command channel
@@ -351,6 +397,9 @@ fn submit_next(
         }
         DevPhase::Reading => {}
     }
+    if dev.mark_initial && dev.mode == ReadMode::PreCopy {
+        mark_initial(i, dev, ctx)?;
+    }
     if let Some(at) = dev.retry_at {
         if at > now {
             return Ok(Some(at));
@@ -411,6 +460,7 @@ fn apply(
     match cmd {
         ReaderCmd::Add { device, fd, mode } => {
             let i = slot(device, devs)?;
+            let file = (mode == ReadMode::StopCopy).then(|| file_id(&fd)).flatten();
             devs[i] = Some(Dev {
                 name: names[i].clone(),
                 fd,
@@ -425,6 +475,8 @@ fn apply(
                 last_progress: Instant::now(),
                 hold_end: ctx.io.guest.as_ref().is_some_and(|g| g.carrier == device),
                 full: None,
+                file,
+                mark_initial: false,
             });
         }
         ReaderCmd::EndPreCopy { device } => {
@@ -435,12 +487,21 @@ fn apply(
                 }
             }
         }
+        ReaderCmd::MarkInitial { device } => {
+            let i = slot(device, devs)?;
+            if let Some(d) = devs[i].as_mut() {
+                // Once the device left pre-copy, `PreCopyDone` says more than this would.
+                d.mark_initial = matches!(d.phase, DevPhase::Reading | DevPhase::WantQuiesce)
+                    && d.mode == ReadMode::PreCopy;
+            }
+        }
         ReaderCmd::StopCopy { device, fd } => {
             let i = slot(device, devs)?;
             if let Some(d) = devs[i].as_mut() {
                 if let Some(fd) = fd {
                     d.fd = fd;
                 }
+                d.file = file_id(&d.fd);
                 d.mode = ReadMode::StopCopy;
                 d.phase = DevPhase::Reading;
                 d.retry_at = None;
@@ -596,6 +657,7 @@ fn completed(
             dev.backoff = (dev.backoff * 2).min(PRECOPY_POLL_MAX);
         }
         ReadMode::StopCopy if result == 0 => {
+            check_file_end(dev)?;
             if dev.filled > 0 {
                 emit(device, dev, buf, ctx)?;
             } else {
@@ -710,6 +772,31 @@ fn marker(
         })
 }
 
+/// With no read in flight: everything read so far goes out, then `InitialDataSent`.
+fn mark_initial(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
+    let device = u16::try_from(i).unwrap_or(u16::MAX);
+    hand_over(dev, ctx)?;
+    if let Some(buf) = dev.buf.take() {
+        if dev.filled > 0 {
+            emit(device, dev, buf, ctx)?;
+        } else {
+            dev.buf = Some(buf);
+        }
+    }
+    let raw = dev.emitted;
+    marker(
+        device,
+        dev,
+        FrameKind::InitialDataSent,
+        raw,
+        None,
+        ctx.io,
+        ctx.timeout,
+    )?;
+    dev.mark_initial = false;
+    Ok(())
+}
+
 fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     let (io, timeout) = (ctx.io, ctx.timeout);
     let device = u16::try_from(i).unwrap_or(u16::MAX);
@@ -720,6 +807,8 @@ fn quiesce(i: usize, dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> 
         }
     }
     let raw = dev.emitted;
+    // `PreCopyDone` covers the initial data too: the destination acks on either.
+    dev.mark_initial = false;
     marker(device, dev, FrameKind::PreCopyDone, raw, None, io, timeout)?;
     dev.phase = DevPhase::Quiesced;
     let _ = io.events.send(ReaderEvent::PreCopyQuiesced { device });

@@ -10,22 +10,26 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceClass, DeviceState, Identity, MigrationCaps, MigrationDevice};
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::api::{
-    ratio, CancelHandle, DeviceProgress, DeviceReport, Progress, Report, RollbackAction,
-    RollbackStep, SourceOptions, Stage, StageTimes,
+    CancelHandle, DeviceProgress, PrecopyLimit, Progress, Report, RollbackStep, SourceOptions,
 };
-use crate::codec::{chunk_len, Choice};
+use crate::codec::chunk_len;
 use crate::dirty::DirtyLog;
 use crate::error::{Phase, PipelineError, Side};
 use crate::guest::Run;
 use crate::initial::InitialData;
 use crate::reader::{self, GuestPages, ReadMode, ReaderCmd, ReaderEvent, ReaderIo};
+use crate::report::{build_report, describe};
+use crate::rollback::{roll_back_one, set_state};
 use crate::stages::{self, FrameSink, RateLimit};
 use crate::stats::{Counters, DeviceCounters};
+use crate::status::{DeviceStatus, SourceStatus};
+use crate::watch::{fits_downtime, RateMeter, Watch};
 
 /// How often the control loop looks at the device, the peer and the stages.
 const TICK: Duration = Duration::from_millis(10);
@@ -59,25 +63,94 @@ impl FrameSink for SendSession {
 /// `EmulatedDevice`. The devices must be RUNNING. On success they are left in STOP (the VMM
 /// decides what follows); on failure they are walked back to RUNNING and
 /// [`SourceSession::rollback_steps`] says what was done.
+///
+/// Two ways to drive it:
+/// - [`SourceSession::run`]: one call; the library switches over when its downtime estimate
+///   fits `max_downtime` and the destination's switchover-ack is in.
+/// - Steps, for a VMM that decides the switchover itself (QEMU's `pause-before-switchover`):
+///   [`SourceSession::start`], then [`SourceSession::status`] in a loop (each call runs one
+///   step of the control loop, at most ~10 ms; call it at least every 100 ms during pre-copy),
+///   then, with the vCPUs paused, [`SourceSession::switchover`], then
+///   [`SourceSession::finish`] for the report. [`SourceSession::abort`] rolls back from any
+///   step; dropping the session with a step in progress does the same. `run` is these steps.
 #[derive(Debug)]
 pub struct SourceSession<D: MigrationDevice> {
     devices: Vec<D>,
     opts: SourceOptions,
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
+    active: Option<Active>,
     /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
     initial: InitialData,
 }
 
 /// Per-device bookkeeping of one run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DevRun {
     data_fd: Option<Arc<OwnedFd>>,
     quiesced: bool,
     ended: Option<u64>,
+    /// `DevicePrepared` arrived, with this many bytes.
     acked: Option<u64>,
     stopped: bool,
     estimate: Option<u64>,
+    initial_bytes: u64,
+    dirty_bytes: u64,
+    stop_copy_bytes: Option<u64>,
+    /// `InitialDataSent` was asked of the reader.
+    initial_marked: bool,
+    /// The destination's `SwitchoverAck` arrived.
+    switchover_acked: bool,
+    rate: RateMeter,
+}
+
+impl Default for DevRun {
+    fn default() -> Self {
+        DevRun {
+            data_fd: None,
+            quiesced: false,
+            ended: None,
+            acked: None,
+            stopped: false,
+            estimate: None,
+            initial_bytes: 0,
+            dirty_bytes: 0,
+            stop_copy_bytes: None,
+            initial_marked: false,
+            switchover_acked: false,
+            rate: RateMeter::new(0),
+        }
+    }
+}
+
+/// A session between [`SourceSession::start`] and [`SourceSession::finish`].
+#[derive(Debug)]
+struct Active {
+    session: Arc<SendSession>,
+    stages: Stages,
+    runs: Vec<DevRun>,
+    watch: Watch,
+    tracker: Option<DirtyLog>,
+    /// Pre-copy is used (the option, and every device supports it).
+    precopy: bool,
+    pre: PreCopyState,
+    phase: Phase,
+    downtime_start: Option<Instant>,
+    started: Instant,
+}
+
+/// Pre-copy sampling and the automatic switchover decision.
+#[derive(Debug)]
+struct PreCopyState {
+    begun: Instant,
+    last_sample: Instant,
+    rate: RateMeter,
+    bps: f64,
+    /// Total raw bytes when `initial_bytes` reached 0 on every device.
+    initial_done_at: Option<u64>,
+    /// When the initial data was out and the acks were still missing.
+    ack_wait_since: Option<Instant>,
+    due: bool,
 }
 
 /// The stage threads of one run.
@@ -253,11 +326,13 @@ impl<D: MigrationDevice> SourceSession<D> {
             opts,
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
+            active: None,
             initial: InitialData::default(),
         }
     }
 
-    /// A handle that cancels [`SourceSession::run`] from another thread.
+    /// A handle that cancels [`SourceSession::run`] (or the step in progress) from another
+    /// thread.
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }
@@ -267,14 +342,16 @@ impl<D: MigrationDevice> SourceSession<D> {
         &self.devices
     }
 
-    /// The devices, mutably (e.g. to resume them after a successful migration was abandoned).
+    /// The devices, mutably (e.g. to resume them after a successful migration was abandoned, or
+    /// to roll back after an in-doubt end once the destination is known to have failed).
     pub fn devices_mut(&mut self) -> &mut [D] {
         &mut self.devices
     }
 
-    /// Gives the devices back.
-    pub fn into_devices(self) -> Vec<D> {
-        self.devices
+    /// Gives the devices back (a step in progress is aborted first).
+    pub fn into_devices(mut self) -> Vec<D> {
+        self.abort();
+        std::mem::take(&mut self.devices)
     }
 
     /// What the last failed run did to bring the devices back to RUNNING (empty after success).
@@ -282,9 +359,27 @@ impl<D: MigrationDevice> SourceSession<D> {
         &self.rollback
     }
 
-    /// Migrates every device to the destination listening at `addr`. Blocks until the
-    /// destination acknowledged every device (`DevicePrepared`), or fails.
+    /// Migrates every device to the destination listening at `addr`, switching over on its own
+    /// (see [`SourceStatus::switchover_due`]). Blocks until the destination reported its
+    /// outcome, or fails. Built from [`SourceSession::start`], [`SourceSession::status`],
+    /// [`SourceSession::switchover`] and [`SourceSession::finish`].
     pub fn run(&mut self, addr: SocketAddr) -> Result<Report, PipelineError> {
+        self.start(addr)?;
+        while !self.status()?.switchover_due {}
+        self.switchover()?;
+        self.finish()
+    }
+
+    /// Step 1: checks the devices, connects and handshakes, starts the stages and, when every
+    /// device supports it and [`SourceOptions::precopy`] is set, moves the devices to PRE_COPY
+    /// and starts streaming. On failure the devices are rolled back.
+    pub fn start(&mut self, addr: SocketAddr) -> Result<(), PipelineError> {
+        if self.active.is_some() {
+            return Err(PipelineError::WrongStep {
+                step: "start",
+                phase: self.active.as_ref().map(|a| a.phase),
+            });
+        }
         self.rollback.clear();
         let started = Instant::now();
         self.check()?;
@@ -295,6 +390,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 name: d.name().to_owned(),
                 caps: d.capabilities().bits(),
                 state_size_hint: d.stop_copy_size().unwrap_or(0),
+                decl: declaration(&d.identity()),
             })
             .collect();
         let session = SendSession::connect(addr, &self.opts.session, descs).map_err(|source| {
@@ -305,51 +401,539 @@ impl<D: MigrationDevice> SourceSession<D> {
         })?;
         let session = Arc::new(session);
         let names: Vec<String> = self.devices.iter().map(|d| d.name().to_owned()).collect();
-        let mut stages = match Stages::start(&session, names, &self.opts) {
+        let stages = match Stages::start(&session, names, &self.opts) {
             Ok(s) => s,
             Err(e) => {
                 session.abort(e.abort_reason(true), &e.to_string());
                 return Err(e);
             }
         };
-        let mut runs: Vec<DevRun> = self.devices.iter().map(|_| DevRun::default()).collect();
-        let mut downtime_start = None;
-        match self.drive(&session, &stages, &mut runs, &mut downtime_start, started) {
-            Ok(downtime) => {
-                stages.cmds = None;
-                stages.join();
-                // Every device is prepared on the destination and stopped here: the decision.
-                let decided = self.commit(&session);
-                let elapsed = started.elapsed();
-                let mut report = self.report(&stages, elapsed, Some(downtime));
-                match decided {
-                    Ok(outcome) => {
-                        close_quietly(session);
-                        report.outcome = Some(outcome);
-                        Ok(report)
-                    }
-                    Err(e @ PipelineError::InDoubt { .. }) => {
-                        // No Abort may follow a sent commit (the destination would reset what
-                        // may be the only copy): a clean close, and the devices stay in STOP.
-                        close_quietly(session);
-                        Err(e)
-                    }
-                    Err(e) => {
-                        // The commit was never queued, or the destination reset its devices
-                        // after a failed resume: the state here is the only valid copy.
-                        session.abort(e.abort_reason(true), &e.to_string());
-                        self.roll_back();
-                        Err(e)
-                    }
+        let precopy = self.opts.precopy
+            && self
+                .devices
+                .iter()
+                .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
+        let raw = stages.counters.total_raw();
+        self.active = Some(Active {
+            session,
+            stages,
+            runs: self.devices.iter().map(|_| DevRun::default()).collect(),
+            watch: Watch::new(started, &self.opts),
+            tracker: None,
+            precopy,
+            pre: PreCopyState {
+                begun: Instant::now(),
+                last_sample: Instant::now() - PRECOPY_SAMPLE,
+                rate: RateMeter::new(raw),
+                bps: 0.0,
+                initial_done_at: None,
+                ack_wait_since: None,
+                due: !precopy,
+            },
+            phase: Phase::Setup,
+            downtime_start: None,
+            started,
+        });
+        self.with_active(Self::begin)
+    }
+
+    /// Step 2, repeated: runs one step of the control loop (stage events, the destination's
+    /// frames, `precopy_info`, the dirty log, the progress callback; at most ~10 ms) and says
+    /// where the migration is. A failure aborts the session and rolls the devices back.
+    pub fn status(&mut self) -> Result<SourceStatus, PipelineError> {
+        self.with_active(|s, a| {
+            match a.phase {
+                Phase::PreCopy => {
+                    s.tick(a)?;
+                    s.sample_precopy(a)?;
                 }
+                Phase::StopCopy => s.step_stop_copy(a)?,
+                _ => s.tick(a)?,
+            }
+            Ok(s.snapshot(a))
+        })
+    }
+
+    /// Step 3: the switchover, called once the VMM paused its vCPUs. Ends pre-copy, takes every
+    /// device through the RUNNING_P2P quiescing order (PRE_COPY_P2P or RUNNING_P2P for all before
+    /// any stops) and then STOP_COPY, and streams the rest in the background; the downtime
+    /// starts here. Does not wait for the switchover-ack: [`SourceStatus::switchover_acked`]
+    /// says whether it came.
+    pub fn switchover(&mut self) -> Result<(), PipelineError> {
+        match self.active.as_ref().map(|a| a.phase) {
+            Some(Phase::Setup | Phase::PreCopy) => self.with_active(Self::switch),
+            phase => Err(PipelineError::WrongStep {
+                step: "switchover",
+                phase,
+            }),
+        }
+    }
+
+    /// Step 4: waits until every device is prepared on the destination and stopped here, sends
+    /// the commit (docs/PROTOCOL.md, section 5.1), waits for the destination's outcome and
+    /// returns the report. See [`SourceSession::run`] for the errors; `InDoubt` leaves the
+    /// devices in STOP.
+    pub fn finish(&mut self) -> Result<Report, PipelineError> {
+        match self.active.as_ref().map(|a| a.phase) {
+            Some(Phase::StopCopy) => {}
+            phase => {
+                return Err(PipelineError::WrongStep {
+                    step: "finish",
+                    phase,
+                })
+            }
+        }
+        self.with_active(|s, a| {
+            while !a.runs.iter().all(|r| r.stopped) {
+                s.step_stop_copy(a)?;
+            }
+            Ok(())
+        })?;
+        let Some(mut a) = self.active.take() else {
+            return Err(PipelineError::StageLost { stage: "control" });
+        };
+        a.stages.cmds = None;
+        a.stages.join();
+        self.enter(&mut a, Phase::Commit);
+        // Every device is prepared on the destination and stopped here: the decision.
+        let decided = self.commit(&a.session);
+        // The guest is down until the destination said what it did with the state.
+        let downtime = a.downtime_start.map_or(Duration::ZERO, |t| t.elapsed());
+        let mut report = self.report(&a.stages, a.started.elapsed(), Some(downtime));
+        report.max_downtime_exceeded = downtime > self.opts.max_downtime;
+        match decided {
+            Ok(outcome) => {
+                close_quietly(a.session.clone());
+                report.outcome = Some(outcome);
+                self.enter(&mut a, Phase::Done);
+                Ok(report)
+            }
+            Err(e @ PipelineError::InDoubt { .. }) => {
+                // No Abort may follow a sent commit (the destination would reset what may be
+                // the only copy): a clean close, and the devices stay in STOP.
+                close_quietly(a.session.clone());
+                Err(e)
             }
             Err(e) => {
-                session.abort(e.abort_reason(true), &e.to_string());
-                stages.stop();
+                // The commit was never queued, or the destination reset its devices after a
+                // failed resume: the state here is the only valid copy.
+                a.session.abort(e.abort_reason(true), &e.to_string());
                 self.roll_back();
                 Err(e)
             }
         }
+    }
+
+    /// Aborts the step in progress: tells the destination (which resets its devices), stops
+    /// the stages and walks the devices back to RUNNING ([`SourceSession::rollback_steps`]).
+    /// Returns whether a session was in progress. After [`SourceSession::finish`] returned,
+    /// the decision is made and there is nothing to abort.
+    pub fn abort(&mut self) -> bool {
+        let Some(a) = self.active.take() else {
+            return false;
+        };
+        let e = PipelineError::Cancelled { phase: a.phase };
+        self.fail(a, &e);
+        true
+    }
+
+    /// Runs `f` on the active session; a failure aborts it and rolls back.
+    fn with_active<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &mut Active) -> Result<T, PipelineError>,
+    ) -> Result<T, PipelineError> {
+        let Some(mut a) = self.active.take() else {
+            return Err(PipelineError::WrongStep {
+                step: "a step before start",
+                phase: None,
+            });
+        };
+        match f(self, &mut a) {
+            Ok(v) => {
+                self.active = Some(a);
+                Ok(v)
+            }
+            Err(e) => {
+                self.fail(a, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn fail(&mut self, mut a: Active, e: &PipelineError) {
+        a.session.abort(e.abort_reason(true), &e.to_string());
+        a.stages.stop();
+        self.roll_back();
+    }
+
+    /// Enters a phase and reports it at once through the progress callback.
+    fn enter(&self, a: &mut Active, phase: Phase) {
+        a.phase = phase;
+        if let Some(cb) = &self.opts.progress {
+            cb(&self.progress(&a.stages, &a.runs, phase, a.started));
+        }
+    }
+
+    /// Checks start states and the P2P rule before touching anything.
+    fn check(&mut self) -> Result<(), PipelineError> {
+        if self.devices.is_empty() {
+            return Err(PipelineError::Options {
+                what: "devices",
+                value: 0,
+            });
+        }
+        self.opts.dirty_tracking.check()?;
+        let multi = self.devices.len() > 1;
+        for d in &mut self.devices {
+            let state = d.state().map_err(|source| PipelineError::Device {
+                device: d.name().to_owned(),
+                phase: Phase::Setup,
+                source,
+            })?;
+            if state != DeviceState::Running {
+                return Err(PipelineError::WrongStartState {
+                    device: d.name().to_owned(),
+                    state,
+                    expected: DeviceState::Running,
+                });
+            }
+            let caps = d.capabilities();
+            if multi && !caps.contains(MigrationCaps::P2P) && !self.opts.allow_without_p2p {
+                return Err(PipelineError::P2pRequired {
+                    device: d.name().to_owned(),
+                    caps,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Dirty tracking, then PRE_COPY for every device.
+    fn begin(&mut self, a: &mut Active) -> Result<(), PipelineError> {
+        a.tracker = DirtyLog::start(&self.opts.dirty_tracking, &mut self.devices)?;
+        self.initial = InitialData::default();
+        self.enter(a, Phase::Setup);
+        if !a.precopy {
+            return Ok(());
+        }
+        self.initial = InitialData::opt_in(&mut self.devices);
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            open_stream(d, i, a, ReadMode::PreCopy)?;
+        }
+        if let Some(t) = a
+            .tracker
+            .as_ref()
+            .filter(|_| self.opts.dirty_tracking.full_copy())
+        {
+            a.stages.pages(t.all_runs(), false)?;
+        }
+        a.pre.begun = Instant::now();
+        self.enter(a, Phase::PreCopy);
+        Ok(())
+    }
+
+    /// The switchover: pre-copy ends, the devices quiesce (P2P order) and enter STOP_COPY.
+    fn switch(&mut self, a: &mut Active) -> Result<(), PipelineError> {
+        let all_p2p = self
+            .devices
+            .iter()
+            .all(|d| d.capabilities().contains(MigrationCaps::P2P));
+        let multi = self.devices.len() > 1;
+        if a.precopy {
+            for i in 0..self.devices.len() {
+                a.stages.cmd(ReaderCmd::EndPreCopy {
+                    device: dev_index(i),
+                })?;
+            }
+            while !a.runs.iter().all(|r| r.quiesced) {
+                self.tick(a)?;
+            }
+            if multi && all_p2p {
+                // RUNNING_P2P rule: every device stops initiating P2P before any stops.
+                for d in &mut self.devices {
+                    set_state(d, DeviceState::PreCopyP2p, Phase::PreCopy)?;
+                }
+            }
+            a.downtime_start = Some(Instant::now());
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                let fd = set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.map(Arc::new);
+                if let Some(fd) = &fd {
+                    a.runs[i].data_fd = Some(fd.clone());
+                }
+                a.stages.cmd(ReaderCmd::StopCopy {
+                    device: dev_index(i),
+                    fd,
+                })?;
+            }
+        } else {
+            if multi && all_p2p {
+                for d in &mut self.devices {
+                    set_state(d, DeviceState::RunningP2p, Phase::StopCopy)?;
+                }
+            }
+            a.downtime_start = Some(Instant::now());
+            for (i, d) in self.devices.iter_mut().enumerate() {
+                open_stream(d, i, a, ReadMode::StopCopy)?;
+            }
+        }
+        if let Some(t) = a.tracker.take() {
+            // Every device is stopped: no more DMA. The final report closes the dirty log.
+            if self.opts.dirty_tracking.full_copy() && !a.precopy {
+                a.stages.pages(t.all_runs(), false)?;
+            }
+            let exports = t.exports();
+            let last = t.finish(&mut self.devices);
+            if !exports {
+                a.stages.pages(last, true)?;
+            }
+        }
+        for r in &mut a.runs {
+            r.initial_bytes = 0;
+        }
+        a.watch.progressed();
+        self.enter(a, Phase::StopCopy);
+        Ok(())
+    }
+
+    /// One step after the switchover: a device whose stream is read and prepared on the
+    /// destination leaves STOP_COPY for STOP.
+    fn step_stop_copy(&mut self, a: &mut Active) -> Result<(), PipelineError> {
+        self.tick(a)?;
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            let r = &mut a.runs[i];
+            if let (Some(sent), Some(acked), false) = (r.ended, r.acked, r.stopped) {
+                if sent != acked {
+                    return Err(PipelineError::LengthMismatch {
+                        device: dev_index(i),
+                        declared: sent,
+                        received: acked,
+                    });
+                }
+                set_state(d, DeviceState::Stop, Phase::Acknowledge)?;
+                r.data_fd = None;
+                r.stopped = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pre-copy: samples throughput and the dirty log, reads `precopy_info`, marks the end of
+    /// each device's initial data, and decides whether the automatic switchover is due: the
+    /// initial data is out and acknowledged, and the estimated STOP_COPY time fits the downtime
+    /// budget (or pre-copy does not converge, or has run for `max_precopy`).
+    fn sample_precopy(&mut self, a: &mut Active) -> Result<(), PipelineError> {
+        if a.pre.last_sample.elapsed() >= PRECOPY_SAMPLE {
+            a.pre.last_sample = Instant::now();
+            a.pre.bps = a.pre.rate.sample(a.stages.counters.total_raw());
+            for (r, c) in a.runs.iter_mut().zip(&a.stages.counters.devices) {
+                r.rate.sample(DeviceCounters::load(&c.raw));
+            }
+            // The next dirty log is read only once the reader has shipped the last batch:
+            // until then the device's log keeps collecting (a page dirtied again is sent
+            // once), and batches never pile up faster than the pipeline ships them.
+            match a.tracker.as_mut() {
+                Some(t) if t.exports() => t.export(&mut self.devices),
+                Some(t) if a.stages.pages_idle() => {
+                    let dirty = t.collect_runs(&mut self.devices);
+                    if !dirty.is_empty() {
+                        a.stages.pages(dirty, false)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut initial_left = 0u64;
+        let mut dirty = 0u64;
+        let mut stop_copy = 0u64;
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            let r = &mut a.runs[i];
+            let Some(fd) = r.data_fd.clone() else {
+                continue;
+            };
+            let info = d
+                .precopy_info(fd.as_fd())
+                .map_err(|source| PipelineError::Device {
+                    device: d.name().to_owned(),
+                    phase: Phase::PreCopy,
+                    source,
+                })?;
+            if self.initial.observe(i, &info) {
+                // New initial data (REINIT): it is read in PRE_COPY again, and re-sending it is
+                // not a sign of non-convergence.
+                a.pre.initial_done_at = None;
+            }
+            // Sizes are device data: a huge one must not overflow the sums.
+            initial_left = initial_left.saturating_add(info.initial_bytes);
+            dirty = dirty.saturating_add(info.dirty_bytes);
+            let size = d.stop_copy_size().ok();
+            stop_copy = stop_copy.saturating_add(size.unwrap_or(info.dirty_bytes));
+            r.initial_bytes = info.initial_bytes;
+            r.dirty_bytes = info.dirty_bytes;
+            r.stop_copy_bytes = size;
+            r.estimate = Some(
+                DeviceCounters::load(&a.stages.counters.devices[i].raw)
+                    .saturating_add(size.unwrap_or(info.dirty_bytes)),
+            );
+            if info.initial_bytes == 0 && !r.initial_marked {
+                // Every initial byte was read from the fd: the destination acks once it has
+                // loaded them (docs/PROTOCOL.md, `InitialDataSent`).
+                r.initial_marked = true;
+                a.stages.cmd(ReaderCmd::MarkInitial {
+                    device: dev_index(i),
+                })?;
+            }
+        }
+        let over_time = a.pre.begun.elapsed() >= self.opts.max_precopy;
+        let fits = |bytes: u64| fits_downtime(bytes, a.pre.bps, self.opts.max_downtime);
+        // Switch when STOP_COPY fits the downtime budget, or when what pre-copy could still
+        // drain (`dirty_bytes`) would fit it: more pre-copy cannot shrink the rest.
+        let within_budget = initial_left == 0 && (fits(stop_copy) || fits(dirty));
+        // The abort is about the downtime estimate itself (STOP_COPY bytes at the measured rate).
+        let estimate_fits = initial_left == 0 && fits(stop_copy);
+        if over_time && !estimate_fits && self.opts.on_max_precopy == PrecopyLimit::Abort {
+            return Err(PipelineError::PrecopyTooLong {
+                limit: self.opts.max_precopy,
+            });
+        }
+        if initial_left > 0 {
+            // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
+            a.pre.due = false;
+            return Ok(());
+        }
+        if !a.runs.iter().all(|r| r.switchover_acked) {
+            // Never before the destination loaded the initial data (switchover-ack); bounded.
+            let since = *a.pre.ack_wait_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > self.opts.timeout {
+                return Err(PipelineError::Timeout {
+                    phase: Phase::PreCopy,
+                    what: "the destination's switchover-ack",
+                    waited: self.opts.timeout,
+                });
+            }
+            a.pre.due = false;
+            return Ok(());
+        }
+        // Re-sending more than twice what STOP_COPY would send means the devices dirty state
+        // faster than it can be sent: pre-copy does not converge, stop it.
+        let raw = a.stages.counters.total_raw();
+        let resent = raw - *a.pre.initial_done_at.get_or_insert(raw);
+        let not_converging = resent > stop_copy.saturating_mul(2);
+        a.pre.due = within_budget || not_converging || over_time;
+        Ok(())
+    }
+
+    fn snapshot(&self, a: &Active) -> SourceStatus {
+        let bps = a.pre.bps;
+        let time = |bytes: u64| {
+            (bps > 0.0)
+                .then(|| Duration::try_from_secs_f64(bytes as f64 / bps).ok())
+                .flatten()
+        };
+        let left = |r: &DevRun| match a.phase {
+            Phase::PreCopy => r.stop_copy_bytes.unwrap_or(r.dirty_bytes),
+            _ => r.estimate.unwrap_or(0).saturating_sub(r.ended.unwrap_or(0)),
+        };
+        let devices: Vec<DeviceStatus> = self
+            .devices
+            .iter()
+            .zip(&a.runs)
+            .zip(&a.stages.counters.devices)
+            .map(|((d, r), c)| DeviceStatus {
+                name: d.name().to_owned(),
+                initial_bytes: r.initial_bytes,
+                dirty_bytes: r.dirty_bytes,
+                stop_copy_bytes: r.stop_copy_bytes,
+                raw_bytes: DeviceCounters::load(&c.raw),
+                wire_bytes: DeviceCounters::load(&c.wire),
+                rate_bps: r.rate.bps,
+                estimated_stop_copy: time(left(r)),
+                switchover_acked: r.switchover_acked,
+            })
+            .collect();
+        let total = a.runs.iter().map(left).fold(0, u64::saturating_add);
+        SourceStatus {
+            phase: a.phase,
+            elapsed: a.started.elapsed(),
+            precopy_elapsed: if a.precopy {
+                a.pre.begun.elapsed()
+            } else {
+                Duration::ZERO
+            },
+            switchover_acked: a.runs.iter().all(|r| r.switchover_acked),
+            switchover_due: a.pre.due,
+            rate_bps: bps,
+            estimated_downtime: time(total),
+            devices,
+        }
+    }
+
+    /// One step of the control loop: stage events, failures, the peer's control frames, cancel,
+    /// progress and the inactivity timeout.
+    fn tick(&mut self, a: &mut Active) -> Result<(), PipelineError> {
+        let phase = a.phase;
+        if self.cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled { phase });
+        }
+        if let Ok(e) = a.stages.failures.try_recv() {
+            return Err(e);
+        }
+        let mut news = false;
+        while let Ok(ev) = a.stages.events.try_recv() {
+            news = true;
+            a.watch.progressed();
+            match ev {
+                ReaderEvent::PreCopyQuiesced { device } => {
+                    if let Some(r) = a.runs.get_mut(usize::from(device)) {
+                        r.quiesced = true;
+                    }
+                }
+                ReaderEvent::Ended { device, raw_bytes } => {
+                    if let Some(r) = a.runs.get_mut(usize::from(device)) {
+                        r.ended = Some(raw_bytes);
+                    }
+                }
+                ReaderEvent::Failed(e) => return Err(e),
+            }
+        }
+        // After news from the reader, return at once so the caller acts on it (e.g. a device
+        // whose end and acknowledgement are both in leaves STOP_COPY now, not a tick later).
+        let wait = if news { Duration::ZERO } else { TICK };
+        match a.session.recv_control(wait) {
+            Ok(Some(f)) => {
+                a.watch.progressed();
+                let device = f.header.device;
+                match (f.header.kind, a.runs.get_mut(usize::from(device))) {
+                    (FrameKind::DevicePrepared, Some(r)) => r.acked = Some(f.header.arg),
+                    (FrameKind::SwitchoverAck, Some(r)) => r.switchover_acked = true,
+                    (FrameKind::Keepalive, _) => {}
+                    (kind, _) => {
+                        return Err(PipelineError::UnexpectedFrame {
+                            kind,
+                            device,
+                            phase,
+                        })
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(TransportError::PeerAborted { reason, detail }) => {
+                return Err(PipelineError::PeerAborted {
+                    phase,
+                    reason,
+                    detail,
+                })
+            }
+            Err(source) => return Err(PipelineError::Transport { phase, source }),
+        }
+        // Guest pages moving are progress too (pre-copy may ship only those for a while).
+        a.watch
+            .check(a.stages.counters.total_moved(), phase, self.opts.timeout)?;
+        if let Some(cb) = &self.opts.progress {
+            if a.watch.progress_due() {
+                cb(&self.progress(&a.stages, &a.runs, phase, a.watch.started));
+            }
+        }
+        Ok(())
     }
 
     /// The decision point (docs/PROTOCOL.md, section 5.1): every destination device is prepared
@@ -420,324 +1004,6 @@ impl<D: MigrationDevice> SourceSession<D> {
         }
     }
 
-    /// Checks start states and the P2P rule before touching anything.
-    fn check(&mut self) -> Result<(), PipelineError> {
-        if self.devices.is_empty() {
-            return Err(PipelineError::Options {
-                what: "devices",
-                value: 0,
-            });
-        }
-        self.opts.dirty_tracking.check()?;
-        let multi = self.devices.len() > 1;
-        for d in &mut self.devices {
-            let state = d.state().map_err(|source| PipelineError::Device {
-                device: d.name().to_owned(),
-                phase: Phase::Setup,
-                source,
-            })?;
-            if state != DeviceState::Running {
-                return Err(PipelineError::WrongStartState {
-                    device: d.name().to_owned(),
-                    state,
-                    expected: DeviceState::Running,
-                });
-            }
-            let caps = d.capabilities();
-            if multi && !caps.contains(MigrationCaps::P2P) && !self.opts.allow_without_p2p {
-                return Err(PipelineError::P2pRequired {
-                    device: d.name().to_owned(),
-                    caps,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Everything between connecting and the last acknowledgement. Returns the downtime.
-    fn drive(
-        &mut self,
-        session: &SendSession,
-        stages: &Stages,
-        runs: &mut [DevRun],
-        downtime_start: &mut Option<Instant>,
-        started: Instant,
-    ) -> Result<Duration, PipelineError> {
-        let all_p2p = self
-            .devices
-            .iter()
-            .all(|d| d.capabilities().contains(MigrationCaps::P2P));
-        let multi = self.devices.len() > 1;
-        let precopy = self.opts.precopy
-            && self
-                .devices
-                .iter()
-                .all(|d| d.capabilities().contains(MigrationCaps::PRE_COPY));
-        let mut watch = Watch::new(started, &self.opts);
-        let mut tracker = DirtyLog::start(&self.opts.dirty_tracking, &mut self.devices)?;
-        self.initial = InitialData::default();
-        if precopy {
-            self.initial = InitialData::opt_in(&mut self.devices);
-            for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd = set_state(d, DeviceState::PreCopy, Phase::PreCopy)?.ok_or_else(|| {
-                    PipelineError::NoDataFd {
-                        device: d.name().to_owned(),
-                        state: DeviceState::PreCopy,
-                    }
-                })?;
-                let fd = Arc::new(fd);
-                runs[i].data_fd = Some(fd.clone());
-                stages.cmd(ReaderCmd::Add {
-                    device: dev_index(i),
-                    fd,
-                    mode: ReadMode::PreCopy,
-                })?;
-            }
-            if let Some(t) = tracker
-                .as_ref()
-                .filter(|_| self.opts.dirty_tracking.full_copy())
-            {
-                stages.pages(t.all_runs(), false)?;
-            }
-            self.precopy_until_switchover(session, stages, runs, &mut watch, &mut tracker)?;
-            for i in 0..self.devices.len() {
-                stages.cmd(ReaderCmd::EndPreCopy {
-                    device: dev_index(i),
-                })?;
-            }
-            while !runs.iter().all(|r| r.quiesced) {
-                self.tick(session, stages, runs, &mut watch, Phase::PreCopy)?;
-            }
-            if multi && all_p2p {
-                // RUNNING_P2P rule: every device stops initiating P2P before any stops.
-                for d in &mut self.devices {
-                    set_state(d, DeviceState::PreCopyP2p, Phase::PreCopy)?;
-                }
-            }
-            *downtime_start = Some(Instant::now());
-            for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd = set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.map(Arc::new);
-                if let Some(fd) = &fd {
-                    runs[i].data_fd = Some(fd.clone());
-                }
-                stages.cmd(ReaderCmd::StopCopy {
-                    device: dev_index(i),
-                    fd,
-                })?;
-            }
-        } else {
-            if multi && all_p2p {
-                for d in &mut self.devices {
-                    set_state(d, DeviceState::RunningP2p, Phase::StopCopy)?;
-                }
-            }
-            *downtime_start = Some(Instant::now());
-            for (i, d) in self.devices.iter_mut().enumerate() {
-                let fd =
-                    set_state(d, DeviceState::StopCopy, Phase::StopCopy)?.ok_or_else(|| {
-                        PipelineError::NoDataFd {
-                            device: d.name().to_owned(),
-                            state: DeviceState::StopCopy,
-                        }
-                    })?;
-                let fd = Arc::new(fd);
-                runs[i].data_fd = Some(fd.clone());
-                stages.cmd(ReaderCmd::Add {
-                    device: dev_index(i),
-                    fd,
-                    mode: ReadMode::StopCopy,
-                })?;
-            }
-        }
-        if let Some(t) = tracker {
-            // Every device is stopped: no more DMA. The final report closes the dirty log.
-            if self.opts.dirty_tracking.full_copy() && !precopy {
-                stages.pages(t.all_runs(), false)?;
-            }
-            let exports = t.exports();
-            let last = t.finish(&mut self.devices);
-            if !exports {
-                stages.pages(last, true)?;
-            }
-        }
-        watch.progressed();
-        while !runs.iter().all(|r| r.stopped) {
-            self.tick(session, stages, runs, &mut watch, Phase::StopCopy)?;
-            // A device whose stream is read and acknowledged leaves STOP_COPY for STOP.
-            for (i, d) in self.devices.iter_mut().enumerate() {
-                let r = &mut runs[i];
-                if let (Some(sent), Some(acked), false) = (r.ended, r.acked, r.stopped) {
-                    if sent != acked {
-                        return Err(PipelineError::LengthMismatch {
-                            device: dev_index(i),
-                            declared: sent,
-                            received: acked,
-                        });
-                    }
-                    set_state(d, DeviceState::Stop, Phase::Acknowledge)?;
-                    r.data_fd = None;
-                    r.stopped = true;
-                }
-            }
-        }
-        Ok(downtime_start.map_or(Duration::ZERO, |t| t.elapsed()))
-    }
-
-    /// Streams PRE_COPY until the initial data is out and the estimated STOP_COPY time fits the
-    /// downtime budget (or pre-copy has run for `max_precopy`).
-    fn precopy_until_switchover(
-        &mut self,
-        session: &SendSession,
-        stages: &Stages,
-        runs: &mut [DevRun],
-        watch: &mut Watch,
-        tracker: &mut Option<DirtyLog>,
-    ) -> Result<(), PipelineError> {
-        let begun = Instant::now();
-        let mut last_sample = Instant::now() - PRECOPY_SAMPLE;
-        let mut rate = RateMeter::new(stages.counters.total_raw());
-        let mut bps = 0.0;
-        // Total raw bytes when `initial_bytes` reached 0 on every device.
-        let mut initial_done_at: Option<u64> = None;
-        loop {
-            self.tick(session, stages, runs, watch, Phase::PreCopy)?;
-            if last_sample.elapsed() >= PRECOPY_SAMPLE {
-                last_sample = Instant::now();
-                bps = rate.sample(stages.counters.total_raw());
-                // The next dirty log is read only once the reader has shipped the last batch:
-                // until then the device's log keeps collecting (a page dirtied again is sent
-                // once), and batches never pile up faster than the pipeline ships them.
-                match tracker.as_mut() {
-                    Some(t) if t.exports() => t.export(&mut self.devices),
-                    Some(t) if stages.pages_idle() => {
-                        let dirty = t.collect_runs(&mut self.devices);
-                        if !dirty.is_empty() {
-                            stages.pages(dirty, false)?;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let mut initial_left = 0u64;
-            let mut dirty = 0u64;
-            let mut stop_copy = 0u64;
-            for (i, d) in self.devices.iter_mut().enumerate() {
-                let Some(fd) = runs[i].data_fd.clone() else {
-                    continue;
-                };
-                let info = d
-                    .precopy_info(fd.as_fd())
-                    .map_err(|source| PipelineError::Device {
-                        device: d.name().to_owned(),
-                        phase: Phase::PreCopy,
-                        source,
-                    })?;
-                if self.initial.observe(i, &info) {
-                    // New initial data (REINIT): it is read in PRE_COPY again, and re-sending
-                    // it is not a sign of non-convergence.
-                    initial_done_at = None;
-                }
-                // Sizes are device data: a huge one must not overflow the sums.
-                initial_left = initial_left.saturating_add(info.initial_bytes);
-                dirty = dirty.saturating_add(info.dirty_bytes);
-                let size = d.stop_copy_size().unwrap_or(info.dirty_bytes);
-                stop_copy = stop_copy.saturating_add(size);
-                runs[i].estimate = Some(
-                    DeviceCounters::load(&stages.counters.devices[i].raw).saturating_add(size),
-                );
-            }
-            if initial_left > 0 {
-                // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
-                continue;
-            }
-            // Switch when STOP_COPY fits the downtime budget, or when what pre-copy could still
-            // drain (`dirty_bytes`) would fit it: more pre-copy cannot shrink the rest.
-            let fits = |bytes: u64| fits_downtime(bytes, bps, self.opts.max_downtime);
-            let within_budget = fits(stop_copy) || fits(dirty);
-            // Re-sending more than twice what STOP_COPY would send means the devices dirty
-            // state faster than it can be sent: pre-copy does not converge, stop it.
-            let raw = stages.counters.total_raw();
-            let resent = raw - *initial_done_at.get_or_insert(raw);
-            let not_converging = resent > stop_copy.saturating_mul(2);
-            if within_budget || not_converging || begun.elapsed() >= self.opts.max_precopy {
-                return Ok(());
-            }
-        }
-    }
-
-    /// One step of the control loop: stage events, failures, the peer's control frames, cancel,
-    /// progress and the inactivity timeout.
-    fn tick(
-        &mut self,
-        session: &SendSession,
-        stages: &Stages,
-        runs: &mut [DevRun],
-        watch: &mut Watch,
-        phase: Phase,
-    ) -> Result<(), PipelineError> {
-        if self.cancel.is_cancelled() {
-            return Err(PipelineError::Cancelled { phase });
-        }
-        if let Ok(e) = stages.failures.try_recv() {
-            return Err(e);
-        }
-        let mut news = false;
-        while let Ok(ev) = stages.events.try_recv() {
-            news = true;
-            watch.progressed();
-            match ev {
-                ReaderEvent::PreCopyQuiesced { device } => {
-                    if let Some(r) = runs.get_mut(usize::from(device)) {
-                        r.quiesced = true;
-                    }
-                }
-                ReaderEvent::Ended { device, raw_bytes } => {
-                    if let Some(r) = runs.get_mut(usize::from(device)) {
-                        r.ended = Some(raw_bytes);
-                    }
-                }
-                ReaderEvent::Failed(e) => return Err(e),
-            }
-        }
-        // After news from the reader, return at once so the caller acts on it (e.g. a device
-        // whose end and acknowledgement are both in leaves STOP_COPY now, not a tick later).
-        let wait = if news { Duration::ZERO } else { TICK };
-        match session.recv_control(wait) {
-            Ok(Some(f)) => {
-                watch.progressed();
-                let device = f.header.device;
-                match (f.header.kind, runs.get_mut(usize::from(device))) {
-                    (FrameKind::DevicePrepared, Some(r)) => r.acked = Some(f.header.arg),
-                    (FrameKind::SwitchoverAck | FrameKind::Keepalive, _) => {}
-                    (kind, _) => {
-                        return Err(PipelineError::UnexpectedFrame {
-                            kind,
-                            device,
-                            phase,
-                        })
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(TransportError::PeerAborted { reason, detail }) => {
-                return Err(PipelineError::PeerAborted {
-                    phase,
-                    reason,
-                    detail,
-                })
-            }
-            Err(source) => return Err(PipelineError::Transport { phase, source }),
-        }
-        // Guest pages moving are progress too (pre-copy may ship only those for a while).
-        watch.check(stages.counters.total_moved(), phase, self.opts.timeout)?;
-        if let Some(cb) = &self.opts.progress {
-            if watch.progress_due() {
-                cb(&self.progress(stages, runs, phase, watch.started));
-            }
-        }
-        Ok(())
-    }
-
     fn progress(
         &self,
         stages: &Stages,
@@ -764,7 +1030,11 @@ impl<D: MigrationDevice> SourceSession<D> {
                 }
             })
             .collect();
-        Progress { elapsed, devices }
+        Progress {
+            elapsed,
+            phase,
+            devices,
+        }
     }
 
     fn report(&mut self, stages: &Stages, elapsed: Duration, downtime: Option<Duration>) -> Report {
@@ -796,6 +1066,38 @@ impl<D: MigrationDevice> SourceSession<D> {
     }
 }
 
+/// Moves device `i` from RUNNING (or RUNNING_P2P) to PRE_COPY or STOP_COPY (per `mode`) and hands
+/// its data fd to the reader.
+fn open_stream<D: MigrationDevice>(
+    d: &mut D,
+    i: usize,
+    a: &mut Active,
+    mode: ReadMode,
+) -> Result<(), PipelineError> {
+    let (state, phase) = match mode {
+        ReadMode::PreCopy => (DeviceState::PreCopy, Phase::PreCopy),
+        ReadMode::StopCopy => (DeviceState::StopCopy, Phase::StopCopy),
+    };
+    let fd = set_state(d, state, phase)?.ok_or_else(|| PipelineError::NoDataFd {
+        device: d.name().to_owned(),
+        state,
+    })?;
+    let fd = Arc::new(fd);
+    a.runs[i].data_fd = Some(fd.clone());
+    a.stages.cmd(ReaderCmd::Add {
+        device: dev_index(i),
+        fd,
+        mode,
+    })
+}
+
+impl<D: MigrationDevice> Drop for SourceSession<D> {
+    /// A session dropped with a step in progress is aborted and its devices rolled back.
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
 /// Ends a session without an Abort frame: a clean close (bounded by the session timeout). If
 /// another handle still held it, dropping would abort; every stage is joined before this.
 fn close_quietly(session: Arc<SendSession>) {
@@ -805,274 +1107,22 @@ fn close_quietly(session: Arc<SendSession>) {
     }
 }
 
-/// `set_state` with the error carrying the device and the phase.
-pub(crate) fn set_state<D: MigrationDevice>(
-    d: &mut D,
-    target: DeviceState,
-    phase: Phase,
-) -> Result<Option<OwnedFd>, PipelineError> {
-    d.set_state(target).map_err(|source| PipelineError::Device {
-        device: d.name().to_owned(),
-        phase,
-        source,
-    })
-}
-
-/// Walks one device back to RUNNING.
-pub(crate) fn roll_back_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
-    let device = d.name().to_owned();
-    let from = d.state().ok();
-    let action = match from {
-        Some(DeviceState::Running) => RollbackAction::AlreadyRunning,
-        // Aborting RESUMING needs a device reset (uAPI): walking RESUMING -> STOP would ask the
-        // device to validate a partial stream (and a file sink to commit it).
-        Some(DeviceState::Resuming) => reset(d, from),
-        Some(state) if state != DeviceState::Error => match d.set_state(DeviceState::Running) {
-            Ok(_) => RollbackAction::Walked { from: state },
-            Err(_) => reset(d, from),
-        },
-        _ => reset(d, from),
-    };
-    RollbackStep { device, action }
-}
-
-/// Destination failure: every device that may hold (part of) the migrated state is reset, never
-/// walked to RUNNING: once the migration failed the source keeps running with its own state, and
-/// a destination device must not run with a copy the source did not commit to (nor validate a
-/// partial one).
-pub(crate) fn reset_one<D: MigrationDevice>(d: &mut D) -> RollbackStep {
-    let device = d.name().to_owned();
-    let from = d.state().ok();
-    let action = match from {
-        Some(DeviceState::Running) => RollbackAction::AlreadyRunning,
-        _ => reset(d, from),
-    };
-    RollbackStep { device, action }
-}
-
-/// After a commit whose resume failed: every device is reset, a RUNNING one too (it may run the
-/// migrated state), so that the source may run again.
-pub(crate) fn reset_committed<D: MigrationDevice>(d: &mut D) -> RollbackStep {
-    let device = d.name().to_owned();
-    let from = d.state().ok();
-    RollbackStep {
-        device,
-        action: reset(d, from),
-    }
-}
-
-fn reset<D: MigrationDevice>(d: &mut D, from: Option<DeviceState>) -> RollbackAction {
-    match d.reset() {
-        Ok(()) => match d.state() {
-            Ok(DeviceState::Running) => RollbackAction::Reset { from },
-            Ok(_) => match d.set_state(DeviceState::Running) {
-                Ok(_) => RollbackAction::Reset { from },
-                Err(error) => RollbackAction::Failed { from, error },
-            },
-            Err(error) => RollbackAction::Failed { from, error },
-        },
-        Err(error) => RollbackAction::Failed { from, error },
-    }
-}
-
 pub(crate) fn dev_index(i: usize) -> u16 {
     // The transport caps sessions at 64 devices.
     u16::try_from(i).unwrap_or(u16::MAX)
 }
 
-pub(crate) fn describe(c: Choice) -> String {
-    match c {
-        Choice::Raw => "none".to_owned(),
-        Choice::Lz4 => "lz4".to_owned(),
-        Choice::Zstd(l) => format!("zstd:{l}"),
-    }
-}
-
-/// Builds a report from the counters.
-pub(crate) fn build_report(
-    counters: &Counters,
-    devices: Vec<(String, Option<DeviceState>)>,
-    elapsed: Duration,
-    downtime: Option<Duration>,
-    workers: usize,
-    codec: &str,
-) -> Report {
-    let devices: Vec<DeviceReport> = devices
-        .into_iter()
-        .zip(&counters.devices)
-        .map(|((name, final_state), c)| {
-            let raw = DeviceCounters::load(&c.raw);
-            let wire = DeviceCounters::load(&c.wire);
-            DeviceReport {
-                name,
-                raw_bytes: raw,
-                precopy_bytes: DeviceCounters::load(&c.precopy_raw),
-                wire_bytes: wire,
-                ratio: ratio(raw, wire),
-                zero_chunks: DeviceCounters::load(&c.zero_chunks),
-                raw_chunks: DeviceCounters::load(&c.raw_chunks),
-                compressed_chunks: DeviceCounters::load(&c.compressed_chunks),
-                guest_page_bytes: DeviceCounters::load(&c.guest),
-                precopy_info_v2: false,
-                precopy_reinits: 0,
-                final_state,
-            }
-        })
-        .collect();
-    let raw_bytes = devices.iter().map(|d| d.raw_bytes).sum();
-    let wire_bytes = devices.iter().map(|d| d.wire_bytes).sum();
-    let stages = StageTimes {
-        data_fd: counters.fd_stage.get(),
-        codec: counters.codec.get(),
-        network: counters.net.get(),
-        waiting_downstream: counters.buffer_wait.get(),
-    };
-    // Busy time per thread of each stage: the largest is the stage that limited the run.
-    let per_thread = [
-        (Stage::DataFd, stages.data_fd),
-        (
-            Stage::Codec,
-            stages.codec / u32::try_from(workers.max(1)).unwrap_or(1),
-        ),
-        (Stage::Network, stages.network),
-    ];
-    let limiting_stage = per_thread
-        .iter()
-        .max_by_key(|(_, t)| *t)
-        .map_or(Stage::Network, |(s, _)| *s);
-    Report {
-        devices,
-        raw_bytes,
-        wire_bytes,
-        ratio: ratio(raw_bytes, wire_bytes),
-        elapsed,
-        throughput_bps: raw_bytes as f64 / elapsed.as_secs_f64().max(1e-6),
-        downtime,
-        stages,
-        limiting_stage,
-        codec: codec.to_owned(),
-        outcome: None,
-    }
-}
-
-impl Counters {
-    pub(crate) fn total_raw(&self) -> u64 {
-        self.devices
-            .iter()
-            .map(|d| DeviceCounters::load(&d.raw))
-            .sum()
-    }
-
-    /// Device state and dirty guest page bytes moved so far: what the inactivity timeouts
-    /// watch.
-    pub(crate) fn total_moved(&self) -> u64 {
-        self.devices
-            .iter()
-            .map(|d| DeviceCounters::load(&d.raw).saturating_add(DeviceCounters::load(&d.guest)))
-            .fold(0, u64::saturating_add)
-    }
-}
-
-/// Raw throughput over the recent past.
-#[derive(Debug)]
-struct RateMeter {
-    last: Instant,
-    last_raw: u64,
-    bps: f64,
-}
-
-impl RateMeter {
-    fn new(raw: u64) -> RateMeter {
-        RateMeter {
-            last: Instant::now(),
-            last_raw: raw,
-            bps: 0.0,
-        }
-    }
-
-    fn sample(&mut self, raw: u64) -> f64 {
-        let dt = self.last.elapsed().as_secs_f64();
-        if dt > 0.0 {
-            let now = raw.saturating_sub(self.last_raw) as f64 / dt;
-            // Only samples with data count: an idle pre-copy says nothing about the link.
-            if now > 0.0 {
-                self.bps = if self.bps == 0.0 {
-                    now
-                } else {
-                    self.bps * 0.7 + now * 0.3
-                };
-            }
-        }
-        self.last = Instant::now();
-        self.last_raw = raw;
-        self.bps
-    }
-}
-
-/// Whether sending `bytes` at `bps` takes at most `budget`. `bytes` comes from the devices
-/// (`stop_copy_size`, `dirty_bytes`): a time too large for a [`Duration`] does not fit.
-fn fits_downtime(bytes: u64, bps: f64, budget: Duration) -> bool {
-    bytes == 0
-        || (bps > 0.0 && Duration::try_from_secs_f64(bytes as f64 / bps).is_ok_and(|t| t <= budget))
-}
-
-/// Inactivity timeout and progress pacing.
-#[derive(Debug)]
-pub(crate) struct Watch {
-    pub started: Instant,
-    last_progress: Instant,
-    last_raw: u64,
-    last_report: Instant,
-    interval: Duration,
-}
-
-impl Watch {
-    fn new(started: Instant, opts: &SourceOptions) -> Watch {
-        Watch::with_interval(started, opts.progress_interval)
-    }
-
-    pub(crate) fn with_interval(started: Instant, interval: Duration) -> Watch {
-        Watch {
-            started,
-            last_progress: Instant::now(),
-            last_raw: 0,
-            last_report: Instant::now(),
-            interval,
-        }
-    }
-
-    pub(crate) fn progressed(&mut self) {
-        self.last_progress = Instant::now();
-    }
-
-    /// Fails when neither bytes nor events moved for `timeout`.
-    pub(crate) fn check(
-        &mut self,
-        raw: u64,
-        phase: Phase,
-        timeout: Duration,
-    ) -> Result<(), PipelineError> {
-        if raw != self.last_raw {
-            self.last_raw = raw;
-            self.progressed();
-        }
-        if self.last_progress.elapsed() > timeout {
-            return Err(PipelineError::Timeout {
-                phase,
-                what: "progress of the migration",
-                waited: timeout,
-            });
-        }
-        Ok(())
-    }
-
-    pub(crate) fn progress_due(&mut self) -> bool {
-        if self.last_report.elapsed() >= self.interval {
-            self.last_report = Instant::now();
-            true
-        } else {
-            false
-        }
+/// A device's identity as the handshake declares it (docs/PROTOCOL.md, "Device declarations").
+pub(crate) fn declaration(id: &Identity) -> DeviceDecl {
+    DeviceDecl {
+        kind: match id.class {
+            DeviceClass::Unspecified => DeviceKind::Unspecified,
+            DeviceClass::Stream => DeviceKind::Stream,
+            DeviceClass::Emulated => DeviceKind::Emulated,
+            DeviceClass::Vfio => DeviceKind::Vfio,
+        },
+        size: id.size,
+        compat: id.compat.clone(),
     }
 }
 

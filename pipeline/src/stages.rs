@@ -269,6 +269,8 @@ pub(crate) enum Incoming {
     Pages { gpa: u64, data: Decoded },
     /// The source left PRE_COPY after `raw` bytes.
     PreCopyDone { raw: u64 },
+    /// The device's initial pre-copy data ended after `raw` bytes.
+    InitialDone { raw: u64 },
     /// The stream ended: the source's totals.
     End { total: u64, digest: [u8; 32] },
 }

@@ -30,6 +30,11 @@ pub(crate) enum WriterEvent {
         device: u16,
         raw: u64,
     },
+    /// The device's initial pre-copy data is written (the `InitialDataSent` marker).
+    InitialLoaded {
+        device: u16,
+        raw: u64,
+    },
     /// Every byte was written and the length and digest match the source's.
     StreamVerified {
         device: u16,
@@ -397,6 +402,9 @@ fn advance(
             }
             Incoming::PreCopyDone { raw } => {
                 let _ = events.send(WriterEvent::PreCopyDone { device, raw });
+            }
+            Incoming::InitialDone { raw } => {
+                let _ = events.send(WriterEvent::InitialLoaded { device, raw });
             }
             Incoming::End { total, digest } => {
                 let computed = dev.digest.finish();

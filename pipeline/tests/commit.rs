@@ -4,8 +4,7 @@
 //! (never both running it, never neither holding it), and both sides must agree on what
 //! happened or both say they are in doubt.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
@@ -13,36 +12,26 @@ use vfmig_pipeline::{
     AbortReason, DestinationOptions, DestinationSession, FinalOutcome, Phase, PipelineError,
     Report, RollbackAction, Side, SourceOptions, SourceSession,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::Listener;
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, Profile};
 use vfmig_vfio::{Arc as MigArc, DeviceState, MigrationDevice};
 use vfmig_wire::FrameKind;
 
-fn session_config() -> SessionConfig {
-    SessionConfig {
-        pool_slots: 48,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(5),
-        keepalive: Duration::from_secs(1),
-        ..SessionConfig::default()
-    }
-}
+mod common;
+use common::{proxy, Fault};
 
 fn source_options() -> SourceOptions {
     SourceOptions {
-        session: session_config(),
         timeout: Duration::from_secs(5),
         precopy: false,
-        ..SourceOptions::default()
+        ..common::source_options()
     }
 }
 
 fn destination_options() -> DestinationOptions {
     DestinationOptions {
-        session: session_config(),
         timeout: Duration::from_secs(5),
-        ..DestinationOptions::default()
+        ..common::destination_options()
     }
 }
 
@@ -248,91 +237,6 @@ fn destination_failing_to_resume_after_the_commit_resets_first_and_the_source_ro
     assert_eq!(e.reset, vec![true, true]);
     for d in &mut e.destinations {
         assert_eq!(state(d), DeviceState::Running, "destination {}", d.name());
-    }
-}
-
-/// What the proxy does to the session.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    /// Cut both connections instead of forwarding the first frame of this kind from the source.
-    CutToDestination(FrameKind),
-    /// Cut both connections instead of forwarding the first frame of this kind from the
-    /// destination.
-    CutToSource(FrameKind),
-    /// Flip one payload bit of the first data frame with a payload from the source.
-    FlipData,
-}
-
-/// A one-connection TCP proxy that understands enough of the protocol (handshake envelopes, then
-/// 40-byte frame headers) to act at a chosen frame.
-fn proxy(to: SocketAddr, fault: Fault) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        let (client, _) = l.accept().unwrap();
-        let server = TcpStream::connect(to).unwrap();
-        let all = [client.try_clone().unwrap(), server.try_clone().unwrap()];
-        let all2 = [client.try_clone().unwrap(), server.try_clone().unwrap()];
-        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        let up = thread::spawn(move || pump(client, server, true, fault, &all));
-        pump(s2, c2, false, fault, &all2);
-        let _ = up.join();
-    });
-    addr
-}
-
-fn cut(all: &[TcpStream]) {
-    for s in all {
-        let _ = s.shutdown(Shutdown::Both);
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: Fault, all: &[TcpStream]) {
-    // Two handshake messages each way: a 12-byte envelope with the body length at offset 8.
-    for _ in 0..2 {
-        let mut env = [0u8; 12];
-        if from.read_exact(&mut env).is_err() {
-            return cut(all);
-        }
-        let len = u32::from_le_bytes(env[8..12].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len];
-        if from.read_exact(&mut body).is_err() || to.write_all(&env).is_err() {
-            return cut(all);
-        }
-        if to.write_all(&body).is_err() {
-            return cut(all);
-        }
-    }
-    let mut flipped = false;
-    loop {
-        let mut h = [0u8; 40];
-        if from.read_exact(&mut h).is_err() {
-            let _ = to.shutdown(Shutdown::Write);
-            return;
-        }
-        let kind = FrameKind::from_u8(h[4]);
-        let len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize;
-        let mut payload = vec![0u8; len];
-        if from.read_exact(&mut payload).is_err() {
-            return cut(all);
-        }
-        match fault {
-            Fault::CutToDestination(k) if up && kind == Some(k) => return cut(all),
-            Fault::CutToSource(k) if !up && kind == Some(k) => return cut(all),
-            Fault::FlipData
-                if up
-                    && !flipped
-                    && len > 0
-                    && matches!(kind, Some(FrameKind::PreCopyData | FrameKind::StopCopyData)) =>
-            {
-                payload[len / 2] ^= 0x10;
-                flipped = true;
-            }
-            _ => {}
-        }
-        if to.write_all(&h).is_err() || to.write_all(&payload).is_err() {
-            return cut(all);
-        }
     }
 }
 

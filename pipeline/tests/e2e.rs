@@ -10,39 +10,15 @@ use vfmig_pipeline::{
     AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
     Report, RollbackAction, SourceOptions, SourceSession,
 };
-use vfmig_transport::{Listener, SessionConfig};
+use vfmig_transport::Listener;
+
+mod common;
+use common::{destination_options, precopy_device, session_config, source_options};
 use vfmig_vfio::emulated::{
     EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
     StopCopyFd,
 };
 use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
-
-fn session_config() -> SessionConfig {
-    SessionConfig {
-        pool_slots: 48,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(10),
-        keepalive: Duration::from_secs(1),
-        ..SessionConfig::default()
-    }
-}
-
-fn source_options() -> SourceOptions {
-    SourceOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..SourceOptions::default()
-    }
-}
-
-fn destination_options() -> DestinationOptions {
-    DestinationOptions {
-        session: session_config(),
-        timeout: Duration::from_secs(10),
-        ..DestinationOptions::default()
-    }
-}
 
 fn device(name: &str, size: u64, profile: Profile, seed: u64) -> EmulatedDevice {
     EmulatedDevice::new(EmulatedConfig {
@@ -251,18 +227,7 @@ fn precopy_streams_while_the_device_dirties_state_then_switches_over() {
 
 #[test]
 fn two_devices_precopy_through_precopy_p2p_and_the_destination_resumes_both_in_p2p_order() {
-    let mk = |name: &str, seed| {
-        EmulatedDevice::new(EmulatedConfig {
-            name: name.into(),
-            size: 4 << 20,
-            seed,
-            precopy: Some(u64::MAX),
-            dirty_rate: 1 << 20,
-            ..EmulatedConfig::default()
-        })
-        .unwrap()
-    };
-    let (a, b) = (mk("a", 1), mk("b", 2));
+    let (a, b) = (precopy_device("a", 1), precopy_device("b", 2));
     let fabric = P2pFabric::new(vec![a.p2p_port(), b.p2p_port()]);
     let traffic = fabric.spawn(20_000).unwrap();
     let (sr, srcs, dr, mut dsts) = migrate(
@@ -600,7 +565,7 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
 }
 
 #[test]
-fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() {
+fn device_count_mismatch_is_refused_in_the_handshake_and_the_source_runs_on() {
     let src = device("emu0", 1 << 20, Profile::Mixed, 9);
     let extra = device("emu1", 1 << 20, Profile::Mixed, 10);
     let targets = vec![src.destination().unwrap(), extra.destination().unwrap()];
@@ -614,13 +579,24 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
     let mut session = SourceSession::new(vec![src], source_options());
     let err = session.run(addr).unwrap_err();
     let (dr, mut dsts) = dst.join().unwrap();
-    assert!(matches!(
-        dr.unwrap_err(),
-        PipelineError::DeviceCount {
-            source_devices: 1,
-            destination_devices: 2
-        }
-    ));
+    let count_mismatch = |e: &PipelineError| {
+        matches!(
+            e,
+            PipelineError::Transport {
+                source: vfmig_transport::TransportError::Handshake {
+                    source: vfmig_wire::handshake::HandshakeError::DeviceCountMismatch {
+                        source_count: 1,
+                        destination_count: 2
+                    },
+                    ..
+                },
+                ..
+            }
+        )
+    };
+    let dr = dr.unwrap_err();
+    assert!(count_mismatch(&dr), "{dr}");
+    assert!(count_mismatch(&err), "{err}");
     assert!(
         matches!(
             err,
@@ -633,4 +609,40 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
     );
     let mut srcs = session.into_devices();
     assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn devices_that_cannot_pair_fail_the_handshake_on_both_sides_before_any_device_moves() {
+    let src = device("emu0", 16 << 20, Profile::Mixed, 1);
+    let smaller = device("emu0", 8 << 20, Profile::Mixed, 1);
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr: SocketAddr = listener.local_addr();
+    let dst = thread::spawn(move || {
+        let mut s = DestinationSession::new(vec![smaller], destination_options());
+        let r = s.run(&listener);
+        (r, s.into_devices())
+    });
+    let mut s = SourceSession::new(vec![src], source_options());
+    let sr = s.run(addr);
+    let (dr, mut dsts) = dst.join().unwrap();
+    for r in [sr.map(drop), dr.map(drop)] {
+        match r {
+            Err(PipelineError::Transport {
+                source:
+                    vfmig_transport::TransportError::Handshake {
+                        source: vfmig_wire::handshake::HandshakeError::DeviceMismatch(m),
+                        ..
+                    },
+                ..
+            }) => {
+                assert_eq!(
+                    (m.source.size, m.destination.size),
+                    (Some(16 << 20), Some(8 << 20))
+                );
+            }
+            other => panic!("a handshake device mismatch expected, got {other:?}"),
+        }
+    }
+    assert_eq!(state(&mut s.into_devices()[0]), DeviceState::Running);
+    assert_eq!(state(&mut dsts[0]), DeviceState::Running);
 }

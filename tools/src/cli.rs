@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::addr::{parse_connect, parse_listen, Endpoint};
+use crate::progress::ProgressMode;
 use crate::spec::{DeviceSpec, Profile};
 use crate::units::{parse_link_rate, parse_size, UnitError};
 use vfmig_pipeline::Rate;
@@ -56,7 +57,9 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
       writer), or `-` for stdin. Destination: the stream is written to a temporary file (mode
       0600) in PATH's directory, fsynced and renamed onto PATH only after the whole stream
-      verified; after a failure nothing is left at PATH (an existing file there is kept).
+      verified; after a failure nothing is left at PATH (an existing file there is kept). An
+      existing file is replaced only with --force, and the new file keeps its mode. Temporary
+      files a killed receiver left for PATH are removed at start (only those of dead PIDs).
   vfio:PATH
       A real VFIO device with migration support: its cdev (/dev/vfio/devices/vfioN) or its sysfs
       device path (/sys/bus/pci/devices/0000:01:00.0).
@@ -125,11 +128,14 @@ EXAMPLES:
     vfmig demo --size 64M --json";
 
 const PROGRESS_HELP: &str = "\
-PROGRESS:
-  When both stdout and stderr are terminals (and neither --json nor --quiet is given), one
-  progress bar per device is drawn on stderr with the bytes moved, rate, ETA and phase
-  (connecting, pre-copy, stop-copy, resume, verifying, accepted, rollback). When stdout is not
-  a terminal nothing is drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
+PROGRESS (--progress auto|bar|log|none):
+  auto (default): one bar per device on stderr when stderr is a terminal (and neither --json
+  nor --quiet is given), with the bytes moved, rate, ETA and phase; `send ... > file` in a
+  terminal still shows them. log: one line every --progress-interval seconds (default 5) with
+  bytes, rate, ETA and phase, and one at the end, for journals and log files. Phases, the same
+  on both sides: listening (recv), connecting (send), handshake, pre-copy, stop-copy,
+  verifying, resuming, done, rollback. The final summary goes to stderr; with --json the report
+  goes to stdout instead.";
 
 /// `vfmig`: the command line.
 #[derive(Debug, Parser)]
@@ -221,6 +227,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
 
+    /// Accept a --psk-file or --tls-key that group or others may read (refused by default, as
+    /// ssh refuses such keys).
+    #[arg(long)]
+    pub insecure_key_perms: bool,
+
     /// Allow a peer outside loopback without --psk-file or TLS. Without this, such a connection
     /// is refused.
     #[arg(long)]
@@ -237,13 +248,23 @@ pub struct CommonArgs {
     pub timeout: u64,
 
     /// Print one JSON object with the outcome and per-device report on stdout at the end (also
-    /// on failure). Disables progress bars.
+    /// on failure). Disables progress bars under --progress auto.
     #[arg(long)]
     pub json: bool,
 
     /// No progress bars and no summary; only the failure line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Progress on stderr: auto (bars when stderr is a terminal, unless --json or --quiet),
+    /// bar, log (one line every --progress-interval seconds with bytes, rate, ETA and phase, and
+    /// one at the end: for journals and log files) or none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+
+    /// Seconds between two `--progress log` lines.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub progress_interval: u64,
 }
 
 /// Compression choice for `--compress`.
@@ -330,6 +351,17 @@ pub struct SendArgs {
     #[arg(long, value_name = "MS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub max_downtime: u64,
 
+    /// Longest pre-copy in seconds: after it, --on-max-precopy decides when the remaining state
+    /// still does not fit --max-downtime.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub max_precopy_time: u64,
+
+    /// What happens when --max-precopy-time passes without the downtime estimate fitting
+    /// --max-downtime: switchover (anyway; the report says if the downtime was exceeded) or
+    /// abort (the migration fails and the source devices keep running).
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = PrecopyLimitArg::Switchover)]
+    pub on_max_precopy: PrecopyLimitArg,
+
     /// Cap on the wire rate, with its unit: bits per second with decimal multiples as link
     /// speeds are given (2.5Gbit/s, 500Mbit/s; the short forms 2.5G and 500M mean bits too), or
     /// bytes per second spelled with B/s (300MB/s = 300 * 10^6, 300MiB/s = 300 * 2^20). A bare
@@ -353,6 +385,11 @@ pub struct RecvArgs {
     /// [::1]:7000, or a host name; port 0 picks a free port (printed on stderr).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Endpoint,
+
+    /// Replace an existing file at a `file:` destination's PATH (refused by default); the new
+    /// file keeps the old one's mode.
+    #[arg(long)]
+    pub force: bool,
 
     /// Destination TLS: refuse sources without a certificate signed by --tls-ca.
     #[arg(long, requires = "tls_cert")]
@@ -389,6 +426,15 @@ pub struct RecvArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `--on-max-precopy`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PrecopyLimitArg {
+    /// Switch over anyway.
+    Switchover,
+    /// Abort the migration.
+    Abort,
 }
 
 /// Content profile for the demo.
@@ -446,6 +492,10 @@ pub struct DemoArgs {
     /// Print the report as one JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+
+    /// Progress on stderr: auto, bar, log or none (as for `vfmig send`).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[cfg(test)]

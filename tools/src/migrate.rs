@@ -33,6 +33,10 @@ pub struct SourcePlan {
     pub precopy: bool,
     /// `--max-downtime`.
     pub max_downtime: Duration,
+    /// `--max-precopy-time`.
+    pub max_precopy: Duration,
+    /// `--on-max-precopy`.
+    pub on_max_precopy: vfmig_pipeline::PrecopyLimit,
     /// `--max-bandwidth`.
     pub max_bandwidth: Option<vfmig_pipeline::Rate>,
     /// `--timeout`.
@@ -59,14 +63,16 @@ fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
     }
 }
 
+/// The phase as both sides name it (see `progress`).
 fn phase_name(p: Phase) -> &'static str {
     match p {
-        Phase::Setup => "connecting",
+        Phase::Setup => "handshake",
         Phase::PreCopy => "pre-copy",
         Phase::StopCopy => "stop-copy",
-        Phase::Resume => "resume",
+        Phase::Resume => "resuming",
         Phase::Acknowledge => "verifying",
         Phase::Commit => "committing",
+        Phase::Done => "done",
         Phase::Rollback => "rollback",
     }
 }
@@ -96,11 +102,7 @@ fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
     let bars = progress.clone();
     Some(Arc::new(move |p: &PipelineProgress| {
         for (i, d) in p.devices.iter().enumerate() {
-            let phase = if d.done {
-                "accepted"
-            } else {
-                phase_name(d.phase)
-            };
+            let phase = if d.done { "done" } else { phase_name(d.phase) };
             bars.update(i, d.raw_bytes, d.estimated_total, phase);
         }
     }))
@@ -157,6 +159,7 @@ pub fn report_json(
             crate::error::EXIT_FAILED
         },
         guidance: None,
+        max_downtime_exceeded: report.max_downtime_exceeded,
         peer: peer.map(|p| p.to_string()),
         elapsed_ms: secs * 1000.0,
         downtime_ms,
@@ -189,7 +192,7 @@ fn is_connect_failure(e: &PipelineError) -> bool {
     )
 }
 
-/// Runs the source side to the destination's last acknowledgement, trying the receiver's
+/// Runs the source side to the destination's outcome, trying the receiver's
 /// addresses in turn until one accepts the connection; gives back the address that answered
 /// (or the last one tried) and the devices.
 pub fn run_source<D: MigrationDevice>(
@@ -203,6 +206,8 @@ pub fn run_source<D: MigrationDevice>(
         compress: compress(plan.compress),
         precopy: plan.precopy,
         max_downtime: plan.max_downtime,
+        max_precopy: plan.max_precopy,
+        on_max_precopy: plan.on_max_precopy,
         max_bandwidth: plan.max_bandwidth,
         timeout: plan.timeout,
         allow_without_p2p: plan.allow_without_p2p,
@@ -269,7 +274,19 @@ pub fn run_destination<D: MigrationDevice>(
         ..DestinationOptions::default()
     };
     let mut session = DestinationSession::new(devices, opts);
-    let recv = match listener.accept(&plan.session) {
+    // Declare the devices, so that a source whose devices cannot pair with them is refused in
+    // the handshake, before any device on either side moves.
+    let mut cfg = plan.session.clone();
+    cfg.declared_devices = Some(session.declarations());
+    // Strangers (port scans, other protocols, wrong keys) are dropped with one line each; the
+    // wait for the real source goes on until --accept-timeout.
+    let mut dropped = |peer: SocketAddr, e: &vfmig_transport::TransportError| {
+        progress.println(&format!(
+            "vfmig: dropped connection from {peer}: {}",
+            crate::error::describe_transport(e)
+        ));
+    };
+    let recv = match listener.accept_reporting(&cfg, &mut dropped) {
         Ok(r) => r,
         Err(e) => return (Err(CliError::Transport(e)), session.into_devices()),
     };

@@ -5,6 +5,7 @@
 //! { "outcome": "ok" | "failed" | "in-doubt", "role": "send" | "recv" | "demo",
 //!   "error": null | "<the one-line message>", "exit_code": 0 | 1 | 2 | 3,
 //!   "guidance": null | "<in doubt: which side holds valid state and how to finish>",
+//!   "max_downtime_exceeded": bool,
 //!   "peer": null | "ADDR", "elapsed_ms": f64, "downtime_ms": null | f64,
 //!   "raw_bytes": u64, "wire_bytes": u64, "ratio": f64, "throughput_bytes_per_sec": f64,
 //!   "limiting_stage": null | "device" | "codec" | "network",
@@ -104,12 +105,14 @@ pub struct ReportJson {
     pub exit_code: u8,
     /// In doubt: which side holds valid state and how to finish.
     pub guidance: Option<&'static str>,
+    /// The measured downtime exceeded `--max-downtime` (source).
+    pub max_downtime_exceeded: bool,
     /// The peer's address, once known.
     pub peer: Option<String>,
     /// Wall time of the migration (ms).
     pub elapsed_ms: f64,
-    /// Downtime as the VMM sees it (ms): from the first device stopping to the destination
-    /// acknowledging the last one.
+    /// Downtime as the VMM sees it (ms): from the first device stopping to the destination's
+    /// outcome after the commit.
     pub downtime_ms: Option<f64>,
     /// Sum over devices.
     pub raw_bytes: u64,
@@ -176,6 +179,7 @@ impl ReportJson {
             error: Some(describe(e)),
             exit_code: e.exit_code(),
             guidance,
+            max_downtime_exceeded: false,
             peer: None,
             elapsed_ms: 0.0,
             downtime_ms: None,
@@ -276,6 +280,7 @@ mod tests {
             outcome: "ok",
             role: "send",
             guidance: None,
+            max_downtime_exceeded: false,
             error: None,
             exit_code: 0,
             peer: Some("127.0.0.1:7000".into()),

@@ -11,7 +11,7 @@ use vfmig_transport::Listener;
 use vfmig_vfio::{DeviceState, MigrationDevice};
 
 use crate::addr::Endpoint;
-use crate::cli::{RecvArgs, SendArgs};
+use crate::cli::{PrecopyLimitArg, RecvArgs, SendArgs};
 use crate::devices::{self, Side};
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan, SourcePlan};
@@ -54,10 +54,16 @@ fn finish(
     match result {
         Ok(report) => {
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
-            progress.complete(&raw, "accepted");
+            progress.complete(&raw, "done");
             let mut j = migrate::report_json(role, peer, &report, labels, true);
             for (d, s) in j.devices.iter_mut().zip(states) {
                 d.final_state = *s;
+            }
+            if let (true, Some(d)) = (report.max_downtime_exceeded, report.downtime) {
+                progress.println(&format!(
+                    "vfmig: warning: downtime {:.1} ms exceeded --max-downtime",
+                    d.as_secs_f64() * 1000.0
+                ));
             }
             if json {
                 let mut out = std::io::stdout().lock();
@@ -102,14 +108,30 @@ fn finish(
     }
 }
 
+/// The progress display the options ask for, starting in `phase`.
+fn progress_for(
+    c: &crate::cli::CommonArgs,
+    names: &[String],
+    totals: &[Option<u64>],
+    phase: &str,
+) -> Progress {
+    Progress::new(
+        progress::resolve(c.progress, c.json, c.quiet),
+        names,
+        totals,
+        phase,
+        Duration::from_secs(c.progress_interval),
+    )
+}
+
 /// `vfmig send`.
 pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let c = &a.common;
     let session = devices::session_config(c, false)?;
     let timeout = Duration::from_secs(c.timeout);
-    let devs = devices::open(&c.devices, Side::Source, timeout)?;
+    let devs = devices::open(&c.devices, Side::Source, timeout, false)?;
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let progress = progress_for(c, &names, &devs.totals, "connecting");
     let connect = a.connect.resolve().map_err(|source| CliError::Resolve {
         host: a.connect.host.clone().unwrap_or_default(),
         source,
@@ -121,6 +143,11 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         compress: a.compress,
         precopy: a.precopy,
         max_downtime: Duration::from_millis(a.max_downtime),
+        max_precopy: Duration::from_secs(a.max_precopy_time),
+        on_max_precopy: match a.on_max_precopy {
+            PrecopyLimitArg::Switchover => vfmig_pipeline::PrecopyLimit::Switchover,
+            PrecopyLimitArg::Abort => vfmig_pipeline::PrecopyLimit::Abort,
+        },
         max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,
@@ -169,7 +196,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let mut session = devices::session_config(c, a.require_client_cert)?;
     session.accept_timeout = Duration::from_secs(a.accept_timeout);
     let timeout = Duration::from_secs(c.timeout);
-    let devs = devices::open(&c.devices, Side::Destination, timeout)?;
+    let devs = devices::open(&c.devices, Side::Destination, timeout, a.force)?;
     let listener = bind(&a.listen)?;
     say!("vfmig: listening on {}", listener.local_addr());
 
@@ -189,7 +216,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
         });
     }
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let progress = progress_for(c, &names, &devs.totals, "listening");
     let plan = DestinationPlan { session, timeout };
     let labels = devs.labels;
     let mut peer = None;
@@ -204,6 +231,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             connected.store(true, Ordering::SeqCst);
             peer = Some(addr);
             progress.println(&format!("vfmig: source {addr} connected"));
+            progress.set_phase("handshake");
         },
     );
     let states = final_states(&mut devices);

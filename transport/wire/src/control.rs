@@ -168,6 +168,15 @@ pub enum Control {
         /// Raw pre-copy bytes sent.
         precopy_bytes: u64,
     },
+    /// Source -> destination: every byte of `device`'s initial pre-copy data precedes this.
+    InitialDataSent {
+        /// Device index.
+        device: u16,
+        /// Sequence number in the device's stream.
+        seq: u64,
+        /// Raw bytes of the stream before the marker.
+        raw_bytes: u64,
+    },
     /// Destination -> source: `device` has loaded its initial pre-copy data.
     SwitchoverAck {
         /// Device index.
@@ -223,6 +232,7 @@ impl Control {
         match self {
             Control::EndOfDevice { .. } => FrameKind::EndOfDevice,
             Control::PreCopyDone { .. } => FrameKind::PreCopyDone,
+            Control::InitialDataSent { .. } => FrameKind::InitialDataSent,
             Control::SwitchoverAck { .. } => FrameKind::SwitchoverAck,
             Control::DevicePrepared { .. } => FrameKind::DevicePrepared,
             Control::Abort { .. } => FrameKind::Abort,
@@ -255,6 +265,11 @@ impl Control {
                 seq,
                 precopy_bytes,
             } => (*device, *seq, *precopy_bytes),
+            Control::InitialDataSent {
+                device,
+                seq,
+                raw_bytes,
+            } => (*device, *seq, *raw_bytes),
             Control::SwitchoverAck { device, raw_bytes } => (*device, 0, *raw_bytes),
             Control::DevicePrepared {
                 device,
@@ -318,6 +333,11 @@ impl Control {
                 device,
                 seq,
                 precopy_bytes: arg,
+            },
+            FrameKind::InitialDataSent => Control::InitialDataSent {
+                device,
+                seq,
+                raw_bytes: arg,
             },
             FrameKind::SwitchoverAck => Control::SwitchoverAck {
                 device,

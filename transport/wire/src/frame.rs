@@ -71,6 +71,11 @@ pub enum FrameKind {
     /// Destination -> source: what the destination did after [`FrameKind::Commit`]. `arg`: the
     /// outcome code (`FinalOutcome`, 16 bits); no payload, `device` and `seq` 0.
     Outcome = 11,
+    /// Source -> destination: every byte of this device's *initial* pre-copy data (the uAPI's
+    /// `initial_bytes`) precedes this marker. `arg`: raw bytes of the stream before it. No
+    /// payload; takes the next sequence number of the device's stream. The destination answers
+    /// [`FrameKind::SwitchoverAck`] once everything before it is loaded.
+    InitialDataSent = 12,
 }
 
 impl FrameKind {
@@ -88,6 +93,7 @@ impl FrameKind {
             9 => FrameKind::PreCopyDone,
             10 => FrameKind::Commit,
             11 => FrameKind::Outcome,
+            12 => FrameKind::InitialDataSent,
             _ => return None,
         })
     }
@@ -101,6 +107,7 @@ impl FrameKind {
                 | FrameKind::DirtyPages
                 | FrameKind::EndOfDevice
                 | FrameKind::PreCopyDone
+                | FrameKind::InitialDataSent
         )
     }
 }
@@ -312,7 +319,9 @@ impl FrameHeader {
                 self.codec == Codec::Raw && self.raw_len as usize == DIGEST_LEN,
                 "payload must be the raw 32-byte digest",
             ),
-            FrameKind::PreCopyDone => rule(empty, "payload must be empty"),
+            FrameKind::PreCopyDone | FrameKind::InitialDataSent => {
+                rule(empty, "payload must be empty")
+            }
             FrameKind::SwitchoverAck | FrameKind::DevicePrepared => {
                 rule(empty, "payload must be empty")?;
                 rule(self.seq == 0, "seq must be 0")

@@ -68,6 +68,11 @@ fn one_of_each() -> Vec<Vec<u8>> {
         Control::Outcome {
             outcome: FinalOutcome::ResumeFailed,
         },
+        Control::InitialDataSent {
+            device: 1,
+            seq: 2,
+            raw_bytes: 4096,
+        },
     ] {
         v.push(c.encode());
     }
@@ -483,6 +488,13 @@ fn arb_control() -> impl Strategy<Value = Control> {
         }),
         any::<u64>().prop_map(|millis| Control::Keepalive { millis }),
         Just(Control::Commit),
+        (any::<u16>(), any::<u64>(), any::<u64>()).prop_map(|(device, seq, raw_bytes)| {
+            Control::InitialDataSent {
+                device,
+                seq,
+                raw_bytes,
+            }
+        }),
         any::<u16>().prop_map(|c| Control::Outcome {
             outcome: FinalOutcome::from_code(c)
         }),
