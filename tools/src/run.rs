@@ -108,6 +108,27 @@ fn finish(
     }
 }
 
+/// Reads where the devices were left and prints the outcome ([`finish`]).
+fn conclude(
+    role: &'static str,
+    peer: Option<SocketAddr>,
+    result: Result<Report, CliError>,
+    labels: &[DeviceLabel],
+    devices: &mut [Box<dyn MigrationDevice>],
+    progress: &Progress,
+    c: &crate::cli::CommonArgs,
+) -> Result<(), CliError> {
+    let states = final_states(devices);
+    let out = Output {
+        labels,
+        states: &states,
+        progress,
+        json: c.json,
+        quiet: c.quiet,
+    };
+    finish(role, peer, result, &out)
+}
+
 /// The progress display the options ask for, starting in `phase`.
 fn progress_for(
     c: &crate::cli::CommonArgs,
@@ -155,15 +176,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let labels = devs.labels;
     let (result, peer, mut devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
-    let states = final_states(&mut devices);
-    let out = Output {
-        labels: &labels,
-        states: &states,
-        progress: &progress,
-        json: c.json,
-        quiet: c.quiet,
-    };
-    finish("send", peer, result, &out)
+    conclude("send", peer, result, &labels, &mut devices, &progress, c)
 }
 
 /// Binds the first address of `at` that takes it (every address: IPv6 wildcard, then IPv4).
@@ -234,13 +247,5 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             progress.set_phase("handshake");
         },
     );
-    let states = final_states(&mut devices);
-    let out = Output {
-        labels: &labels,
-        states: &states,
-        progress: &progress,
-        json: c.json,
-        quiet: c.quiet,
-    };
-    finish("recv", peer, result, &out)
+    conclude("recv", peer, result, &labels, &mut devices, &progress, c)
 }

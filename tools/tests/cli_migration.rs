@@ -517,22 +517,13 @@ fn destination_file_on_a_full_file_system_fails_with_enospc_and_leaves_nothing()
     let src = src_dir.path().join("state.bin");
     std::fs::write(&src, test_bytes(300_000, 11)).expect("write source");
     let dst = dst_dir.path().join("state.out");
-    let recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
+    let (src_spec, dst_spec) = (
+        format!("file:{}", src.display()),
+        format!("file:{}", dst.display()),
+    );
+    let recv = Receiver::spawn(&["--device", &dst_spec, "--timeout", "10"]);
     let out = run(
-        send(
-            recv.addr,
-            &[
-                "--device",
-                &format!("file:{}", src.display()),
-                "--timeout",
-                "10",
-            ],
-        ),
+        send(recv.addr, &["--device", &src_spec, "--timeout", "10"]),
         None,
     );
     let (rstatus, _, rlines) = recv.finish();
