@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use common::{bin, test_bytes};
 
-/// Trials of a plain `cargo test` (about 15 s here); `.ci/run` runs 240.
+/// Trials of a plain `cargo test` (about 20 s here); `.ci/run` runs 240.
 const DEFAULT_TRIALS: u64 = 48;
 /// `--timeout` of both processes (seconds).
 const TIMEOUT_S: u64 = 3;
