@@ -28,6 +28,7 @@ const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
       [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
+      [,read-error-at=SIZE][,slow=SIZE/s][,refuse-resume=on|off]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -43,6 +44,14 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
         reinit-after
                     re-initialise once in PRE_COPY after SIZE stream bytes and a report of
                     initial_bytes 0: the initial data is read again (default: never)
+        read-error-at
+                    fault injection (tests): reading the state fails with EIO at stream
+                    byte SIZE (default: never)
+        slow        fault injection (tests): the state is read at most SIZE bytes per
+                    second (default: unthrottled)
+        refuse-resume
+                    fault injection (tests): on a destination, RESUMING -> STOP fails even
+                    for a valid stream (default: off)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
@@ -71,7 +80,9 @@ JSON OUTPUT (--json): one object on stdout at the end, also on failure:
   elapsed_ms, downtime_ms, raw_bytes, wire_bytes, ratio (raw/wire), throughput_bytes_per_sec,
   limiting_stage (\"device\"|\"codec\"|\"network\"), stages_busy_ms, and devices: a list of
   { index, name, kind, raw_bytes, wire_bytes, precopy_bytes, ratio, throughput_bytes_per_sec,
-  downtime_ms, accepted }. accepted is true only once the destination device took its state;
+  downtime_ms, accepted, final_state }, also on a migration failure. accepted is true only once
+  the destination device took its state; final_state is where the device was left (\"RUNNING\",
+  \"STOP\", ...; null if unreadable);
   ratio is null for an all-zero stream; a device's throughput and downtime are measured over
   the whole session (devices move concurrently and stop together).";
 

@@ -55,6 +55,9 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         p2p: true,
         precopy_info_v2: false,
         reinit_after: None,
+        read_error_at: None,
+        slow: None,
+        refuse_resume: false,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vfmig_transport::{AuthConfig, SessionConfig, TlsConfig};
 use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, PrecopyInfoVersion, Profile as EmuProfile,
+    EmulatedConfig, EmulatedDevice, Faults, PrecopyInfoVersion, Profile as EmuProfile,
 };
 use vfmig_vfio::{MigrationDevice, VfioDevice};
 
@@ -80,6 +80,12 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
             },
             spec.reinit_after,
         )
+        .with_faults(Faults {
+            read_error_at: spec.read_error_at,
+            slow_bytes_per_sec: spec.slow,
+            refuse_resume: spec.refuse_resume,
+            ..Faults::default()
+        })
 }
 
 fn emulated_error(index: usize, source: vfmig_vfio::emulated::EmulatedError) -> CliError {

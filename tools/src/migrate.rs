@@ -150,6 +150,7 @@ pub fn report_json(
             downtime_ms,
             accepted: accepted
                 && (role != "recv" || d.final_state.is_none_or(|s| s == DeviceState::Stop)),
+            final_state: d.final_state.map(DeviceState::kernel_name),
         })
         .collect();
     ReportJson {

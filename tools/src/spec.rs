@@ -6,6 +6,8 @@
 //! PARAM   := "size=" SIZE | "seed=" U64 | "profile=" ("mixed"|"zero"|"random"|"text")
 //!          | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE ["/s"] | "p2p=" ("on"|"off")
 //!          | "precopy-info=" ("v1"|"v2") | "reinit-after=" SIZE
+//!          | "read-error-at=" SIZE | "slow=" SIZE ["/s"]      (injected faults, for tests)
+//!          | "refuse-resume=" ("off"|"on")
 //! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
 //! ```
 //!
@@ -79,6 +81,13 @@ pub struct EmuSpec {
     /// `reinit-after=SIZE`: the device re-initialises once in PRE_COPY, after SIZE stream bytes
     /// and a report of `initial_bytes` 0 (its initial data must then be read again).
     pub reinit_after: Option<u64>,
+    /// `read-error-at=SIZE` (fault injection): a read of the saving data fd fails with EIO once
+    /// stream byte SIZE is reached.
+    pub read_error_at: Option<u64>,
+    /// `slow=SIZE/s` (fault injection): the saving data fd delivers at most SIZE bytes per second.
+    pub slow: Option<u64>,
+    /// `refuse-resume=on` (fault injection): RESUMING -> STOP fails even for a valid stream.
+    pub refuse_resume: bool,
 }
 
 /// Where a `file:` device's bytes come from or go to.
@@ -144,7 +153,7 @@ pub enum SpecError {
     /// A parameter name the kind does not have.
     #[error(
         "unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p, \
-         precopy-info, reinit-after)"
+         precopy-info, reinit-after, read-error-at, slow, refuse-resume)"
     )]
     UnknownKey {
         /// What was given.
@@ -229,9 +238,12 @@ enum EmuKey {
     P2p,
     PrecopyInfo,
     ReinitAfter,
+    ReadErrorAt,
+    Slow,
+    RefuseResume,
 }
 
-const EMU_KEYS: [(&str, EmuKey); 8] = [
+const EMU_KEYS: [(&str, EmuKey); 11] = [
     ("size", EmuKey::Size),
     ("seed", EmuKey::Seed),
     ("profile", EmuKey::Profile),
@@ -240,6 +252,9 @@ const EMU_KEYS: [(&str, EmuKey); 8] = [
     ("p2p", EmuKey::P2p),
     ("precopy-info", EmuKey::PrecopyInfo),
     ("reinit-after", EmuKey::ReinitAfter),
+    ("read-error-at", EmuKey::ReadErrorAt),
+    ("slow", EmuKey::Slow),
+    ("refuse-resume", EmuKey::RefuseResume),
 ];
 
 impl FromStr for DeviceSpec {
@@ -286,6 +301,9 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
         p2p: true,
         precopy_info_v2: false,
         reinit_after: None,
+        read_error_at: None,
+        slow: None,
+        refuse_resume: false,
     };
     if !params.is_empty() {
         for param in params.split(',') {
@@ -366,6 +384,11 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     spec.reinit_after = Some(parse_size(value).map_err(bad_size)?)
                 }
                 EmuKey::P2p => spec.p2p = yes_no(key, value, &["off", "on"])?,
+                EmuKey::ReadErrorAt => {
+                    spec.read_error_at = Some(parse_size(value).map_err(bad_size)?)
+                }
+                EmuKey::Slow => spec.slow = Some(parse_byte_rate(value).map_err(bad_size)?),
+                EmuKey::RefuseResume => spec.refuse_resume = yes_no(key, value, &["off", "on"])?,
             }
         }
     }
@@ -413,6 +436,15 @@ impl fmt::Display for DeviceSpec {
                 if let Some(n) = e.reinit_after {
                     write!(f, ",reinit-after={n}")?;
                 }
+                if let Some(n) = e.read_error_at {
+                    write!(f, ",read-error-at={n}")?;
+                }
+                if let Some(r) = e.slow {
+                    write!(f, ",slow={r}/s")?;
+                }
+                if e.refuse_resume {
+                    f.write_str(",refuse-resume=on")?;
+                }
                 Ok(())
             }
             DeviceSpec::File(t) => write!(f, "file:{t}"),
@@ -444,8 +476,25 @@ mod tests {
                 p2p: false,
                 precopy_info_v2: false,
                 reinit_after: None,
+                read_error_at: None,
+                slow: None,
+                refuse_resume: false,
             }))
         );
+    }
+
+    #[test]
+    fn fault_keys_parse_and_print_back() {
+        let Ok(DeviceSpec::Emu(e)) =
+            parse("emu:size=1M,read-error-at=64K,slow=2M/s,refuse-resume=on")
+        else {
+            panic!("fault keys refused");
+        };
+        assert_eq!((e.read_error_at, e.slow), (Some(64 << 10), Some(2 << 20)));
+        assert!(e.refuse_resume);
+        let again = parse(&DeviceSpec::Emu(e.clone()).to_string());
+        assert_eq!(again, Ok(DeviceSpec::Emu(e)));
+        assert!(parse("emu:size=1M,read-error-at=x").is_err());
     }
 
     #[test]
@@ -596,9 +645,22 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             proptest::option::of(0u64..(1 << 40)),
+            proptest::option::of(0u64..(1 << 40)),
+            proptest::option::of(0u64..(1 << 40)),
         )
             .prop_map(
-                |(pages, seed, p, precopy, dirty_rate, p2p, precopy_info_v2, reinit_after)| {
+                |(
+                    pages,
+                    seed,
+                    p,
+                    precopy,
+                    dirty_rate,
+                    p2p,
+                    precopy_info_v2,
+                    reinit_after,
+                    read_error_at,
+                    slow,
+                )| {
                     EmuSpec {
                         size: pages * 4096,
                         seed,
@@ -613,6 +675,9 @@ mod tests {
                         p2p,
                         precopy_info_v2,
                         reinit_after,
+                        read_error_at,
+                        slow,
+                        refuse_resume: false,
                     }
                 },
             )

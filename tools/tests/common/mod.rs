@@ -51,22 +51,7 @@ impl Receiver {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vfmig recv");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        let stderr_thread = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdout_thread = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
+        let (lines, stderr_thread, stdout_thread) = collect_output(&mut child);
         let mut r = Receiver {
             child,
             addr: "127.0.0.1:0".parse().expect("addr"),
@@ -138,6 +123,30 @@ impl Receiver {
             .unwrap_or_default();
         (status, stdout, self.seen)
     }
+}
+
+/// Takes a piped child's stderr (sent line by line on the channel) and stdout (read whole by the
+/// second thread).
+pub fn collect_output(
+    child: &mut Child,
+) -> (mpsc::Receiver<String>, JoinHandle<()>, JoinHandle<String>) {
+    let stderr = child.stderr.take().expect("stderr");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    let stderr_thread = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stdout_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    (lines, stderr_thread, stdout_thread)
 }
 
 pub fn wait_bounded(child: &mut Child) -> ExitStatus {
