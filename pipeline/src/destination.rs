@@ -679,11 +679,15 @@ impl<D: MigrationDevice> DestinationSession<D> {
                             c.precopy_raw.store(raw, Ordering::Relaxed);
                         }
                     }
-                    // The device's initial data (or all its pre-copy data) is loaded: the
-                    // switchover-ack, once per device (issue 13; uAPI `initial_bytes`).
+                    // The device's initial data is loaded: the switchover-ack, one per
+                    // `InitialDataSent` marker (again after a REINIT); `PreCopyDone` acks a
+                    // device only if no marker did (issue 13; uAPI `initial_bytes`).
                     let i = usize::from(device);
-                    if acked.get(i) == Some(&false) {
-                        acked[i] = true;
+                    let initial = matches!(ev, WriterEvent::InitialLoaded { .. });
+                    if initial || acked.get(i) == Some(&false) {
+                        if let Some(a) = acked.get_mut(i) {
+                            *a = true;
+                        }
                         let ack = Control::SwitchoverAck {
                             device,
                             raw_bytes: raw,
