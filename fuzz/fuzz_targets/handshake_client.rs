@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use vfmig_wire::handshake::{
     codec_bit, Auth, ClientHandshake, ClientParams, DeviceDesc, Handshake, Offer,
 };
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::Codec;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,6 +24,11 @@ fuzz_target!(|data: &[u8]| {
             name: "dev0".into(),
             caps: 1,
             state_size_hint: 0,
+            decl: DeviceDecl {
+                kind: DeviceKind::Emulated,
+                size: Some(4096),
+                compat: "seed=0".into(),
+            },
         }],
     };
     let join = (sel & 2 == 2).then_some(([7u8; 16], 1u16));

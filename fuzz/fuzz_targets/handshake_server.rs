@@ -1,9 +1,11 @@
 //! Server handshake: arbitrary client bytes must never panic, never allocate past the caps, and
 //! never authenticate a PSK client (the fuzzer cannot forge the MAC). With `Auth::None` the offer
-//! parser is reachable and fuzzed. The first byte picks the mode and the chunk size.
+//! parser is reachable and fuzzed. The first byte picks the mode, the chunk size and whether the
+//! server declares a device (the declaration comparison is fuzzed too).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::handshake::{Auth, Handshake, Limits, ServerHandshake, ServerParams};
 
 fuzz_target!(|data: &[u8]| {
@@ -24,6 +26,14 @@ fuzz_target!(|data: &[u8]| {
         },
         session_id: [1; 16],
         nonce: [2; 32],
+        // Bit 1 also makes the server declare a device, so the pairing check is reached.
+        devices: (sel & 2 == 2).then(|| {
+            vec![DeviceDecl {
+                kind: DeviceKind::Emulated,
+                size: Some(4096),
+                compat: "seed=0".into(),
+            }]
+        }),
     });
     for c in rest.chunks(chunk) {
         match s.feed(c) {

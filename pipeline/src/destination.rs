@@ -169,7 +169,9 @@ fn receive_loop(
     stop: &AtomicBool,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
-    let phase = Phase::Resume;
+    // What the source is sending, as the frames say: errors name it truthfully.
+    let mut phase = Phase::Setup;
+    let mut ended = vec![false; devices];
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -178,6 +180,14 @@ fn receive_loop(
             Ok(f) => f,
             Err(TransportError::Timeout { .. }) => continue,
             Err(TransportError::Closed) => {
+                // A source closes only after every device's EndOfDevice; a close before that is
+                // a source that died (its kernel closed the sockets), known now, not at timeout.
+                if let Some(device) = ended.iter().position(|e| !e) {
+                    return Err(PipelineError::SourceGone {
+                        phase,
+                        device: u16::try_from(device).unwrap_or(u16::MAX),
+                    });
+                }
                 // Bounded: the control loop takes at most two decisions.
                 let _ = out.decisions.send_timeout(Decision::Closed, timeout);
                 return Ok(());
@@ -193,6 +203,11 @@ fn receive_loop(
         };
         let t0 = Instant::now();
         let h: FrameHeader = frame.header;
+        phase = match (phase, h.kind) {
+            (Phase::Setup, FrameKind::PreCopyData | FrameKind::DirtyPages) => Phase::PreCopy,
+            (_, FrameKind::StopCopyData | FrameKind::PreCopyDone) => Phase::StopCopy,
+            (p, _) => p,
+        };
         if h.kind.is_sequenced() && usize::from(h.device) >= devices {
             return Err(PipelineError::UnexpectedFrame {
                 kind: h.kind,
@@ -200,8 +215,9 @@ fn receive_loop(
                 phase,
             });
         }
+        let at = phase;
         let lost = || PipelineError::Timeout {
-            phase,
+            phase: at,
             what: "the decode stage to take a frame",
             waited: timeout,
         };
@@ -218,6 +234,13 @@ fn receive_loop(
                     .map_err(|_| lost())?;
             }
             FrameKind::EndOfDevice => {
+                if let Some(e) = ended.get_mut(usize::from(h.device)) {
+                    *e = true;
+                }
+                if ended.iter().all(|&e| e) {
+                    // Every stream is in: what follows is the source's decision.
+                    phase = Phase::Commit;
+                }
                 let mut digest = [0u8; DIGEST_LEN];
                 match &frame.payload {
                     Some(p) if p.len() == DIGEST_LEN && h.codec == Codec::Raw => {
@@ -318,7 +341,19 @@ impl<D: MigrationDevice> DestinationSession<D> {
         &self.resets
     }
 
-    /// Accepts one source on `listener` (using [`DestinationOptions::session`]) and runs the
+    /// What this side declares about its devices in the handshake (see
+    /// `vfmig_transport::SessionConfig::declared_devices`): a session configuration for
+    /// [`Listener::accept`] should carry them, so that a source whose devices cannot pair with
+    /// these is refused before any device moves. [`DestinationSession::run`] does so.
+    pub fn declarations(&self) -> Vec<vfmig_wire::declare::DeviceDecl> {
+        self.devices
+            .iter()
+            .map(|d| crate::source::declaration(&d.identity()))
+            .collect()
+    }
+
+    /// Accepts one source on `listener` (using [`DestinationOptions::session`], with this
+    /// side's [`DestinationSession::declarations`]) and runs the
     /// whole session: [`DestinationSession::receive`], then (with
     /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
     /// [`DestinationSession::finish`].
@@ -361,8 +396,10 @@ impl<D: MigrationDevice> DestinationSession<D> {
     }
 
     fn accept(&self, listener: &Listener) -> Result<RecvSession, PipelineError> {
+        let mut cfg = self.opts.session.clone();
+        cfg.declared_devices = Some(self.declarations());
         listener
-            .accept(&self.opts.session)
+            .accept(&cfg)
             .map_err(|source| PipelineError::Transport {
                 phase: Phase::Setup,
                 source,

@@ -279,6 +279,32 @@ pub enum PipelineError {
         /// Its value.
         value: u64,
     },
+    /// Source: a data fd that is a regular file (a `file:` source) changed while it was read in
+    /// STOP_COPY: its size or modification time differs from when STOP_COPY began. The stream
+    /// would be neither the old file nor the new one, so it is refused before its `EndOfDevice`
+    /// (the destination is told by an abort and discards what it received).
+    #[error("device {device}: the file changed while it was read ({read} bytes read, size {size_before} when reading began, {size_after} at its end, modified: {modified})")]
+    SourceChanged {
+        /// Device name.
+        device: String,
+        /// Bytes read before the end of the file.
+        read: u64,
+        /// The file's size when STOP_COPY began.
+        size_before: u64,
+        /// Its size at the end of the read.
+        size_after: u64,
+        /// Its modification time changed.
+        modified: bool,
+    },
+    /// Destination: the source closed every connection before the end of a device's stream
+    /// (it exited, was killed or lost the network). Reported at once, not after a timeout.
+    #[error("the source closed the session during {phase} before the end of device {device}'s stream (it exited, was killed or lost the network)")]
+    SourceGone {
+        /// What the source was sending: pre-copy or stop-copy data, or nothing yet (setup).
+        phase: Phase,
+        /// The first device whose stream had not ended.
+        device: u16,
+    },
     /// The decision of the session cannot be known on this side (docs/PROTOCOL.md, section
     /// 5.1). On the source: *commit* was sent, and the destination's outcome never arrived. On
     /// the destination: every device was prepared (and said so), and neither *commit* nor

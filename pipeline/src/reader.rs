@@ -190,8 +190,49 @@ struct Dev {
     hold_end: bool,
     /// A full chunk numbered but not yet handed over.
     full: Option<RawChunk>,
+    /// The data fd is a regular file (a `file:` source): what it was when STOP_COPY began.
+    file: Option<FileId>,
     /// `InitialDataSent` is due once no read is in flight.
     mark_initial: bool,
+}
+
+/// What identifies the contents of a regular file read as a data fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    size: u64,
+    mtime: (i64, i64),
+}
+
+/// The identity of `fd` if it is a regular file (VFIO data fds are not).
+fn file_id(fd: &OwnedFd) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::File::from(fd.try_clone().ok()?).metadata().ok()?;
+    meta.file_type().is_file().then(|| FileId {
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+    })
+}
+
+/// At the end of a regular file's STOP_COPY stream: the file must be what it was when reading
+/// began (no growth, truncation or rewrite meanwhile), so what was read is exactly the file. A
+/// file whose size and mtime stay put was read whole: reads of a regular file end only at its
+/// end. (An emulated device's FUSE stream file keeps constant attributes and passes.)
+fn check_file_end(dev: &Dev) -> Result<(), PipelineError> {
+    let Some(before) = dev.file else {
+        return Ok(());
+    };
+    let read = dev.emitted + dev.filled as u64;
+    let after = file_id(&dev.fd);
+    if after == Some(before) {
+        return Ok(());
+    }
+    Err(PipelineError::SourceChanged {
+        device: dev.name.clone(),
+        read,
+        size_before: before.size,
+        size_after: after.map_or(0, |a| a.size),
+        modified: after.map(|a| a.mtime) != Some(before.mtime),
+    })
 }
 
 /// The reader loop. Returns when every device it was given has ended and the command channel
@@ -419,6 +460,7 @@ fn apply(
     match cmd {
         ReaderCmd::Add { device, fd, mode } => {
             let i = slot(device, devs)?;
+            let file = (mode == ReadMode::StopCopy).then(|| file_id(&fd)).flatten();
             devs[i] = Some(Dev {
                 name: names[i].clone(),
                 fd,
@@ -433,6 +475,7 @@ fn apply(
                 last_progress: Instant::now(),
                 hold_end: ctx.io.guest.as_ref().is_some_and(|g| g.carrier == device),
                 full: None,
+                file,
                 mark_initial: false,
             });
         }
@@ -458,6 +501,7 @@ fn apply(
                 if let Some(fd) = fd {
                     d.fd = fd;
                 }
+                d.file = file_id(&d.fd);
                 d.mode = ReadMode::StopCopy;
                 d.phase = DevPhase::Reading;
                 d.retry_at = None;
@@ -613,6 +657,7 @@ fn completed(
             dev.backoff = (dev.backoff * 2).min(PRECOPY_POLL_MAX);
         }
         ReadMode::StopCopy if result == 0 => {
+            check_file_end(dev)?;
             if dev.filled > 0 {
                 emit(device, dev, buf, ctx)?;
             } else {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vfmig_transport::{DeviceDesc, PoolBuf, SendSession, TransportError};
-use vfmig_vfio::{DeviceState, MigrationCaps, MigrationDevice};
+use vfmig_vfio::{DeviceClass, DeviceState, Identity, MigrationCaps, MigrationDevice};
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::{Control, FinalOutcome, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
@@ -399,6 +400,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 name: d.name().to_owned(),
                 caps: d.capabilities().bits(),
                 state_size_hint: d.stop_copy_size().unwrap_or(0),
+                decl: declaration(&d.identity()),
             })
             .collect();
         let session = SendSession::connect(addr, &self.opts.session, descs).map_err(|source| {
@@ -1120,6 +1122,20 @@ fn close_quietly(session: Arc<SendSession>) {
 pub(crate) fn dev_index(i: usize) -> u16 {
     // The transport caps sessions at 64 devices.
     u16::try_from(i).unwrap_or(u16::MAX)
+}
+
+/// A device's identity as the handshake declares it (docs/PROTOCOL.md, "Device declarations").
+pub(crate) fn declaration(id: &Identity) -> DeviceDecl {
+    DeviceDecl {
+        kind: match id.class {
+            DeviceClass::Unspecified => DeviceKind::Unspecified,
+            DeviceClass::Stream => DeviceKind::Stream,
+            DeviceClass::Emulated => DeviceKind::Emulated,
+            DeviceClass::Vfio => DeviceKind::Vfio,
+        },
+        size: id.size,
+        compat: id.compat.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -565,7 +565,7 @@ fn adaptive_compression_compresses_when_the_link_is_the_bottleneck() {
 }
 
 #[test]
-fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() {
+fn device_count_mismatch_is_refused_in_the_handshake_and_the_source_runs_on() {
     let src = device("emu0", 1 << 20, Profile::Mixed, 9);
     let extra = device("emu1", 1 << 20, Profile::Mixed, 10);
     let targets = vec![src.destination().unwrap(), extra.destination().unwrap()];
@@ -579,13 +579,24 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
     let mut session = SourceSession::new(vec![src], source_options());
     let err = session.run(addr).unwrap_err();
     let (dr, mut dsts) = dst.join().unwrap();
-    assert!(matches!(
-        dr.unwrap_err(),
-        PipelineError::DeviceCount {
-            source_devices: 1,
-            destination_devices: 2
-        }
-    ));
+    let count_mismatch = |e: &PipelineError| {
+        matches!(
+            e,
+            PipelineError::Transport {
+                source: vfmig_transport::TransportError::Handshake {
+                    source: vfmig_wire::handshake::HandshakeError::DeviceCountMismatch {
+                        source_count: 1,
+                        destination_count: 2
+                    },
+                    ..
+                },
+                ..
+            }
+        )
+    };
+    let dr = dr.unwrap_err();
+    assert!(count_mismatch(&dr), "{dr}");
+    assert!(count_mismatch(&err), "{err}");
     assert!(
         matches!(
             err,
@@ -598,4 +609,40 @@ fn device_count_mismatch_is_refused_by_the_destination_and_the_source_runs_on() 
     );
     let mut srcs = session.into_devices();
     assert_rolled_back(&mut srcs, &mut dsts);
+}
+
+#[test]
+fn devices_that_cannot_pair_fail_the_handshake_on_both_sides_before_any_device_moves() {
+    let src = device("emu0", 16 << 20, Profile::Mixed, 1);
+    let smaller = device("emu0", 8 << 20, Profile::Mixed, 1);
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr: SocketAddr = listener.local_addr();
+    let dst = thread::spawn(move || {
+        let mut s = DestinationSession::new(vec![smaller], destination_options());
+        let r = s.run(&listener);
+        (r, s.into_devices())
+    });
+    let mut s = SourceSession::new(vec![src], source_options());
+    let sr = s.run(addr);
+    let (dr, mut dsts) = dst.join().unwrap();
+    for r in [sr.map(drop), dr.map(drop)] {
+        match r {
+            Err(PipelineError::Transport {
+                source:
+                    vfmig_transport::TransportError::Handshake {
+                        source: vfmig_wire::handshake::HandshakeError::DeviceMismatch(m),
+                        ..
+                    },
+                ..
+            }) => {
+                assert_eq!(
+                    (m.source.size, m.destination.size),
+                    (Some(16 << 20), Some(8 << 20))
+                );
+            }
+            other => panic!("a handshake device mismatch expected, got {other:?}"),
+        }
+    }
+    assert_eq!(state(&mut s.into_devices()[0]), DeviceState::Running);
+    assert_eq!(state(&mut dsts[0]), DeviceState::Running);
 }

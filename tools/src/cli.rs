@@ -47,7 +47,9 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
       writer), or `-` for stdin. Destination: the stream is written to a temporary file (mode
       0600) in PATH's directory, fsynced and renamed onto PATH only after the whole stream
-      verified; after a failure nothing is left at PATH (an existing file there is kept).
+      verified; after a failure nothing is left at PATH (an existing file there is kept). An
+      existing file is replaced only with --force, and the new file keeps its mode. Temporary
+      files a killed receiver left for PATH are removed at start (only those of dead PIDs).
   vfio:PATH
       A real VFIO device with migration support: its cdev (/dev/vfio/devices/vfioN) or its sysfs
       device path (/sys/bus/pci/devices/0000:01:00.0).
@@ -210,6 +212,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
 
+    /// Accept a --psk-file or --tls-key that group or others may read (refused by default, as
+    /// ssh refuses such keys).
+    #[arg(long)]
+    pub insecure_key_perms: bool,
+
     /// Allow a peer outside loopback without --psk-file or TLS. Without this, such a connection
     /// is refused.
     #[arg(long)]
@@ -353,6 +360,11 @@ pub struct RecvArgs {
     /// [::1]:7000, or a host name; port 0 picks a free port (printed on stderr).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Endpoint,
+
+    /// Replace an existing file at a `file:` destination's PATH (refused by default); the new
+    /// file keeps the old one's mode.
+    #[arg(long)]
+    pub force: bool,
 
     /// Destination TLS: refuse sources without a certificate signed by --tls-ca.
     #[arg(long, requires = "tls_cert")]

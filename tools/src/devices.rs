@@ -126,8 +126,15 @@ pub fn check_specs(specs: &[DeviceSpec], side: Side) -> Result<(), UsageError> {
     Ok(())
 }
 
-/// Opens every device of `specs` for `side`. `timeout` bounds a FIFO source's wait for a writer.
-pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devices, CliError> {
+/// Opens every device of `specs` for `side`. `timeout` bounds a FIFO source's wait for a writer;
+/// `replace` lets a destination `file:` replace an existing file (`--force`). A destination
+/// `file:` first removes the temporary files a receiver that died left for the same path.
+pub fn open(
+    specs: &[DeviceSpec],
+    side: Side,
+    timeout: Duration,
+    replace: bool,
+) -> Result<Devices, CliError> {
     check_specs(specs, side)?;
     let mut devices = Devices {
         list: Vec::with_capacity(specs.len()),
@@ -148,7 +155,20 @@ pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devic
                     let size = d.stop_copy_size().ok().filter(|s| *s > 0);
                     (Box::new(d), size)
                 }
-                Side::Destination => (Box::new(FileSink::new(t).map_err(file_err)?), None),
+                Side::Destination => {
+                    let sink = FileSink::new(t, replace).map_err(file_err)?;
+                    if let FileTarget::Path(p) = t {
+                        for stale in crate::file_device::stale_temps(p) {
+                            if std::fs::remove_file(&stale).is_ok() {
+                                say!(
+                                    "vfmig: removed {}, left by a receiver that is no longer running",
+                                    stale.display()
+                                );
+                            }
+                        }
+                    }
+                    (Box::new(sink), None)
+                }
             },
             DeviceSpec::Vfio(p) => {
                 if std::fs::symlink_metadata(p).is_err() {
@@ -179,12 +199,36 @@ pub fn open(specs: &[DeviceSpec], side: Side, timeout: Duration) -> Result<Devic
     Ok(devices)
 }
 
+/// Refuses a private key file that group or others may read, as ssh does, unless the operator
+/// accepted it (`--insecure-key-perms`).
+pub fn check_key_perms(
+    what: &'static str,
+    path: &std::path::Path,
+    accept_any: bool,
+) -> Result<(), UsageError> {
+    use std::os::unix::fs::PermissionsExt;
+    if accept_any {
+        return Ok(());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => Err(UsageError::KeyPermissions {
+            what,
+            path: path.to_path_buf(),
+            mode: m.permissions().mode() & 0o7777,
+        }),
+        // A missing file is reported by whoever reads it.
+        _ => Ok(()),
+    }
+}
+
 /// Reads a PSK file: the whole file is the key, one trailing newline (`\n` or `\r\n`) stripped.
-pub fn read_psk(path: &std::path::Path) -> Result<Vec<u8>, UsageError> {
+/// A file group or others may read is refused unless `accept_any_perms`.
+pub fn read_psk(path: &std::path::Path, accept_any_perms: bool) -> Result<Vec<u8>, UsageError> {
     let mut key = std::fs::read(path).map_err(|source| UsageError::PskFile {
         path: path.to_path_buf(),
         source,
     })?;
+    check_key_perms("--psk-file", path, accept_any_perms)?;
     if key.ends_with(b"\n") {
         key.pop();
         if key.ends_with(b"\r") {
@@ -211,7 +255,7 @@ pub fn session_config(
         cfg.streams = usize::from(n);
     }
     if let Some(p) = &common.psk_file {
-        cfg.auth = AuthConfig::Psk(read_psk(p)?);
+        cfg.auth = AuthConfig::Psk(read_psk(p, common.insecure_key_perms)?);
     }
     if let (Some(cert), Some(key), Some(ca)) = (&common.tls_cert, &common.tls_key, &common.tls_ca) {
         for (what, path) in [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)] {
@@ -221,6 +265,7 @@ pub fn session_config(
                 source,
             })?;
         }
+        check_key_perms("--tls-key", key, common.insecure_key_perms)?;
         cfg.tls = Some(TlsConfig {
             cert: cert.clone(),
             key: key.clone(),
@@ -247,14 +292,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("k");
         std::fs::write(&p, "0123456789abcdef\r\n").expect("write");
-        assert_eq!(read_psk(&p).expect("key"), b"0123456789abcdef");
+        assert_eq!(read_psk(&p, true).expect("key"), b"0123456789abcdef");
         std::fs::write(&p, "short\n").expect("write");
         assert!(matches!(
-            read_psk(&p),
+            read_psk(&p, true),
             Err(UsageError::PskTooShort { len: 5, .. })
         ));
         assert!(matches!(
-            read_psk(&dir.path().join("missing")),
+            read_psk(&dir.path().join("missing"), true),
             Err(UsageError::PskFile { .. })
         ));
     }

@@ -5,11 +5,14 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vfmig_pipeline::{AbortReason, PipelineError};
+use vfmig_pipeline::{AbortReason, Phase, PipelineError};
 use vfmig_transport::{FramePart, TransportError};
 use vfmig_vfio::emulated::EmulatedError;
-use vfmig_vfio::DeviceError;
+use vfmig_vfio::{DeviceError, DeviceState};
+use vfmig_wire::declare::{DeclField, DeviceKind, DeviceMismatch};
 use vfmig_wire::handshake::{HandshakeError, RefuseCode};
+
+use crate::units::human_bytes;
 
 use crate::file_device::FileDeviceError;
 
@@ -47,6 +50,16 @@ pub enum UsageError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// A key file that group or others may read.
+    #[error("{what} {path} is readable by others (mode {mode:04o}): chmod 600 it, or pass --insecure-key-perms")]
+    KeyPermissions {
+        /// The option.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The PSK is too short to be a key.
     #[error("--psk-file {path} holds {len} bytes; a key needs at least {min}")]
@@ -362,6 +375,17 @@ fn describe_device(e: &DeviceError) -> String {
     }
 }
 
+/// A peer that closed or reset a connection, with the phase of the migration when known.
+fn peer_closed(conn: usize, during: FramePart, phase: Option<Phase>) -> String {
+    let at = match during {
+        FramePart::Between => "between frames".to_owned(),
+        FramePart::Handshake => "during the handshake".to_owned(),
+        other => format!("in the middle of a {other}"),
+    };
+    let phase = phase.map_or_else(String::new, |p| format!(" in {p}"));
+    format!("peer closed connection {conn} {at}{phase}: it exited, was killed or lost the network")
+}
+
 /// Transport errors, worded for an operator.
 pub fn describe_transport(e: &TransportError) -> String {
     match e {
@@ -375,18 +399,21 @@ pub fn describe_transport(e: &TransportError) -> String {
         TransportError::InsecureRefused { peer } => format!(
             "refused unauthenticated connection with non-loopback peer {peer}: use --psk-file or TLS on both sides (or --insecure)"
         ),
+        TransportError::Tls {
+            peer,
+            source:
+                rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType
+                    | rustls::InvalidMessage::UnknownProtocolVersion,
+                ),
+        } => format!(
+            "peer {peer} does not speak TLS but this side does: {SAME_SECURITY}"
+        ),
         TransportError::Tls { peer, source } => format!("TLS with {peer} failed: {source}"),
         TransportError::TlsConfig { what, path, reason } => {
             format!("TLS configuration: cannot use {what} {path}: {reason}")
         }
-        TransportError::PeerClosed { conn, during } => {
-            let at = match during {
-                FramePart::Between => "between frames".to_owned(),
-                FramePart::Handshake => "during the handshake".to_owned(),
-                other => format!("in the middle of a {other}"),
-            };
-            format!("peer closed connection {conn} {at}: it exited, was killed or lost the network")
-        }
+        TransportError::PeerClosed { conn, during } => peer_closed(*conn, *during, None),
         TransportError::Closed => "peer closed the session before the migration finished".to_owned(),
         TransportError::Timeout { after, what } if after.is_zero() => {
             format!("timed out waiting for {what}")
@@ -401,6 +428,9 @@ pub fn describe_transport(e: &TransportError) -> String {
             source,
         } => format!(
             "stream corrupted at frame {seq} of device {device} (connection {conn}): {source}"
+        ),
+        TransportError::Unauthentic { conn, .. } => format!(
+            "a frame on connection {conn} failed authentication: it was changed, injected, replayed or reordered on the way; nothing of it reached a device"
         ),
         TransportError::PeerAborted { reason, detail } => {
             let why = abort_reason_text(*reason);
@@ -430,8 +460,39 @@ pub fn describe_transport(e: &TransportError) -> String {
     }
 }
 
+/// What to do when the two sides disagree on TLS.
+const SAME_SECURITY: &str = "start both sides with the same security options (--tls-cert, \
+--tls-key and --tls-ca on both, or neither)";
+
+/// Names what sent `found` instead of a vfmig handshake: a TLS record, or a stranger's first
+/// bytes shown as text.
+fn describe_bad_magic(peer: std::net::SocketAddr, found: &[u8; 4]) -> String {
+    // A TLS record: content type 20..=23 (alert 21, handshake 22), then version major 3.
+    if (0x14..=0x17).contains(&found[0]) && found[1] == 0x03 {
+        return format!("peer {peer} speaks TLS and this side does not: {SAME_SECURITY}");
+    }
+    let shown: String = found
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                char::from(b).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect();
+    let what = match found {
+        b"SSH-" => " (an SSH client or server)",
+        b"GET " | b"POST" | b"HEAD" | b"PUT " | b"HTTP" => " (HTTP)",
+        _ => "",
+    };
+    format!("peer {peer} is not vfmig: it sent \"{shown}\"{what} instead of a vfmig handshake; check the address and port")
+}
+
 fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String {
     match e {
+        HandshakeError::BadMagic { found } => describe_bad_magic(peer, found),
         HandshakeError::AuthenticationFailed
         | HandshakeError::Refused {
             code: RefuseCode::AuthenticationFailed,
@@ -446,10 +507,57 @@ fn describe_handshake(peer: std::net::SocketAddr, e: &HandshakeError) -> String 
         } => format!(
             "authentication failed with {peer}: only one side was given --psk-file"
         ),
+        HandshakeError::DeviceCountMismatch {
+            source_count,
+            destination_count,
+        } => format!(
+            "the source has {source_count} devices and the destination {destination_count} (found in the handshake with {peer}; no device was touched): give both sides the same --device list"
+        ),
+        HandshakeError::DeviceMismatch(m) => format!(
+            "{} (found in the handshake with {peer}; no device was touched): give both sides matching --device specs",
+            describe_mismatch(m)
+        ),
         HandshakeError::VersionMismatch { ours, theirs } => format!(
             "peer {peer} speaks protocol version {theirs}, this vfmig speaks {ours}: use the same vfmig on both sides"
         ),
         other => format!("handshake with {peer} failed: {other}"),
+    }
+}
+
+fn kind_name(k: DeviceKind) -> &'static str {
+    match k {
+        DeviceKind::Unspecified => "unspecified",
+        DeviceKind::Stream => "file",
+        DeviceKind::Emulated => "emu",
+        DeviceKind::Vfio => "vfio",
+    }
+}
+
+/// `device 0: the source's size is 128.0 MiB, the destination's 64.0 MiB`.
+fn describe_mismatch(m: &DeviceMismatch) -> String {
+    let (s, d) = (&m.source, &m.destination);
+    let i = m.index;
+    let size = |v: Option<u64>| v.map_or_else(|| "unknown".to_owned(), human_bytes);
+    match m.field {
+        DeclField::Kind => format!(
+            "device {i} differs in kind: the source's is {}, the destination's {}",
+            kind_name(s.kind),
+            kind_name(d.kind)
+        ),
+        DeclField::Size => format!(
+            "device {i} ({}) differs in size: the source's is {} ({} bytes), the destination's {} ({} bytes)",
+            kind_name(s.kind),
+            size(s.size),
+            s.size.unwrap_or(0),
+            size(d.size),
+            d.size.unwrap_or(0)
+        ),
+        DeclField::Compat => format!(
+            "device {i} ({}) is not compatible: the source's is `{}`, the destination's `{}`",
+            kind_name(s.kind),
+            s.compat,
+            d.compat
+        ),
     }
 }
 
@@ -492,12 +600,47 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
             describe_pipeline(cause, devices),
             e.in_doubt_guidance().unwrap_or_default()
         ),
+        // A dead peer: say what the migration was doing when it went.
+        PipelineError::Transport {
+            phase,
+            source: TransportError::PeerClosed { conn, during },
+        } => peer_closed(*conn, *during, Some(*phase)),
         PipelineError::Transport { source, .. } => describe_transport(source),
+        PipelineError::SourceChanged {
+            device,
+            read,
+            size_before,
+            size_after,
+            ..
+        } => format!(
+            "{} changed while it was read ({size_before} bytes when reading began, {size_after} at its end, {read} read): refusing a stream that is neither the old nor the new file",
+            label_by_name(device, devices)
+        ),
+        PipelineError::SourceGone { phase, device } => format!(
+            "the source closed the session during {phase} before the end of {}'s stream: it exited, was killed or lost the network",
+            label_by_index(*device, devices)
+        ),
         PipelineError::DeviceRefused { device, source } => format!(
             "destination {} refused the state: {}",
             label_by_name(device, devices),
             describe_device(source)
         ),
+        // A `file:` FIFO source waits for its writer on STOP -> STOP_COPY, bounded by --timeout.
+        PipelineError::Device {
+            device,
+            source: DeviceError::SetState { arc, source, .. },
+            ..
+        } if source.raw_os_error() == Some(libc::ETIMEDOUT)
+            && arc.to == DeviceState::StopCopy
+            && devices
+                .iter()
+                .any(|d| d.name == *device && d.kind == "file") =>
+        {
+            format!(
+                "{}: no process opened the FIFO for writing within --timeout; start the writer (e.g. `produce-state > FIFO`) or raise --timeout",
+                label_by_name(device, devices)
+            )
+        }
         PipelineError::Device {
             device,
             phase,
@@ -553,10 +696,16 @@ pub fn describe_pipeline(e: &PipelineError, devices: &[DeviceLabel]) -> String {
             detail,
         } => {
             let why = abort_reason_text(*reason);
-            if detail.is_empty() {
-                format!("peer aborted the migration in {phase} ({why})")
+            // A device mismatch is about the set-up, whatever phase this side had reached.
+            let phase = if *reason == AbortReason::DeviceMismatch {
+                "at the start".to_owned()
             } else {
-                format!("peer aborted the migration in {phase} ({why}); it reported: {detail}")
+                format!("in {phase}")
+            };
+            if detail.is_empty() {
+                format!("peer aborted the migration {phase} ({why})")
+            } else {
+                format!("peer aborted the migration {phase} ({why}); it reported: {detail}")
             }
         }
         PipelineError::P2pRequired { device, caps } => format!(

@@ -11,7 +11,8 @@
 //!   file. The new file is kept only while the device stays in STOP: a reset or a walk from STOP
 //!   back toward RUNNING (how a failed migration leaves its destination devices) undoes the
 //!   rename, restoring what was at PATH before (kept as a hard link until then). So after a
-//!   failure nothing new is left at PATH.
+//!   failure nothing new is left at PATH. A file already at PATH is replaced only when asked
+//!   (`--force`), and the new file takes its mode (and, as root, its owner).
 //!
 //! A file initiates no DMA, so both advertise `VFIO_MIGRATION_P2P` (RUNNING_P2P is RUNNING) and
 //! can be combined with other devices; neither has PRE_COPY or DMA dirty logging.
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfmig_vfio::{
-    next_state, DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice, PrecopyInfo,
+    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
+    MigrationDevice, PrecopyInfo,
 };
 
 use crate::spec::FileTarget;
@@ -61,6 +63,12 @@ pub enum FileDeviceError {
     /// `file:-` on the destination: stdout cannot be written atomically.
     #[error("the destination needs a file path: `-` (stdout) cannot be written atomically")]
     StdoutOnDestination,
+    /// The destination file exists and `--force` was not given.
+    #[error("{path} exists: pass --force to replace it")]
+    Exists {
+        /// The path.
+        path: PathBuf,
+    },
     /// The destination path has no usable parent directory or no file name.
     #[error("{path}: {what}")]
     BadDestination {
@@ -91,9 +99,46 @@ fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceE
     }
 }
 
+/// A regular file's identity at open: where it lives (device, inode) and what it holds (size,
+/// modification time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+}
+
+/// A `file:` source changed between its open and the start of STOP_COPY (see also the
+/// pipeline's `SourceChanged`, which covers the read itself).
+#[derive(Debug, thiserror::Error)]
+#[error("the file changed since it was opened (size {len_then} -> {len_now} bytes, modified: {modified}, replaced: {replaced})")]
+pub struct FileChanged {
+    /// Size at open.
+    pub len_then: u64,
+    /// Size now.
+    pub len_now: u64,
+    /// The modification time differs.
+    pub modified: bool,
+    /// PATH now names another file (device or inode differ).
+    pub replaced: bool,
+}
+
 enum SourceKind {
-    /// Regular file: size known, can be reopened.
-    Regular { len: u64 },
+    /// Regular file: size known, can be reopened; its identity at open.
+    Regular { len: u64, stamp: FileStamp },
     /// FIFO or stdin pipe, opened non-blocking; made blocking once a writer is there.
     Pipe { waited_for_writer: bool },
 }
@@ -173,7 +218,10 @@ impl FileSource {
             source,
         })?;
         let kind = if meta.file_type().is_file() {
-            SourceKind::Regular { len: meta.len() }
+            SourceKind::Regular {
+                len: meta.len(),
+                stamp: FileStamp::of(&meta),
+            }
         } else {
             SourceKind::Pipe {
                 waited_for_writer: false,
@@ -220,6 +268,24 @@ impl FileSource {
                 _ => return Err(errno(libc::ENODATA)),
             },
         };
+        if let SourceKind::Regular { stamp, .. } = &self.kind {
+            // What is read must be the file that was opened, as it was then.
+            let now = FileStamp::of(&File::from(fd.try_clone()?).metadata()?);
+            let at_path = match &self.path {
+                Some(p) => FileStamp::of(&fs::metadata(p)?),
+                None => now,
+            };
+            let replaced = (at_path.dev, at_path.ino) != (stamp.dev, stamp.ino)
+                || (now.dev, now.ino) != (stamp.dev, stamp.ino);
+            if replaced || now.len != stamp.len || now.mtime != stamp.mtime {
+                return Err(io::Error::other(FileChanged {
+                    len_then: stamp.len,
+                    len_now: now.len,
+                    modified: now.mtime != stamp.mtime,
+                    replaced,
+                }));
+            }
+        }
         if let SourceKind::Pipe { waited_for_writer } = &mut self.kind {
             if !*waited_for_writer {
                 wait_for_writer(fd.as_fd(), self.writer_timeout)?;
@@ -268,6 +334,18 @@ impl MigrationDevice for FileSource {
         &self.name
     }
 
+    /// A byte stream (pairs with any destination device); a regular file's length is exact.
+    fn identity(&self) -> Identity {
+        Identity {
+            class: DeviceClass::Stream,
+            size: match self.kind {
+                SourceKind::Regular { len, .. } => Some(len),
+                SourceKind::Pipe { .. } => None,
+            },
+            compat: String::new(),
+        }
+    }
+
     fn capabilities(&self) -> MigrationCaps {
         FILE_CAPS
     }
@@ -297,7 +375,7 @@ impl MigrationDevice for FileSource {
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         Ok(match self.kind {
-            SourceKind::Regular { len } => len,
+            SourceKind::Regular { len, .. } => len,
             SourceKind::Pipe { .. } => 0,
         })
     }
@@ -370,8 +448,9 @@ impl std::fmt::Debug for FileSink {
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl FileSink {
-    /// Prepares to write `target`; its directory must exist. Nothing is created until RESUMING.
-    pub fn new(target: &FileTarget) -> Result<Self, FileDeviceError> {
+    /// Prepares to write `target`; its directory must exist, and a file already at PATH is
+    /// replaced only with `replace` (`--force`). Nothing is created until RESUMING.
+    pub fn new(target: &FileTarget, replace: bool) -> Result<Self, FileDeviceError> {
         let path = match target {
             FileTarget::Stdio => return Err(FileDeviceError::StdoutOnDestination),
             FileTarget::Path(p) => p.clone(),
@@ -394,6 +473,9 @@ impl FileSink {
         }
         if fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
             return Err(bad("is a directory"));
+        }
+        if !replace && fs::symlink_metadata(&path).is_ok() {
+            return Err(FileDeviceError::Exists { path });
         }
         // The temporary file is created there only at RESUMING, after the source connected:
         // refuse an unwritable directory now (exit 2) rather than after the transfer started.
@@ -459,8 +541,8 @@ impl FileSink {
             Ok(m) if !m.is_dir() => Some(self.side_name("old")),
             _ => None,
         };
-        let result = file
-            .sync_all()
+        let result = keep_mode_and_owner(&file, &self.path)
+            .and_then(|()| file.sync_all())
             .and_then(|()| match &backup {
                 Some(b) => fs::hard_link(&self.path, b),
                 None => Ok(()),
@@ -512,6 +594,75 @@ impl FileSink {
     }
 }
 
+/// Gives the new file the mode (and, where permitted, the owner) of the regular file it replaces
+/// at `path`, as `cp` onto an existing file does; a new path keeps the temporary file's 0600.
+fn keep_mode_and_owner(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(old) = fs::metadata(path) else {
+        return Ok(());
+    };
+    if !old.is_file() {
+        return Ok(());
+    }
+    // Best effort: only root (or the owner, for the group) may change ownership; the mode is
+    // applied after, since chown may clear set-id bits.
+    let _ = nix::unistd::fchown(
+        file.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(old.uid())),
+        Some(nix::unistd::Gid::from_raw(old.gid())),
+    );
+    file.set_permissions(fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+/// Temporary files that a receiver which died (SIGKILL, power loss) left for `path`: the
+/// `.NAME.vfmig-PID-N.tmp` names of this module whose PID is not a live process. A PID that is
+/// alive, or reused by any process, is left alone.
+pub fn stale_temps(path: &Path) -> Vec<PathBuf> {
+    let (Some(name), dir) = (path.file_name(), path.parent()) else {
+        return Vec::new();
+    };
+    let dir = match dir {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{}.vfmig-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut stale = Vec::new();
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), true) = (
+            pid.parse::<i32>(),
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+        ) else {
+            continue;
+        };
+        if pid <= 0 || pid == i32::try_from(std::process::id()).unwrap_or(0) {
+            continue;
+        }
+        let dead = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if dead && e.file_type().is_ok_and(|t| t.is_file()) {
+            stale.push(e.path());
+        }
+    }
+    stale.sort();
+    stale
+}
+
 impl Drop for FileSink {
     fn drop(&mut self) {
         self.remove_temp();
@@ -524,6 +675,15 @@ impl Drop for FileSink {
 impl MigrationDevice for FileSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A byte stream: takes any source device's state.
+    fn identity(&self) -> Identity {
+        Identity {
+            class: DeviceClass::Stream,
+            size: None,
+            compat: String::new(),
+        }
     }
 
     fn capabilities(&self) -> MigrationCaps {
@@ -664,6 +824,43 @@ mod tests {
     }
 
     #[test]
+    fn source_regular_file_changed_or_replaced_since_open_is_refused_at_stop_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state");
+        let target = FileTarget::Path(p.clone());
+        let to_stop_copy = |d: &mut FileSource| match d.set_state(DeviceState::StopCopy) {
+            Err(DeviceError::SetState { source, .. }) => Err(source),
+            Err(e) => panic!("{e:?}"),
+            Ok(fd) => Ok(fd),
+        };
+        // Grown.
+        fs::write(&p, b"0123456789").unwrap();
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        fs::write(&p, b"0123456789abc").unwrap();
+        let e = to_stop_copy(&mut d).unwrap_err();
+        let c = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<FileChanged>())
+            .unwrap();
+        assert_eq!((c.len_then, c.len_now, c.replaced), (10, 13, false));
+        // Replaced by another file at the same path.
+        fs::write(&p, b"0123456789").unwrap();
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        let q = dir.path().join("other");
+        fs::write(&q, b"0123456789").unwrap();
+        fs::rename(&q, &p).unwrap();
+        let e = to_stop_copy(&mut d).unwrap_err();
+        let c = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<FileChanged>())
+            .unwrap();
+        assert!(c.replaced);
+        // Unchanged: the data fd is handed out.
+        let mut d = FileSource::open(&target, Duration::from_secs(1)).unwrap();
+        assert!(to_stop_copy(&mut d).unwrap().is_some());
+    }
+
+    #[test]
     fn source_fifo_waits_for_its_writer_and_ends_when_the_writer_closes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("fifo");
@@ -721,7 +918,7 @@ mod tests {
     fn sink_renames_into_place_only_on_resuming_to_stop() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -744,7 +941,7 @@ mod tests {
     fn sink_reset_and_drop_remove_the_temporary_file_and_leave_nothing_at_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -771,7 +968,7 @@ mod tests {
         // pipeline walks RESUMING -> STOP -> RUNNING instead of resetting).
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -792,7 +989,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
         fs::write(&p, b"old").expect("write old");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -832,7 +1029,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
         std::os::unix::fs::symlink("elsewhere", &p).expect("symlink");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -851,7 +1048,7 @@ mod tests {
     fn sink_failed_commit_goes_to_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("out.bin");
-        let mut sink = FileSink::new(&FileTarget::Path(p.clone())).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(p.clone()), true).expect("sink");
         let _fd = sink
             .set_state(DeviceState::Resuming)
             .expect("walk")
@@ -876,11 +1073,11 @@ mod tests {
     #[test]
     fn sink_refuses_stdout_and_missing_directories() {
         assert!(matches!(
-            FileSink::new(&FileTarget::Stdio),
+            FileSink::new(&FileTarget::Stdio, true),
             Err(FileDeviceError::StdoutOnDestination)
         ));
         assert!(matches!(
-            FileSink::new(&FileTarget::Path("/nonexistent-dir-vfmig/x".into())),
+            FileSink::new(&FileTarget::Path("/nonexistent-dir-vfmig/x".into()), true),
             Err(FileDeviceError::BadDestination { .. })
         ));
     }
@@ -888,7 +1085,7 @@ mod tests {
     #[test]
     fn illegal_single_arcs_fail_with_einval() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut sink = FileSink::new(&FileTarget::Path(dir.path().join("o"))).expect("sink");
+        let mut sink = FileSink::new(&FileTarget::Path(dir.path().join("o")), true).expect("sink");
         // RUNNING -> STOP is not one arc for a P2P device (RUNNING_P2P comes first).
         let err = sink
             .set_single_state(DeviceState::Stop)

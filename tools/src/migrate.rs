@@ -276,7 +276,19 @@ pub fn run_destination<D: MigrationDevice>(
         ..DestinationOptions::default()
     };
     let mut session = DestinationSession::new(devices, opts);
-    let recv = match listener.accept(&plan.session) {
+    // Declare the devices, so that a source whose devices cannot pair with them is refused in
+    // the handshake, before any device on either side moves.
+    let mut cfg = plan.session.clone();
+    cfg.declared_devices = Some(session.declarations());
+    // Strangers (port scans, other protocols, wrong keys) are dropped with one line each; the
+    // wait for the real source goes on until --accept-timeout.
+    let mut dropped = |peer: SocketAddr, e: &vfmig_transport::TransportError| {
+        progress.println(&format!(
+            "vfmig: dropped connection from {peer}: {}",
+            crate::error::describe_transport(e)
+        ));
+    };
+    let recv = match listener.accept_reporting(&cfg, &mut dropped) {
         Ok(r) => r,
         Err(e) => return (Err(CliError::Transport(e)), session.into_devices()),
     };

@@ -58,7 +58,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let c = &a.common;
     let session = devices::session_config(c, false)?;
     let timeout = Duration::from_secs(c.timeout);
-    let devs = devices::open(&c.devices, Side::Source, timeout)?;
+    let devs = devices::open(&c.devices, Side::Source, timeout, false)?;
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
     let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
     let connect = a.connect.resolve().map_err(|source| CliError::Resolve {
@@ -117,7 +117,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let mut session = devices::session_config(c, a.require_client_cert)?;
     session.accept_timeout = Duration::from_secs(a.accept_timeout);
     let timeout = Duration::from_secs(c.timeout);
-    let devs = devices::open(&c.devices, Side::Destination, timeout)?;
+    let devs = devices::open(&c.devices, Side::Destination, timeout, a.force)?;
     let listener = bind(&a.listen)?;
     say!("vfmig: listening on {}", listener.local_addr());
 

@@ -13,6 +13,34 @@ use std::time::Duration;
 
 use common::*;
 
+/// `vfmig recv` writing to `file:DST`, with `--timeout SECS`.
+fn file_receiver(dst: &std::path::Path, secs: &str) -> Receiver {
+    Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        secs,
+    ])
+}
+
+/// `vfmig send` of `device` uncompressed and capped at 400 Mbit/s, with `--timeout SECS`: 256 MiB
+/// take several seconds, so a fault injected after the source connected lands mid-stream.
+fn paced_send(addr: std::net::SocketAddr, device: &str, secs: &str) -> Command {
+    send(
+        addr,
+        &[
+            "--device",
+            device,
+            "--max-bandwidth",
+            "400M",
+            "--compress",
+            "none",
+            "--timeout",
+            secs,
+        ],
+    )
+}
+
 #[test]
 fn emulated_device_migration_succeeds_and_both_sides_report_acceptance() {
     let dev = "emu:size=16M,profile=mixed,seed=3";
@@ -184,7 +212,8 @@ fn file_round_trip_from_fifo_is_byte_identical() {
 }
 
 #[test]
-fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
+fn wrong_key_fails_the_sender_and_the_receiver_logs_it_and_waits_for_the_right_source_and_leaves_nothing(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("s.bin");
@@ -200,6 +229,8 @@ fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
         &key_a,
         "--timeout",
         "10",
+        "--accept-timeout",
+        "2",
     ]);
     let out = run(
         send(
@@ -221,8 +252,20 @@ fn wrong_key_fails_both_sides_with_authentication_failed_and_leaves_nothing() {
     let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
     assert!(lines[0].contains("authentication failed"), "{lines:?}");
+    // The receiver logs the failed handshake in one line and keeps waiting for a source that
+    // holds the key, until --accept-timeout.
+    assert!(
+        rlines.iter().any(
+            |l| l.starts_with("vfmig: dropped connection from 127.0.0.1:")
+                && l.contains("authentication failed")
+        ),
+        "{rlines:?}"
+    );
     let last = rlines.last().cloned().unwrap_or_default();
-    assert!(last.contains("authentication failed"), "{rlines:?}");
+    assert!(
+        last.contains("waiting for a source to connect"),
+        "{rlines:?}"
+    );
     assert!(!dst.exists(), "nothing at the destination path");
     assert!(
         dir_entries(out_dir.path()).is_empty(),
@@ -238,25 +281,8 @@ fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
     // killed in the middle of a request).
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
-    let mut cmd = send(
-        recv.addr,
-        &[
-            "--device",
-            "emu:size=256M,profile=random",
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "10",
-        ],
-    );
+    let mut recv = file_receiver(&dst, "10");
+    let mut cmd = paced_send(recv.addr, "emu:size=256M,profile=random", "10");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let sender = std::thread::spawn(move || run(cmd, None));
     recv.wait_for_line("vfmig: source ");
@@ -274,7 +300,76 @@ fn receiver_killed_mid_transfer_makes_the_sender_fail_with_one_line() {
     assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
     assert!(lines[0].starts_with("vfmig: "), "{lines:?}");
     assert!(!lines[0].contains("panicked"), "{lines:?}");
+    // Noticed at once from the connection, not from silence.
+    assert!(lines[0].contains("closed"), "{lines:?}");
+    assert!(!lines[0].contains("timed out"), "{lines:?}");
     assert!(!dst.exists(), "nothing at the destination path");
+}
+
+#[test]
+fn sender_killed_mid_stream_makes_the_receiver_fail_at_once_naming_the_dead_source_and_the_phase() {
+    // 256 MiB of incompressible state capped at 400 Mbit/s: several seconds of stop-copy, so the
+    // sender is killed mid-stream. The receiver's --timeout is long: a receiver that noticed the
+    // dead source only by its silence would report a timeout, which the test refuses.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.out");
+    let mut recv = file_receiver(&dst, "60");
+    let mut sender = paced_send(recv.addr, "emu:size=256M,profile=random", "60")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    std::thread::sleep(Duration::from_millis(300));
+    sender.kill().expect("SIGKILL the sender");
+    let _ = sender.wait();
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(rstatus.code(), Some(1), "{rlines:?}");
+    let last = rlines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("closed") && last.contains("it exited, was killed or lost the network"),
+        "the cause is the dead source: {rlines:?}"
+    );
+    assert!(!last.contains("timed out"), "{rlines:?}");
+    if last.contains("the source closed the session") {
+        assert!(last.contains("during stop-copy"), "the phase: {rlines:?}");
+    }
+    assert!(!dst.exists(), "nothing at the destination path");
+    assert!(dir_entries(dir.path()).is_empty(), "no temporary file left");
+}
+
+#[test]
+fn a_source_file_truncated_while_it_is_read_fails_both_sides_and_leaves_nothing() {
+    // 256 MiB capped at 400 Mbit/s: the read is paced by the link for seconds, and the file is
+    // cut to half meanwhile. Before, both sides exited 0 with a prefix matching neither file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("s.bin");
+    std::fs::write(&src, test_bytes(256 << 20, 11)).expect("write");
+    let dst = out_dir.path().join("d.bin");
+    let mut recv = file_receiver(&dst, "30");
+    let mut cmd = paced_send(recv.addr, &format!("file:{}", src.display()), "30");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let sender = std::thread::spawn(move || run(cmd, None));
+    recv.wait_for_line("vfmig: source ");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| f.set_len(128 << 20))
+        .expect("truncate the source");
+    let out = sender.join().expect("sender thread");
+    let (rstatus, _, rlines) = recv.finish();
+    assert_eq!(out.status.code(), Some(1), "send must fail");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("changed while it was read"), "{lines:?}");
+    assert_eq!(rstatus.code(), Some(1), "recv must fail: {rlines:?}");
+    assert!(!dst.exists(), "nothing at the destination path");
+    assert!(
+        dir_entries(out_dir.path()).is_empty(),
+        "no temporary file left either"
+    );
 }
 
 #[test]
@@ -308,10 +403,22 @@ fn unreachable_peer_exits_1_with_one_line_and_a_json_failure_report() {
 
 #[test]
 fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
-    // Different sizes: the destination device's own stream validation refuses the state.
-    let recv = Receiver::spawn(&["--device", "emu:size=8M", "--timeout", "10"]);
+    // Bytes that are no emulated device's state (a file pairs with any device, so the handshake
+    // lets it through): the destination device's own stream validation refuses them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, test_bytes(4 << 20, 3)).expect("write");
+    let recv = Receiver::spawn(&["--device", "emu:size=4M", "--timeout", "10"]);
     let out = run(
-        send(recv.addr, &["--device", "emu:size=4M", "--timeout", "10"]),
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", junk.display()),
+                "--timeout",
+                "10",
+            ],
+        ),
         None,
     );
     let (rstatus, _, rlines) = recv.finish();
@@ -331,29 +438,12 @@ fn destination_refusing_the_state_fails_both_sides_and_names_the_device() {
 fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dst = dir.path().join("state.out");
-    let mut recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
-    let mut sender = send(
-        recv.addr,
-        &[
-            "--device",
-            "emu:size=256M,profile=random",
-            "--max-bandwidth",
-            "400M",
-            "--compress",
-            "none",
-            "--timeout",
-            "10",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn sender");
+    let mut recv = file_receiver(&dst, "10");
+    let mut sender = paced_send(recv.addr, "emu:size=256M,profile=random", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
     let status = Command::new("kill")
         .args(["-INT", &sender.id().to_string()])
@@ -525,12 +615,7 @@ fn bit_flipped_on_the_wire_is_reported_as_a_corrupted_stream_and_nothing_is_writ
     std::fs::write(&src, test_bytes(8 << 20, 9)).expect("write");
     let out_dir = tempfile::tempdir().expect("tempdir");
     let dst = out_dir.path().join("dst.bin");
-    let recv = Receiver::spawn(&[
-        "--device",
-        &format!("file:{}", dst.display()),
-        "--timeout",
-        "10",
-    ]);
+    let recv = file_receiver(&dst, "10");
     let proxy = corrupting_proxy(recv.addr, 3 << 20);
     let out = run(
         send(

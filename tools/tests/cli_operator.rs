@@ -331,3 +331,299 @@ fn sigint_exits_130_and_the_json_object_says_cancelled() {
         "{j}"
     );
 }
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777
+}
+
+#[test]
+fn an_existing_destination_file_needs_force_and_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.bin");
+    std::fs::write(&dst, b"old state").expect("write");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let spec = format!("file:{}", dst.display());
+
+    let mut c = vfmig();
+    c.args(["recv", "--listen", "127.0.0.1:0", "--device", &spec]);
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--force") && err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read(&dst).expect("read"), b"old state");
+
+    let src = dir.path().join("new.bin");
+    let data = test_bytes(300_000, 5);
+    std::fs::write(&src, &data).expect("write");
+    let recv = Receiver::spawn(&["--device", &spec, "--force"]);
+    let out = run(
+        send(recv.addr, &["--device", &format!("file:{}", src.display())]),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    assert_eq!(std::fs::read(&dst).expect("read"), data);
+    assert_eq!(mode_of(&dst), 0o644, "the replaced file's mode is kept");
+}
+
+#[test]
+fn recv_removes_the_temp_file_a_killed_receiver_left_and_only_that_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("state.bin");
+    let spec = format!("file:{}", dst.display());
+    // A temporary file of a live process (this test) for the same path, and a dead one's for
+    // another path: neither is ours to remove.
+    let live = dir
+        .path()
+        .join(format!(".state.bin.vfmig-{}-7.tmp", std::process::id()));
+    std::fs::write(&live, b"live").expect("write");
+    let mut gone = Command::new("true").spawn().expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().expect("wait");
+    let other = dir
+        .path()
+        .join(format!(".other.bin.vfmig-{dead_pid}-0.tmp"));
+    std::fs::write(&other, b"other").expect("write");
+
+    let mut recv = Receiver::spawn(&["--device", &spec, "--timeout", "30"]);
+    let mut sender = send(
+        recv.addr,
+        &[
+            "--device",
+            "emu:size=256M,profile=random",
+            "--max-bandwidth",
+            "200Mbit/s",
+            "--compress",
+            "none",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn sender");
+    recv.wait_for_line("vfmig: source ");
+    let prefix = format!(".state.bin.vfmig-{}-", recv.child.id());
+    let deadline = std::time::Instant::now() + PROCESS_LIMIT;
+    let left = loop {
+        let found = dir_entries(dir.path())
+            .into_iter()
+            .find(|n| n.starts_with(&prefix));
+        if let Some(n) = found {
+            break dir.path().join(n);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    recv.child.kill().expect("SIGKILL the receiver");
+    let _ = recv.finish();
+    let _ = sender.kill();
+    let _ = wait_bounded(&mut sender);
+    assert!(left.exists(), "SIGKILL leaves the temp file behind");
+
+    // The clean-up happens before `listening on`, which `spawn` waited for.
+    let again = Receiver::spawn(&["--device", &spec]);
+    let seen = again.seen().join("\n");
+    assert!(
+        seen.contains(&format!("vfmig: removed {}", left.display())),
+        "{seen}"
+    );
+    assert!(!left.exists(), "the dead receiver's temp file is gone");
+    assert!(live.exists(), "a live PID's temp file stays");
+    assert!(other.exists(), "another path's temp file stays");
+    let mut again = again;
+    again.child.kill().expect("kill");
+    let _ = again.finish();
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_unless_insecure_key_perms() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = write_key(dir.path(), "key", "0123456789abcdef0123456789abcdef\n");
+    let open_key = dir.path().join("open-key");
+    std::fs::copy(&key, &open_key).expect("copy");
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let open_key = open_key.display().to_string();
+
+    let dev = "emu:size=1M";
+    let mut c = vfmig();
+    c.args(["send", "--connect", "127.0.0.1:1", "--device", dev])
+        .args(["--psk-file", &open_key, "--json"]);
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--insecure-key-perms") && err.contains("0644"),
+        "{err}"
+    );
+    assert_eq!(json(&out.stdout)["exit_code"], 2);
+
+    let recv = Receiver::spawn(&["--device", dev, "--psk-file", &key]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                dev,
+                "--psk-file",
+                &open_key,
+                "--insecure-key-perms",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}
+
+/// Runs `send` with `src` devices against `recv` with `dst` devices; returns both exit codes
+/// and failure lines.
+fn mismatched(src: &[&str], dst: &[&str]) -> ((Option<i32>, String), (Option<i32>, String)) {
+    let mut rargs = Vec::new();
+    for d in dst {
+        rargs.extend(["--device", d]);
+    }
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--json"];
+    for d in src {
+        sargs.extend(["--device", d]);
+    }
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    let j = json(&out.stdout);
+    assert_eq!(j["raw_bytes"], 0, "nothing was streamed: {j}");
+    (
+        (out.status.code(), text(&out.stderr)),
+        (rstatus.code(), rlines.last().cloned().unwrap_or_default()),
+    )
+}
+
+#[test]
+fn a_larger_source_device_is_refused_in_the_handshake_naming_both_sizes() {
+    let ((s, serr), (r, rerr)) = mismatched(&["emu:size=128M"], &["emu:size=64M"]);
+    for (code, line) in [(s, &serr), (r, &rerr)] {
+        assert_eq!(code, Some(1), "{line}");
+        assert!(
+            line.contains("128.0 MiB") && line.contains("64.0 MiB") && line.contains("handshake"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("RESUMING") && !line.contains("stop-copy"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn different_seeds_or_profiles_are_refused_in_the_handshake_naming_both() {
+    for (src, dst, a, b) in [
+        (
+            "emu:size=4M,seed=1",
+            "emu:size=4M,seed=2",
+            "seed=1",
+            "seed=2",
+        ),
+        (
+            "emu:size=4M,profile=zero",
+            "emu:size=4M,profile=text",
+            "profile=zero",
+            "profile=text",
+        ),
+    ] {
+        let ((s, serr), (r, rerr)) = mismatched(&[src], &[dst]);
+        for (code, line) in [(s, &serr), (r, &rerr)] {
+            assert_eq!(code, Some(1), "{src} vs {dst}: {line}");
+            assert!(line.contains(a) && line.contains(b), "{line}");
+        }
+    }
+}
+
+#[test]
+fn a_device_count_mismatch_is_refused_in_the_handshake_not_in_stop_copy() {
+    let ((s, serr), (r, rerr)) = mismatched(&["emu:size=4M"], &["emu:size=4M", "emu:size=4M"]);
+    for (code, line) in [(s, &serr), (r, &rerr)] {
+        assert_eq!(code, Some(1), "{line}");
+        assert!(line.contains("1 devices") && line.contains("2"), "{line}");
+        assert!(!line.contains("stop-copy"), "{line}");
+    }
+}
+
+#[test]
+fn a_file_pairs_with_any_device_kind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("emu.state");
+    let recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let out = run(send(recv.addr, &["--device", "emu:size=4M"]), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+}
+
+/// A client that sends `bytes` to a receiver and returns the receiver's last line.
+fn stranger_sends(bytes: &[u8]) -> String {
+    use std::io::Write as _;
+    let recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
+    let mut s = std::net::TcpStream::connect(recv.addr).expect("connect");
+    let _ = s.write_all(bytes);
+    let (_, _, lines) = recv.finish();
+    drop(s);
+    lines.last().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_non_vfmig_client_is_named_with_its_first_bytes_as_text() {
+    for (bytes, shown, what) in [
+        (&b"SSH-2.0-OpenSSH_9.6\r\n"[..], "SSH-", "SSH"),
+        (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "GET ", "HTTP"),
+    ] {
+        let line = stranger_sends(bytes);
+        assert!(
+            line.contains("not vfmig") && line.contains(shown) && line.contains(what),
+            "{line}"
+        );
+        assert!(!line.contains("magic"), "{line}");
+    }
+}
+
+#[test]
+fn a_fifo_without_a_writer_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("state.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let dst = dir.path().join("out");
+    // The receiver's own fate is not this test's subject: bound its wait.
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--timeout",
+        "3",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", fifo.display()),
+                "--timeout",
+                "1",
+            ],
+        ),
+        None,
+    );
+    let _ = recv.finish();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no process opened the FIFO") && err.contains("--timeout"),
+        "{err}"
+    );
+    assert!(!err.contains("STOP_COPY"), "{err}");
+}

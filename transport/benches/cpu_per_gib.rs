@@ -62,6 +62,7 @@ fn session(streams: usize, zerocopy_min: usize) -> (f64, f64) {
         name: "d".into(),
         caps: 0,
         state_size_hint: 0,
+        decl: Default::default(),
     }];
     let src = SendSession::connect(addr, &cfg, dev).unwrap();
     let dst = dst.join().unwrap().unwrap();

@@ -83,6 +83,7 @@ fn session(c: &mut Criterion, name: &str, streams: usize, zerocopy_min: usize) {
         name: "bench".into(),
         caps: 0,
         state_size_hint: BYTES as u64,
+        decl: Default::default(),
     }];
     let src = SendSession::connect(addr, &cfg(streams, zerocopy_min), devices)
         .unwrap_or_else(|e| panic!("{name}: connect: {e}"));

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::TransportError;
+use vfmig_wire::declare::DeviceDecl;
 
 /// Most TCP connections in one session.
 pub const MAX_STREAMS: usize = 16;
@@ -96,6 +97,11 @@ pub struct SessionConfig {
     /// loopback the kernel copies zero-copy sends anyway and `Send` measured 1.3-2.6x faster
     /// (see `ring.rs`); on a real NIC try `64 << 10`.
     pub zerocopy_min: usize,
+    /// Destination: its declaration of each of its devices, in device-index order, sent in the
+    /// handshake's `ServerAccept` and compared with the source's (docs/PROTOCOL.md, "Device
+    /// declarations"): a pair that cannot work fails the handshake on both sides, before any
+    /// device leaves RUNNING. `None` (the default) declares nothing and compares nothing.
+    pub declared_devices: Option<Vec<DeviceDecl>>,
 }
 
 impl Default for SessionConfig {
@@ -113,6 +119,7 @@ impl Default for SessionConfig {
             connect_timeout: Duration::from_secs(10),
             accept_timeout: Duration::from_secs(600),
             zerocopy_min: usize::MAX,
+            declared_devices: None,
         }
     }
 }

@@ -48,8 +48,8 @@ pub enum Limit {
     Streams,
     /// Out-of-order bytes held in the reorder window.
     Window,
-    /// Connection attempts while assembling a session.
-    JoinAttempts,
+    /// Handshakes pending at once on a listener.
+    PendingHandshakes,
     /// Bytes of an abort detail.
     AbortDetail,
 }
@@ -141,6 +141,15 @@ pub enum TransportError {
         /// What was wrong.
         #[source]
         source: WireError,
+    },
+    /// A connection completed its handshake but does not belong to the session being assembled
+    /// (a join of another or an unknown session, a taken index, a second new session).
+    #[error("connection from {peer} (index {conn_index}) does not belong to the session being assembled")]
+    NotInSession {
+        /// Who connected.
+        peer: SocketAddr,
+        /// The connection index it asked for.
+        conn_index: u16,
     },
     /// A sealed frame failed authentication (altered, injected, replayed, reordered or moved
     /// between connections by someone on the path, or a peer with other keys). Nothing of it

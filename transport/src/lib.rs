@@ -27,7 +27,7 @@
 //! let addr = listener.local_addr();
 //! let dst = std::thread::spawn(move || listener.accept(&SessionConfig::default()));
 //! let devices = vec![vfmig_wire::handshake::DeviceDesc {
-//!     name: "gpu0".into(), caps: 0, state_size_hint: 0,
+//!     name: "gpu0".into(), caps: 0, state_size_hint: 0, decl: Default::default(),
 //! }];
 //! let src = SendSession::connect(addr, &cfg, devices)?;
 //! let mut buf = src.pool().acquire(Duration::from_secs(1))?;
@@ -45,6 +45,7 @@
 
 #![deny(unsafe_code)]
 
+mod accept;
 pub mod config;
 pub mod error;
 mod handshake_io;
@@ -58,6 +59,7 @@ mod session;
 pub mod stats;
 mod tls;
 
+pub use accept::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
 pub use config::{check_peer_policy, AuthConfig, SessionConfig, TlsConfig};
 pub use error::{FramePart, Limit, TransportError};
 pub use pool::{BufPool, PoolBuf, PoolError};

@@ -7,7 +7,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use vfmig_wire::handshake::{
@@ -36,7 +36,7 @@ pub struct Frame {
     pub payload: Option<PoolBuf>,
 }
 
-fn random<const N: usize>() -> Result<[u8; N], TransportError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], TransportError> {
     let mut b = [0u8; N];
     getrandom::getrandom(&mut b).map_err(|e| {
         TransportError::io(
@@ -407,10 +407,6 @@ pub struct Listener {
     listener: TcpListener,
 }
 
-/// Most connection attempts `accept` handles while assembling one session (refused joins,
-/// failed handshakes) before giving up.
-const MAX_ATTEMPTS_PER_STREAM: usize = 4;
-
 impl Listener {
     /// Binds a TCP listener.
     pub fn bind(addr: SocketAddr) -> Result<Listener, TransportError> {
@@ -428,40 +424,55 @@ impl Listener {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    fn accept_until(&self, wait: Duration) -> Result<(TcpStream, SocketAddr), TransportError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.listener.accept() {
-                Ok((s, peer)) => {
-                    s.set_nonblocking(false)
-                        .and_then(|()| s.set_nodelay(true))
-                        .map_err(|e| TransportError::io("configure accepted socket", e))?;
-                    return Ok((s, peer));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::Timeout {
-                            after: wait,
-                            what: "a connection to accept",
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(TransportError::io("accept", e)),
-            }
-        }
+    /// Waits (at most `cfg.accept_timeout`) for a source, handshakes with it, then accepts the
+    /// other connections of its session (at most `cfg.timeout`). Connections that fail their
+    /// handshake or do not join this session are dropped silently; see
+    /// [`Listener::accept_reporting`].
+    pub fn accept(&self, cfg: &SessionConfig) -> Result<RecvSession, TransportError> {
+        self.accept_reporting(cfg, &mut |_, _| {})
     }
 
+    /// Like [`Listener::accept`], calling `on_dropped` with the peer and the cause for every
+    /// connection that is dropped: a failed or foreign handshake (port scan, HTTP request,
+    /// random bytes, wrong key, other version), a join of another session, a connection beyond
+    /// the bound of pending handshakes. None of them ends the wait. Each pending handshake has
+    /// its own deadline (`accept::HANDSHAKE_TIMEOUT`, at most `cfg.timeout`), and at most
+    /// `accept::MAX_PENDING_HANDSHAKES` are pending at once (the oldest is dropped for a new
+    /// one), so neither silent connections nor a flood lock the real source out.
+    pub fn accept_reporting(
+        &self,
+        cfg: &SessionConfig,
+        on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
+    ) -> Result<RecvSession, TransportError> {
+        cfg.validate()?;
+        let tls_config = cfg.tls.as_ref().map(tls::server_config).transpose()?;
+        let hs = Arc::new(Handshaker {
+            cfg: cfg.clone(),
+            tls_config,
+        });
+        let (socks, agreed, peer) =
+            crate::accept::assemble(&self.listener, cfg, hs, |a| sealing(a, false), on_dropped)?;
+        Ok(RecvSession {
+            core: Core::start(socks, agreed, cfg, peer, true)?,
+        })
+    }
+}
+
+/// Runs the destination's side of one connection's handshake (over TLS if configured).
+struct Handshaker {
+    cfg: SessionConfig,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl crate::accept::ServerHandshaker for Handshaker {
     fn handshake(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        cfg: &SessionConfig,
-        tls_config: Option<&Arc<rustls::ServerConfig>>,
         session_id: [u8; 16],
-        conn: usize,
+        limit: Duration,
     ) -> Result<(Sock, Agreed), TransportError> {
+        let cfg = &self.cfg;
         let mut side = Side::Server(ServerHandshake::with_protection(
             ServerParams {
                 auth: wire_auth(&cfg.auth),
@@ -473,77 +484,16 @@ impl Listener {
                 },
                 session_id,
                 nonce: random()?,
+                devices: cfg.declared_devices.clone(),
             },
             protection(cfg),
         ));
-        if let Some(c) = tls_config {
-            return tls::server(stream, c, peer, &mut side, conn, cfg);
+        if let Some(c) = &self.tls_config {
+            return tls::server(stream, c, peer, &mut side, 0, cfg, limit);
         }
-        let agreed = drive(&mut side, &mut TcpHs::new(&stream), peer, conn, cfg.timeout)?;
+        let agreed = drive(&mut side, &mut TcpHs::new(&stream), peer, 0, limit)?;
         clear_timeouts(&stream)?;
         Ok((Sock::Tcp(stream), agreed))
-    }
-
-    /// Waits (at most `cfg.accept_timeout`) for a source, handshakes with it, then accepts the
-    /// other connections of its session (at most `cfg.timeout`); connections that do not join
-    /// this session are refused.
-    pub fn accept(&self, cfg: &SessionConfig) -> Result<RecvSession, TransportError> {
-        cfg.validate()?;
-        let session_id: [u8; 16] = random()?;
-        let tls_config = cfg.tls.as_ref().map(tls::server_config).transpose()?;
-        let tls_config = tls_config.as_ref();
-        let (stream, peer) = self.accept_until(cfg.accept_timeout)?;
-        check_peer_policy(peer, cfg)?;
-        let (first, agreed) = self.handshake(stream, peer, cfg, tls_config, session_id, 0)?;
-        if agreed.joined {
-            return Err(TransportError::Handshake {
-                peer,
-                conn: 0,
-                source: vfmig_wire::handshake::HandshakeError::Malformed {
-                    what: "first connection joins an unknown session",
-                },
-            });
-        }
-        let streams = usize::from(agreed.streams).clamp(1, MAX_STREAMS);
-        let mut socks: Vec<Option<(Sock, Option<Sealing>)>> = (0..streams).map(|_| None).collect();
-        socks[0] = Some((first, sealing(&agreed, false)));
-        let mut missing = streams - 1;
-        let mut attempts = 0;
-        let deadline = Instant::now() + cfg.timeout;
-        while missing > 0 {
-            attempts += 1;
-            if attempts > MAX_ATTEMPTS_PER_STREAM * streams {
-                return Err(TransportError::TooMany {
-                    what: Limit::JoinAttempts,
-                    got: attempts as u64,
-                    max: (MAX_ATTEMPTS_PER_STREAM * streams) as u64,
-                });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (stream, from) = self.accept_until(left)?;
-            if check_peer_policy(from, cfg).is_err() {
-                continue;
-            }
-            let conn = streams - missing;
-            // A connection that fails its handshake or joins another session is dropped; the
-            // session keeps assembling until its deadline.
-            let Ok((sock, a)) = self.handshake(stream, from, cfg, tls_config, session_id, conn)
-            else {
-                continue;
-            };
-            let index = usize::from(a.conn_index);
-            if !a.joined || a.session_id != session_id || index >= streams {
-                continue;
-            }
-            if socks[index].is_none() {
-                socks[index] = Some((sock, sealing(&a, false)));
-                missing -= 1;
-            }
-        }
-        let socks = socks.into_iter().flatten().collect();
-        Ok(RecvSession {
-            core: Core::start(socks, agreed, cfg, peer, true)?,
-        })
     }
 }
 

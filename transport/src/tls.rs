@@ -203,22 +203,23 @@ fn establish(
     side: &mut Side,
     index: usize,
     cfg: &SessionConfig,
+    limit: Duration,
 ) -> Result<(Sock, Agreed), TransportError> {
-    let deadline = Instant::now() + cfg.timeout;
-    sock.set_read_timeout(Some(cfg.timeout))
-        .and_then(|()| sock.set_write_timeout(Some(cfg.timeout)))
+    let deadline = Instant::now() + limit;
+    sock.set_read_timeout(Some(limit))
+        .and_then(|()| sock.set_write_timeout(Some(limit)))
         .map_err(|e| TransportError::io("setsockopt SO_RCVTIMEO", e))?;
     while conn.is_handshaking() {
         if Instant::now() >= deadline {
             return Err(TransportError::Timeout {
-                after: cfg.timeout,
+                after: limit,
                 what: "the TLS handshake",
             });
         }
         match conn.complete_io(&mut sock) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(tls_io_err(e, peer, index, cfg.timeout)),
+            Err(e) => return Err(tls_io_err(e, peer, index, limit)),
         }
     }
     let mut hs = TlsHs {
@@ -260,7 +261,7 @@ pub(crate) fn client(
     };
     let c = ClientConnection::new(Arc::clone(config), name)
         .map_err(|source| TransportError::Tls { peer, source })?;
-    establish(stream, c.into(), peer, side, conn, cfg)
+    establish(stream, c.into(), peer, side, conn, cfg, cfg.timeout)
 }
 
 /// Destination side: TLS handshake (source's certificate checked if required), then the vfmig
@@ -272,10 +273,11 @@ pub(crate) fn server(
     side: &mut Side,
     conn: usize,
     cfg: &SessionConfig,
+    limit: Duration,
 ) -> Result<(Sock, Agreed), TransportError> {
     let c = ServerConnection::new(Arc::clone(config))
         .map_err(|source| TransportError::Tls { peer, source })?;
-    establish(stream, c.into(), peer, side, conn, cfg)
+    establish(stream, c.into(), peer, side, conn, cfg, limit)
 }
 
 /// One TLS connection shared by its two pump threads. Lock order: `tcp_w`, then `conn`.

@@ -22,15 +22,15 @@ fn psk(k: &[u8]) -> SessionConfig {
 }
 
 #[test]
-fn wrong_key_fails_authentication_on_both_sides() {
+fn wrong_key_fails_authentication_on_both_sides_and_the_destination_keeps_waiting() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, psk(b"right key"));
+    let dst = dropping_in_thread(l, psk(b"right key"));
     let src = SendSession::connect(addr, &psk(b"wrong key"), devices(1));
     assert!(
         matches!(src, Err(TransportError::AuthenticationFailed { .. })),
         "{src:?}"
     );
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(dst, Err(TransportError::AuthenticationFailed { .. })),
         "{dst:?}"
@@ -52,14 +52,14 @@ fn matching_key_authenticates_and_carries_frames() {
 #[test]
 fn wrong_protocol_version_is_refused_with_version_error() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, cfg(1));
+    let dst = dropping_in_thread(l, cfg(1));
     let hs = ClientHandshake::with_version(client_params(Auth::None, 1), 99);
     let (_s, client) = raw_client(addr, hs);
     assert!(matches!(
         client,
         Err(HandshakeError::Refused { .. }) | Err(HandshakeError::VersionMismatch { .. })
     ));
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(
             dst,
@@ -78,13 +78,13 @@ fn wrong_protocol_version_is_refused_with_version_error() {
 #[test]
 fn truncated_handshake_is_peer_closed_during_handshake() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, cfg(1));
+    let dst = dropping_in_thread(l, cfg(1));
     let mut hs = ClientHandshake::new(client_params(Auth::None, 1));
     let hello = vfmig_wire::handshake::Handshake::take_output(&mut hs).unwrap();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(&hello[..hello.len() / 2]).unwrap();
     drop(s);
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(
             dst,
@@ -100,7 +100,7 @@ fn truncated_handshake_is_peer_closed_during_handshake() {
 #[test]
 fn silent_peer_during_handshake_times_out() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(
+    let dst = dropping_in_thread(
         l,
         SessionConfig {
             timeout: Duration::from_millis(500),
@@ -109,7 +109,7 @@ fn silent_peer_during_handshake_times_out() {
         },
     );
     let _s = std::net::TcpStream::connect(addr).unwrap();
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(dst, Err(TransportError::Timeout { .. })),
         "{dst:?}"
@@ -117,12 +117,12 @@ fn silent_peer_during_handshake_times_out() {
 }
 
 #[test]
-fn garbage_instead_of_handshake_is_a_handshake_error() {
+fn garbage_instead_of_handshake_is_dropped_with_a_handshake_error() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, cfg(1));
+    let dst = dropping_in_thread(l, cfg(1));
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(
             dst,
@@ -138,12 +138,12 @@ fn garbage_instead_of_handshake_is_a_handshake_error() {
 #[test]
 fn too_many_devices_are_refused_before_allocation() {
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, cfg(1));
+    let dst = dropping_in_thread(l, cfg(1));
     let mut p = client_params(Auth::None, 0);
     p.offer.devices = devices(vfmig_transport::config::MAX_DEVICES + 1);
     let (_s, client) = raw_client(addr, ClientHandshake::new(p));
     assert!(client.is_err());
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(
             dst,

@@ -142,23 +142,30 @@ fn netns_destination() {
     let ip: IpAddr = addr.parse().unwrap();
     // The parent's pid picks the port; both children see the same parent.
     let l = Listener::bind(SocketAddr::new(ip, parent_port())).unwrap();
-    let r = l.accept(&cfg(role == "insecure"));
-    match role.as_str() {
-        "strict" => assert!(
-            matches!(&r, Err(TransportError::InsecureRefused { peer }) if !peer.ip().is_loopback()),
-            "{r:?}"
-        ),
-        _ => {
-            let s = r.unwrap();
-            assert_eq!(s.agreed().streams, 2);
-            let f = s.recv(Duration::from_secs(5)).unwrap();
-            assert_eq!(f.header.seq, 0);
-            assert!(matches!(
-                s.recv(Duration::from_secs(5)),
-                Err(TransportError::Closed)
-            ));
-        }
+    if role == "strict" {
+        // The unauthenticated stranger is dropped, and the destination keeps waiting for a source
+        // until its accept timeout.
+        let c = SessionConfig {
+            accept_timeout: Duration::from_secs(3),
+            ..cfg(false)
+        };
+        let mut dropped = Vec::new();
+        let r = l.accept_reporting(&c, &mut |_, e| dropped.push(e.clone()));
+        assert!(matches!(r, Err(TransportError::Timeout { .. })), "{r:?}");
+        assert!(
+            matches!(dropped.first(), Some(TransportError::InsecureRefused { peer }) if !peer.ip().is_loopback()),
+            "{dropped:?}"
+        );
+        return;
     }
+    let s = l.accept(&cfg(true)).unwrap();
+    assert_eq!(s.agreed().streams, 2);
+    let f = s.recv(Duration::from_secs(5)).unwrap();
+    assert_eq!(f.header.seq, 0);
+    assert!(matches!(
+        s.recv(Duration::from_secs(5)),
+        Err(TransportError::Closed)
+    ));
 }
 
 fn parent_port() -> u16 {
@@ -183,6 +190,7 @@ fn netns_source() {
         name: "d".into(),
         caps: 0,
         state_size_hint: 0,
+        decl: Default::default(),
     }];
     if role == "strict" {
         // The source refuses on its own before connecting...

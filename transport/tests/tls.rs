@@ -71,6 +71,11 @@ fn tls_round_trip_with_mutual_certificates_restores_order() {
     let dst = dst.join().unwrap().unwrap();
     assert_eq!(dst.agreed().streams, 3);
     assert!(dst.agreed().authenticated && src.agreed().authenticated);
+    // Inside TLS the frames carry a CRC32C (TLS protects them); the PSK still keys the digest.
+    for a in [dst.agreed(), src.agreed()] {
+        assert_eq!(a.protection, vfmig_wire::FrameProtection::Crc32c);
+        assert!(a.keys.is_some());
+    }
     let rx = std::thread::spawn(move || {
         let mut next = [0u64; 2];
         loop {
@@ -112,7 +117,7 @@ fn tls_source_refuses_destination_signed_by_an_unknown_ca() {
     let client = leaf(dir.path(), "client", &ca2);
     let (client_trust, server_trust) = (client.2.clone(), server.2.clone());
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, tls_cfg(1, server, &server_trust));
+    let dst = dropping_in_thread(l, tls_cfg(1, server, &server_trust));
     let src = SendSession::connect(addr, &tls_cfg(1, client, &client_trust), devices(1));
     assert!(
         matches!(
@@ -124,7 +129,7 @@ fn tls_source_refuses_destination_signed_by_an_unknown_ca() {
         ),
         "{src:?}"
     );
-    assert!(dst.join().unwrap().is_err());
+    assert!(first_dropped(dst).is_err());
 }
 
 #[test]
@@ -136,10 +141,10 @@ fn tls_destination_refuses_source_certificate_from_an_unknown_ca() {
     // The source trusts the destination, the destination does not trust the source.
     let server_trust = server.2.clone();
     let (l, addr) = listen();
-    let dst = accept_in_thread(l, tls_cfg(1, server, &server_trust));
+    let dst = dropping_in_thread(l, tls_cfg(1, server, &server_trust));
     let src = SendSession::connect(addr, &tls_cfg(1, client, &server_trust), devices(1));
     assert!(src.is_err(), "{src:?}");
-    let dst = dst.join().unwrap();
+    let dst = first_dropped(dst);
     assert!(
         matches!(
             dst,

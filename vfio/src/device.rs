@@ -21,6 +21,33 @@ pub struct PrecopyInfo {
     pub reinit: bool,
 }
 
+/// What sort of device an [`Identity`] describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DeviceClass {
+    /// Not said: never compared with the peer's device.
+    #[default]
+    Unspecified,
+    /// A byte stream (a file): carries any device's state, never compared.
+    Stream,
+    /// An emulated device.
+    Emulated,
+    /// A VFIO device.
+    Vfio,
+}
+
+/// What a device says about itself so that the other side can refuse a pairing that cannot work
+/// before any device leaves RUNNING (the handshake compares both sides' identities).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Its class.
+    pub class: DeviceClass,
+    /// Its state size in bytes, where it is exactly known (not an estimate).
+    pub size: Option<u64>,
+    /// A compatibility identifier compared byte for byte with the peer's (empty: none), e.g.
+    /// `pci 8086:1572 driver vfio-pci`. At most 255 bytes.
+    pub compat: String,
+}
+
 /// A VFIO migration v2 device as the pipeline sees it.
 ///
 /// Implementations issue one `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET per call of
@@ -29,6 +56,12 @@ pub struct PrecopyInfo {
 pub trait MigrationDevice: Send {
     /// A name for messages and reports (e.g. the sysfs device name).
     fn name(&self) -> &str;
+
+    /// What the device says about itself for the handshake's pairing check. Default: nothing
+    /// ([`DeviceClass::Unspecified`]), which is never compared.
+    fn identity(&self) -> Identity {
+        Identity::default()
+    }
 
     /// The migration capabilities (`VFIO_DEVICE_FEATURE_MIGRATION` flags).
     fn capabilities(&self) -> MigrationCaps;
@@ -122,6 +155,9 @@ pub trait MigrationDevice: Send {
 impl<D: MigrationDevice + ?Sized> MigrationDevice for Box<D> {
     fn name(&self) -> &str {
         (**self).name()
+    }
+    fn identity(&self) -> Identity {
+        (**self).identity()
     }
     fn capabilities(&self) -> MigrationCaps {
         (**self).capabilities()

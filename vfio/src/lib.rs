@@ -17,7 +17,7 @@ pub mod state;
 pub mod sys;
 pub mod vfio_device;
 
-pub use device::{MigrationDevice, PrecopyInfo};
+pub use device::{DeviceClass, Identity, MigrationDevice, PrecopyInfo};
 pub use dma::{DmaLoggingError, IovaRange};
 pub use error::{DeviceError, FsmError};
 pub use state::{next_state, path, Arc, DeviceState, MigrationCaps};

@@ -557,9 +557,66 @@ impl AsFd for VfioDevice {
     }
 }
 
+/// The sysfs directory of the device named `name` (a cdev path `/dev/vfio/devices/vfioN`, a PCI
+/// BDF or an mdev UUID) under `sys` (normally `/sys`), if there is one.
+pub fn sysfs_dir(sys: &Path, name: &str) -> Option<PathBuf> {
+    let base = Path::new(name).file_name()?.to_str()?;
+    [
+        sys.join("class/vfio-dev").join(base).join("device"),
+        sys.join("bus/pci/devices").join(base),
+        sys.join("bus/mdev/devices").join(base),
+    ]
+    .into_iter()
+    .find(|d| d.is_dir())
+}
+
+/// The compatibility identifier of the device whose sysfs directory is `dir`: the PCI vendor and
+/// device IDs (`pci 8086:1572`) or the mdev type (`mdev mtty-2`), then the bound driver
+/// (`driver vfio-pci`). Two devices whose identifiers differ cannot take each other's state;
+/// equal identifiers do not promise it (the driver validates the state in RESUMING).
+pub fn compat_id(dir: &Path) -> String {
+    let read_hex = |f: &str| {
+        fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|t| u32::from_str_radix(t.trim().trim_start_matches("0x"), 16).ok())
+    };
+    let link_name = |f: &str| {
+        fs::read_link(dir.join(f))
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    let mut parts = Vec::new();
+    if let (Some(v), Some(d)) = (read_hex("vendor"), read_hex("device")) {
+        parts.push(format!("pci {v:04x}:{d:04x}"));
+    } else if let Some(t) = link_name("mdev_type") {
+        parts.push(format!("mdev {t}"));
+    }
+    if let Some(d) = link_name("driver") {
+        parts.push(format!("driver {d}"));
+    }
+    let mut id = parts.join(" ");
+    // The wire carries at most 255 bytes; cut at a character boundary.
+    while id.len() > 255 {
+        id.pop();
+    }
+    id
+}
+
 impl MigrationDevice for VfioDevice {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// PCI IDs or mdev type and driver from sysfs; the size is only known as an estimate
+    /// (STOP_COPY_SIZE), which is not compared.
+    fn identity(&self) -> crate::device::Identity {
+        crate::device::Identity {
+            class: crate::device::DeviceClass::Vfio,
+            size: None,
+            compat: sysfs_dir(Path::new("/sys"), &self.name)
+                .map(|d| compat_id(&d))
+                .unwrap_or_default(),
+        }
     }
 
     fn capabilities(&self) -> MigrationCaps {
@@ -694,6 +751,29 @@ impl MigrationDevice for VfioDevice {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn compat_id_reads_pci_ids_or_mdev_type_and_the_driver_from_sysfs() {
+        let sys = tempfile::tempdir().expect("tempdir");
+        let pci = sys.path().join("bus/pci/devices/0000:01:00.0");
+        std::fs::create_dir_all(&pci).expect("mkdir");
+        std::fs::write(pci.join("vendor"), "0x10de\n").expect("write");
+        std::fs::write(pci.join("device"), "0x2330\n").expect("write");
+        std::os::unix::fs::symlink("../../../bus/pci/drivers/nvgrace-vfio", pci.join("driver"))
+            .expect("symlink");
+        let dir = sysfs_dir(sys.path(), "0000:01:00.0").expect("found");
+        assert_eq!(compat_id(&dir), "pci 10de:2330 driver nvgrace-vfio");
+        let mdev = sys
+            .path()
+            .join("bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001");
+        std::fs::create_dir_all(&mdev).expect("mkdir");
+        std::os::unix::fs::symlink("../../types/mtty-2", mdev.join("mdev_type")).expect("link");
+        std::os::unix::fs::symlink("../../drivers/vfio_mdev", mdev.join("driver")).expect("link");
+        let dir = sysfs_dir(sys.path(), "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001").expect("found");
+        assert_eq!(compat_id(&dir), "mdev mtty-2 driver vfio_mdev");
+        assert_eq!(sysfs_dir(sys.path(), "/dev/vfio/devices/vfio9"), None);
+    }
+
     use super::*;
 
     const BAR0: RegionInfo = RegionInfo {

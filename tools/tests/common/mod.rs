@@ -83,6 +83,11 @@ impl Receiver {
         r
     }
 
+    /// The stderr lines read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Waits (bounded) for a stderr line starting with `prefix`.
     pub fn wait_for_line(&mut self, prefix: &str) -> String {
         let deadline = Instant::now() + PROCESS_LIMIT;
@@ -223,9 +228,12 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Writes a key file readable by its owner only (mode 0600, as vfmig requires of keys).
 pub fn write_key(dir: &Path, name: &str, key: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, key).expect("write key");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
     p.to_string_lossy().into_owned()
 }
 

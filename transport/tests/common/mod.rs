@@ -31,6 +31,7 @@ pub fn devices(n: usize) -> Vec<DeviceDesc> {
             name: format!("dev{i}"),
             caps: 0,
             state_size_hint: 0,
+            decl: Default::default(),
         })
         .collect()
 }
@@ -46,6 +47,44 @@ pub fn accept_in_thread(
     cfg: SessionConfig,
 ) -> JoinHandle<Result<RecvSession, TransportError>> {
     std::thread::spawn(move || l.accept(&cfg))
+}
+
+/// A destination accepting in a thread: its outcome and every connection it dropped.
+pub type Reporting = JoinHandle<(Result<RecvSession, TransportError>, Vec<TransportError>)>;
+
+/// Accepts in a thread, collecting the cause of every connection the destination drops.
+pub fn reporting_in_thread(l: Listener, cfg: SessionConfig) -> Reporting {
+    std::thread::spawn(move || {
+        let mut dropped = Vec::new();
+        let r = l.accept_reporting(&cfg, &mut |_, e| dropped.push(e.clone()));
+        (r, dropped)
+    })
+}
+
+/// A destination that reports every connection it drops and gives up after 1 s without a source.
+pub fn dropping_in_thread(l: Listener, cfg: SessionConfig) -> Reporting {
+    let cfg = SessionConfig {
+        accept_timeout: Duration::from_secs(1),
+        ..cfg
+    };
+    reporting_in_thread(l, cfg)
+}
+
+/// Asserts that the destination dropped a connection and went on waiting for a source until its
+/// accept timeout; returns the cause it reported for the first dropped connection as the error.
+pub fn first_dropped(h: Reporting) -> Result<RecvSession, TransportError> {
+    let (r, dropped) = h.join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Timeout {
+                what: "a source to connect",
+                ..
+            })
+        ),
+        "the destination kept waiting for a source: {r:?}"
+    );
+    Err(dropped.into_iter().next().expect("a dropped connection"))
 }
 
 pub fn data_header(device: u16, seq: u64, len: u32) -> FrameHeader {
@@ -194,5 +233,6 @@ pub fn server_params() -> ServerParams {
         limits: Limits::default(),
         session_id: [3; 16],
         nonce: [5; 32],
+        devices: None,
     }
 }

@@ -3,6 +3,7 @@
 //! checks. Usage: `cargo run -p vfmig-wire --example fuzz_seeds -- fuzz/seeds`.
 
 use std::path::Path;
+use vfmig_wire::declare::{DeviceDecl, DeviceKind};
 use vfmig_wire::handshake::*;
 use vfmig_wire::*;
 
@@ -103,10 +104,20 @@ fn main() -> std::io::Result<()> {
             name: "dev0".into(),
             caps: 1,
             state_size_hint: 0,
+            decl: DeviceDecl {
+                kind: DeviceKind::Emulated,
+                size: Some(4096),
+                compat: "seed=0".into(),
+            },
         }],
     };
-    for join in [None, Some(([7u8; 16], 1u16))] {
-        let sel = 0xfcu8;
+    // The server target declares a device when bit 1 of its first byte is set.
+    for (join, declared, tag) in [
+        (None, false, "new"),
+        (Some(([7u8; 16], 1u16)), false, "join"),
+        (None, true, "declared"),
+    ] {
+        let sel = 0xfcu8 | u8::from(declared) << 1;
         let mut c = ClientHandshake::new(ClientParams {
             auth: Auth::None,
             offer: offer.clone(),
@@ -121,8 +132,10 @@ fn main() -> std::io::Result<()> {
             },
             session_id: [1; 16],
             nonce: [2; 32],
+            devices: declared.then(|| offer.devices.iter().map(|d| d.decl.clone()).collect()),
         });
-        let (mut to_server, mut to_client) = (vec![sel], vec![sel | u8::from(join.is_some()) << 1]);
+        let (mut to_server, mut to_client) =
+            (vec![sel], vec![0xfc | u8::from(join.is_some()) << 1]);
         for _ in 0..3 {
             if let Some(b) = c.take_output() {
                 let _ = s.feed(&b);
@@ -133,7 +146,6 @@ fn main() -> std::io::Result<()> {
                 to_client.extend_from_slice(&b);
             }
         }
-        let tag = if join.is_some() { "join" } else { "new" };
         write(dir, "handshake_server", tag, &to_server)?;
         write(dir, "handshake_client", tag, &to_client)?;
     }

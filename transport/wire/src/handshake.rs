@@ -29,6 +29,7 @@
 //! at most up to the end of the last handshake message, so bytes that follow (frames) stay with the
 //! caller. After a failure, write the remaining `take_output` (a `Refuse` for the peer) and close.
 
+use crate::declare::{check_devices, DeviceDecl, DeviceMismatch, DECL_FIXED_LEN, MAX_DECL_LEN};
 use crate::frame::{Codec, MAX_PAYLOAD};
 use crate::seal::{FrameProtection, SessionKeys};
 use hmac::{Hmac, Mac};
@@ -55,15 +56,21 @@ pub const CHECKSUM_CRC32C: u8 = FrameProtection::Crc32c as u8;
 pub const HELLO_BODY_LEN: usize = NONCE_LEN + 4;
 /// Fixed part of the `ClientOffer` body (before the device list).
 pub const OFFER_FIXED_LEN: usize = 40;
-/// Fixed part of one device entry in `ClientOffer` (name length, caps, state size hint).
-pub const DEVICE_FIXED_LEN: usize = 2 + 8 + 8;
-/// Body length of `ServerAccept` without the MAC.
+/// Fixed part of one device entry in `ClientOffer` (name length, caps, state size hint, and the
+/// fixed part of its declaration).
+pub const DEVICE_FIXED_LEN: usize = 2 + 8 + 8 + DECL_FIXED_LEN;
+/// Body length of the fixed part of `ServerAccept` (without the declarations and the MAC).
 pub const ACCEPT_BODY_LEN: usize = 40;
+/// `ServerAccept`'s declaration count for a server that declares no devices (nothing compared).
+pub const UNDECLARED: u16 = 0xFFFF;
+/// Largest `ServerAccept` body without the MAC: fixed part, count, [`MAX_DEVICES`] declarations.
+pub const MAX_ACCEPT_BODY: usize = ACCEPT_BODY_LEN + 2 + MAX_DEVICES * MAX_DECL_LEN;
 /// Body length of `Refuse`.
 pub const REFUSE_BODY_LEN: usize = 12;
 /// Largest `ClientOffer` body any server accepts (all [`MAX_DEVICES`] with maximal names + MAC).
-pub const MAX_OFFER_BODY: usize =
-    OFFER_FIXED_LEN + MAX_DEVICES * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME) + MAC_LEN;
+pub const MAX_OFFER_BODY: usize = OFFER_FIXED_LEN
+    + MAX_DEVICES * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME + crate::declare::MAX_COMPAT)
+    + MAC_LEN;
 
 /// Label prefixed to the client's MAC input (32 bytes).
 pub const CLIENT_MAC_LABEL: &[u8; 32] = b"vfmig handshake v1 client proof\0";
@@ -99,6 +106,9 @@ pub struct DeviceDesc {
     pub caps: u64,
     /// Expected size of the device state in bytes (a hint; 0 if unknown).
     pub state_size_hint: u64,
+    /// What the source declares about the device, compared with the destination's
+    /// declaration in the handshake (see [`crate::declare`]).
+    pub decl: DeviceDecl,
 }
 
 /// What the client (source) proposes.
@@ -204,6 +214,10 @@ pub struct ServerParams {
     pub session_id: [u8; 16],
     /// Fresh random nonce.
     pub nonce: [u8; 32],
+    /// The destination's declaration of each of its devices, in device-index order, compared
+    /// with the offer's ([`crate::declare::check_devices`]) on both sides; `None` declares
+    /// nothing and compares nothing.
+    pub devices: Option<Vec<DeviceDecl>>,
 }
 
 /// The outcome of a successful handshake.
@@ -421,6 +435,18 @@ pub enum HandshakeError {
         /// The type byte received.
         found: u8,
     },
+    /// The two sides declare different numbers of devices (found by both sides from the
+    /// declarations; nothing is refused on the wire, each side stops by itself).
+    #[error("the source declares {source_count} devices, the destination {destination_count}")]
+    DeviceCountMismatch {
+        /// The source's (client's) count.
+        source_count: usize,
+        /// The destination's (server's) count.
+        destination_count: usize,
+    },
+    /// A device pair that cannot work (see [`crate::declare`]), found by both sides.
+    #[error("device {} declarations differ in {:?}: source {:?}, destination {:?}", .0.index, .0.field, .0.source, .0.destination)]
+    DeviceMismatch(Box<DeviceMismatch>),
     /// Our own parameters are unusable (empty PSK, invalid offer, zero limits).
     #[error("invalid local handshake parameters: {what}")]
     BadLocalParams {
@@ -458,8 +484,12 @@ impl HandshakeError {
                 (RefuseCode::UnexpectedMessage, u64::from(*found))
             }
             // Never answer a refusal with a refusal; local parameter errors happen before any
-            // exchange.
-            HandshakeError::Refused { .. } | HandshakeError::BadLocalParams { .. } => return None,
+            // exchange; device mismatches are found by both sides from the declarations (the
+            // server sends its `ServerAccept` with them, then stops).
+            HandshakeError::Refused { .. }
+            | HandshakeError::BadLocalParams { .. }
+            | HandshakeError::DeviceCountMismatch { .. }
+            | HandshakeError::DeviceMismatch(_) => return None,
         })
     }
 }
@@ -996,10 +1026,14 @@ fn encode_offer(
         if d.name.is_empty() || d.name.len() > MAX_DEVICE_NAME {
             return bad("device name empty or longer than MAX_DEVICE_NAME");
         }
+        if !d.decl.is_valid() {
+            return bad("device compatibility identifier longer than MAX_COMPAT");
+        }
         body.extend_from_slice(&len.to_le_bytes());
         body.extend_from_slice(d.name.as_bytes());
         body.extend_from_slice(&d.caps.to_le_bytes());
         body.extend_from_slice(&d.state_size_hint.to_le_bytes());
+        d.decl.encode(&mut body);
     }
     Ok(body)
 }
@@ -1049,10 +1083,13 @@ fn parse_offer(body: &[u8], limits: &Limits) -> Result<(Fixed, Vec<DeviceDesc>),
             .to_owned();
         let caps = r.u64()?;
         let state_size_hint = r.u64()?;
+        let (decl, used) = DeviceDecl::decode(r.b)?;
+        r.take(used)?;
         devices.push(DeviceDesc {
             name,
             caps,
             state_size_hint,
+            decl,
         });
     }
     if !r.is_empty() {
@@ -1061,6 +1098,38 @@ fn parse_offer(body: &[u8], limits: &Limits) -> Result<(Fixed, Vec<DeviceDesc>),
         });
     }
     Ok((f, devices))
+}
+
+/// Parses `ServerAccept`'s declarations (count, then each) up to the end of `r`: `None` for
+/// [`UNDECLARED`].
+fn parse_declarations(r: &mut Rd<'_>) -> Result<Option<Vec<DeviceDecl>>, HandshakeError> {
+    let n = r.u16()?;
+    if n == UNDECLARED {
+        if !r.is_empty() {
+            return Err(HandshakeError::Malformed {
+                what: "trailing bytes after the accept",
+            });
+        }
+        return Ok(None);
+    }
+    let n = usize::from(n);
+    if n > MAX_DEVICES || n.saturating_mul(DECL_FIXED_LEN) > r.b.len() {
+        return Err(HandshakeError::Malformed {
+            what: "declaration count exceeds the accept",
+        });
+    }
+    let mut decls = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (d, used) = DeviceDecl::decode(r.b)?;
+        r.take(used)?;
+        decls.push(d);
+    }
+    if !r.is_empty() {
+        return Err(HandshakeError::Malformed {
+            what: "trailing bytes after the declarations",
+        });
+    }
+    Ok(Some(decls))
 }
 
 /// [`Handshake`] for a role type: both roles are the shared [`Core`] (envelopes, output,
@@ -1199,7 +1268,10 @@ impl ClientSide {
             }),
             ClientState::AwaitAccept => Some(Expect {
                 ty: MsgType::ServerAccept,
-                max_body: ACCEPT_BODY_LEN + core.mac_len(),
+                max_body: ACCEPT_BODY_LEN
+                    + 2
+                    + self.offer.devices.len().min(MAX_DEVICES) * MAX_DECL_LEN
+                    + core.mac_len(),
             }),
             ClientState::Done => None,
         }
@@ -1230,7 +1302,7 @@ impl ClientSide {
                 Ok(())
             }
             (ClientState::AwaitAccept, MsgType::ServerAccept) => {
-                if body.len() != ACCEPT_BODY_LEN + core.mac_len() {
+                if body.len() < ACCEPT_BODY_LEN + 2 + core.mac_len() {
                     return Err(HandshakeError::Malformed {
                         what: "accept body length",
                     });
@@ -1238,9 +1310,15 @@ impl ClientSide {
                 if core.mac_len() > 0 {
                     core.verify(SERVER_MAC_LABEL, msg)?;
                 }
-                let mut r = Rd::new(&body[..ACCEPT_BODY_LEN]);
+                let mut r = Rd::new(&body[..body.len() - core.mac_len()]);
                 let a = Fixed::read(&mut r)?;
                 self.check_accept(&a)?;
+                let theirs = parse_declarations(&mut r)?;
+                if let Some(theirs) = theirs {
+                    let ours: Vec<DeviceDecl> =
+                        self.offer.devices.iter().map(|d| d.decl.clone()).collect();
+                    check_devices(&ours, &theirs)?;
+                }
                 core.transcript.extend_from_slice(msg);
                 core.agreed = Some(Agreed {
                     session_id: a.session_id,
@@ -1328,6 +1406,7 @@ struct ServerSide {
     limits: Limits,
     session_id: [u8; 16],
     nonce: [u8; 32],
+    devices: Option<Vec<DeviceDecl>>,
 }
 
 impl ServerHandshake {
@@ -1356,6 +1435,7 @@ impl ServerHandshake {
             limits,
             session_id,
             nonce,
+            devices,
         } = params;
         let mut core = Core::new(Role::Server, version, auth, protection);
         let l = &limits;
@@ -1369,6 +1449,13 @@ impl ServerHandshake {
             || l.max_window_bytes == 0
         {
             core.fail(HandshakeError::BadLocalParams { what: "zero limit" });
+        } else if devices
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DEVICES || d.iter().any(|d| !d.is_valid()))
+        {
+            core.fail(HandshakeError::BadLocalParams {
+                what: "declared devices above MAX_DEVICES or MAX_COMPAT",
+            });
         }
         ServerHandshake {
             core,
@@ -1377,6 +1464,7 @@ impl ServerHandshake {
                 limits,
                 session_id,
                 nonce,
+                devices,
             },
         }
     }
@@ -1390,7 +1478,9 @@ impl ServerHandshake {
 impl ServerSide {
     fn max_offer_body(&self, core: &Core) -> usize {
         let devices = self.limits.max_devices.min(MAX_DEVICES);
-        OFFER_FIXED_LEN + devices * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME) + core.mac_len()
+        OFFER_FIXED_LEN
+            + devices * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME + crate::declare::MAX_COMPAT)
+            + core.mac_len()
     }
 
     fn expect(&self, core: &Core) -> Option<Expect> {
@@ -1474,15 +1564,34 @@ impl ServerSide {
                     window_bytes,
                 };
                 core.transcript.extend_from_slice(msg);
-                let body_len = ACCEPT_BODY_LEN + mac_len;
+                let mut decls = Vec::new();
+                match &self.devices {
+                    None => decls.extend_from_slice(&UNDECLARED.to_le_bytes()),
+                    Some(d) => {
+                        // At most MAX_DEVICES (checked at construction).
+                        let n = u16::try_from(d.len()).unwrap_or(UNDECLARED);
+                        decls.extend_from_slice(&n.to_le_bytes());
+                        for decl in d {
+                            decl.encode(&mut decls);
+                        }
+                    }
+                }
+                let body_len = ACCEPT_BODY_LEN + decls.len() + mac_len;
                 let mut m = Vec::with_capacity(ENVELOPE_LEN + body_len);
                 m.extend_from_slice(&envelope(core.version, MsgType::ServerAccept, body_len));
                 a.write(&mut m);
+                m.extend_from_slice(&decls);
                 m.resize(ENVELOPE_LEN + body_len, 0);
                 if mac_len > 0 {
                     core.sign(SERVER_MAC_LABEL, &mut m);
                 }
                 core.send(&m);
+                // The client learns our declarations from the accept and stops by itself on a
+                // mismatch; so do we, before anything is agreed.
+                if let Some(ours) = &self.devices {
+                    let theirs: Vec<DeviceDecl> = devices.iter().map(|d| d.decl.clone()).collect();
+                    check_devices(&theirs, ours)?;
+                }
                 core.agreed = Some(Agreed {
                     session_id,
                     conn_index,

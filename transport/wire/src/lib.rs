@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod declare;
 pub mod deframer;
 pub mod error;
 pub mod frame;

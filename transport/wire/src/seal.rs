@@ -174,6 +174,15 @@ pub enum SealError {
         /// The counter the receiver expected.
         counter: u64,
     },
+    /// The payload is longer than AES-GCM can seal under one nonce (about 64 GiB; a frame is at
+    /// most 4 MiB, so this does not happen).
+    #[error("a {len}-byte payload is too long to seal on connection {conn}")]
+    TooLong {
+        /// The connection index.
+        conn: u16,
+        /// The payload length.
+        len: usize,
+    },
     /// The frame counter is exhausted (2^64 frames on one connection).
     #[error("frame counter exhausted on connection {conn}")]
     CounterExhausted {
@@ -227,10 +236,14 @@ impl FrameSealer {
             .checked_add(1)
             .ok_or(SealError::CounterExhausted { conn: self.conn })?;
         let (hdr, tag_out) = head.split_at_mut(HEADER_LEN);
+        let len = payload.len();
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce(self.conn, self.counter), Aad::from(&*hdr), payload)
-            .map_err(|_| SealError::CounterExhausted { conn: self.conn })?;
+            .map_err(|_| SealError::TooLong {
+                conn: self.conn,
+                len,
+            })?;
         tag_out.copy_from_slice(tag.as_ref());
         self.counter = next;
         Ok(())

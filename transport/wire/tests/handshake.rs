@@ -12,6 +12,7 @@ fn dev(name: &str) -> DeviceDesc {
         name: name.to_owned(),
         caps: 0x5,
         state_size_hint: 1 << 20,
+        decl: Default::default(),
     }
 }
 
@@ -40,6 +41,7 @@ fn server(auth: Auth, nonce: u8) -> ServerHandshake {
         limits: Limits::default(),
         session_id: [0xab; 16],
         nonce: [nonce; 32],
+        devices: None,
     })
 }
 
@@ -105,6 +107,7 @@ fn server_limits_narrow_the_offer_to_the_minimum_of_both_sides() {
         },
         session_id: [7; 16],
         nonce: [2; 32],
+        devices: None,
     });
     pump(&mut c, &mut s);
     let a = c.agreed().expect("client done");
@@ -189,6 +192,7 @@ fn wrong_version_is_a_typed_error_on_both_sides_in_both_directions() {
             limits: Limits::default(),
             session_id: [0; 16],
             nonce: [2; 32],
+            devices: None,
         },
         7,
     );
@@ -497,6 +501,7 @@ fn join_reports_session_and_index_and_bad_index_is_refused() {
             },
             session_id: [0xab; 16],
             nonce: [2; 32],
+            devices: None,
         });
         pump(&mut c, &mut s);
         (c, s)
@@ -551,6 +556,7 @@ fn invalid_local_parameters_fail_at_construction_without_output() {
         },
         session_id: [0; 16],
         nonce: [2; 32],
+        devices: None,
     });
     assert!(s.is_failed());
 }
@@ -614,6 +620,7 @@ fn arb_device() -> impl Strategy<Value = DeviceDesc> {
             name,
             caps,
             state_size_hint: hint,
+            decl: Default::default(),
         }
     })
 }
@@ -665,7 +672,7 @@ proptest! {
             auth: auth.clone(), offer: o.clone(), join, nonce: nc,
         });
         let mut s = ServerHandshake::new(ServerParams {
-            auth, limits: limits.clone(), session_id: [9; 16], nonce: ns,
+            auth, limits: limits.clone(), session_id: [9; 16], nonce: ns, devices: None,
         });
         pump(&mut c, &mut s);
         let a = c.agreed().expect("client agreed");
@@ -770,4 +777,80 @@ fn a_frame_protection_mismatch_is_refused_with_a_typed_error_on_both_sides() {
         c.error(),
         Some(HandshakeError::BadLocalParams { .. })
     ));
+}
+
+fn emu_decl(size: u64, compat: &str) -> vfmig_wire::declare::DeviceDecl {
+    vfmig_wire::declare::DeviceDecl {
+        kind: vfmig_wire::declare::DeviceKind::Emulated,
+        size: Some(size),
+        compat: compat.into(),
+    }
+}
+
+fn declaring_pair(
+    client_decls: [vfmig_wire::declare::DeviceDecl; 2],
+    server_decls: Option<Vec<vfmig_wire::declare::DeviceDecl>>,
+) -> (ClientHandshake, ServerHandshake) {
+    let mut o = offer();
+    for (d, decl) in o.devices.iter_mut().zip(client_decls) {
+        d.decl = decl;
+    }
+    let c = ClientHandshake::new(ClientParams {
+        auth: psk(KEY),
+        offer: o,
+        join: None,
+        nonce: [1; 32],
+    });
+    let s = ServerHandshake::new(ServerParams {
+        auth: psk(KEY),
+        limits: Limits::default(),
+        session_id: [0xab; 16],
+        nonce: [2; 32],
+        devices: server_decls,
+    });
+    (c, s)
+}
+
+#[test]
+fn mismatched_device_declarations_fail_both_sides_with_both_values() {
+    let src = [emu_decl(128 << 20, "seed=0"), emu_decl(64 << 20, "seed=1")];
+    let dst = vec![emu_decl(64 << 20, "seed=0"), emu_decl(64 << 20, "seed=1")];
+    let (mut c, mut s) = declaring_pair(src.clone(), Some(dst.clone()));
+    pump(&mut c, &mut s);
+    assert!(c.agreed().is_none() && s.agreed().is_none());
+    for e in [c.error(), s.error()] {
+        let Some(HandshakeError::DeviceMismatch(m)) = e else {
+            panic!("device mismatch expected, got {e:?}");
+        };
+        assert_eq!(m.index, 0);
+        assert_eq!(m.field, vfmig_wire::declare::DeclField::Size);
+        assert_eq!((&m.source, &m.destination), (&src[0], &dst[0]));
+    }
+    // A count mismatch is found by both sides too.
+    let (mut c, mut s) = declaring_pair(src.clone(), Some(dst[..1].to_vec()));
+    pump(&mut c, &mut s);
+    for e in [c.error(), s.error()] {
+        assert_eq!(
+            e,
+            Some(&HandshakeError::DeviceCountMismatch {
+                source_count: 2,
+                destination_count: 1
+            })
+        );
+    }
+}
+
+#[test]
+fn matching_or_undeclared_devices_agree() {
+    let src = [emu_decl(64 << 20, "seed=0"), emu_decl(64 << 20, "seed=1")];
+    for server_decls in [Some(src.to_vec()), None] {
+        let (mut c, mut s) = declaring_pair(src.clone(), server_decls);
+        pump(&mut c, &mut s);
+        assert!(c.agreed().is_some(), "{:?}", c.error());
+        assert!(s.agreed().is_some(), "{:?}", s.error());
+        assert_eq!(
+            s.agreed().map(|a| a.devices[0].decl.clone()),
+            Some(src[0].clone())
+        );
+    }
 }

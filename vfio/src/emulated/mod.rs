@@ -1143,6 +1143,22 @@ impl MigrationDevice for EmulatedDevice {
         &self.name
     }
 
+    /// Its size, and its content (seed, profile) and record format (block size) as the
+    /// compatibility identifier: a stream of another content fails validation at the end.
+    fn identity(&self) -> crate::device::Identity {
+        let c = self.core();
+        crate::device::Identity {
+            class: crate::device::DeviceClass::Emulated,
+            size: Some(c.cfg.size),
+            compat: format!(
+                "seed={} profile={} block={}",
+                c.cfg.seed,
+                format!("{:?}", c.cfg.profile).to_lowercase(),
+                c.cfg.block_size
+            ),
+        }
+    }
+
     fn capabilities(&self) -> MigrationCaps {
         self.caps
     }

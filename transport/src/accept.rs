@@ -1,0 +1,326 @@
+//! Assembling a session on the destination while strangers knock.
+//!
+//! Every accepted connection handshakes on a thread of its own, under its own deadline
+//! ([`HANDSHAKE_TIMEOUT`], at most the session timeout). At most [`MAX_PENDING_HANDSHAKES`]
+//! run at once: a connection beyond that evicts the oldest pending one (its socket is shut down,
+//! so its thread ends at once), which keeps a flood of silent connections from locking the real
+//! source out. A failed or foreign handshake (a port scan, an HTTP request, random bytes, a wrong
+//! key, another version) is reported to the caller's `on_dropped` and closed; the listener keeps
+//! going until the accept timeout. The first connection that completes a handshake for a new
+//! session creates the session; further connections must join exactly that session (its id,
+//! which is fresh per handshake, is covered by both MACs with a PSK), with the same devices, at a
+//! free index, or they are dropped the same way.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use vfmig_wire::handshake::Agreed;
+
+use crate::config::{check_peer_policy, SessionConfig, MAX_STREAMS};
+use crate::error::{Limit, TransportError};
+use crate::ring::{Sealing, Sock};
+
+/// Most handshakes pending at once on a listener.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Each pending handshake's own deadline (capped by the session timeout).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshake threads alive at once, evicted ones that have not ended yet included; a connection
+/// beyond this is closed unanswered.
+const MAX_HANDSHAKE_THREADS: usize = 2 * MAX_PENDING_HANDSHAKES;
+/// How long the loop waits for a result when no connection is waiting to be accepted.
+const POLL: Duration = Duration::from_millis(2);
+
+/// What the assembler needs to run one server handshake.
+pub(crate) trait ServerHandshaker: Send + Sync + 'static {
+    /// Handshakes on `stream` within `limit`, offering `session_id` to a new session.
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        session_id: [u8; 16],
+        limit: Duration,
+    ) -> Result<(Sock, Agreed), TransportError>;
+}
+
+struct Pending {
+    id: u64,
+    /// A clone of the socket: shutting it down ends the handshake thread's blocking I/O.
+    stop: TcpStream,
+}
+
+/// The session being assembled.
+struct Assembly {
+    first: Agreed,
+    peer: SocketAddr,
+    socks: Vec<Option<(Sock, Option<Sealing>)>>,
+    missing: usize,
+    deadline: Instant,
+}
+
+/// The assembled session: its sockets in connection order, the first connection's agreement and
+/// the source's address.
+pub(crate) type Assembled = (Vec<(Sock, Option<Sealing>)>, Agreed, SocketAddr);
+
+type HsResult = (u64, SocketAddr, Result<(Sock, Agreed), TransportError>);
+
+/// Accepts connections on `listener` until one source's session is complete (see the module
+/// doc). `sealing` builds a connection's AEAD state from its agreement.
+pub(crate) fn assemble(
+    listener: &TcpListener,
+    cfg: &SessionConfig,
+    hs: Arc<dyn ServerHandshaker>,
+    sealing: fn(&Agreed) -> Option<Sealing>,
+    on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
+) -> Result<Assembled, TransportError> {
+    let limit = HANDSHAKE_TIMEOUT.min(cfg.timeout);
+    let (tx, rx) = crossbeam_channel::bounded::<HsResult>(MAX_HANDSHAKE_THREADS);
+    let mut st = State {
+        pending: VecDeque::new(),
+        evicted: VecDeque::new(),
+        live: Arc::new(AtomicUsize::new(0)),
+        next_id: 0,
+        tx,
+        hs,
+        limit,
+    };
+    let accept_deadline = Instant::now() + cfg.accept_timeout;
+    let mut session: Option<Assembly> = None;
+    let outcome = loop {
+        // Results first: a completed source must not wait behind strangers.
+        while let Ok(r) = rx.try_recv() {
+            let r = st.finished(r);
+            handle(r, &mut session, cfg, sealing, on_dropped);
+        }
+        if let Some(s) = &session {
+            if s.missing == 0 {
+                break Ok(());
+            }
+        }
+        let now = Instant::now();
+        match &session {
+            None if now >= accept_deadline => {
+                break Err(TransportError::Timeout {
+                    after: cfg.accept_timeout,
+                    what: "a source to connect",
+                })
+            }
+            Some(s) if now >= s.deadline => {
+                break Err(TransportError::Timeout {
+                    after: cfg.timeout,
+                    what: "the session's other connections",
+                })
+            }
+            _ => {}
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if let Err(e) = st.start(stream, peer, cfg) {
+                    on_dropped(peer, &e);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A connection that died before we took it (ECONNABORTED) or a transient shortage
+            // (EMFILE, ENFILE, ENOBUFS) must not end the wait: report it and go on.
+            Err(e) if accept_error_is_transient(&e) => {
+                let e = TransportError::io("accept", e);
+                on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
+                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+            }
+            Err(e) => break Err(TransportError::io("accept", e)),
+        }
+    };
+    // Strangers still handshaking are cut off; their threads end on the shutdown.
+    for p in st.pending.drain(..) {
+        let _ = p.stop.shutdown(Shutdown::Both);
+    }
+    outcome?;
+    let s = session.ok_or(TransportError::Cancelled)?;
+    let socks = s.socks.into_iter().flatten().collect();
+    Ok((socks, s.first, s.peer))
+}
+
+fn accept_error_is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED)
+            | Some(libc::EMFILE)
+            | Some(libc::ENFILE)
+            | Some(libc::ENOBUFS)
+            | Some(libc::ENOMEM)
+            | Some(libc::EPROTO)
+            | Some(libc::EPERM)
+    )
+}
+
+/// Waits a little for a handshake result (nothing to accept right now).
+fn wait(
+    rx: &Receiver<HsResult>,
+    st: &mut State,
+    session: &mut Option<Assembly>,
+    cfg: &SessionConfig,
+    sealing: fn(&Agreed) -> Option<Sealing>,
+    on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
+) {
+    match rx.recv_timeout(POLL) {
+        Ok(r) => {
+            let r = st.finished(r);
+            handle(r, session, cfg, sealing, on_dropped);
+        }
+        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+    }
+}
+
+struct State {
+    pending: VecDeque<Pending>,
+    /// Handshakes dropped for newer ones whose result has not come back yet (at most
+    /// [`MAX_HANDSHAKE_THREADS`]): their failure is ours, reported as the bound.
+    evicted: VecDeque<u64>,
+    live: Arc<AtomicUsize>,
+    next_id: u64,
+    tx: Sender<HsResult>,
+    hs: Arc<dyn ServerHandshaker>,
+    limit: Duration,
+}
+
+impl State {
+    /// Takes a finished handshake off the books; one we cut off reports the bound as its cause.
+    fn finished(&mut self, r: HsResult) -> HsResult {
+        let (id, peer, res) = r;
+        self.pending.retain(|p| p.id != id);
+        let before = self.evicted.len();
+        self.evicted.retain(|&e| e != id);
+        if self.evicted.len() < before && res.is_err() {
+            let e = TransportError::TooMany {
+                what: Limit::PendingHandshakes,
+                got: MAX_PENDING_HANDSHAKES as u64 + 1,
+                max: MAX_PENDING_HANDSHAKES as u64,
+            };
+            return (id, peer, Err(e));
+        }
+        (id, peer, res)
+    }
+
+    /// Starts a handshake on a new connection, evicting the oldest pending one if the bound is
+    /// reached.
+    fn start(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        cfg: &SessionConfig,
+    ) -> Result<(), TransportError> {
+        check_peer_policy(peer, cfg)?;
+        let bound = |got: usize| TransportError::TooMany {
+            what: Limit::PendingHandshakes,
+            got: got as u64,
+            max: MAX_HANDSHAKE_THREADS as u64,
+        };
+        let live = self.live.load(Ordering::SeqCst);
+        if live >= MAX_HANDSHAKE_THREADS {
+            return Err(bound(live + 1));
+        }
+        if self.pending.len() >= MAX_PENDING_HANDSHAKES {
+            if let Some(old) = self.pending.pop_front() {
+                let _ = old.stop.shutdown(Shutdown::Both);
+                if self.evicted.len() >= MAX_HANDSHAKE_THREADS {
+                    self.evicted.pop_front();
+                }
+                self.evicted.push_back(old.id);
+            }
+        }
+        stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_nodelay(true))
+            .map_err(|e| TransportError::io("configure accepted socket", e))?;
+        let stop = stream
+            .try_clone()
+            .map_err(|e| TransportError::io("dup accepted socket", e))?;
+        let session_id: [u8; 16] = crate::session::random()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, hs, live, limit) = (
+            self.tx.clone(),
+            Arc::clone(&self.hs),
+            Arc::clone(&self.live),
+            self.limit,
+        );
+        live.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("vfmig-handshake".into())
+            .spawn(move || {
+                let r = hs.handshake(stream, peer, session_id, limit);
+                // The assembler may be gone (session complete): then this drops the socket.
+                let _ = tx.send((id, peer, r));
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+            return Err(TransportError::io("spawn handshake thread", e));
+        }
+        self.pending.push_back(Pending { id, stop });
+        Ok(())
+    }
+}
+
+/// Acts on a finished handshake: creates the session, joins it, or drops the connection.
+fn handle(
+    (_, peer, r): HsResult,
+    session: &mut Option<Assembly>,
+    cfg: &SessionConfig,
+    sealing: fn(&Agreed) -> Option<Sealing>,
+    on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
+) {
+    let (sock, a) = match r {
+        Ok(v) => v,
+        Err(e) => return on_dropped(peer, &e),
+    };
+    match session {
+        None if !a.joined => {
+            let streams = usize::from(a.streams).clamp(1, MAX_STREAMS);
+            let mut socks: Vec<Option<(Sock, Option<Sealing>)>> =
+                (0..streams).map(|_| None).collect();
+            socks[0] = Some((sock, sealing(&a)));
+            *session = Some(Assembly {
+                first: a,
+                peer,
+                socks,
+                missing: streams - 1,
+                deadline: Instant::now() + cfg.timeout,
+            });
+        }
+        None => on_dropped(
+            peer,
+            &TransportError::NotInSession {
+                peer,
+                conn_index: a.conn_index,
+            },
+        ),
+        Some(s) => {
+            let index = usize::from(a.conn_index);
+            let fits = a.joined
+                && a.session_id == s.first.session_id
+                && a.streams == s.first.streams
+                && a.devices == s.first.devices
+                && index < s.socks.len()
+                && s.socks[index].is_none();
+            if fits {
+                s.socks[index] = Some((sock, sealing(&a)));
+                s.missing -= 1;
+            } else {
+                on_dropped(
+                    peer,
+                    &TransportError::NotInSession {
+                        peer,
+                        conn_index: a.conn_index,
+                    },
+                );
+            }
+        }
+    }
+}
