@@ -49,6 +49,8 @@ pub struct DestinationSession<D: MigrationDevice> {
     resets: Vec<RollbackStep>,
     /// Between a commit and [`DestinationSession::finish`].
     committed: Option<Committed>,
+    /// The last receive ended in doubt; the devices hold a prepared copy in STOP.
+    in_doubt: bool,
 }
 
 /// A session whose source committed, waiting for the VMM's outcome.
@@ -313,6 +315,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             cancel: CancelHandle::default(),
             resets: Vec::new(),
             committed: None,
+            in_doubt: false,
         }
     }
 
@@ -410,6 +413,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     pub fn receive_session(&mut self, session: RecvSession) -> Result<(), PipelineError> {
         self.resets.clear();
         self.committed = None;
+        self.in_doubt = false;
         let started = Instant::now();
         let session = Arc::new(session);
         if let Err(e) = self.check(&session) {
@@ -465,6 +469,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 };
                 session.abort(reason, &e.to_string());
                 stages.stop();
+                self.in_doubt = true;
                 Err(e)
             }
             Err(e) => Err(self.fail(&session, Some(&mut stages), e)),
@@ -473,11 +478,13 @@ impl<D: MigrationDevice> DestinationSession<D> {
 
     /// Step 2 (optional): moves every device STOP -> RUNNING_P2P (all, when several and all
     /// support P2P) -> RUNNING (all), the RUNNING_P2P order on the destination. Only after a commit
-    /// ([`DestinationSession::receive`] returned `Ok`).
+    /// ([`DestinationSession::receive`] returned `Ok`), or after an in-doubt end once the operator
+    /// knows the source sent commit (it reports in doubt too, or success; docs/PROTOCOL.md, 5.1).
     pub fn resume(&mut self) -> Result<(), PipelineError> {
-        if self.committed.is_none() {
+        if self.committed.is_none() && !self.in_doubt {
             return Err(PipelineError::NotCommitted);
         }
+        self.in_doubt = false;
         // A device without P2P has no RUNNING_P2P (allow_without_p2p): then there is no order
         // to keep, and asking for that state would only fail.
         let p2p = self
@@ -493,6 +500,21 @@ impl<D: MigrationDevice> DestinationSession<D> {
             set_state(d, DeviceState::Running, Phase::Commit)?;
         }
         Ok(())
+    }
+
+    /// Finishes an in-doubt end the other way: the source did not commit (it reports a failure
+    /// and runs again), so every device is reset. Only after
+    /// [`DestinationSession::receive`] ended in [`PipelineError::InDoubt`].
+    pub fn reset_devices(&mut self) -> Result<&[RollbackStep], PipelineError> {
+        if !self.in_doubt {
+            return Err(PipelineError::WrongStep {
+                step: "reset_devices",
+                phase: None,
+            });
+        }
+        self.in_doubt = false;
+        self.resets = self.devices.iter_mut().map(reset_committed).collect();
+        Ok(&self.resets)
     }
 
     /// Step 3: tells the source what happened after the commit and ends the session.

@@ -80,6 +80,8 @@ pub struct SourceSession<D: MigrationDevice> {
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
     active: Option<Active>,
+    /// The last `finish` ended in doubt: the devices are in STOP with their state.
+    in_doubt: bool,
     /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
     initial: InitialData,
 }
@@ -337,6 +339,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
             active: None,
+            in_doubt: false,
             initial: InitialData::default(),
         }
     }
@@ -391,6 +394,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             });
         }
         self.rollback.clear();
+        self.in_doubt = false;
         let started = Instant::now();
         self.check()?;
         let descs = self
@@ -522,6 +526,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 // No Abort may follow a sent commit (the destination would reset what may be
                 // the only copy): a clean close, and the devices stay in STOP.
                 close_quietly(a.session.clone());
+                self.in_doubt = true;
                 Err(e)
             }
             Err(e) => {
@@ -545,6 +550,22 @@ impl<D: MigrationDevice> SourceSession<D> {
         let e = PipelineError::Cancelled { phase: a.phase };
         self.fail(a, &e);
         true
+    }
+
+    /// Finishes an in-doubt end on the source's side: the destination reported that it failed
+    /// (it reset its devices), so the devices here walk back to RUNNING. Only after
+    /// [`SourceSession::finish`] (or `run`) ended in [`PipelineError::InDoubt`]; see
+    /// docs/PROTOCOL.md, section 5.1, for when this is right.
+    pub fn roll_back_devices(&mut self) -> Result<&[RollbackStep], PipelineError> {
+        if !self.in_doubt {
+            return Err(PipelineError::WrongStep {
+                step: "roll_back_devices",
+                phase: self.active.as_ref().map(|a| a.phase),
+            });
+        }
+        self.in_doubt = false;
+        self.roll_back();
+        Ok(&self.rollback)
     }
 
     /// Runs `f` on the active session; a failure aborts it and rolls back.
