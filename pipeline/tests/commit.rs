@@ -369,6 +369,14 @@ fn a_bit_flipped_on_the_wire_fails_both_sides_and_the_source_keeps_the_state() {
     assert_source_holds_the_state(&mut e, &digests);
 }
 
+/// Both sessions after a run, with their results.
+type Sessions = (
+    SourceSession<EmulatedDevice>,
+    Result<Report, PipelineError>,
+    DestinationSession<EmulatedDevice>,
+    Result<Report, PipelineError>,
+);
+
 /// Runs both sides through `fault` and gives back the sessions themselves, to finish an in-doubt
 /// end with the library's calls.
 fn migrate_keeping_sessions(
@@ -376,12 +384,7 @@ fn migrate_keeping_sessions(
     fault: Fault,
     dopts: DestinationOptions,
     dst_faults: Faults,
-) -> (
-    SourceSession<EmulatedDevice>,
-    Result<Report, PipelineError>,
-    DestinationSession<EmulatedDevice>,
-    Result<Report, PipelineError>,
-) {
+) -> Sessions {
     let src = device("emu0", seed);
     let dst = src.destination().unwrap();
     dst.set_faults(dst_faults);
