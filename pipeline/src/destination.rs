@@ -25,6 +25,11 @@ use crate::stats::{Counters, DeviceCounters};
 use crate::watch::Watch;
 use crate::writer::{self, WriterDevice, WriterEvent};
 
+/// [`DeviceCounters::seen`] values: the furthest kind of frame received for a device.
+const SEEN_PRECOPY: u8 = 1;
+const SEEN_STOPCOPY: u8 = 2;
+const SEEN_END: u8 = 3;
+
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
 const TRANSPORT_READY: usize = 8;
 
@@ -223,6 +228,15 @@ fn receive_loop(
             what: "the decode stage to take a frame",
             waited: timeout,
         };
+        // What the source is streaming, for the progress callback's phase.
+        if let Some(c) = counters.device(h.device) {
+            match h.kind {
+                FrameKind::PreCopyData => c.seen.fetch_max(SEEN_PRECOPY, Ordering::Relaxed),
+                FrameKind::StopCopyData => c.seen.fetch_max(SEEN_STOPCOPY, Ordering::Relaxed),
+                FrameKind::EndOfDevice => c.seen.fetch_max(SEEN_END, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
         match h.kind {
             FrameKind::PreCopyData | FrameKind::StopCopyData | FrameKind::DirtyPages => {
                 out.data
@@ -789,9 +803,17 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 .enumerate()
                 .map(|(i, (d, c))| {
                     let raw = DeviceCounters::load(&c.raw);
+                    // The furthest the source's stream got: nothing yet (just after the
+                    // handshake), pre-copy data, stop-copy data, its end (being verified).
+                    let phase = match c.seen.load(Ordering::Relaxed) {
+                        SEEN_END => Phase::Acknowledge,
+                        SEEN_STOPCOPY => Phase::StopCopy,
+                        SEEN_PRECOPY => Phase::PreCopy,
+                        _ => Phase::Setup,
+                    };
                     DeviceProgress {
                         name: d.name().to_owned(),
-                        phase: Phase::Resume,
+                        phase,
                         raw_bytes: raw,
                         wire_bytes: DeviceCounters::load(&c.wire),
                         rate_bps: raw as f64 / elapsed.as_secs_f64().max(1e-3),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::addr::{parse_connect, parse_listen, Endpoint};
+use crate::progress::ProgressMode;
 use crate::spec::{DeviceSpec, Profile};
 use crate::units::{parse_link_rate, parse_size, UnitError};
 use vfmig_pipeline::Rate;
@@ -116,11 +117,14 @@ EXAMPLES:
     vfmig demo --size 64M --json";
 
 const PROGRESS_HELP: &str = "\
-PROGRESS:
-  When both stdout and stderr are terminals (and neither --json nor --quiet is given), one
-  progress bar per device is drawn on stderr with the bytes moved, rate, ETA and phase
-  (connecting, pre-copy, stop-copy, resume, verifying, accepted, rollback). When stdout is not
-  a terminal nothing is drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
+PROGRESS (--progress auto|bar|log|none):
+  auto (default): one bar per device on stderr when stderr is a terminal (and neither --json
+  nor --quiet is given), with the bytes moved, rate, ETA and phase; `send ... > file` in a
+  terminal still shows them. log: one line every --progress-interval seconds (default 5) with
+  bytes, rate, ETA and phase, and one at the end, for journals and log files. Phases, the same
+  on both sides: listening (recv), connecting (send), handshake, pre-copy, stop-copy,
+  verifying, resuming, done, rollback. The final summary goes to stderr; with --json the report
+  goes to stdout instead.";
 
 /// `vfmig`: the command line.
 #[derive(Debug, Parser)]
@@ -233,13 +237,23 @@ pub struct CommonArgs {
     pub timeout: u64,
 
     /// Print one JSON object with the outcome and per-device report on stdout at the end (also
-    /// on failure). Disables progress bars.
+    /// on failure). Disables progress bars under --progress auto.
     #[arg(long)]
     pub json: bool,
 
     /// No progress bars and no summary; only the failure line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Progress on stderr: auto (bars when stderr is a terminal, unless --json or --quiet),
+    /// bar, log (one line every --progress-interval seconds with bytes, rate, ETA and phase, and
+    /// one at the end: for journals and log files) or none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+
+    /// Seconds between two `--progress log` lines.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub progress_interval: u64,
 }
 
 /// Compression choice for `--compress`.
@@ -467,6 +481,10 @@ pub struct DemoArgs {
     /// Print the report as one JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+
+    /// Progress on stderr: auto, bar, log or none (as for `vfmig send`).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[cfg(test)]

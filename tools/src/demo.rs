@@ -85,7 +85,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(CliError::Transport)?;
     let addr = listener.local_addr();
 
-    let show = progress::wanted(a.json, false);
+    let show = progress::resolve(a.progress, a.json, false);
     if !a.json {
         say!(
             "vfmig demo: {n} emulated device{} x {} ({} content{}{}) over {addr}, {} connection{}",
@@ -108,7 +108,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     }
     let names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
     let totals: Vec<Option<u64>> = vec![Some(spec.size); n];
-    let progress = Progress::new(show, &names, &totals);
+    let progress = Progress::new(show, &names, &totals, "connecting", Duration::from_secs(5));
 
     // P2P traffic between the running source devices for the whole migration.
     let fabric = P2pFabric::new(ports);
@@ -127,7 +127,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     let receiver = std::thread::Builder::new()
         .name("vfmig-demo-recv".into())
         .spawn(move || {
-            let quiet = Progress::new(false, &[], &[]);
+            let quiet = Progress::hidden();
             migrate::run_destination(
                 &dst_plan,
                 &listener,
@@ -176,7 +176,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         }
     };
     let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
-    progress.complete(&raw, "accepted");
+    progress.complete(&raw, "done");
 
     // Verification, independent of what the pipeline says: every destination device accepted
     // its state (it is in STOP after RESUMING -> STOP) and holds the same state as its source.

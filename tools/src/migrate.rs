@@ -63,12 +63,13 @@ fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
     }
 }
 
+/// The phase as both sides name it (see `progress`).
 fn phase_name(p: Phase) -> &'static str {
     match p {
-        Phase::Setup => "connecting",
+        Phase::Setup => "handshake",
         Phase::PreCopy => "pre-copy",
         Phase::StopCopy => "stop-copy",
-        Phase::Resume => "resume",
+        Phase::Resume => "resuming",
         Phase::Acknowledge => "verifying",
         Phase::Commit => "committing",
         Phase::Done => "done",
@@ -101,11 +102,7 @@ fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
     let bars = progress.clone();
     Some(Arc::new(move |p: &PipelineProgress| {
         for (i, d) in p.devices.iter().enumerate() {
-            let phase = if d.done {
-                "accepted"
-            } else {
-                phase_name(d.phase)
-            };
+            let phase = if d.done { "done" } else { phase_name(d.phase) };
             bars.update(i, d.raw_bytes, d.estimated_total, phase);
         }
     }))

@@ -30,7 +30,7 @@ fn finish(
     match result {
         Ok(report) => {
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
-            progress.complete(&raw, "accepted");
+            progress.complete(&raw, "done");
             let j = migrate::report_json(role, peer, &report, labels, true);
             if let (true, Some(d)) = (report.max_downtime_exceeded, report.downtime) {
                 progress.println(&format!(
@@ -53,6 +53,22 @@ fn finish(
     }
 }
 
+/// The progress display the options ask for, starting in `phase`.
+fn progress_for(
+    c: &crate::cli::CommonArgs,
+    names: &[String],
+    totals: &[Option<u64>],
+    phase: &str,
+) -> Progress {
+    Progress::new(
+        progress::resolve(c.progress, c.json, c.quiet),
+        names,
+        totals,
+        phase,
+        Duration::from_secs(c.progress_interval),
+    )
+}
+
 /// `vfmig send`.
 pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let c = &a.common;
@@ -60,7 +76,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let timeout = Duration::from_secs(c.timeout);
     let devs = devices::open(&c.devices, Side::Source, timeout, false)?;
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let progress = progress_for(c, &names, &devs.totals, "connecting");
     let connect = a.connect.resolve().map_err(|source| CliError::Resolve {
         host: a.connect.host.clone().unwrap_or_default(),
         source,
@@ -137,7 +153,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
         });
     }
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let progress = progress_for(c, &names, &devs.totals, "listening");
     let plan = DestinationPlan { session, timeout };
     let labels = devs.labels;
     let mut peer = None;
@@ -152,6 +168,7 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             connected.store(true, Ordering::SeqCst);
             peer = Some(addr);
             progress.println(&format!("vfmig: source {addr} connected"));
+            progress.set_phase("handshake");
         },
     );
     finish("recv", peer, result, &labels, &progress, c.json, c.quiet)

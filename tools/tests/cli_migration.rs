@@ -445,18 +445,8 @@ fn interrupted_sender_rolls_back_and_leaves_nothing_at_the_destination_path() {
         .spawn()
         .expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
-    let status = Command::new("kill")
-        .args(["-INT", &sender.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let sstatus = wait_bounded(&mut sender);
-    let mut err = String::new();
-    let _ = sender
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err);
+    let stderr = sender.stderr.take();
+    let (sstatus, err) = signal_and_collect(&mut sender, "-INT", stderr);
     let (rstatus, _, rlines) = recv.finish();
     assert_eq!(sstatus.code(), Some(130), "128 + SIGINT: {err}");
     assert_eq!(err.lines().count(), 1, "{err}");
