@@ -401,14 +401,15 @@ fn migrate_keeping_sessions(
     (s, r, ds, dr)
 }
 
+/// [`migrate_keeping_sessions`] with default options and no device fault.
+fn cut_keeping_sessions(seed: u64, fault: Fault) -> Sessions {
+    migrate_keeping_sessions(seed, fault, destination_options(), Faults::default())
+}
+
 #[test]
 fn both_in_doubt_is_finished_by_resuming_the_destination_and_never_the_source() {
-    let (mut s, sr, mut d, dr) = migrate_keeping_sessions(
-        11,
-        Fault::CutToDestination(FrameKind::Commit),
-        destination_options(),
-        Faults::default(),
-    );
+    let (mut s, sr, mut d, dr) =
+        cut_keeping_sessions(11, Fault::CutToDestination(FrameKind::Commit));
     assert!(matches!(sr, Err(PipelineError::InDoubt { .. })), "{sr:?}");
     assert!(matches!(dr, Err(PipelineError::InDoubt { .. })), "{dr:?}");
     // The source sent commit: the destination resumes; the source may not also run.
@@ -424,12 +425,8 @@ fn both_in_doubt_is_finished_by_resuming_the_destination_and_never_the_source() 
 
 #[test]
 fn a_failed_source_and_an_in_doubt_destination_are_finished_by_resetting_the_destination() {
-    let (mut s, sr, mut d, dr) = migrate_keeping_sessions(
-        12,
-        Fault::CutToSource(FrameKind::DevicePrepared),
-        destination_options(),
-        Faults::default(),
-    );
+    let (mut s, sr, mut d, dr) =
+        cut_keeping_sessions(12, Fault::CutToSource(FrameKind::DevicePrepared));
     assert!(
         !matches!(sr, Ok(_) | Err(PipelineError::InDoubt { .. })),
         "{sr:?}"
