@@ -54,6 +54,8 @@ pub struct DestinationSession<D: MigrationDevice> {
     resets: Vec<RollbackStep>,
     /// Between a commit and [`DestinationSession::finish`].
     committed: Option<Committed>,
+    /// The last receive ended in doubt; the devices hold a prepared copy in STOP.
+    in_doubt: bool,
 }
 
 /// A session whose source committed, waiting for the VMM's outcome.
@@ -330,6 +332,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             cancel: CancelHandle::default(),
             resets: Vec::new(),
             committed: None,
+            in_doubt: false,
         }
     }
 
@@ -427,6 +430,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     pub fn receive_session(&mut self, session: RecvSession) -> Result<(), PipelineError> {
         self.resets.clear();
         self.committed = None;
+        self.in_doubt = false;
         let started = Instant::now();
         let session = Arc::new(session);
         let workers = match self.check(&session) {
@@ -485,6 +489,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 };
                 session.abort(reason, &e.to_string());
                 stages.stop();
+                self.in_doubt = true;
                 Err(e)
             }
             Err(e) => Err(self.fail(&session, Some(&mut stages), e)),
@@ -493,11 +498,13 @@ impl<D: MigrationDevice> DestinationSession<D> {
 
     /// Step 2 (optional): moves every device STOP -> RUNNING_P2P (all, when several and all
     /// support P2P) -> RUNNING (all), the RUNNING_P2P order on the destination. Only after a commit
-    /// ([`DestinationSession::receive`] returned `Ok`).
+    /// ([`DestinationSession::receive`] returned `Ok`), or after an in-doubt end once the operator
+    /// knows the source sent commit (it reports in doubt too, or success; docs/PROTOCOL.md, 5.1).
     pub fn resume(&mut self) -> Result<(), PipelineError> {
-        if self.committed.is_none() {
+        if self.committed.is_none() && !self.in_doubt {
             return Err(PipelineError::NotCommitted);
         }
+        self.in_doubt = false;
         // A device without P2P has no RUNNING_P2P (allow_without_p2p): then there is no order
         // to keep, and asking for that state would only fail.
         let p2p = self
@@ -513,6 +520,21 @@ impl<D: MigrationDevice> DestinationSession<D> {
             set_state(d, DeviceState::Running, Phase::Commit)?;
         }
         Ok(())
+    }
+
+    /// Finishes an in-doubt end the other way: the source did not commit (it reports a failure
+    /// and runs again), so every device is reset. Only after
+    /// [`DestinationSession::receive`] ended in [`PipelineError::InDoubt`].
+    pub fn reset_devices(&mut self) -> Result<&[RollbackStep], PipelineError> {
+        if !self.in_doubt {
+            return Err(PipelineError::WrongStep {
+                step: "reset_devices",
+                phase: None,
+            });
+        }
+        self.in_doubt = false;
+        self.resets = self.devices.iter_mut().map(reset_committed).collect();
+        Ok(&self.resets)
     }
 
     /// Step 3: tells the source what happened after the commit and ends the session.
@@ -742,11 +764,15 @@ impl<D: MigrationDevice> DestinationSession<D> {
                             c.precopy_raw.store(raw, Ordering::Relaxed);
                         }
                     }
-                    // The device's initial data (or all its pre-copy data) is loaded: the
-                    // switchover-ack, once per device (issue 13; uAPI `initial_bytes`).
+                    // The device's initial data is loaded: the switchover-ack, one per
+                    // `InitialDataSent` marker (again after a REINIT); `PreCopyDone` acks a
+                    // device only if no marker did (issue 13; uAPI `initial_bytes`).
                     let i = usize::from(device);
-                    if acked.get(i) == Some(&false) {
-                        acked[i] = true;
+                    let initial = matches!(ev, WriterEvent::InitialLoaded { .. });
+                    if initial || acked.get(i) == Some(&false) {
+                        if let Some(a) = acked.get_mut(i) {
+                            *a = true;
+                        }
                         let ack = Control::SwitchoverAck {
                             device,
                             raw_bytes: raw,
