@@ -18,7 +18,7 @@ use vfmig_vfio::emulated::{
     EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
     StopCopyFd,
 };
-use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
+use vfmig_vfio::{DeviceError, DeviceState, MigrationDevice, Transition};
 
 fn device(name: &str, size: u64, profile: Profile, seed: u64) -> EmulatedDevice {
     EmulatedDevice::new(EmulatedConfig {
@@ -339,7 +339,7 @@ fn destination_refusing_resume_fails_typed_and_the_source_runs_again() {
 fn set_state_failure_at_a_chosen_arc_is_rolled_back_through_reset() {
     let src = faulty(Faults {
         fail_arc: Some(FailArc {
-            arc: MigArc {
+            arc: Transition {
                 from: DeviceState::Stop,
                 to: DeviceState::StopCopy,
             },

@@ -19,6 +19,6 @@ pub mod vfio_device;
 
 pub use device::{DeviceClass, Identity, MigrationDevice, PrecopyInfo};
 pub use dma::{DmaLoggingError, IovaRange};
-pub use error::{DeviceError, FsmError};
-pub use state::{next_state, path, Arc, DeviceState, MigrationCaps};
+pub use error::DeviceError;
+pub use state::{next_state, path, DeviceState, FsmError, MigrationCaps, Transition};
 pub use vfio_device::{OpenPlan, OptionalFeatures, RegionInfo, VfioDevice};

@@ -51,7 +51,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::device::{MigrationDevice, PrecopyInfo};
 use crate::dma::IovaRange;
 use crate::error::DeviceError;
-use crate::state::{path, Arc as MigArc, DeviceState, MigrationCaps};
+use crate::state::{path, DeviceState, MigrationCaps, Transition};
 
 use self::bits::BitSet;
 pub use self::config::{
@@ -1038,7 +1038,7 @@ impl EmulatedDevice {
     }
 
     /// One arc. `Ok(Some(fd))` when the arc returns a data fd.
-    fn step(&self, c: &mut Core, arc: MigArc) -> io::Result<Option<OwnedFd>> {
+    fn step(&self, c: &mut Core, arc: Transition) -> io::Result<Option<OwnedFd>> {
         use DeviceState::*;
         if let Some(f) = c.cfg.faults.fail_arc {
             if f.arc == arc && !(f.once && c.fail_arc_used) {
