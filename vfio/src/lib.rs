@@ -13,6 +13,7 @@ pub mod device;
 pub mod dma;
 pub mod emulated;
 pub mod error;
+pub mod op;
 pub mod state;
 pub mod sys;
 pub mod vfio_device;
