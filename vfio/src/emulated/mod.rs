@@ -1152,7 +1152,7 @@ impl MigrationDevice for EmulatedDevice {
             compat: format!(
                 "seed={} profile={} block={}",
                 c.cfg.seed,
-                format!("{:?}", c.cfg.profile).to_lowercase(),
+                c.cfg.profile.as_str(),
                 c.cfg.block_size
             ),
         }
