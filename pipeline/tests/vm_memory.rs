@@ -118,27 +118,22 @@ fn vm_view(g: &GuestMemory) -> Arc<dyn GuestMemoryAccess> {
 
 #[test]
 fn device_dma_dirty_pages_move_between_vm_memory_guests_through_the_adapter() {
+    // Default sessions, with 10 s bounds on every wait.
+    let timeout = Duration::from_secs(10);
     let session = SessionConfig {
-        pool_slots: 32,
-        slot_size: 256 << 10,
-        window_bytes: 4 << 20,
-        timeout: Duration::from_secs(10),
-        keepalive: Duration::from_secs(1),
+        timeout,
         ..SessionConfig::default()
     };
-    let src = EmulatedDevice::new(EmulatedConfig {
-        name: "emu0".into(),
-        size: 2 << 20,
-        precopy: Some(u64::MAX),
-        guest: Some(GuestConfig {
-            iova: 0x4000_0000,
-            len: 2 << 20,
-            dma_pages_per_sec: 5000,
-            quiesce_dma_pages: 16,
-        }),
-        ..EmulatedConfig::default()
-    })
-    .unwrap();
+    let guest = GuestConfig {
+        iova: 0x4000_0000,
+        len: 2 << 20,
+        dma_pages_per_sec: 5000,
+        quiesce_dma_pages: 16,
+    };
+    let config = EmulatedConfig::new("emu0", 2 << 20, 1)
+        .with_precopy(Some(u64::MAX))
+        .with_guest(guest);
+    let src = EmulatedDevice::new(config).unwrap();
     let src_guest = src.guest_memory().unwrap();
     let dst = src.destination().unwrap();
     let dst_guest = dst.guest_memory().unwrap();
@@ -151,7 +146,7 @@ fn device_dma_dirty_pages_move_between_vm_memory_guests_through_the_adapter() {
             vec![dst],
             DestinationOptions {
                 session: dsession,
-                timeout: Duration::from_secs(10),
+                timeout,
                 guest_memory: Some(dst_view),
                 ..DestinationOptions::default()
             },
@@ -162,7 +157,7 @@ fn device_dma_dirty_pages_move_between_vm_memory_guests_through_the_adapter() {
         vec![src],
         SourceOptions {
             session,
-            timeout: Duration::from_secs(10),
+            timeout,
             precopy: true,
             dirty_tracking: DirtyTracking::ShipPages {
                 memory: src_view,
