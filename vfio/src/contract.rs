@@ -333,8 +333,8 @@ fn supported_states(caps: MigrationCaps) -> Vec<DeviceState> {
 }
 
 /// Every supported state is reachable from RUNNING, and every legal arc (a SET the kernel's path
-/// takes in one step) succeeds, returning a data fd exactly when [`Transition::opens_data_fd`] says so
-/// (continuing arcs may return the same stream again). RESUMING -> STOP needs a valid stream and
+/// takes in one step) succeeds, returning a data fd exactly when [`Transition::opens_data_fd`] says
+/// so (continuing arcs may return the same stream again). RESUMING -> STOP needs a valid stream and
 /// is covered by [`check_transfer`].
 pub fn check_states_and_arcs<D: MigrationDevice>(
     dev: &mut D,

@@ -79,7 +79,8 @@ pub trait MigrationDevice: Send {
     fn state(&mut self) -> Result<DeviceState, DeviceError>;
 
     /// One SET to an adjacent state. Returns the data fd when the kernel returns one (the arcs of
-    /// [`crate::Transition::opens_data_fd`], and possibly the continuing ones). The error carries the errno.
+    /// [`crate::Transition::opens_data_fd`], and possibly the continuing ones). The error carries
+    /// the errno.
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error>;
 
     /// `VFIO_MIG_GET_PRECOPY_INFO` on the data fd; valid in PRE_COPY and PRE_COPY_P2P only.

@@ -4,8 +4,8 @@
 //!
 //! The trait lives here, beside [`IovaRange`] and the DMA logging rules, so that it depends on
 //! nothing optional: a VMM implements it for its own memory (the pipeline offers an adapter for
-//! vm-memory's `GuestMemory` behind its `vm-memory` feature), and the emulated device's memfd-backed
-//! guest memory (feature `emulated`) implements it too.
+//! vm-memory's `GuestMemory` behind its `vm-memory` feature), and the emulated device's
+//! memfd-backed guest memory (feature `emulated`) implements it too.
 
 use std::io;
 
