@@ -1,20 +1,12 @@
 //! The vm-memory adapter (feature `vm-memory`): rust-vmm guest memory as the pipeline's
-//! `GuestMemoryAccess`, on its own and end to end, where the pipeline ships a device's DMA dirty
-//! pages out of, and into, vm-memory mappings of the guests' memory.
+//! `GuestMemoryAccess`. End to end (dirty pages shipped between vm-memory mappings of two guests)
+//! in `e2e.rs`, `device_dma_dirty_pages_reach_the_destination_guest_memory`.
 
-use std::fs::File;
 use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
-use vfmig_pipeline::{
-    DestinationOptions, DestinationSession, DirtyTracking, GuestMemoryAccess, SourceOptions,
-    SourceSession, VmGuestMemory, VmMemoryError,
-};
-use vfmig_transport::{Listener, SessionConfig};
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, GuestConfig, GuestMemory};
+use vfmig_pipeline::{GuestMemoryAccess, VmGuestMemory, VmMemoryError};
 use vfmig_vfio::{DmaLoggingError, IovaRange};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mmap = GuestMemoryMmap<()>;
 
@@ -100,80 +92,4 @@ fn memory_unfit_for_dma_logging_is_refused_when_the_adapter_is_built() {
     };
     let g = VmGuestMemory::with_ranges(mem, vec![first_half]).expect("a named sub-range");
     assert_eq!(g.ranges(), [first_half]);
-}
-
-/// A vm-memory mapping (MAP_SHARED) of an emulated guest's memfd: the same bytes the device DMAs
-/// into, seen the way a rust-vmm VMM sees its guest RAM.
-fn vm_view(g: &GuestMemory) -> Arc<dyn GuestMemoryAccess> {
-    let file = File::from(g.fd().try_clone_to_owned().expect("dup memfd"));
-    let len = usize::try_from(g.len()).unwrap();
-    let mem = Mmap::from_ranges_with_files([(
-        GuestAddress(g.iova()),
-        len,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .expect("map the memfd");
-    Arc::new(VmGuestMemory::identity(Arc::new(mem)).expect("identity"))
-}
-
-#[test]
-fn device_dma_dirty_pages_move_between_vm_memory_guests_through_the_adapter() {
-    // Default sessions, with 10 s bounds on every wait.
-    let timeout = Duration::from_secs(10);
-    let session = SessionConfig {
-        timeout,
-        ..SessionConfig::default()
-    };
-    let guest = GuestConfig {
-        iova: 0x4000_0000,
-        len: 2 << 20,
-        dma_pages_per_sec: 5000,
-        quiesce_dma_pages: 16,
-    };
-    let config = EmulatedConfig::new("emu0", 2 << 20, 1)
-        .with_precopy(Some(u64::MAX))
-        .with_guest(guest);
-    let src = EmulatedDevice::new(config).unwrap();
-    let src_guest = src.guest_memory().unwrap();
-    let dst = src.destination().unwrap();
-    let dst_guest = dst.guest_memory().unwrap();
-    let (src_view, dst_view) = (vm_view(&src_guest), vm_view(&dst_guest));
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = listener.local_addr();
-    let dsession = session.clone();
-    let dest = thread::spawn(move || {
-        let mut s = DestinationSession::new(
-            vec![dst],
-            DestinationOptions {
-                session: dsession,
-                timeout,
-                guest_memory: Some(dst_view),
-                ..DestinationOptions::default()
-            },
-        );
-        s.run(&listener)
-    });
-    let mut run = SourceSession::new(
-        vec![src],
-        SourceOptions {
-            session,
-            timeout,
-            precopy: true,
-            dirty_tracking: DirtyTracking::ShipPages {
-                memory: src_view,
-                full_copy: true,
-            },
-            ..SourceOptions::default()
-        },
-    );
-    let report = run.run(addr).expect("migration");
-    dest.join().unwrap().expect("destination");
-    let devs = run.into_devices();
-    assert!(devs[0].stats().dma_pages_written > 0, "the device did DMA");
-    assert!(report.devices[0].guest_page_bytes >= 2 << 20);
-    assert_eq!(
-        src_guest.digest(),
-        dst_guest.digest(),
-        "the destination guest holds what the source device wrote"
-    );
 }
