@@ -14,7 +14,7 @@ use vfmig_pipeline::{
 };
 use vfmig_transport::Listener;
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, Profile};
-use vfmig_vfio::{Arc as MigArc, DeviceState, MigrationDevice};
+use vfmig_vfio::{DeviceState, MigrationDevice, Transition};
 use vfmig_wire::FrameKind;
 
 mod common;
@@ -132,7 +132,7 @@ fn source_device_failing_stop_copy_to_stop_after_the_destination_prepared_aborts
     let digests = vec![src.state_digest()];
     src.set_faults(Faults {
         fail_arc: Some(FailArc {
-            arc: MigArc {
+            arc: Transition {
                 from: DeviceState::StopCopy,
                 to: DeviceState::Stop,
             },
@@ -200,7 +200,7 @@ fn destination_failing_to_resume_after_the_commit_resets_first_and_the_source_ro
         |d| {
             d[1].set_faults(Faults {
                 fail_arc: Some(FailArc {
-                    arc: MigArc {
+                    arc: Transition {
                         from: DeviceState::Stop,
                         to: DeviceState::Running,
                     },
@@ -457,7 +457,7 @@ fn a_source_in_doubt_whose_destination_failed_to_resume_is_rolled_back_by_the_li
         },
         Faults {
             fail_arc: Some(FailArc {
-                arc: MigArc {
+                arc: Transition {
                     from: DeviceState::Stop,
                     // A P2P device resumes through RUNNING_P2P.
                     to: DeviceState::RunningP2p,

@@ -454,28 +454,13 @@ pub enum PrecopyLimitArg {
     Abort,
 }
 
-/// Content profile for the demo.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ProfileArg {
-    /// Zero pages, structured and random data (~2.5:1).
-    Mixed,
-    /// All zero.
-    Zero,
-    /// Incompressible.
-    Random,
-    /// Highly compressible.
-    Text,
-}
-
-impl From<ProfileArg> for Profile {
-    fn from(p: ProfileArg) -> Profile {
-        match p {
-            ProfileArg::Mixed => Profile::Mixed,
-            ProfileArg::Zero => Profile::Zero,
-            ProfileArg::Random => Profile::Random,
-            ProfileArg::Text => Profile::Text,
-        }
-    }
+/// `--profile`: one of [`Profile::NAMES`], each listed in the help with its description.
+fn profile_parser() -> impl clap::builder::TypedValueParser<Value = Profile> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(
+        Profile::ALL.map(|p| PossibleValue::new(p.as_str()).help(p.description())),
+    )
+    .try_map(|name| Profile::from_name(&name).ok_or("unknown profile"))
 }
 
 /// `vfmig demo`.
@@ -490,8 +475,8 @@ pub struct DemoArgs {
     pub devices: u16,
 
     /// Content profile of every device.
-    #[arg(long, value_enum, default_value_t = ProfileArg::Mixed)]
-    pub profile: ProfileArg,
+    #[arg(long, value_name = "PROFILE", default_value = "mixed", value_parser = profile_parser())]
+    pub profile: Profile,
 
     /// Skip pre-copy (STOP_COPY only).
     #[arg(long)]

@@ -41,7 +41,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     let spec = EmuSpec {
         size: a.size.div_ceil(4096) * 4096,
         seed: None,
-        profile: a.profile.into(),
+        profile: a.profile,
         precopy: if a.no_precopy {
             Precopy::Off
         } else {
@@ -272,6 +272,6 @@ fn demo_summary(
 
 impl DemoArgs {
     fn profile_name(&self) -> &'static str {
-        crate::spec::Profile::from(self.profile).name()
+        self.profile.as_str()
     }
 }

@@ -19,34 +19,8 @@ use std::str::FromStr;
 
 use crate::units::{parse_byte_rate, parse_size, UnitError};
 
-/// Content profile of an emulated device: how its state compresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Profile {
-    /// Zero pages, structured data and random data mixed (about 2.5:1 with zstd).
-    #[default]
-    Mixed,
-    /// All zero: elided entirely on the wire.
-    Zero,
-    /// Random: incompressible, sent raw.
-    Random,
-    /// Text-like structured data: compresses well.
-    Text,
-}
-
-impl Profile {
-    /// The accepted spellings, in order.
-    pub const NAMES: &'static [&'static str] = &["mixed", "zero", "random", "text"];
-
-    /// The spec spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Mixed => "mixed",
-            Profile::Zero => "zero",
-            Profile::Random => "random",
-            Profile::Text => "text",
-        }
-    }
-}
+/// Content profile of an emulated device (`profile=`): the emulated device's own type.
+pub use vfmig_vfio::emulated::Profile;
 
 /// PRE_COPY of an emulated device (`precopy=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -356,19 +330,12 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     })?);
                 }
                 EmuKey::Profile => {
-                    spec.profile = match value {
-                        "mixed" => Profile::Mixed,
-                        "zero" => Profile::Zero,
-                        "random" => Profile::Random,
-                        "text" => Profile::Text,
-                        _ => {
-                            return Err(SpecError::BadChoice {
-                                key,
-                                value: value.to_owned(),
-                                allowed: Profile::NAMES,
-                            })
-                        }
-                    }
+                    spec.profile =
+                        Profile::from_name(value).ok_or_else(|| SpecError::BadChoice {
+                            key,
+                            value: value.to_owned(),
+                            allowed: Profile::NAMES,
+                        })?;
                 }
                 EmuKey::Precopy => {
                     spec.precopy = match value {
@@ -420,7 +387,7 @@ impl fmt::Display for DeviceSpec {
                 if let Some(seed) = e.seed {
                     write!(f, ",seed={seed}")?;
                 }
-                write!(f, ",profile={}", e.profile.name())?;
+                write!(f, ",profile={}", e.profile.as_str())?;
                 match e.precopy {
                     Precopy::Whole => {}
                     Precopy::Off => f.write_str(",precopy=off")?,
@@ -664,12 +631,7 @@ mod tests {
                     EmuSpec {
                         size: pages * 4096,
                         seed,
-                        profile: [
-                            Profile::Mixed,
-                            Profile::Zero,
-                            Profile::Random,
-                            Profile::Text,
-                        ][p],
+                        profile: Profile::ALL[p],
                         precopy,
                         dirty_rate,
                         p2p,
