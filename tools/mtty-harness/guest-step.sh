@@ -7,6 +7,7 @@
 # pre-copy, status polls until the switchover is ready, vCPU pause, switchover, finish) as two
 # processes over loopback, then reads the same bytes back out of the destination devices.
 set -uo pipefail
+source "$(dirname "$0")/guest-lib.sh"
 STEP="$1"
 C="$VFMIG_CONTRACT"
 TYPE=/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2
@@ -25,20 +26,9 @@ for i in 0 1; do
   for p in 0 1; do "$C" uart-put "$(dev "${SRC[$i]}")" $p "$(msg $i $p)" || fail "uart-put"; done
 done
 
-timeout 120 "$STEP" recv "127.0.0.1:$PORT" "$(dev "${DST[0]}")" "$(dev "${DST[1]}")" &
-rpid=$!
-# Wait (bounded) for the listener: port in state LISTEN (0A) in /proc/net/tcp.
-hexport=$(printf '%04X' $PORT)
-for _ in $(seq 1 100); do
-  grep -q ":$hexport 00000000:0000 0A" /proc/net/tcp && break
-  sleep 0.1
-done
-start=$(date +%s%N)
-timeout 120 "$STEP" send "127.0.0.1:$PORT" "$(dev "${SRC[0]}")" "$(dev "${SRC[1]}")"
-src_rc=$?
-wait $rpid
-dst_rc=$?
-echo "vfio_step send exit $src_rc, recv exit $dst_rc, $(( ($(date +%s%N) - start) / 1000000 )) ms"
+RECV=("$STEP" recv "127.0.0.1:$PORT" "$(dev "${DST[0]}")" "$(dev "${DST[1]}")")
+SEND=("$STEP" send "127.0.0.1:$PORT" "$(dev "${SRC[0]}")" "$(dev "${SRC[1]}")")
+run_pair vfio_step $PORT
 [ $src_rc = 0 ] && [ $dst_rc = 0 ] || fail "send exit $src_rc, recv exit $dst_rc"
 
 for i in 0 1; do
