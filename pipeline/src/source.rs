@@ -517,15 +517,17 @@ impl<D: MigrationDevice> SourceSession<D> {
         report.max_downtime_exceeded = downtime > self.opts.max_downtime;
         match decided {
             Ok(outcome) => {
-                close_quietly(a.session.clone());
                 report.outcome = Some(outcome);
                 self.enter(&mut a, Phase::Done);
+                // The session's last handle moves out here: a clean close, never the Abort a
+                // dropped session sends.
+                close_quietly(a.session);
                 Ok(report)
             }
             Err(e @ PipelineError::InDoubt { .. }) => {
                 // No Abort may follow a sent commit (the destination would reset what may be
                 // the only copy): a clean close, and the devices stay in STOP.
-                close_quietly(a.session.clone());
+                close_quietly(a.session);
                 self.in_doubt = true;
                 Err(e)
             }

@@ -488,3 +488,38 @@ fn a_source_in_doubt_whose_destination_failed_to_resume_is_rolled_back_by_the_li
     assert!(matches!(steps[0].action, RollbackAction::Walked { .. }));
     assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
 }
+
+#[test]
+fn after_a_commit_the_source_closes_cleanly_and_sends_no_abort() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let kinds = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(AtomicBool::new(false));
+    let fault = Fault::RecordToDestination(kinds.clone(), ended.clone());
+    let e = migrate(
+        vec![device("emu0", 21)],
+        source_options(),
+        destination_options(),
+        |_| {},
+        |a| proxy(a, fault),
+    );
+    e.source.as_ref().expect("source committed");
+    e.destination.as_ref().expect("destination committed");
+    // The source's side of the connection ends when its session is gone (bounded wait).
+    for _ in 0..1000 {
+        if ended.load(Ordering::SeqCst) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ended.load(Ordering::SeqCst), "the source never closed");
+    let kinds = kinds.lock().unwrap().clone();
+    let commit = kinds
+        .iter()
+        .position(|&k| k == FrameKind::Commit as u8)
+        .expect("a commit was sent");
+    assert!(
+        !kinds[commit..].contains(&(FrameKind::Abort as u8)),
+        "an Abort followed the Commit: {kinds:?}"
+    );
+}

@@ -72,6 +72,9 @@ pub enum Fault {
     HoldToSource(FrameKind, Arc<AtomicBool>),
     /// Count the frames of this kind from the destination (and forward them).
     CountToSource(FrameKind, Arc<AtomicU64>),
+    /// Forward everything, recording the kind byte of every frame from the source; the flag is
+    /// set once the source's side of the connection ended.
+    RecordToDestination(Arc<std::sync::Mutex<Vec<u8>>>, Arc<AtomicBool>),
 }
 
 /// A one-connection TCP proxy that understands enough of the protocol (handshake envelopes, then
@@ -121,6 +124,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
         let mut h = [0u8; 40];
         if from.read_exact(&mut h).is_err() {
             let _ = to.shutdown(Shutdown::Write);
+            if let (Fault::RecordToDestination(_, ended), true) = (fault, up) {
+                ended.store(true, Ordering::SeqCst);
+            }
             return;
         }
         let kind = FrameKind::from_u8(h[4]);
@@ -132,6 +138,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
         match fault {
             Fault::CutToDestination(k) if up && kind == Some(*k) => return cut(all),
             Fault::CutToSource(k) if !up && kind == Some(*k) => return cut(all),
+            Fault::RecordToDestination(kinds, _) if up => {
+                kinds.lock().unwrap().push(h[4]);
+            }
             Fault::CountToSource(k, n) if !up && kind == Some(*k) => {
                 n.fetch_add(1, Ordering::SeqCst);
             }
