@@ -833,6 +833,8 @@ impl<D: MigrationDevice> SourceSession<D> {
         if initial_left > 0 {
             // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
             a.pre.due = false;
+            // Initial data to send again (a REINIT): the wait for its ack starts once it is out.
+            a.pre.ack_wait_since = None;
             return Ok(());
         }
         if !a.runs.iter().all(DevRun::switchover_acked) {
@@ -848,6 +850,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             a.pre.due = false;
             return Ok(());
         }
+        a.pre.ack_wait_since = None;
         // Re-sending more than twice what STOP_COPY would send means the devices dirty state
         // faster than it can be sent: pre-copy does not converge, stop it.
         let raw = a.stages.counters.total_raw();
