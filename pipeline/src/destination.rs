@@ -378,6 +378,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
     /// [`DestinationSession::finish`].
     pub fn run(&mut self, listener: &Listener) -> Result<Report, PipelineError> {
+        self.check_idle()?;
         let session = self.accept(listener)?;
         self.run_session(session)
     }
@@ -411,6 +412,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     /// stay in STOP (see [`PipelineError::in_doubt_guidance`]). Any other `Err`: the migration
     /// failed before the decision, the devices were reset and the source rolls back.
     pub fn receive(&mut self, listener: &Listener) -> Result<(), PipelineError> {
+        self.check_idle()?;
         let session = self.accept(listener)?;
         self.receive_session(session)
     }
@@ -426,8 +428,22 @@ impl<D: MigrationDevice> DestinationSession<D> {
             })
     }
 
+    /// Refuses a new stream while the devices hold state that may be the only copy (in doubt)
+    /// or that the source committed to: loading another stream over it would destroy it.
+    /// Finish first (`resume`, `reset_devices` or `finish`).
+    fn check_idle(&self) -> Result<(), PipelineError> {
+        if self.in_doubt || self.committed.is_some() {
+            return Err(PipelineError::WrongStep {
+                step: "receive",
+                phase: Some(Phase::Commit),
+            });
+        }
+        Ok(())
+    }
+
     /// [`DestinationSession::receive`] on an accepted session.
     pub fn receive_session(&mut self, session: RecvSession) -> Result<(), PipelineError> {
+        self.check_idle()?;
         self.resets.clear();
         self.committed = None;
         self.in_doubt = false;
@@ -504,7 +520,6 @@ impl<D: MigrationDevice> DestinationSession<D> {
         if self.committed.is_none() && !self.in_doubt {
             return Err(PipelineError::NotCommitted);
         }
-        self.in_doubt = false;
         // A device without P2P has no RUNNING_P2P (allow_without_p2p): then there is no order
         // to keep, and asking for that state would only fail.
         let p2p = self
@@ -519,6 +534,9 @@ impl<D: MigrationDevice> DestinationSession<D> {
         for d in &mut self.devices {
             set_state(d, DeviceState::Running, Phase::Commit)?;
         }
+        // Only a resume that reached RUNNING ends the doubt: after a partial failure the
+        // devices can still be reset through `reset_devices`.
+        self.in_doubt = false;
         Ok(())
     }
 

@@ -387,14 +387,15 @@ impl<D: MigrationDevice> SourceSession<D> {
     /// device supports it and [`SourceOptions::precopy`] is set, moves the devices to PRE_COPY
     /// and starts streaming. On failure the devices are rolled back.
     pub fn start(&mut self, addr: SocketAddr) -> Result<(), PipelineError> {
-        if self.active.is_some() {
+        if self.active.is_some() || self.in_doubt {
+            // In doubt, the stopped devices may hold the only copy: the VMM decides first
+            // (`roll_back_devices`, or leaving them to the destination).
             return Err(PipelineError::WrongStep {
                 step: "start",
                 phase: self.active.as_ref().map(|a| a.phase),
             });
         }
         self.rollback.clear();
-        self.in_doubt = false;
         let started = Instant::now();
         self.check()?;
         let descs = self

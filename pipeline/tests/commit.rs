@@ -412,6 +412,16 @@ fn both_in_doubt_is_finished_by_resuming_the_destination_and_never_the_source() 
         cut_keeping_sessions(11, Fault::CutToDestination(FrameKind::Commit));
     assert!(matches!(sr, Err(PipelineError::InDoubt { .. })), "{sr:?}");
     assert!(matches!(dr, Err(PipelineError::InDoubt { .. })), "{dr:?}");
+    // Neither side starts another migration over state that may be the only copy.
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert!(matches!(
+        d.receive(&listener),
+        Err(PipelineError::WrongStep { .. })
+    ));
+    assert!(matches!(
+        s.start(listener.local_addr()),
+        Err(PipelineError::WrongStep { .. })
+    ));
     // The source sent commit: the destination resumes; the source may not also run.
     d.resume().unwrap();
     assert_eq!(d.devices_mut()[0].state().unwrap(), DeviceState::Running);
