@@ -397,7 +397,9 @@ impl PipelineError {
             PipelineError::Pool { .. } | PipelineError::Resource { .. } => AbortReason::Resources,
             PipelineError::StageLost { .. } => AbortReason::Internal,
             PipelineError::Transport { source, .. } => match source {
-                TransportError::Corrupt { .. } => AbortReason::Integrity,
+                TransportError::Corrupt { .. }
+                | TransportError::Unauthentic { .. }
+                | TransportError::Sealing { .. } => AbortReason::Integrity,
                 TransportError::Timeout { .. } | TransportError::PeerSilent { .. } => {
                     AbortReason::Timeout
                 }
