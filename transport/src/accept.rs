@@ -91,12 +91,22 @@ pub(crate) fn assemble(
     };
     let accept_deadline = Instant::now() + cfg.accept_timeout;
     let mut session: Option<Assembly> = None;
+    // Joins whose handshake finished before the first connection's (threads race): kept, at
+    // most MAX_STREAMS, until the session they name exists.
+    let mut early: Vec<Early> = Vec::new();
     let outcome = loop {
         // Results first: a completed source must not wait behind strangers.
         let mut fatal = None;
         while let Ok(r) = rx.try_recv() {
             let r = st.finished(r);
-            fatal = fatal.or(handle(r, &mut session, cfg, sealing, on_dropped));
+            fatal = fatal.or(handle(
+                r,
+                &mut session,
+                &mut early,
+                cfg,
+                sealing,
+                on_dropped,
+            ));
         }
         if let Some(e) = fatal {
             break Err(e);
@@ -129,7 +139,15 @@ pub(crate) fn assemble(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                if let Some(e) = wait(
+                    &rx,
+                    &mut st,
+                    &mut session,
+                    &mut early,
+                    cfg,
+                    sealing,
+                    on_dropped,
+                ) {
                     break Err(e);
                 }
             }
@@ -139,7 +157,15 @@ pub(crate) fn assemble(
             Err(e) if accept_error_is_transient(&e) => {
                 let e = TransportError::io("accept", e);
                 on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
-                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                if let Some(e) = wait(
+                    &rx,
+                    &mut st,
+                    &mut session,
+                    &mut early,
+                    cfg,
+                    sealing,
+                    on_dropped,
+                ) {
                     break Err(e);
                 }
             }
@@ -174,6 +200,7 @@ fn wait(
     rx: &Receiver<HsResult>,
     st: &mut State,
     session: &mut Option<Assembly>,
+    early: &mut Vec<Early>,
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
@@ -181,7 +208,7 @@ fn wait(
     match rx.recv_timeout(POLL) {
         Ok(r) => {
             let r = st.finished(r);
-            handle(r, session, cfg, sealing, on_dropped)
+            handle(r, session, early, cfg, sealing, on_dropped)
         }
         Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
     }
@@ -300,6 +327,7 @@ impl State {
 fn handle(
     (_, peer, r): HsResult,
     session: &mut Option<Assembly>,
+    early: &mut Vec<Early>,
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
@@ -320,44 +348,66 @@ fn handle(
             let mut socks: Vec<Option<(Sock, Option<Sealing>)>> =
                 (0..streams).map(|_| None).collect();
             socks[0] = Some((sock, sealing(&a)));
-            *session = Some(Assembly {
+            let s = session.insert(Assembly {
                 first: a,
                 peer,
                 socks,
                 missing: streams - 1,
                 deadline: Instant::now() + cfg.timeout,
             });
+            for (sock, a, peer) in early.drain(..) {
+                join(s, sock, a, peer, sealing, on_dropped);
+            }
         }
-        None => on_dropped(
+        None => {
+            if early.len() >= MAX_STREAMS {
+                let (_, old, old_peer) = early.remove(0);
+                on_dropped(
+                    old_peer,
+                    &TransportError::NotInSession {
+                        peer: old_peer,
+                        conn_index: old.conn_index,
+                    },
+                );
+            }
+            early.push((sock, a, peer));
+        }
+        Some(s) => join(s, sock, a, peer, sealing, on_dropped),
+    }
+    None
+}
+
+/// A join that finished its handshake before the session it names existed.
+type Early = (Sock, Agreed, SocketAddr);
+
+/// Adds a joining connection to the session, or drops it when it does not belong there.
+fn join(
+    s: &mut Assembly,
+    sock: Sock,
+    a: Agreed,
+    peer: SocketAddr,
+    sealing: fn(&Agreed) -> Option<Sealing>,
+    on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
+) {
+    let index = usize::from(a.conn_index);
+    let fits = a.joined
+        && a.session_id == s.first.session_id
+        && a.streams == s.first.streams
+        && a.devices == s.first.devices
+        && index < s.socks.len()
+        && s.socks[index].is_none();
+    if fits {
+        s.socks[index] = Some((sock, sealing(&a)));
+        s.missing -= 1;
+    } else {
+        on_dropped(
             peer,
             &TransportError::NotInSession {
                 peer,
                 conn_index: a.conn_index,
             },
-        ),
-        Some(s) => {
-            let index = usize::from(a.conn_index);
-            let fits = a.joined
-                && a.session_id == s.first.session_id
-                && a.streams == s.first.streams
-                && a.devices == s.first.devices
-                && index < s.socks.len()
-                && s.socks[index].is_none();
-            if fits {
-                s.socks[index] = Some((sock, sealing(&a)));
-                s.missing -= 1;
-            } else {
-                on_dropped(
-                    peer,
-                    &TransportError::NotInSession {
-                        peer,
-                        conn_index: a.conn_index,
-                    },
-                );
-            }
-        }
+        );
     }
-    None
 }
 
 /// A handshake that failed only because the two sides were given devices that cannot pair.
