@@ -91,7 +91,7 @@ fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
     }
 }
 
-fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceError {
+pub(crate) fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceError {
     DeviceError::Unsupported {
         device: device.to_owned(),
         op,
@@ -213,34 +213,7 @@ impl FileSource {
                     (display_name(p), Some(p.clone()), file)
                 }
             };
-        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
-            path: path.clone().unwrap_or_else(|| "-".into()),
-            source,
-        })?;
-        let kind = if meta.file_type().is_file() {
-            SourceKind::Regular {
-                len: meta.len(),
-                stamp: FileStamp::of(&meta),
-            }
-        } else {
-            SourceKind::Pipe {
-                waited_for_writer: false,
-            }
-        };
-        let mut dev = FileSource {
-            name,
-            path,
-            kind,
-            fd: Some(OwnedFd::from(file)),
-            state: DeviceState::Running,
-            writer_timeout,
-        };
-        if let (SourceKind::Regular { .. }, Some(fd)) = (&dev.kind, dev.fd.as_ref()) {
-            set_blocking(fd.as_fd()).map_err(|source| FileDeviceError::Open {
-                path: dev.path.clone().unwrap_or_else(|| "-".into()),
-                source,
-            })?;
-        }
+        let mut dev = FileSource::from_file(name, path, file, writer_timeout)?;
         if matches!(target, FileTarget::Stdio) {
             // stdin may be a pipe whose writer is already there; it may also be non-blocking if
             // the parent left it so: the data fd must block.
@@ -253,6 +226,74 @@ impl FileSource {
             dev.kind = SourceKind::Pipe {
                 waited_for_writer: true,
             };
+        }
+        Ok(dev)
+    }
+
+    /// Adopts a stream the caller opened (a control-socket client's fd): a regular file, read
+    /// from its start, or a pipe/FIFO (STOP -> STOP_COPY waits up to `writer_timeout` for data or
+    /// for its writer to close). `name` is used in messages.
+    pub fn from_fd(
+        fd: OwnedFd,
+        name: String,
+        writer_timeout: Duration,
+    ) -> Result<Self, FileDeviceError> {
+        use std::io::Seek as _;
+        let mut file = File::from(fd);
+        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
+            path: name.clone().into(),
+            source,
+        })?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_fifo() {
+            return Err(FileDeviceError::NotAStream {
+                path: name.into(),
+                what: "socket, directory or device node",
+            });
+        }
+        if ft.is_file() {
+            file.seek(io::SeekFrom::Start(0))
+                .map_err(|source| FileDeviceError::Open {
+                    path: name.clone().into(),
+                    source,
+                })?;
+        }
+        FileSource::from_file(name, None, file, writer_timeout)
+    }
+
+    fn from_file(
+        name: String,
+        path: Option<PathBuf>,
+        file: File,
+        writer_timeout: Duration,
+    ) -> Result<Self, FileDeviceError> {
+        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
+            path: path.clone().unwrap_or_else(|| name.clone().into()),
+            source,
+        })?;
+        let kind = if meta.file_type().is_file() {
+            SourceKind::Regular {
+                len: meta.len(),
+                stamp: FileStamp::of(&meta),
+            }
+        } else {
+            SourceKind::Pipe {
+                waited_for_writer: false,
+            }
+        };
+        let dev = FileSource {
+            name,
+            path,
+            kind,
+            fd: Some(OwnedFd::from(file)),
+            state: DeviceState::Running,
+            writer_timeout,
+        };
+        if let (SourceKind::Regular { .. }, Some(fd)) = (&dev.kind, dev.fd.as_ref()) {
+            set_blocking(fd.as_fd()).map_err(|source| FileDeviceError::Open {
+                path: dev.path.clone().unwrap_or_else(|| "-".into()),
+                source,
+            })?;
         }
         Ok(dev)
     }

@@ -81,6 +81,13 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         timeout,
         allow_without_p2p: a.allow_non_p2p,
     };
+    if let Some(ctl) = &c.control {
+        let set = crate::control::DeviceSet {
+            list: devs.list,
+            labels: devs.labels,
+        };
+        return crate::control::source::serve(ctl, plan, set, cancel, c.json);
+    }
     let labels = devs.labels;
     let (result, peer, _devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
@@ -120,6 +127,14 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let devs = devices::open(&c.devices, Side::Destination, timeout, a.force)?;
     let listener = bind(&a.listen)?;
     say!("vfmig: listening on {}", listener.local_addr());
+    if let Some(ctl) = &c.control {
+        let plan = DestinationPlan { session, timeout };
+        let set = crate::control::DeviceSet {
+            list: devs.list,
+            labels: devs.labels,
+        };
+        return crate::control::destination::serve(ctl, plan, listener, set, cancel, c.json);
+    }
 
     // Until a source is connected there is nothing to roll back: a signal ends the wait at once,
     // reported like any other failure (the one line, and with --json the failure object).

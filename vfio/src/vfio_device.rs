@@ -335,6 +335,42 @@ impl VfioDevice {
         Ok(dev)
     }
 
+    /// Adopts a VFIO group fd the caller owns (a VMM's: already in a container with its IOMMU
+    /// set) and gets `device_name`'s device fd from it (`VFIO_GROUP_GET_DEVICE_FD`). The group
+    /// fd is kept open as long as the device. A group that is not viable or has no container is
+    /// refused ([`DeviceError::NotVfio`]): setting up DMA is the owner's business.
+    pub fn from_group_fd(group: OwnedFd, device_name: &str) -> Result<VfioDevice, DeviceError> {
+        let ioctl_err = |op: &'static str| {
+            move |source| DeviceError::Ioctl {
+                device: device_name.to_owned(),
+                op,
+                source,
+            }
+        };
+        let mut status = b::vfio_group_status {
+            argsz: argsz_of::<b::vfio_group_status>(),
+            flags: 0,
+        };
+        sys::ioctl_ref(group.as_fd(), sys::VFIO_GROUP_GET_STATUS, &mut status)
+            .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
+        let needed = b::VFIO_GROUP_FLAGS_VIABLE | b::VFIO_GROUP_FLAGS_CONTAINER_SET;
+        if status.flags & needed != needed {
+            return Err(DeviceError::NotVfio {
+                path: device_name.to_owned(),
+                reason: "the group fd is not viable or has no container with an IOMMU set".into(),
+            });
+        }
+        let cname = CString::new(device_name).map_err(|_| DeviceError::NotVfio {
+            path: device_name.to_owned(),
+            reason: "device name contains a NUL byte".into(),
+        })?;
+        let fd = sys::group_get_device_fd(group.as_fd(), &cname)
+            .map_err(ioctl_err("VFIO_GROUP_GET_DEVICE_FD"))?;
+        let mut dev = VfioDevice::from_fd(fd, device_name)?;
+        dev._group = Some(group);
+        Ok(dev)
+    }
+
     /// Opens an iommufd cdev (`/dev/vfio/devices/vfioN`) and binds it to a new iommufd
     /// (`/dev/iommu`) with `VFIO_DEVICE_BIND_IOMMUFD`. That is enough for the migration ioctls; DMA
     /// mappings (IOAS attach) are the VMM's business, so a VMM should rather adopt its own fd with

@@ -1,0 +1,164 @@
+//! The destination side of a `file` device passed as an fd over the control socket: the
+//! client's open file *is* where the state goes.
+//!
+//! Unlike `file:PATH` ([`crate::file_device::FileSink`]) there is no path to rename onto, so the
+//! stream is written straight into the file: STOP -> RESUMING truncates it and hands out a
+//! duplicate of the fd (written from offset 0); RESUMING -> STOP, issued only after the whole
+//! stream verified, fsyncs it. As with `file:PATH`, the state counts only while the device stays
+//! in STOP: a reset, a failed RESUMING -> STOP or a walk from STOP back toward RUNNING (how a
+//! failed migration leaves its destination devices) truncates the file to nothing, so a failed
+//! migration never leaves a partial state behind for the client.
+
+use std::fs::File;
+use std::io::{self, Seek as _};
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use vfmig_vfio::{
+    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
+    MigrationDevice, PrecopyInfo,
+};
+
+use crate::file_device::{unsupported, FILE_CAPS};
+
+/// A regular file the client opened for writing, as a destination device.
+#[derive(Debug)]
+pub struct FdSink {
+    name: String,
+    file: File,
+    state: DeviceState,
+}
+
+/// Why an fd cannot be a destination `file` device.
+#[derive(Debug, thiserror::Error)]
+pub enum FdSinkError {
+    /// `fstat` failed.
+    #[error("cannot inspect the fd: {0}")]
+    Stat(#[source] io::Error),
+    /// Not a regular file (a pipe or socket cannot be truncated when a migration fails).
+    #[error("the fd is not a regular file")]
+    NotRegular,
+}
+
+impl FdSink {
+    /// Adopts `fd` (a regular file open for writing). `name` is used in messages.
+    pub fn new(fd: OwnedFd, name: String) -> Result<FdSink, FdSinkError> {
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(FdSinkError::Stat)?;
+        if !meta.file_type().is_file() {
+            return Err(FdSinkError::NotRegular);
+        }
+        Ok(FdSink {
+            name,
+            file,
+            state: DeviceState::Running,
+        })
+    }
+
+    fn empty(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        Ok(())
+    }
+}
+
+impl MigrationDevice for FdSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A byte stream: takes any source device's state.
+    fn identity(&self) -> Identity {
+        Identity {
+            class: DeviceClass::Stream,
+            size: None,
+            compat: String::new(),
+        }
+    }
+
+    fn capabilities(&self) -> MigrationCaps {
+        FILE_CAPS
+    }
+
+    fn state(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(self.state)
+    }
+
+    fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
+        match next_state(self.state, next, FILE_CAPS) {
+            Ok(n) if n == next && n != self.state => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        let out = match (self.state, next) {
+            (DeviceState::Stop, DeviceState::Resuming) => {
+                self.empty()?;
+                Some(OwnedFd::from(self.file.try_clone()?))
+            }
+            (DeviceState::Resuming, DeviceState::Stop) => {
+                if let Err(e) = self.file.sync_all() {
+                    self.state = DeviceState::Error;
+                    return Err(e);
+                }
+                None
+            }
+            (DeviceState::Stop, DeviceState::StopCopy) => {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+            }
+            (DeviceState::Stop, DeviceState::RunningP2p | DeviceState::Running) => {
+                self.empty()?;
+                None
+            }
+            _ => None,
+        };
+        self.state = next;
+        Ok(out)
+    }
+
+    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
+        Err(unsupported(
+            &self.name,
+            "VFIO_MIG_GET_PRECOPY_INFO",
+            "VFIO_MIGRATION_PRE_COPY",
+        ))
+    }
+
+    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
+        Ok(0)
+    }
+
+    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
+        Err(unsupported(
+            &self.name,
+            "DMA_LOGGING_START",
+            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+        ))
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        _: u64,
+        _: u64,
+        _: u64,
+        _: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        Err(unsupported(
+            &self.name,
+            "DMA_LOGGING_REPORT",
+            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+        ))
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        Err(unsupported(
+            &self.name,
+            "DMA_LOGGING_STOP",
+            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+        ))
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        // Best effort: a file that cannot be truncated still leaves the state machine usable.
+        let _ = self.empty();
+        self.state = DeviceState::Running;
+        Ok(())
+    }
+}
