@@ -185,7 +185,9 @@ impl DestinationBackend {
             let e = PipelineError::Cancelled {
                 phase: Phase::Setup,
             };
-            let _ = self.out.try_send(Out::Event("failed", failure_json(&e, &[])));
+            let _ = self
+                .out
+                .try_send(Out::Event("failed", failure_json(&e, &[])));
             self.abandoned = Some(Err(migrate::migration_error(e, &[])));
             return;
         }
@@ -338,7 +340,9 @@ impl Run {
     }
 
     fn reply(&self, id: Option<Value>, r: Reply) {
-        let _ = self.out.send_timeout(Out::Reply(id, r), Duration::from_secs(1));
+        let _ = self
+            .out
+            .send_timeout(Out::Reply(id, r), Duration::from_secs(1));
     }
 
     fn states(&mut self) {
@@ -393,7 +397,10 @@ impl Run {
                 Ok(()) => (id, FinalOutcome::Resumed),
                 Err(e) => {
                     // `finish` resets the devices before the source learns the outcome.
-                    self.reply(id, Err(CmdError::new(ErrorClass::DeviceError, e.to_string())));
+                    self.reply(
+                        id,
+                        Err(CmdError::new(ErrorClass::DeviceError, e.to_string())),
+                    );
                     self.session
                         .finish(FinalOutcome::ResumeFailed)
                         .map_err(err)?;
@@ -436,7 +443,10 @@ impl Run {
             Ok(report) => {
                 let j = migrate::report_json("recv", self.peer, &report, &self.labels, true);
                 let data: Value = serde_json::from_str(&j.to_json()).unwrap_or(Value::Null);
-                set(&self.snapshot, json!({ "state": "completed", "report": data }));
+                set(
+                    &self.snapshot,
+                    json!({ "state": "completed", "report": data }),
+                );
                 self.event("completed", data);
                 if self.json {
                     crate::out_line(&j.to_json());
@@ -457,7 +467,10 @@ impl Run {
                         "the VMM did not resume: the devices were reset and the source resumes its own"
                     );
                 }
-                set(&self.snapshot, json!({ "state": "failed", "failure": data }));
+                set(
+                    &self.snapshot,
+                    json!({ "state": "failed", "failure": data }),
+                );
                 self.event("failed", data);
                 Err(e)
             }

@@ -16,6 +16,9 @@ use nix::sys::socket::{
 
 /// At most this many descriptors are accepted with one message; more are refused (and closed).
 pub const MAX_FDS_PER_MESSAGE: usize = 4;
+/// The kernel's own limit per message (`SCM_MAX_FD`): room for all of them, so that the kernel
+/// never truncates the control message and every received descriptor is owned and closed here.
+const SCM_MAX_FD: usize = 253;
 
 /// What one `recvmsg` brought.
 #[derive(Debug)]
@@ -24,15 +27,15 @@ pub struct Received {
     pub len: usize,
     /// Descriptors that came with them, owned now.
     pub fds: Vec<OwnedFd>,
-    /// The kernel dropped descriptors: more were sent than [`MAX_FDS_PER_MESSAGE`] (those that
-    /// did fit are in `fds`, and are closed by the caller with the rest of the message).
+    /// More descriptors came than [`MAX_FDS_PER_MESSAGE`] (or the kernel truncated them): the
+    /// caller refuses the message; dropping `fds` closes every one that arrived.
     pub truncated: bool,
 }
 
 /// Reads what is available from `sock` into `buf`, with any descriptors sent alongside
 /// (`MSG_CMSG_CLOEXEC`: none leaks into a child process).
 pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -62,8 +65,8 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> 
     }
     Ok(Received {
         len,
+        truncated: truncated || fds.len() > MAX_FDS_PER_MESSAGE,
         fds,
-        truncated,
     })
 }
 

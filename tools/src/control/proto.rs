@@ -141,7 +141,11 @@ pub fn parse(line: &[u8]) -> Result<Request, (Option<Value>, CmdError)> {
 impl Request {
     /// Refuses arguments outside `allowed`.
     pub fn only_args(&self, allowed: &[&str]) -> Result<(), CmdError> {
-        match self.arguments.keys().find(|k| !allowed.contains(&k.as_str())) {
+        match self
+            .arguments
+            .keys()
+            .find(|k| !allowed.contains(&k.as_str()))
+        {
             Some(k) => Err(CmdError::new(
                 ErrorClass::InvalidArgument,
                 format!("`{}` takes no argument `{k}`", self.execute),
@@ -220,7 +224,10 @@ mod tests {
     #[test]
     fn commands_parse_with_and_without_arguments_and_id() {
         let r = parse(br#"{"execute":"status"}"#).expect("parse");
-        assert_eq!((r.execute.as_str(), r.id, r.arguments.len()), ("status", None, 0));
+        assert_eq!(
+            (r.execute.as_str(), r.id, r.arguments.len()),
+            ("status", None, 0)
+        );
         let r = parse(br#"{"execute":"add-device","arguments":{"spec":"emu:size=4K"},"id":7}"#)
             .expect("parse");
         assert_eq!(r.id, Some(json!(7)));
@@ -229,7 +236,13 @@ mod tests {
 
     #[test]
     fn malformed_lines_get_errors_that_keep_the_id_when_readable() {
-        for bad in [&b"{"[..], b"[1]", b"\"x\"", b"{\"id\":1}", b"{\"execute\":5}"] {
+        for bad in [
+            &b"{"[..],
+            b"[1]",
+            b"\"x\"",
+            b"{\"id\":1}",
+            b"{\"execute\":5}",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         let (id, e) = parse(br#"{"execute":"x","arguments":[],"id":"a"}"#).expect_err("bad");

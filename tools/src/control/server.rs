@@ -106,6 +106,9 @@ fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ControlError> {
     Ok((listener, file))
 }
 
+/// A complete command line with the descriptors that came with it, or why it is refused.
+type Line = Result<(Vec<u8>, Vec<OwnedFd>), CmdError>;
+
 /// The connected client.
 struct Conn {
     stream: UnixStream,
@@ -124,8 +127,8 @@ impl Conn {
     }
 
     /// Adds read bytes to the current line; returns the complete lines with their descriptors
-    /// (`None` for a line that was too long or brought too many descriptors).
-    fn take_lines(&mut self, bytes: &[u8]) -> Vec<Result<(Vec<u8>, Vec<OwnedFd>), CmdError>> {
+    /// (an error for a line that was too long or brought too many descriptors).
+    fn take_lines(&mut self, bytes: &[u8]) -> Vec<Line> {
         let mut done = Vec::new();
         let mut parts = bytes.split(|b| *b == b'\n').peekable();
         while let Some(part) = parts.next() {
@@ -236,7 +239,10 @@ impl<B: Backend> Server<B> {
         match fdpass::peer_uid(&stream) {
             Ok(uid) if uid == self.owner => {}
             Ok(uid) => {
-                say!("vfmig: refused a control client with uid {uid} (not {})", self.owner);
+                say!(
+                    "vfmig: refused a control client with uid {uid} (not {})",
+                    self.owner
+                );
                 refuse(
                     stream,
                     ErrorClass::PermissionDenied,
@@ -435,7 +441,10 @@ mod tests {
         assert!(c.take_lines(b"{\"execute\":").is_empty());
         let got = c.take_lines(b"\"status\"}\n\n  \n{\"exe");
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].as_ref().expect("line").0, b"{\"execute\":\"status\"}");
+        assert_eq!(
+            got[0].as_ref().expect("line").0,
+            b"{\"execute\":\"status\"}"
+        );
         assert_eq!(c.line, b"{\"exe");
     }
 
@@ -460,6 +469,9 @@ mod tests {
         c.add_fds(fds, false);
         assert!(c.fds.is_empty());
         let got = c.take_lines(b"{\"execute\":\"add-device\"}\n");
-        assert_eq!(got[0].as_ref().err().map(|e| e.class), Some(ErrorClass::FdError));
+        assert_eq!(
+            got[0].as_ref().err().map(|e| e.class),
+            Some(ErrorClass::FdError)
+        );
     }
 }

@@ -167,8 +167,7 @@ impl Backend for SourceBackend {
             "add-device" => Some(if self.worker.is_some() {
                 Err(invalid("devices are added before `start`"))
             } else {
-                self.devices
-                    .add(req, fds, Side::Source, self.plan.timeout)
+                self.devices.add(req, fds, Side::Source, self.plan.timeout)
             }),
             "start" => self.start(req),
             "status" => Some(req.only_args(&[]).map(|()| {
@@ -178,7 +177,12 @@ impl Backend for SourceBackend {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 if self.worker.is_none() {
-                    v["devices"] = json!(self.devices.labels.iter().map(|l| json!({"name": l.name, "kind": l.kind})).collect::<Vec<_>>());
+                    v["devices"] = json!(self
+                        .devices
+                        .labels
+                        .iter()
+                        .map(|l| json!({"name": l.name, "kind": l.kind}))
+                        .collect::<Vec<_>>());
                 }
                 v
             })),
@@ -190,10 +194,11 @@ impl Backend for SourceBackend {
                 let Some(w) = &self.worker else {
                     return Some(Err(invalid("`start` first")));
                 };
-                if self.switchover_asked || self.ended || !matches!(state.as_str(), "connecting" | "setup" | "pre-copy") {
-                    return Some(Err(invalid(&format!(
-                        "no switchover in state {state}"
-                    ))));
+                if self.switchover_asked
+                    || self.ended
+                    || !matches!(state.as_str(), "connecting" | "setup" | "pre-copy")
+                {
+                    return Some(Err(invalid(&format!("no switchover in state {state}"))));
                 }
                 match w.cmds.try_send(Cmd::Switchover(req.id.clone())) {
                     Ok(()) => {
@@ -268,7 +273,9 @@ impl Run {
     }
 
     fn reply(&self, id: Option<Value>, r: Reply) {
-        let _ = self.out.send_timeout(Out::Reply(id, r), Duration::from_secs(1));
+        let _ = self
+            .out
+            .send_timeout(Out::Reply(id, r), Duration::from_secs(1));
     }
 
     /// Emits `device-state` for every device whose state changed since the last look.
@@ -371,7 +378,10 @@ impl Run {
             Ok((report, peer)) => {
                 let j = migrate::report_json("send", Some(peer), &report, &self.labels, true);
                 let data: Value = serde_json::from_str(&j.to_json()).unwrap_or(Value::Null);
-                set(&self.snapshot, json!({ "state": "completed", "report": data }));
+                set(
+                    &self.snapshot,
+                    json!({ "state": "completed", "report": data }),
+                );
                 self.event("completed", data);
                 if self.json {
                     crate::out_line(&j.to_json());
@@ -388,7 +398,10 @@ impl Run {
                         step["from"].as_str().unwrap_or("-")
                     );
                 }
-                set(&self.snapshot, json!({ "state": "failed", "failure": data }));
+                set(
+                    &self.snapshot,
+                    json!({ "state": "failed", "failure": data }),
+                );
                 self.event("failed", data);
                 Err(migrate::migration_error(e, &self.labels))
             }
