@@ -405,3 +405,63 @@ fn a_client_of_another_user_is_refused_and_the_socket_stays_for_its_owner() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn cancel_in_precopy_rolls_the_source_back_and_fails_the_destination() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(dir.path(), &["--precopy"], &[]);
+    let mut dst = Client::connect(&p.dst_sock);
+    let mut src = Client::connect(&p.src_sock);
+    dst.ok("add-device", emu_spec(), &[]);
+    src.ok("add-device", emu_spec(), &[]);
+    dst.ok("start", json!({}), &[]);
+    src.ok("start", json!({}), &[]);
+    src.wait_event("precopy-progress");
+    src.ok("cancel", json!({}), &[]);
+    let failed = src.wait_event("failed");
+    assert_eq!(failed["data"]["class"], json!("cancelled"), "{failed}");
+    assert_eq!(
+        failed["data"]["rollback"][0]["action"],
+        json!("walked"),
+        "{failed}"
+    );
+    assert_eq!(
+        failed["data"]["rollback"][0]["from"],
+        json!("PRE_COPY"),
+        "{failed}"
+    );
+    assert_eq!(src.err("cancel", json!({}), &[]), "InvalidState");
+    assert_eq!(src.err("switchover", json!({}), &[]), "InvalidState");
+    dst.wait_event("failed");
+    let (code, err) = quit(src, p.src);
+    assert_eq!(code, Some(1), "{err:?}");
+    let (code, err) = quit(dst, p.dst);
+    assert_eq!(code, Some(1), "{err:?}");
+}
+
+#[test]
+fn the_destination_vmm_saying_failed_resets_its_devices_and_the_source_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pair(dir.path(), &[], &[]);
+    let mut dst = Client::connect(&p.dst_sock);
+    let mut src = Client::connect(&p.src_sock);
+    dst.ok("add-device", emu_spec(), &[]);
+    src.ok("add-device", emu_spec(), &[]);
+    dst.ok("start", json!({}), &[]);
+    src.ok("start", json!({}), &[]);
+    src.ok("switchover", json!({}), &[]);
+    dst.wait_event("committed");
+    dst.ok("failed", json!({}), &[]);
+    let failed = dst.wait_event("failed");
+    assert_eq!(failed["data"]["class"], json!("resume-failed"), "{failed}");
+    let failed = src.wait_event("failed");
+    assert_eq!(
+        failed["data"]["rollback"][0]["action"],
+        json!("walked"),
+        "{failed}"
+    );
+    let (code, err) = quit(src, p.src);
+    assert_eq!(code, Some(1), "{err:?}");
+    let (code, err) = quit(dst, p.dst);
+    assert_eq!(code, Some(1), "{err:?}");
+}

@@ -20,7 +20,7 @@ use vfmig_vfio::MigrationDevice;
 use super::proto::{CmdError, ErrorClass, Reply, Request};
 use super::server::{self, Backend, Out, Outcome};
 use super::source::failure_json;
-use super::{device_states, ControlAddr, DeviceSet};
+use super::{device_states, ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan};
@@ -167,6 +167,8 @@ impl DestinationBackend {
             json: self.json,
             peer: None,
             resume_failed: false,
+            states: StateWatch::default(),
+            last: None,
         };
         let thread = std::thread::spawn(move || run.run(listener, &done_tx));
         self.worker = Some(Worker {
@@ -330,6 +332,9 @@ struct Run {
     peer: Option<SocketAddr>,
     /// The VMM said `failed` (or left, or never answered) after the commit.
     resume_failed: bool,
+    states: StateWatch,
+    /// `completed` or `failed`, sent after the server knows the end.
+    last: Option<(&'static str, Value)>,
 }
 
 impl Run {
@@ -346,7 +351,7 @@ impl Run {
     }
 
     fn states(&mut self) {
-        for d in device_states(self.session.devices_mut()) {
+        for d in self.states.changed(self.session.devices_mut()) {
             self.event("device-state", d);
         }
     }
@@ -354,7 +359,12 @@ impl Run {
     fn run(mut self, listener: Listener, done: &Sender<Result<(), CliError>>) {
         let result = self.drive(&listener);
         let result = self.conclude(result);
+        // The end is known to the server before the client can read it: a `quit` that
+        // answers the last event finds the migration over.
         let _ = done.send(result);
+        if let Some((name, data)) = self.last.take() {
+            self.event(name, data);
+        }
         while let Ok(cmd) = self.cmds.recv() {
             if let Cmd::Resumed { id, .. } | Cmd::Failed(id) = cmd {
                 self.reply(id, Err(invalid("the migration has ended")));
@@ -447,7 +457,7 @@ impl Run {
                     &self.snapshot,
                     json!({ "state": "completed", "report": data }),
                 );
-                self.event("completed", data);
+                self.last = Some(("completed", data));
                 if self.json {
                     crate::out_line(&j.to_json());
                 }
@@ -471,7 +481,7 @@ impl Run {
                     &self.snapshot,
                     json!({ "state": "failed", "failure": data }),
                 );
-                self.event("failed", data);
+                self.last = Some(("failed", data));
                 Err(e)
             }
         }

@@ -214,6 +214,25 @@ fn from_fd(
     })
 }
 
+/// The device states last reported, so that `device-state` fires on changes only.
+#[derive(Debug, Default)]
+pub struct StateWatch(Vec<Value>);
+
+impl StateWatch {
+    /// The devices whose state changed since the last call (all of them the first time).
+    pub fn changed<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Value> {
+        let now = device_states(devices);
+        let changed = now
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| self.0.get(*i) != Some(*d))
+            .map(|(_, d)| d.clone())
+            .collect();
+        self.0 = now;
+        changed
+    }
+}
+
 /// The device states as event data: `[{"index", "name", "state"}]` (state: the uAPI name, or
 /// null when it cannot be read).
 pub fn device_states<D: MigrationDevice>(devices: &mut [D]) -> Vec<Value> {

@@ -309,6 +309,7 @@ impl<B: Backend> Server<B> {
                 ),
             )))
         } else if name == "quit" {
+            self.refresh();
             Some(if self.running {
                 Err(CmdError::new(
                     ErrorClass::InvalidState,
@@ -330,6 +331,18 @@ impl<B: Backend> Server<B> {
         };
         if let Some(reply) = reply {
             self.send(&proto::reply_line(req.id, reply));
+        }
+    }
+
+    /// Asks the backend where the migration is.
+    fn refresh(&mut self) {
+        match self.backend.poll_outcome() {
+            Outcome::Idle => self.running = false,
+            Outcome::Running => self.running = true,
+            Outcome::Ended(r) => {
+                self.running = false;
+                self.ended = Some(r);
+            }
         }
     }
 
@@ -366,14 +379,7 @@ pub fn serve<B: Backend>(
     say!("vfmig: control socket at {}", addr.path.display());
     let mut interrupted = false;
     loop {
-        match s.backend.poll_outcome() {
-            Outcome::Idle => s.running = false,
-            Outcome::Running => s.running = true,
-            Outcome::Ended(r) => {
-                s.running = false;
-                s.ended = Some(r);
-            }
-        }
+        s.refresh();
         s.drain(&out);
         if !s.running && (s.gone || s.quit || interrupted) {
             s.drain(&out);

@@ -17,7 +17,7 @@ use vfmig_vfio::MigrationDevice;
 
 use super::proto::{CmdError, ErrorClass, Reply, Request};
 use super::server::{self, Backend, Out, Outcome};
-use super::{device_states, ControlAddr, DeviceSet};
+use super::{ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, SourcePlan};
@@ -128,7 +128,8 @@ impl SourceBackend {
             out: self.out.clone(),
             snapshot: self.snapshot.clone(),
             json: self.json,
-            states: Vec::new(),
+            states: StateWatch::default(),
+            last: None,
         };
         let id = req.id.clone();
         let thread = std::thread::spawn(move || w.run(id, &done_tx));
@@ -260,7 +261,9 @@ struct Run {
     out: Sender<Out>,
     snapshot: Snapshot,
     json: bool,
-    states: Vec<Value>,
+    states: StateWatch,
+    /// `completed` or `failed`, sent after the server knows the end.
+    last: Option<(&'static str, Value)>,
 }
 
 impl Run {
@@ -280,19 +283,20 @@ impl Run {
 
     /// Emits `device-state` for every device whose state changed since the last look.
     fn device_states(&mut self) {
-        let now = device_states(self.session.devices_mut());
-        for (i, d) in now.iter().enumerate() {
-            if self.states.get(i) != Some(d) {
-                self.event("device-state", d.clone());
-            }
+        for d in self.states.changed(self.session.devices_mut()) {
+            self.event("device-state", d);
         }
-        self.states = now;
     }
 
     fn run(mut self, start_id: Option<Value>, done: &Sender<Result<(), CliError>>) {
         let result = self.drive(start_id);
         let result = self.conclude(result);
+        // The end is known to the server before the client can read it: a `quit` that
+        // answers the last event finds the migration over.
         let _ = done.send(result);
+        if let Some((name, data)) = self.last.take() {
+            self.event(name, data);
+        }
         // Commands that raced with the end get an answer until the server goes away.
         while let Ok(cmd) = self.cmds.recv() {
             if let Cmd::Switchover(id) = cmd {
@@ -326,6 +330,10 @@ impl Run {
                 return Err(e);
             }
         };
+        set(
+            &self.snapshot,
+            json!({ "state": "setup", "peer": peer.to_string() }),
+        );
         self.reply(start_id, Ok(json!({ "peer": peer.to_string() })));
         self.device_states();
         let mut last_progress: Option<Instant> = None;
@@ -382,7 +390,7 @@ impl Run {
                     &self.snapshot,
                     json!({ "state": "completed", "report": data }),
                 );
-                self.event("completed", data);
+                self.last = Some(("completed", data));
                 if self.json {
                     crate::out_line(&j.to_json());
                 }
@@ -402,7 +410,7 @@ impl Run {
                     &self.snapshot,
                     json!({ "state": "failed", "failure": data }),
                 );
-                self.event("failed", data);
+                self.last = Some(("failed", data));
                 Err(migrate::migration_error(e, &self.labels))
             }
         }
