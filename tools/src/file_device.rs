@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfmig_vfio::{
-    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
-    MigrationDevice, PrecopyInfo,
+    next_state, DeviceClass, DeviceError, DeviceState, Identity, MigrationCaps, MigrationDevice,
 };
 
 use crate::spec::FileTarget;
@@ -84,7 +83,7 @@ fn errno(e: i32) -> io::Error {
 }
 
 /// Checks that `next` is one legal SET away from `cur` for a device with [`FILE_CAPS`].
-fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
+pub(crate) fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
     match next_state(cur, next, FILE_CAPS) {
         Ok(n) if n == next && n != cur => Ok(()),
         _ => Err(errno(libc::EINVAL)),
@@ -98,6 +97,93 @@ pub(crate) fn unsupported(device: &str, op: &'static str, feature: &'static str)
         feature,
     }
 }
+
+/// The [`MigrationDevice`] methods of a stream device (a type with a `name: String` field):
+/// no PRE_COPY information and no DMA dirty logging.
+macro_rules! no_precopy_or_dma {
+    () => {
+        fn precopy_info(
+            &mut self,
+            _data_fd: ::std::os::fd::BorrowedFd<'_>,
+        ) -> Result<::vfmig_vfio::PrecopyInfo, ::vfmig_vfio::DeviceError> {
+            Err($crate::file_device::unsupported(
+                &self.name,
+                "VFIO_MIG_GET_PRECOPY_INFO",
+                "VFIO_MIGRATION_PRE_COPY",
+            ))
+        }
+
+        fn dma_logging_start(
+            &mut self,
+            _: &[::vfmig_vfio::IovaRange],
+            _: u64,
+        ) -> Result<u64, ::vfmig_vfio::DeviceError> {
+            Err($crate::file_device::unsupported(
+                &self.name,
+                "DMA_LOGGING_START",
+                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+            ))
+        }
+
+        fn dma_logging_report(
+            &mut self,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: &mut [u64],
+        ) -> Result<(), ::vfmig_vfio::DeviceError> {
+            Err($crate::file_device::unsupported(
+                &self.name,
+                "DMA_LOGGING_REPORT",
+                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+            ))
+        }
+
+        fn dma_logging_stop(&mut self) -> Result<(), ::vfmig_vfio::DeviceError> {
+            Err($crate::file_device::unsupported(
+                &self.name,
+                "DMA_LOGGING_STOP",
+                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
+            ))
+        }
+    };
+}
+pub(crate) use no_precopy_or_dma;
+
+/// The [`MigrationDevice`] methods of a destination stream device (a type with `name: String`
+/// and `state: DeviceState` fields): a byte stream that takes any source device's state, with
+/// [`FILE_CAPS`], and [`no_precopy_or_dma`].
+macro_rules! stream_sink {
+    () => {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// A byte stream: takes any source device's state.
+        fn identity(&self) -> ::vfmig_vfio::Identity {
+            ::vfmig_vfio::Identity {
+                class: ::vfmig_vfio::DeviceClass::Stream,
+                size: None,
+                compat: String::new(),
+            }
+        }
+
+        fn capabilities(&self) -> ::vfmig_vfio::MigrationCaps {
+            $crate::file_device::FILE_CAPS
+        }
+
+        fn state(&mut self) -> Result<::vfmig_vfio::DeviceState, ::vfmig_vfio::DeviceError> {
+            Ok(self.state)
+        }
+
+        fn stop_copy_size(&mut self) -> Result<u64, ::vfmig_vfio::DeviceError> {
+            Ok(0)
+        }
+
+        $crate::file_device::no_precopy_or_dma!();
+    };
+}
+pub(crate) use stream_sink;
 
 /// A regular file's identity at open: where it lives (device, inode) and what it holds (size,
 /// modification time).
@@ -406,14 +492,6 @@ impl MigrationDevice for FileSource {
         Ok(out)
     }
 
-    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "VFIO_MIG_GET_PRECOPY_INFO",
-            "VFIO_MIGRATION_PRE_COPY",
-        ))
-    }
-
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         Ok(match self.kind {
             SourceKind::Regular { len, .. } => len,
@@ -421,35 +499,7 @@ impl MigrationDevice for FileSource {
         })
     }
 
-    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_START",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_REPORT",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_STOP",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
+    no_precopy_or_dma!();
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.state = DeviceState::Running;
@@ -714,26 +764,7 @@ impl Drop for FileSink {
 }
 
 impl MigrationDevice for FileSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// A byte stream: takes any source device's state.
-    fn identity(&self) -> Identity {
-        Identity {
-            class: DeviceClass::Stream,
-            size: None,
-            compat: String::new(),
-        }
-    }
-
-    fn capabilities(&self) -> MigrationCaps {
-        FILE_CAPS
-    }
-
-    fn state(&mut self) -> Result<DeviceState, DeviceError> {
-        Ok(self.state)
-    }
+    stream_sink!();
 
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
         check_arc(self.state, next)?;
@@ -759,48 +790,6 @@ impl MigrationDevice for FileSink {
         };
         self.state = next;
         Ok(out)
-    }
-
-    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "VFIO_MIG_GET_PRECOPY_INFO",
-            "VFIO_MIGRATION_PRE_COPY",
-        ))
-    }
-
-    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
-        Ok(0)
-    }
-
-    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_START",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_REPORT",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_STOP",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {

@@ -52,6 +52,34 @@ fn emu_spec() -> Value {
     json!({ "spec": "emu:size=8M,precopy=4M,dirty-rate=1M/s" })
 }
 
+/// The state a source file holds, the source file, and the destination file (empty) with its
+/// path.
+fn files(dir: &Path, len: usize, seed: u64) -> (Vec<u8>, File, PathBuf, File) {
+    let data = test_bytes(len, seed);
+    std::fs::write(dir.join("src.bin"), &data).expect("write");
+    let src_file = File::open(dir.join("src.bin")).expect("open");
+    let dst_path = dir.join("dst.bin");
+    let dst_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&dst_path)
+        .expect("create");
+    (data, src_file, dst_path, dst_file)
+}
+
+/// Both clients connected, one emulated device each, both sides started.
+fn started_emu(p: &Pair) -> (Client, Client) {
+    let mut dst = Client::connect(&p.dst_sock);
+    let mut src = Client::connect(&p.src_sock);
+    dst.ok("add-device", emu_spec(), &[]);
+    src.ok("add-device", emu_spec(), &[]);
+    dst.ok("start", json!({}), &[]);
+    src.ok("start", json!({}), &[]);
+    (dst, src)
+}
+
 /// Quits a client whose migration is over and returns the process's exit code and stderr.
 fn quit(mut c: Client, p: Receiver) -> (Option<i32>, Vec<String>) {
     c.ok("quit", json!({}), &[]);
@@ -63,17 +91,7 @@ fn quit(mut c: Client, p: Receiver) -> (Option<i32>, Vec<String>) {
 #[test]
 fn vmm_client_passes_file_fds_and_drives_a_step_mode_migration_byte_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = test_bytes(3 << 20, 7);
-    std::fs::write(dir.path().join("src.bin"), &data).expect("write");
-    let src_file = File::open(dir.path().join("src.bin")).expect("open");
-    let dst_path = dir.path().join("dst.bin");
-    let dst_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&dst_path)
-        .expect("create");
+    let (data, src_file, dst_path, dst_file) = files(dir.path(), 3 << 20, 7);
     let p = pair(dir.path(), &[], &[]);
     for s in [&p.src_sock, &p.dst_sock] {
         let mode = std::fs::metadata(s).expect("socket").permissions().mode();
@@ -300,12 +318,7 @@ fn bad_input_gets_json_errors_and_never_stops_the_migration() {
 fn a_source_client_that_vanishes_in_precopy_cancels_and_both_sides_roll_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pair(dir.path(), &["--precopy"], &[]);
-    let mut dst = Client::connect(&p.dst_sock);
-    let mut src = Client::connect(&p.src_sock);
-    dst.ok("add-device", emu_spec(), &[]);
-    src.ok("add-device", emu_spec(), &[]);
-    dst.ok("start", json!({}), &[]);
-    src.ok("start", json!({}), &[]);
+    let (mut dst, mut src) = started_emu(&p);
     src.wait_event("precopy-progress");
     drop(src);
 
@@ -331,17 +344,7 @@ fn a_source_client_that_vanishes_in_precopy_cancels_and_both_sides_roll_back() {
 #[test]
 fn a_destination_client_that_vanishes_after_the_commit_resets_its_file_and_the_source_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = test_bytes(1 << 20, 3);
-    std::fs::write(dir.path().join("src.bin"), &data).expect("write");
-    let src_file = File::open(dir.path().join("src.bin")).expect("open");
-    let dst_path = dir.path().join("dst.bin");
-    let dst_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&dst_path)
-        .expect("create");
+    let (data, src_file, dst_path, dst_file) = files(dir.path(), 1 << 20, 3);
     let p = pair(dir.path(), &[], &[]);
     let mut dst = Client::connect(&p.dst_sock);
     let mut src = Client::connect(&p.src_sock);
@@ -410,12 +413,7 @@ fn a_client_of_another_user_is_refused_and_the_socket_stays_for_its_owner() {
 fn cancel_in_precopy_rolls_the_source_back_and_fails_the_destination() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pair(dir.path(), &["--precopy"], &[]);
-    let mut dst = Client::connect(&p.dst_sock);
-    let mut src = Client::connect(&p.src_sock);
-    dst.ok("add-device", emu_spec(), &[]);
-    src.ok("add-device", emu_spec(), &[]);
-    dst.ok("start", json!({}), &[]);
-    src.ok("start", json!({}), &[]);
+    let (mut dst, mut src) = started_emu(&p);
     src.wait_event("precopy-progress");
     src.ok("cancel", json!({}), &[]);
     let failed = src.wait_event("failed");
@@ -443,12 +441,7 @@ fn cancel_in_precopy_rolls_the_source_back_and_fails_the_destination() {
 fn the_destination_vmm_saying_failed_resets_its_devices_and_the_source_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pair(dir.path(), &[], &[]);
-    let mut dst = Client::connect(&p.dst_sock);
-    let mut src = Client::connect(&p.src_sock);
-    dst.ok("add-device", emu_spec(), &[]);
-    src.ok("add-device", emu_spec(), &[]);
-    dst.ok("start", json!({}), &[]);
-    src.ok("start", json!({}), &[]);
+    let (mut dst, mut src) = started_emu(&p);
     src.ok("switchover", json!({}), &[]);
     dst.wait_event("committed");
     dst.ok("failed", json!({}), &[]);

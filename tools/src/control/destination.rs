@@ -3,23 +3,21 @@
 //! `resumed` or `failed` (docs/PROTOCOL.md, section 5.1: only then does the source learn it).
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::{json, Value};
 use vfmig_pipeline::{
-    CancelHandle, DestinationSession, FinalOutcome, Phase, PipelineError,
-    Progress as PipelineProgress,
+    DestinationSession, FinalOutcome, Phase, PipelineError, Progress as PipelineProgress,
 };
 use vfmig_transport::Listener;
 use vfmig_vfio::MigrationDevice;
 
-use super::proto::{CmdError, ErrorClass, Reply, Request};
+use super::proto::{self, CmdError, ErrorClass, Reply, Request};
 use super::server::{self, Backend, Out, Outcome};
 use super::source::failure_json;
+use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
 use super::{device_states, ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
@@ -27,17 +25,7 @@ use crate::migrate::{self, DestinationPlan};
 use crate::progress::Progress;
 use crate::signals::Cancel;
 
-/// Commands waiting for the worker.
-const CMD_QUEUE: usize = 8;
-
-const COMMANDS: &[&str] = &[
-    "add-device",
-    "start",
-    "status",
-    "cancel",
-    "resumed",
-    "failed",
-];
+const COMMANDS: &[&str] = &["start", "cancel", "resumed", "failed"];
 
 /// The VMM's word after the commit.
 #[derive(Debug)]
@@ -53,43 +41,18 @@ enum Cmd {
     Cancel,
 }
 
-type Snapshot = Arc<Mutex<Value>>;
-
-fn set(snapshot: &Snapshot, v: Value) {
-    *snapshot.lock().unwrap_or_else(PoisonError::into_inner) = v;
-}
-
-fn state_of(snapshot: &Snapshot) -> String {
-    snapshot
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get("state")
-        .and_then(Value::as_str)
-        .unwrap_or("setup")
-        .to_owned()
-}
-
-#[derive(Debug)]
-struct Worker {
-    cmds: Sender<Cmd>,
-    cancel: CancelHandle,
-    done: Receiver<Result<(), CliError>>,
-    _thread: JoinHandle<()>,
-}
-
 /// The destination side's backend.
 #[derive(Debug)]
 pub struct DestinationBackend {
     plan: DestinationPlan,
     listener: Option<Listener>,
     devices: DeviceSet,
-    out: Sender<Out>,
+    out: Emitter,
     snapshot: Snapshot,
-    worker: Option<Worker>,
+    worker: Option<Worker<Cmd>>,
     outcome_sent: bool,
     /// Cancelled while waiting for the source: nothing was touched, the worker is abandoned.
     abandoned: Option<Result<(), CliError>>,
-    ended: bool,
     json: bool,
 }
 
@@ -106,18 +69,13 @@ pub fn serve(
         plan,
         listener: Some(listener),
         devices,
-        out,
-        snapshot: Arc::new(Mutex::new(json!({ "state": "setup" }))),
+        out: Emitter(out),
+        snapshot: Snapshot::new(),
         worker: None,
         outcome_sent: false,
         abandoned: None,
-        ended: false,
         json,
     })
-}
-
-fn invalid(desc: &str) -> CmdError {
-    CmdError::new(ErrorClass::InvalidState, desc)
 }
 
 impl DestinationBackend {
@@ -133,9 +91,8 @@ impl DestinationBackend {
             })));
         };
         let devices = std::mem::take(&mut self.devices);
-        let labels = devices.labels;
         let mut opts = migrate::destination_options(&self.plan, &Progress::new(false, &[], &[]));
-        let out = self.out.clone();
+        let out = self.out.0.clone();
         opts.progress = Some(Arc::new(move |p: &PipelineProgress| {
             let devices: Vec<Value> = p
                 .devices
@@ -154,42 +111,37 @@ impl DestinationBackend {
         }));
         let session = DestinationSession::new(devices.list, opts);
         let cancel = session.cancel_handle();
-        let (cmds, rx) = bounded(CMD_QUEUE);
-        let (done_tx, done) = bounded(1);
-        set(&self.snapshot, json!({ "state": "accepting" }));
-        let run = Run {
+        self.snapshot.set(json!({ "state": "accepting" }));
+        let mut run = Run {
             session,
-            labels,
+            labels: devices.labels,
             plan: self.plan.clone(),
-            cmds: rx,
             out: self.out.clone(),
             snapshot: self.snapshot.clone(),
             json: self.json,
             peer: None,
             resume_failed: false,
             states: StateWatch::default(),
-            last: None,
         };
-        let thread = std::thread::spawn(move || run.run(listener, &done_tx));
-        self.worker = Some(Worker {
-            cmds,
-            cancel,
-            done,
-            _thread: thread,
-        });
+        self.worker = Some(Worker::spawn(cancel, move |cmds, done| {
+            let result = run.drive(&listener, &cmds);
+            let (result, last) = run.conclude(result);
+            end(result, last, &done, &run.out, &cmds, |c| match c {
+                Cmd::Resumed { id, .. } | Cmd::Failed(id) => Some(id),
+                Cmd::Cancel => None,
+            });
+        }));
         Some(Ok(json!({})))
     }
 
     fn cancel(&mut self) {
         let Some(w) = &self.worker else { return };
-        if state_of(&self.snapshot) == "accepting" && self.abandoned.is_none() {
+        if self.snapshot.state() == "accepting" && self.abandoned.is_none() {
             // No source yet, no device touched: end now instead of waiting out the accept.
             let e = PipelineError::Cancelled {
                 phase: Phase::Setup,
             };
-            let _ = self
-                .out
-                .try_send(Out::Event("failed", failure_json(&e, &[])));
+            self.out.event("failed", failure_json(&e, &[]));
             self.abandoned = Some(Err(migrate::migration_error(e, &[])));
             return;
         }
@@ -210,7 +162,7 @@ impl DestinationBackend {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),
         };
-        let state = state_of(&self.snapshot);
+        let state = self.snapshot.state();
         let Some(w) = self.worker.as_ref().filter(|_| state == "committed") else {
             return Some(Err(invalid(&format!(
                 "`{}` answers the `committed` event; the migration is {state}",
@@ -228,55 +180,42 @@ impl DestinationBackend {
         } else {
             Cmd::Failed(req.id.clone())
         };
-        match w.cmds.try_send(cmd) {
+        match queue(&w.cmds, cmd) {
             Ok(()) => {
                 self.outcome_sent = true;
                 None
             }
-            Err(TrySendError::Full(_)) => {
-                Some(Err(CmdError::new(ErrorClass::Busy, "command queue full")))
-            }
-            Err(TrySendError::Disconnected(_)) => Some(Err(invalid("the migration has ended"))),
+            Err(e) => Some(Err(e)),
         }
     }
 }
 
 impl Backend for DestinationBackend {
-    fn role(&self) -> &'static str {
-        "destination"
+    fn side(&self) -> Side {
+        Side::Destination
     }
 
     fn commands(&self) -> &'static [&'static str] {
         COMMANDS
     }
 
-    fn execute(&mut self, req: &Request, fds: Vec<OwnedFd>) -> Option<Reply> {
+    fn devices(&mut self) -> Option<&mut DeviceSet> {
+        self.worker.is_none().then_some(&mut self.devices)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.plan.timeout
+    }
+
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn execute(&mut self, req: &Request) -> Option<Reply> {
         match req.execute.as_str() {
-            "add-device" => Some(if self.worker.is_some() {
-                Err(invalid("devices are added before `start`"))
-            } else {
-                self.devices
-                    .add(req, fds, Side::Destination, self.plan.timeout)
-            }),
             "start" => self.start(req),
-            "status" => Some(req.only_args(&[]).map(|()| {
-                let mut v = self
-                    .snapshot
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                if self.worker.is_none() {
-                    v["devices"] = json!(self
-                        .devices
-                        .labels
-                        .iter()
-                        .map(|l| json!({ "name": l.name, "kind": l.kind }))
-                        .collect::<Vec<_>>());
-                }
-                v
-            })),
             "cancel" => Some(req.only_args(&[]).and_then(|()| {
-                if self.worker.is_none() || self.ended || self.abandoned.is_some() {
+                if self.worker.as_ref().is_none_or(Worker::ended) || self.abandoned.is_some() {
                     Err(invalid("no migration in progress"))
                 } else {
                     self.cancel();
@@ -284,10 +223,7 @@ impl Backend for DestinationBackend {
                 }
             })),
             "resumed" | "failed" => self.outcome(req),
-            name => Some(Err(CmdError::new(
-                ErrorClass::CommandNotFound,
-                format!("the command `{name}` has not been found"),
-            ))),
+            name => Some(Err(proto::not_found(name))),
         }
     }
 
@@ -300,23 +236,13 @@ impl Backend for DestinationBackend {
     }
 
     fn poll_outcome(&mut self) -> Outcome {
-        if self.ended {
-            return Outcome::Idle;
-        }
         if let Some(r) = self.abandoned.take() {
-            self.ended = true;
+            // The worker stays blocked in accept; the process ends without it.
+            self.worker = None;
+            self.listener = None;
             return Outcome::Ended(r);
         }
-        match &self.worker {
-            None => Outcome::Idle,
-            Some(w) => match w.done.try_recv() {
-                Ok(r) => {
-                    self.ended = true;
-                    Outcome::Ended(r)
-                }
-                Err(_) => Outcome::Running,
-            },
-        }
+        self.worker.as_mut().map_or(Outcome::Idle, Worker::outcome)
     }
 }
 
@@ -325,29 +251,22 @@ struct Run {
     session: DestinationSession<Box<dyn MigrationDevice>>,
     labels: Vec<DeviceLabel>,
     plan: DestinationPlan,
-    cmds: Receiver<Cmd>,
-    out: Sender<Out>,
+    out: Emitter,
     snapshot: Snapshot,
     json: bool,
     peer: Option<SocketAddr>,
     /// The VMM said `failed` (or left, or never answered) after the commit.
     resume_failed: bool,
     states: StateWatch,
-    /// `completed` or `failed`, sent after the server knows the end.
-    last: Option<(&'static str, Value)>,
 }
 
 impl Run {
     fn event(&self, name: &'static str, data: Value) {
-        let _ = self
-            .out
-            .send_timeout(Out::Event(name, data), Duration::from_secs(1));
+        self.out.event(name, data);
     }
 
     fn reply(&self, id: Option<Value>, r: Reply) {
-        let _ = self
-            .out
-            .send_timeout(Out::Reply(id, r), Duration::from_secs(1));
+        self.out.reply(id, r);
     }
 
     fn states(&mut self) {
@@ -356,23 +275,11 @@ impl Run {
         }
     }
 
-    fn run(mut self, listener: Listener, done: &Sender<Result<(), CliError>>) {
-        let result = self.drive(&listener);
-        let result = self.conclude(result);
-        // The end is known to the server before the client can read it: a `quit` that
-        // answers the last event finds the migration over.
-        let _ = done.send(result);
-        if let Some((name, data)) = self.last.take() {
-            self.event(name, data);
-        }
-        while let Ok(cmd) = self.cmds.recv() {
-            if let Cmd::Resumed { id, .. } | Cmd::Failed(id) = cmd {
-                self.reply(id, Err(invalid("the migration has ended")));
-            }
-        }
-    }
-
-    fn drive(&mut self, listener: &Listener) -> Result<vfmig_pipeline::Report, CliError> {
+    fn drive(
+        &mut self,
+        listener: &Listener,
+        cmds: &Receiver<Cmd>,
+    ) -> Result<vfmig_pipeline::Report, CliError> {
         let mut cfg = self.plan.session.clone();
         cfg.declared_devices = Some(self.session.declarations());
         let mut dropped = |peer: SocketAddr, e: &vfmig_transport::TransportError| {
@@ -385,21 +292,19 @@ impl Run {
             .accept_reporting(&cfg, &mut dropped)
             .map_err(CliError::Transport)?;
         self.peer = Some(recv.peer());
-        set(
-            &self.snapshot,
-            json!({ "state": "receiving", "peer": recv.peer().to_string() }),
-        );
+        self.snapshot
+            .set(json!({ "state": "receiving", "peer": recv.peer().to_string() }));
         self.event("connected", json!({ "peer": recv.peer().to_string() }));
         self.states();
         let labels = self.labels.clone();
         let err = |e| migrate::migration_error(e, &labels);
         self.session.receive_session(recv).map_err(err)?;
         // Committed: the source's devices never run again; the VMM loads its RAM and answers.
-        set(&self.snapshot, json!({ "state": "committed" }));
+        self.snapshot.set(json!({ "state": "committed" }));
         self.states();
         let devices = device_states(self.session.devices_mut());
         self.event("committed", json!({ "devices": devices }));
-        let (id, outcome) = match self.cmds.recv_timeout(self.plan.timeout) {
+        let (id, outcome) = match cmds.recv_timeout(self.plan.timeout) {
             Ok(Cmd::Resumed {
                 id,
                 resume_devices: true,
@@ -444,24 +349,23 @@ impl Run {
         Ok(report)
     }
 
+    /// The `completed` or `failed` event, and the process's result.
     fn conclude(
         &mut self,
         result: Result<vfmig_pipeline::Report, CliError>,
-    ) -> Result<(), CliError> {
+    ) -> (Result<(), CliError>, (&'static str, Value)) {
         self.states();
         match result {
             Ok(report) => {
-                let j = migrate::report_json("recv", self.peer, &report, &self.labels, true);
-                let data: Value = serde_json::from_str(&j.to_json()).unwrap_or(Value::Null);
-                set(
+                let last = completed(
+                    "recv",
+                    self.peer,
+                    &report,
+                    &self.labels,
                     &self.snapshot,
-                    json!({ "state": "completed", "report": data }),
+                    self.json,
                 );
-                self.last = Some(("completed", data));
-                if self.json {
-                    crate::out_line(&j.to_json());
-                }
-                Ok(())
+                (Ok(()), last)
             }
             Err(e) => {
                 let mut data = match &e {
@@ -477,12 +381,7 @@ impl Run {
                         "the VMM did not resume: the devices were reset and the source resumes its own"
                     );
                 }
-                set(
-                    &self.snapshot,
-                    json!({ "state": "failed", "failure": data }),
-                );
-                self.last = Some(("failed", data));
-                Err(e)
+                (Err(e), failed(data, &self.snapshot))
             }
         }
     }

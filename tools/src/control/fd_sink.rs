@@ -11,14 +11,11 @@
 
 use std::fs::File;
 use std::io::{self, Seek as _};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-use vfmig_vfio::{
-    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
-    MigrationDevice, PrecopyInfo,
-};
+use vfmig_vfio::{DeviceError, DeviceState, MigrationDevice};
 
-use crate::file_device::{unsupported, FILE_CAPS};
+use crate::file_device::{check_arc, stream_sink};
 
 /// A regular file the client opened for writing, as a destination device.
 #[derive(Debug)]
@@ -62,32 +59,10 @@ impl FdSink {
 }
 
 impl MigrationDevice for FdSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// A byte stream: takes any source device's state.
-    fn identity(&self) -> Identity {
-        Identity {
-            class: DeviceClass::Stream,
-            size: None,
-            compat: String::new(),
-        }
-    }
-
-    fn capabilities(&self) -> MigrationCaps {
-        FILE_CAPS
-    }
-
-    fn state(&mut self) -> Result<DeviceState, DeviceError> {
-        Ok(self.state)
-    }
+    stream_sink!();
 
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
-        match next_state(self.state, next, FILE_CAPS) {
-            Ok(n) if n == next && n != self.state => {}
-            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        }
+        check_arc(self.state, next)?;
         let out = match (self.state, next) {
             (DeviceState::Stop, DeviceState::Resuming) => {
                 self.empty()?;
@@ -111,48 +86,6 @@ impl MigrationDevice for FdSink {
         };
         self.state = next;
         Ok(out)
-    }
-
-    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "VFIO_MIG_GET_PRECOPY_INFO",
-            "VFIO_MIGRATION_PRE_COPY",
-        ))
-    }
-
-    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
-        Ok(0)
-    }
-
-    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_START",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_REPORT",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_STOP",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {

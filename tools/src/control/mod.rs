@@ -14,6 +14,7 @@ pub mod fdpass;
 pub mod proto;
 pub mod server;
 pub mod source;
+pub mod worker;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

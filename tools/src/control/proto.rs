@@ -74,6 +74,14 @@ impl CmdError {
     }
 }
 
+/// `CommandNotFound` for `name`.
+pub fn not_found(name: &str) -> CmdError {
+    CmdError::new(
+        ErrorClass::CommandNotFound,
+        format!("the command `{name}` has not been found"),
+    )
+}
+
 /// What a reply carries.
 pub type Reply = Result<Value, CmdError>;
 

@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 
 use super::fdpass;
 use super::proto::{self, CmdError, ErrorClass, Reply, Request, MAX_LINE};
-use super::{ControlAddr, ControlError};
+use super::worker::Snapshot;
+use super::{ControlAddr, ControlError, DeviceSet};
+use crate::devices::Side;
 use crate::error::CliError;
 use crate::signals::Cancel;
 
@@ -54,14 +56,21 @@ pub enum Outcome {
     Ended(Result<(), CliError>),
 }
 
-/// One side's commands.
+/// One side's commands. The server itself answers `add-device`, `status`, `quit` and
+/// `qmp_capabilities`.
 pub trait Backend {
-    /// `source` or `destination` (in the greeting).
-    fn role(&self) -> &'static str;
-    /// The commands this side knows, besides `quit` and `qmp_capabilities`.
+    /// Which side this is.
+    fn side(&self) -> Side;
+    /// The commands this side knows besides those the server answers.
     fn commands(&self) -> &'static [&'static str];
-    /// Runs a command with the descriptors that came with it. `None`: the worker replies later.
-    fn execute(&mut self, req: &Request, fds: Vec<OwnedFd>) -> Option<Reply>;
+    /// The devices added so far; `None` once the migration started.
+    fn devices(&mut self) -> Option<&mut DeviceSet>;
+    /// `--timeout` (a FIFO source's wait for its writer).
+    fn timeout(&self) -> Duration;
+    /// What `status` answers.
+    fn snapshot(&self) -> &Snapshot;
+    /// Runs one of [`Backend::commands`] (which take no fd). `None`: the worker replies later.
+    fn execute(&mut self, req: &Request) -> Option<Reply>;
     /// The client left mid-migration: cancel, with rollback.
     fn client_gone(&mut self);
     /// SIGINT or SIGTERM: cancel, with rollback.
@@ -264,7 +273,13 @@ impl<B: Backend> Server<B> {
             overlong: false,
             fd_overflow: false,
         });
-        let greeting = proto::greeting(self.backend.role(), self.backend.commands());
+        let role = match self.backend.side() {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        };
+        let mut commands = vec!["add-device", "status", "quit"];
+        commands.extend_from_slice(self.backend.commands());
+        let greeting = proto::greeting(role, &commands);
         self.send(&greeting);
     }
 
@@ -321,13 +336,25 @@ impl<B: Backend> Server<B> {
             })
         } else if name == "qmp_capabilities" {
             Some(Ok(json!({})))
+        } else if name == "add-device" {
+            let (side, timeout) = (self.backend.side(), self.backend.timeout());
+            Some(match self.backend.devices() {
+                Some(set) => set.add(&req, fds, side, timeout),
+                None => Err(CmdError::new(
+                    ErrorClass::InvalidState,
+                    "devices are added before `start`",
+                )),
+            })
+        } else if name == "status" {
+            let snapshot = self.backend.snapshot().clone();
+            Some(
+                req.only_args(&[])
+                    .map(|()| snapshot.status(self.backend.devices().as_deref())),
+            )
         } else if self.backend.commands().contains(&name) {
-            self.backend.execute(&req, fds)
+            self.backend.execute(&req)
         } else {
-            Some(Err(CmdError::new(
-                ErrorClass::CommandNotFound,
-                format!("the command `{name}` has not been found"),
-            )))
+            Some(Err(proto::not_found(name)))
         };
         if let Some(reply) = reply {
             self.send(&proto::reply_line(req.id, reply));

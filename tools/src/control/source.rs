@@ -3,20 +3,16 @@
 //! pre-copy and reports what it sees as events.
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::{json, Value};
-use vfmig_pipeline::{
-    CancelHandle, Phase, PipelineError, RollbackAction, SourceSession, SourceStatus,
-};
+use vfmig_pipeline::{Phase, PipelineError, RollbackAction, SourceSession, SourceStatus};
 use vfmig_vfio::MigrationDevice;
 
-use super::proto::{CmdError, ErrorClass, Reply, Request};
-use super::server::{self, Backend, Out, Outcome};
+use super::proto::{self, CmdError, ErrorClass, Reply, Request};
+use super::server::{self, Backend, Outcome};
+use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
 use super::{ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
@@ -24,15 +20,13 @@ use crate::migrate::{self, SourcePlan};
 use crate::progress::Progress;
 use crate::signals::Cancel;
 
-/// Commands waiting for the worker.
-const CMD_QUEUE: usize = 8;
 /// How long the worker waits for a command between two `status` steps (the library asks for a
 /// step at least every 100 ms during pre-copy).
 const STEP: Duration = Duration::from_millis(20);
 /// At most one `precopy-progress` event per this interval.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
-const COMMANDS: &[&str] = &["add-device", "start", "status", "switchover", "cancel"];
+const COMMANDS: &[&str] = &["start", "switchover", "cancel"];
 
 /// What the worker is asked to do.
 #[derive(Debug)]
@@ -41,32 +35,15 @@ enum Cmd {
     Cancel,
 }
 
-/// What `status` answers: the worker's last view.
-type Snapshot = Arc<Mutex<Value>>;
-
-fn set(snapshot: &Snapshot, v: Value) {
-    *snapshot.lock().unwrap_or_else(PoisonError::into_inner) = v;
-}
-
-/// The running migration.
-#[derive(Debug)]
-struct Worker {
-    cmds: Sender<Cmd>,
-    cancel: CancelHandle,
-    done: Receiver<Result<(), CliError>>,
-    _thread: JoinHandle<()>,
-}
-
 /// The source side's backend.
 #[derive(Debug)]
 pub struct SourceBackend {
     plan: SourcePlan,
     devices: DeviceSet,
-    out: Sender<Out>,
+    out: Emitter,
     snapshot: Snapshot,
-    worker: Option<Worker>,
+    worker: Option<Worker<Cmd>>,
     switchover_asked: bool,
-    ended: bool,
     json: bool,
 }
 
@@ -82,26 +59,15 @@ pub fn serve(
     server::serve(addr, cancel, |out| SourceBackend {
         plan,
         devices,
-        out,
-        snapshot: Arc::new(Mutex::new(json!({ "state": "setup" }))),
+        out: Emitter(out),
+        snapshot: Snapshot::new(),
         worker: None,
         switchover_asked: false,
-        ended: false,
         json,
     })
 }
 
 impl SourceBackend {
-    fn state(&self) -> String {
-        self.snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get("state")
-            .and_then(Value::as_str)
-            .unwrap_or("setup")
-            .to_owned()
-    }
-
     fn start(&mut self, req: &Request) -> Option<Reply> {
         if let Err(e) = req.only_args(&[]) {
             return Some(Err(e));
@@ -113,32 +79,28 @@ impl SourceBackend {
             return Some(Err(invalid("no devices: `add-device` first")));
         }
         let devices = std::mem::take(&mut self.devices);
-        let labels = devices.labels;
         let opts = migrate::source_options(&self.plan, &Progress::new(false, &[], &[]));
         let session = SourceSession::new(devices.list, opts);
         let cancel = session.cancel_handle();
-        let (cmds, rx) = bounded(CMD_QUEUE);
-        let (done_tx, done) = bounded(1);
-        set(&self.snapshot, json!({ "state": "connecting" }));
-        let w = Run {
+        self.snapshot.set(json!({ "state": "connecting" }));
+        let mut run = Run {
             session,
-            labels,
+            labels: devices.labels,
             plan: self.plan.clone(),
-            cmds: rx,
             out: self.out.clone(),
             snapshot: self.snapshot.clone(),
             json: self.json,
             states: StateWatch::default(),
-            last: None,
         };
         let id = req.id.clone();
-        let thread = std::thread::spawn(move || w.run(id, &done_tx));
-        self.worker = Some(Worker {
-            cmds,
-            cancel,
-            done,
-            _thread: thread,
-        });
+        self.worker = Some(Worker::spawn(cancel, move |cmds, done| {
+            let result = run.drive(id, &cmds);
+            let (result, last) = run.conclude(result);
+            end(result, last, &done, &run.out, &cmds, |c| match c {
+                Cmd::Switchover(id) => Some(id),
+                Cmd::Cancel => None,
+            });
+        }));
         None
     }
 
@@ -148,84 +110,65 @@ impl SourceBackend {
             let _ = w.cmds.try_send(Cmd::Cancel);
         }
     }
-}
 
-fn invalid(desc: &str) -> CmdError {
-    CmdError::new(ErrorClass::InvalidState, desc)
+    fn switchover(&mut self, req: &Request) -> Option<Reply> {
+        if let Err(e) = req.only_args(&[]) {
+            return Some(Err(e));
+        }
+        let state = self.snapshot.state();
+        let Some(w) = &self.worker else {
+            return Some(Err(invalid("`start` first")));
+        };
+        if self.switchover_asked
+            || w.ended()
+            || !matches!(state.as_str(), "connecting" | "setup" | "pre-copy")
+        {
+            return Some(Err(invalid(&format!("no switchover in state {state}"))));
+        }
+        match queue(&w.cmds, Cmd::Switchover(req.id.clone())) {
+            Ok(()) => {
+                self.switchover_asked = true;
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
 }
 
 impl Backend for SourceBackend {
-    fn role(&self) -> &'static str {
-        "source"
+    fn side(&self) -> Side {
+        Side::Source
     }
 
     fn commands(&self) -> &'static [&'static str] {
         COMMANDS
     }
 
-    fn execute(&mut self, req: &Request, fds: Vec<OwnedFd>) -> Option<Reply> {
+    fn devices(&mut self) -> Option<&mut DeviceSet> {
+        self.worker.is_none().then_some(&mut self.devices)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.plan.timeout
+    }
+
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn execute(&mut self, req: &Request) -> Option<Reply> {
         match req.execute.as_str() {
-            "add-device" => Some(if self.worker.is_some() {
-                Err(invalid("devices are added before `start`"))
-            } else {
-                self.devices.add(req, fds, Side::Source, self.plan.timeout)
-            }),
             "start" => self.start(req),
-            "status" => Some(req.only_args(&[]).map(|()| {
-                let mut v = self
-                    .snapshot
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                if self.worker.is_none() {
-                    v["devices"] = json!(self
-                        .devices
-                        .labels
-                        .iter()
-                        .map(|l| json!({"name": l.name, "kind": l.kind}))
-                        .collect::<Vec<_>>());
-                }
-                v
-            })),
-            "switchover" => {
-                if let Err(e) = req.only_args(&[]) {
-                    return Some(Err(e));
-                }
-                let state = self.state();
-                let Some(w) = &self.worker else {
-                    return Some(Err(invalid("`start` first")));
-                };
-                if self.switchover_asked
-                    || self.ended
-                    || !matches!(state.as_str(), "connecting" | "setup" | "pre-copy")
-                {
-                    return Some(Err(invalid(&format!("no switchover in state {state}"))));
-                }
-                match w.cmds.try_send(Cmd::Switchover(req.id.clone())) {
-                    Ok(()) => {
-                        self.switchover_asked = true;
-                        None
-                    }
-                    Err(TrySendError::Full(_)) => {
-                        Some(Err(CmdError::new(ErrorClass::Busy, "command queue full")))
-                    }
-                    Err(TrySendError::Disconnected(_)) => {
-                        Some(Err(invalid("the migration has ended")))
-                    }
-                }
-            }
+            "switchover" => self.switchover(req),
             "cancel" => Some(req.only_args(&[]).and_then(|()| {
-                if self.worker.is_none() || self.ended {
+                if self.worker.as_ref().is_none_or(Worker::ended) {
                     Err(invalid("no migration in progress"))
                 } else {
                     self.cancel();
                     Ok(json!({}))
                 }
             })),
-            name => Some(Err(CmdError::new(
-                ErrorClass::CommandNotFound,
-                format!("the command `{name}` has not been found"),
-            ))),
+            name => Some(Err(proto::not_found(name))),
         }
     }
 
@@ -238,17 +181,7 @@ impl Backend for SourceBackend {
     }
 
     fn poll_outcome(&mut self) -> Outcome {
-        match &self.worker {
-            None => Outcome::Idle,
-            Some(_) if self.ended => Outcome::Idle,
-            Some(w) => match w.done.try_recv() {
-                Ok(r) => {
-                    self.ended = true;
-                    Outcome::Ended(r)
-                }
-                Err(_) => Outcome::Running,
-            },
-        }
+        self.worker.as_mut().map_or(Outcome::Idle, Worker::outcome)
     }
 }
 
@@ -257,51 +190,25 @@ struct Run {
     session: SourceSession<Box<dyn MigrationDevice>>,
     labels: Vec<DeviceLabel>,
     plan: SourcePlan,
-    cmds: Receiver<Cmd>,
-    out: Sender<Out>,
+    out: Emitter,
     snapshot: Snapshot,
     json: bool,
     states: StateWatch,
-    /// `completed` or `failed`, sent after the server knows the end.
-    last: Option<(&'static str, Value)>,
 }
 
 impl Run {
     fn event(&self, name: &'static str, data: Value) {
-        // Events that cannot be queued within a second are dropped: the client is not reading,
-        // and the migration does not wait for it.
-        let _ = self
-            .out
-            .send_timeout(Out::Event(name, data), Duration::from_secs(1));
+        self.out.event(name, data);
     }
 
     fn reply(&self, id: Option<Value>, r: Reply) {
-        let _ = self
-            .out
-            .send_timeout(Out::Reply(id, r), Duration::from_secs(1));
+        self.out.reply(id, r);
     }
 
     /// Emits `device-state` for every device whose state changed since the last look.
     fn device_states(&mut self) {
         for d in self.states.changed(self.session.devices_mut()) {
             self.event("device-state", d);
-        }
-    }
-
-    fn run(mut self, start_id: Option<Value>, done: &Sender<Result<(), CliError>>) {
-        let result = self.drive(start_id);
-        let result = self.conclude(result);
-        // The end is known to the server before the client can read it: a `quit` that
-        // answers the last event finds the migration over.
-        let _ = done.send(result);
-        if let Some((name, data)) = self.last.take() {
-            self.event(name, data);
-        }
-        // Commands that raced with the end get an answer until the server goes away.
-        while let Ok(cmd) = self.cmds.recv() {
-            if let Cmd::Switchover(id) = cmd {
-                self.reply(id, Err(invalid("the migration has ended")));
-            }
         }
     }
 
@@ -322,25 +229,24 @@ impl Run {
     fn drive(
         &mut self,
         start_id: Option<Value>,
+        cmds: &Receiver<Cmd>,
     ) -> Result<(vfmig_pipeline::Report, SocketAddr), PipelineError> {
         let peer = match self.connect() {
             Ok(p) => p,
             Err(e) => {
-                self.reply(start_id, Err(failed(&e)));
+                self.reply(start_id, Err(step_failed(&e)));
                 return Err(e);
             }
         };
-        set(
-            &self.snapshot,
-            json!({ "state": "setup", "peer": peer.to_string() }),
-        );
+        self.snapshot
+            .set(json!({ "state": "setup", "peer": peer.to_string() }));
         self.reply(start_id, Ok(json!({ "peer": peer.to_string() })));
         self.device_states();
         let mut last_progress: Option<Instant> = None;
         let mut acked = false;
         let mut phase = Phase::Setup;
         let switch_id = loop {
-            match self.cmds.recv_timeout(STEP) {
+            match cmds.recv_timeout(STEP) {
                 Ok(Cmd::Switchover(id)) => break id,
                 Ok(Cmd::Cancel) | Err(RecvTimeoutError::Disconnected) => {
                     self.session.abort();
@@ -351,7 +257,7 @@ impl Run {
             let st = self.session.status()?;
             phase = st.phase;
             let facts = status_json(&st, &self.labels);
-            set(&self.snapshot, facts.clone());
+            self.snapshot.set(facts.clone());
             if st.switchover_acked && !acked {
                 acked = true;
                 self.event("switchover-ready", facts.clone());
@@ -363,38 +269,35 @@ impl Run {
             self.device_states();
         };
         if let Err(e) = self.session.switchover() {
-            self.reply(switch_id, Err(failed(&e)));
+            self.reply(switch_id, Err(step_failed(&e)));
             return Err(e);
         }
         self.reply(switch_id, Ok(json!({})));
         self.device_states();
         if let Ok(st) = self.session.status() {
-            set(&self.snapshot, status_json(&st, &self.labels));
+            self.snapshot.set(status_json(&st, &self.labels));
         }
         let report = self.session.finish()?;
         Ok((report, peer))
     }
 
-    /// Emits `completed` or `failed`, fixes the final status, and turns the result into the
-    /// process's.
+    /// The `completed` or `failed` event, and the process's result.
     fn conclude(
         &mut self,
         result: Result<(vfmig_pipeline::Report, SocketAddr), PipelineError>,
-    ) -> Result<(), CliError> {
+    ) -> (Result<(), CliError>, (&'static str, Value)) {
         self.device_states();
         match result {
             Ok((report, peer)) => {
-                let j = migrate::report_json("send", Some(peer), &report, &self.labels, true);
-                let data: Value = serde_json::from_str(&j.to_json()).unwrap_or(Value::Null);
-                set(
+                let last = completed(
+                    "send",
+                    Some(peer),
+                    &report,
+                    &self.labels,
                     &self.snapshot,
-                    json!({ "state": "completed", "report": data }),
+                    self.json,
                 );
-                self.last = Some(("completed", data));
-                if self.json {
-                    crate::out_line(&j.to_json());
-                }
-                Ok(())
+                (Ok(()), last)
             }
             Err(e) => {
                 let data = failure_json(&e, self.session.rollback_steps());
@@ -406,18 +309,14 @@ impl Run {
                         step["from"].as_str().unwrap_or("-")
                     );
                 }
-                set(
-                    &self.snapshot,
-                    json!({ "state": "failed", "failure": data }),
-                );
-                self.last = Some(("failed", data));
-                Err(migrate::migration_error(e, &self.labels))
+                let last = failed(data, &self.snapshot);
+                (Err(migrate::migration_error(e, &self.labels)), last)
             }
         }
     }
 }
 
-fn failed(e: &PipelineError) -> CmdError {
+fn step_failed(e: &PipelineError) -> CmdError {
     CmdError::new(ErrorClass::MigrationFailed, e.to_string())
 }
 
