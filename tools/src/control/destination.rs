@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::{json, Value};
@@ -15,7 +14,7 @@ use vfmig_transport::Listener;
 use vfmig_vfio::MigrationDevice;
 
 use super::proto::{self, CmdError, ErrorClass, Reply, Request};
-use super::server::{self, Backend, Out, Outcome};
+use super::server::{self, Backend, Out, Outcome, Shared};
 use super::source::failure_json;
 use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
 use super::{device_states, ControlAddr, DeviceSet, StateWatch};
@@ -25,7 +24,7 @@ use crate::migrate::{self, DestinationPlan};
 use crate::progress::Progress;
 use crate::signals::Cancel;
 
-const COMMANDS: &[&str] = &["start", "cancel", "resumed", "failed"];
+const COMMANDS: &[&str] = &["start", "resumed", "failed"];
 
 /// The VMM's word after the commit.
 #[derive(Debug)]
@@ -46,9 +45,8 @@ enum Cmd {
 pub struct DestinationBackend {
     plan: DestinationPlan,
     listener: Option<Listener>,
-    devices: DeviceSet,
+    shared: Shared,
     out: Emitter,
-    snapshot: Snapshot,
     worker: Option<Worker<Cmd>>,
     outcome_sent: bool,
     /// Cancelled while waiting for the source: nothing was touched, the worker is abandoned.
@@ -66,11 +64,10 @@ pub fn serve(
     json: bool,
 ) -> Result<(), CliError> {
     server::serve(addr, cancel, |out| DestinationBackend {
+        shared: Shared::new(Side::Destination, COMMANDS, devices, plan.timeout),
         plan,
         listener: Some(listener),
-        devices,
         out: Emitter(out),
-        snapshot: Snapshot::new(),
         worker: None,
         outcome_sent: false,
         abandoned: None,
@@ -83,14 +80,18 @@ impl DestinationBackend {
         if let Err(e) = req.only_args(&[]) {
             return Some(Err(e));
         }
-        let Some(listener) = self.listener.take_if(|_| !self.devices.list.is_empty()) else {
+        let Some(listener) = self
+            .listener
+            .take_if(|_| !self.shared.devices.list.is_empty())
+        else {
             return Some(Err(invalid(if self.worker.is_some() {
                 "the migration was already started"
             } else {
                 "no devices: `add-device` first"
             })));
         };
-        let devices = std::mem::take(&mut self.devices);
+        let devices = std::mem::take(&mut self.shared.devices);
+        self.shared.started = true;
         let mut opts = migrate::destination_options(&self.plan, &Progress::new(false, &[], &[]));
         let out = self.out.0.clone();
         opts.progress = Some(Arc::new(move |p: &PipelineProgress| {
@@ -111,13 +112,13 @@ impl DestinationBackend {
         }));
         let session = DestinationSession::new(devices.list, opts);
         let cancel = session.cancel_handle();
-        self.snapshot.set(json!({ "state": "accepting" }));
+        self.shared.snapshot.set(json!({ "state": "accepting" }));
         let mut run = Run {
             session,
             labels: devices.labels,
             plan: self.plan.clone(),
             out: self.out.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: self.shared.snapshot.clone(),
             json: self.json,
             peer: None,
             resume_failed: false,
@@ -134,21 +135,6 @@ impl DestinationBackend {
         Some(Ok(json!({})))
     }
 
-    fn cancel(&mut self) {
-        let Some(w) = &self.worker else { return };
-        if self.snapshot.state() == "accepting" && self.abandoned.is_none() {
-            // No source yet, no device touched: end now instead of waiting out the accept.
-            let e = PipelineError::Cancelled {
-                phase: Phase::Setup,
-            };
-            self.out.event("failed", failure_json(&e, &[]));
-            self.abandoned = Some(Err(migrate::migration_error(e, &[])));
-            return;
-        }
-        w.cancel.cancel();
-        let _ = w.cmds.try_send(Cmd::Cancel);
-    }
-
     fn outcome(&mut self, req: &Request) -> Option<Reply> {
         let args: &[&str] = if req.execute == "resumed" {
             &["resume-devices"]
@@ -162,7 +148,7 @@ impl DestinationBackend {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),
         };
-        let state = self.snapshot.state();
+        let state = self.shared.snapshot.state();
         let Some(w) = self.worker.as_ref().filter(|_| state == "committed") else {
             return Some(Err(invalid(&format!(
                 "`{}` answers the `committed` event; the migration is {state}",
@@ -180,59 +166,38 @@ impl DestinationBackend {
         } else {
             Cmd::Failed(req.id.clone())
         };
-        match queue(&w.cmds, cmd) {
-            Ok(()) => {
-                self.outcome_sent = true;
-                None
-            }
-            Err(e) => Some(Err(e)),
-        }
+        let queued = queue(&w.cmds, cmd);
+        self.outcome_sent = queued.is_ok();
+        queued.err().map(Err)
     }
 }
 
 impl Backend for DestinationBackend {
-    fn side(&self) -> Side {
-        Side::Destination
-    }
-
-    fn commands(&self) -> &'static [&'static str] {
-        COMMANDS
-    }
-
-    fn devices(&mut self) -> Option<&mut DeviceSet> {
-        self.worker.is_none().then_some(&mut self.devices)
-    }
-
-    fn timeout(&self) -> Duration {
-        self.plan.timeout
-    }
-
-    fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
+    fn shared(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 
     fn execute(&mut self, req: &Request) -> Option<Reply> {
         match req.execute.as_str() {
             "start" => self.start(req),
-            "cancel" => Some(req.only_args(&[]).and_then(|()| {
-                if self.worker.as_ref().is_none_or(Worker::ended) || self.abandoned.is_some() {
-                    Err(invalid("no migration in progress"))
-                } else {
-                    self.cancel();
-                    Ok(json!({}))
-                }
-            })),
             "resumed" | "failed" => self.outcome(req),
             name => Some(Err(proto::not_found(name))),
         }
     }
 
-    fn client_gone(&mut self) {
-        self.cancel();
-    }
-
-    fn interrupt(&mut self) {
-        self.cancel();
+    fn cancel(&mut self) {
+        let Some(w) = &self.worker else { return };
+        if self.shared.snapshot.state() == "accepting" && self.abandoned.is_none() {
+            // No source yet, no device touched: end now instead of waiting out the accept.
+            let e = PipelineError::Cancelled {
+                phase: Phase::Setup,
+            };
+            self.out.event("failed", failure_json(&e, &[]));
+            self.abandoned = Some(Err(migrate::migration_error(e, &[])));
+            return;
+        }
+        w.cancel.cancel();
+        let _ = w.cmds.try_send(Cmd::Cancel);
     }
 
     fn poll_outcome(&mut self) -> Outcome {
@@ -261,18 +226,8 @@ struct Run {
 }
 
 impl Run {
-    fn event(&self, name: &'static str, data: Value) {
-        self.out.event(name, data);
-    }
-
-    fn reply(&self, id: Option<Value>, r: Reply) {
-        self.out.reply(id, r);
-    }
-
-    fn states(&mut self) {
-        for d in self.states.changed(self.session.devices_mut()) {
-            self.event("device-state", d);
-        }
+    fn device_states(&mut self) {
+        self.states.emit(self.session.devices_mut(), &self.out);
     }
 
     fn drive(
@@ -294,16 +249,17 @@ impl Run {
         self.peer = Some(recv.peer());
         self.snapshot
             .set(json!({ "state": "receiving", "peer": recv.peer().to_string() }));
-        self.event("connected", json!({ "peer": recv.peer().to_string() }));
-        self.states();
+        self.out
+            .event("connected", json!({ "peer": recv.peer().to_string() }));
+        self.device_states();
         let labels = self.labels.clone();
         let err = |e| migrate::migration_error(e, &labels);
         self.session.receive_session(recv).map_err(err)?;
         // Committed: the source's devices never run again; the VMM loads its RAM and answers.
         self.snapshot.set(json!({ "state": "committed" }));
-        self.states();
+        self.device_states();
         let devices = device_states(self.session.devices_mut());
-        self.event("committed", json!({ "devices": devices }));
+        self.out.event("committed", json!({ "devices": devices }));
         let (id, outcome) = match cmds.recv_timeout(self.plan.timeout) {
             Ok(Cmd::Resumed {
                 id,
@@ -312,7 +268,7 @@ impl Run {
                 Ok(()) => (id, FinalOutcome::Resumed),
                 Err(e) => {
                     // `finish` resets the devices before the source learns the outcome.
-                    self.reply(
+                    self.out.reply(
                         id,
                         Err(CmdError::new(ErrorClass::DeviceError, e.to_string())),
                     );
@@ -338,7 +294,7 @@ impl Run {
         };
         let report = self.session.finish(outcome).map_err(err)?;
         if id.is_some() {
-            self.reply(id, Ok(json!({})));
+            self.out.reply(id, Ok(json!({})));
         }
         if outcome == FinalOutcome::ResumeFailed {
             self.resume_failed = true;
@@ -354,7 +310,7 @@ impl Run {
         &mut self,
         result: Result<vfmig_pipeline::Report, CliError>,
     ) -> (Result<(), CliError>, (&'static str, Value)) {
-        self.states();
+        self.device_states();
         match result {
             Ok(report) => {
                 let last = completed(

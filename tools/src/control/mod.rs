@@ -220,17 +220,16 @@ fn from_fd(
 pub struct StateWatch(Vec<Value>);
 
 impl StateWatch {
-    /// The devices whose state changed since the last call (all of them the first time).
-    pub fn changed<D: MigrationDevice>(&mut self, devices: &mut [D]) -> Vec<Value> {
+    /// Sends `device-state` for each device whose state changed since the last call (all of
+    /// them the first time).
+    pub fn emit<D: MigrationDevice>(&mut self, devices: &mut [D], out: &worker::Emitter) {
         let now = device_states(devices);
-        let changed = now
-            .iter()
-            .enumerate()
-            .filter(|(i, d)| self.0.get(*i) != Some(*d))
-            .map(|(_, d)| d.clone())
-            .collect();
+        for (i, d) in now.iter().enumerate() {
+            if self.0.get(i) != Some(d) {
+                out.event("device-state", d.clone());
+            }
+        }
         self.0 = now;
-        changed
     }
 }
 

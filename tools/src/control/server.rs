@@ -56,25 +56,51 @@ pub enum Outcome {
     Ended(Result<(), CliError>),
 }
 
-/// One side's commands. The server itself answers `add-device`, `status`, `quit` and
-/// `qmp_capabilities`.
-pub trait Backend {
-    /// Which side this is.
-    fn side(&self) -> Side;
-    /// The commands this side knows besides those the server answers.
-    fn commands(&self) -> &'static [&'static str];
-    /// The devices added so far; `None` once the migration started.
-    fn devices(&mut self) -> Option<&mut DeviceSet>;
+/// What the server knows of a side without asking it.
+#[derive(Debug)]
+pub struct Shared {
+    /// Which side.
+    pub side: Side,
+    /// The side's commands besides those the server answers.
+    pub commands: &'static [&'static str],
+    /// The devices added so far.
+    pub devices: DeviceSet,
+    /// `start` was accepted: no more devices.
+    pub started: bool,
     /// `--timeout` (a FIFO source's wait for its writer).
-    fn timeout(&self) -> Duration;
+    pub timeout: Duration,
     /// What `status` answers.
-    fn snapshot(&self) -> &Snapshot;
-    /// Runs one of [`Backend::commands`] (which take no fd). `None`: the worker replies later.
+    pub snapshot: Snapshot,
+}
+
+impl Shared {
+    /// Before `start`, with the devices of `--device`.
+    pub fn new(
+        side: Side,
+        commands: &'static [&'static str],
+        devices: DeviceSet,
+        timeout: Duration,
+    ) -> Shared {
+        Shared {
+            side,
+            commands,
+            devices,
+            started: false,
+            timeout,
+            snapshot: Snapshot::new(),
+        }
+    }
+}
+
+/// One side's commands. The server itself answers `add-device`, `status`, `cancel`, `quit`
+/// and `qmp_capabilities`.
+pub trait Backend {
+    /// The state the server reads and `add-device` fills.
+    fn shared(&mut self) -> &mut Shared;
+    /// Runs one of [`Shared::commands`] (which take no fd). `None`: the worker replies later.
     fn execute(&mut self, req: &Request) -> Option<Reply>;
-    /// The client left mid-migration: cancel, with rollback.
-    fn client_gone(&mut self);
-    /// SIGINT or SIGTERM: cancel, with rollback.
-    fn interrupt(&mut self);
+    /// Cancel, with rollback: the client left mid-migration, or SIGINT / SIGTERM came.
+    fn cancel(&mut self);
     /// Where the migration is.
     fn poll_outcome(&mut self) -> Outcome;
 }
@@ -226,9 +252,11 @@ impl<B: Backend> Server<B> {
         self.conn = None;
         if !self.gone {
             self.gone = true;
+            // A `start` in the same read as the hang-up counts.
+            self.refresh();
             if self.running {
                 say!("vfmig: the control client left mid-migration: cancelling (rollback)");
-                self.backend.client_gone();
+                self.backend.cancel();
             }
         }
     }
@@ -273,12 +301,13 @@ impl<B: Backend> Server<B> {
             overlong: false,
             fd_overflow: false,
         });
-        let role = match self.backend.side() {
+        let sh = self.backend.shared();
+        let role = match sh.side {
             Side::Source => "source",
             Side::Destination => "destination",
         };
-        let mut commands = vec!["add-device", "status", "quit"];
-        commands.extend_from_slice(self.backend.commands());
+        let mut commands = vec!["add-device", "status", "cancel", "quit"];
+        commands.extend_from_slice(sh.commands);
         let greeting = proto::greeting(role, &commands);
         self.send(&greeting);
     }
@@ -337,21 +366,33 @@ impl<B: Backend> Server<B> {
         } else if name == "qmp_capabilities" {
             Some(Ok(json!({})))
         } else if name == "add-device" {
-            let (side, timeout) = (self.backend.side(), self.backend.timeout());
-            Some(match self.backend.devices() {
-                Some(set) => set.add(&req, fds, side, timeout),
-                None => Err(CmdError::new(
+            let sh = self.backend.shared();
+            Some(if sh.started {
+                Err(CmdError::new(
                     ErrorClass::InvalidState,
                     "devices are added before `start`",
-                )),
+                ))
+            } else {
+                sh.devices.add(&req, fds, sh.side, sh.timeout)
             })
         } else if name == "status" {
-            let snapshot = self.backend.snapshot().clone();
-            Some(
-                req.only_args(&[])
-                    .map(|()| snapshot.status(self.backend.devices().as_deref())),
-            )
-        } else if self.backend.commands().contains(&name) {
+            let sh = self.backend.shared();
+            let before = (!sh.started).then_some(&sh.devices);
+            Some(req.only_args(&[]).map(|()| sh.snapshot.status(before)))
+        } else if name == "cancel" {
+            self.refresh();
+            Some(req.only_args(&[]).and_then(|()| {
+                if self.running {
+                    self.backend.cancel();
+                    Ok(json!({}))
+                } else {
+                    Err(CmdError::new(
+                        ErrorClass::InvalidState,
+                        "no migration in progress",
+                    ))
+                }
+            }))
+        } else if self.backend.shared().commands.contains(&name) {
             self.backend.execute(&req)
         } else {
             Some(Err(proto::not_found(name)))
@@ -421,7 +462,7 @@ pub fn serve<B: Backend>(
         }
         if cancel.is_cancelled() && !interrupted {
             interrupted = true;
-            s.backend.interrupt();
+            s.backend.cancel();
         }
         let (listen_ready, conn_ready) = {
             let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];

@@ -11,7 +11,7 @@ use vfmig_pipeline::{Phase, PipelineError, RollbackAction, SourceSession, Source
 use vfmig_vfio::MigrationDevice;
 
 use super::proto::{self, CmdError, ErrorClass, Reply, Request};
-use super::server::{self, Backend, Outcome};
+use super::server::{self, Backend, Outcome, Shared};
 use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
 use super::{ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
@@ -26,7 +26,7 @@ const STEP: Duration = Duration::from_millis(20);
 /// At most one `precopy-progress` event per this interval.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
-const COMMANDS: &[&str] = &["start", "switchover", "cancel"];
+const COMMANDS: &[&str] = &["start", "switchover"];
 
 /// What the worker is asked to do.
 #[derive(Debug)]
@@ -39,9 +39,8 @@ enum Cmd {
 #[derive(Debug)]
 pub struct SourceBackend {
     plan: SourcePlan,
-    devices: DeviceSet,
+    shared: Shared,
     out: Emitter,
-    snapshot: Snapshot,
     worker: Option<Worker<Cmd>>,
     switchover_asked: bool,
     json: bool,
@@ -57,10 +56,9 @@ pub fn serve(
     json: bool,
 ) -> Result<(), CliError> {
     server::serve(addr, cancel, |out| SourceBackend {
+        shared: Shared::new(Side::Source, COMMANDS, devices, plan.timeout),
         plan,
-        devices,
         out: Emitter(out),
-        snapshot: Snapshot::new(),
         worker: None,
         switchover_asked: false,
         json,
@@ -75,20 +73,21 @@ impl SourceBackend {
         if self.worker.is_some() {
             return Some(Err(invalid("the migration was already started")));
         }
-        if self.devices.list.is_empty() {
+        if self.shared.devices.list.is_empty() {
             return Some(Err(invalid("no devices: `add-device` first")));
         }
-        let devices = std::mem::take(&mut self.devices);
+        let devices = std::mem::take(&mut self.shared.devices);
+        self.shared.started = true;
         let opts = migrate::source_options(&self.plan, &Progress::new(false, &[], &[]));
         let session = SourceSession::new(devices.list, opts);
         let cancel = session.cancel_handle();
-        self.snapshot.set(json!({ "state": "connecting" }));
+        self.shared.snapshot.set(json!({ "state": "connecting" }));
         let mut run = Run {
             session,
             labels: devices.labels,
             plan: self.plan.clone(),
             out: self.out.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: self.shared.snapshot.clone(),
             json: self.json,
             states: StateWatch::default(),
         };
@@ -104,18 +103,11 @@ impl SourceBackend {
         None
     }
 
-    fn cancel(&mut self) {
-        if let Some(w) = &self.worker {
-            w.cancel.cancel();
-            let _ = w.cmds.try_send(Cmd::Cancel);
-        }
-    }
-
     fn switchover(&mut self, req: &Request) -> Option<Reply> {
         if let Err(e) = req.only_args(&[]) {
             return Some(Err(e));
         }
-        let state = self.snapshot.state();
+        let state = self.shared.snapshot.state();
         let Some(w) = &self.worker else {
             return Some(Err(invalid("`start` first")));
         };
@@ -125,59 +117,30 @@ impl SourceBackend {
         {
             return Some(Err(invalid(&format!("no switchover in state {state}"))));
         }
-        match queue(&w.cmds, Cmd::Switchover(req.id.clone())) {
-            Ok(()) => {
-                self.switchover_asked = true;
-                None
-            }
-            Err(e) => Some(Err(e)),
-        }
+        let queued = queue(&w.cmds, Cmd::Switchover(req.id.clone()));
+        self.switchover_asked = queued.is_ok();
+        queued.err().map(Err)
     }
 }
 
 impl Backend for SourceBackend {
-    fn side(&self) -> Side {
-        Side::Source
-    }
-
-    fn commands(&self) -> &'static [&'static str] {
-        COMMANDS
-    }
-
-    fn devices(&mut self) -> Option<&mut DeviceSet> {
-        self.worker.is_none().then_some(&mut self.devices)
-    }
-
-    fn timeout(&self) -> Duration {
-        self.plan.timeout
-    }
-
-    fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
+    fn shared(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 
     fn execute(&mut self, req: &Request) -> Option<Reply> {
         match req.execute.as_str() {
             "start" => self.start(req),
             "switchover" => self.switchover(req),
-            "cancel" => Some(req.only_args(&[]).and_then(|()| {
-                if self.worker.as_ref().is_none_or(Worker::ended) {
-                    Err(invalid("no migration in progress"))
-                } else {
-                    self.cancel();
-                    Ok(json!({}))
-                }
-            })),
             name => Some(Err(proto::not_found(name))),
         }
     }
 
-    fn client_gone(&mut self) {
-        self.cancel();
-    }
-
-    fn interrupt(&mut self) {
-        self.cancel();
+    fn cancel(&mut self) {
+        if let Some(w) = &self.worker {
+            w.cancel.cancel();
+            let _ = w.cmds.try_send(Cmd::Cancel);
+        }
     }
 
     fn poll_outcome(&mut self) -> Outcome {
@@ -197,19 +160,9 @@ struct Run {
 }
 
 impl Run {
-    fn event(&self, name: &'static str, data: Value) {
-        self.out.event(name, data);
-    }
-
-    fn reply(&self, id: Option<Value>, r: Reply) {
-        self.out.reply(id, r);
-    }
-
     /// Emits `device-state` for every device whose state changed since the last look.
     fn device_states(&mut self) {
-        for d in self.states.changed(self.session.devices_mut()) {
-            self.event("device-state", d);
-        }
+        self.states.emit(self.session.devices_mut(), &self.out);
     }
 
     fn connect(&mut self) -> Result<SocketAddr, PipelineError> {
@@ -234,13 +187,14 @@ impl Run {
         let peer = match self.connect() {
             Ok(p) => p,
             Err(e) => {
-                self.reply(start_id, Err(step_failed(&e)));
+                self.out.reply(start_id, Err(step_failed(&e)));
                 return Err(e);
             }
         };
         self.snapshot
             .set(json!({ "state": "setup", "peer": peer.to_string() }));
-        self.reply(start_id, Ok(json!({ "peer": peer.to_string() })));
+        self.out
+            .reply(start_id, Ok(json!({ "peer": peer.to_string() })));
         self.device_states();
         let mut last_progress: Option<Instant> = None;
         let mut acked = false;
@@ -260,19 +214,19 @@ impl Run {
             self.snapshot.set(facts.clone());
             if st.switchover_acked && !acked {
                 acked = true;
-                self.event("switchover-ready", facts.clone());
+                self.out.event("switchover-ready", facts.clone());
             }
             if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
                 last_progress = Some(Instant::now());
-                self.event("precopy-progress", facts);
+                self.out.event("precopy-progress", facts);
             }
             self.device_states();
         };
         if let Err(e) = self.session.switchover() {
-            self.reply(switch_id, Err(step_failed(&e)));
+            self.out.reply(switch_id, Err(step_failed(&e)));
             return Err(e);
         }
-        self.reply(switch_id, Ok(json!({})));
+        self.out.reply(switch_id, Ok(json!({})));
         self.device_states();
         if let Ok(st) = self.session.status() {
             self.snapshot.set(status_json(&st, &self.labels));
