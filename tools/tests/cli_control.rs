@@ -237,6 +237,23 @@ fn bad_input_gets_json_errors_and_never_stops_the_migration() {
         src.err("status", json!({ "verbose": true }), &[]),
         "InvalidArgument"
     );
+    // An fd that is not what its kind says is refused, and nothing is added.
+    for kind in ["vfio", "vfio-group"] {
+        let args = json!({ "kind": kind, "name": "0000:00:01.0" });
+        assert_eq!(
+            src.err("add-device", args, &[null]),
+            "DeviceError",
+            "{kind}"
+        );
+    }
+    let file = json!({ "kind": "file", "name": "x" });
+    assert_eq!(dst.err("add-device", file.clone(), &[null]), "DeviceError");
+    let sock = std::os::unix::net::UnixStream::pair().expect("pair").0;
+    assert_eq!(
+        src.err("add-device", file, &[sock.as_raw_fd()]),
+        "DeviceError"
+    );
+    assert_eq!(src.ok("status", json!({}), &[])["devices"], json!([]));
 
     dst.ok("add-device", emu_spec(), &[]);
     src.ok("add-device", emu_spec(), &[]);

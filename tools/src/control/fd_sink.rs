@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, Seek as _};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use vfmig_vfio::{DeviceError, DeviceState, MigrationDevice};
 
@@ -34,6 +34,9 @@ pub enum FdSinkError {
     /// Not a regular file (a pipe or socket cannot be truncated when a migration fails).
     #[error("the fd is not a regular file")]
     NotRegular,
+    /// Opened read-only: the state could not be written.
+    #[error("the fd is open read-only; the destination needs O_RDWR or O_WRONLY")]
+    ReadOnly,
 }
 
 impl FdSink {
@@ -43,6 +46,11 @@ impl FdSink {
         let meta = file.metadata().map_err(FdSinkError::Stat)?;
         if !meta.file_type().is_file() {
             return Err(FdSinkError::NotRegular);
+        }
+        let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| FdSinkError::Stat(e.into()))?;
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Err(FdSinkError::ReadOnly);
         }
         Ok(FdSink {
             name,
