@@ -90,69 +90,9 @@ pub(crate) fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::E
     }
 }
 
-pub(crate) fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceError {
-    DeviceError::Unsupported {
-        device: device.to_owned(),
-        op,
-        feature,
-    }
-}
-
-/// The [`MigrationDevice`] methods of a stream device (a type with a `name: String` field):
-/// no PRE_COPY information and no DMA dirty logging.
-macro_rules! no_precopy_or_dma {
-    () => {
-        fn precopy_info(
-            &mut self,
-            _data_fd: ::std::os::fd::BorrowedFd<'_>,
-        ) -> Result<::vfmig_vfio::PrecopyInfo, ::vfmig_vfio::DeviceError> {
-            Err($crate::file_device::unsupported(
-                &self.name,
-                "VFIO_MIG_GET_PRECOPY_INFO",
-                "VFIO_MIGRATION_PRE_COPY",
-            ))
-        }
-
-        fn dma_logging_start(
-            &mut self,
-            _: &[::vfmig_vfio::IovaRange],
-            _: u64,
-        ) -> Result<u64, ::vfmig_vfio::DeviceError> {
-            Err($crate::file_device::unsupported(
-                &self.name,
-                "DMA_LOGGING_START",
-                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-            ))
-        }
-
-        fn dma_logging_report(
-            &mut self,
-            _: u64,
-            _: u64,
-            _: u64,
-            _: &mut [u64],
-        ) -> Result<(), ::vfmig_vfio::DeviceError> {
-            Err($crate::file_device::unsupported(
-                &self.name,
-                "DMA_LOGGING_REPORT",
-                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-            ))
-        }
-
-        fn dma_logging_stop(&mut self) -> Result<(), ::vfmig_vfio::DeviceError> {
-            Err($crate::file_device::unsupported(
-                &self.name,
-                "DMA_LOGGING_STOP",
-                "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-            ))
-        }
-    };
-}
-pub(crate) use no_precopy_or_dma;
-
 /// The [`MigrationDevice`] methods of a destination stream device (a type with `name: String`
 /// and `state: DeviceState` fields): a byte stream that takes any source device's state, with
-/// [`FILE_CAPS`], and [`no_precopy_or_dma`].
+/// [`FILE_CAPS`]. The optional operations keep the trait's defaults (unsupported).
 macro_rules! stream_sink {
     () => {
         fn name(&self) -> &str {
@@ -179,8 +119,6 @@ macro_rules! stream_sink {
         fn stop_copy_size(&mut self) -> Result<u64, ::vfmig_vfio::DeviceError> {
             Ok(0)
         }
-
-        $crate::file_device::no_precopy_or_dma!();
     };
 }
 pub(crate) use stream_sink;
@@ -498,8 +436,6 @@ impl MigrationDevice for FileSource {
             SourceKind::Pipe { .. } => 0,
         })
     }
-
-    no_precopy_or_dma!();
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.state = DeviceState::Running;

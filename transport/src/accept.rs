@@ -91,9 +91,13 @@ pub(crate) fn assemble(
     let mut session: Option<Assembly> = None;
     let outcome = loop {
         // Results first: a completed source must not wait behind strangers.
+        let mut fatal = None;
         while let Ok(r) = rx.try_recv() {
             let r = st.finished(r);
-            handle(r, &mut session, cfg, sealing, on_dropped);
+            fatal = fatal.or(handle(r, &mut session, cfg, sealing, on_dropped));
+        }
+        if let Some(e) = fatal {
+            break Err(e);
         }
         if let Some(s) = &session {
             if s.missing == 0 {
@@ -123,7 +127,9 @@ pub(crate) fn assemble(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                    break Err(e);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A connection that died before we took it (ECONNABORTED) or a transient shortage
@@ -131,7 +137,9 @@ pub(crate) fn assemble(
             Err(e) if accept_error_is_transient(&e) => {
                 let e = TransportError::io("accept", e);
                 on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
-                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                    break Err(e);
+                }
             }
             Err(e) => break Err(TransportError::io("accept", e)),
         }
@@ -167,13 +175,13 @@ fn wait(
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
-) {
+) -> Option<TransportError> {
     match rx.recv_timeout(POLL) {
         Ok(r) => {
             let r = st.finished(r);
-            handle(r, session, cfg, sealing, on_dropped);
+            handle(r, session, cfg, sealing, on_dropped)
         }
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
     }
 }
 
@@ -269,16 +277,23 @@ impl State {
 }
 
 /// Acts on a finished handshake: creates the session, joins it, or drops the connection.
+/// Returns the error that ends the wait: a source that completed the handshake (with the key,
+/// when one is configured) but declared devices that cannot pair with ours is the real source
+/// given the wrong devices, not a stranger; waiting on would only hide the operator's mistake.
 fn handle(
     (_, peer, r): HsResult,
     session: &mut Option<Assembly>,
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
-) {
+) -> Option<TransportError> {
     let (sock, a) = match r {
         Ok(v) => v,
-        Err(e) => return on_dropped(peer, &e),
+        Err(e) if is_device_mismatch(&e) => return Some(e),
+        Err(e) => {
+            on_dropped(peer, &e);
+            return None;
+        }
     };
     match session {
         None if !a.joined => {
@@ -323,4 +338,17 @@ fn handle(
             }
         }
     }
+    None
+}
+
+/// A handshake that failed only because the two sides were given devices that cannot pair.
+fn is_device_mismatch(e: &TransportError) -> bool {
+    use vfmig_wire::handshake::HandshakeError;
+    matches!(
+        e,
+        TransportError::Handshake {
+            source: HandshakeError::DeviceMismatch(_) | HandshakeError::DeviceCountMismatch { .. },
+            ..
+        }
+    )
 }

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -70,6 +70,8 @@ pub enum Fault {
     /// Hold back every frame from the destination from the first of this kind on, until the flag
     /// is set (then forward them in order).
     HoldToSource(FrameKind, Arc<AtomicBool>),
+    /// Count the frames of this kind from the destination (and forward them).
+    CountToSource(FrameKind, Arc<AtomicU64>),
 }
 
 /// A one-connection TCP proxy that understands enough of the protocol (handshake envelopes, then
@@ -130,6 +132,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
         match fault {
             Fault::CutToDestination(k) if up && kind == Some(*k) => return cut(all),
             Fault::CutToSource(k) if !up && kind == Some(*k) => return cut(all),
+            Fault::CountToSource(k, n) if !up && kind == Some(*k) => {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
             Fault::HoldToSource(k, release) if !up && (held || kind == Some(*k)) => {
                 held = true;
                 while !release.load(Ordering::SeqCst) {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::{json, Value};
@@ -21,7 +22,7 @@ use super::{device_states, ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressMode};
 use crate::signals::Cancel;
 
 const COMMANDS: &[&str] = &["start", "resumed", "failed"];
@@ -92,7 +93,10 @@ impl DestinationBackend {
         };
         let devices = std::mem::take(&mut self.shared.devices);
         self.shared.started = true;
-        let mut opts = migrate::destination_options(&self.plan, &Progress::new(false, &[], &[]));
+        let mut opts = migrate::destination_options(
+            &self.plan,
+            &Progress::new(ProgressMode::None, &[], &[], "", Duration::ZERO),
+        );
         let out = self.out.0.clone();
         opts.progress = Some(Arc::new(move |p: &PipelineProgress| {
             let devices: Vec<Value> = p

@@ -17,7 +17,7 @@ use super::{ControlAddr, DeviceSet, StateWatch};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, SourcePlan};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressMode};
 use crate::signals::Cancel;
 
 /// How long the worker waits for a command between two `status` steps (the library asks for a
@@ -78,7 +78,10 @@ impl SourceBackend {
         }
         let devices = std::mem::take(&mut self.shared.devices);
         self.shared.started = true;
-        let opts = migrate::source_options(&self.plan, &Progress::new(false, &[], &[]));
+        let opts = migrate::source_options(
+            &self.plan,
+            &Progress::new(ProgressMode::None, &[], &[], "", Duration::ZERO),
+        );
         let session = SourceSession::new(devices.list, opts);
         let cancel = session.cancel_handle();
         self.shared.snapshot.set(json!({ "state": "connecting" }));
