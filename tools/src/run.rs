@@ -177,11 +177,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
             .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
     };
     if let Some(ctl) = &c.control {
-        let set = crate::control::DeviceSet {
-            list: devs.list,
-            labels: devs.labels,
-        };
-        return crate::control::source::serve(ctl, plan, set, cancel, c.json);
+        return crate::control::source::serve(ctl, plan, devs.into(), cancel, c.json);
     }
     let labels = devs.labels;
     let (result, peer, mut devices) =
@@ -230,11 +226,14 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
     };
     if let Some(ctl) = &c.control {
-        let set = crate::control::DeviceSet {
-            list: devs.list,
-            labels: devs.labels,
-        };
-        return crate::control::destination::serve(ctl, plan, listener, set, cancel, c.json);
+        return crate::control::destination::serve(
+            ctl,
+            plan,
+            listener,
+            devs.into(),
+            cancel,
+            c.json,
+        );
     }
 
     // Until a source is connected there is nothing to roll back: a signal ends the wait at once,

@@ -83,6 +83,16 @@ pub struct DeviceSet {
     pub labels: Vec<DeviceLabel>,
 }
 
+impl From<devices::Devices> for DeviceSet {
+    /// The devices of `--device`, first in the session.
+    fn from(d: devices::Devices) -> DeviceSet {
+        DeviceSet {
+            list: d.list,
+            labels: d.labels,
+        }
+    }
+}
+
 impl std::fmt::Debug for DeviceSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceSet")
