@@ -218,8 +218,15 @@ fn concat_help(parts: &[&str]) -> String {
 #[derive(Debug, Args, Clone)]
 pub struct CommonArgs {
     /// A device to migrate; repeat for several (see DEVICE SPECS below).
-    #[arg(long = "device", short = 'd', value_name = "SPEC", required = true, value_parser = parse_spec)]
+    #[arg(long = "device", short = 'd', value_name = "SPEC", required_unless_present = "control", value_parser = parse_spec)]
     pub devices: Vec<DeviceSpec>,
+
+    /// Serve a control socket at unix:PATH (mode 0600, the same user only) and let one client,
+    /// a VMM, add devices (by spec, or as fds passed with SCM_RIGHTS) and drive the migration
+    /// with JSON commands; progress comes back as events. --device is then optional: those
+    /// devices come first. See docs/CONTROL.md.
+    #[arg(long, value_name = "unix:PATH", value_parser = crate::control::parse_control)]
+    pub control: Option<crate::control::ControlAddr>,
 
     /// Pre-shared key file: both sides prove they hold the key (mutual HMAC-SHA-256
     /// challenge-response) before any device is touched. The whole file is the key (at least

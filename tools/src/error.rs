@@ -185,6 +185,9 @@ pub enum CliError {
     /// SIGINT or SIGTERM arrived before a source connected: nothing was migrated.
     #[error("interrupted (SIGINT/SIGTERM) while waiting for a source")]
     Interrupted,
+    /// The control socket (`--control`) could not be served.
+    #[error("{0}")]
+    Control(crate::control::ControlError),
     /// The demo's verification found a difference although the pipeline reported success.
     #[error("verification failed: {what}")]
     Verification {
@@ -304,6 +307,7 @@ pub fn describe(e: &CliError) -> String {
                 .to_owned()
         }
         CliError::Verification { what } => format!("verification failed: {what}"),
+        CliError::Control(e) => e.to_string(),
     };
     one_line(&line)
 }

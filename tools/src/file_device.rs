@@ -83,12 +83,45 @@ fn errno(e: i32) -> io::Error {
 }
 
 /// Checks that `next` is one legal SET away from `cur` for a device with [`FILE_CAPS`].
-fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
+pub(crate) fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
     match next_state(cur, next, FILE_CAPS) {
         Ok(n) if n == next && n != cur => Ok(()),
         _ => Err(errno(libc::EINVAL)),
     }
 }
+
+/// The [`MigrationDevice`] methods of a destination stream device (a type with `name: String`
+/// and `state: DeviceState` fields): a byte stream that takes any source device's state, with
+/// [`FILE_CAPS`]. The optional operations keep the trait's defaults (unsupported).
+macro_rules! stream_sink {
+    () => {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        /// A byte stream: takes any source device's state.
+        fn identity(&self) -> ::vfmig_vfio::Identity {
+            ::vfmig_vfio::Identity {
+                class: ::vfmig_vfio::DeviceClass::Stream,
+                size: None,
+                compat: String::new(),
+            }
+        }
+
+        fn capabilities(&self) -> ::vfmig_vfio::MigrationCaps {
+            $crate::file_device::FILE_CAPS
+        }
+
+        fn state(&mut self) -> Result<::vfmig_vfio::DeviceState, ::vfmig_vfio::DeviceError> {
+            Ok(self.state)
+        }
+
+        fn stop_copy_size(&mut self) -> Result<u64, ::vfmig_vfio::DeviceError> {
+            Ok(0)
+        }
+    };
+}
+pub(crate) use stream_sink;
 
 /// A regular file's identity at open: where it lives (device, inode) and what it holds (size,
 /// modification time).
@@ -204,34 +237,7 @@ impl FileSource {
                     (display_name(p), Some(p.clone()), file)
                 }
             };
-        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
-            path: path.clone().unwrap_or_else(|| "-".into()),
-            source,
-        })?;
-        let kind = if meta.file_type().is_file() {
-            SourceKind::Regular {
-                len: meta.len(),
-                stamp: FileStamp::of(&meta),
-            }
-        } else {
-            SourceKind::Pipe {
-                waited_for_writer: false,
-            }
-        };
-        let mut dev = FileSource {
-            name,
-            path,
-            kind,
-            fd: Some(OwnedFd::from(file)),
-            state: DeviceState::Running,
-            writer_timeout,
-        };
-        if let (SourceKind::Regular { .. }, Some(fd)) = (&dev.kind, dev.fd.as_ref()) {
-            set_blocking(fd.as_fd()).map_err(|source| FileDeviceError::Open {
-                path: dev.path.clone().unwrap_or_else(|| "-".into()),
-                source,
-            })?;
-        }
+        let mut dev = FileSource::from_file(name, path, file, writer_timeout)?;
         if matches!(target, FileTarget::Stdio) {
             // stdin may be a pipe whose writer is already there; it may also be non-blocking if
             // the parent left it so: the data fd must block.
@@ -244,6 +250,74 @@ impl FileSource {
             dev.kind = SourceKind::Pipe {
                 waited_for_writer: true,
             };
+        }
+        Ok(dev)
+    }
+
+    /// Adopts a stream the caller opened (a control-socket client's fd): a regular file, read
+    /// from its start, or a pipe/FIFO (STOP -> STOP_COPY waits up to `writer_timeout` for data or
+    /// for its writer to close). `name` is used in messages.
+    pub fn from_fd(
+        fd: OwnedFd,
+        name: String,
+        writer_timeout: Duration,
+    ) -> Result<Self, FileDeviceError> {
+        use std::io::Seek as _;
+        let mut file = File::from(fd);
+        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
+            path: name.clone().into(),
+            source,
+        })?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_fifo() {
+            return Err(FileDeviceError::NotAStream {
+                path: name.into(),
+                what: "socket, directory or device node",
+            });
+        }
+        if ft.is_file() {
+            file.seek(io::SeekFrom::Start(0))
+                .map_err(|source| FileDeviceError::Open {
+                    path: name.clone().into(),
+                    source,
+                })?;
+        }
+        FileSource::from_file(name, None, file, writer_timeout)
+    }
+
+    fn from_file(
+        name: String,
+        path: Option<PathBuf>,
+        file: File,
+        writer_timeout: Duration,
+    ) -> Result<Self, FileDeviceError> {
+        let meta = file.metadata().map_err(|source| FileDeviceError::Open {
+            path: path.clone().unwrap_or_else(|| name.clone().into()),
+            source,
+        })?;
+        let kind = if meta.file_type().is_file() {
+            SourceKind::Regular {
+                len: meta.len(),
+                stamp: FileStamp::of(&meta),
+            }
+        } else {
+            SourceKind::Pipe {
+                waited_for_writer: false,
+            }
+        };
+        let dev = FileSource {
+            name,
+            path,
+            kind,
+            fd: Some(OwnedFd::from(file)),
+            state: DeviceState::Running,
+            writer_timeout,
+        };
+        if let (SourceKind::Regular { .. }, Some(fd)) = (&dev.kind, dev.fd.as_ref()) {
+            set_blocking(fd.as_fd()).map_err(|source| FileDeviceError::Open {
+                path: dev.path.clone().unwrap_or_else(|| "-".into()),
+                source,
+            })?;
         }
         Ok(dev)
     }
@@ -626,26 +700,7 @@ impl Drop for FileSink {
 }
 
 impl MigrationDevice for FileSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// A byte stream: takes any source device's state.
-    fn identity(&self) -> Identity {
-        Identity {
-            class: DeviceClass::Stream,
-            size: None,
-            compat: String::new(),
-        }
-    }
-
-    fn capabilities(&self) -> MigrationCaps {
-        FILE_CAPS
-    }
-
-    fn state(&mut self) -> Result<DeviceState, DeviceError> {
-        Ok(self.state)
-    }
+    stream_sink!();
 
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
         check_arc(self.state, next)?;
@@ -671,10 +726,6 @@ impl MigrationDevice for FileSink {
         };
         self.state = next;
         Ok(out)
-    }
-
-    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
-        Ok(0)
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {

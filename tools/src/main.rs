@@ -6,7 +6,9 @@
 //! certificate files, `file:` streams; data out: exit status, one line on stderr on failure, a
 //! summary or a JSON report.
 
-#![forbid(unsafe_code)]
+// `unsafe` only in `control::fdpass` (taking ownership of descriptors received over the
+// control socket), which allows it for itself.
+#![deny(unsafe_code)]
 
 /// Writes a line to stderr, ignoring errors (a closed stderr must not turn into a panic).
 macro_rules! say {
@@ -18,6 +20,7 @@ macro_rules! say {
 
 mod addr;
 mod cli;
+mod control;
 mod demo;
 mod devices;
 mod error;

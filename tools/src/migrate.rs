@@ -177,7 +177,41 @@ pub fn report_json(
     }
 }
 
-fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
+/// The source session's options for `plan` (progress bars and notices through `progress`).
+pub fn source_options(plan: &SourcePlan, progress: &Progress) -> SourceOptions {
+    SourceOptions {
+        compress: compress(plan.compress),
+        precopy: plan.precopy,
+        max_downtime: plan.max_downtime,
+        max_precopy: plan.max_precopy,
+        on_max_precopy: plan.on_max_precopy,
+        max_bandwidth: plan.max_bandwidth,
+        timeout: plan.timeout,
+        allow_without_p2p: plan.allow_without_p2p,
+        codec_workers: plan.workers,
+        session: plan.session.clone(),
+        progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
+        ..SourceOptions::default()
+    }
+}
+
+/// The destination session's options for `plan` (progress bars and notices through
+/// `progress`).
+pub fn destination_options(plan: &DestinationPlan, progress: &Progress) -> DestinationOptions {
+    DestinationOptions {
+        timeout: plan.timeout,
+        codec_workers: plan.workers,
+        allow_without_p2p: true,
+        session: plan.session.clone(),
+        progress: progress_fn(progress),
+        notice: Some(notice_fn(progress)),
+        ..DestinationOptions::default()
+    }
+}
+
+/// A pipeline failure as the CLI's error, naming the devices.
+pub fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
     CliError::Migration {
         error: Box::new(e),
         devices: labels.to_vec(),
@@ -186,7 +220,7 @@ fn migration_error(e: PipelineError, labels: &[DeviceLabel]) -> CliError {
 }
 
 /// Whether a source run failed at TCP connect, so that the receiver's next address may answer.
-fn is_connect_failure(e: &PipelineError) -> bool {
+pub(crate) fn is_connect_failure(e: &PipelineError) -> bool {
     matches!(
         e,
         PipelineError::Transport {
@@ -206,21 +240,7 @@ pub fn run_source<D: MigrationDevice>(
     progress: &Progress,
     cancel: &Cancel,
 ) -> (Result<Report, CliError>, Option<SocketAddr>, Vec<D>) {
-    let opts = SourceOptions {
-        compress: compress(plan.compress),
-        precopy: plan.precopy,
-        max_downtime: plan.max_downtime,
-        max_precopy: plan.max_precopy,
-        on_max_precopy: plan.on_max_precopy,
-        max_bandwidth: plan.max_bandwidth,
-        timeout: plan.timeout,
-        allow_without_p2p: plan.allow_without_p2p,
-        codec_workers: plan.workers,
-        session: plan.session.clone(),
-        progress: progress_fn(progress),
-        notice: Some(notice_fn(progress)),
-        ..SourceOptions::default()
-    };
+    let opts = source_options(plan, progress);
     let mut session = SourceSession::new(devices, opts);
     let handle = session.cancel_handle();
     cancel.on_cancel(move || handle.cancel());
@@ -270,15 +290,7 @@ pub fn run_destination<D: MigrationDevice>(
     cancel: &Cancel,
     on_connected: impl FnOnce(SocketAddr),
 ) -> (Result<Report, CliError>, Vec<D>) {
-    let opts = DestinationOptions {
-        timeout: plan.timeout,
-        codec_workers: plan.workers,
-        allow_without_p2p: true,
-        session: plan.session.clone(),
-        progress: progress_fn(progress),
-        notice: Some(notice_fn(progress)),
-        ..DestinationOptions::default()
-    };
+    let opts = destination_options(plan, progress);
     let mut session = DestinationSession::new(devices, opts);
     // Declare the devices, so that a source whose devices cannot pair with them is refused in
     // the handshake, before any device on either side moves.

@@ -176,6 +176,9 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
             .workers
             .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
     };
+    if let Some(ctl) = &c.control {
+        return crate::control::source::serve(ctl, plan, devs.into(), cancel, c.json);
+    }
     let labels = devs.labels;
     let (result, peer, mut devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
@@ -215,6 +218,23 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     let devs = devices::open(&c.devices, Side::Destination, timeout, a.force)?;
     let listener = bind(&a.listen)?;
     say!("vfmig: listening on {}", listener.local_addr());
+    let plan = DestinationPlan {
+        session,
+        timeout,
+        workers: c
+            .workers
+            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
+    };
+    if let Some(ctl) = &c.control {
+        return crate::control::destination::serve(
+            ctl,
+            plan,
+            listener,
+            devs.into(),
+            cancel,
+            c.json,
+        );
+    }
 
     // Until a source is connected there is nothing to roll back: a signal ends the wait at once,
     // reported like any other failure (the one line, and with --json the failure object).
@@ -233,13 +253,6 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
     }
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
     let progress = progress_for(c, &names, &devs.totals, "listening");
-    let plan = DestinationPlan {
-        session,
-        timeout,
-        workers: c
-            .workers
-            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
-    };
     let labels = devs.labels;
     let mut peer = None;
     let (result, mut devices) = migrate::run_destination(

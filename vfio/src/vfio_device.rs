@@ -263,13 +263,8 @@ impl VfioDevice {
                 source,
             }
         };
-        let mut status = b::vfio_group_status {
-            argsz: argsz_of::<b::vfio_group_status>(),
-            flags: 0,
-        };
-        sys::ioctl_ref(group.as_fd(), sys::VFIO_GROUP_GET_STATUS, &mut status)
-            .map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
-        if status.flags & b::VFIO_GROUP_FLAGS_VIABLE == 0 {
+        let status = group_status(group.as_fd(), device_name)?;
+        if status & b::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(DeviceError::NotVfio {
                 path: group_path.display().to_string(),
                 reason: "group is not viable: every device in it must be bound to a VFIO driver"
@@ -306,7 +301,7 @@ impl VfioDevice {
                 feature: "VFIO_TYPE1v2_IOMMU",
             });
         }
-        if status.flags & b::VFIO_GROUP_FLAGS_CONTAINER_SET == 0 {
+        if status & b::VFIO_GROUP_FLAGS_CONTAINER_SET == 0 {
             sys::group_set_container(group.as_fd(), container.as_fd())
                 .map_err(ioctl_err("VFIO_GROUP_SET_CONTAINER"))?;
         }
@@ -316,16 +311,25 @@ impl VfioDevice {
             b::VFIO_TYPE1v2_IOMMU.into(),
         )
         .map_err(ioctl_err("VFIO_SET_IOMMU"))?;
-        let cname = CString::new(device_name).map_err(|_| DeviceError::NotVfio {
-            path: device_name.to_owned(),
-            reason: "device name contains a NUL byte".into(),
-        })?;
-        let fd = sys::group_get_device_fd(group.as_fd(), &cname)
-            .map_err(ioctl_err("VFIO_GROUP_GET_DEVICE_FD"))?;
-        let mut dev = VfioDevice::from_fd(fd, device_name)?;
-        dev._group = Some(group.into());
+        let mut dev = device_in_group(group.into(), device_name)?;
         dev._container = Some(container.into());
         Ok(dev)
+    }
+
+    /// Adopts a VFIO group fd the caller owns (a VMM's: already in a container with its IOMMU
+    /// set) and gets `device_name`'s device fd from it (`VFIO_GROUP_GET_DEVICE_FD`). The group
+    /// fd is kept open as long as the device. A group that is not viable or has no container is
+    /// refused ([`DeviceError::NotVfio`]): setting up DMA is the owner's business.
+    pub fn from_group_fd(group: OwnedFd, device_name: &str) -> Result<VfioDevice, DeviceError> {
+        let status = group_status(group.as_fd(), device_name)?;
+        let needed = b::VFIO_GROUP_FLAGS_VIABLE | b::VFIO_GROUP_FLAGS_CONTAINER_SET;
+        if status & needed != needed {
+            return Err(DeviceError::NotVfio {
+                path: device_name.to_owned(),
+                reason: "the group fd is not viable or has no container with an IOMMU set".into(),
+            });
+        }
+        device_in_group(group, device_name)
     }
 
     /// Opens an iommufd cdev (`/dev/vfio/devices/vfioN`) and binds it to a new iommufd
@@ -548,6 +552,39 @@ impl AsFd for VfioDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.device.as_fd()
     }
+}
+
+/// `VFIO_GROUP_GET_STATUS`: the group's flags.
+fn group_status(group: BorrowedFd<'_>, device_name: &str) -> Result<u32, DeviceError> {
+    let mut status = b::vfio_group_status {
+        argsz: argsz_of::<b::vfio_group_status>(),
+        flags: 0,
+    };
+    sys::ioctl_ref(group, sys::VFIO_GROUP_GET_STATUS, &mut status).map_err(|source| {
+        DeviceError::Ioctl {
+            device: device_name.to_owned(),
+            op: "VFIO_GROUP_GET_STATUS",
+            source,
+        }
+    })?;
+    Ok(status.flags)
+}
+
+/// `VFIO_GROUP_GET_DEVICE_FD` for `device_name`, adopted; the device keeps `group` open.
+fn device_in_group(group: OwnedFd, device_name: &str) -> Result<VfioDevice, DeviceError> {
+    let cname = CString::new(device_name).map_err(|_| DeviceError::NotVfio {
+        path: device_name.to_owned(),
+        reason: "device name contains a NUL byte".into(),
+    })?;
+    let fd =
+        sys::group_get_device_fd(group.as_fd(), &cname).map_err(|source| DeviceError::Ioctl {
+            device: device_name.to_owned(),
+            op: "VFIO_GROUP_GET_DEVICE_FD",
+            source,
+        })?;
+    let mut dev = VfioDevice::from_fd(fd, device_name)?;
+    dev._group = Some(group);
+    Ok(dev)
 }
 
 /// The sysfs directory of the device named `name` (a cdev path `/dev/vfio/devices/vfioN`, a PCI

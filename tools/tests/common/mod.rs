@@ -45,7 +45,19 @@ impl Receiver {
 
     /// Starts `cmd` (a `vfmig recv` with its `--listen`, possibly behind a wrapper such as
     /// [`unprivileged`]) and waits for its `listening on` line.
-    pub fn start(mut cmd: Command) -> Receiver {
+    pub fn start(cmd: Command) -> Receiver {
+        let mut r = Receiver::start_with(cmd, "vfmig: listening on ");
+        let line = r.seen.last().cloned().unwrap_or_default();
+        r.addr = line
+            .trim_start_matches("vfmig: listening on ")
+            .parse()
+            .unwrap_or_else(|e| panic!("bad listening line {line:?}: {e}"));
+        r
+    }
+
+    /// Starts any `vfmig` command with its output collected and waits for a stderr line
+    /// starting with `ready` (`addr` stays 127.0.0.1:0).
+    pub fn start_with(mut cmd: Command, ready: &str) -> Receiver {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -60,11 +72,7 @@ impl Receiver {
             stdout_thread: Some(stdout_thread),
             seen: Vec::new(),
         };
-        let line = r.wait_for_line("vfmig: listening on ");
-        r.addr = line
-            .trim_start_matches("vfmig: listening on ")
-            .parse()
-            .unwrap_or_else(|e| panic!("bad listening line {line:?}: {e}"));
+        r.wait_for_line(ready);
         r
     }
 
