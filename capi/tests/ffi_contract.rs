@@ -1,0 +1,312 @@
+//! The C API's contract, exercised through the exported functions as a C caller would: NULL
+//! pointers and bad values give codes with messages, the caller's fds stay the caller's, devices
+//! are consumed, steps out of order change nothing, and abort and cancel roll the devices back.
+
+// This file plays a C caller: a block of calls on one object shares one safety argument.
+#![allow(clippy::multiple_unsafe_ops_per_block)]
+
+use std::ffi::{c_char, CStr, CString};
+use std::os::fd::AsRawFd;
+use std::ptr::null_mut;
+
+use vfmig::*;
+
+fn last_error() -> String {
+    // SAFETY: vfmig_last_error never returns NULL and the string lives until the next call on
+    // this thread; it is copied at once.
+    unsafe { CStr::from_ptr(vfmig_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).expect("no NUL")
+}
+
+fn emulated(spec: &str, side: VfmigSide) -> *mut VfmigDevice {
+    let spec = c(spec);
+    let mut dev = null_mut();
+    // SAFETY: a NUL-terminated spec and a valid out-pointer.
+    let code = unsafe { vfmig_device_emulated(spec.as_ptr(), side as u32, &mut dev) };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    dev
+}
+
+fn source(specs: &[&str], opts: Option<&VfmigSourceOptions>) -> *mut VfmigSource {
+    let mut devs: Vec<_> = specs
+        .iter()
+        .map(|s| emulated(s, VfmigSide::Source))
+        .collect();
+    let mut s = null_mut();
+    let opts = opts.map_or(std::ptr::null(), |o| o as *const _);
+    // SAFETY: devs holds devs.len() fresh devices; opts is NULL or a valid struct.
+    let code = unsafe { vfmig_source_new(opts, devs.as_mut_ptr(), devs.len(), &mut s) };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    assert!(devs.iter().all(|d| d.is_null()), "the entries are cleared");
+    s
+}
+
+fn source_state(s: *mut VfmigSource, i: usize) -> VfmigDeviceState {
+    let mut st = VfmigDeviceState::Unknown;
+    // SAFETY: a live session used by this thread only, and a valid out-pointer.
+    let code = unsafe { vfmig_source_device_state(s, i, &mut st) };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    st
+}
+
+#[test]
+fn null_pointers_are_refused_with_a_code_and_a_message() {
+    let mut dev = null_mut();
+    // SAFETY: NULL is what is being tested; the out-pointer is valid.
+    let code = unsafe { vfmig_device_emulated(std::ptr::null(), 0, &mut dev) };
+    assert_eq!(code, VfmigCode::NullPointer);
+    assert_eq!(last_error(), "argument spec is NULL");
+    let spec = c("size=1M");
+    // SAFETY: NULL out-pointer is what is being tested.
+    let code = unsafe { vfmig_device_emulated(spec.as_ptr(), 0, null_mut()) };
+    assert_eq!(code, VfmigCode::NullPointer);
+    // SAFETY: NULL sessions are what is being tested.
+    unsafe {
+        assert_eq!(vfmig_source_switchover(null_mut()), VfmigCode::NullPointer);
+        assert_eq!(
+            vfmig_source_status(null_mut(), null_mut(), null_mut(), 0),
+            VfmigCode::NullPointer
+        );
+        assert_eq!(vfmig_destination_resume(null_mut()), VfmigCode::NullPointer);
+        assert_eq!(vfmig_cancel(std::ptr::null()), VfmigCode::NullPointer);
+        vfmig_source_free(null_mut());
+        vfmig_device_free(null_mut());
+    }
+    // A success clears the message.
+    let mut o = std::mem::MaybeUninit::<VfmigSourceOptions>::uninit();
+    // SAFETY: a valid out-pointer.
+    let code = unsafe { vfmig_source_options_default(o.as_mut_ptr()) };
+    assert_eq!(code, VfmigCode::Ok);
+    assert_eq!(last_error(), "");
+}
+
+#[test]
+fn bad_values_are_invalid_arguments_never_undefined() {
+    let spec = c("size=1M");
+    let mut dev = null_mut();
+    // SAFETY: valid pointers; 7 is not a VfmigSide.
+    let code = unsafe { vfmig_device_emulated(spec.as_ptr(), 7, &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    assert!(dev.is_null());
+    let bad = c("size=1M,colour=red");
+    // SAFETY: valid pointers.
+    let code = unsafe { vfmig_device_emulated(bad.as_ptr(), 0, &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    assert!(last_error().contains("colour"), "{}", last_error());
+    let not_utf8 = [0xffu8, 0];
+    // SAFETY: a NUL-terminated byte string.
+    let code = unsafe { vfmig_device_emulated(not_utf8.as_ptr().cast::<c_char>(), 0, &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    let mut l = null_mut();
+    let addr = c("not an address");
+    // SAFETY: valid pointers.
+    let code = unsafe { vfmig_listener_bind(addr.as_ptr(), &mut l) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    assert!(l.is_null());
+}
+
+#[test]
+fn a_non_vfio_fd_is_refused_and_stays_the_callers() {
+    let file = std::fs::File::open("/dev/null").expect("/dev/null");
+    let name = c("not-vfio");
+    let mut dev = null_mut();
+    // SAFETY: a valid fd, name and out-pointer.
+    let code = unsafe { vfmig_device_vfio_from_fd(file.as_raw_fd(), name.as_ptr(), &mut dev) };
+    assert_eq!(code, VfmigCode::Device, "{}", last_error());
+    assert!(dev.is_null());
+    // The library worked on a duplicate: the caller's fd is still open.
+    // SAFETY: F_GETFD on an integer fd only reads its flags.
+    assert!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFD) } >= 0);
+    // SAFETY: valid pointers; -1 is what is being tested.
+    let code = unsafe { vfmig_device_vfio_from_fd(-1, name.as_ptr(), &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+}
+
+#[test]
+fn steps_out_of_order_are_refused_and_change_nothing() {
+    let s = source(&["name=a,size=1M"], None);
+    // SAFETY: a live session used by this thread only.
+    unsafe {
+        assert_eq!(vfmig_source_switchover(s), VfmigCode::WrongStep);
+        assert_eq!(
+            vfmig_source_finish(s, null_mut(), null_mut(), 0),
+            VfmigCode::WrongStep
+        );
+        let mut st = std::mem::MaybeUninit::<VfmigStatus>::uninit();
+        assert_eq!(
+            vfmig_source_status(s, st.as_mut_ptr(), null_mut(), 0),
+            VfmigCode::WrongStep
+        );
+        let mut active = true;
+        assert_eq!(vfmig_source_abort(s, &mut active), VfmigCode::Ok);
+        assert!(!active);
+    }
+    assert_eq!(source_state(s, 0), VfmigDeviceState::Running);
+    let mut st = VfmigDeviceState::Unknown;
+    // SAFETY: a live session; index 5 is out of range.
+    let code = unsafe { vfmig_source_device_state(s, 5, &mut st) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    // SAFETY: frees the session once.
+    unsafe { vfmig_source_free(s) };
+
+    let mut devs = [emulated("size=1M", VfmigSide::Destination)];
+    let mut d = null_mut();
+    // SAFETY: one fresh device, defaults, a valid out-pointer.
+    unsafe {
+        assert_eq!(
+            vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), 1, &mut d),
+            VfmigCode::Ok
+        );
+        assert_eq!(vfmig_destination_resume(d), VfmigCode::WrongStep);
+        assert_eq!(
+            vfmig_destination_finish(d, VfmigOutcome::Resumed as u32, null_mut(), null_mut(), 0),
+            VfmigCode::WrongStep
+        );
+        assert_eq!(
+            vfmig_destination_finish(d, 99, null_mut(), null_mut(), 0),
+            VfmigCode::InvalidArgument
+        );
+        vfmig_destination_free(d);
+    }
+}
+
+#[test]
+fn a_null_entry_consumes_the_others_and_fails() {
+    let mut devs = [emulated("size=1M", VfmigSide::Source), null_mut()];
+    let mut s = null_mut();
+    // SAFETY: two entries, one device and one NULL.
+    let code = unsafe { vfmig_source_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut s) };
+    assert_eq!(code, VfmigCode::NullPointer);
+    assert!(s.is_null());
+    assert!(devs[0].is_null(), "consumed whatever the result");
+}
+
+/// A destination on its own thread: binds, receives, and returns the receive code and the
+/// device states afterwards.
+fn destination_thread(
+    specs: &'static [&'static str],
+) -> (
+    u16,
+    std::thread::JoinHandle<(VfmigCode, Vec<VfmigDeviceState>)>,
+) {
+    let addr = c("127.0.0.1:0");
+    let mut l = null_mut();
+    let mut port = 0;
+    // SAFETY: valid pointers; the listener is handed to the thread and freed there.
+    unsafe {
+        assert_eq!(vfmig_listener_bind(addr.as_ptr(), &mut l), VfmigCode::Ok);
+        assert_eq!(vfmig_listener_port(l, &mut port), VfmigCode::Ok);
+    }
+    let l = l as usize;
+    let h = std::thread::spawn(move || {
+        let l = l as *mut VfmigListener;
+        let mut devs: Vec<_> = specs
+            .iter()
+            .map(|s| emulated(s, VfmigSide::Destination))
+            .collect();
+        let mut d = null_mut();
+        // SAFETY: fresh devices, defaults, valid pointers; the session and listener are used
+        // by this thread only and freed once.
+        unsafe {
+            assert_eq!(
+                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), devs.len(), &mut d),
+                VfmigCode::Ok
+            );
+            let code = vfmig_destination_receive(d, l);
+            let states = (0..specs.len())
+                .map(|i| {
+                    let mut st = VfmigDeviceState::Unknown;
+                    assert_eq!(vfmig_destination_device_state(d, i, &mut st), VfmigCode::Ok);
+                    st
+                })
+                .collect();
+            vfmig_destination_free(d);
+            vfmig_listener_free(l);
+            (code, states)
+        }
+    });
+    (port, h)
+}
+
+fn start(s: *mut VfmigSource, port: u16) {
+    let addr = c(&format!("127.0.0.1:{port}"));
+    // SAFETY: a live session and a NUL-terminated address.
+    let code = unsafe { vfmig_source_start(s, addr.as_ptr()) };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+}
+
+fn status(s: *mut VfmigSource) -> (VfmigCode, Option<VfmigStatus>) {
+    let mut st = std::mem::MaybeUninit::<VfmigStatus>::uninit();
+    let mut devs = std::mem::MaybeUninit::<[VfmigDeviceStatus; 2]>::uninit();
+    // SAFETY: a live session, one writable status and two writable device entries.
+    let code = unsafe { vfmig_source_status(s, st.as_mut_ptr(), devs.as_mut_ptr().cast(), 2) };
+    // SAFETY: written in full when the call succeeded.
+    (
+        code,
+        (code == VfmigCode::Ok).then(|| unsafe { st.assume_init() }),
+    )
+}
+
+const TWO: &[&str] = &[
+    "name=gpu0,size=4M,seed=1,dirty-rate=1M",
+    "name=nic0,size=4M,seed=2,dirty-rate=1M",
+];
+
+#[test]
+fn abort_in_precopy_rolls_both_sides_back() {
+    let (port, dst) = destination_thread(TWO);
+    let s = source(TWO, None);
+    start(s, port);
+    let (code, st) = status(s);
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    assert_eq!(st.expect("status").device_count, 2);
+    let mut active = false;
+    // SAFETY: a live session used by this thread only.
+    assert_eq!(unsafe { vfmig_source_abort(s, &mut active) }, VfmigCode::Ok);
+    assert!(active);
+    assert_eq!(source_state(s, 0), VfmigDeviceState::Running);
+    assert_eq!(source_state(s, 1), VfmigDeviceState::Running);
+    let (code, states) = dst.join().expect("destination thread");
+    assert_ne!(code, VfmigCode::Ok);
+    assert_ne!(code, VfmigCode::InDoubt);
+    assert!(
+        states.iter().all(|s| *s == VfmigDeviceState::Running),
+        "destination devices reset: {states:?}"
+    );
+    // SAFETY: frees the session once.
+    unsafe { vfmig_source_free(s) };
+}
+
+#[test]
+fn cancel_from_another_thread_fails_the_next_step_and_rolls_back() {
+    let (port, dst) = destination_thread(TWO);
+    let s = source(TWO, None);
+    let mut cancel = null_mut();
+    // SAFETY: a live session and a valid out-pointer.
+    let code = unsafe { vfmig_source_cancel_handle(s, &mut cancel) };
+    assert_eq!(code, VfmigCode::Ok);
+    start(s, port);
+    let cancel = cancel as usize;
+    std::thread::spawn(move || {
+        // SAFETY: a live handle, freed after this call only.
+        unsafe { vfmig_cancel(cancel as *const VfmigCancel) }
+    })
+    .join()
+    .expect("cancel thread");
+    let (code, _) = status(s);
+    assert_eq!(code, VfmigCode::Cancelled, "{}", last_error());
+    assert!(last_error().contains("cancelled"), "{}", last_error());
+    assert_eq!(source_state(s, 0), VfmigDeviceState::Running);
+    let (code, _) = dst.join().expect("destination thread");
+    assert_ne!(code, VfmigCode::Ok);
+    // SAFETY: each object freed once; the handle outlives nothing it needs.
+    unsafe {
+        vfmig_source_free(s);
+        vfmig_cancel_free(cancel as *mut VfmigCancel);
+    }
+}
