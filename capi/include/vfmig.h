@@ -398,6 +398,26 @@ enum VfmigCode vfmig_device_vfio_from_fd(int fd, const char *name, struct VfmigD
 // `spec` is a NUL-terminated string; `out` is valid for writing one pointer.
 enum VfmigCode vfmig_device_emulated(const char *spec, uint32_t side, struct VfmigDevice **out);
 
+// Makes a byte-stream device from an fd the caller owns: state the VMM migrates itself (a
+// file, a pipe, a socket) carried through the pipeline like device state. `side` is a
+// `VfmigSide`. Source: the stream is read from the fd's current position to end of file (a
+// pipe: until its writers closed) in STOP_COPY, once; it is not rewound after a failure.
+// Destination: the verified stream is written at the fd's current position, and a regular file
+// is flushed (`fdatasync`) before the device reports its state accepted; after a failure the
+// bytes written so far remain and the caller discards them. A stream has no PRE_COPY and
+// advertises RUNNING_P2P, so it combines with other devices. Pair it with a stream device on
+// the other side.
+//
+// Ownership as for `vfmig_device_vfio_from_fd`: `fd` stays the caller's; the library works on
+// a duplicate that shares its file position. `name` is copied.
+//
+// # Safety
+// `name` is a NUL-terminated string; `out` is valid for writing one pointer.
+enum VfmigCode vfmig_device_stream_from_fd(int fd,
+                                           const char *name,
+                                           uint32_t side,
+                                           struct VfmigDevice **out);
+
 // Frees a device that was not handed to a session (closes the library's duplicate fd). NULL
 // is accepted and ignored.
 //

@@ -1,11 +1,13 @@
-//! The devices a C caller hands to a session: a VFIO device adopted from the caller's fd, or an
-//! emulated device. One type, so that a session can hold both and the API can still reach the
+//! The devices a C caller hands to a session: a VFIO device adopted from the caller's fd, a byte
+//! stream over the caller's fd, or an emulated device. One type, so that a session can hold both and the API can still reach the
 //! emulated device's state digest.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use vfmig_vfio::emulated::EmulatedDevice;
+
+use crate::stream::StreamDevice;
 use vfmig_vfio::{
     DeviceError, DeviceState, Identity, IovaRange, MigrationCaps, MigrationDevice, PrecopyInfo,
     VfioDevice,
@@ -18,6 +20,8 @@ pub(crate) enum Device {
     Vfio(VfioDevice),
     /// An emulated device (tests, examples).
     Emulated(EmulatedDevice),
+    /// A byte stream over a duplicate of the caller's fd.
+    Stream(StreamDevice),
 }
 
 impl Device {
@@ -25,6 +29,7 @@ impl Device {
         match self {
             Device::Vfio(d) => d,
             Device::Emulated(d) => d,
+            Device::Stream(d) => d,
         }
     }
 
@@ -32,13 +37,14 @@ impl Device {
         match self {
             Device::Vfio(d) => d,
             Device::Emulated(d) => d,
+            Device::Stream(d) => d,
         }
     }
 
     /// The emulated device's state digest; `None` for a VFIO device or while undefined.
     pub(crate) fn state_digest(&self) -> Option<[u8; 32]> {
         match self {
-            Device::Vfio(_) => None,
+            Device::Vfio(_) | Device::Stream(_) => None,
             Device::Emulated(d) => d.state_digest(),
         }
     }

@@ -73,6 +73,12 @@ pub(crate) enum CapiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("fd {fd}: cannot duplicate it: {source}")]
+    Dup {
+        fd: std::ffi::c_int,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("device spec: {0}")]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -97,6 +103,7 @@ impl CapiError {
             CapiError::NullPointer { .. } => VfmigCode::NullPointer,
             CapiError::InvalidArgument { .. }
             | CapiError::Address { .. }
+            | CapiError::Dup { .. }
             | CapiError::Spec(_)
             | CapiError::NoDevice { .. } => VfmigCode::InvalidArgument,
             CapiError::Emulated(EmulatedError::BadConfig { .. }) => VfmigCode::InvalidArgument,

@@ -4,7 +4,7 @@
 
 use std::ffi::{c_char, c_int, CStr};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use vfmig_pipeline::{CancelHandle, DestinationSession, Report, SourceSession};
 use vfmig_transport::Listener;
@@ -14,6 +14,7 @@ use vfmig_vfio::{MigrationDevice, VfioDevice};
 use crate::device::Device;
 use crate::error::{guard, last_error_ptr, CapiError, VfmigCode};
 use crate::spec;
+use crate::stream::StreamDevice;
 use crate::types::{
     VfmigDestinationOptions, VfmigDeviceReport, VfmigDeviceState, VfmigDeviceStatus, VfmigReport,
     VfmigSide, VfmigSourceOptions, VfmigStatus, VfmigTransportOptions,
@@ -171,6 +172,39 @@ unsafe fn psk(t: &VfmigTransportOptions) -> Option<Vec<u8>> {
     Some(unsafe { std::slice::from_raw_parts(t.psk, t.psk_len) }.to_vec())
 }
 
+/// The library's own duplicate of a caller's fd (`F_DUPFD_CLOEXEC`); the caller's stays open and
+/// theirs.
+fn dup_fd(fd: c_int) -> Result<OwnedFd, CapiError> {
+    if fd < 0 {
+        return Err(CapiError::InvalidArgument {
+            arg: "fd",
+            reason: "negative file descriptor",
+        });
+    }
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) reads no memory; on a descriptor that is not open it fails
+    // with EBADF.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(CapiError::Dup {
+            fd,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `new` was just returned by fcntl, is open, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn side_from(side: u32) -> Result<bool, CapiError> {
+    match side {
+        s if s == VfmigSide::Source as u32 => Ok(false),
+        s if s == VfmigSide::Destination as u32 => Ok(true),
+        _ => Err(CapiError::InvalidArgument {
+            arg: "side",
+            reason: "not a VfmigSide value",
+        }),
+    }
+}
+
 fn resolve(address: &str) -> Result<SocketAddr, CapiError> {
     let err = |source| CapiError::Address {
         arg: "address",
@@ -256,23 +290,7 @@ pub unsafe extern "C" fn vfmig_device_vfio_from_fd(
         unsafe { put(out, std::ptr::null_mut()) };
         // SAFETY: `name` is NUL-terminated (contract).
         let name = unsafe { text(name, "name") }?;
-        if fd < 0 {
-            return Err(CapiError::InvalidArgument {
-                arg: "fd",
-                reason: "negative file descriptor",
-            });
-        }
-        // SAFETY: fd >= 0 and the caller keeps it open for the duration of this call; it is
-        // only borrowed to duplicate it.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        let owned: OwnedFd = borrowed.try_clone_to_owned().map_err(|source| {
-            CapiError::Device(vfmig_vfio::DeviceError::Open {
-                path: format!("fd {fd}"),
-                what: "duplicate the VFIO device fd",
-                source,
-            })
-        })?;
-        let dev = VfioDevice::from_fd(owned, name)?;
+        let dev = VfioDevice::from_fd(dup_fd(fd)?, name)?;
         let b = Box::new(VfmigDevice {
             inner: Device::Vfio(dev),
         });
@@ -307,19 +325,47 @@ pub unsafe extern "C" fn vfmig_device_emulated(
         unsafe { put(out, std::ptr::null_mut()) };
         // SAFETY: `spec` is NUL-terminated (contract).
         let spec = unsafe { text(spec, "spec") }?;
-        let destination = match side {
-            s if s == VfmigSide::Source as u32 => false,
-            s if s == VfmigSide::Destination as u32 => true,
-            _ => {
-                return Err(CapiError::InvalidArgument {
-                    arg: "side",
-                    reason: "not a VfmigSide value",
-                })
-            }
-        };
-        let cfg = spec::parse(spec, destination)?;
+        let cfg = spec::parse(spec, side_from(side)?)?;
         let b = Box::new(VfmigDevice {
             inner: Device::Emulated(EmulatedDevice::new(cfg)?),
+        });
+        // SAFETY: `out` checked above.
+        unsafe { put(out, Box::into_raw(b)) };
+        Ok(())
+    })
+}
+
+/// Makes a byte-stream device from an fd the caller owns: state the VMM migrates itself (a
+/// file, a pipe, a socket) carried through the pipeline like device state. `side` is a
+/// `VfmigSide`. Source: the stream is read from the fd's current position to end of file (a
+/// pipe: until its writers closed) in STOP_COPY, once; it is not rewound after a failure.
+/// Destination: the verified stream is written at the fd's current position, and a regular file
+/// is flushed (`fdatasync`) before the device reports its state accepted; after a failure the
+/// bytes written so far remain and the caller discards them. A stream has no PRE_COPY and
+/// advertises RUNNING_P2P, so it combines with other devices. Pair it with a stream device on
+/// the other side.
+///
+/// Ownership as for `vfmig_device_vfio_from_fd`: `fd` stays the caller's; the library works on
+/// a duplicate that shares its file position. `name` is copied.
+///
+/// # Safety
+/// `name` is a NUL-terminated string; `out` is valid for writing one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn vfmig_device_stream_from_fd(
+    fd: c_int,
+    name: *const c_char,
+    side: u32,
+    out: *mut *mut VfmigDevice,
+) -> VfmigCode {
+    guard(|| {
+        need(out, "out")?;
+        // SAFETY: `out` is not NULL and valid for a pointer (contract).
+        unsafe { put(out, std::ptr::null_mut()) };
+        // SAFETY: `name` is NUL-terminated (contract).
+        let name = unsafe { text(name, "name") }?.to_owned();
+        let destination = side_from(side)?;
+        let b = Box::new(VfmigDevice {
+            inner: Device::Stream(StreamDevice::new(dup_fd(fd)?, name, destination)),
         });
         // SAFETY: `out` checked above.
         unsafe { put(out, Box::into_raw(b)) };

@@ -25,6 +25,7 @@ mod device;
 mod error;
 mod ffi;
 mod spec;
+mod stream;
 mod types;
 
 pub use error::VfmigCode;

@@ -125,6 +125,15 @@ fn a_non_vfio_fd_is_refused_and_stays_the_callers() {
     // SAFETY: valid pointers; -1 is what is being tested.
     let code = unsafe { vfmig_device_vfio_from_fd(-1, name.as_ptr(), &mut dev) };
     assert_eq!(code, VfmigCode::InvalidArgument);
+    // A descriptor that is not open: refused, not used.
+    // SAFETY: valid pointers; the fd number is far above any this test opens.
+    let code = unsafe { vfmig_device_stream_from_fd(1 << 20, name.as_ptr(), 0, &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    assert!(
+        last_error().contains("cannot duplicate"),
+        "{}",
+        last_error()
+    );
 }
 
 #[test]
@@ -309,4 +318,148 @@ fn cancel_from_another_thread_fails_the_next_step_and_rolls_back() {
         vfmig_source_free(s);
         vfmig_cancel_free(cancel as *mut VfmigCancel);
     }
+}
+
+fn stream(file: &std::fs::File, name: &str, side: VfmigSide) -> *mut VfmigDevice {
+    let name = c(name);
+    let mut dev = null_mut();
+    // SAFETY: an open fd, a NUL-terminated name and a valid out-pointer.
+    let code = unsafe {
+        vfmig_device_stream_from_fd(file.as_raw_fd(), name.as_ptr(), side as u32, &mut dev)
+    };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    dev
+}
+
+#[test]
+fn a_stream_and_an_emulated_device_migrate_together_and_arrive_intact() {
+    use std::io::{Read, Seek, Write};
+
+    // 3 MiB + a tail that is not a multiple of any chunk size, of varied bytes.
+    let payload: Vec<u8> = (0..(3u32 << 20) + 12_345)
+        .map(|i: u32| i.wrapping_mul(2_654_435_761).to_le_bytes()[2])
+        .collect();
+    let mut src_file = tempfile::tempfile().expect("temp file");
+    src_file.write_all(&payload).expect("write");
+    src_file.rewind().expect("rewind");
+    let mut dst_file = tempfile::tempfile().expect("temp file");
+
+    let addr = c("127.0.0.1:0");
+    let mut l = null_mut();
+    let mut port = 0;
+    // SAFETY: valid pointers; the listener is freed by the destination thread.
+    unsafe {
+        assert_eq!(vfmig_listener_bind(addr.as_ptr(), &mut l), VfmigCode::Ok);
+        assert_eq!(vfmig_listener_port(l, &mut port), VfmigCode::Ok);
+    }
+    // Raw pointers cross to the destination thread as addresses.
+    let dst_devs_addr = [
+        emulated("name=emu,size=2M,seed=9", VfmigSide::Destination) as usize,
+        stream(&dst_file, "vmstate", VfmigSide::Destination) as usize,
+    ];
+    let l = l as usize;
+    let dst = std::thread::spawn(move || {
+        let l = l as *mut VfmigListener;
+        let mut devs = dst_devs_addr.map(|d| d as *mut VfmigDevice);
+        let mut d = null_mut();
+        let mut report = std::mem::MaybeUninit::<VfmigReport>::uninit();
+        let mut digest = [0u8; 32];
+        // SAFETY: fresh devices, a live listener, valid out-pointers; every object is used by
+        // this thread only and freed once.
+        unsafe {
+            assert_eq!(
+                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut d),
+                VfmigCode::Ok
+            );
+            assert_eq!(
+                vfmig_destination_receive(d, l),
+                VfmigCode::Ok,
+                "{}",
+                last_error()
+            );
+            assert_eq!(
+                vfmig_destination_resume(d),
+                VfmigCode::Ok,
+                "{}",
+                last_error()
+            );
+            let code = vfmig_destination_finish(
+                d,
+                VfmigOutcome::Resumed as u32,
+                report.as_mut_ptr(),
+                null_mut(),
+                0,
+            );
+            assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+            assert_eq!(
+                vfmig_destination_device_digest(d, 0, digest.as_mut_ptr()),
+                VfmigCode::Ok
+            );
+            // A stream has no digest of its own: its bytes are the proof.
+            assert_eq!(
+                vfmig_destination_device_digest(d, 1, digest.as_mut_ptr()),
+                VfmigCode::Unsupported
+            );
+            vfmig_destination_free(d);
+            vfmig_listener_free(l);
+            (report.assume_init(), digest)
+        }
+    });
+
+    let mut devs = [
+        emulated("name=emu,size=2M,seed=9,dirty-rate=1M", VfmigSide::Source),
+        stream(&src_file, "vmstate", VfmigSide::Source),
+    ];
+    let mut s = null_mut();
+    // SAFETY: two fresh devices, defaults, a valid out-pointer.
+    let code = unsafe { vfmig_source_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut s) };
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    start(s, port);
+    loop {
+        let (code, st) = status(s);
+        assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+        let st = st.expect("status");
+        // The stream has no PRE_COPY, so the session streams everything in STOP_COPY.
+        assert_eq!(st.phase, VfmigPhase::Setup);
+        if st.switchover_due {
+            break;
+        }
+    }
+    let mut report = std::mem::MaybeUninit::<VfmigReport>::uninit();
+    let mut dr = std::mem::MaybeUninit::<[VfmigDeviceReport; 2]>::uninit();
+    let mut digest = [0u8; 32];
+    // SAFETY: a live session used by this thread only; one report and two device entries.
+    let (report, dr) = unsafe {
+        assert_eq!(
+            vfmig_source_switchover(s),
+            VfmigCode::Ok,
+            "{}",
+            last_error()
+        );
+        let code = vfmig_source_finish(s, report.as_mut_ptr(), dr.as_mut_ptr().cast(), 2);
+        assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+        assert_eq!(
+            vfmig_source_device_digest(s, 0, digest.as_mut_ptr()),
+            VfmigCode::Ok
+        );
+        vfmig_source_free(s);
+        (report.assume_init(), dr.assume_init())
+    };
+    assert_eq!(report.outcome, VfmigOutcome::Resumed);
+    assert_eq!(report.device_count, 2);
+    assert_eq!(dr[1].raw_bytes, payload.len() as u64);
+    let name = CStr::from_bytes_until_nul(
+        // SAFETY: c_char and u8 have the same size and alignment.
+        unsafe { &*(std::ptr::from_ref(&dr[1].name) as *const [u8; VFMIG_NAME_MAX]) },
+    )
+    .expect("NUL-terminated");
+    assert_eq!(name.to_str(), Ok("vmstate"));
+
+    let (dst_report, dst_digest) = dst.join().expect("destination thread");
+    assert_eq!(dst_report.outcome, VfmigOutcome::Resumed);
+    assert_eq!(dst_digest, digest, "the emulated device's state arrived");
+    let mut arrived = Vec::new();
+    dst_file.rewind().expect("rewind");
+    dst_file.read_to_end(&mut arrived).expect("read");
+    assert!(arrived == payload, "the stream arrived byte for byte");
 }
