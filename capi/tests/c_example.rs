@@ -1,6 +1,9 @@
 //! The C example (`examples/c/vmm_loop.c`) builds with the system C compiler against this
 //! crate's static library and migrates two emulated devices over loopback in step mode: the
 //! destination resumes, the source reports that outcome, and the states are identical.
+//!
+//! `cc` (or `$CC`) is the system C compiler: the one rustc already links with, so wherever
+//! `cargo test` runs (CI's `.ci/run` included) it is there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
