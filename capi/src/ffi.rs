@@ -868,8 +868,11 @@ pub unsafe extern "C" fn vfmig_destination_finish(
     })
 }
 
-/// A handle that cancels `vfmig_destination_receive` from another thread (see `vfmig_cancel`).
-/// `*out` is freed with `vfmig_cancel_free`.
+/// A handle that cancels `vfmig_destination_receive` from another thread (see `vfmig_cancel`)
+/// once a source has connected: loading is aborted (the devices are reset), and a cancel while
+/// waiting for the decision leaves the session in doubt. It does not interrupt the wait for a
+/// source to connect, which `transport.accept_timeout_ms` bounds. `*out` is freed with
+/// `vfmig_cancel_free`.
 ///
 /// # Safety
 /// `destination` is a live session; `out` is valid for writing one pointer.
