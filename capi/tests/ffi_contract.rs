@@ -463,3 +463,105 @@ fn a_stream_and_an_emulated_device_migrate_together_and_arrive_intact() {
     dst_file.read_to_end(&mut arrived).expect("read");
     assert!(arrived == payload, "the stream arrived byte for byte");
 }
+
+/// Migrates TWO in step mode with the destination VMM reporting `outcome` (after resuming for
+/// `Resumed`); returns the source's finish code and its devices' states afterwards.
+fn migrate_with_outcome(outcome: VfmigOutcome) -> (VfmigCode, Vec<VfmigDeviceState>) {
+    let addr = c("127.0.0.1:0");
+    let mut l = null_mut();
+    let mut port = 0;
+    // SAFETY: valid pointers; the listener is freed by the destination thread.
+    unsafe {
+        assert_eq!(vfmig_listener_bind(addr.as_ptr(), &mut l), VfmigCode::Ok);
+        assert_eq!(vfmig_listener_port(l, &mut port), VfmigCode::Ok);
+    }
+    let l = l as usize;
+    let dst = std::thread::spawn(move || {
+        let l = l as *mut VfmigListener;
+        let mut devs: Vec<_> = TWO
+            .iter()
+            .map(|s| emulated(s, VfmigSide::Destination))
+            .collect();
+        let mut d = null_mut();
+        let mut report = std::mem::MaybeUninit::<VfmigReport>::uninit();
+        // SAFETY: fresh devices, a live listener, valid out-pointers; each object is used by
+        // this thread only and freed once.
+        unsafe {
+            assert_eq!(
+                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut d),
+                VfmigCode::Ok
+            );
+            assert_eq!(
+                vfmig_destination_receive(d, l),
+                VfmigCode::Ok,
+                "{}",
+                last_error()
+            );
+            if outcome == VfmigOutcome::Resumed {
+                assert_eq!(
+                    vfmig_destination_resume(d),
+                    VfmigCode::Ok,
+                    "{}",
+                    last_error()
+                );
+            }
+            let code =
+                vfmig_destination_finish(d, outcome as u32, report.as_mut_ptr(), null_mut(), 0);
+            assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+            let mut st = VfmigDeviceState::Unknown;
+            assert_eq!(vfmig_destination_device_state(d, 0, &mut st), VfmigCode::Ok);
+            vfmig_destination_free(d);
+            vfmig_listener_free(l);
+            (report.assume_init().outcome, st)
+        }
+    });
+    let s = source(TWO, None);
+    start(s, port);
+    while !status(s).1.expect("status").switchover_due {}
+    // SAFETY: a live session used by this thread only.
+    let code = unsafe {
+        assert_eq!(
+            vfmig_source_switchover(s),
+            VfmigCode::Ok,
+            "{}",
+            last_error()
+        );
+        vfmig_source_finish(s, null_mut(), null_mut(), 0)
+    };
+    let states = vec![source_state(s, 0), source_state(s, 1)];
+    // SAFETY: frees the session once.
+    unsafe { vfmig_source_free(s) };
+    let (sent, dst_state) = dst.join().expect("destination thread");
+    assert_eq!(
+        sent, outcome,
+        "the destination's report carries what it sent"
+    );
+    let expected_dst = match outcome {
+        VfmigOutcome::Resumed => VfmigDeviceState::Running,
+        VfmigOutcome::Held => VfmigDeviceState::Stop,
+        // Reset before the source learns it.
+        _ => VfmigDeviceState::Running,
+    };
+    assert_eq!(dst_state, expected_dst);
+    (code, states)
+}
+
+#[test]
+fn a_destination_that_fails_to_resume_makes_the_source_roll_back() {
+    let (code, states) = migrate_with_outcome(VfmigOutcome::ResumeFailed);
+    assert_eq!(code, VfmigCode::DestinationResumeFailed, "{}", last_error());
+    assert!(
+        states.iter().all(|s| *s == VfmigDeviceState::Running),
+        "the source runs again: {states:?}"
+    );
+}
+
+#[test]
+fn a_destination_that_holds_the_state_leaves_the_source_stopped() {
+    let (code, states) = migrate_with_outcome(VfmigOutcome::Held);
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+    assert!(
+        states.iter().all(|s| *s == VfmigDeviceState::Stop),
+        "{states:?}"
+    );
+}
