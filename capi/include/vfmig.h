@@ -8,7 +8,7 @@
  *   vfmig_last_error() returns its message on the same thread (valid until the next vfmig_*
  *   call on that thread).
  * - No panic or exception crosses this API. A NULL where a pointer is required gives
- *   VFMIG_CODE_NULL_POINTER and changes nothing.
+ *   VFMIG_CODE_NULL_POINTER.
  * - Ownership: objects made by vfmig_device_*, vfmig_*_new, vfmig_listener_bind and
  *   *_cancel_handle belong to the caller until freed with their *_free function (NULL is
  *   accepted by every *_free). A device handed to vfmig_source_new / vfmig_destination_new is
@@ -38,7 +38,8 @@
 typedef enum VfmigCode {
   // Success.
   VFMIG_CODE_OK = 0,
-  // A pointer argument that must not be NULL was NULL. Nothing was done.
+  // A pointer argument that must not be NULL was NULL. The call has no lasting effect,
+  // except that devices handed to `vfmig_*_new` are consumed whatever the result.
   VFMIG_CODE_NULL_POINTER = 1,
   // An argument is out of range or malformed (an address, a device spec, an option, a string
   // that is not UTF-8). Nothing was done.

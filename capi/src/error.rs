@@ -18,7 +18,8 @@ use crate::spec::SpecError;
 pub enum VfmigCode {
     /// Success.
     Ok = 0,
-    /// A pointer argument that must not be NULL was NULL. Nothing was done.
+    /// A pointer argument that must not be NULL was NULL. The call has no lasting effect,
+    /// except that devices handed to `vfmig_*_new` are consumed whatever the result.
     NullPointer = 1,
     /// An argument is out of range or malformed (an address, a device spec, an option, a string
     /// that is not UTF-8). Nothing was done.

@@ -218,14 +218,7 @@ fn resolve(address: &str) -> Result<SocketAddr, CapiError> {
         .ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::NotFound)))
 }
 
-fn device_at<D: MigrationDevice>(devices: &mut [D], index: usize) -> Result<&mut D, CapiError> {
-    let count = devices.len();
-    devices
-        .get_mut(index)
-        .ok_or(CapiError::NoDevice { index, count })
-}
-
-fn digest_of(d: &Device) -> Result<[u8; 32], CapiError> {
+fn digest_of(d: &mut Device) -> Result<[u8; 32], CapiError> {
     d.state_digest().ok_or(CapiError::Unsupported {
         what: "a state digest (emulated devices with defined state only)",
     })
@@ -245,6 +238,106 @@ unsafe fn put_report(
     }
     // SAFETY: devices holds `capacity` entries (this function's contract).
     unsafe { fill(devices, capacity, &r.devices, "devices") }
+}
+
+/// Runs `make` and hands the object it made to the caller through `*out` (NULL on failure).
+///
+/// # Safety
+/// `out` is NULL (refused) or valid for writing one pointer.
+unsafe fn construct<T>(out: *mut *mut T, make: impl FnOnce() -> Result<T, CapiError>) -> VfmigCode {
+    guard(|| {
+        if !out.is_null() {
+            // SAFETY: not NULL and valid for a pointer (this function's contract).
+            unsafe { put(out, std::ptr::null_mut()) };
+        }
+        let value = make()?;
+        need(out, "out")?;
+        // SAFETY: checked not NULL; valid for a pointer (this function's contract).
+        unsafe { put(out, Box::into_raw(Box::new(value))) };
+        Ok(())
+    })
+}
+
+/// Frees an object made by [`construct`]; NULL is ignored.
+///
+/// # Safety
+/// `p` is NULL or came from [`construct`] and was not freed.
+unsafe fn destroy<T>(p: *mut T) {
+    let _ = guard(|| {
+        if !p.is_null() {
+            // SAFETY: from Box::into_raw in construct, not freed before (this function's
+            // contract).
+            drop(unsafe { Box::from_raw(p) });
+        }
+        Ok(())
+    });
+}
+
+/// What the source and destination handles share.
+trait Session {
+    fn devices(&mut self) -> &mut [Device];
+    fn cancel(&self) -> CancelHandle;
+}
+
+impl Session for VfmigSource {
+    fn devices(&mut self) -> &mut [Device] {
+        self.session.devices_mut()
+    }
+    fn cancel(&self) -> CancelHandle {
+        self.session.cancel_handle()
+    }
+}
+
+impl Session for VfmigDestination {
+    fn devices(&mut self) -> &mut [Device] {
+        self.session.devices_mut()
+    }
+    fn cancel(&self) -> CancelHandle {
+        self.session.cancel_handle()
+    }
+}
+
+/// Writes what `read` finds on the session's device `index` to `*out`.
+///
+/// # Safety
+/// `session` is NULL or a live session not used by another thread; `out` is NULL or valid for
+/// writing one `T`.
+unsafe fn device_query<S: Session, T>(
+    session: *mut S,
+    index: usize,
+    out: *mut T,
+    read: impl FnOnce(&mut Device) -> Result<T, CapiError>,
+) -> VfmigCode {
+    guard(|| {
+        need(out, "out")?;
+        // SAFETY: NULL or a live session used by this thread only (this function's contract).
+        let s = unsafe { borrow_mut(session, "session") }?;
+        let devices = s.devices();
+        let count = devices.len();
+        let device = devices
+            .get_mut(index)
+            .ok_or(CapiError::NoDevice { index, count })?;
+        let value = read(device)?;
+        // SAFETY: `out` is not NULL and valid for one T (this function's contract).
+        unsafe { put(out, value) };
+        Ok(())
+    })
+}
+
+fn state_of(d: &mut Device) -> Result<VfmigDeviceState, CapiError> {
+    Ok(VfmigDeviceState::from(Some(d.state()?)))
+}
+
+/// # Safety
+/// `session` is NULL or a live session; `out` is NULL or valid for writing one pointer.
+unsafe fn cancel_handle<S: Session>(session: *const S, out: *mut *mut VfmigCancel) -> VfmigCode {
+    let make = || {
+        // SAFETY: NULL or a live session (this function's contract).
+        let s = unsafe { borrow(session, "session") }?;
+        Ok(VfmigCancel { inner: s.cancel() })
+    };
+    // SAFETY: `out` as this function's contract says.
+    unsafe { construct(out, make) }
 }
 
 // ---- general ----
@@ -284,20 +377,16 @@ pub unsafe extern "C" fn vfmig_device_vfio_from_fd(
     name: *const c_char,
     out: *mut *mut VfmigDevice,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
+    let make = || {
         // SAFETY: `name` is NUL-terminated (contract).
         let name = unsafe { text(name, "name") }?;
         let dev = VfioDevice::from_fd(dup_fd(fd)?, name)?;
-        let b = Box::new(VfmigDevice {
+        Ok(VfmigDevice {
             inner: Device::Vfio(dev),
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// Makes an emulated device (a software device with the full VFIO migration v2 state machine
@@ -319,20 +408,16 @@ pub unsafe extern "C" fn vfmig_device_emulated(
     side: u32,
     out: *mut *mut VfmigDevice,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
+    let make = || {
         // SAFETY: `spec` is NUL-terminated (contract).
         let spec = unsafe { text(spec, "spec") }?;
         let cfg = spec::parse(spec, side_from(side)?)?;
-        let b = Box::new(VfmigDevice {
+        Ok(VfmigDevice {
             inner: Device::Emulated(EmulatedDevice::new(cfg)?),
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// Makes a byte-stream device from an fd the caller owns: state the VMM migrates itself (a
@@ -357,20 +442,16 @@ pub unsafe extern "C" fn vfmig_device_stream_from_fd(
     side: u32,
     out: *mut *mut VfmigDevice,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
+    let make = || {
         // SAFETY: `name` is NUL-terminated (contract).
         let name = unsafe { text(name, "name") }?.to_owned();
         let destination = side_from(side)?;
-        let b = Box::new(VfmigDevice {
+        Ok(VfmigDevice {
             inner: Device::Stream(StreamDevice::new(dup_fd(fd)?, name, destination)),
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// Frees a device that was not handed to a session (closes the library's duplicate fd). NULL
@@ -380,13 +461,8 @@ pub unsafe extern "C" fn vfmig_device_stream_from_fd(
 /// `device` is NULL or a device from a `vfmig_device_*` constructor, not consumed or freed.
 #[no_mangle]
 pub unsafe extern "C" fn vfmig_device_free(device: *mut VfmigDevice) {
-    let _ = guard(|| {
-        if !device.is_null() {
-            // SAFETY: from Box::into_raw in a constructor and not freed before (contract).
-            drop(unsafe { Box::from_raw(device) });
-        }
-        Ok(())
-    });
+    // SAFETY: NULL or an object of this type not yet freed (contract).
+    unsafe { destroy(device) }
 }
 
 // ---- cancel ----
@@ -413,13 +489,8 @@ pub unsafe extern "C" fn vfmig_cancel(cancel: *const VfmigCancel) -> VfmigCode {
 /// `cancel` is NULL or a handle from a `*_cancel_handle` call, not freed.
 #[no_mangle]
 pub unsafe extern "C" fn vfmig_cancel_free(cancel: *mut VfmigCancel) {
-    let _ = guard(|| {
-        if !cancel.is_null() {
-            // SAFETY: from Box::into_raw in *_cancel_handle and not freed before (contract).
-            drop(unsafe { Box::from_raw(cancel) });
-        }
-        Ok(())
-    });
+    // SAFETY: NULL or an object of this type not yet freed (contract).
+    unsafe { destroy(cancel) }
 }
 
 // ---- source ----
@@ -458,25 +529,20 @@ pub unsafe extern "C" fn vfmig_source_new(
     count: usize,
     out: *mut *mut VfmigSource,
 ) -> VfmigCode {
-    guard(|| {
+    let make = || {
         // SAFETY: `devices` holds `count` device pointers (contract).
         let devices = unsafe { take_devices(devices, count) }?;
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
         let defaults = VfmigSourceOptions::default();
         // SAFETY: NULL or a valid struct (contract).
         let o = unsafe { options.as_ref() }.unwrap_or(&defaults);
         // SAFETY: psk is NULL or valid for psk_len bytes (contract).
-        let key = unsafe { psk(&o.transport) };
-        let opts = o.library_options(key)?;
-        let b = Box::new(VfmigSource {
+        let opts = o.library_options(unsafe { psk(&o.transport) })?;
+        Ok(VfmigSource {
             session: SourceSession::new(devices, opts),
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// Step 1: checks the devices, connects to the destination at `address` (`"HOST:PORT"`, e.g.
@@ -608,17 +674,8 @@ pub unsafe extern "C" fn vfmig_source_cancel_handle(
     source: *const VfmigSource,
     out: *mut *mut VfmigCancel,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session (contract).
-        let s = unsafe { borrow(source, "source") }?;
-        let b = Box::new(VfmigCancel {
-            inner: s.session.cancel_handle(),
-        });
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+    // SAFETY: a live session and a valid out-pointer (contract).
+    unsafe { cancel_handle(source, out) }
 }
 
 /// The migration state of the session's device `index` (session order), read from the device.
@@ -631,15 +688,8 @@ pub unsafe extern "C" fn vfmig_source_device_state(
     index: usize,
     out: *mut VfmigDeviceState,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session used by this thread only (contract).
-        let s = unsafe { borrow_mut(source, "source") }?;
-        let state = device_at(s.session.devices_mut(), index)?.state()?;
-        // SAFETY: `out` is not NULL and valid for one value (contract).
-        unsafe { put(out, VfmigDeviceState::from(Some(state))) };
-        Ok(())
-    })
+    // SAFETY: a live session used by this thread only; `out` valid for one value (contract).
+    unsafe { device_query(source, index, out, state_of) }
 }
 
 /// The state digest (32 bytes, BLAKE3 over the device's state) of the session's emulated device
@@ -654,15 +704,8 @@ pub unsafe extern "C" fn vfmig_source_device_digest(
     index: usize,
     out: *mut u8,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session used by this thread only (contract).
-        let s = unsafe { borrow_mut(source, "source") }?;
-        let digest = digest_of(device_at(s.session.devices_mut(), index)?)?;
-        // SAFETY: `out` is not NULL and valid for 32 bytes (contract).
-        unsafe { put(out.cast::<[u8; 32]>(), digest) };
-        Ok(())
-    })
+    // SAFETY: a live session used by this thread only; `out` valid for 32 bytes (contract).
+    unsafe { device_query(source, index, out.cast::<[u8; 32]>(), digest_of) }
 }
 
 /// Frees a session and its devices. A step still in progress is aborted first (the devices are
@@ -673,13 +716,8 @@ pub unsafe extern "C" fn vfmig_source_device_digest(
 /// thread.
 #[no_mangle]
 pub unsafe extern "C" fn vfmig_source_free(source: *mut VfmigSource) {
-    let _ = guard(|| {
-        if !source.is_null() {
-            // SAFETY: from Box::into_raw in vfmig_source_new and not freed before (contract).
-            drop(unsafe { Box::from_raw(source) });
-        }
-        Ok(())
-    });
+    // SAFETY: NULL or an object of this type not yet freed (contract).
+    unsafe { destroy(source) }
 }
 
 // ---- destination ----
@@ -712,19 +750,15 @@ pub unsafe extern "C" fn vfmig_listener_bind(
     address: *const c_char,
     out: *mut *mut VfmigListener,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
+    let make = || {
         // SAFETY: NUL-terminated (contract).
         let addr = resolve(unsafe { text(address, "address") }?)?;
-        let b = Box::new(VfmigListener {
+        Ok(VfmigListener {
             inner: Listener::bind(addr)?,
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// The port the listener is bound to.
@@ -752,13 +786,8 @@ pub unsafe extern "C" fn vfmig_listener_port(
 /// `listener` is NULL or a listener from `vfmig_listener_bind`, not freed, not in use.
 #[no_mangle]
 pub unsafe extern "C" fn vfmig_listener_free(listener: *mut VfmigListener) {
-    let _ = guard(|| {
-        if !listener.is_null() {
-            // SAFETY: from Box::into_raw in vfmig_listener_bind, not freed before (contract).
-            drop(unsafe { Box::from_raw(listener) });
-        }
-        Ok(())
-    });
+    // SAFETY: NULL or an object of this type not yet freed (contract).
+    unsafe { destroy(listener) }
 }
 
 /// Creates a destination session over `count` devices, paired with the source's by position.
@@ -775,25 +804,20 @@ pub unsafe extern "C" fn vfmig_destination_new(
     count: usize,
     out: *mut *mut VfmigDestination,
 ) -> VfmigCode {
-    guard(|| {
+    let make = || {
         // SAFETY: `devices` holds `count` device pointers (contract).
         let devices = unsafe { take_devices(devices, count) }?;
-        need(out, "out")?;
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, std::ptr::null_mut()) };
         let defaults = VfmigDestinationOptions::default();
         // SAFETY: NULL or a valid struct (contract).
         let o = unsafe { options.as_ref() }.unwrap_or(&defaults);
         // SAFETY: psk is NULL or valid for psk_len bytes (contract).
-        let key = unsafe { psk(&o.transport) };
-        let opts = o.library_options(key)?;
-        let b = Box::new(VfmigDestination {
+        let opts = o.library_options(unsafe { psk(&o.transport) })?;
+        Ok(VfmigDestination {
             session: DestinationSession::new(devices, opts),
-        });
-        // SAFETY: `out` checked above.
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+        })
+    };
+    // SAFETY: `out` is valid for a pointer (contract).
+    unsafe { construct(out, make) }
 }
 
 /// Step 1: accepts one source on `listener`, loads every device, lets each validate its state,
@@ -881,17 +905,8 @@ pub unsafe extern "C" fn vfmig_destination_cancel_handle(
     destination: *const VfmigDestination,
     out: *mut *mut VfmigCancel,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session (contract).
-        let d = unsafe { borrow(destination, "destination") }?;
-        let b = Box::new(VfmigCancel {
-            inner: d.session.cancel_handle(),
-        });
-        // SAFETY: `out` is not NULL and valid for a pointer (contract).
-        unsafe { put(out, Box::into_raw(b)) };
-        Ok(())
-    })
+    // SAFETY: a live session and a valid out-pointer (contract).
+    unsafe { cancel_handle(destination, out) }
 }
 
 /// The migration state of the session's device `index`, read from the device.
@@ -904,15 +919,8 @@ pub unsafe extern "C" fn vfmig_destination_device_state(
     index: usize,
     out: *mut VfmigDeviceState,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session used by this thread only (contract).
-        let d = unsafe { borrow_mut(destination, "destination") }?;
-        let state = device_at(d.session.devices_mut(), index)?.state()?;
-        // SAFETY: `out` is not NULL and valid for one value (contract).
-        unsafe { put(out, VfmigDeviceState::from(Some(state))) };
-        Ok(())
-    })
+    // SAFETY: a live session used by this thread only; `out` valid for one value (contract).
+    unsafe { device_query(destination, index, out, state_of) }
 }
 
 /// The state digest of the session's emulated device `index` (see
@@ -926,15 +934,8 @@ pub unsafe extern "C" fn vfmig_destination_device_digest(
     index: usize,
     out: *mut u8,
 ) -> VfmigCode {
-    guard(|| {
-        need(out, "out")?;
-        // SAFETY: a live session used by this thread only (contract).
-        let d = unsafe { borrow_mut(destination, "destination") }?;
-        let digest = digest_of(device_at(d.session.devices_mut(), index)?)?;
-        // SAFETY: `out` is not NULL and valid for 32 bytes (contract).
-        unsafe { put(out.cast::<[u8; 32]>(), digest) };
-        Ok(())
-    })
+    // SAFETY: a live session used by this thread only; `out` valid for 32 bytes (contract).
+    unsafe { device_query(destination, index, out.cast::<[u8; 32]>(), digest_of) }
 }
 
 /// Frees a session and its devices. NULL is accepted and ignored.
@@ -943,11 +944,6 @@ pub unsafe extern "C" fn vfmig_destination_device_digest(
 /// `destination` is NULL or a session from `vfmig_destination_new`, not freed, not in use.
 #[no_mangle]
 pub unsafe extern "C" fn vfmig_destination_free(destination: *mut VfmigDestination) {
-    let _ = guard(|| {
-        if !destination.is_null() {
-            // SAFETY: from Box::into_raw in vfmig_destination_new, not freed before (contract).
-            drop(unsafe { Box::from_raw(destination) });
-        }
-        Ok(())
-    });
+    // SAFETY: NULL or an object of this type not yet freed (contract).
+    unsafe { destroy(destination) }
 }

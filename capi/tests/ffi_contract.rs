@@ -195,14 +195,13 @@ fn a_null_entry_consumes_the_others_and_fails() {
     assert!(devs[0].is_null(), "consumed whatever the result");
 }
 
-/// A destination on its own thread: binds, receives, and returns the receive code and the
-/// device states afterwards.
-fn destination_thread(
-    specs: &'static [&'static str],
-) -> (
-    u16,
-    std::thread::JoinHandle<(VfmigCode, Vec<VfmigDeviceState>)>,
-) {
+/// Binds a loopback listener, then on a thread makes a destination session over `devices`
+/// (addresses of fresh devices, handed over once) and plays the destination VMM with `vmm`;
+/// frees the session and the listener afterwards.
+fn on_destination<T: Send + 'static>(
+    devices: Vec<usize>,
+    vmm: impl FnOnce(*mut VfmigDestination, *mut VfmigListener) -> T + Send + 'static,
+) -> (u16, std::thread::JoinHandle<T>) {
     let addr = c("127.0.0.1:0");
     let mut l = null_mut();
     let mut port = 0;
@@ -214,32 +213,55 @@ fn destination_thread(
     let l = l as usize;
     let h = std::thread::spawn(move || {
         let l = l as *mut VfmigListener;
-        let mut devs: Vec<_> = specs
-            .iter()
-            .map(|s| emulated(s, VfmigSide::Destination))
-            .collect();
+        let mut devs: Vec<_> = devices.into_iter().map(|d| d as *mut VfmigDevice).collect();
         let mut d = null_mut();
-        // SAFETY: fresh devices, defaults, valid pointers; the session and listener are used
-        // by this thread only and freed once.
+        // SAFETY: fresh devices handed over once, defaults, a valid out-pointer.
+        let code = unsafe {
+            vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), devs.len(), &mut d)
+        };
+        assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+        let out = vmm(d, l);
+        // SAFETY: each freed once, after the VMM is done with them.
         unsafe {
-            assert_eq!(
-                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), devs.len(), &mut d),
-                VfmigCode::Ok
-            );
-            let code = vfmig_destination_receive(d, l);
-            let states = (0..specs.len())
-                .map(|i| {
-                    let mut st = VfmigDeviceState::Unknown;
-                    assert_eq!(vfmig_destination_device_state(d, i, &mut st), VfmigCode::Ok);
-                    st
-                })
-                .collect();
             vfmig_destination_free(d);
             vfmig_listener_free(l);
-            (code, states)
         }
+        out
     });
     (port, h)
+}
+
+fn destination_devices(specs: &[&str]) -> Vec<usize> {
+    specs
+        .iter()
+        .map(|s| emulated(s, VfmigSide::Destination) as usize)
+        .collect()
+}
+
+fn ok(code: VfmigCode) {
+    assert_eq!(code, VfmigCode::Ok, "{}", last_error());
+}
+
+/// A destination that receives and returns the receive code and its device states afterwards.
+fn destination_thread(
+    specs: &'static [&'static str],
+) -> (
+    u16,
+    std::thread::JoinHandle<(VfmigCode, Vec<VfmigDeviceState>)>,
+) {
+    on_destination(destination_devices(specs), move |d, l| {
+        // SAFETY: a live session and listener used by this thread only.
+        let code = unsafe { vfmig_destination_receive(d, l) };
+        let states = (0..specs.len())
+            .map(|i| {
+                let mut st = VfmigDeviceState::Unknown;
+                // SAFETY: a live session and a valid out-pointer.
+                ok(unsafe { vfmig_destination_device_state(d, i, &mut st) });
+                st
+            })
+            .collect();
+        (code, states)
+    })
 }
 
 fn start(s: *mut VfmigSource, port: u16) {
@@ -344,64 +366,31 @@ fn a_stream_and_an_emulated_device_migrate_together_and_arrive_intact() {
     src_file.rewind().expect("rewind");
     let mut dst_file = tempfile::tempfile().expect("temp file");
 
-    let addr = c("127.0.0.1:0");
-    let mut l = null_mut();
-    let mut port = 0;
-    // SAFETY: valid pointers; the listener is freed by the destination thread.
-    unsafe {
-        assert_eq!(vfmig_listener_bind(addr.as_ptr(), &mut l), VfmigCode::Ok);
-        assert_eq!(vfmig_listener_port(l, &mut port), VfmigCode::Ok);
-    }
-    // Raw pointers cross to the destination thread as addresses.
-    let dst_devs_addr = [
+    let devices = vec![
         emulated("name=emu,size=2M,seed=9", VfmigSide::Destination) as usize,
         stream(&dst_file, "vmstate", VfmigSide::Destination) as usize,
     ];
-    let l = l as usize;
-    let dst = std::thread::spawn(move || {
-        let l = l as *mut VfmigListener;
-        let mut devs = dst_devs_addr.map(|d| d as *mut VfmigDevice);
-        let mut d = null_mut();
+    let (port, dst) = on_destination(devices, |d, l| {
         let mut report = std::mem::MaybeUninit::<VfmigReport>::uninit();
         let mut digest = [0u8; 32];
-        // SAFETY: fresh devices, a live listener, valid out-pointers; every object is used by
-        // this thread only and freed once.
+        // SAFETY: a live session and listener used by this thread only, valid out-pointers.
         unsafe {
-            assert_eq!(
-                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut d),
-                VfmigCode::Ok
-            );
-            assert_eq!(
-                vfmig_destination_receive(d, l),
-                VfmigCode::Ok,
-                "{}",
-                last_error()
-            );
-            assert_eq!(
-                vfmig_destination_resume(d),
-                VfmigCode::Ok,
-                "{}",
-                last_error()
-            );
-            let code = vfmig_destination_finish(
+            ok(vfmig_destination_receive(d, l));
+            ok(vfmig_destination_resume(d));
+            let resumed = VfmigOutcome::Resumed as u32;
+            ok(vfmig_destination_finish(
                 d,
-                VfmigOutcome::Resumed as u32,
+                resumed,
                 report.as_mut_ptr(),
                 null_mut(),
                 0,
-            );
-            assert_eq!(code, VfmigCode::Ok, "{}", last_error());
-            assert_eq!(
-                vfmig_destination_device_digest(d, 0, digest.as_mut_ptr()),
-                VfmigCode::Ok
-            );
+            ));
+            ok(vfmig_destination_device_digest(d, 0, digest.as_mut_ptr()));
             // A stream has no digest of its own: its bytes are the proof.
             assert_eq!(
                 vfmig_destination_device_digest(d, 1, digest.as_mut_ptr()),
                 VfmigCode::Unsupported
             );
-            vfmig_destination_free(d);
-            vfmig_listener_free(l);
             (report.assume_init(), digest)
         }
     });
@@ -467,51 +456,23 @@ fn a_stream_and_an_emulated_device_migrate_together_and_arrive_intact() {
 /// Migrates TWO in step mode with the destination VMM reporting `outcome` (after resuming for
 /// `Resumed`); returns the source's finish code and its devices' states afterwards.
 fn migrate_with_outcome(outcome: VfmigOutcome) -> (VfmigCode, Vec<VfmigDeviceState>) {
-    let addr = c("127.0.0.1:0");
-    let mut l = null_mut();
-    let mut port = 0;
-    // SAFETY: valid pointers; the listener is freed by the destination thread.
-    unsafe {
-        assert_eq!(vfmig_listener_bind(addr.as_ptr(), &mut l), VfmigCode::Ok);
-        assert_eq!(vfmig_listener_port(l, &mut port), VfmigCode::Ok);
-    }
-    let l = l as usize;
-    let dst = std::thread::spawn(move || {
-        let l = l as *mut VfmigListener;
-        let mut devs: Vec<_> = TWO
-            .iter()
-            .map(|s| emulated(s, VfmigSide::Destination))
-            .collect();
-        let mut d = null_mut();
+    let (port, dst) = on_destination(destination_devices(TWO), move |d, l| {
         let mut report = std::mem::MaybeUninit::<VfmigReport>::uninit();
-        // SAFETY: fresh devices, a live listener, valid out-pointers; each object is used by
-        // this thread only and freed once.
+        let mut st = VfmigDeviceState::Unknown;
+        // SAFETY: a live session and listener used by this thread only, valid out-pointers.
         unsafe {
-            assert_eq!(
-                vfmig_destination_new(std::ptr::null(), devs.as_mut_ptr(), 2, &mut d),
-                VfmigCode::Ok
-            );
-            assert_eq!(
-                vfmig_destination_receive(d, l),
-                VfmigCode::Ok,
-                "{}",
-                last_error()
-            );
+            ok(vfmig_destination_receive(d, l));
             if outcome == VfmigOutcome::Resumed {
-                assert_eq!(
-                    vfmig_destination_resume(d),
-                    VfmigCode::Ok,
-                    "{}",
-                    last_error()
-                );
+                ok(vfmig_destination_resume(d));
             }
-            let code =
-                vfmig_destination_finish(d, outcome as u32, report.as_mut_ptr(), null_mut(), 0);
-            assert_eq!(code, VfmigCode::Ok, "{}", last_error());
-            let mut st = VfmigDeviceState::Unknown;
-            assert_eq!(vfmig_destination_device_state(d, 0, &mut st), VfmigCode::Ok);
-            vfmig_destination_free(d);
-            vfmig_listener_free(l);
+            ok(vfmig_destination_finish(
+                d,
+                outcome as u32,
+                report.as_mut_ptr(),
+                null_mut(),
+                0,
+            ));
+            ok(vfmig_destination_device_state(d, 0, &mut st));
             (report.assume_init().outcome, st)
         }
     });
