@@ -403,11 +403,13 @@ enum VfmigCode vfmig_device_emulated(const char *spec, uint32_t side, struct Vfm
 // file, a pipe, a socket) carried through the pipeline like device state. `side` is a
 // `VfmigSide`. Source: the stream is read from the fd's current position to end of file (a
 // pipe: until its writers closed) in STOP_COPY, once; it is not rewound after a failure.
-// Destination: the verified stream is written at the fd's current position, and a regular file
-// is flushed (`fdatasync`) before the device reports its state accepted; after a failure the
-// bytes written so far remain and the caller discards them. A stream has no PRE_COPY and
-// advertises RUNNING_P2P, so it combines with other devices. Pair it with a stream device on
-// the other side.
+// Destination: the verified stream is written starting at the fd's position when receiving
+// begins (whether that position moves is not specified), and a regular file is flushed
+// (`fdatasync`) before the device reports its state accepted; after a failure the bytes
+// written so far remain and the caller discards them. A stream has no PRE_COPY and advertises
+// RUNNING_P2P, so it combines with other devices. Pair it with a stream device on the other
+// side. A pipe or socket must be in blocking mode (no `O_NONBLOCK`): a non-blocking one is
+// refused with `VFMIG_CODE_INVALID_ARGUMENT`.
 //
 // Ownership as for `vfmig_device_vfio_from_fd`: `fd` stays the caller's; the library works on
 // a duplicate that shares its file position. `name` is copied.

@@ -194,6 +194,25 @@ fn dup_fd(fd: c_int) -> Result<OwnedFd, CapiError> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Refuses a non-blocking fd that is not a regular file: the data-fd ring would get `EAGAIN`
+/// where it waits for data. (The flag belongs to the caller's open file, so it is not changed.)
+fn check_blocking(fd: &OwnedFd) -> Result<(), CapiError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(F_GETFL) on an open descriptor reads no memory.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    let regular = fd
+        .try_clone()
+        .and_then(|f| std::fs::File::from(f).metadata())
+        .is_ok_and(|m| m.is_file());
+    if flags >= 0 && flags & libc::O_NONBLOCK != 0 && !regular {
+        return Err(CapiError::InvalidArgument {
+            arg: "fd",
+            reason: "is non-blocking (O_NONBLOCK); a stream that is not a regular file must block",
+        });
+    }
+    Ok(())
+}
+
 fn side_from(side: u32) -> Result<bool, CapiError> {
     match side {
         s if s == VfmigSide::Source as u32 => Ok(false),
@@ -424,11 +443,13 @@ pub unsafe extern "C" fn vfmig_device_emulated(
 /// file, a pipe, a socket) carried through the pipeline like device state. `side` is a
 /// `VfmigSide`. Source: the stream is read from the fd's current position to end of file (a
 /// pipe: until its writers closed) in STOP_COPY, once; it is not rewound after a failure.
-/// Destination: the verified stream is written at the fd's current position, and a regular file
-/// is flushed (`fdatasync`) before the device reports its state accepted; after a failure the
-/// bytes written so far remain and the caller discards them. A stream has no PRE_COPY and
-/// advertises RUNNING_P2P, so it combines with other devices. Pair it with a stream device on
-/// the other side.
+/// Destination: the verified stream is written starting at the fd's position when receiving
+/// begins (whether that position moves is not specified), and a regular file is flushed
+/// (`fdatasync`) before the device reports its state accepted; after a failure the bytes
+/// written so far remain and the caller discards them. A stream has no PRE_COPY and advertises
+/// RUNNING_P2P, so it combines with other devices. Pair it with a stream device on the other
+/// side. A pipe or socket must be in blocking mode (no `O_NONBLOCK`): a non-blocking one is
+/// refused with `VFMIG_CODE_INVALID_ARGUMENT`.
 ///
 /// Ownership as for `vfmig_device_vfio_from_fd`: `fd` stays the caller's; the library works on
 /// a duplicate that shares its file position. `name` is copied.
@@ -446,8 +467,10 @@ pub unsafe extern "C" fn vfmig_device_stream_from_fd(
         // SAFETY: `name` is NUL-terminated (contract).
         let name = unsafe { text(name, "name") }?.to_owned();
         let destination = side_from(side)?;
+        let fd = dup_fd(fd)?;
+        check_blocking(&fd)?;
         Ok(VfmigDevice {
-            inner: Device::Stream(StreamDevice::new(dup_fd(fd)?, name, destination)),
+            inner: Device::Stream(StreamDevice::new(fd, name, destination)),
         })
     };
     // SAFETY: `out` is valid for a pointer (contract).

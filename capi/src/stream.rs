@@ -5,7 +5,7 @@
 //!   data fd; it is read from its current position until end of file (a pipe: until its last
 //!   writer closed). A stream is read once: after a failed migration it is not rewound.
 //! - Destination: STOP -> RESUMING hands out a duplicate as the data fd; the verified stream is
-//!   written at its current position. RESUMING -> STOP (issued only after the length and digest
+//!   written starting at its position when receiving begins. RESUMING -> STOP (issued only after the length and digest
 //!   checked) flushes a regular file to disk (`fdatasync`) before the device reports prepared.
 //!   After a failed migration the bytes written so far stay in the file: the caller discards
 //!   them (the call that failed says so).

@@ -526,3 +526,27 @@ fn a_destination_that_holds_the_state_leaves_the_source_stopped() {
         "{states:?}"
     );
 }
+
+#[test]
+fn a_non_blocking_pipe_is_refused_as_a_stream() {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (r, w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let name = c("pipe");
+    let mut dev = null_mut();
+    // SAFETY: an open fd, a NUL-terminated name and a valid out-pointer.
+    let code = unsafe { vfmig_device_stream_from_fd(r.as_raw_fd(), name.as_ptr(), 0, &mut dev) };
+    assert_eq!(code, VfmigCode::InvalidArgument);
+    assert!(last_error().contains("O_NONBLOCK"), "{}", last_error());
+    assert!(dev.is_null());
+    drop(w);
+}
