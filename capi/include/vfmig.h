@@ -112,6 +112,15 @@ typedef enum VfmigDeviceState {
   VFMIG_DEVICE_STATE_UNKNOWN = 255,
 } VfmigDeviceState;
 
+// What a `VfmigDirtyEvent` says.
+typedef enum VfmigDirtyKind {
+  // Logging is on: every page a tracked device writes from now on is in a report. Once,
+  // before any device leaves RUNNING.
+  VFMIG_DIRTY_KIND_STARTED = 0,
+  // One harvest of the devices' dirty logs (read and cleared), OR-ed over the devices.
+  VFMIG_DIRTY_KIND_REPORT = 1,
+} VfmigDirtyKind;
+
 // What the destination did after the commit (docs/PROTOCOL.md, section 5.1). The values are
 // the wire codes.
 typedef enum VfmigOutcome {
@@ -210,6 +219,83 @@ typedef struct VfmigTransportOptions {
   uint64_t accept_timeout_ms;
 } VfmigTransportOptions;
 
+// The dirty log of one range: bit `i` (bit `i % 64` of `bits[i / 64]`) covers the page at
+// `iova + i * page_size`.
+typedef struct VfmigDirtyBitmap {
+  // Start of the range.
+  uint64_t iova;
+  // Length of the range in bytes.
+  uint64_t length;
+  // Bytes per bit.
+  uint64_t page_size;
+  // `words` 64-bit words; valid only during the callback.
+  const uint64_t *bits;
+  // Words at `bits`.
+  size_t words;
+} VfmigDirtyBitmap;
+
+// One event of the dirty-page export, handed to `VfmigDirtyExport.callback`. Every pointer in
+// it is valid only until the callback returns.
+typedef struct VfmigDirtyEvent {
+  // `VFMIG_DIRTY_KIND_STARTED` or `VFMIG_DIRTY_KIND_REPORT`.
+  enum VfmigDirtyKind kind;
+  // Bytes per bit of the bitmaps.
+  uint64_t page_size;
+  // STARTED: devices that log their DMA.
+  size_t tracked_devices;
+  // STARTED: names of the devices without DMA logging: their DMA writes are in NO report, so
+  // the VMM must track them otherwise (or treat the memory they reach as always dirty).
+  const char *const *untracked_names;
+  // STARTED: entries at `untracked_names`.
+  size_t untracked_count;
+  // REPORT: harvests delivered before this one.
+  uint64_t round;
+  // REPORT: the final harvest: every device is stopped and logging has stopped. The VMM's
+  // final RAM pass starts after it and includes its pages.
+  bool last;
+  // REPORT: devices whose REPORT failed in this harvest (their ranges are all marked dirty).
+  uint32_t failed_reports;
+  // REPORT: one bitmap per range, in the order of `VfmigDirtyExport.ranges`.
+  const struct VfmigDirtyBitmap *bitmaps;
+  // REPORT: entries at `bitmaps`.
+  size_t bitmap_count;
+} VfmigDirtyEvent;
+
+// A dirty-page export callback: `user` is `VfmigDirtyExport.user`; `event` and what it points
+// to are valid only during the call. It runs on the thread that called
+// `vfmig_source_status`, `vfmig_source_switchover` or `vfmig_source_finish`, inside that call:
+// keep it to merging the bitmaps into the VMM's own dirty tracking; it must not call back into
+// the same session.
+typedef void (*VfmigDirtyFn)(void *user, const struct VfmigDirtyEvent *event);
+
+// An IOVA range of guest memory.
+typedef struct VfmigIovaRange {
+  // Start IOVA (aligned to the page size of the export).
+  uint64_t iova;
+  // Length in bytes (non-zero, aligned to the page size).
+  uint64_t length;
+} VfmigIovaRange;
+
+// Device DMA dirty tracking handed to the VMM (the library's `DirtyTracking::Export`): vfmig
+// starts and stops `DMA_LOGGING` on the devices and hands every harvested log to `callback` as
+// one bitmap per range; the VMM merges them and ships the pages in its own RAM stream (the
+// ordering rule is in docs/DESIGN.md, "Device dirty pages"). `callback` NULL: off (the
+// default).
+typedef struct VfmigDirtyExport {
+  // The callback, or NULL for no export.
+  VfmigDirtyFn callback;
+  // Passed to `callback` untouched; the VMM's to keep valid while the session runs.
+  void *user;
+  // The IOVA ranges to log (at most 256, aligned to `page_size`, non-overlapping). Read
+  // during `vfmig_source_new` only (copied).
+  const struct VfmigIovaRange *ranges;
+  // Entries at `ranges`.
+  size_t range_count;
+  // Bitmap granularity and `DMA_LOGGING` page size (a power of two, at least 4096). Default
+  // 4096.
+  uint64_t page_size;
+} VfmigDirtyExport;
+
 // Source options: fill with `vfmig_source_options_default`, then change fields.
 typedef struct VfmigSourceOptions {
   // Use PRE_COPY when every device supports it. Default true.
@@ -236,6 +322,8 @@ typedef struct VfmigSourceOptions {
   bool allow_without_p2p;
   // Transport settings.
   struct VfmigTransportOptions transport;
+  // Device DMA dirty-page export to the VMM (off by default).
+  struct VfmigDirtyExport dirty;
 } VfmigSourceOptions;
 
 // One snapshot of a source session (`vfmig_source_status`), in the manner of QEMU's

@@ -2,22 +2,28 @@
 //! pointers (NULL gives `VFMIG_CODE_NULL_POINTER`), runs inside [`guard`] (no panic crosses the
 //! boundary) and converts with the safe code of `types.rs`.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
 
-use vfmig_pipeline::{CancelHandle, DestinationSession, Report, SourceSession};
+use vfmig_pipeline::{
+    CancelHandle, DestinationSession, DirtyReport, DirtySink, DirtyTracking, LoggingStarted,
+    Report, SourceSession,
+};
 use vfmig_transport::Listener;
+use vfmig_vfio::dma::MAX_LOGGING_RANGES;
 use vfmig_vfio::emulated::EmulatedDevice;
-use vfmig_vfio::{MigrationDevice, VfioDevice};
+use vfmig_vfio::{IovaRange, MigrationDevice, VfioDevice};
 
 use crate::device::Device;
 use crate::error::{guard, last_error_ptr, CapiError, VfmigCode};
 use crate::spec;
 use crate::stream::StreamDevice;
 use crate::types::{
-    VfmigDestinationOptions, VfmigDeviceReport, VfmigDeviceState, VfmigDeviceStatus, VfmigReport,
-    VfmigSide, VfmigSourceOptions, VfmigStatus, VfmigTransportOptions,
+    VfmigDestinationOptions, VfmigDeviceReport, VfmigDeviceState, VfmigDeviceStatus,
+    VfmigDirtyBitmap, VfmigDirtyEvent, VfmigDirtyExport, VfmigDirtyKind, VfmigReport, VfmigSide,
+    VfmigSourceOptions, VfmigStatus, VfmigTransportOptions,
 };
 
 /// A device handed to a session: made by a `vfmig_device_*` constructor, consumed by
@@ -222,6 +228,120 @@ fn side_from(side: u32) -> Result<bool, CapiError> {
             reason: "not a VfmigSide value",
         }),
     }
+}
+
+/// The VMM's dirty-log callback as a [`DirtySink`].
+struct CSink {
+    callback: unsafe extern "C" fn(*mut c_void, *const VfmigDirtyEvent),
+    user: *mut c_void,
+}
+
+// SAFETY: the sink is called only from inside the `vfmig_source_*` call that drives the session
+// (the pipeline calls sinks on the session's control thread, which in step mode is the caller's),
+// and `user` is only passed back to the callback; `VfmigDirtyExport` makes the caller promise
+// that both may be used from the thread driving the session.
+unsafe impl Send for CSink {}
+// SAFETY: as for Send: the sink holds no state of its own, and the calls are the caller's.
+unsafe impl Sync for CSink {}
+
+impl CSink {
+    fn emit(&self, event: &VfmigDirtyEvent) {
+        // SAFETY: `callback` is the caller's function with this signature (VfmigDirtyFn);
+        // `event` and everything it points to live until it returns.
+        unsafe { (self.callback)(self.user, event) }
+    }
+}
+
+const NO_REPORT: VfmigDirtyEvent = VfmigDirtyEvent {
+    kind: VfmigDirtyKind::Report,
+    page_size: 0,
+    tracked_devices: 0,
+    untracked_names: std::ptr::null(),
+    untracked_count: 0,
+    round: 0,
+    last: false,
+    failed_reports: 0,
+    bitmaps: std::ptr::null(),
+    bitmap_count: 0,
+};
+
+impl DirtySink for CSink {
+    fn logging_started(&self, started: &LoggingStarted) {
+        let names: Vec<CString> = started
+            .untracked
+            .iter()
+            .map(|n| CString::new(n.replace('\0', "?")).unwrap_or_default())
+            .collect();
+        let ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        self.emit(&VfmigDirtyEvent {
+            kind: VfmigDirtyKind::Started,
+            page_size: started.page_size,
+            tracked_devices: started.tracked.len(),
+            untracked_names: ptrs.as_ptr(),
+            untracked_count: ptrs.len(),
+            ..NO_REPORT
+        });
+    }
+
+    fn dirty(&self, report: &DirtyReport) {
+        let bitmaps: Vec<VfmigDirtyBitmap> = report
+            .bitmaps
+            .iter()
+            .map(|b| VfmigDirtyBitmap {
+                iova: b.range.iova,
+                length: b.range.length,
+                page_size: b.page_size,
+                bits: b.bits.as_ptr(),
+                words: b.bits.len(),
+            })
+            .collect();
+        self.emit(&VfmigDirtyEvent {
+            page_size: report.bitmaps.first().map_or(0, |b| b.page_size),
+            round: report.round,
+            last: report.last,
+            failed_reports: report.failed_reports,
+            bitmaps: bitmaps.as_ptr(),
+            bitmap_count: bitmaps.len(),
+            ..NO_REPORT
+        });
+    }
+}
+
+/// The export the caller asked for, with its ranges copied.
+///
+/// # Safety
+/// `d.ranges` is NULL or valid for reading `d.range_count` ranges.
+unsafe fn dirty_tracking(d: &VfmigDirtyExport) -> Result<DirtyTracking, CapiError> {
+    let Some(callback) = d.callback else {
+        return Ok(DirtyTracking::Off);
+    };
+    if d.range_count == 0 || d.range_count > MAX_LOGGING_RANGES {
+        return Err(CapiError::InvalidArgument {
+            arg: "dirty.range_count",
+            reason: "must be 1..=256",
+        });
+    }
+    if d.ranges.is_null() {
+        return Err(CapiError::NullPointer {
+            arg: "dirty.ranges",
+        });
+    }
+    // SAFETY: not NULL, and valid for range_count entries (this function's contract).
+    let ranges = unsafe { std::slice::from_raw_parts(d.ranges, d.range_count) };
+    Ok(DirtyTracking::Export {
+        ranges: ranges
+            .iter()
+            .map(|r| IovaRange {
+                iova: r.iova,
+                length: r.length,
+            })
+            .collect(),
+        page_size: d.page_size,
+        sink: Arc::new(CSink {
+            callback,
+            user: d.user,
+        }),
+    })
 }
 
 fn resolve(address: &str) -> Result<SocketAddr, CapiError> {
@@ -559,7 +679,9 @@ pub unsafe extern "C" fn vfmig_source_new(
         // SAFETY: NULL or a valid struct (contract).
         let o = unsafe { options.as_ref() }.unwrap_or(&defaults);
         // SAFETY: psk is NULL or valid for psk_len bytes (contract).
-        let opts = o.library_options(unsafe { psk(&o.transport) })?;
+        let mut opts = o.library_options(unsafe { psk(&o.transport) })?;
+        // SAFETY: dirty.ranges is NULL or valid for range_count entries (contract).
+        opts.dirty_tracking = unsafe { dirty_tracking(&o.dirty) }?;
         Ok(VfmigSource {
             session: SourceSession::new(devices, opts),
         })

@@ -32,6 +32,8 @@ pub use error::VfmigCode;
 pub use ffi::*;
 pub use types::{
     VfmigCompress, VfmigDestinationOptions, VfmigDeviceReport, VfmigDeviceState, VfmigDeviceStatus,
-    VfmigOutcome, VfmigPhase, VfmigPrecopyLimit, VfmigReport, VfmigSide, VfmigSourceOptions,
-    VfmigStage, VfmigStatus, VfmigTransportOptions, VFMIG_CODEC_MAX, VFMIG_NAME_MAX,
+    VfmigDirtyBitmap, VfmigDirtyEvent, VfmigDirtyExport, VfmigDirtyFn, VfmigDirtyKind,
+    VfmigIovaRange, VfmigOutcome, VfmigPhase, VfmigPrecopyLimit, VfmigReport, VfmigSide,
+    VfmigSourceOptions, VfmigStage, VfmigStatus, VfmigTransportOptions, VFMIG_CODEC_MAX,
+    VFMIG_NAME_MAX,
 };

@@ -6,10 +6,19 @@
 //! PARAM := "name=" TEXT | "size=" SIZE | "seed=" U64 | "profile=" (mixed|zero|random|text)
 //!        | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE | "p2p=" (on|off)
 //!        | "precopy-info=" (v1|v2) | "reinit-after=" SIZE
+//!        | "guest=" SIZE "@" IOVA | "guest-dma=" U64 | "quiesce-dma=" U64
 //! SIZE  := DIGITS [K|M|G|T] [i][B]         binary multiples (K = 1024)
+//! IOVA  := "0x" HEX | DIGITS
+//! ```
+//!
+//! `guest=` gives the device guest memory it DMAs into (and `DMA_LOGGING` support):
+//! `guest-dma=` pages per second while it runs, `quiesce-dma=` pages written as it quiesces (on
+//! entering RUNNING_P2P / PRE_COPY_P2P).
+//!
+//! ```text
 //! ```
 
-use vfmig_vfio::emulated::{EmulatedConfig, PrecopyInfoVersion, Profile};
+use vfmig_vfio::emulated::{EmulatedConfig, GuestConfig, PrecopyInfoVersion, Profile};
 
 /// Why a spec did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,9 +37,11 @@ pub(crate) enum SpecError {
     },
     #[error("size= is required")]
     MissingSize,
+    #[error("guest-dma= and quiesce-dma= need guest=SIZE@IOVA")]
+    DmaWithoutGuest,
 }
 
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 12] = [
     "name",
     "size",
     "seed",
@@ -40,6 +51,9 @@ const KEYS: [&str; 9] = [
     "p2p",
     "precopy-info",
     "reinit-after",
+    "guest",
+    "guest-dma",
+    "quiesce-dma",
 ];
 
 fn size(text: &str) -> Option<u64> {
@@ -55,10 +69,20 @@ fn size(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
+fn iova(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
 /// Parses `spec` into a config. `destination`: the device receives state, so it never dirties.
 pub(crate) fn parse(spec: &str, destination: bool) -> Result<EmulatedConfig, SpecError> {
     let mut cfg = EmulatedConfig::default();
     let mut seen = [false; KEYS.len()];
+    let mut guest: Option<GuestConfig> = None;
+    // guest-dma, quiesce-dma
+    let mut dma: (Option<u64>, Option<u64>) = (None, None);
     let body = spec.strip_prefix("emu:").unwrap_or(spec);
     for param in body.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = param
@@ -117,14 +141,40 @@ pub(crate) fn parse(spec: &str, destination: bool) -> Result<EmulatedConfig, Spe
                     _ => return Err(bad("v1 or v2")),
                 }
             }
-            _ => cfg.reinit_after = Some(sz("a size")?),
+            "reinit-after" => cfg.reinit_after = Some(sz("a size")?),
+            "guest" => {
+                let (len, at) = value.split_once('@').ok_or_else(|| bad("SIZE@IOVA"))?;
+                guest = Some(GuestConfig {
+                    iova: iova(at).ok_or_else(|| bad("SIZE@IOVA"))?,
+                    len: size(len).ok_or_else(|| bad("SIZE@IOVA"))?,
+                    dma_pages_per_sec: 0,
+                    quiesce_dma_pages: 0,
+                });
+            }
+            "guest-dma" => {
+                dma.0 = Some(value.parse().map_err(|_| bad("pages per second"))?);
+            }
+            _ => dma.1 = Some(value.parse().map_err(|_| bad("a page count"))?),
         }
     }
     if !seen[1] {
         return Err(SpecError::MissingSize);
     }
+    match (&mut guest, dma) {
+        (Some(g), (rate, quiesce)) => {
+            g.dma_pages_per_sec = rate.unwrap_or(0);
+            g.quiesce_dma_pages = quiesce.unwrap_or(0);
+        }
+        (None, (None, None)) => {}
+        (None, _) => return Err(SpecError::DmaWithoutGuest),
+    }
+    cfg.guest = guest;
     if destination {
         cfg.dirty_rate = 0;
+        if let Some(g) = &mut cfg.guest {
+            g.dma_pages_per_sec = 0;
+            g.quiesce_dma_pages = 0;
+        }
     }
     Ok(cfg)
 }
@@ -150,6 +200,28 @@ mod tests {
         assert!(!cfg.p2p);
         assert_eq!(cfg.precopy_info, PrecopyInfoVersion::V2);
         assert_eq!(cfg.reinit_after, Some(64 << 10));
+    }
+
+    #[test]
+    fn guest_memory_and_its_dma() {
+        let cfg = parse(
+            "size=1M,guest=2M@0x40000000,guest-dma=4000,quiesce-dma=8",
+            false,
+        )
+        .unwrap();
+        let g = cfg.guest.unwrap();
+        assert_eq!((g.iova, g.len), (0x4000_0000, 2 << 20));
+        assert_eq!((g.dma_pages_per_sec, g.quiesce_dma_pages), (4000, 8));
+        let d = parse("size=1M,guest=2M@1024,guest-dma=4000", true).unwrap();
+        assert_eq!(d.guest.unwrap().dma_pages_per_sec, 0);
+        assert_eq!(
+            parse("size=1M,guest-dma=5", false),
+            Err(SpecError::DmaWithoutGuest)
+        );
+        assert!(matches!(
+            parse("size=1M,guest=2M", false),
+            Err(SpecError::BadValue { .. })
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The plain C structs and enums of the API, and their conversions from the library's types.
 //! Everything here is safe code; the FFI layer (`ffi.rs`) only moves these across the boundary.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
 use vfmig_pipeline::{
@@ -209,6 +209,115 @@ pub struct VfmigTransportOptions {
     pub accept_timeout_ms: u64,
 }
 
+/// An IOVA range of guest memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VfmigIovaRange {
+    /// Start IOVA (aligned to the page size of the export).
+    pub iova: u64,
+    /// Length in bytes (non-zero, aligned to the page size).
+    pub length: u64,
+}
+
+/// What a `VfmigDirtyEvent` says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VfmigDirtyKind {
+    /// Logging is on: every page a tracked device writes from now on is in a report. Once,
+    /// before any device leaves RUNNING.
+    Started = 0,
+    /// One harvest of the devices' dirty logs (read and cleared), OR-ed over the devices.
+    Report = 1,
+}
+
+/// The dirty log of one range: bit `i` (bit `i % 64` of `bits[i / 64]`) covers the page at
+/// `iova + i * page_size`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VfmigDirtyBitmap {
+    /// Start of the range.
+    pub iova: u64,
+    /// Length of the range in bytes.
+    pub length: u64,
+    /// Bytes per bit.
+    pub page_size: u64,
+    /// `words` 64-bit words; valid only during the callback.
+    pub bits: *const u64,
+    /// Words at `bits`.
+    pub words: usize,
+}
+
+/// One event of the dirty-page export, handed to `VfmigDirtyExport.callback`. Every pointer in
+/// it is valid only until the callback returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VfmigDirtyEvent {
+    /// `VFMIG_DIRTY_KIND_STARTED` or `VFMIG_DIRTY_KIND_REPORT`.
+    pub kind: VfmigDirtyKind,
+    /// Bytes per bit of the bitmaps.
+    pub page_size: u64,
+    /// STARTED: devices that log their DMA.
+    pub tracked_devices: usize,
+    /// STARTED: names of the devices without DMA logging: their DMA writes are in NO report, so
+    /// the VMM must track them otherwise (or treat the memory they reach as always dirty).
+    pub untracked_names: *const *const c_char,
+    /// STARTED: entries at `untracked_names`.
+    pub untracked_count: usize,
+    /// REPORT: harvests delivered before this one.
+    pub round: u64,
+    /// REPORT: the final harvest: every device is stopped and logging has stopped. The VMM's
+    /// final RAM pass starts after it and includes its pages.
+    pub last: bool,
+    /// REPORT: devices whose REPORT failed in this harvest (their ranges are all marked dirty).
+    pub failed_reports: u32,
+    /// REPORT: one bitmap per range, in the order of `VfmigDirtyExport.ranges`.
+    pub bitmaps: *const VfmigDirtyBitmap,
+    /// REPORT: entries at `bitmaps`.
+    pub bitmap_count: usize,
+}
+
+/// A dirty-page export callback: `user` is `VfmigDirtyExport.user`; `event` and what it points
+/// to are valid only during the call. It runs on the thread that called
+/// `vfmig_source_status`, `vfmig_source_switchover` or `vfmig_source_finish`, inside that call:
+/// keep it to merging the bitmaps into the VMM's own dirty tracking; it must not call back into
+/// the same session.
+pub type VfmigDirtyFn =
+    Option<unsafe extern "C" fn(user: *mut c_void, event: *const VfmigDirtyEvent)>;
+
+/// Device DMA dirty tracking handed to the VMM (the library's `DirtyTracking::Export`): vfmig
+/// starts and stops `DMA_LOGGING` on the devices and hands every harvested log to `callback` as
+/// one bitmap per range; the VMM merges them and ships the pages in its own RAM stream (the
+/// ordering rule is in docs/DESIGN.md, "Device dirty pages"). `callback` NULL: off (the
+/// default).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VfmigDirtyExport {
+    /// The callback, or NULL for no export.
+    pub callback: VfmigDirtyFn,
+    /// Passed to `callback` untouched; the VMM's to keep valid while the session runs.
+    pub user: *mut c_void,
+    /// The IOVA ranges to log (at most 256, aligned to `page_size`, non-overlapping). Read
+    /// during `vfmig_source_new` only (copied).
+    pub ranges: *const VfmigIovaRange,
+    /// Entries at `ranges`.
+    pub range_count: usize,
+    /// Bitmap granularity and `DMA_LOGGING` page size (a power of two, at least 4096). Default
+    /// 4096.
+    pub page_size: u64,
+}
+
+impl Default for VfmigDirtyExport {
+    fn default() -> Self {
+        VfmigDirtyExport {
+            callback: None,
+            user: std::ptr::null_mut(),
+            ranges: std::ptr::null(),
+            range_count: 0,
+            page_size: 4096,
+        }
+    }
+}
+
 /// Source options: fill with `vfmig_source_options_default`, then change fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -237,6 +346,8 @@ pub struct VfmigSourceOptions {
     pub allow_without_p2p: bool,
     /// Transport settings.
     pub transport: VfmigTransportOptions,
+    /// Device DMA dirty-page export to the VMM (off by default).
+    pub dirty: VfmigDirtyExport,
 }
 
 /// Destination options: fill with `vfmig_destination_options_default`, then change fields.
@@ -489,6 +600,7 @@ impl Default for VfmigSourceOptions {
             max_bandwidth_bps: 0,
             allow_without_p2p: d.allow_without_p2p,
             transport: VfmigTransportOptions::default(),
+            dirty: VfmigDirtyExport::default(),
         }
     }
 }

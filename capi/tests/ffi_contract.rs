@@ -5,7 +5,7 @@
 // This file plays a C caller: a block of calls on one object shares one safety argument.
 #![allow(clippy::multiple_unsafe_ops_per_block)]
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::os::fd::AsRawFd;
 use std::ptr::null_mut;
 
@@ -549,4 +549,165 @@ fn a_non_blocking_pipe_is_refused_as_a_stream() {
     assert!(last_error().contains("O_NONBLOCK"), "{}", last_error());
     assert!(dev.is_null());
     drop(w);
+}
+
+/// One report as the callback saw it.
+struct SeenReport {
+    round: u64,
+    last: bool,
+    dirty_pages: u64,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// What the dirty-export callback saw.
+#[derive(Default)]
+struct Seen {
+    started: Vec<(usize, Vec<String>)>,
+    reports: Vec<SeenReport>,
+}
+
+/// The VMM's callback: records what it is told. No panics here (it is called through the C
+/// ABI); the test checks afterwards.
+unsafe extern "C" fn record(user: *mut c_void, event: *const VfmigDirtyEvent) {
+    // SAFETY: `user` is the &Mutex<Seen> the test passed, alive for the session.
+    let seen = unsafe { &*(user as *const std::sync::Mutex<Seen>) };
+    // SAFETY: valid for the duration of the call.
+    let e = unsafe { &*event };
+    let Ok(mut seen) = seen.lock() else { return };
+    match e.kind {
+        VfmigDirtyKind::Started => {
+            // SAFETY: untracked_count names, each NUL-terminated, valid during the call.
+            let names = unsafe { std::slice::from_raw_parts(e.untracked_names, e.untracked_count) }
+                .iter()
+                // SAFETY: as above.
+                .map(|n| unsafe { CStr::from_ptr(*n) }.to_string_lossy().into_owned())
+                .collect();
+            seen.started.push((e.tracked_devices, names));
+        }
+        VfmigDirtyKind::Report => {
+            // SAFETY: bitmap_count bitmaps, each with `words` words, valid during the call.
+            let maps = unsafe { std::slice::from_raw_parts(e.bitmaps, e.bitmap_count) };
+            let mut pages = 0;
+            let mut ranges = Vec::new();
+            for m in maps {
+                // SAFETY: as above.
+                let bits = unsafe { std::slice::from_raw_parts(m.bits, m.words) };
+                pages += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                ranges.push((m.iova, m.length));
+            }
+            seen.reports.push(SeenReport {
+                round: e.round,
+                last: e.last,
+                dirty_pages: pages,
+                ranges,
+            });
+        }
+    }
+}
+
+#[test]
+fn dirty_bitmaps_reach_the_vmm_callback_ending_with_the_last_harvest() {
+    const SRC: &[&str] = &[
+        "name=dma-a,size=1M,seed=21,guest=2M@0x40000000,guest-dma=4000,quiesce-dma=8",
+        "name=no-dma,size=1M,seed=22",
+    ];
+    const DST: &[&str] = &["name=dma-a,size=1M,seed=21", "name=no-dma,size=1M,seed=22"];
+    let seen = Box::new(std::sync::Mutex::new(Seen::default()));
+    let ranges = [VfmigIovaRange {
+        iova: 0x4000_0000,
+        length: 2 << 20,
+    }];
+    let mut opts = std::mem::MaybeUninit::<VfmigSourceOptions>::uninit();
+    // SAFETY: a valid out-pointer; the struct is then fully initialised.
+    let mut opts = unsafe {
+        ok(vfmig_source_options_default(opts.as_mut_ptr()));
+        opts.assume_init()
+    };
+    opts.dirty = VfmigDirtyExport {
+        callback: Some(record),
+        user: std::ptr::from_ref(&*seen) as *mut c_void,
+        ranges: ranges.as_ptr(),
+        range_count: ranges.len(),
+        page_size: 4096,
+    };
+    let (port, dst) = on_destination(destination_devices(DST), |d, l| {
+        // SAFETY: a live session and listener used by this thread only.
+        unsafe {
+            ok(vfmig_destination_receive(d, l));
+            ok(vfmig_destination_resume(d));
+            let resumed = VfmigOutcome::Resumed as u32;
+            ok(vfmig_destination_finish(
+                d,
+                resumed,
+                null_mut(),
+                null_mut(),
+                0,
+            ));
+        }
+    });
+    let s = source(SRC, Some(&opts));
+    start(s, port);
+    for _ in 0..20 {
+        // Pre-copy while the device DMAs.
+        assert_eq!(status(s).0, VfmigCode::Ok, "{}", last_error());
+    }
+    while !status(s).1.expect("status").switchover_due {}
+    // SAFETY: a live session used by this thread only.
+    unsafe {
+        ok(vfmig_source_switchover(s));
+        ok(vfmig_source_finish(s, null_mut(), null_mut(), 0));
+        vfmig_source_free(s);
+    }
+    dst.join().expect("destination thread");
+
+    let seen = seen.lock().expect("lock");
+    assert_eq!(seen.started, [(1, vec!["no-dma".to_owned()])]);
+    let (last, before) = seen.reports.split_last().expect("at least the last report");
+    assert!(last.last, "the final harvest comes last");
+    assert!(before.iter().all(|r| !r.last), "exactly one last report");
+    assert!(
+        last.dirty_pages > 0,
+        "the pages written while quiescing are in the last report"
+    );
+    assert!(seen
+        .reports
+        .iter()
+        .all(|r| r.ranges == [(0x4000_0000, 2 << 20)]));
+    let rounds: Vec<u64> = seen.reports.iter().map(|r| r.round).collect();
+    assert!(rounds.windows(2).all(|w| w[0] < w[1]), "{rounds:?}");
+}
+
+#[test]
+fn a_dirty_export_without_ranges_is_refused() {
+    let base = VfmigSourceOptions {
+        dirty: VfmigDirtyExport {
+            callback: Some(record),
+            ..VfmigDirtyExport::default()
+        },
+        ..VfmigSourceOptions::default()
+    };
+    let ranges = [VfmigIovaRange {
+        iova: 0,
+        length: 4096,
+    }; 300];
+    for (ranges, count, code) in [
+        (std::ptr::null(), 0, VfmigCode::InvalidArgument),
+        (std::ptr::null(), 1, VfmigCode::NullPointer),
+        (ranges.as_ptr(), 300, VfmigCode::InvalidArgument),
+    ] {
+        let opts = VfmigSourceOptions {
+            dirty: VfmigDirtyExport {
+                ranges,
+                range_count: count,
+                ..base.dirty
+            },
+            ..base
+        };
+        let mut devs = [emulated("size=1M", VfmigSide::Source)];
+        let mut s = null_mut();
+        // SAFETY: one fresh device, a valid options struct (its ranges NULL or 300 entries).
+        let got = unsafe { vfmig_source_new(&opts, devs.as_mut_ptr(), 1, &mut s) };
+        assert_eq!(got, code, "{count} ranges: {}", last_error());
+        assert!(s.is_null());
+    }
 }
