@@ -17,6 +17,7 @@
  * - A session (VfmigSource, VfmigDestination) is used by one thread at a time; a VfmigCancel
  *   may be used from any thread.
  * - Durations are microseconds in results, milliseconds in options.
+ * - Check vfmig_abi_version() == VFMIG_ABI_VERSION at start-up.
  */
 
 
@@ -26,6 +27,11 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+// The ABI of this header: the version of its structs and function signatures, bumped
+// whenever any of them changes. A program compares `vfmig_abi_version()` with it at start-up:
+// a library built from another header would read and write structs of another layout.
+#define VFMIG_ABI_VERSION 1
 
 // Bytes of a device name in a status or report struct, NUL included (longer names are cut).
 #define VFMIG_NAME_MAX 64
@@ -448,6 +454,9 @@ typedef struct VfmigDestinationOptions {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// The `VFMIG_ABI_VERSION` the library was built with.
+uint32_t vfmig_abi_version(void);
 
 // The library version, e.g. `"0.1.0"`: a static string, never freed.
 const char *vfmig_version(void);

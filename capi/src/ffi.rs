@@ -481,6 +481,17 @@ unsafe fn cancel_handle<S: Session>(session: *const S, out: *mut *mut VfmigCance
 
 // ---- general ----
 
+/// The ABI of this header: the version of its structs and function signatures, bumped
+/// whenever any of them changes. A program compares `vfmig_abi_version()` with it at start-up:
+/// a library built from another header would read and write structs of another layout.
+pub const VFMIG_ABI_VERSION: u32 = 1;
+
+/// The `VFMIG_ABI_VERSION` the library was built with.
+#[no_mangle]
+pub extern "C" fn vfmig_abi_version() -> u32 {
+    VFMIG_ABI_VERSION
+}
+
 /// The library version, e.g. `"0.1.0"`: a static string, never freed.
 #[no_mangle]
 pub extern "C" fn vfmig_version() -> *const c_char {

@@ -24,6 +24,7 @@ fn checked_in_header_matches_what_cbindgen_generates() {
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     if checked_in != generated {
+        // A change of a struct or a signature also needs VFMIG_ABI_VERSION bumped (ffi.rs).
         let line = checked_in
             .lines()
             .zip(generated.lines())

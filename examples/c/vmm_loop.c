@@ -141,6 +141,8 @@ static void show_error_handling(void) {
 }
 
 int main(void) {
+    /* A library built from another header would lay its structs out differently. */
+    EXPECT(vfmig_abi_version() == VFMIG_ABI_VERSION);
     fprintf(stderr, "vfmig %s\n", vfmig_version());
     show_error_handling();
 
