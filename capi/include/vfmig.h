@@ -486,6 +486,10 @@ enum VfmigCode vfmig_device_vfio_from_fd(int fd, const char *name, struct VfmigD
 //
 // `[emu:]size=SIZE[,name=NAME][,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]`
 // `[,dirty-rate=SIZE][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]`
+// `[,guest=SIZE@IOVA[,guest-dma=PAGES_PER_SEC][,quiesce-dma=PAGES]]`
+//
+// `guest=` gives the device guest memory that it writes by DMA while it runs (`guest-dma=`)
+// and as it quiesces (`quiesce-dma=`), with `DMA_LOGGING` support: for the dirty-page export.
 //
 // SIZE takes K, M, G, T (binary). The keys are those of the CLI's `emu:` spec. Source and
 // destination must use the same size and seed; `side` is a `VfmigSide` value, and a
@@ -551,9 +555,10 @@ enum VfmigCode vfmig_source_options_default(struct VfmigSourceOptions *out);
 // them by position).
 //
 // Ownership: every non-NULL entry of `devices` is consumed, whatever the result, and the
-// entry is set to NULL; the session frees the devices. `options` (NULL: defaults) and the key
-// it points to are only read during this call. On success `*out` is a new session, freed with
-// `vfmig_source_free`.
+// entry is set to NULL; the session frees the devices. `options` (NULL: defaults), the key and
+// the dirty ranges it points to are only read during this call; `options->dirty.callback` and
+// `options->dirty.user` are kept and must stay valid until the session is freed. On success
+// `*out` is a new session, freed with `vfmig_source_free`.
 //
 // # Safety
 // `options` is NULL or a valid struct whose `transport.psk` is NULL or valid for `psk_len`
@@ -751,7 +756,10 @@ enum VfmigCode vfmig_destination_device_digest(struct VfmigDestination *destinat
                                                size_t index,
                                                uint8_t *out);
 
-// Frees a session and its devices. NULL is accepted and ignored.
+// Frees a session and its devices. NULL is accepted and ignored. After a successful
+// `vfmig_destination_receive`, report the outcome with `vfmig_destination_finish` first: a
+// session freed without it leaves the source without an outcome (it reports in doubt), while
+// the devices here keep the state in STOP.
 //
 // # Safety
 // `destination` is NULL or a session from `vfmig_destination_new`, not freed, not in use.
