@@ -494,7 +494,9 @@ enum VfmigCode vfmig_device_vfio_from_fd(int fd, const char *name, struct VfmigD
 // SIZE takes K, M, G, T (binary). The keys are those of the CLI's `emu:` spec. Source and
 // destination must use the same size and seed; `side` is a `VfmigSide` value, and a
 // destination device never dirties its state. `spec` is copied. On success `*out` is a new
-// device, which the caller frees with `vfmig_device_free` or hands to a session.
+// device, which the caller frees with `vfmig_device_free` or hands to a session. A library
+// built without its default feature `emulated` (no FUSE server) returns
+// `VFMIG_CODE_UNSUPPORTED`.
 //
 // # Safety
 // `spec` is a NUL-terminated string; `out` is valid for writing one pointer.

@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+#[cfg(feature = "emulated")]
 use vfmig_vfio::emulated::EmulatedDevice;
 
 use crate::stream::StreamDevice;
@@ -19,6 +20,7 @@ pub(crate) enum Device {
     /// A VFIO device over a duplicate of the caller's device fd.
     Vfio(VfioDevice),
     /// An emulated device (tests, examples).
+    #[cfg(feature = "emulated")]
     Emulated(EmulatedDevice),
     /// A byte stream over a duplicate of the caller's fd.
     Stream(StreamDevice),
@@ -28,6 +30,7 @@ impl Device {
     fn inner(&self) -> &dyn MigrationDevice {
         match self {
             Device::Vfio(d) => d,
+            #[cfg(feature = "emulated")]
             Device::Emulated(d) => d,
             Device::Stream(d) => d,
         }
@@ -36,6 +39,7 @@ impl Device {
     fn inner_mut(&mut self) -> &mut dyn MigrationDevice {
         match self {
             Device::Vfio(d) => d,
+            #[cfg(feature = "emulated")]
             Device::Emulated(d) => d,
             Device::Stream(d) => d,
         }
@@ -45,6 +49,7 @@ impl Device {
     pub(crate) fn state_digest(&self) -> Option<[u8; 32]> {
         match self {
             Device::Vfio(_) | Device::Stream(_) => None,
+            #[cfg(feature = "emulated")]
             Device::Emulated(d) => d.state_digest(),
         }
     }

@@ -6,9 +6,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use vfmig_pipeline::PipelineError;
 use vfmig_transport::TransportError;
+#[cfg(feature = "emulated")]
 use vfmig_vfio::emulated::EmulatedError;
 use vfmig_vfio::DeviceError;
 
+#[cfg(feature = "emulated")]
 use crate::spec::SpecError;
 
 /// What a `vfmig_*` call returned. `VFMIG_CODE_OK` (0) is success; every other code comes with
@@ -80,8 +82,10 @@ pub(crate) enum CapiError {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(feature = "emulated")]
     #[error("device spec: {0}")]
     Spec(#[from] SpecError),
+    #[cfg(feature = "emulated")]
     #[error(transparent)]
     Emulated(#[from] EmulatedError),
     #[error(transparent)]
@@ -105,9 +109,12 @@ impl CapiError {
             CapiError::InvalidArgument { .. }
             | CapiError::Address { .. }
             | CapiError::Dup { .. }
-            | CapiError::Spec(_)
             | CapiError::NoDevice { .. } => VfmigCode::InvalidArgument,
-            CapiError::Emulated(EmulatedError::BadConfig { .. }) => VfmigCode::InvalidArgument,
+            #[cfg(feature = "emulated")]
+            CapiError::Spec(_) | CapiError::Emulated(EmulatedError::BadConfig { .. }) => {
+                VfmigCode::InvalidArgument
+            }
+            #[cfg(feature = "emulated")]
             CapiError::Emulated(_) => VfmigCode::Resources,
             CapiError::Device(_) => VfmigCode::Device,
             CapiError::Transport(_) => VfmigCode::Transport,

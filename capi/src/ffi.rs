@@ -13,12 +13,10 @@ use vfmig_pipeline::{
 };
 use vfmig_transport::Listener;
 use vfmig_vfio::dma::MAX_LOGGING_RANGES;
-use vfmig_vfio::emulated::EmulatedDevice;
 use vfmig_vfio::{IovaRange, MigrationDevice, VfioDevice};
 
 use crate::device::Device;
 use crate::error::{guard, last_error_ptr, CapiError, VfmigCode};
-use crate::spec;
 use crate::stream::StreamDevice;
 use crate::types::{
     VfmigDestinationOptions, VfmigDeviceReport, VfmigDeviceState, VfmigDeviceStatus,
@@ -344,6 +342,21 @@ unsafe fn dirty_tracking(d: &VfmigDirtyExport) -> Result<DirtyTracking, CapiErro
     })
 }
 
+#[cfg(feature = "emulated")]
+fn emulated(spec: &str, destination: bool) -> Result<VfmigDevice, CapiError> {
+    let cfg = crate::spec::parse(spec, destination)?;
+    Ok(VfmigDevice {
+        inner: Device::Emulated(vfmig_vfio::emulated::EmulatedDevice::new(cfg)?),
+    })
+}
+
+#[cfg(not(feature = "emulated"))]
+fn emulated(_spec: &str, _destination: bool) -> Result<VfmigDevice, CapiError> {
+    Err(CapiError::Unsupported {
+        what: "an emulated device (the library was built without feature `emulated`)",
+    })
+}
+
 fn resolve(address: &str) -> Result<SocketAddr, CapiError> {
     let err = |source| CapiError::Address {
         arg: "address",
@@ -552,7 +565,9 @@ pub unsafe extern "C" fn vfmig_device_vfio_from_fd(
 /// SIZE takes K, M, G, T (binary). The keys are those of the CLI's `emu:` spec. Source and
 /// destination must use the same size and seed; `side` is a `VfmigSide` value, and a
 /// destination device never dirties its state. `spec` is copied. On success `*out` is a new
-/// device, which the caller frees with `vfmig_device_free` or hands to a session.
+/// device, which the caller frees with `vfmig_device_free` or hands to a session. A library
+/// built without its default feature `emulated` (no FUSE server) returns
+/// `VFMIG_CODE_UNSUPPORTED`.
 ///
 /// # Safety
 /// `spec` is a NUL-terminated string; `out` is valid for writing one pointer.
@@ -565,10 +580,7 @@ pub unsafe extern "C" fn vfmig_device_emulated(
     let make = || {
         // SAFETY: `spec` is NUL-terminated (contract).
         let spec = unsafe { text(spec, "spec") }?;
-        let cfg = spec::parse(spec, side_from(side)?)?;
-        Ok(VfmigDevice {
-            inner: Device::Emulated(EmulatedDevice::new(cfg)?),
-        })
+        emulated(spec, side_from(side)?)
     };
     // SAFETY: `out` is valid for a pointer (contract).
     unsafe { construct(out, make) }

@@ -24,6 +24,7 @@
 mod device;
 mod error;
 mod ffi;
+#[cfg(feature = "emulated")]
 mod spec;
 mod stream;
 mod types;

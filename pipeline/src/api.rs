@@ -61,13 +61,28 @@ impl Rate {
     }
 }
 
-/// Source options. `Default` gives adaptive compression, 2 codec workers, pre-copy when every
-/// device supports it, 300 ms max downtime, no rate limit, 30 s timeout.
+/// Most codec workers [`default_codec_workers`] picks: beyond it the default 64-slot pool, not
+/// the cores, bounds a session (every worker holds up to two slots on the destination).
+pub const DEFAULT_CODEC_WORKERS_MAX: usize = 8;
+
+/// Codec workers by default: the cores this process may run on (`sched_getaffinity` and the
+/// cgroup CPU quota, as `std::thread::available_parallelism` reads them), at least 2 and at most
+/// [`DEFAULT_CODEC_WORKERS_MAX`]. A worker only runs while a chunk needs a codec, so idle
+/// workers cost nothing when the controller sends raw.
+pub fn default_codec_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .clamp(2, DEFAULT_CODEC_WORKERS_MAX)
+}
+
+/// Source options. `Default` gives adaptive compression, [`default_codec_workers`] codec
+/// workers, pre-copy when every device supports it, 300 ms max downtime, no rate limit, 30 s
+/// timeout.
 #[derive(Clone)]
 pub struct SourceOptions {
     /// How to compress (Auto chooses from measured link and codec throughput).
     pub compress: Compress,
-    /// Codec worker threads.
+    /// Codec worker threads (default: [`default_codec_workers`]).
     pub codec_workers: usize,
     /// Use PRE_COPY when every device supports it.
     pub precopy: bool,
@@ -106,7 +121,7 @@ impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
             compress: Compress::Auto,
-            codec_workers: 2,
+            codec_workers: default_codec_workers(),
             precopy: true,
             max_downtime: Duration::from_millis(300),
             max_precopy: Duration::from_secs(60),
@@ -156,7 +171,8 @@ pub enum PrecopyLimit {
 /// Destination options.
 #[derive(Clone)]
 pub struct DestinationOptions {
-    /// Codec worker threads.
+    /// Codec worker threads (default: [`default_codec_workers`]); the session runs as many as
+    /// its buffer pool can feed beside the reorder window, at most this many.
     pub codec_workers: usize,
     /// Longest time without progress.
     pub timeout: Duration,
@@ -180,7 +196,7 @@ pub struct DestinationOptions {
 impl Default for DestinationOptions {
     fn default() -> Self {
         DestinationOptions {
-            codec_workers: 2,
+            codec_workers: default_codec_workers(),
             timeout: Duration::from_secs(30),
             resume_devices: false,
             allow_without_p2p: false,

@@ -25,6 +25,11 @@ use crate::stats::{Counters, DeviceCounters};
 use crate::watch::Watch;
 use crate::writer::{self, WriterDevice, WriterEvent};
 
+/// [`DeviceCounters::seen`] values: the furthest kind of frame received for a device.
+const SEEN_PRECOPY: u8 = 1;
+const SEEN_STOPCOPY: u8 = 2;
+const SEEN_END: u8 = 3;
+
 /// Verified frames the transport may hold ready for `recv` (its `READY_MAX`).
 const TRANSPORT_READY: usize = 8;
 
@@ -49,6 +54,8 @@ pub struct DestinationSession<D: MigrationDevice> {
     resets: Vec<RollbackStep>,
     /// Between a commit and [`DestinationSession::finish`].
     committed: Option<Committed>,
+    /// The last receive ended in doubt; the devices hold a prepared copy in STOP.
+    in_doubt: bool,
 }
 
 /// A session whose source committed, waiting for the VMM's outcome.
@@ -67,6 +74,8 @@ struct Stages {
     decisions: Receiver<Decision>,
     counters: Arc<Counters>,
     threads: Vec<JoinHandle<()>>,
+    /// Codec workers running (what the pool can feed, at most the option).
+    workers: usize,
 }
 
 impl Stages {
@@ -74,10 +83,10 @@ impl Stages {
         session: &Arc<RecvSession>,
         devices: Vec<WriterDevice>,
         opts: &DestinationOptions,
+        workers: usize,
     ) -> Result<Stages, PipelineError> {
         let n = devices.len();
         let pool = session.pool().clone();
-        let workers = opts.codec_workers.clamp(1, 64);
         let counters = Arc::new(Counters::new(n).with_notices(opts.notice.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let timeout = opts.timeout;
@@ -131,6 +140,7 @@ impl Stages {
             decisions: dec_rx,
             counters,
             threads,
+            workers,
         })
     }
 
@@ -221,6 +231,15 @@ fn receive_loop(
             what: "the decode stage to take a frame",
             waited: timeout,
         };
+        // What the source is streaming, for the progress callback's phase.
+        if let Some(c) = counters.device(h.device) {
+            match h.kind {
+                FrameKind::PreCopyData => c.seen.fetch_max(SEEN_PRECOPY, Ordering::Relaxed),
+                FrameKind::StopCopyData => c.seen.fetch_max(SEEN_STOPCOPY, Ordering::Relaxed),
+                FrameKind::EndOfDevice => c.seen.fetch_max(SEEN_END, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
         match h.kind {
             FrameKind::PreCopyData | FrameKind::StopCopyData | FrameKind::DirtyPages => {
                 out.data
@@ -313,6 +332,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             cancel: CancelHandle::default(),
             resets: Vec::new(),
             committed: None,
+            in_doubt: false,
         }
     }
 
@@ -358,6 +378,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     /// [`DestinationOptions::resume_devices`]) [`DestinationSession::resume`], then
     /// [`DestinationSession::finish`].
     pub fn run(&mut self, listener: &Listener) -> Result<Report, PipelineError> {
+        self.check_idle()?;
         let session = self.accept(listener)?;
         self.run_session(session)
     }
@@ -391,6 +412,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
     /// stay in STOP (see [`PipelineError::in_doubt_guidance`]). Any other `Err`: the migration
     /// failed before the decision, the devices were reset and the source rolls back.
     pub fn receive(&mut self, listener: &Listener) -> Result<(), PipelineError> {
+        self.check_idle()?;
         let session = self.accept(listener)?;
         self.receive_session(session)
     }
@@ -406,16 +428,34 @@ impl<D: MigrationDevice> DestinationSession<D> {
             })
     }
 
+    /// Refuses a new stream while the devices hold state that may be the only copy (in doubt)
+    /// or that the source committed to: loading another stream over it would destroy it.
+    /// Finish first (`resume`, `reset_devices` or `finish`).
+    fn check_idle(&self) -> Result<(), PipelineError> {
+        if self.in_doubt || self.committed.is_some() {
+            return Err(PipelineError::WrongStep {
+                step: "receive",
+                phase: Some(Phase::Commit),
+            });
+        }
+        Ok(())
+    }
+
     /// [`DestinationSession::receive`] on an accepted session.
     pub fn receive_session(&mut self, session: RecvSession) -> Result<(), PipelineError> {
+        self.check_idle()?;
         self.resets.clear();
         self.committed = None;
+        self.in_doubt = false;
         let started = Instant::now();
         let session = Arc::new(session);
-        if let Err(e) = self.check(&session) {
-            session.abort(e.abort_reason(false), &e.to_string());
-            return Err(e);
-        }
+        let workers = match self.check(&session) {
+            Ok(w) => w,
+            Err(e) => {
+                session.abort(e.abort_reason(false), &e.to_string());
+                return Err(e);
+            }
+        };
         let mut fds = Vec::new();
         for d in &mut self.devices {
             match set_state(d, DeviceState::Resuming, Phase::Setup) {
@@ -439,7 +479,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 fd: fd.clone(),
             })
             .collect();
-        let mut stages = match Stages::start(&session, writer_devices, &self.opts) {
+        let mut stages = match Stages::start(&session, writer_devices, &self.opts, workers) {
             Ok(s) => s,
             Err(e) => return Err(self.fail(&session, None, e)),
         };
@@ -465,6 +505,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 };
                 session.abort(reason, &e.to_string());
                 stages.stop();
+                self.in_doubt = true;
                 Err(e)
             }
             Err(e) => Err(self.fail(&session, Some(&mut stages), e)),
@@ -473,9 +514,10 @@ impl<D: MigrationDevice> DestinationSession<D> {
 
     /// Step 2 (optional): moves every device STOP -> RUNNING_P2P (all, when several and all
     /// support P2P) -> RUNNING (all), the RUNNING_P2P order on the destination. Only after a commit
-    /// ([`DestinationSession::receive`] returned `Ok`).
+    /// ([`DestinationSession::receive`] returned `Ok`), or after an in-doubt end once the operator
+    /// knows the source sent commit (it reports in doubt too, or success; docs/PROTOCOL.md, 5.1).
     pub fn resume(&mut self) -> Result<(), PipelineError> {
-        if self.committed.is_none() {
+        if self.committed.is_none() && !self.in_doubt {
             return Err(PipelineError::NotCommitted);
         }
         // A device without P2P has no RUNNING_P2P (allow_without_p2p): then there is no order
@@ -492,7 +534,25 @@ impl<D: MigrationDevice> DestinationSession<D> {
         for d in &mut self.devices {
             set_state(d, DeviceState::Running, Phase::Commit)?;
         }
+        // Only a resume that reached RUNNING ends the doubt: after a partial failure the
+        // devices can still be reset through `reset_devices`.
+        self.in_doubt = false;
         Ok(())
+    }
+
+    /// Finishes an in-doubt end the other way: the source did not commit (it reports a failure
+    /// and runs again), so every device is reset. Only after
+    /// [`DestinationSession::receive`] ended in [`PipelineError::InDoubt`].
+    pub fn reset_devices(&mut self) -> Result<&[RollbackStep], PipelineError> {
+        if !self.in_doubt {
+            return Err(PipelineError::WrongStep {
+                step: "reset_devices",
+                phase: None,
+            });
+        }
+        self.in_doubt = false;
+        self.resets = self.devices.iter_mut().map(reset_committed).collect();
+        Ok(&self.resets)
     }
 
     /// Step 3: tells the source what happened after the commit and ends the session.
@@ -534,7 +594,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             devices,
             elapsed,
             None,
-            self.opts.codec_workers.clamp(1, 64),
+            c.stages.workers,
             "decode",
         );
         report.outcome = Some(outcome);
@@ -581,23 +641,29 @@ impl<D: MigrationDevice> DestinationSession<D> {
         }
     }
 
-    fn check(&mut self, session: &RecvSession) -> Result<(), PipelineError> {
+    /// Checks the session against this side's devices and pool; returns how many codec
+    /// workers the pool can feed (at most [`DestinationOptions::codec_workers`]).
+    fn check(&mut self, session: &RecvSession) -> Result<usize, PipelineError> {
         // The pool must hold what the transport may keep (its reorder window plus verified
         // frames not yet taken) and what this side keeps in flight, or decoding would wait for
-        // buffers that only decoding can free.
+        // buffers that only decoding can free. Workers beyond what the pool can feed would
+        // only wait for slots: the session runs with fewer rather than fail.
         let pool = session.pool();
         let agreed = session.agreed();
         let window = usize::try_from(agreed.window_bytes / pool.slot_size().max(1) as u64)
             .unwrap_or(usize::MAX);
-        let needed = window
-            .saturating_add(TRANSPORT_READY + usize::from(agreed.streams))
-            .saturating_add(own_buffers(self.opts.codec_workers, self.devices.len()));
-        if pool.slots() < needed {
+        let fixed = window.saturating_add(TRANSPORT_READY + usize::from(agreed.streams));
+        let fits =
+            |w: usize| fixed.saturating_add(own_buffers(w, self.devices.len())) <= pool.slots();
+        let Some(workers) = (1..=self.opts.codec_workers.clamp(1, 64))
+            .rev()
+            .find(|&w| fits(w))
+        else {
             return Err(PipelineError::Options {
                 what: "session.pool_slots (destination: reorder window + stages need more)",
                 value: pool.slots() as u64,
             });
-        }
+        };
         let remote = session.agreed().devices.len();
         if remote != self.devices.len() {
             return Err(PipelineError::DeviceCount {
@@ -616,7 +682,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 }
             }
         }
-        Ok(())
+        Ok(workers)
     }
 
     /// Tells the source, stops the stages, resets every device.
@@ -716,11 +782,15 @@ impl<D: MigrationDevice> DestinationSession<D> {
                             c.precopy_raw.store(raw, Ordering::Relaxed);
                         }
                     }
-                    // The device's initial data (or all its pre-copy data) is loaded: the
-                    // switchover-ack, once per device (issue 13; uAPI `initial_bytes`).
+                    // The device's initial data is loaded: the switchover-ack, one per
+                    // `InitialDataSent` marker (again after a REINIT); `PreCopyDone` acks a
+                    // device only if no marker did (issue 13; uAPI `initial_bytes`).
                     let i = usize::from(device);
-                    if acked.get(i) == Some(&false) {
-                        acked[i] = true;
+                    let initial = matches!(ev, WriterEvent::InitialLoaded { .. });
+                    if initial || acked.get(i) == Some(&false) {
+                        if let Some(a) = acked.get_mut(i) {
+                            *a = true;
+                        }
                         let ack = Control::SwitchoverAck {
                             device,
                             raw_bytes: raw,
@@ -763,9 +833,17 @@ impl<D: MigrationDevice> DestinationSession<D> {
                 .enumerate()
                 .map(|(i, (d, c))| {
                     let raw = DeviceCounters::load(&c.raw);
+                    // The furthest the source's stream got: nothing yet (just after the
+                    // handshake), pre-copy data, stop-copy data, its end (being verified).
+                    let phase = match c.seen.load(Ordering::Relaxed) {
+                        SEEN_END => Phase::Acknowledge,
+                        SEEN_STOPCOPY => Phase::StopCopy,
+                        SEEN_PRECOPY => Phase::PreCopy,
+                        _ => Phase::Setup,
+                    };
                     DeviceProgress {
                         name: d.name().to_owned(),
-                        phase: Phase::Resume,
+                        phase,
                         raw_bytes: raw,
                         wire_bytes: DeviceCounters::load(&c.wire),
                         rate_bps: raw as f64 / elapsed.as_secs_f64().max(1e-3),

@@ -327,8 +327,8 @@ pub enum PipelineError {
     /// [`crate::DestinationSession::finish`]) was called without one.
     #[error("no committed session: receive() must return Ok first")]
     NotCommitted,
-    /// A step of [`crate::SourceSession`] called out of order (e.g. `switchover` before
-    /// `start`, `finish` before `switchover`). Nothing was changed.
+    /// A step called out of order (e.g. `switchover` before `start`, `finish` before
+    /// `switchover`, an in-doubt resolution without an in-doubt end). Nothing was changed.
     #[error("{step} is not valid now (phase {phase:?})")]
     WrongStep {
         /// The step called.
@@ -397,7 +397,9 @@ impl PipelineError {
             PipelineError::Pool { .. } | PipelineError::Resource { .. } => AbortReason::Resources,
             PipelineError::StageLost { .. } => AbortReason::Internal,
             PipelineError::Transport { source, .. } => match source {
-                TransportError::Corrupt { .. } => AbortReason::Integrity,
+                TransportError::Corrupt { .. }
+                | TransportError::Unauthentic { .. }
+                | TransportError::Sealing { .. } => AbortReason::Integrity,
                 TransportError::Timeout { .. } | TransportError::PeerSilent { .. } => {
                     AbortReason::Timeout
                 }

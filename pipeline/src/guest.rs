@@ -2,41 +2,12 @@
 //! the source reads the pages a device dirtied (`VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`) and ships
 //! them as `DirtyPages` frames; the destination writes them into its guest memory.
 
-use std::io;
-
-use vfmig_vfio::emulated::GuestMemory;
 use vfmig_vfio::IovaRange;
+
+pub use vfmig_vfio::GuestMemoryAccess;
 
 /// Guest page size of `DirtyPages` frames and of the logging the pipeline asks for.
 pub const GUEST_PAGE: u64 = 4096;
-
-/// Access to a VM's guest memory by IOVA. Implemented by the VMM (and by the emulated device's
-/// memfd-backed [`GuestMemory`]).
-pub trait GuestMemoryAccess: Send + Sync + std::fmt::Debug {
-    /// The IOVA ranges devices may DMA into (page aligned, non-overlapping, at most 256).
-    fn ranges(&self) -> Vec<IovaRange>;
-    /// Reads `buf.len()` bytes at `iova`.
-    fn read(&self, iova: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Writes `data` at `iova`.
-    fn write(&self, iova: u64, data: &[u8]) -> io::Result<()>;
-}
-
-impl GuestMemoryAccess for GuestMemory {
-    fn ranges(&self) -> Vec<IovaRange> {
-        vec![IovaRange {
-            iova: self.iova(),
-            length: self.len(),
-        }]
-    }
-
-    fn read(&self, iova: u64, buf: &mut [u8]) -> io::Result<()> {
-        GuestMemory::read(self, iova, buf)
-    }
-
-    fn write(&self, iova: u64, data: &[u8]) -> io::Result<()> {
-        GuestMemory::write(self, iova, data)
-    }
-}
 
 /// A run of contiguous guest pages: first IOVA and number of 4 KiB pages.
 pub(crate) type Run = (u64, u64);

@@ -18,6 +18,14 @@
 //!
 //! `unsafe` lives only in the `uring` module (submissions referencing pool buffers).
 //!
+//! # Features
+//!
+//! With default features the pipeline links `vfmig-vfio` without its `emulated` and `contract`
+//! features: no emulated device and no FUSE server. Device DMA dirty tracking reads and writes
+//! guest memory through [`GuestMemoryAccess`] (defined in `vfmig-vfio`, implemented by the VMM).
+//! Feature `vm-memory` adds `VmGuestMemory`, that trait over vm-memory's `GuestMemory` (what
+//! rust-vmm VMMs hold).
+//!
 //! # What a run guarantees
 //!
 //! - **Order.** One read in flight per data fd; chunks are numbered per device and handed to the
@@ -168,6 +176,8 @@ mod stages;
 mod stats;
 mod status;
 mod uring;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 mod watch;
 mod writer;
 
@@ -175,9 +185,9 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit,
-    Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage,
-    StageTimes,
+    default_codec_workers, CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice,
+    NoticeFn, PrecopyLimit, Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep,
+    SourceOptions, Stage, StageTimes, DEFAULT_CODEC_WORKERS_MAX,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;
@@ -191,3 +201,5 @@ pub use status::{DeviceStatus, SourceStatus};
 pub use vfmig_wire::AbortReason;
 /// What the destination did after the commit (docs/PROTOCOL.md, section 5.1).
 pub use vfmig_wire::FinalOutcome;
+#[cfg(feature = "vm-memory")]
+pub use vm_memory::{VmGuestMemory, VmMemoryError};

@@ -80,6 +80,8 @@ pub struct SourceSession<D: MigrationDevice> {
     cancel: CancelHandle,
     rollback: Vec<RollbackStep>,
     active: Option<Active>,
+    /// The last `finish` ended in doubt: the devices are in STOP with their state.
+    in_doubt: bool,
     /// Pre-copy information protocol and REINITs of the last run (issue 13 item 3).
     initial: InitialData,
 }
@@ -97,11 +99,20 @@ struct DevRun {
     initial_bytes: u64,
     dirty_bytes: u64,
     stop_copy_bytes: Option<u64>,
-    /// `InitialDataSent` was asked of the reader.
+    /// `InitialDataSent` was asked of the reader for the current initial data.
     initial_marked: bool,
-    /// The destination's `SwitchoverAck` arrived.
-    switchover_acked: bool,
+    /// `InitialDataSent` markers asked for (one more after each REINIT).
+    marks: u32,
+    /// `SwitchoverAck`s received: one per marker.
+    acks: u32,
     rate: RateMeter,
+}
+
+impl DevRun {
+    /// The destination acknowledged every initial-data marker sent so far.
+    fn switchover_acked(&self) -> bool {
+        self.marks > 0 && self.acks >= self.marks
+    }
 }
 
 impl Default for DevRun {
@@ -117,7 +128,8 @@ impl Default for DevRun {
             dirty_bytes: 0,
             stop_copy_bytes: None,
             initial_marked: false,
-            switchover_acked: false,
+            marks: 0,
+            acks: 0,
             rate: RateMeter::new(0),
         }
     }
@@ -327,6 +339,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             cancel: CancelHandle::default(),
             rollback: Vec::new(),
             active: None,
+            in_doubt: false,
             initial: InitialData::default(),
         }
     }
@@ -374,7 +387,9 @@ impl<D: MigrationDevice> SourceSession<D> {
     /// device supports it and [`SourceOptions::precopy`] is set, moves the devices to PRE_COPY
     /// and starts streaming. On failure the devices are rolled back.
     pub fn start(&mut self, addr: SocketAddr) -> Result<(), PipelineError> {
-        if self.active.is_some() {
+        if self.active.is_some() || self.in_doubt {
+            // In doubt, the stopped devices may hold the only copy: the VMM decides first
+            // (`roll_back_devices`, or leaving them to the destination).
             return Err(PipelineError::WrongStep {
                 step: "start",
                 phase: self.active.as_ref().map(|a| a.phase),
@@ -503,15 +518,18 @@ impl<D: MigrationDevice> SourceSession<D> {
         report.max_downtime_exceeded = downtime > self.opts.max_downtime;
         match decided {
             Ok(outcome) => {
-                close_quietly(a.session.clone());
                 report.outcome = Some(outcome);
                 self.enter(&mut a, Phase::Done);
+                // The session's last handle moves out here: a clean close, never the Abort a
+                // dropped session sends.
+                close_quietly(a.session);
                 Ok(report)
             }
             Err(e @ PipelineError::InDoubt { .. }) => {
                 // No Abort may follow a sent commit (the destination would reset what may be
                 // the only copy): a clean close, and the devices stay in STOP.
-                close_quietly(a.session.clone());
+                close_quietly(a.session);
+                self.in_doubt = true;
                 Err(e)
             }
             Err(e) => {
@@ -535,6 +553,22 @@ impl<D: MigrationDevice> SourceSession<D> {
         let e = PipelineError::Cancelled { phase: a.phase };
         self.fail(a, &e);
         true
+    }
+
+    /// Finishes an in-doubt end on the source's side: the destination reported that it failed
+    /// (it reset its devices), so the devices here walk back to RUNNING. Only after
+    /// [`SourceSession::finish`] (or `run`) ended in [`PipelineError::InDoubt`]; see
+    /// docs/PROTOCOL.md, section 5.1, for when this is right.
+    pub fn roll_back_devices(&mut self) -> Result<&[RollbackStep], PipelineError> {
+        if !self.in_doubt {
+            return Err(PipelineError::WrongStep {
+                step: "roll_back_devices",
+                phase: self.active.as_ref().map(|a| a.phase),
+            });
+        }
+        self.in_doubt = false;
+        self.roll_back();
+        Ok(&self.rollback)
     }
 
     /// Runs `f` on the active session; a failure aborts it and rolls back.
@@ -758,9 +792,10 @@ impl<D: MigrationDevice> SourceSession<D> {
                     source,
                 })?;
             if self.initial.observe(i, &info) {
-                // New initial data (REINIT): it is read in PRE_COPY again, and re-sending it is
-                // not a sign of non-convergence.
+                // New initial data (REINIT): it is read in PRE_COPY again, re-sending it is not a
+                // sign of non-convergence, and the destination acknowledges it again.
                 a.pre.initial_done_at = None;
+                r.initial_marked = false;
             }
             // Sizes are device data: a huge one must not overflow the sums.
             initial_left = initial_left.saturating_add(info.initial_bytes);
@@ -778,6 +813,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 // Every initial byte was read from the fd: the destination acks once it has
                 // loaded them (docs/PROTOCOL.md, `InitialDataSent`).
                 r.initial_marked = true;
+                r.marks += 1;
                 a.stages.cmd(ReaderCmd::MarkInitial {
                     device: dev_index(i),
                 })?;
@@ -798,9 +834,11 @@ impl<D: MigrationDevice> SourceSession<D> {
         if initial_left > 0 {
             // `initial_bytes` must reach 0 before PRE_COPY is left (uAPI).
             a.pre.due = false;
+            // Initial data to send again (a REINIT): the wait for its ack starts once it is out.
+            a.pre.ack_wait_since = None;
             return Ok(());
         }
-        if !a.runs.iter().all(|r| r.switchover_acked) {
+        if !a.runs.iter().all(DevRun::switchover_acked) {
             // Never before the destination loaded the initial data (switchover-ack); bounded.
             let since = *a.pre.ack_wait_since.get_or_insert_with(Instant::now);
             if since.elapsed() > self.opts.timeout {
@@ -813,6 +851,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             a.pre.due = false;
             return Ok(());
         }
+        a.pre.ack_wait_since = None;
         // Re-sending more than twice what STOP_COPY would send means the devices dirty state
         // faster than it can be sent: pre-copy does not converge, stop it.
         let raw = a.stages.counters.total_raw();
@@ -847,7 +886,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 wire_bytes: DeviceCounters::load(&c.wire),
                 rate_bps: r.rate.bps,
                 estimated_stop_copy: time(left(r)),
-                switchover_acked: r.switchover_acked,
+                switchover_acked: r.switchover_acked(),
             })
             .collect();
         let total = a.runs.iter().map(left).fold(0, u64::saturating_add);
@@ -859,7 +898,7 @@ impl<D: MigrationDevice> SourceSession<D> {
             } else {
                 Duration::ZERO
             },
-            switchover_acked: a.runs.iter().all(|r| r.switchover_acked),
+            switchover_acked: a.runs.iter().all(DevRun::switchover_acked),
             switchover_due: a.pre.due,
             rate_bps: bps,
             estimated_downtime: time(total),
@@ -904,7 +943,7 @@ impl<D: MigrationDevice> SourceSession<D> {
                 let device = f.header.device;
                 match (f.header.kind, a.runs.get_mut(usize::from(device))) {
                     (FrameKind::DevicePrepared, Some(r)) => r.acked = Some(f.header.arg),
-                    (FrameKind::SwitchoverAck, Some(r)) => r.switchover_acked = true,
+                    (FrameKind::SwitchoverAck, Some(r)) => r.acks += 1,
                     (FrameKind::Keepalive, _) => {}
                     (kind, _) => {
                         return Err(PipelineError::UnexpectedFrame {

@@ -1,7 +1,7 @@
 //! Counters shared by the stage threads: per-device bytes and per-stage busy time, read by the
 //! progress callback and the final report. Lock-free (relaxed atomics): they are statistics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::api::{Notice, NoticeFn};
@@ -43,6 +43,9 @@ pub(crate) struct DeviceCounters {
     pub zero_chunks: AtomicU64,
     pub raw_chunks: AtomicU64,
     pub compressed_chunks: AtomicU64,
+    /// Destination: the furthest kind of frame received (0 none, 1 pre-copy data, 2 stop-copy
+    /// data, 3 end of device), for the progress callback's phase.
+    pub seen: AtomicU8,
 }
 
 impl DeviceCounters {

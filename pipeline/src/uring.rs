@@ -149,14 +149,17 @@ impl DataRing {
         self.push(key, buf, &sqe)
     }
 
-    /// Queues a write of `buf[at..at + len]` to `fd` at its current position (offset -1).
+    /// Queues a write of `buf[at..at + len]` to `fd` at file offset `offset`, or at its current
+    /// position (offset -1) when `None`. Stream fds (VFIO data fds, pipes) take `None`; regular
+    /// files should be given the offset: with offset -1, a kernel (seen on 6.18, tmpfs) reports
+    /// a partial count again and again for a full file system instead of ENOSPC, so a
+    /// resubmitting writer would count bytes that were never stored.
     pub fn write(
         &mut self,
         key: u64,
         fd: RawFd,
-        buf: PoolBuf,
-        at: usize,
-        len: usize,
+        (buf, at, len): (PoolBuf, usize, usize),
+        offset: Option<u64>,
     ) -> io::Result<()> {
         self.check_new(key, &buf, at, len)?;
         let len32 = u32::try_from(len).map_err(|_| invalid("write length"))?;
@@ -164,11 +167,11 @@ impl DataRing {
         let ptr = unsafe { buf.as_ptr().add(at) };
         let sqe = if self.fixed {
             opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
-                .offset(u64::MAX)
+                .offset(offset.unwrap_or(u64::MAX))
                 .build()
         } else {
             opcode::Write::new(types::Fd(fd), ptr, len32)
-                .offset(u64::MAX)
+                .offset(offset.unwrap_or(u64::MAX))
                 .build()
         };
         let sqe = sqe.flags(squeue::Flags::ASYNC).user_data(key);
@@ -328,7 +331,7 @@ mod tests {
         let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut buf = pool.try_acquire().unwrap();
         buf.spare_mut()[..6].copy_from_slice(b"abcdef");
-        ring.write(1, w.as_raw_fd(), buf, 2, 4).unwrap();
+        ring.write(1, w.as_raw_fd(), (buf, 2, 4), None).unwrap();
         let c = wait_one(&mut ring);
         assert_eq!(c.result, 4);
         drop(w);
@@ -345,7 +348,7 @@ mod tests {
         let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut buf = pool.try_acquire().unwrap();
         buf.spare_mut()[..6].copy_from_slice(b"abcdef");
-        ring.write(1, w.as_raw_fd(), buf, 1, 4).unwrap();
+        ring.write(1, w.as_raw_fd(), (buf, 1, 4), None).unwrap();
         let c = wait_one(&mut ring);
         assert_eq!(c.result, 4);
         let mut got = [0u8; 4];
@@ -365,7 +368,7 @@ mod tests {
         let mut ring = DataRing::new(&pool, 8).unwrap();
         let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
         let a = pool.try_acquire().unwrap();
-        assert!(ring.write(1, r.as_raw_fd(), a, 4000, 200).is_err());
+        assert!(ring.write(1, r.as_raw_fd(), (a, 4000, 200), None).is_err());
         let a = pool.try_acquire().unwrap();
         ring.read(1, r.as_raw_fd(), a, 0, 4096).unwrap();
         let b = pool.try_acquire().unwrap();

@@ -62,6 +62,9 @@ struct WDev {
     inflight_at: usize,
     /// Bytes of completed writes.
     written: u64,
+    /// For a regular file: its position when the stream started. Writes then go to explicit
+    /// offsets (`base + written`), never to offset -1 (see `DataRing::write`).
+    file_base: Option<u64>,
     done: bool,
     last_progress: Instant,
     /// A zero-filled slot this device writes zero chunks from (taken while such a write is in
@@ -119,8 +122,10 @@ pub(crate) fn run(
                 return;
             }
         };
+        let file_base = regular_file_position(&d.fd);
         devs.push(WDev {
             name: d.name,
+            file_base,
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
             pending: None,
@@ -265,6 +270,17 @@ fn write_loop(
     }
 }
 
+/// The current position of `fd` if it is a regular file (a `file:` destination's temporary file);
+/// `None` for stream fds (VFIO data fds, pipes, FUSE), which are written at offset -1.
+fn regular_file_position(fd: &OwnedFd) -> Option<u64> {
+    use std::io::Seek;
+    let file = std::fs::File::from(fd.try_clone().ok()?);
+    if !file.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    (&file).stream_position().ok()
+}
+
 fn park(devs: &mut [WDev], it: InItem) -> Result<(), PipelineError> {
     let device = it.device;
     let dev = devs
@@ -341,11 +357,17 @@ fn advance(
         if let Some((buf, at)) = dev.pending.take() {
             let len = buf.len() - at;
             dev.inflight_at = at;
-            ring.write(u64::from(device), dev.fd.as_raw_fd(), buf, at, len)
-                .map_err(|source| PipelineError::Uring {
-                    op: "submit write",
-                    source,
-                })?;
+            let offset = dev.file_base.map(|b| b + dev.written);
+            ring.write(
+                u64::from(device),
+                dev.fd.as_raw_fd(),
+                (buf, at, len),
+                offset,
+            )
+            .map_err(|source| PipelineError::Uring {
+                op: "submit write",
+                source,
+            })?;
             return Ok(());
         }
         let Some(item) = dev.reseq.pop() else {

@@ -14,7 +14,7 @@ use vfmig_pipeline::{
 };
 use vfmig_transport::Listener;
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, FailArc, Faults, Profile};
-use vfmig_vfio::{Arc as MigArc, DeviceState, MigrationDevice};
+use vfmig_vfio::{DeviceState, MigrationDevice, Transition};
 use vfmig_wire::FrameKind;
 
 mod common;
@@ -132,7 +132,7 @@ fn source_device_failing_stop_copy_to_stop_after_the_destination_prepared_aborts
     let digests = vec![src.state_digest()];
     src.set_faults(Faults {
         fail_arc: Some(FailArc {
-            arc: MigArc {
+            arc: Transition {
                 from: DeviceState::StopCopy,
                 to: DeviceState::Stop,
             },
@@ -200,7 +200,7 @@ fn destination_failing_to_resume_after_the_commit_resets_first_and_the_source_ro
         |d| {
             d[1].set_faults(Faults {
                 fail_arc: Some(FailArc {
-                    arc: MigArc {
+                    arc: Transition {
                         from: DeviceState::Stop,
                         to: DeviceState::Running,
                     },
@@ -367,4 +367,169 @@ fn a_bit_flipped_on_the_wire_fails_both_sides_and_the_source_keeps_the_state() {
         Err(PipelineError::InDoubt { .. })
     ));
     assert_source_holds_the_state(&mut e, &digests);
+}
+
+/// Both sessions after a run, with their results.
+type Sessions = (
+    SourceSession<EmulatedDevice>,
+    Result<Report, PipelineError>,
+    DestinationSession<EmulatedDevice>,
+    Result<Report, PipelineError>,
+);
+
+/// Runs both sides through `fault` and gives back the sessions themselves, to finish an in-doubt
+/// end with the library's calls.
+fn migrate_keeping_sessions(
+    seed: u64,
+    fault: Fault,
+    dopts: DestinationOptions,
+    dst_faults: Faults,
+) -> Sessions {
+    let src = device("emu0", seed);
+    let dst = src.destination().unwrap();
+    dst.set_faults(dst_faults);
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let via = proxy(listener.local_addr(), fault);
+    let d = thread::spawn(move || {
+        let mut s = DestinationSession::new(vec![dst], dopts);
+        let r = s.run(&listener);
+        (s, r)
+    });
+    let mut s = SourceSession::new(vec![src], source_options());
+    let r = s.run(via);
+    let (ds, dr) = d.join().unwrap();
+    (s, r, ds, dr)
+}
+
+/// [`migrate_keeping_sessions`] with default options and no device fault.
+fn cut_keeping_sessions(seed: u64, fault: Fault) -> Sessions {
+    migrate_keeping_sessions(seed, fault, destination_options(), Faults::default())
+}
+
+#[test]
+fn both_in_doubt_is_finished_by_resuming_the_destination_and_never_the_source() {
+    let (mut s, sr, mut d, dr) =
+        cut_keeping_sessions(11, Fault::CutToDestination(FrameKind::Commit));
+    assert!(matches!(sr, Err(PipelineError::InDoubt { .. })), "{sr:?}");
+    assert!(matches!(dr, Err(PipelineError::InDoubt { .. })), "{dr:?}");
+    // Neither side starts another migration over state that may be the only copy.
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert!(matches!(
+        d.receive(&listener),
+        Err(PipelineError::WrongStep { .. })
+    ));
+    assert!(matches!(
+        s.start(listener.local_addr()),
+        Err(PipelineError::WrongStep { .. })
+    ));
+    // The source sent commit: the destination resumes; the source may not also run.
+    d.resume().unwrap();
+    assert_eq!(d.devices_mut()[0].state().unwrap(), DeviceState::Running);
+    assert!(matches!(
+        d.reset_devices(),
+        Err(PipelineError::WrongStep { .. })
+    ));
+    assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Stop);
+    assert_eq!(s.devices()[0].state_digest(), d.devices()[0].state_digest());
+}
+
+#[test]
+fn a_failed_source_and_an_in_doubt_destination_are_finished_by_resetting_the_destination() {
+    let (mut s, sr, mut d, dr) =
+        cut_keeping_sessions(12, Fault::CutToSource(FrameKind::DevicePrepared));
+    assert!(
+        !matches!(sr, Ok(_) | Err(PipelineError::InDoubt { .. })),
+        "{sr:?}"
+    );
+    assert!(matches!(dr, Err(PipelineError::InDoubt { .. })), "{dr:?}");
+    // Not in doubt on the source: nothing to roll back by hand (it already runs).
+    assert!(matches!(
+        s.roll_back_devices(),
+        Err(PipelineError::WrongStep { .. })
+    ));
+    assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
+    let steps = d.reset_devices().unwrap();
+    assert!(matches!(steps[0].action, RollbackAction::Reset { .. }));
+    assert_eq!(d.devices_mut()[0].state().unwrap(), DeviceState::Running);
+}
+
+#[test]
+fn a_source_in_doubt_whose_destination_failed_to_resume_is_rolled_back_by_the_library() {
+    // The destination fails to resume after the commit, resets its device and says so; that
+    // outcome is lost, so the source is in doubt. The destination's failure tells the operator
+    // to roll the source back.
+    let (mut s, sr, d, dr) = migrate_keeping_sessions(
+        13,
+        Fault::CutToSource(FrameKind::Outcome),
+        DestinationOptions {
+            resume_devices: true,
+            ..destination_options()
+        },
+        Faults {
+            fail_arc: Some(FailArc {
+                arc: Transition {
+                    from: DeviceState::Stop,
+                    // A P2P device resumes through RUNNING_P2P.
+                    to: DeviceState::RunningP2p,
+                },
+                to_error: true,
+                once: false,
+            }),
+            ..Faults::default()
+        },
+    );
+    assert!(
+        matches!(
+            dr,
+            Err(PipelineError::Device {
+                phase: Phase::Commit,
+                ..
+            })
+        ),
+        "{dr:?}"
+    );
+    assert!(matches!(
+        d.reset_steps()[0].action,
+        RollbackAction::Reset { .. }
+    ));
+    assert!(matches!(sr, Err(PipelineError::InDoubt { .. })), "{sr:?}");
+    assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Stop);
+    let steps = s.roll_back_devices().unwrap();
+    assert!(matches!(steps[0].action, RollbackAction::Walked { .. }));
+    assert_eq!(s.devices_mut()[0].state().unwrap(), DeviceState::Running);
+}
+
+#[test]
+fn after_a_commit_the_source_closes_cleanly_and_sends_no_abort() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let kinds = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(AtomicBool::new(false));
+    let fault = Fault::RecordToDestination(kinds.clone(), ended.clone());
+    let e = migrate(
+        vec![device("emu0", 21)],
+        source_options(),
+        destination_options(),
+        |_| {},
+        |a| proxy(a, fault),
+    );
+    e.source.as_ref().expect("source committed");
+    e.destination.as_ref().expect("destination committed");
+    // The source's side of the connection ends when its session is gone (bounded wait).
+    for _ in 0..1000 {
+        if ended.load(Ordering::SeqCst) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ended.load(Ordering::SeqCst), "the source never closed");
+    let kinds = kinds.lock().unwrap().clone();
+    let commit = kinds
+        .iter()
+        .position(|&k| k == FrameKind::Commit as u8)
+        .expect("a commit was sent");
+    assert!(
+        !kinds[commit..].contains(&(FrameKind::Abort as u8)),
+        "an Abort followed the Commit: {kinds:?}"
+    );
 }

@@ -2,23 +2,27 @@
 //! transport, the whole pipeline. A transfer is proven correct by the destination device accepting
 //! the stream (RESUMING -> STOP validates it) and by equal state digests.
 
+use std::fs::File;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use vfmig_pipeline::{
-    AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking, PipelineError,
-    Report, RollbackAction, SourceOptions, SourceSession,
+    AbortReason, Compress, DestinationOptions, DestinationSession, DirtyTracking,
+    GuestMemoryAccess, PipelineError, Report, RollbackAction, SourceOptions, SourceSession,
+    VmGuestMemory,
 };
 use vfmig_transport::Listener;
 
 mod common;
 use common::{destination_options, precopy_device, session_config, source_options};
 use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, Profile, Quirks,
-    StopCopyFd,
+    EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, GuestMemory, P2pFabric, Profile,
+    Quirks, StopCopyFd,
 };
-use vfmig_vfio::{Arc as MigArc, DeviceError, DeviceState, MigrationDevice};
+use vfmig_vfio::{DeviceError, DeviceState, MigrationDevice, Transition};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 fn device(name: &str, size: u64, profile: Profile, seed: u64) -> EmulatedDevice {
     EmulatedDevice::new(EmulatedConfig {
@@ -339,7 +343,7 @@ fn destination_refusing_resume_fails_typed_and_the_source_runs_again() {
 fn set_state_failure_at_a_chosen_arc_is_rolled_back_through_reset() {
     let src = faulty(Faults {
         fail_arc: Some(FailArc {
-            arc: MigArc {
+            arc: Transition {
                 from: DeviceState::Stop,
                 to: DeviceState::StopCopy,
             },
@@ -456,9 +460,22 @@ fn cancel_from_another_thread_rolls_back_both_sides() {
     assert_rolled_back(&mut srcs, &mut dsts);
 }
 
+/// A vm-memory mapping (MAP_SHARED) of an emulated guest's memfd, through the pipeline's
+/// `vm-memory` adapter: the same bytes the device DMAs into, seen the way a rust-vmm VMM sees its
+/// guest RAM.
+fn vm_memory_view(g: &GuestMemory) -> Arc<dyn GuestMemoryAccess> {
+    let file = File::from(g.fd().try_clone_to_owned().expect("dup memfd"));
+    let len = usize::try_from(g.len()).unwrap();
+    let region = (GuestAddress(g.iova()), len, Some(FileOffset::new(file, 0)));
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([region]).expect("map the memfd");
+    Arc::new(VmGuestMemory::identity(Arc::new(mem)).expect("identity"))
+}
+
 #[test]
 fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
-    for precopy in [true, false] {
+    // The pipeline reads and writes guest memory through the emulated guests themselves, or
+    // through vm-memory mappings of them.
+    for (precopy, vm_memory) in [(true, false), (false, false), (true, true)] {
         let src = EmulatedDevice::new(EmulatedConfig {
             name: "emu0".into(),
             size: 4 << 20,
@@ -475,9 +492,13 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
         let src_guest = src.guest_memory().unwrap();
         let dst = src.destination().unwrap();
         let dst_guest = dst.guest_memory().unwrap();
+        let (src_mem, dg): (Arc<dyn GuestMemoryAccess>, Arc<dyn GuestMemoryAccess>) = if vm_memory {
+            (vm_memory_view(&src_guest), vm_memory_view(&dst_guest))
+        } else {
+            (src_guest.clone(), dst_guest.clone())
+        };
         let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr();
-        let dg = dst_guest.clone();
         let dest = thread::spawn(move || {
             let mut s = DestinationSession::new(
                 vec![dst],
@@ -495,7 +516,7 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
             SourceOptions {
                 precopy,
                 dirty_tracking: DirtyTracking::ShipPages {
-                    memory: src_guest.clone(),
+                    memory: src_mem,
                     full_copy: true,
                 },
                 ..source_options()
@@ -509,7 +530,7 @@ fn device_dma_dirty_pages_reach_the_destination_guest_memory() {
         assert_eq!(
             src_guest.digest(),
             dst_guest.digest(),
-            "precopy={precopy}: guest memory differs"
+            "precopy={precopy} vm_memory={vm_memory}: guest memory differs"
         );
     }
 }
@@ -645,4 +666,34 @@ fn devices_that_cannot_pair_fail_the_handshake_on_both_sides_before_any_device_m
     }
     assert_eq!(state(&mut s.into_devices()[0]), DeviceState::Running);
     assert_eq!(state(&mut dsts[0]), DeviceState::Running);
+}
+
+#[test]
+fn a_destination_asked_for_more_codec_workers_than_its_pool_can_feed_runs_with_fewer() {
+    // 64 workers would each hold up to two of the 48 slots beside the reorder window: the
+    // destination runs as many as the pool can feed instead of refusing the session.
+    let sopts = SourceOptions {
+        compress: Compress::Zstd(1),
+        codec_workers: 64,
+        ..source_options()
+    };
+    let dopts = DestinationOptions {
+        codec_workers: 64,
+        ..destination_options()
+    };
+    let src = device("emu0", 8 << 20, Profile::Mixed, 5);
+    let (sr, srcs, dr, dsts) = migrate(vec![src], sopts, dopts);
+    let report = sr.unwrap_or_else(|e| panic!("source failed: {e}"));
+    let dreport = dr.unwrap_or_else(|e| panic!("destination failed: {e}"));
+    assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
+    assert_eq!(report.raw_bytes, dreport.raw_bytes);
+}
+
+#[test]
+fn default_codec_workers_follow_the_cores_within_their_bounds() {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let w = vfmig_pipeline::default_codec_workers();
+    assert_eq!(w, cores.clamp(2, vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX));
+    assert_eq!(SourceOptions::default().codec_workers, w);
+    assert_eq!(DestinationOptions::default().codec_workers, w);
 }

@@ -2,7 +2,7 @@
 //! the phases the progress callback reports, the destination's VMM deciding when the devices
 //! run and the source learning that outcome, and downtime honesty.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use vfmig_pipeline::{
     Progress, SourceOptions, SourceSession,
 };
 use vfmig_transport::Listener;
-use vfmig_vfio::emulated::EmulatedDevice;
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, PrecopyInfoVersion};
 use vfmig_vfio::{DeviceState, MigrationDevice};
 use vfmig_wire::FrameKind;
 
@@ -122,6 +122,30 @@ fn automatic_switchover_is_held_back_until_the_destination_acks() {
     s.switchover().unwrap();
     s.finish().unwrap();
     dst.join().unwrap().0.unwrap();
+}
+
+#[test]
+fn new_initial_data_after_a_reinit_is_acknowledged_again_before_the_switchover() {
+    // PRECOPY_INFOv2: once its initial_bytes was seen at 0 the device re-initialises, and its
+    // whole state is initial data again.
+    let src = EmulatedDevice::new(
+        EmulatedConfig::new("reinit", 256 << 10, 4)
+            .with_block_size(16 << 10)
+            .with_precopy_info(PrecopyInfoVersion::V2, Some(0)),
+    )
+    .unwrap();
+    let (addr, dst) = destination(std::slice::from_ref(&src), destination_options());
+    let acks = Arc::new(AtomicU64::new(0));
+    let via = proxy(
+        addr,
+        Fault::CountToSource(FrameKind::SwitchoverAck, acks.clone()),
+    );
+    let mut s = SourceSession::new(vec![src], source_options());
+    let report = s.run(via).unwrap();
+    dst.join().unwrap().0.unwrap();
+    assert_eq!(report.devices[0].precopy_reinits, 1);
+    // One InitialDataSent marker, and one ack, per round of initial data.
+    assert_eq!(acks.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs inside the nested guest, chrooted into the host root (read-only 9p). Creates two mtty mdevs
-# and runs the device checks and, when the CLI is built, a vfmig send/recv migration between them.
+# and runs the device checks and, when the CLI is built, a vfmig send/recv migration between them;
+# then guest-step.sh migrates two more mtty devices in one session with the step API.
 # Exit status 0 = everything passed. Environment (from the kernel command line):
 #   VFMIG_CONTRACT  path of the contract_vfio example binary
 #   VFMIG_CLI       path of the vfmig binary (optional; empty = CLI step skipped)
+#   VFMIG_STEP      path of the vfio_step example binary (required)
 set -uo pipefail
 SRC_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001
 DST_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1002
@@ -27,5 +29,13 @@ if [ -n "${VFMIG_CLI:-}" ] && [ -x "$VFMIG_CLI" ]; then
   bash "$(dirname "$0")/guest-cli.sh" "$VFMIG_CLI" $SRC_UUID $DST_UUID || fail=1
 else
   echo "== guest: vfmig CLI step skipped (binary not built)"
+fi
+
+echo "== guest: step mode, two devices in one session (pipeline/examples/vfio_step.rs)"
+if [ -n "${VFMIG_STEP:-}" ] && [ -x "$VFMIG_STEP" ]; then
+  bash "$(dirname "$0")/guest-step.sh" "$VFMIG_STEP" || fail=1
+else
+  echo "RESULT vfmig step mode: FAIL (VFMIG_STEP not set or not executable: '${VFMIG_STEP:-}')"
+  fail=1
 fi
 exit $fail

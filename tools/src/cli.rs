@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::addr::{parse_connect, parse_listen, Endpoint};
+use crate::progress::ProgressMode;
 use crate::spec::{DeviceSpec, Profile};
 use crate::units::{parse_link_rate, parse_size, UnitError};
 use vfmig_pipeline::Rate;
@@ -27,6 +28,7 @@ const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
       [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
+      [,read-error-at=SIZE][,slow=SIZE/s][,refuse-resume=on|off]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -42,6 +44,14 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
         reinit-after
                     re-initialise once in PRE_COPY after SIZE stream bytes and a report of
                     initial_bytes 0: the initial data is read again (default: never)
+        read-error-at
+                    fault injection (tests): reading the state fails with EIO at stream
+                    byte SIZE (default: never)
+        slow        fault injection (tests): the state is read at most SIZE bytes per
+                    second (default: unthrottled)
+        refuse-resume
+                    fault injection (tests): on a destination, RESUMING -> STOP fails even
+                    for a valid stream (default: off)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a
@@ -70,7 +80,9 @@ JSON OUTPUT (--json): one object on stdout at the end, also on failure:
   elapsed_ms, downtime_ms, raw_bytes, wire_bytes, ratio (raw/wire), throughput_bytes_per_sec,
   limiting_stage (\"device\"|\"codec\"|\"network\"), stages_busy_ms, and devices: a list of
   { index, name, kind, raw_bytes, wire_bytes, precopy_bytes, ratio, throughput_bytes_per_sec,
-  downtime_ms, accepted }. accepted is true only once the destination device took its state;
+  downtime_ms, accepted, final_state }, also on a migration failure. accepted is true only once
+  the destination device took its state; final_state is where the device was left (\"RUNNING\",
+  \"STOP\", ...; null if unreadable);
   ratio is null for an all-zero stream; a device's throughput and downtime are measured over
   the whole session (devices move concurrently and stop together).";
 
@@ -116,11 +128,14 @@ EXAMPLES:
     vfmig demo --size 64M --json";
 
 const PROGRESS_HELP: &str = "\
-PROGRESS:
-  When both stdout and stderr are terminals (and neither --json nor --quiet is given), one
-  progress bar per device is drawn on stderr with the bytes moved, rate, ETA and phase
-  (connecting, pre-copy, stop-copy, resume, verifying, accepted, rollback). When stdout is not
-  a terminal nothing is drawn. The final summary goes to stderr; with --json the report goes to stdout instead.";
+PROGRESS (--progress auto|bar|log|none):
+  auto (default): one bar per device on stderr when stderr is a terminal (and neither --json
+  nor --quiet is given), with the bytes moved, rate, ETA and phase; `send ... > file` in a
+  terminal still shows them. log: one line every --progress-interval seconds (default 5) with
+  bytes, rate, ETA and phase, and one at the end, for journals and log files. Phases, the same
+  on both sides: listening (recv), connecting (send), handshake, pre-copy, stop-copy,
+  verifying, resuming, done, rollback. The final summary goes to stderr; with --json the report
+  goes to stdout instead.";
 
 /// `vfmig`: the command line.
 #[derive(Debug, Parser)]
@@ -182,6 +197,18 @@ fn streams_help() -> String {
     )
 }
 
+/// `--workers` help with the default this process would use.
+fn workers_help() -> String {
+    format!(
+        "Codec worker threads, 1..=64 (compression on send, decompression on recv). Default: the \
+         cores this process may use (CPU affinity and cgroup quota), at least 2 and at most {} \
+         (here: {}). A receiver runs as many as its buffer pool can feed beside the reorder \
+         window.",
+        vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX,
+        vfmig_pipeline::default_codec_workers()
+    )
+}
+
 /// Joins help sections (`concat!` only takes literals, not consts).
 fn concat_help(parts: &[&str]) -> String {
     parts.join("\n\n")
@@ -227,19 +254,34 @@ pub struct CommonArgs {
           long_help = streams_help())]
     pub streams: Option<u16>,
 
+    /// Codec worker threads (compression on send, decompression on recv), 1..=64.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64),
+          long_help = workers_help())]
+    pub workers: Option<u16>,
+
     /// Seconds of silence after which the peer is declared dead; also bounds every wait (connect,
     /// handshake, a FIFO's writer).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
 
     /// Print one JSON object with the outcome and per-device report on stdout at the end (also
-    /// on failure). Disables progress bars.
+    /// on failure). Disables progress bars under --progress auto.
     #[arg(long)]
     pub json: bool,
 
     /// No progress bars and no summary; only the failure line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+
+    /// Progress on stderr: auto (bars when stderr is a terminal, unless --json or --quiet),
+    /// bar, log (one line every --progress-interval seconds with bytes, rate, ETA and phase, and
+    /// one at the end: for journals and log files) or none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+
+    /// Seconds between two `--progress log` lines.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub progress_interval: u64,
 }
 
 /// Compression choice for `--compress`.
@@ -412,28 +454,13 @@ pub enum PrecopyLimitArg {
     Abort,
 }
 
-/// Content profile for the demo.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ProfileArg {
-    /// Zero pages, structured and random data (~2.5:1).
-    Mixed,
-    /// All zero.
-    Zero,
-    /// Incompressible.
-    Random,
-    /// Highly compressible.
-    Text,
-}
-
-impl From<ProfileArg> for Profile {
-    fn from(p: ProfileArg) -> Profile {
-        match p {
-            ProfileArg::Mixed => Profile::Mixed,
-            ProfileArg::Zero => Profile::Zero,
-            ProfileArg::Random => Profile::Random,
-            ProfileArg::Text => Profile::Text,
-        }
-    }
+/// `--profile`: one of [`Profile::NAMES`], each listed in the help with its description.
+fn profile_parser() -> impl clap::builder::TypedValueParser<Value = Profile> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(
+        Profile::ALL.map(|p| PossibleValue::new(p.as_str()).help(p.description())),
+    )
+    .try_map(|name| Profile::from_name(&name).ok_or("unknown profile"))
 }
 
 /// `vfmig demo`.
@@ -448,8 +475,8 @@ pub struct DemoArgs {
     pub devices: u16,
 
     /// Content profile of every device.
-    #[arg(long, value_enum, default_value_t = ProfileArg::Mixed)]
-    pub profile: ProfileArg,
+    #[arg(long, value_name = "PROFILE", default_value = "mixed", value_parser = profile_parser())]
+    pub profile: Profile,
 
     /// Skip pre-copy (STOP_COPY only).
     #[arg(long)]
@@ -464,9 +491,18 @@ pub struct DemoArgs {
           long_help = streams_help())]
     pub streams: Option<u16>,
 
+    /// Codec worker threads on each side, 1..=64.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64),
+          long_help = workers_help())]
+    pub workers: Option<u16>,
+
     /// Print the report as one JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+
+    /// Progress on stderr: auto, bar, log or none (as for `vfmig send`).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
 }
 
 #[cfg(test)]

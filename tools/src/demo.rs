@@ -41,7 +41,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     let spec = EmuSpec {
         size: a.size.div_ceil(4096) * 4096,
         seed: None,
-        profile: a.profile.into(),
+        profile: a.profile,
         precopy: if a.no_precopy {
             Precopy::Off
         } else {
@@ -55,6 +55,9 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         p2p: true,
         precopy_info_v2: false,
         reinit_after: None,
+        read_error_at: None,
+        slow: None,
+        refuse_resume: false,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);
@@ -85,7 +88,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(CliError::Transport)?;
     let addr = listener.local_addr();
 
-    let show = progress::wanted(a.json, false);
+    let show = progress::resolve(a.progress, a.json, false);
     if !a.json {
         say!(
             "vfmig demo: {n} emulated device{} x {} ({} content{}{}) over {addr}, {} connection{}",
@@ -108,7 +111,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
     }
     let names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
     let totals: Vec<Option<u64>> = vec![Some(spec.size); n];
-    let progress = Progress::new(show, &names, &totals);
+    let progress = Progress::new(show, &names, &totals, "connecting", Duration::from_secs(5));
 
     // P2P traffic between the running source devices for the whole migration.
     let fabric = P2pFabric::new(ports);
@@ -118,16 +121,20 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         None
     };
 
+    let workers = a
+        .workers
+        .map_or_else(vfmig_pipeline::default_codec_workers, usize::from);
     let dst_plan = DestinationPlan {
         session: session.clone(),
         timeout: DEMO_TIMEOUT,
+        workers,
     };
     let dst_labels = labels.clone();
     let dst_cancel = cancel.clone();
     let receiver = std::thread::Builder::new()
         .name("vfmig-demo-recv".into())
         .spawn(move || {
-            let quiet = Progress::new(false, &[], &[]);
+            let quiet = Progress::hidden();
             migrate::run_destination(
                 &dst_plan,
                 &listener,
@@ -154,6 +161,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         max_bandwidth: None,
         timeout: DEMO_TIMEOUT,
         allow_without_p2p: false,
+        workers,
     };
     let started = Instant::now();
     let (src_result, _, src_devices) =
@@ -176,7 +184,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         }
     };
     let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
-    progress.complete(&raw, "accepted");
+    progress.complete(&raw, "done");
 
     // Verification, independent of what the pipeline says: every destination device accepted
     // its state (it is in STOP after RESUMING -> STOP) and holds the same state as its source.
@@ -264,6 +272,6 @@ fn demo_summary(
 
 impl DemoArgs {
     fn profile_name(&self) -> &'static str {
-        crate::spec::Profile::from(self.profile).name()
+        self.profile.as_str()
     }
 }

@@ -5,15 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vfmig_transport::{AuthConfig, SessionConfig, TlsConfig};
-use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, PrecopyInfoVersion, Profile as EmuProfile,
-};
+use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, Faults, PrecopyInfoVersion};
 use vfmig_vfio::{MigrationDevice, VfioDevice};
 
 use crate::cli::CommonArgs;
 use crate::error::{CliError, DeviceLabel, UsageError};
 use crate::file_device::{FileSink, FileSource};
-use crate::spec::{DeviceSpec, EmuSpec, FileTarget, Precopy, Profile};
+use crate::spec::{DeviceSpec, EmuSpec, FileTarget, Precopy};
 
 /// Shortest accepted pre-shared key, in bytes.
 pub const MIN_PSK_LEN: usize = 16;
@@ -45,15 +43,6 @@ impl std::fmt::Debug for Devices {
     }
 }
 
-fn emu_profile(p: Profile) -> EmuProfile {
-    match p {
-        Profile::Mixed => EmuProfile::Mixed,
-        Profile::Zero => EmuProfile::Zero,
-        Profile::Random => EmuProfile::Random,
-        Profile::Text => EmuProfile::Text,
-    }
-}
-
 /// The emulated device config for `spec` at position `index`. The seed defaults to the position,
 /// so both sides agree without saying it; the destination never dirties.
 pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
@@ -68,7 +57,7 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
         Side::Destination => 0,
     };
     EmulatedConfig::new(format!("emu{index}"), spec.size, seed)
-        .with_profile(emu_profile(spec.profile))
+        .with_profile(spec.profile)
         .with_precopy(precopy)
         .with_p2p(spec.p2p)
         .with_dirty_rate(dirty)
@@ -80,6 +69,12 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
             },
             spec.reinit_after,
         )
+        .with_faults(Faults {
+            read_error_at: spec.read_error_at,
+            slow_bytes_per_sec: spec.slow,
+            refuse_resume: spec.refuse_resume,
+            ..Faults::default()
+        })
 }
 
 fn emulated_error(index: usize, source: vfmig_vfio::emulated::EmulatedError) -> CliError {
@@ -286,6 +281,7 @@ pub fn session_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::Profile;
 
     #[test]
     fn psk_file_strips_one_newline_and_refuses_short_keys() {
@@ -340,7 +336,7 @@ mod tests {
             (src.size, src.seed, src.precopy, src.p2p, src.dirty_rate),
             (1 << 20, 3, None, false, 1 << 20)
         );
-        assert_eq!(src.profile, EmuProfile::Text);
+        assert_eq!(src.profile, Profile::Text);
         assert_eq!(emu_config(&e, 3, Side::Destination).dirty_rate, 0);
         assert_eq!(
             (src.precopy_info, src.reinit_after),

@@ -750,7 +750,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Arc;
     use vfmig_pipeline::Phase;
-    use vfmig_vfio::{Arc as FsmArc, DeviceState};
+    use vfmig_vfio::{DeviceState, Transition};
 
     fn labels() -> Vec<DeviceLabel> {
         vec![
@@ -820,7 +820,7 @@ mod tests {
             device: "emu0".into(),
             source: DeviceError::SetState {
                 device: "emu0".into(),
-                arc: FsmArc {
+                arc: Transition {
                     from: DeviceState::Resuming,
                     to: DeviceState::Stop,
                 },

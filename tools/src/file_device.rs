@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfmig_vfio::{
-    next_state, DeviceClass, DeviceError, DeviceState, Identity, IovaRange, MigrationCaps,
-    MigrationDevice, PrecopyInfo,
+    next_state, DeviceClass, DeviceError, DeviceState, Identity, MigrationCaps, MigrationDevice,
 };
 
 use crate::spec::FileTarget;
@@ -88,14 +87,6 @@ fn check_arc(cur: DeviceState, next: DeviceState) -> Result<(), io::Error> {
     match next_state(cur, next, FILE_CAPS) {
         Ok(n) if n == next && n != cur => Ok(()),
         _ => Err(errno(libc::EINVAL)),
-    }
-}
-
-fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceError {
-    DeviceError::Unsupported {
-        device: device.to_owned(),
-        op,
-        feature,
     }
 }
 
@@ -365,49 +356,11 @@ impl MigrationDevice for FileSource {
         Ok(out)
     }
 
-    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "VFIO_MIG_GET_PRECOPY_INFO",
-            "VFIO_MIGRATION_PRE_COPY",
-        ))
-    }
-
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         Ok(match self.kind {
             SourceKind::Regular { len, .. } => len,
             SourceKind::Pipe { .. } => 0,
         })
-    }
-
-    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_START",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_REPORT",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_STOP",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
@@ -720,46 +673,8 @@ impl MigrationDevice for FileSink {
         Ok(out)
     }
 
-    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "VFIO_MIG_GET_PRECOPY_INFO",
-            "VFIO_MIGRATION_PRE_COPY",
-        ))
-    }
-
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         Ok(0)
-    }
-
-    fn dma_logging_start(&mut self, _: &[IovaRange], _: u64) -> Result<u64, DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_START",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_REPORT",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
-    }
-
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
-        Err(unsupported(
-            &self.name,
-            "DMA_LOGGING_STOP",
-            "VFIO_DEVICE_FEATURE_DMA_LOGGING_START",
-        ))
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {

@@ -43,6 +43,8 @@ pub struct SourcePlan {
     pub timeout: Duration,
     /// `--allow-non-p2p`.
     pub allow_without_p2p: bool,
+    /// `--workers`.
+    pub workers: usize,
 }
 
 /// What the destination side needs besides its devices and listener.
@@ -52,6 +54,8 @@ pub struct DestinationPlan {
     pub session: SessionConfig,
     /// `--timeout`.
     pub timeout: Duration,
+    /// `--workers`.
+    pub workers: usize,
 }
 
 fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
@@ -63,12 +67,13 @@ fn compress(c: CompressArg) -> vfmig_pipeline::Compress {
     }
 }
 
+/// The phase as both sides name it (see `progress`).
 fn phase_name(p: Phase) -> &'static str {
     match p {
-        Phase::Setup => "connecting",
+        Phase::Setup => "handshake",
         Phase::PreCopy => "pre-copy",
         Phase::StopCopy => "stop-copy",
-        Phase::Resume => "resume",
+        Phase::Resume => "resuming",
         Phase::Acknowledge => "verifying",
         Phase::Commit => "committing",
         Phase::Done => "done",
@@ -101,11 +106,7 @@ fn progress_fn(progress: &Progress) -> Option<vfmig_pipeline::ProgressFn> {
     let bars = progress.clone();
     Some(Arc::new(move |p: &PipelineProgress| {
         for (i, d) in p.devices.iter().enumerate() {
-            let phase = if d.done {
-                "accepted"
-            } else {
-                phase_name(d.phase)
-            };
+            let phase = if d.done { "done" } else { phase_name(d.phase) };
             bars.update(i, d.raw_bytes, d.estimated_total, phase);
         }
     }))
@@ -149,6 +150,7 @@ pub fn report_json(
             downtime_ms,
             accepted: accepted
                 && (role != "recv" || d.final_state.is_none_or(|s| s == DeviceState::Stop)),
+            final_state: d.final_state.map(DeviceState::kernel_name),
         })
         .collect();
     ReportJson {
@@ -213,6 +215,7 @@ pub fn run_source<D: MigrationDevice>(
         max_bandwidth: plan.max_bandwidth,
         timeout: plan.timeout,
         allow_without_p2p: plan.allow_without_p2p,
+        codec_workers: plan.workers,
         session: plan.session.clone(),
         progress: progress_fn(progress),
         notice: Some(notice_fn(progress)),
@@ -269,6 +272,7 @@ pub fn run_destination<D: MigrationDevice>(
 ) -> (Result<Report, CliError>, Vec<D>) {
     let opts = DestinationOptions {
         timeout: plan.timeout,
+        codec_workers: plan.workers,
         allow_without_p2p: true,
         session: plan.session.clone(),
         progress: progress_fn(progress),

@@ -13,8 +13,11 @@
 //!   "devices": [ { "index": n, "name": s, "kind": "emu"|"file"|"vfio",
 //!                  "raw_bytes": u64, "wire_bytes": u64, "precopy_bytes": u64, "ratio": f64,
 //!                  "throughput_bytes_per_sec": f64, "downtime_ms": null | f64,
-//!                  "accepted": bool } ] }
+//!                  "accepted": bool, "final_state": null | "RUNNING" | "STOP" | ... } ] }
 //! ```
+//! `devices` is also filled on a migration failure (figures 0), so that `final_state` says
+//! where each device was left: the kernel name of its VFIO state when the command ended (for
+//! `file:` devices, the state the stream adapter models), or null if it could not be read.
 //! `ratio` is raw / wire (2.5 means the wire carried 40 % of the bytes); 0 when nothing moved,
 //! null for an all-zero stream (nothing on the wire). A device's throughput and downtime are over
 //! the whole session: devices stream concurrently and stop together.
@@ -48,6 +51,32 @@ pub struct DeviceJson {
     pub downtime_ms: Option<f64>,
     /// Whether the destination device accepted its state.
     pub accepted: bool,
+    /// The device's state when the command ended (`RUNNING`, `STOP`, ...), if it could be read.
+    pub final_state: Option<&'static str>,
+}
+
+impl DeviceJson {
+    /// A device that moved nothing (a failure report), left in `final_state`.
+    pub fn untouched(
+        index: usize,
+        name: String,
+        kind: &'static str,
+        final_state: Option<&'static str>,
+    ) -> DeviceJson {
+        DeviceJson {
+            index,
+            name,
+            kind,
+            raw_bytes: 0,
+            wire_bytes: 0,
+            precopy_bytes: 0,
+            ratio: 0.0,
+            throughput_bytes_per_sec: 0.0,
+            downtime_ms: None,
+            accepted: false,
+            final_state,
+        }
+    }
 }
 
 /// Busy time per stage, summed over its threads.
@@ -279,6 +308,7 @@ mod tests {
                 throughput_bytes_per_sec: 512.0 * 1024.0 * 1024.0,
                 downtime_ms: Some(120.5),
                 accepted: true,
+                final_state: Some("STOP"),
             }],
         }
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use vfmig_pipeline::Report;
 use vfmig_transport::Listener;
+use vfmig_vfio::{DeviceState, MigrationDevice};
 
 use crate::addr::Endpoint;
 use crate::cli::{PrecopyLimitArg, RecvArgs, SendArgs};
@@ -15,23 +16,49 @@ use crate::devices::{self, Side};
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, DestinationPlan, SourcePlan};
 use crate::progress::{self, Progress};
+use crate::report::{DeviceJson, ReportJson};
 use crate::signals::Cancel;
 
-/// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr.
+/// Where each device was left when the session ended (kernel state names; `None` if unreadable).
+fn final_states(devices: &mut [Box<dyn MigrationDevice>]) -> Vec<Option<&'static str>> {
+    devices
+        .iter_mut()
+        .map(|d| d.state().ok().map(DeviceState::kernel_name))
+        .collect()
+}
+
+/// Prints the outcome of a session: the JSON report on stdout, or the summary on stderr. With
+/// `--json`, a migration failure's object is printed here, with each device's `final_state`.
+/// What [`finish`] reports on and where.
+struct Output<'a> {
+    labels: &'a [DeviceLabel],
+    states: &'a [Option<&'static str>],
+    progress: &'a Progress,
+    json: bool,
+    quiet: bool,
+}
+
 fn finish(
     role: &'static str,
     peer: Option<SocketAddr>,
     result: Result<Report, CliError>,
-    labels: &[DeviceLabel],
-    progress: &Progress,
-    json: bool,
-    quiet: bool,
+    out: &Output<'_>,
 ) -> Result<(), CliError> {
+    let Output {
+        labels,
+        states,
+        progress,
+        json,
+        quiet,
+    } = *out;
     match result {
         Ok(report) => {
             let raw: Vec<u64> = report.devices.iter().map(|d| d.raw_bytes).collect();
-            progress.complete(&raw, "accepted");
-            let j = migrate::report_json(role, peer, &report, labels, true);
+            progress.complete(&raw, "done");
+            let mut j = migrate::report_json(role, peer, &report, labels, true);
+            for (d, s) in j.devices.iter_mut().zip(states) {
+                d.final_state = *s;
+            }
             if let (true, Some(d)) = (report.max_downtime_exceeded, report.downtime) {
                 progress.println(&format!(
                     "vfmig: warning: downtime {:.1} ms exceeded --max-downtime",
@@ -46,11 +73,76 @@ fn finish(
             }
             Ok(())
         }
+        Err(CliError::Migration {
+            error,
+            devices,
+            report_printed: false,
+        }) if json => {
+            progress.clear();
+            let e = CliError::Migration {
+                error,
+                devices,
+                report_printed: true,
+            };
+            let mut j = ReportJson::failure(role, &e);
+            j.peer = peer.map(|p| p.to_string());
+            j.devices = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    DeviceJson::untouched(
+                        i,
+                        l.name.clone(),
+                        l.kind,
+                        states.get(i).copied().flatten(),
+                    )
+                })
+                .collect();
+            crate::out_line(&j.to_json());
+            Err(e)
+        }
         Err(e) => {
             progress.clear();
             Err(e)
         }
     }
+}
+
+/// Reads where the devices were left and prints the outcome ([`finish`]).
+fn conclude(
+    role: &'static str,
+    peer: Option<SocketAddr>,
+    result: Result<Report, CliError>,
+    labels: &[DeviceLabel],
+    devices: &mut [Box<dyn MigrationDevice>],
+    progress: &Progress,
+    c: &crate::cli::CommonArgs,
+) -> Result<(), CliError> {
+    let states = final_states(devices);
+    let out = Output {
+        labels,
+        states: &states,
+        progress,
+        json: c.json,
+        quiet: c.quiet,
+    };
+    finish(role, peer, result, &out)
+}
+
+/// The progress display the options ask for, starting in `phase`.
+fn progress_for(
+    c: &crate::cli::CommonArgs,
+    names: &[String],
+    totals: &[Option<u64>],
+    phase: &str,
+) -> Progress {
+    Progress::new(
+        progress::resolve(c.progress, c.json, c.quiet),
+        names,
+        totals,
+        phase,
+        Duration::from_secs(c.progress_interval),
+    )
 }
 
 /// `vfmig send`.
@@ -60,7 +152,7 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
     let timeout = Duration::from_secs(c.timeout);
     let devs = devices::open(&c.devices, Side::Source, timeout, false)?;
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
+    let progress = progress_for(c, &names, &devs.totals, "connecting");
     let connect = a.connect.resolve().map_err(|source| CliError::Resolve {
         host: a.connect.host.clone().unwrap_or_default(),
         source,
@@ -80,11 +172,14 @@ pub fn send(a: SendArgs, cancel: &Cancel) -> Result<(), CliError> {
         max_bandwidth: a.max_bandwidth,
         timeout,
         allow_without_p2p: a.allow_non_p2p,
+        workers: c
+            .workers
+            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
     };
     let labels = devs.labels;
-    let (result, peer, _devices) =
+    let (result, peer, mut devices) =
         migrate::run_source(&plan, devs.list, &labels, &progress, cancel);
-    finish("send", peer, result, &labels, &progress, c.json, c.quiet)
+    conclude("send", peer, result, &labels, &mut devices, &progress, c)
 }
 
 /// Binds the first address of `at` that takes it (every address: IPv6 wildcard, then IPv4).
@@ -137,11 +232,17 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
         });
     }
     let names: Vec<String> = devs.labels.iter().map(|l| l.name.clone()).collect();
-    let progress = Progress::new(progress::wanted(c.json, c.quiet), &names, &devs.totals);
-    let plan = DestinationPlan { session, timeout };
+    let progress = progress_for(c, &names, &devs.totals, "listening");
+    let plan = DestinationPlan {
+        session,
+        timeout,
+        workers: c
+            .workers
+            .map_or_else(vfmig_pipeline::default_codec_workers, usize::from),
+    };
     let labels = devs.labels;
     let mut peer = None;
-    let (result, _devices) = migrate::run_destination(
+    let (result, mut devices) = migrate::run_destination(
         &plan,
         &listener,
         devs.list,
@@ -152,7 +253,8 @@ pub fn recv(a: RecvArgs, cancel: &Cancel) -> Result<(), CliError> {
             connected.store(true, Ordering::SeqCst);
             peer = Some(addr);
             progress.println(&format!("vfmig: source {addr} connected"));
+            progress.set_phase("handshake");
         },
     );
-    finish("recv", peer, result, &labels, &progress, c.json, c.quiet)
+    conclude("recv", peer, result, &labels, &mut devices, &progress, c)
 }

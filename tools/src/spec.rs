@@ -6,6 +6,8 @@
 //! PARAM   := "size=" SIZE | "seed=" U64 | "profile=" ("mixed"|"zero"|"random"|"text")
 //!          | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE ["/s"] | "p2p=" ("on"|"off")
 //!          | "precopy-info=" ("v1"|"v2") | "reinit-after=" SIZE
+//!          | "read-error-at=" SIZE | "slow=" SIZE ["/s"]      (injected faults, for tests)
+//!          | "refuse-resume=" ("off"|"on")
 //! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
 //! ```
 //!
@@ -17,34 +19,8 @@ use std::str::FromStr;
 
 use crate::units::{parse_byte_rate, parse_size, UnitError};
 
-/// Content profile of an emulated device: how its state compresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Profile {
-    /// Zero pages, structured data and random data mixed (about 2.5:1 with zstd).
-    #[default]
-    Mixed,
-    /// All zero: elided entirely on the wire.
-    Zero,
-    /// Random: incompressible, sent raw.
-    Random,
-    /// Text-like structured data: compresses well.
-    Text,
-}
-
-impl Profile {
-    /// The accepted spellings, in order.
-    pub const NAMES: &'static [&'static str] = &["mixed", "zero", "random", "text"];
-
-    /// The spec spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Mixed => "mixed",
-            Profile::Zero => "zero",
-            Profile::Random => "random",
-            Profile::Text => "text",
-        }
-    }
-}
+/// Content profile of an emulated device (`profile=`): the emulated device's own type.
+pub use vfmig_vfio::emulated::Profile;
 
 /// PRE_COPY of an emulated device (`precopy=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -79,6 +55,13 @@ pub struct EmuSpec {
     /// `reinit-after=SIZE`: the device re-initialises once in PRE_COPY, after SIZE stream bytes
     /// and a report of `initial_bytes` 0 (its initial data must then be read again).
     pub reinit_after: Option<u64>,
+    /// `read-error-at=SIZE` (fault injection): a read of the saving data fd fails with EIO once
+    /// stream byte SIZE is reached.
+    pub read_error_at: Option<u64>,
+    /// `slow=SIZE/s` (fault injection): the saving data fd delivers at most SIZE bytes per second.
+    pub slow: Option<u64>,
+    /// `refuse-resume=on` (fault injection): RESUMING -> STOP fails even for a valid stream.
+    pub refuse_resume: bool,
 }
 
 /// Where a `file:` device's bytes come from or go to.
@@ -144,7 +127,7 @@ pub enum SpecError {
     /// A parameter name the kind does not have.
     #[error(
         "unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p, \
-         precopy-info, reinit-after)"
+         precopy-info, reinit-after, read-error-at, slow, refuse-resume)"
     )]
     UnknownKey {
         /// What was given.
@@ -229,9 +212,12 @@ enum EmuKey {
     P2p,
     PrecopyInfo,
     ReinitAfter,
+    ReadErrorAt,
+    Slow,
+    RefuseResume,
 }
 
-const EMU_KEYS: [(&str, EmuKey); 8] = [
+const EMU_KEYS: [(&str, EmuKey); 11] = [
     ("size", EmuKey::Size),
     ("seed", EmuKey::Seed),
     ("profile", EmuKey::Profile),
@@ -240,6 +226,9 @@ const EMU_KEYS: [(&str, EmuKey); 8] = [
     ("p2p", EmuKey::P2p),
     ("precopy-info", EmuKey::PrecopyInfo),
     ("reinit-after", EmuKey::ReinitAfter),
+    ("read-error-at", EmuKey::ReadErrorAt),
+    ("slow", EmuKey::Slow),
+    ("refuse-resume", EmuKey::RefuseResume),
 ];
 
 impl FromStr for DeviceSpec {
@@ -286,6 +275,9 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
         p2p: true,
         precopy_info_v2: false,
         reinit_after: None,
+        read_error_at: None,
+        slow: None,
+        refuse_resume: false,
     };
     if !params.is_empty() {
         for param in params.split(',') {
@@ -338,19 +330,12 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     })?);
                 }
                 EmuKey::Profile => {
-                    spec.profile = match value {
-                        "mixed" => Profile::Mixed,
-                        "zero" => Profile::Zero,
-                        "random" => Profile::Random,
-                        "text" => Profile::Text,
-                        _ => {
-                            return Err(SpecError::BadChoice {
-                                key,
-                                value: value.to_owned(),
-                                allowed: Profile::NAMES,
-                            })
-                        }
-                    }
+                    spec.profile =
+                        Profile::from_name(value).ok_or_else(|| SpecError::BadChoice {
+                            key,
+                            value: value.to_owned(),
+                            allowed: Profile::NAMES,
+                        })?;
                 }
                 EmuKey::Precopy => {
                     spec.precopy = match value {
@@ -366,6 +351,11 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                     spec.reinit_after = Some(parse_size(value).map_err(bad_size)?)
                 }
                 EmuKey::P2p => spec.p2p = yes_no(key, value, &["off", "on"])?,
+                EmuKey::ReadErrorAt => {
+                    spec.read_error_at = Some(parse_size(value).map_err(bad_size)?)
+                }
+                EmuKey::Slow => spec.slow = Some(parse_byte_rate(value).map_err(bad_size)?),
+                EmuKey::RefuseResume => spec.refuse_resume = yes_no(key, value, &["off", "on"])?,
             }
         }
     }
@@ -397,7 +387,7 @@ impl fmt::Display for DeviceSpec {
                 if let Some(seed) = e.seed {
                     write!(f, ",seed={seed}")?;
                 }
-                write!(f, ",profile={}", e.profile.name())?;
+                write!(f, ",profile={}", e.profile.as_str())?;
                 match e.precopy {
                     Precopy::Whole => {}
                     Precopy::Off => f.write_str(",precopy=off")?,
@@ -412,6 +402,15 @@ impl fmt::Display for DeviceSpec {
                 }
                 if let Some(n) = e.reinit_after {
                     write!(f, ",reinit-after={n}")?;
+                }
+                if let Some(n) = e.read_error_at {
+                    write!(f, ",read-error-at={n}")?;
+                }
+                if let Some(r) = e.slow {
+                    write!(f, ",slow={r}/s")?;
+                }
+                if e.refuse_resume {
+                    f.write_str(",refuse-resume=on")?;
                 }
                 Ok(())
             }
@@ -444,8 +443,25 @@ mod tests {
                 p2p: false,
                 precopy_info_v2: false,
                 reinit_after: None,
+                read_error_at: None,
+                slow: None,
+                refuse_resume: false,
             }))
         );
+    }
+
+    #[test]
+    fn fault_keys_parse_and_print_back() {
+        let Ok(DeviceSpec::Emu(e)) =
+            parse("emu:size=1M,read-error-at=64K,slow=2M/s,refuse-resume=on")
+        else {
+            panic!("fault keys refused");
+        };
+        assert_eq!((e.read_error_at, e.slow), (Some(64 << 10), Some(2 << 20)));
+        assert!(e.refuse_resume);
+        let again = parse(&DeviceSpec::Emu(e.clone()).to_string());
+        assert_eq!(again, Ok(DeviceSpec::Emu(e)));
+        assert!(parse("emu:size=1M,read-error-at=x").is_err());
     }
 
     #[test]
@@ -596,23 +612,34 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             proptest::option::of(0u64..(1 << 40)),
+            proptest::option::of(0u64..(1 << 40)),
+            proptest::option::of(0u64..(1 << 40)),
         )
             .prop_map(
-                |(pages, seed, p, precopy, dirty_rate, p2p, precopy_info_v2, reinit_after)| {
+                |(
+                    pages,
+                    seed,
+                    p,
+                    precopy,
+                    dirty_rate,
+                    p2p,
+                    precopy_info_v2,
+                    reinit_after,
+                    read_error_at,
+                    slow,
+                )| {
                     EmuSpec {
                         size: pages * 4096,
                         seed,
-                        profile: [
-                            Profile::Mixed,
-                            Profile::Zero,
-                            Profile::Random,
-                            Profile::Text,
-                        ][p],
+                        profile: Profile::ALL[p],
                         precopy,
                         dirty_rate,
                         p2p,
                         precopy_info_v2,
                         reinit_after,
+                        read_error_at,
+                        slow,
+                        refuse_resume: false,
                     }
                 },
             )

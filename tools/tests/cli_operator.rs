@@ -306,19 +306,8 @@ fn sigint_exits_130_and_the_json_object_says_cancelled() {
         .stderr(std::process::Stdio::piped());
     let mut sender = c.spawn().expect("spawn sender");
     recv.wait_for_line("vfmig: source ");
-    let status = Command::new("kill")
-        .args(["-INT", &sender.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let sstatus = wait_bounded(&mut sender);
-    let mut out = String::new();
-    use std::io::Read as _;
-    let _ = sender
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out);
+    let stdout = sender.stdout.take();
+    let (sstatus, out) = signal_and_collect(&mut sender, "-INT", stdout);
     let _ = recv.finish();
     assert_eq!(sstatus.code(), Some(130), "{out}");
     let j = json(out.as_bytes());
@@ -567,14 +556,17 @@ fn a_file_pairs_with_any_device_kind() {
 }
 
 /// A client that sends `bytes` to a receiver and returns the receiver's last line.
+/// Whether the receiver then exits or keeps waiting for its real source, it names the stranger.
 fn stranger_sends(bytes: &[u8]) -> String {
     use std::io::Write as _;
-    let recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
+    let mut recv = Receiver::spawn(&["--device", "emu:size=1M", "--timeout", "5"]);
     let mut s = std::net::TcpStream::connect(recv.addr).expect("connect");
     let _ = s.write_all(bytes);
-    let (_, _, lines) = recv.finish();
+    let line = recv.wait_for_containing("not vfmig");
     drop(s);
-    lines.last().cloned().unwrap_or_default()
+    let _ = recv.child.kill();
+    let _ = recv.finish();
+    line
 }
 
 #[test]
@@ -626,4 +618,143 @@ fn a_fifo_without_a_writer_says_so() {
         "{err}"
     );
     assert!(!err.contains("STOP_COPY"), "{err}");
+}
+
+#[test]
+fn bars_are_drawn_when_only_stderr_is_a_terminal() {
+    let dev = "emu:size=4M";
+    let recv = Receiver::spawn(&["--device", dev, "--quiet"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_file = dir.path().join("send.out");
+    // `script` gives the command a terminal; stdout goes to a file, as in `send ... > log`.
+    let cmd = format!(
+        "'{}' send --connect {} --device {dev} --max-bandwidth 16Mbit/s > '{}'",
+        bin(),
+        recv.addr,
+        out_file.display()
+    );
+    let mut c = Command::new("script");
+    c.args(["-qfec", &cmd, "/dev/null"]);
+    let out = run(c, None);
+    let _ = recv.finish();
+    let tty = text(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("emu0") && tty.contains("MiB/4.00 MiB") && tty.contains("ETA"),
+        "no bars on the terminal: {tty:?}"
+    );
+}
+
+#[test]
+fn log_progress_prints_lines_with_bytes_rate_eta_and_phase_on_both_sides() {
+    let dev = "emu:size=4M,profile=random";
+    let log = ["--progress", "log", "--progress-interval", "1"];
+    let mut rargs = vec!["--device", dev];
+    rargs.extend(log);
+    let recv = Receiver::spawn(&rargs);
+    let mut sargs = vec!["--device", dev, "--max-bandwidth", "16Mbit/s"];
+    sargs.extend(log);
+    let out = run(send(recv.addr, &sargs), None);
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    let slines: Vec<String> = text(&out.stderr).lines().map(str::to_owned).collect();
+    for (side, lines) in [("send", &slines), ("recv", &rlines)] {
+        let progress: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("vfmig: progress: "))
+            .collect();
+        let last = progress
+            .last()
+            .unwrap_or_else(|| panic!("{side}: no progress line: {lines:?}"));
+        assert!(
+            last.starts_with("vfmig: progress: done, 4.0 MiB of 4.0 MiB (100%), "),
+            "{side}: {last}"
+        );
+        for l in &progress {
+            assert!(l.contains("/s, ETA "), "{side}: {l}");
+            let phase = l["vfmig: progress: ".len()..]
+                .split(',')
+                .next()
+                .unwrap_or_default();
+            assert!(
+                [
+                    "handshake",
+                    "pre-copy",
+                    "stop-copy",
+                    "verifying",
+                    "resuming",
+                    "done"
+                ]
+                .contains(&phase),
+                "{side}: phase `{phase}` in {l}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_host_name_that_does_not_resolve_is_named() {
+    let mut c = vfmig();
+    c.args([
+        "send",
+        "--connect",
+        "no-such-host.invalid:7000",
+        "--device",
+        "emu:size=1M",
+    ])
+    .arg("--json");
+    let out = run(c, None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot resolve host no-such-host.invalid"),
+        "{err}"
+    );
+    assert_eq!(json(&out.stdout)["outcome"], "failed");
+}
+
+#[test]
+fn workers_set_on_both_sides_migrate_and_out_of_range_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.bin");
+    let dst = dir.path().join("dst.bin");
+    let bytes: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &bytes).expect("source file");
+    // More workers than the receiver's pool can feed: it runs with fewer instead of failing.
+    let recv = Receiver::spawn(&[
+        "--device",
+        &format!("file:{}", dst.display()),
+        "--workers",
+        "64",
+    ]);
+    let out = run(
+        send(
+            recv.addr,
+            &[
+                "--device",
+                &format!("file:{}", src.display()),
+                "--workers",
+                "5",
+                "--compress",
+                "zstd",
+            ],
+        ),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(rstatus.success(), "{rlines:?}");
+    assert_eq!(std::fs::read(&dst).expect("destination file"), bytes);
+    let e = usage_error_with_json(&[
+        "send",
+        "--connect",
+        "127.0.0.1:1",
+        "--device",
+        "emu:size=1M",
+        "--workers",
+        "0",
+        "--json",
+    ]);
+    assert!(e.contains("--workers"), "{e}");
 }

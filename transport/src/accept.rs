@@ -48,6 +48,8 @@ pub(crate) trait ServerHandshaker: Send + Sync + 'static {
 
 struct Pending {
     id: u64,
+    /// The peer's address: eviction takes from the address with the most pending handshakes.
+    ip: std::net::IpAddr,
     /// A clone of the socket: shutting it down ends the handshake thread's blocking I/O.
     stop: TcpStream,
 }
@@ -91,9 +93,13 @@ pub(crate) fn assemble(
     let mut session: Option<Assembly> = None;
     let outcome = loop {
         // Results first: a completed source must not wait behind strangers.
+        let mut fatal = None;
         while let Ok(r) = rx.try_recv() {
             let r = st.finished(r);
-            handle(r, &mut session, cfg, sealing, on_dropped);
+            fatal = fatal.or(handle(r, &mut session, cfg, sealing, on_dropped));
+        }
+        if let Some(e) = fatal {
+            break Err(e);
         }
         if let Some(s) = &session {
             if s.missing == 0 {
@@ -123,7 +129,9 @@ pub(crate) fn assemble(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                    break Err(e);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A connection that died before we took it (ECONNABORTED) or a transient shortage
@@ -131,7 +139,9 @@ pub(crate) fn assemble(
             Err(e) if accept_error_is_transient(&e) => {
                 let e = TransportError::io("accept", e);
                 on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
-                wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped);
+                if let Some(e) = wait(&rx, &mut st, &mut session, cfg, sealing, on_dropped) {
+                    break Err(e);
+                }
             }
             Err(e) => break Err(TransportError::io("accept", e)),
         }
@@ -167,13 +177,13 @@ fn wait(
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
-) {
+) -> Option<TransportError> {
     match rx.recv_timeout(POLL) {
         Ok(r) => {
             let r = st.finished(r);
-            handle(r, session, cfg, sealing, on_dropped);
+            handle(r, session, cfg, sealing, on_dropped)
         }
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
     }
 }
 
@@ -196,7 +206,8 @@ impl State {
         self.pending.retain(|p| p.id != id);
         let before = self.evicted.len();
         self.evicted.retain(|&e| e != id);
-        if self.evicted.len() < before && res.is_err() {
+        // An evicted handshake is dropped even if it completed: its socket was shut down.
+        if self.evicted.len() < before {
             let e = TransportError::TooMany {
                 what: Limit::PendingHandshakes,
                 got: MAX_PENDING_HANDSHAKES as u64 + 1,
@@ -226,7 +237,7 @@ impl State {
             return Err(bound(live + 1));
         }
         if self.pending.len() >= MAX_PENDING_HANDSHAKES {
-            if let Some(old) = self.pending.pop_front() {
+            if let Some(old) = self.victim(peer.ip()) {
                 let _ = old.stop.shutdown(Shutdown::Both);
                 if self.evicted.len() >= MAX_HANDSHAKE_THREADS {
                     self.evicted.pop_front();
@@ -263,22 +274,45 @@ impl State {
             self.live.fetch_sub(1, Ordering::SeqCst);
             return Err(TransportError::io("spawn handshake thread", e));
         }
-        self.pending.push_back(Pending { id, stop });
+        self.pending.push_back(Pending {
+            id,
+            ip: peer.ip(),
+            stop,
+        });
         Ok(())
+    }
+
+    /// The pending handshake to drop for a new one from `incoming`: the oldest from the address
+    /// holding the most pending handshakes (the new one counted), so a flood from one address
+    /// evicts its own connections, not a real source's from another address.
+    fn victim(&mut self, incoming: std::net::IpAddr) -> Option<Pending> {
+        let ips: Vec<std::net::IpAddr> = self.pending.iter().map(|p| p.ip).collect();
+        let at = victim_index(&ips, incoming)?;
+        self.pending.remove(at)
     }
 }
 
 /// Acts on a finished handshake: creates the session, joins it, or drops the connection.
+/// Returns the error that ends the wait: a source that completed the handshake (with the key,
+/// when one is configured) but declared devices that cannot pair with ours, before any session
+/// exists, is the real source given the wrong devices, not a stranger; waiting on would only
+/// hide the operator's mistake.
 fn handle(
     (_, peer, r): HsResult,
     session: &mut Option<Assembly>,
     cfg: &SessionConfig,
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
-) {
+) -> Option<TransportError> {
     let (sock, a) = match r {
         Ok(v) => v,
-        Err(e) => return on_dropped(peer, &e),
+        // Only before a session exists: once one is assembling, a stranger's offer (possible
+        // without a key) must not end it.
+        Err(e) if session.is_none() && is_device_mismatch(&e) => return Some(e),
+        Err(e) => {
+            on_dropped(peer, &e);
+            return None;
+        }
     };
     match session {
         None if !a.joined => {
@@ -322,5 +356,49 @@ fn handle(
                 );
             }
         }
+    }
+    None
+}
+
+/// A handshake that failed only because the two sides were given devices that cannot pair.
+fn is_device_mismatch(e: &TransportError) -> bool {
+    use vfmig_wire::handshake::HandshakeError;
+    matches!(
+        e,
+        TransportError::Handshake {
+            source: HandshakeError::DeviceMismatch(_) | HandshakeError::DeviceCountMismatch { .. },
+            ..
+        }
+    )
+}
+
+/// Index in `pending` (oldest first) of the handshake to evict for a new one from `incoming`:
+/// the oldest from the address with the most pending handshakes, the new one counted.
+fn victim_index(pending: &[std::net::IpAddr], incoming: std::net::IpAddr) -> Option<usize> {
+    let count = |ip: std::net::IpAddr| {
+        pending.iter().filter(|&&p| p == ip).count() + usize::from(ip == incoming)
+    };
+    let busiest = pending.iter().copied().max_by_key(|&ip| count(ip))?;
+    pending.iter().position(|&p| p == busiest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::victim_index;
+    use std::net::IpAddr;
+
+    #[test]
+    fn a_flood_from_one_address_evicts_its_own_handshakes_not_the_real_sources() {
+        let real: IpAddr = "192.0.2.1".parse().unwrap();
+        let flood: IpAddr = "192.0.2.66".parse().unwrap();
+        // The real source came first; then the flood filled the rest.
+        let mut pending = vec![real];
+        pending.extend(std::iter::repeat_n(flood, 63));
+        assert_eq!(victim_index(&pending, flood), Some(1));
+        // A second real connection while the flood holds the rest: still the flood's oldest.
+        assert_eq!(victim_index(&pending, real), Some(1));
+        // From one address only (e.g. loopback): the oldest.
+        assert_eq!(victim_index(&[flood; 4], flood), Some(0));
+        assert_eq!(victim_index(&[], flood), None);
     }
 }

@@ -10,8 +10,10 @@
 //! Data out: on the destination, verified [`Frame`]s in per-device order from
 //! [`RecvSession::recv`]; on the source, the destination's control frames.
 //!
-//! Plain TCP runs on io_uring: one ring thread per session owns all N connections, sends from
-//! registered buffers and receives payloads straight into pool buffers (`ring`). If the pool
+//! Plain TCP runs on io_uring: one ring thread per session owns all N connections, sends payloads
+//! straight from pool buffers (plain `Send`; `SendZc` from the registered buffer only when
+//! [`SessionConfig::zerocopy_min`] is lowered, off by default) and receives payloads straight into
+//! pool buffers (`ring`). If the pool
 //! cannot be pinned (`RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`), the ring runs without registered
 //! buffers and only fixed-buffer zero-copy is lost. TLS connections
 //! need a userspace copy for encryption anyway, so they run blocking rustls I/O on threads of

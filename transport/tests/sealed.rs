@@ -125,7 +125,15 @@ fn run(streams: usize, psk: bool, tamper: Arc<Tamper>) -> (Vec<u64>, bool, Trans
     let dst = accept_in_thread(l, config(streams, psk));
     let src = SendSession::connect(paddr, &config(streams, psk), devices(1)).unwrap();
     for seq in 0..FRAMES {
-        send_data(&src, 0, seq, LEN);
+        // The receiver may refuse the tampered frame and close before the last one is queued:
+        // the sender then sees the close, and what the receiver delivered is the verdict.
+        let mut b = src.pool().acquire(Duration::from_secs(5)).unwrap();
+        b.spare_mut()[..LEN].copy_from_slice(&pattern(0, seq, LEN));
+        b.set_len(LEN);
+        let header = data_header(0, seq, u32::try_from(LEN).unwrap());
+        if src.send(header, Some(b)).is_err() {
+            break;
+        }
     }
     let dst: RecvSession = dst.join().unwrap().unwrap();
     let (mut seqs, mut altered) = (Vec::new(), false);

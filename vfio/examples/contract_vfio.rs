@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use io_uring::{opcode, types, IoUring};
 use vfmig_vfio::contract::{run_all, ContractOptions};
 use vfmig_vfio::{
-    next_state, Arc, DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice,
+    next_state, DeviceError, DeviceState, IovaRange, MigrationCaps, MigrationDevice, Transition,
     VfioDevice,
 };
 
@@ -188,12 +188,12 @@ fn errno_name(errno: Option<i32>) -> &'static str {
 }
 
 /// Every single arc the kernel's table allows for `caps`.
-fn legal_arcs(caps: MigrationCaps) -> Vec<Arc> {
+fn legal_arcs(caps: MigrationCaps) -> Vec<Transition> {
     let mut arcs = Vec::new();
     for from in DeviceState::ALL {
         for to in DeviceState::ALL {
             if from != to && next_state(from, to, caps).ok() == Some(to) {
-                arcs.push(Arc { from, to });
+                arcs.push(Transition { from, to });
             }
         }
     }
@@ -202,7 +202,12 @@ fn legal_arcs(caps: MigrationCaps) -> Vec<Arc> {
 
 /// One SET along `arc`, checked: the state afterwards, and a data fd exactly where the uAPI says
 /// one is created (a continuing arc may return the same stream again or -1).
-fn step(dev: &mut VfioDevice, arc: Arc, rep: &mut Report, seen: &mut Vec<Arc>) -> Option<OwnedFd> {
+fn step(
+    dev: &mut VfioDevice,
+    arc: Transition,
+    rep: &mut Report,
+    seen: &mut Vec<Transition>,
+) -> Option<OwnedFd> {
     let r = dev.set_single_state(arc.to);
     let now = dev.state();
     let (fd, ok) = match r {
@@ -278,8 +283,8 @@ fn uart_drain(dev: &VfioDevice, bar: u32) -> Result<Vec<u8>, DeviceError> {
 fn arc_tour(dev: &mut VfioDevice, ring: &mut Ring, rep: &mut Report) -> Result<(), DeviceError> {
     println!("== arc tour on {}", dev.name());
     let mut seen = Vec::new();
-    let arc = |from, to| Arc { from, to };
-    let mut s = |d: &mut VfioDevice, a: Arc, rep: &mut Report| step(d, a, rep, &mut seen);
+    let arc = |from, to| Transition { from, to };
+    let mut s = |d: &mut VfioDevice, a: Transition, rep: &mut Report| step(d, a, rep, &mut seen);
 
     s(dev, arc(Running, RunningP2p), rep);
     s(dev, arc(RunningP2p, Running), rep);
@@ -408,11 +413,11 @@ fn transfer(
         other => rep.check("PRE_COPY drained read is 0 or ENOMSG", false, show(other)),
     }
     for arc in [
-        Arc {
+        Transition {
             from: PreCopy,
             to: PreCopyP2p,
         },
-        Arc {
+        Transition {
             from: PreCopyP2p,
             to: StopCopy,
         },
@@ -436,7 +441,7 @@ fn transfer(
     );
     step(
         src,
-        Arc {
+        Transition {
             from: StopCopy,
             to: Stop,
         },

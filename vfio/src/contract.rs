@@ -33,8 +33,8 @@ use std::os::unix::fs::FileExt;
 
 use crate::device::{MigrationDevice, PrecopyInfo};
 use crate::dma::{DmaLoggingError, IovaRange, MAX_LOGGING_RANGES};
-use crate::error::{DeviceError, FsmError};
-use crate::state::{next_state, path, Arc, DeviceState, MigrationCaps};
+use crate::error::DeviceError;
+use crate::state::{next_state, path, DeviceState, FsmError, MigrationCaps, Transition};
 
 /// Tuning of the suite for a device.
 #[derive(Clone, Debug)]
@@ -109,7 +109,7 @@ pub enum Violation {
     #[error("{arc}: data fd returned = {returned}, expected {expected}")]
     DataFd {
         /// The arc.
-        arc: Arc,
+        arc: Transition,
         /// Whether a fd came back.
         returned: bool,
         /// Whether one was expected.
@@ -226,7 +226,7 @@ pub struct ContractReport {
     /// States visited.
     pub states: Vec<DeviceState>,
     /// Arcs SET one at a time.
-    pub arcs: Vec<Arc>,
+    pub arcs: Vec<Transition>,
     /// Bytes of the last full STOP_COPY stream.
     pub stop_copy_bytes: u64,
     /// The PRE_COPY check ran with `MIG_PRECOPY_INFOv2` in force.
@@ -333,8 +333,8 @@ fn supported_states(caps: MigrationCaps) -> Vec<DeviceState> {
 }
 
 /// Every supported state is reachable from RUNNING, and every legal arc (a SET the kernel's path
-/// takes in one step) succeeds, returning a data fd exactly when [`Arc::opens_data_fd`] says so
-/// (continuing arcs may return the same stream again). RESUMING -> STOP needs a valid stream and
+/// takes in one step) succeeds, returning a data fd exactly when [`Transition::opens_data_fd`] says
+/// so (continuing arcs may return the same stream again). RESUMING -> STOP needs a valid stream and
 /// is covered by [`check_transfer`].
 pub fn check_states_and_arcs<D: MigrationDevice>(
     dev: &mut D,
@@ -355,9 +355,9 @@ pub fn check_states_and_arcs<D: MigrationDevice>(
             if from == to || next_state(from, to, caps).ok() != Some(to) {
                 continue;
             }
-            let arc = Arc { from, to };
+            let arc = Transition { from, to };
             if arc
-                == (Arc {
+                == (Transition {
                     from: DeviceState::Resuming,
                     to: DeviceState::Stop,
                 })
@@ -468,7 +468,7 @@ fn set_state_for_fd<D: MigrationDevice>(
     to: DeviceState,
 ) -> Result<File, Violation> {
     dev.set_state(to)?.map(File::from).ok_or(Violation::DataFd {
-        arc: Arc { from, to },
+        arc: Transition { from, to },
         returned: false,
         expected: true,
     })
@@ -935,7 +935,7 @@ pub fn run_all<D: MigrationDevice>(
     );
     check!("transfer", &dst, check_transfer(&mut src, &mut dst, opts));
     // The one arc `check_states_and_arcs` leaves out, since it needs a valid stream.
-    report.arcs.push(Arc {
+    report.arcs.push(Transition {
         from: DeviceState::Resuming,
         to: DeviceState::Stop,
     });

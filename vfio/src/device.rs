@@ -6,6 +6,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::dma::IovaRange;
 use crate::error::DeviceError;
+use crate::op;
 use crate::state::{path, DeviceState, MigrationCaps};
 
 /// `struct vfio_precopy_info` as returned by `VFIO_MIG_GET_PRECOPY_INFO`.
@@ -50,6 +51,14 @@ pub struct Identity {
 
 /// A VFIO migration v2 device as the pipeline sees it.
 ///
+/// The operations a device may lack ([`precopy_info`](MigrationDevice::precopy_info),
+/// [`stop_copy_size`](MigrationDevice::stop_copy_size), the three `dma_logging_*` and
+/// [`enable_precopy_info_v2`](MigrationDevice::enable_precopy_info_v2)) have default bodies that
+/// answer as a kernel without the feature does ([`DeviceError::Unsupported`] with the names of
+/// [`crate::op`]; v1 for the PRECOPY_INFOv2 opt-in). Support is a run-time fact (a real device
+/// learns it from `VFIO_DEVICE_FEATURE_PROBE` at open), so it is not split into optional traits:
+/// callers handle `Unsupported` in one place.
+///
 /// Implementations issue one `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET per call of
 /// [`set_single_state`](MigrationDevice::set_single_state); [`set_state`](MigrationDevice::set_state)
 /// walks the kernel's path one arc at a time, so every implementation follows the same path.
@@ -70,13 +79,23 @@ pub trait MigrationDevice: Send {
     fn state(&mut self) -> Result<DeviceState, DeviceError>;
 
     /// One SET to an adjacent state. Returns the data fd when the kernel returns one (the arcs of
-    /// [`crate::Arc::opens_data_fd`], and possibly the continuing ones). The error carries the errno.
+    /// [`crate::Transition::opens_data_fd`], and possibly the continuing ones). The error carries
+    /// the errno.
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error>;
 
     /// `VFIO_MIG_GET_PRECOPY_INFO` on the data fd; valid in PRE_COPY and PRE_COPY_P2P only.
     /// [`PrecopyInfo::reinit`] is only ever set after
     /// [`enable_precopy_info_v2`](MigrationDevice::enable_precopy_info_v2) returned `Ok(true)`.
-    fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError>;
+    ///
+    /// Optional: the default, for devices without PRE_COPY, refuses with
+    /// [`DeviceError::Unsupported`] (`VFIO_MIG_GET_PRECOPY_INFO` needs `VFIO_MIGRATION_PRE_COPY`).
+    fn precopy_info(&mut self, _data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
+        Err(unsupported(
+            self.name(),
+            op::PRECOPY_INFO,
+            op::FEATURE_PRE_COPY,
+        ))
+    }
 
     /// Opts in to `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` (Linux 7.1; a SET without payload).
     ///
@@ -98,27 +117,58 @@ pub trait MigrationDevice: Send {
     }
 
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: the estimated STOP_COPY size, in any state.
-    fn stop_copy_size(&mut self) -> Result<u64, DeviceError>;
+    ///
+    /// Optional: the default refuses with [`DeviceError::Unsupported`], as the kernel does for a
+    /// driver without the feature.
+    fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
+        Err(unsupported(
+            self.name(),
+            op::MIG_DATA_SIZE,
+            op::MIG_DATA_SIZE,
+        ))
+    }
 
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`; returns the page size the device chose.
+    ///
+    /// Optional, with REPORT and STOP: the defaults refuse with [`DeviceError::Unsupported`]
+    /// naming `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` as the missing feature. The pipeline then
+    /// counts the device as untracked (its DMA writes cannot be followed during pre-copy).
     fn dma_logging_start(
         &mut self,
-        ranges: &[IovaRange],
-        page_size: u64,
-    ) -> Result<u64, DeviceError>;
+        _ranges: &[IovaRange],
+        _page_size: u64,
+    ) -> Result<u64, DeviceError> {
+        Err(unsupported(
+            self.name(),
+            op::DMA_LOGGING_START,
+            op::DMA_LOGGING_START,
+        ))
+    }
 
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: reads AND clears the dirty bits of
     /// `[iova, iova + length)` into `bitmap` (bit i = page i), only setting bits.
     fn dma_logging_report(
         &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), DeviceError>;
+        _iova: u64,
+        _length: u64,
+        _page_size: u64,
+        _bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        Err(unsupported(
+            self.name(),
+            op::DMA_LOGGING_REPORT,
+            op::DMA_LOGGING_START,
+        ))
+    }
 
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
-    fn dma_logging_stop(&mut self) -> Result<(), DeviceError>;
+    fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
+        Err(unsupported(
+            self.name(),
+            op::DMA_LOGGING_STOP,
+            op::DMA_LOGGING_START,
+        ))
+    }
 
     /// `VFIO_DEVICE_RESET`: leaves any state (ERROR included) for RUNNING and ends the data fd.
     fn reset(&mut self) -> Result<(), DeviceError>;
@@ -201,5 +251,99 @@ impl<D: MigrationDevice + ?Sized> MigrationDevice for Box<D> {
     }
     fn set_state(&mut self, target: DeviceState) -> Result<Option<OwnedFd>, DeviceError> {
         (**self).set_state(target)
+    }
+}
+
+/// The refusal of an optional operation by a device that lacks the feature.
+#[cold]
+fn unsupported(device: &str, op: &'static str, feature: &'static str) -> DeviceError {
+    DeviceError::Unsupported {
+        device: device.to_owned(),
+        op,
+        feature,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device with only the mandatory operations: STOP_COPY only, no optional features.
+    struct Minimal(DeviceState);
+
+    impl MigrationDevice for Minimal {
+        fn name(&self) -> &str {
+            "minimal"
+        }
+        fn capabilities(&self) -> MigrationCaps {
+            MigrationCaps::STOP_COPY
+        }
+        fn state(&mut self) -> Result<DeviceState, DeviceError> {
+            Ok(self.0)
+        }
+        fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
+            self.0 = next;
+            Ok(None)
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.0 = DeviceState::Running;
+            Ok(())
+        }
+    }
+
+    fn refusal<T: std::fmt::Debug>(
+        r: Result<T, DeviceError>,
+    ) -> (String, &'static str, &'static str) {
+        match r {
+            Err(DeviceError::Unsupported {
+                device,
+                op,
+                feature,
+            }) => (device, op, feature),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn optional_operations_default_to_unsupported_named_from_op() {
+        let mut d = Minimal(DeviceState::Running);
+        let stdin = std::io::stdin();
+        let fd = std::os::fd::AsFd::as_fd(&stdin);
+        let name = || "minimal".to_owned();
+        assert_eq!(
+            refusal(d.precopy_info(fd)),
+            (name(), op::PRECOPY_INFO, op::FEATURE_PRE_COPY)
+        );
+        assert_eq!(
+            refusal(d.stop_copy_size()),
+            (name(), op::MIG_DATA_SIZE, op::MIG_DATA_SIZE)
+        );
+        let range = IovaRange {
+            iova: 0,
+            length: 4096,
+        };
+        assert_eq!(
+            refusal(d.dma_logging_start(&[range], 4096)),
+            (name(), op::DMA_LOGGING_START, op::DMA_LOGGING_START)
+        );
+        assert_eq!(
+            refusal(d.dma_logging_report(0, 4096, 4096, &mut [0])),
+            (name(), op::DMA_LOGGING_REPORT, op::DMA_LOGGING_START)
+        );
+        assert_eq!(
+            refusal(d.dma_logging_stop()),
+            (name(), op::DMA_LOGGING_STOP, op::DMA_LOGGING_START)
+        );
+        assert_eq!(d.enable_precopy_info_v2().ok(), Some(false), "v1 stays");
+        // Boxing forwards to the inner device's defaults.
+        let mut boxed: Box<dyn MigrationDevice> = Box::new(d);
+        assert_eq!(
+            refusal(boxed.dma_logging_stop()),
+            (
+                "minimal".to_owned(),
+                op::DMA_LOGGING_STOP,
+                op::DMA_LOGGING_START
+            )
+        );
     }
 }

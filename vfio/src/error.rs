@@ -1,33 +1,12 @@
 //! Typed errors of the VFIO layer. Variants carry the facts (operation, states, errno); only the CLI
-//! turns them into one-line messages.
+//! turns them into one-line messages. [`FsmError`] lives beside the FSM in [`crate::state`] and is
+//! re-exported here.
 
 use std::io;
 
 use crate::dma::DmaLoggingError;
-use crate::state::{Arc, DeviceState, MigrationCaps};
-
-/// The state machine refused a request before any SET was issued.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FsmError {
-    /// The state needs capabilities the device lacks (or is ERROR, which is never legal).
-    #[error("state {state} is not supported by a device with migration capabilities {caps}")]
-    UnsupportedState {
-        /// The state asked for (or the current state).
-        state: DeviceState,
-        /// The device's capabilities.
-        caps: MigrationCaps,
-    },
-    /// The kernel's table gives no legal path (e.g. STOP_COPY -> PRE_COPY).
-    #[error("no legal path from {from} to {to} for a device with capabilities {caps}")]
-    NoPath {
-        /// Current state.
-        from: DeviceState,
-        /// Requested state.
-        to: DeviceState,
-        /// The device's capabilities.
-        caps: MigrationCaps,
-    },
-}
+pub use crate::state::FsmError;
+use crate::state::{DeviceState, Transition};
 
 /// An error from a [`crate::MigrationDevice`] operation.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +21,7 @@ pub enum DeviceError {
         /// Device name.
         device: String,
         /// The arc whose SET failed.
-        arc: Arc,
+        arc: Transition,
         /// The final target of the walk.
         target: DeviceState,
         /// The state read back after the failure, if it could be read.

@@ -3,11 +3,9 @@
 //! `DeviceState` mirrors `enum vfio_device_mig_state`; [`MigrationCaps`] mirrors the flags of
 //! `VFIO_DEVICE_FEATURE_MIGRATION`. [`next_state`] is a transcription of the kernel's
 //! `vfio_mig_get_next_state()` and [`path`] applies it until the target is reached, giving the arcs a
-//! caller must `SET` one at a time.
+//! caller must `SET` one at a time (each a [`Transition`]). [`FsmError`] is what the table refuses.
 
 use std::fmt;
-
-use crate::error::FsmError;
 
 /// A device migration state (`enum vfio_device_mig_state`). The discriminants are the uAPI values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -229,16 +227,39 @@ impl fmt::Display for MigrationCaps {
     }
 }
 
+/// The state machine refused a request before any SET was issued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsmError {
+    /// The state needs capabilities the device lacks (or is ERROR, which is never legal).
+    #[error("state {state} is not supported by a device with migration capabilities {caps}")]
+    UnsupportedState {
+        /// The state asked for (or the current state).
+        state: DeviceState,
+        /// The device's capabilities.
+        caps: MigrationCaps,
+    },
+    /// The kernel's table gives no legal path (e.g. STOP_COPY -> PRE_COPY).
+    #[error("no legal path from {from} to {to} for a device with capabilities {caps}")]
+    NoPath {
+        /// Current state.
+        from: DeviceState,
+        /// Requested state.
+        to: DeviceState,
+        /// The device's capabilities.
+        caps: MigrationCaps,
+    },
+}
+
 /// One `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET: from one state to an adjacent one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Arc {
+pub struct Transition {
     /// The state the device is in before the SET.
     pub from: DeviceState,
     /// The state the SET asks for.
     pub to: DeviceState,
 }
 
-impl Arc {
+impl Transition {
     /// Arcs on which the kernel creates a new data fd and returns it from the SET.
     pub const fn opens_data_fd(self) -> bool {
         matches!(
@@ -275,7 +296,7 @@ impl Arc {
     }
 }
 
-impl fmt::Display for Arc {
+impl fmt::Display for Transition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} -> {}", self.from, self.to)
     }
@@ -368,7 +389,7 @@ pub fn path(
     cur: DeviceState,
     target: DeviceState,
     caps: MigrationCaps,
-) -> Result<Vec<Arc>, FsmError> {
+) -> Result<Vec<Transition>, FsmError> {
     let mut arcs = Vec::with_capacity(4);
     let mut at = cur;
     while at != target {
@@ -378,7 +399,7 @@ pub fn path(
             arcs.len() < MAX_PATH_ARCS,
             "FSM path from {cur} to {target} exceeds {MAX_PATH_ARCS} arcs"
         );
-        arcs.push(Arc { from: at, to: next });
+        arcs.push(Transition { from: at, to: next });
         at = next;
     }
     // `next_state` checks support of cur and target; a same-state "path" must be checked too.

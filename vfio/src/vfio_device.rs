@@ -30,20 +30,13 @@ use vfio_bindings::bindings::vfio as b;
 use crate::device::{MigrationDevice, PrecopyInfo};
 use crate::dma::{validate_ranges, validate_report, DmaLoggingError, IovaRange};
 use crate::error::DeviceError;
+use crate::op;
 use crate::state::{DeviceState, MigrationCaps};
 use crate::sys::{self, argsz_of, FeatureBuf, FeatureOp, VFIO_DEVICE_FEATURE};
 
 /// Where VFIO's char devices live.
 pub const DEV_VFIO: &str = "/dev/vfio";
 
-const OP_MIGRATION: &str = "VFIO_DEVICE_FEATURE_MIGRATION";
-const OP_MIG_STATE: &str = "VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE";
-const OP_DATA_SIZE: &str = "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE";
-const OP_PRECOPY_INFO: &str = "VFIO_MIG_GET_PRECOPY_INFO";
-const OP_PRECOPY_INFO_V2: &str = "VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2";
-const OP_LOG_START: &str = "VFIO_DEVICE_FEATURE_DMA_LOGGING_START";
-const OP_LOG_STOP: &str = "VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP";
-const OP_LOG_REPORT: &str = "VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT";
 const OP_REGION_READ: &str = "pread(VFIO region)";
 const OP_REGION_WRITE: &str = "pwrite(VFIO region)";
 
@@ -384,16 +377,16 @@ impl VfioDevice {
                 FeatureOp::Get,
                 b::VFIO_DEVICE_FEATURE_MIGRATION,
                 b::vfio_device_feature_migration::default(),
-                OP_MIGRATION,
+                op::MIGRATION,
             )
             .map_err(|e| match e.errno() {
                 // The core answers ENOTTY when the driver has no migration ops.
-                Some(libc::ENOTTY) => dev.unsupported(OP_MIGRATION, "VFIO_MIGRATION_STOP_COPY"),
+                Some(libc::ENOTTY) => dev.unsupported(op::MIGRATION, op::FEATURE_STOP_COPY),
                 _ => e,
             })?;
         dev.caps = MigrationCaps::from_bits_retain(mig.flags);
         if !dev.caps.contains(MigrationCaps::STOP_COPY) {
-            return Err(dev.unsupported(OP_MIGRATION, "VFIO_MIGRATION_STOP_COPY"));
+            return Err(dev.unsupported(op::MIGRATION, op::FEATURE_STOP_COPY));
         }
         dev.features = OptionalFeatures {
             mig_data_size: dev.probe(FeatureOp::ProbeGet, b::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE),
@@ -631,11 +624,15 @@ impl MigrationDevice for VfioDevice {
                 device_state: 0,
                 data_fd: -1,
             },
-            OP_MIG_STATE,
+            op::MIG_DEVICE_STATE,
         )?;
         // A state outside the uAPI's eight is a kernel/driver bug: report it as EPROTO.
-        DeviceState::from_raw(mig.device_state)
-            .ok_or_else(|| self.ioctl_err(OP_MIG_STATE, io::Error::from_raw_os_error(libc::EPROTO)))
+        DeviceState::from_raw(mig.device_state).ok_or_else(|| {
+            self.ioctl_err(
+                op::MIG_DEVICE_STATE,
+                io::Error::from_raw_os_error(libc::EPROTO),
+            )
+        })
     }
 
     fn set_single_state(&mut self, next: DeviceState) -> Result<Option<OwnedFd>, io::Error> {
@@ -648,7 +645,7 @@ impl MigrationDevice for VfioDevice {
             ..Default::default()
         };
         sys::ioctl_ref(data_fd, sys::VFIO_MIG_GET_PRECOPY_INFO, &mut info)
-            .map_err(|source| self.ioctl_err(OP_PRECOPY_INFO, source))?;
+            .map_err(|source| self.ioctl_err(op::PRECOPY_INFO, source))?;
         Ok(PrecopyInfo {
             initial_bytes: info.initial_bytes,
             dirty_bytes: info.dirty_bytes,
@@ -668,7 +665,7 @@ impl MigrationDevice for VfioDevice {
             self.feature_no_payload(
                 FeatureOp::Set,
                 b::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2,
-                OP_PRECOPY_INFO_V2,
+                op::PRECOPY_INFO_V2,
             )?;
             self.precopy_info_v2 = true;
         }
@@ -677,13 +674,13 @@ impl MigrationDevice for VfioDevice {
 
     fn stop_copy_size(&mut self) -> Result<u64, DeviceError> {
         if !self.features.mig_data_size {
-            return Err(self.unsupported(OP_DATA_SIZE, OP_DATA_SIZE));
+            return Err(self.unsupported(op::MIG_DATA_SIZE, op::MIG_DATA_SIZE));
         }
         let size = self.feature(
             FeatureOp::Get,
             b::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
             b::vfio_device_feature_mig_data_size::default(),
-            OP_DATA_SIZE,
+            op::MIG_DATA_SIZE,
         )?;
         Ok(size.stop_copy_length)
     }
@@ -698,7 +695,7 @@ impl MigrationDevice for VfioDevice {
             return Err(self.dma_err(DmaLoggingError::AlreadyStarted));
         }
         if !self.features.dma_logging {
-            return Err(self.unsupported(OP_LOG_START, OP_LOG_START));
+            return Err(self.unsupported(op::DMA_LOGGING_START, op::DMA_LOGGING_START));
         }
         let list: Vec<b::vfio_device_feature_dma_logging_range> = ranges
             .iter()
@@ -708,7 +705,7 @@ impl MigrationDevice for VfioDevice {
             })
             .collect();
         let chosen = sys::dma_logging_start(self.device.as_fd(), &list, page_size)
-            .map_err(|source| self.ioctl_err(OP_LOG_START, source))?;
+            .map_err(|source| self.ioctl_err(op::DMA_LOGGING_START, source))?;
         self.dma_logging = Some(ranges.to_vec());
         Ok(chosen)
     }
@@ -726,7 +723,7 @@ impl MigrationDevice for VfioDevice {
         validate_report(tracked, iova, length, page_size, bitmap.len())
             .map_err(|e| self.dma_err(e))?;
         sys::dma_logging_report(self.device.as_fd(), iova, length, page_size, bitmap)
-            .map_err(|source| self.ioctl_err(OP_LOG_REPORT, source))
+            .map_err(|source| self.ioctl_err(op::DMA_LOGGING_REPORT, source))
     }
 
     fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
@@ -736,7 +733,7 @@ impl MigrationDevice for VfioDevice {
         self.feature_no_payload(
             FeatureOp::Set,
             b::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-            OP_LOG_STOP,
+            op::DMA_LOGGING_STOP,
         )?;
         self.dma_logging = None;
         Ok(())
@@ -745,7 +742,7 @@ impl MigrationDevice for VfioDevice {
     fn reset(&mut self) -> Result<(), DeviceError> {
         sys::ioctl_val(self.device.as_fd(), sys::VFIO_DEVICE_RESET, 0)
             .map(drop)
-            .map_err(|source| self.ioctl_err("VFIO_DEVICE_RESET", source))
+            .map_err(|source| self.ioctl_err(op::DEVICE_RESET, source))
     }
 }
 

@@ -63,7 +63,7 @@ fn run(caps: MigrationCaps, quirks: Quirks, guest: bool) {
             .filter(|s| s.supported_by(caps))
         {
             if from != to && vfmig_vfio::next_state(from, to, caps).ok() == Some(to) {
-                legal.push(vfmig_vfio::Arc { from, to });
+                legal.push(vfmig_vfio::Transition { from, to });
             }
         }
     }

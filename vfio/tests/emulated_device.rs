@@ -10,7 +10,9 @@ use vfmig_vfio::emulated::{
     EmulatedConfig, EmulatedDevice, FailArc, Faults, GuestConfig, P2pFabric, PrecopyInfoVersion,
     Profile, Quirks, StreamError,
 };
-use vfmig_vfio::{Arc, DeviceError, DeviceState, DmaLoggingError, IovaRange, MigrationDevice};
+use vfmig_vfio::{
+    DeviceError, DeviceState, DmaLoggingError, IovaRange, MigrationDevice, Transition,
+};
 
 fn small(name: &str) -> EmulatedConfig {
     EmulatedConfig::new(name, 1 << 20, 5).with_block_size(16 << 10)
@@ -440,7 +442,7 @@ fn refuse_resume_fault_refuses_a_valid_stream() {
 
 #[test]
 fn fail_arc_fault_fails_that_set_and_names_the_arc() {
-    let arc = Arc {
+    let arc = Transition {
         from: DeviceState::RunningP2p,
         to: DeviceState::Stop,
     };

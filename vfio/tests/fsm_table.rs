@@ -2,7 +2,7 @@
 //! `vfio_from_fsm_table` and `vfio_mig_get_next_state()` (drivers/vfio/vfio_main.c), for all 64
 //! (from, to) pairs under all 8 capability sets.
 
-use vfmig_vfio::{next_state, path, Arc, DeviceState, FsmError, MigrationCaps};
+use vfmig_vfio::{next_state, path, DeviceState, FsmError, MigrationCaps, Transition};
 
 // Raw uAPI values, as the kernel's table is written.
 const ERROR: usize = 0;
@@ -183,10 +183,10 @@ fn every_state_and_arc_of_the_full_capability_set_is_exercised() {
         }
     }
     // The kernel's table has 15 distinct single-step arcs among the 7 legal states.
-    let expected: Vec<Arc> = (1..8)
+    let expected: Vec<Transition> = (1..8)
         .flat_map(|f| (1..8).map(move |t| (f, t)))
         .filter(|&(f, t)| f != t && KERNEL_TABLE[f][t] == t)
-        .map(|(f, t)| Arc {
+        .map(|(f, t)| Transition {
             from: DeviceState::from_raw(u32::try_from(f).unwrap()).unwrap(),
             to: DeviceState::from_raw(u32::try_from(t).unwrap()).unwrap(),
         })
@@ -280,7 +280,7 @@ fn data_fd_arcs_follow_from_which_states_hold_a_data_fd() {
                 if from == to || next_state(from, to, caps).ok() != Some(to) {
                     continue;
                 }
-                let arc = Arc { from, to };
+                let arc = Transition { from, to };
                 assert_eq!(
                     arc.opens_data_fd(),
                     !has_fd(from) && has_fd(to),

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -70,6 +70,11 @@ pub enum Fault {
     /// Hold back every frame from the destination from the first of this kind on, until the flag
     /// is set (then forward them in order).
     HoldToSource(FrameKind, Arc<AtomicBool>),
+    /// Count the frames of this kind from the destination (and forward them).
+    CountToSource(FrameKind, Arc<AtomicU64>),
+    /// Forward everything, recording the kind byte of every frame from the source; the flag is
+    /// set once the source's side of the connection ended.
+    RecordToDestination(Arc<std::sync::Mutex<Vec<u8>>>, Arc<AtomicBool>),
 }
 
 /// A one-connection TCP proxy that understands enough of the protocol (handshake envelopes, then
@@ -119,6 +124,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
         let mut h = [0u8; 40];
         if from.read_exact(&mut h).is_err() {
             let _ = to.shutdown(Shutdown::Write);
+            if let (Fault::RecordToDestination(_, ended), true) = (fault, up) {
+                ended.store(true, Ordering::SeqCst);
+            }
             return;
         }
         let kind = FrameKind::from_u8(h[4]);
@@ -130,6 +138,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
         match fault {
             Fault::CutToDestination(k) if up && kind == Some(*k) => return cut(all),
             Fault::CutToSource(k) if !up && kind == Some(*k) => return cut(all),
+            Fault::RecordToDestination(kinds, _) if up => {
+                kinds.lock().unwrap().push(h[4]);
+            }
+            Fault::CountToSource(k, n) if !up && kind == Some(*k) => {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
             Fault::HoldToSource(k, release) if !up && (held || kind == Some(*k)) => {
                 held = true;
                 while !release.load(Ordering::SeqCst) {

@@ -51,22 +51,7 @@ impl Receiver {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vfmig recv");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        let stderr_thread = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdout_thread = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
+        let (lines, stderr_thread, stdout_thread) = collect_output(&mut child);
         let mut r = Receiver {
             child,
             addr: "127.0.0.1:0".parse().expect("addr"),
@@ -90,13 +75,26 @@ impl Receiver {
 
     /// Waits (bounded) for a stderr line starting with `prefix`.
     pub fn wait_for_line(&mut self, prefix: &str) -> String {
+        self.wait_for(prefix, |l| l.starts_with(prefix))
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle` (already seen ones count).
+    pub fn wait_for_containing(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        self.wait_for(needle, |l| l.contains(needle))
+    }
+
+    fn wait_for(&mut self, what: &str, found: impl Fn(&str) -> bool) -> String {
+        let prefix = what;
         let deadline = Instant::now() + PROCESS_LIMIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
+                    if found(&line) {
                         return line;
                     }
                 }
@@ -125,6 +123,30 @@ impl Receiver {
             .unwrap_or_default();
         (status, stdout, self.seen)
     }
+}
+
+/// Takes a piped child's stderr (sent line by line on the channel) and stdout (read whole by the
+/// second thread).
+pub fn collect_output(
+    child: &mut Child,
+) -> (mpsc::Receiver<String>, JoinHandle<()>, JoinHandle<String>) {
+    let stderr = child.stderr.take().expect("stderr");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    let stderr_thread = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stdout_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    (lines, stderr_thread, stdout_thread)
 }
 
 pub fn wait_bounded(child: &mut Child) -> ExitStatus {
@@ -292,4 +314,24 @@ pub fn write_public(path: &Path, data: &[u8]) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, data).expect("write");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+/// Sends `signal` (e.g. `-INT`) to `child` with kill(1), then waits (bounded) for it to exit and
+/// returns its status and what it wrote to `pipe` (its stdout or stderr, whichever was piped).
+pub fn signal_and_collect(
+    child: &mut Child,
+    signal: &str,
+    pipe: Option<impl Read>,
+) -> (ExitStatus, String) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+    let exit = wait_bounded(child);
+    let mut text = String::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_string(&mut text);
+    }
+    (exit, text)
 }

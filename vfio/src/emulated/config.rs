@@ -1,7 +1,7 @@
 //! Configuration of an [`EmulatedDevice`](super::EmulatedDevice).
 
 use crate::emulated::content::Profile;
-use crate::state::{Arc as MigArc, MigrationCaps};
+use crate::state::{MigrationCaps, Transition};
 
 /// What a PRE_COPY read returns when nothing is pending right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -81,7 +81,7 @@ impl Quirks {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailArc {
     /// The arc whose SET fails (with EIO).
-    pub arc: MigArc,
+    pub arc: Transition,
     /// After the failure the device is in ERROR (true) or still in `arc.from` (false).
     pub to_error: bool,
     /// Fail only the first time (true) or every time (false).

@@ -23,6 +23,27 @@ pub enum Profile {
 }
 
 impl Profile {
+    /// Every profile, in the order of [`Profile::NAMES`].
+    pub const ALL: [Profile; 4] = [
+        Profile::Mixed,
+        Profile::Zero,
+        Profile::Random,
+        Profile::Text,
+    ];
+
+    /// The accepted spellings (the CLI's `profile=` and `--profile`), in order.
+    pub const NAMES: &'static [&'static str] = &["mixed", "zero", "random", "text"];
+
+    /// One line for the CLI's help.
+    pub const fn description(self) -> &'static str {
+        match self {
+            Profile::Mixed => "Zero pages, structured and random data (~2.5:1)",
+            Profile::Zero => "All zero",
+            Profile::Random => "Incompressible",
+            Profile::Text => "Highly compressible",
+        }
+    }
+
     /// The CLI's spelling (`mixed`, `zero`, `random`, `text`).
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -14,6 +14,7 @@ use memmap2::MmapMut;
 
 use crate::dma::{self, DmaLoggingError, IovaRange};
 use crate::emulated::content::{mix64, WyRand};
+use crate::guest_memory::GuestMemoryAccess;
 
 /// Guest page size used by the device's DMA writes.
 pub const GUEST_PAGE_SIZE: u64 = 4096;
@@ -154,6 +155,23 @@ impl GuestMemory {
     /// Pages in the region.
     pub fn pages(&self) -> u64 {
         self.len / GUEST_PAGE_SIZE
+    }
+}
+
+impl GuestMemoryAccess for GuestMemory {
+    fn ranges(&self) -> Vec<IovaRange> {
+        vec![IovaRange {
+            iova: self.iova(),
+            length: self.len(),
+        }]
+    }
+
+    fn read(&self, iova: u64, buf: &mut [u8]) -> io::Result<()> {
+        GuestMemory::read(self, iova, buf)
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> io::Result<()> {
+        GuestMemory::write(self, iova, data)
     }
 }
 

@@ -51,7 +51,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::device::{MigrationDevice, PrecopyInfo};
 use crate::dma::IovaRange;
 use crate::error::DeviceError;
-use crate::state::{path, Arc as MigArc, DeviceState, MigrationCaps};
+use crate::op;
+use crate::state::{path, DeviceState, MigrationCaps, Transition};
 
 use self::bits::BitSet;
 pub use self::config::{
@@ -977,7 +978,7 @@ impl EmulatedDevice {
         DeviceError::Unsupported {
             device: self.name.clone(),
             op,
-            feature: "VFIO_DEVICE_FEATURE_DMA_LOGGING",
+            feature: op::DMA_LOGGING_START,
         }
     }
 
@@ -1038,7 +1039,7 @@ impl EmulatedDevice {
     }
 
     /// One arc. `Ok(Some(fd))` when the arc returns a data fd.
-    fn step(&self, c: &mut Core, arc: MigArc) -> io::Result<Option<OwnedFd>> {
+    fn step(&self, c: &mut Core, arc: Transition) -> io::Result<Option<OwnedFd>> {
         use DeviceState::*;
         if let Some(f) = c.cfg.faults.fail_arc {
             if f.arc == arc && !(f.once && c.fail_arc_used) {
@@ -1136,8 +1137,6 @@ impl Core {
     }
 }
 
-const OP_PRECOPY_INFO: &str = "VFIO_MIG_GET_PRECOPY_INFO";
-
 impl MigrationDevice for EmulatedDevice {
     fn name(&self) -> &str {
         &self.name
@@ -1153,7 +1152,7 @@ impl MigrationDevice for EmulatedDevice {
             compat: format!(
                 "seed={} profile={} block={}",
                 c.cfg.seed,
-                format!("{:?}", c.cfg.profile).to_lowercase(),
+                c.cfg.profile.as_str(),
                 c.cfg.block_size
             ),
         }
@@ -1193,7 +1192,7 @@ impl MigrationDevice for EmulatedDevice {
         if !matches!(c.state, DeviceState::PreCopy | DeviceState::PreCopyP2p) {
             return Err(DeviceError::WrongState {
                 device: self.name.clone(),
-                op: OP_PRECOPY_INFO,
+                op: op::PRECOPY_INFO,
                 state: c.state,
             });
         }
@@ -1202,12 +1201,12 @@ impl MigrationDevice for EmulatedDevice {
             Some(id) if Some(id) == current => Ok(c.precopy_info()),
             Some(_) => Err(DeviceError::Ioctl {
                 device: self.name.clone(),
-                op: OP_PRECOPY_INFO,
+                op: op::PRECOPY_INFO,
                 source: errno(libc::EINVAL),
             }),
             None => Err(DeviceError::Ioctl {
                 device: self.name.clone(),
-                op: OP_PRECOPY_INFO,
+                op: op::PRECOPY_INFO,
                 source: errno(libc::ENOTTY),
             }),
         }
@@ -1234,7 +1233,7 @@ impl MigrationDevice for EmulatedDevice {
     ) -> Result<u64, DeviceError> {
         let mut c = self.core();
         if c.guest.is_none() {
-            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_START"));
+            return Err(self.no_dma_logging(op::DMA_LOGGING_START));
         }
         c.tick();
         c.dma_log
@@ -1254,7 +1253,7 @@ impl MigrationDevice for EmulatedDevice {
     ) -> Result<(), DeviceError> {
         let mut c = self.core();
         if c.guest.is_none() {
-            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"));
+            return Err(self.no_dma_logging(op::DMA_LOGGING_REPORT));
         }
         c.tick();
         c.dma_log
@@ -1268,7 +1267,7 @@ impl MigrationDevice for EmulatedDevice {
     fn dma_logging_stop(&mut self) -> Result<(), DeviceError> {
         let mut c = self.core();
         if c.guest.is_none() {
-            return Err(self.no_dma_logging("VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP"));
+            return Err(self.no_dma_logging(op::DMA_LOGGING_STOP));
         }
         c.dma_log.stop().map_err(|source| DeviceError::DmaLogging {
             device: self.name.clone(),
