@@ -2,7 +2,8 @@
 # Inside the nested guest: a VMM-style step-mode migration of two real mtty devices in one session.
 #   guest-step.sh <vfio_step binary>
 # Creates four more mtty-2 mdevs (two sources, two destinations; the driver has 24 ports, so 12
-# mtty-2 devices at most with the two of guest-test.sh), puts bytes into every source UART port,
+# mtty-2 devices at most: 6 in use with the two of guest-test.sh, 10 after guest-control.sh),
+# puts bytes into every source UART port,
 # runs `vfio_step recv` (the destination VMM) and `vfio_step send` (the source VMM: start with
 # pre-copy, status polls until the switchover is ready, vCPU pause, switchover, finish) as two
 # processes over loopback, then reads the same bytes back out of the destination devices.

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs inside the nested guest, chrooted into the host root (read-only 9p). Creates two mtty mdevs
 # and runs the device checks and, when the CLI is built, a vfmig send/recv migration between them;
-# then guest-step.sh migrates two more mtty devices in one session with the step API.
+# then guest-step.sh migrates two more mtty devices in one session with the step API, and
+# guest-control.sh two more through vfmig's control socket, the devices held by a client process.
 # Exit status 0 = everything passed. Environment (from the kernel command line):
 #   VFMIG_CONTRACT  path of the contract_vfio example binary
 #   VFMIG_CLI       path of the vfmig binary (optional; empty = CLI step skipped)
 #   VFMIG_STEP      path of the vfio_step example binary (required)
+#   VFMIG_CONTROL_CLIENT  path of the vmm_control_client example binary (required, with VFMIG_CLI)
 set -uo pipefail
 SRC_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001
 DST_UUID=83b8f4f2-509f-382f-3c1e-e6bfe0fa1002
@@ -38,4 +40,7 @@ else
   echo "RESULT vfmig step mode: FAIL (VFMIG_STEP not set or not executable: '${VFMIG_STEP:-}')"
   fail=1
 fi
+
+echo "== guest: vfmig --control, the devices held by a VMM process (tools/examples/vmm_control_client.rs)"
+bash "$(dirname "$0")/guest-control.sh" "${VFMIG_CLI:-}" "${VFMIG_CONTROL_CLIENT:-}" || fail=1
 exit $fail

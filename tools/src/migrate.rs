@@ -148,8 +148,12 @@ pub fn report_json(
             ratio: crate::report::ratio(d.raw_bytes, d.wire_bytes),
             throughput_bytes_per_sec: per_sec(d.raw_bytes, secs),
             downtime_ms,
+            // A destination device that accepted its state is in STOP, or RUNNING once the VMM
+            // (or `resumed` with `resume-devices`) resumed it after the commit.
             accepted: accepted
-                && (role != "recv" || d.final_state.is_none_or(|s| s == DeviceState::Stop)),
+                && (role != "recv"
+                    || d.final_state
+                        .is_none_or(|s| matches!(s, DeviceState::Stop | DeviceState::Running))),
             final_state: d.final_state.map(DeviceState::kernel_name),
         })
         .collect();

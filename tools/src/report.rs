@@ -21,7 +21,8 @@
 //! `ratio` is raw / wire (2.5 means the wire carried 40 % of the bytes); 0 when nothing moved,
 //! null for an all-zero stream (nothing on the wire). A device's throughput and downtime are over
 //! the whole session: devices stream concurrently and stop together.
-//! `accepted` is true only when the destination device accepted its state (RESUMING -> STOP).
+//! `accepted` is true only when the destination device accepted its state (RESUMING -> STOP; a
+//! destination device resumed after the commit, final state RUNNING, had accepted it).
 
 use serde::Serialize;
 

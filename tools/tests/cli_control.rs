@@ -189,6 +189,11 @@ fn emulated_devices_report_precopy_progress_and_switchover_ready_before_the_vmm_
     assert_eq!(done["data"]["outcome"], json!("ok"));
     let done = dst.wait_event("completed");
     assert!(done["data"]["devices"][1]["raw_bytes"].as_u64() >= Some(8 << 20));
+    // Resumed after the commit: RUNNING, and their state was accepted.
+    for d in done["data"]["devices"].as_array().into_iter().flatten() {
+        assert_eq!(d["final_state"], json!("RUNNING"), "{d}");
+        assert_eq!(d["accepted"], json!(true), "{d}");
+    }
     let (code, err) = quit(src, p.src);
     assert_eq!(code, Some(0), "{err:?}");
     let (code, err) = quit(dst, p.dst);

@@ -30,17 +30,12 @@ use vfmig_vfio::{
     VfioDevice,
 };
 
+#[path = "mtty/uart.rs"]
+mod uart;
+use uart::{uart_drain, uart_put};
+
 use DeviceState::{PreCopy, PreCopyP2p, Resuming, Running, RunningP2p, Stop, StopCopy};
 
-/// `UART_RX` / `UART_TX` and `UART_LSR` register offsets in an mtty BAR; `UART_FCR` enables the
-/// FIFO; `UART_LSR_DR` says the RX FIFO holds data.
-const UART_DATA: u64 = 0;
-const UART_FCR: u64 = 2;
-const UART_LSR: u64 = 5;
-const UART_FCR_ENABLE_FIFO: u8 = 0x01;
-const UART_LSR_DR: u8 = 0x01;
-/// mtty's FIFO depth.
-const FIFO: usize = 16;
 /// Largest single read/write of the data fd, and the cap on total stream bytes handled here.
 const CHUNK: usize = 4096;
 const MAX_STREAM: usize = 1 << 20;
@@ -251,31 +246,6 @@ fn step(
 
 fn name_of(d: &VfioDevice) -> String {
     d.name().to_owned()
-}
-
-/// Puts `bytes` into the RX FIFO of port `bar` (mtty loops TX back into RX).
-fn uart_put(dev: &VfioDevice, bar: u32, bytes: &[u8]) -> Result<(), DeviceError> {
-    dev.region_write(bar, UART_FCR, &[UART_FCR_ENABLE_FIFO])?;
-    for b in bytes {
-        dev.region_write(bar, UART_DATA, std::slice::from_ref(b))?;
-    }
-    Ok(())
-}
-
-/// Reads the RX FIFO of port `bar` until LSR says it is empty (at most the FIFO depth).
-fn uart_drain(dev: &VfioDevice, bar: u32) -> Result<Vec<u8>, DeviceError> {
-    let mut out = Vec::new();
-    let mut lsr = [0u8];
-    for _ in 0..=FIFO {
-        dev.region_read(bar, UART_LSR, &mut lsr)?;
-        if lsr[0] & UART_LSR_DR == 0 {
-            break;
-        }
-        let mut b = [0u8];
-        dev.region_read(bar, UART_DATA, &mut b)?;
-        out.push(b[0]);
-    }
-    Ok(out)
 }
 
 /// The tour: every legal arc of a device with all three capabilities, in one walk from RUNNING,

@@ -406,6 +406,14 @@ impl VfioDevice {
         Ok(dev)
     }
 
+    /// The VFIO group fd this device was opened through ([`VfioDevice::open_group`],
+    /// [`VfioDevice::from_group_fd`]); `None` for a cdev or an adopted device fd. A VMM that
+    /// opened its devices with `open_group` hands this fd (with the device name) to a migration
+    /// helper: a group can be open in one process only, but its fd can be passed (`SCM_RIGHTS`).
+    pub fn group_fd(&self) -> Option<BorrowedFd<'_>> {
+        self._group.as_ref().map(AsFd::as_fd)
+    }
+
     /// The optional features the device supports.
     pub fn optional_features(&self) -> OptionalFeatures {
         self.features
