@@ -327,10 +327,11 @@ fn os_reason(e: &io::Error) -> String {
         Some(n) => nix::errno::Errno::from_raw(n).desc().to_owned(),
         None => e.to_string(),
     };
+    // "No such file" reads "no such file" mid-sentence; an acronym ("I/O error") keeps its case.
     let mut chars = text.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => text,
+    match (chars.next(), chars.clone().next()) {
+        (Some(c), Some(next)) if next.is_lowercase() => c.to_lowercase().chain(chars).collect(),
+        _ => text,
     }
 }
 
@@ -755,6 +756,18 @@ mod tests {
     use std::sync::Arc;
     use vfmig_pipeline::Phase;
     use vfmig_vfio::{DeviceState, Transition};
+
+    #[test]
+    fn os_reasons_read_mid_sentence_and_acronyms_keep_their_case() {
+        assert_eq!(
+            os_reason(&io::Error::from_raw_os_error(libc::ENOENT)),
+            "no such file or directory"
+        );
+        assert_eq!(
+            os_reason(&io::Error::from_raw_os_error(libc::EIO)),
+            "I/O error"
+        );
+    }
 
     fn labels() -> Vec<DeviceLabel> {
         vec![
