@@ -3,7 +3,8 @@
 
 use vfmig_vfio::contract::{run_all, ContractOptions};
 use vfmig_vfio::emulated::{
-    EmulatedConfig, EmulatedDevice, GuestConfig, PrecopyInfoVersion, Profile, Quirks,
+    DataFdBackend, EmulatedConfig, EmulatedDevice, GuestConfig, PrecopyInfoVersion, Profile,
+    Quirks,
 };
 use vfmig_vfio::{DeviceState, MigrationCaps};
 
@@ -29,7 +30,11 @@ fn config(caps: MigrationCaps, quirks: Quirks, guest: bool) -> EmulatedConfig {
 }
 
 fn run(caps: MigrationCaps, quirks: Quirks, guest: bool) {
-    let cfg = config(caps, quirks, guest);
+    run_with(config(caps, quirks, guest));
+}
+
+fn run_with(cfg: EmulatedConfig) {
+    let (caps, quirks, guest) = (cfg.caps(), cfg.quirks, cfg.guest.is_some());
     let opts = ContractOptions {
         exact_stop_copy_size: true,
         allow_precopy_zero: quirks == Quirks::mtty(),
@@ -206,4 +211,67 @@ fn precopy_info_v2_opt_in_is_refused_without_pre_copy_as_the_kernel_does() {
         .with_precopy_info(PrecopyInfoVersion::V2, None);
     let mut dev = EmulatedDevice::new(cfg).unwrap();
     assert!(!dev.enable_precopy_info_v2().unwrap());
+}
+
+/// Quirks the memory-speed data fd supports: all but `short_reads` (and the PRE_COPY-only ones,
+/// which a STOP_COPY-only device never reaches).
+fn mem_quirks() -> [Quirks; 2] {
+    [
+        Quirks::uapi(),
+        Quirks {
+            short_reads: false,
+            ..Quirks::mtty()
+        },
+    ]
+}
+
+#[test]
+fn contract_holds_for_the_memory_speed_data_fd_for_every_capability_set_it_supports() {
+    // Every capability set without PRE_COPY (the memory-speed data fd refuses PRE_COPY).
+    for caps in MigrationCaps::all_subsets()
+        .filter(|c| c.contains(MigrationCaps::STOP_COPY) && !c.contains(MigrationCaps::PRE_COPY))
+    {
+        for quirks in mem_quirks() {
+            for guest in [false, true] {
+                run_with(config(caps, quirks, guest).with_data_fd(DataFdBackend::Mem));
+            }
+        }
+    }
+}
+
+#[test]
+fn contract_holds_between_a_fuse_and_a_memory_speed_data_fd_either_way() {
+    let fuse = config(MigrationCaps::STOP_COPY | MigrationCaps::P2P, Quirks::uapi(), false);
+    let mem = fuse.clone().with_data_fd(DataFdBackend::Mem);
+    let opts = ContractOptions {
+        exact_stop_copy_size: true,
+        ..ContractOptions::default()
+    };
+    for (a, b) in [(&fuse, &mem), (&mem, &fuse)] {
+        run_all(
+            || EmulatedDevice::new(a.clone()).expect("source device"),
+            || EmulatedDevice::new(b.clone()).expect("destination device"),
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("{} -> {}: {e}", a.data_fd, b.data_fd));
+    }
+}
+
+#[test]
+fn contract_detects_a_memory_speed_device_whose_stream_ends_early_or_that_refuses() {
+    let cfg = config(MigrationCaps::STOP_COPY, Quirks::uapi(), false)
+        .with_data_fd(DataFdBackend::Mem);
+    let mut early = cfg.clone();
+    early.faults.early_end_at = Some(100_000);
+    let mut refusing = cfg.clone();
+    refusing.faults.refuse_resume = true;
+    for (src, dst) in [(&early, &cfg), (&cfg, &refusing)] {
+        let err = run_all(
+            || EmulatedDevice::new(src.clone()).unwrap(),
+            || EmulatedDevice::new(dst.clone()).unwrap(),
+            &ContractOptions::default(),
+        )
+        .expect_err("a truncated stream or a refusing device must fail the suite");
+        assert_eq!(err.check, "transfer");
+    }
 }

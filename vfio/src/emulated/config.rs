@@ -23,6 +23,49 @@ pub enum StopCopyFd {
     Dup,
 }
 
+/// What kind of kernel fd an emulated device's data fd is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataFdBackend {
+    /// A file on the process-wide FUSE mount: every read and write is a FUSE request served by
+    /// the device (one kernel round trip per request, at most 1 MiB). Every feature and quirk.
+    #[default]
+    Fuse,
+    /// One end of a pipe fed (saving) or drained (resuming) by a device thread: reads and writes
+    /// run at memory speed, with no request round trip. STOP_COPY-only: a config with PRE_COPY,
+    /// `read_error_at` or `short_reads` is refused (see the module docs for why).
+    Mem,
+}
+
+impl DataFdBackend {
+    /// Every backend, in the order of [`DataFdBackend::NAMES`].
+    pub const ALL: [DataFdBackend; 2] = [DataFdBackend::Fuse, DataFdBackend::Mem];
+    /// The names `from_name` accepts.
+    pub const NAMES: &'static [&'static str] = &["fuse", "mem"];
+
+    /// `fuse` or `mem`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DataFdBackend::Fuse => "fuse",
+            DataFdBackend::Mem => "mem",
+        }
+    }
+
+    /// Parses `fuse` or `mem`.
+    pub fn from_name(name: &str) -> Option<DataFdBackend> {
+        match name {
+            "fuse" => Some(DataFdBackend::Fuse),
+            "mem" => Some(DataFdBackend::Mem),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DataFdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which pre-copy information behaviour the device offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PrecopyInfoVersion {
@@ -122,7 +165,7 @@ pub struct GuestConfig {
 }
 
 /// Everything an emulated device is made of. Every field of the CLI spec
-/// `emu:size=..,seed=..,profile=..,precopy=..,dirty-rate=..,p2p=..` has a field here.
+/// `emu:size=..,seed=..,profile=..,precopy=..,dirty-rate=..,p2p=..,data-fd=..` has a field here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmulatedConfig {
     /// Device name for messages.
@@ -161,6 +204,8 @@ pub struct EmulatedConfig {
     /// blocks dirty so far, are new initial data (`VFIO_PRECOPY_INFO_REINIT` set once,
     /// `dirty_bytes` 0, as mlx5 does); without it they are counted as `dirty_bytes` (v1).
     pub reinit_after: Option<u64>,
+    /// The kind of data fd (`data-fd=fuse|mem`); default FUSE.
+    pub data_fd: DataFdBackend,
 }
 
 /// Default block size: 64 KiB.
@@ -183,6 +228,7 @@ impl Default for EmulatedConfig {
             resume_capacity: None,
             precopy_info: PrecopyInfoVersion::V1,
             reinit_after: None,
+            data_fd: DataFdBackend::Fuse,
         }
     }
 }
@@ -272,6 +318,12 @@ impl EmulatedConfig {
     ) -> EmulatedConfig {
         self.precopy_info = version;
         self.reinit_after = reinit_after;
+        self
+    }
+
+    /// Sets the kind of data fd.
+    pub fn with_data_fd(mut self, data_fd: DataFdBackend) -> EmulatedConfig {
+        self.data_fd = data_fd;
         self
     }
 

@@ -197,6 +197,16 @@ pub enum StreamError {
     /// The rebuilt state's digest differs from the END record's.
     #[error("state digest mismatch")]
     Digest,
+    /// Bytes arrived after the END record or past the resume capacity. A FUSE data fd refuses
+    /// such writes (ENOMEM); a memory-speed (pipe) data fd cannot fail a write that the kernel
+    /// already took, so its device counts them and refuses the stream at RESUMING -> STOP.
+    #[error("{bytes} bytes arrived after the END record or past the resume capacity ({capacity} bytes)")]
+    Overflow {
+        /// Bytes not taken.
+        bytes: u64,
+        /// The resume capacity.
+        capacity: u64,
+    },
 }
 
 /// State digest over the per-block hashes (see the module docs).

@@ -302,6 +302,11 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 static NEXT_MOUNT: AtomicU64 = AtomicU64::new(0);
 static STALE_CLEANED: OnceLock<()> = OnceLock::new();
 
+/// A fresh stream id (process-wide, never reused), for FUSE and pipe data fds alike.
+pub(crate) fn next_stream_id() -> u64 {
+    NEXT_STREAM.fetch_add(1, Ordering::Relaxed)
+}
+
 const MOUNT_PREFIX: &str = "vfmig-emu-";
 
 impl FuseHost {
@@ -383,11 +388,6 @@ impl FuseHost {
                 Err(e)
             }
         }
-    }
-
-    /// A fresh stream id (process-wide, never reused).
-    pub(crate) fn reserve_id(&self) -> u64 {
-        NEXT_STREAM.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The stream id behind `fd`, if `fd` is a data fd of this mount.

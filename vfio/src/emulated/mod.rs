@@ -14,6 +14,26 @@
 //!   mount (not an anon inode); `epoll_ctl(ADD)` succeeds (mtty gives EPERM) while `poll`
 //!   always reports readable, like mtty; and `VFIO_MIG_GET_PRECOPY_INFO` is not an ioctl on the
 //!   fd but [`MigrationDevice::precopy_info`], which recognises the fd by `fstat`.
+//! - **Memory-speed data fd** ([`DataFdBackend::Mem`], `data-fd=mem`): instead of a FUSE file,
+//!   one end of a kernel pipe (`F_SETPIPE_SZ` 1 MiB) whose other end a device thread serves
+//!   (`pipe.rs`), so reads and writes cost a pipe copy, not a FUSE request round trip. Kept: a
+//!   real kernel fd that io_uring reads and writes at offset -1; `pread`/`pwrite` give ESPIPE;
+//!   the saving fd is `O_RDONLY`, the resuming fd `O_WRONLY` (EBADF the other way); reads may be
+//!   short; a STOP_COPY read returns 0 at the end of the stream, and again after it; the same
+//!   record builder produces the stream and the same parser and END digest check validate it at
+//!   RESUMING -> STOP (the device drains the pipe first), so a truncated or corrupt stream is
+//!   still refused with EINVAL. Different: the device is STOP_COPY-only: a config with PRE_COPY
+//!   is refused ([`EmulatedError::MemDataFd`]), because a pipe cannot fail a drained pre-copy
+//!   read with ENOMSG (the read would block until more data came) and the up to 2 MiB it
+//!   buffers ahead of the reader would make `precopy_info` count bytes as read that the caller
+//!   has not read yet; `read_error_at` (a pipe cannot fail a read with EIO) and the
+//!   `short_reads` quirk are refused too. Writes past the END record or the resume capacity
+//!   are not failed with ENOMEM (the kernel has already taken them): they are counted and the
+//!   stream is refused at RESUMING -> STOP ([`StreamError::Overflow`]). A stream that ends
+//!   early (STOP_COPY -> STOP before the end, a reset, the device dropped) reads what the pipe
+//!   holds, then 0, where a FUSE fd fails with ENODEV; once a resuming stream has ended, writes
+//!   fail with EPIPE (ENODEV on FUSE). No FUSE mount is needed, and the FUSE request counters in
+//!   [`EmulatedStats`] stay 0.
 //! - **Process exit**: the FUSE server runs in this process; a watchdog child process aborts the
 //!   connection and unmounts if the process dies with a request in flight (otherwise the
 //!   requester would wait forever). Mounts left by dead processes are cleaned up on start.
@@ -40,6 +60,7 @@ pub mod format;
 mod fuse;
 pub mod guest;
 mod p2p;
+mod pipe;
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -56,13 +77,13 @@ use crate::state::{path, DeviceState, MigrationCaps, Transition};
 
 use self::bits::BitSet;
 pub use self::config::{
-    EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, PrecopyInfoVersion, Quirks,
+    DataFdBackend, EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, PrecopyInfoVersion, Quirks,
     StopCopyFd, DEFAULT_BLOCK_SIZE,
 };
 pub use self::content::{Profile, PAGE_SIZE};
 pub use self::format::StreamError;
 use self::format::{Header, RecordKind, HEADER_LEN};
-use self::fuse::{FuseHost, StreamHandler};
+use self::fuse::{next_stream_id, FuseHost, StreamHandler};
 use self::guest::DmaLog;
 pub use self::guest::{GuestMemory, GUEST_PAGE_SIZE};
 pub use self::p2p::{P2pFabric, P2pPort, P2pStats, P2pTraffic};
@@ -86,6 +107,15 @@ pub enum EmulatedError {
     /// The guest memory could not be created.
     #[error("emulated device guest memory: {0}")]
     Guest(#[source] io::Error),
+    /// The config asks the memory-speed data fd ([`DataFdBackend::Mem`]) for something a pipe
+    /// cannot do faithfully.
+    #[error("emulated device config: data-fd=mem does not support {feature}: {why}")]
+    MemDataFd {
+        /// What was asked for.
+        feature: &'static str,
+        /// Why a pipe cannot offer it.
+        why: &'static str,
+    },
 }
 
 /// Largest emulated state: 1 TiB (metadata is 16 bytes per block).
@@ -135,16 +165,83 @@ struct SaveStream {
     cur_pos: usize,
     cur_class: Class,
     broken: bool,
+    /// Memory-speed data fd: ends the generator thread when the stream is dropped.
+    mem: Option<pipe::StreamStop>,
 }
 
-/// The resuming side of one data fd; locked by the FUSE session thread on writes, so it is not
-/// behind the device lock (no lock is held across `open()` of a data fd).
+/// The resuming side of one data fd; locked by the FUSE session thread on writes (or by the
+/// pipe's consumer thread), so it is not behind the device lock (no lock is held across `open()`
+/// of a data fd).
 #[derive(Debug)]
 struct ResumeStream {
     id: u64,
     parser: format::Parser,
     capacity: u64,
     active: bool,
+    /// Memory-speed data fd: the device's end of the pipe.
+    mem: Option<pipe::PipeIn>,
+    /// Read buffer for `mem`.
+    buf: Vec<u8>,
+    /// Memory-speed data fd: bytes that arrived after END or past `capacity` (a FUSE write of
+    /// them fails with ENOMEM; a pipe cannot fail them, so the stream is refused at the end).
+    overflow: u64,
+}
+
+impl ResumeStream {
+    /// Feeds what a write gives: the bytes taken, or the errno a FUSE write fails with.
+    fn accept(&mut self, data: &[u8]) -> Result<usize, i32> {
+        if !self.active {
+            return Err(libc::ENODEV);
+        }
+        let room = self.capacity.saturating_sub(self.parser.bytes());
+        if room == 0 {
+            return Err(libc::ENOMEM);
+        }
+        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let used = self.parser.feed(&data[..take]);
+        if used == 0 && take > 0 {
+            // Everything after END is refused: the state is complete.
+            return Err(libc::ENOMEM);
+        }
+        Ok(used)
+    }
+
+    /// Feeds all of `data` (pipe): what [`accept`](Self::accept) refuses counts as overflow.
+    fn accept_all(&mut self, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            match self.accept(&data[at..]) {
+                Ok(n) if n > 0 => at += n,
+                _ => {
+                    self.overflow += (data.len() - at) as u64;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Memory-speed data fd: feeds everything the pipe holds now. False when nothing more can
+    /// come (the caller closed its end) or the pipe failed.
+    fn drain_pipe(&mut self) -> bool {
+        let Some(mut p) = self.mem.take() else {
+            return false;
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let ok = p.drain(&mut buf, |d| self.accept_all(d)).is_ok();
+        let more = ok && !p.eof;
+        self.buf = buf;
+        self.mem = Some(p);
+        more
+    }
+
+    /// Ends the stream: writes fail with ENODEV (FUSE) or EPIPE once the consumer thread ends
+    /// (pipe).
+    fn deactivate(&mut self) {
+        self.active = false;
+        if let Some(p) = &self.mem {
+            p.stop();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -374,6 +471,7 @@ impl Core {
             cur_pos: 0,
             cur_class: Class::Initial,
             broken: false,
+            mem: None,
         }
     }
 
@@ -763,21 +861,7 @@ impl StreamHandler for ResumeHandler {
     }
 
     fn write(&self, data: &[u8]) -> Result<usize, i32> {
-        let mut r = lock(&self.stream);
-        if !r.active {
-            return Err(libc::ENODEV);
-        }
-        let room = r.capacity.saturating_sub(r.parser.bytes());
-        if room == 0 {
-            return Err(libc::ENOMEM);
-        }
-        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        let used = r.parser.feed(&data[..take]);
-        if used == 0 && take > 0 {
-            // Everything after END is refused: the state is complete.
-            return Err(libc::ENOMEM);
-        }
-        Ok(used)
+        lock(&self.stream).accept(data)
     }
 }
 
@@ -800,13 +884,35 @@ pub struct EmulatedDevice {
     name: String,
     caps: MigrationCaps,
     core: Arc<Mutex<Core>>,
-    host: Arc<FuseHost>,
+    /// The FUSE mount serving data fds (`None` with the memory-speed data fd).
+    host: Option<Arc<FuseHost>>,
 }
 
 impl EmulatedDevice {
-    /// Creates a device in RUNNING. Mounts the process-wide FUSE host on first use.
+    /// Creates a device in RUNNING. Mounts the process-wide FUSE host on first use (FUSE data
+    /// fd only; a [`DataFdBackend::Mem`] device needs no FUSE).
     pub fn new(cfg: EmulatedConfig) -> Result<EmulatedDevice, EmulatedError> {
         let bad = |field, value, rule| EmulatedError::BadConfig { field, value, rule };
+        if cfg.data_fd == DataFdBackend::Mem {
+            let refuse = |feature, why| Err(EmulatedError::MemDataFd { feature, why });
+            if cfg.precopy.is_some() {
+                return refuse(
+                    "PRE_COPY (precopy)",
+                    "a pipe cannot fail a drained pre-copy read with ENOMSG (it would block) and \
+                     the bytes it buffers would skew precopy_info; use precopy=off (no PRE_COPY \
+                     capability) or data-fd=fuse",
+                );
+            }
+            if cfg.faults.read_error_at.is_some() {
+                return refuse("read-error-at", "a pipe cannot fail a read with EIO");
+            }
+            if cfg.quirks.short_reads {
+                return refuse(
+                    "the short-reads quirk",
+                    "a pipe read returns what the pipe holds, across record boundaries",
+                );
+            }
+        }
         if cfg.size == 0 || cfg.size % PAGE_SIZE as u64 != 0 || cfg.size > MAX_SIZE {
             return Err(bad(
                 "size",
@@ -831,7 +937,10 @@ impl EmulatedDevice {
             )),
             None => None,
         };
-        let host = FuseHost::get().map_err(EmulatedError::Host)?;
+        let host = match cfg.data_fd {
+            DataFdBackend::Fuse => Some(FuseHost::get().map_err(EmulatedError::Host)?),
+            DataFdBackend::Mem => None,
+        };
         let core = Core {
             caps: cfg.caps(),
             blocks,
@@ -947,9 +1056,11 @@ impl EmulatedDevice {
     /// Counters.
     pub fn stats(&self) -> EmulatedStats {
         let mut s = lock(&self.core).stats;
-        let (r, w) = self.host.max_requests();
-        s.max_read_request = r;
-        s.max_write_request = w;
+        if let Some(host) = &self.host {
+            let (r, w) = host.max_requests();
+            s.max_read_request = r;
+            s.max_write_request = w;
+        }
         s
     }
 
@@ -969,9 +1080,17 @@ impl EmulatedDevice {
         self.p2p_port().mmio_read(offset)
     }
 
-    /// Where the FUSE host is mounted (for diagnostics).
+    /// Where the FUSE host is mounted (for diagnostics); empty with the memory-speed data fd.
     pub fn data_fd_mountpoint(&self) -> std::path::PathBuf {
-        self.host.mountpoint().to_path_buf()
+        self.host
+            .as_ref()
+            .map(|h| h.mountpoint().to_path_buf())
+            .unwrap_or_default()
+    }
+
+    /// The kind of data fd this device hands out.
+    pub fn data_fd_backend(&self) -> DataFdBackend {
+        lock(&self.core).cfg.data_fd
     }
 
     fn no_dma_logging(&self, op: &'static str) -> DeviceError {
@@ -989,7 +1108,7 @@ impl EmulatedDevice {
     /// Ends the current stream (the data fd then reads/writes ENODEV).
     fn end_stream(c: &mut Core) {
         if let Some(Stream::Resume(r)) = c.stream.take() {
-            lock(&r).active = false;
+            lock(&r).deactivate();
         }
     }
 
@@ -1005,16 +1124,26 @@ impl EmulatedDevice {
                 bytes: 0,
             })
         });
-        let id = self.host.reserve_id();
-        let handler = Arc::new(SaveHandler {
+        let id = next_stream_id();
+        let handler = SaveHandler {
             core: self.core.clone(),
             id,
             slow,
-        });
-        // The device lock is held across open(): the FUSE session thread never takes it
-        // (reads are served by the stream's worker thread, writes use the resume stream's lock).
-        let fd = self.host.open_stream(id, handler, false)?;
+        };
+        let (fd, mem) = match &self.host {
+            // The device lock is held across open(): the FUSE session thread never takes it
+            // (reads are served by the stream's worker thread, writes use the resume stream's
+            // lock).
+            Some(host) => (host.open_stream(id, Arc::new(handler), false)?, None),
+            // The generator takes the device lock per chunk, so it starts once this SET is done.
+            None => {
+                let (fd, stop) =
+                    pipe::spawn_saver(format!("vfmig-emu-p{id}"), move |buf| handler.read(buf))?;
+                (fd, Some(stop))
+            }
+        };
         let mut s = c.new_save_stream(id, precopy);
+        s.mem = mem;
         if c.cfg.quirks.stop_copy_fd == StopCopyFd::Dup {
             s.fd = Some(fd.try_clone()?);
         }
@@ -1025,15 +1154,35 @@ impl EmulatedDevice {
     fn open_resume(&self, c: &mut Core) -> io::Result<OwnedFd> {
         let full = c.stop_copy_size_full();
         let capacity = c.cfg.resume_capacity.unwrap_or(full.saturating_mul(4));
-        let id = self.host.reserve_id();
+        let id = next_stream_id();
         let rs = Arc::new(Mutex::new(ResumeStream {
             id,
             parser: format::Parser::new(c.cfg.size, c.block_size),
             capacity,
             active: true,
+            mem: None,
+            buf: Vec::new(),
+            overflow: 0,
         }));
-        let handler = Arc::new(ResumeHandler { stream: rs.clone() });
-        let fd = self.host.open_stream(id, handler, true)?;
+        let fd = match &self.host {
+            Some(host) => {
+                let handler = Arc::new(ResumeHandler { stream: rs.clone() });
+                host.open_stream(id, handler, true)?
+            }
+            None => {
+                let (fd, pipe_in) = pipe::resume_pipe()?;
+                // The consumer waits for this lock, so it sees `mem` set.
+                let mut r = lock(&rs);
+                let consumer = rs.clone();
+                pipe_in.spawn(format!("vfmig-emu-p{id}"), move || {
+                    let mut r = lock(&consumer);
+                    r.drain_pipe() && r.active
+                })?;
+                r.mem = Some(pipe_in);
+                drop(r);
+                fd
+            }
+        };
         c.stream = Some(Stream::Resume(rs));
         Ok(fd)
     }
@@ -1095,9 +1244,22 @@ impl EmulatedDevice {
         let refused = c.cfg.faults.refuse_resume;
         let result = {
             let mut r = lock(&rs);
-            let result = r.parser.finish();
+            // A pipe may still hold bytes written before this SET: take them first.
+            if r.mem.is_some() {
+                r.drain_pipe();
+            }
+            // Bytes a FUSE fd would have refused at write time are the first failure.
+            let result = match r.overflow {
+                0 => r.parser.finish(),
+                bytes => Err(StreamError::Overflow {
+                    bytes,
+                    capacity: r.capacity,
+                }),
+            };
             // Writes end with the stream, unless the device stays RESUMING with it (quirk).
-            r.active = (result.is_err() || refused) && c.cfg.quirks.refusal_stays_resuming;
+            if !((result.is_err() || refused) && c.cfg.quirks.refusal_stays_resuming) {
+                r.deactivate();
+            }
             result
         };
         match result {
@@ -1187,7 +1349,8 @@ impl MigrationDevice for EmulatedDevice {
     }
 
     fn precopy_info(&mut self, data_fd: BorrowedFd<'_>) -> Result<PrecopyInfo, DeviceError> {
-        let stream = self.host.stream_of(data_fd);
+        // (A memory-speed device has no PRE_COPY, so the state check below refuses first.)
+        let stream = self.host.as_ref().and_then(|h| h.stream_of(data_fd));
         let mut c = self.core();
         if !matches!(c.state, DeviceState::PreCopy | DeviceState::PreCopyP2p) {
             return Err(DeviceError::WrongState {
