@@ -1,7 +1,9 @@
 //! The emulated devices every benchmark migrates: the same config on both sides, so a
 //! destination in another process (or network namespace) accepts exactly the source's stream.
 
-use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice, EmulatedError, Profile};
+use vfmig_vfio::emulated::{
+    DataFdBackend, EmulatedConfig, EmulatedDevice, EmulatedError, Profile,
+};
 
 /// Content seed shared by every benchmark device.
 pub const SEED: u64 = 0x7f4a_7c15;
@@ -12,6 +14,9 @@ pub enum DevicesError {
     /// The profile name is not one of `mixed`, `zero`, `random`, `text`.
     #[error("unknown content profile {0:?} (mixed, zero, random, text)")]
     Profile(String),
+    /// The data fd kind is not `fuse` or `mem`.
+    #[error("unknown data fd {0:?} (fuse, mem)")]
+    DataFd(String),
     /// The device refused the config or its FUSE host could not start.
     #[error(transparent)]
     Emulated(#[from] EmulatedError),
@@ -36,4 +41,44 @@ pub fn source(size: u64, profile: &str) -> Result<EmulatedDevice, DevicesError> 
 /// (its own content profile does not matter: it validates the stream it is given).
 pub fn destination(size: u64) -> Result<EmulatedDevice, DevicesError> {
     Ok(EmulatedDevice::new(config("bench-dst", size, "mixed")?)?)
+}
+
+/// Parses a data fd kind: `fuse` (a FUSE file, the default) or `mem` (the memory-speed pipe).
+pub fn data_fd(name: &str) -> Result<DataFdBackend, DevicesError> {
+    DataFdBackend::from_name(name).ok_or_else(|| DevicesError::DataFd(name.to_owned()))
+}
+
+/// [`config`] with the given kind of data fd (every benchmark device is STOP_COPY-only, which
+/// the memory-speed data fd requires).
+pub fn config_with(
+    name: &str,
+    size: u64,
+    profile: &str,
+    data_fd: DataFdBackend,
+) -> Result<EmulatedConfig, DevicesError> {
+    Ok(config(name, size, profile)?.with_data_fd(data_fd))
+}
+
+/// [`source`] with the given kind of data fd.
+pub fn source_with(
+    size: u64,
+    profile: &str,
+    data_fd: DataFdBackend,
+) -> Result<EmulatedDevice, DevicesError> {
+    Ok(EmulatedDevice::new(config_with(
+        "bench-src",
+        size,
+        profile,
+        data_fd,
+    )?)?)
+}
+
+/// [`destination`] with the given kind of data fd.
+pub fn destination_with(size: u64, data_fd: DataFdBackend) -> Result<EmulatedDevice, DevicesError> {
+    Ok(EmulatedDevice::new(config_with(
+        "bench-dst",
+        size,
+        "mixed",
+        data_fd,
+    )?)?)
 }

@@ -12,6 +12,7 @@ use vfmig_pipeline::{
     Stage,
 };
 use vfmig_transport::{AuthConfig, Listener, SessionConfig, TransportError};
+use vfmig_vfio::emulated::DataFdBackend;
 
 use crate::devices::{self, DevicesError};
 use crate::harness::SideResult;
@@ -60,7 +61,17 @@ fn result(r: &Report, secs: Duration) -> SideResult {
 /// Source: migrates one `size`-byte `profile` device to `addr`. `secs` is the pipeline's downtime
 /// (first device leaving RUNNING to the last `DevicePrepared`).
 pub fn send(addr: SocketAddr, size: u64, profile: &str) -> Result<SideResult, VfmigSideError> {
-    let dev = devices::source(size, profile)?;
+    send_with(addr, size, profile, DataFdBackend::Fuse)
+}
+
+/// [`send`] from a device with the given kind of data fd.
+pub fn send_with(
+    addr: SocketAddr,
+    size: u64,
+    profile: &str,
+    data_fd: DataFdBackend,
+) -> Result<SideResult, VfmigSideError> {
+    let dev = devices::source_with(size, profile, data_fd)?;
     let opts = SourceOptions {
         session: session_config(),
         ..SourceOptions::default()
@@ -77,7 +88,17 @@ pub fn recv(
     size: u64,
     listening: impl FnOnce(),
 ) -> Result<SideResult, VfmigSideError> {
-    let dev = devices::destination(size)?;
+    recv_with(addr, size, DataFdBackend::Fuse, listening)
+}
+
+/// [`recv`] into a device with the given kind of data fd.
+pub fn recv_with(
+    addr: SocketAddr,
+    size: u64,
+    data_fd: DataFdBackend,
+    listening: impl FnOnce(),
+) -> Result<SideResult, VfmigSideError> {
+    let dev = devices::destination_with(size, data_fd)?;
     let listener = Listener::bind(addr)?;
     listening();
     let opts = DestinationOptions {

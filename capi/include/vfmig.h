@@ -486,7 +486,11 @@ enum VfmigCode vfmig_device_vfio_from_fd(int fd, const char *name, struct VfmigD
 //
 // `[emu:]size=SIZE[,name=NAME][,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]`
 // `[,dirty-rate=SIZE][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]`
-// `[,guest=SIZE@IOVA[,guest-dma=PAGES_PER_SEC][,quiesce-dma=PAGES]]`
+// `[,guest=SIZE@IOVA[,guest-dma=PAGES_PER_SEC][,quiesce-dma=PAGES]][,data-fd=fuse|mem]`
+//
+// `data-fd=mem` makes the data fd a pipe fed by a device thread (memory speed, no FUSE needed)
+// instead of a FUSE file; such a device is STOP_COPY-only: `precopy=` defaults to `off` and
+// `precopy=SIZE` is refused.
 //
 // `guest=` gives the device guest memory that it writes by DMA while it runs (`guest-dma=`)
 // and as it quiesces (`quiesce-dma=`), with `DMA_LOGGING` support: for the dirty-page export.

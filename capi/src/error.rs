@@ -111,7 +111,10 @@ impl CapiError {
             | CapiError::Dup { .. }
             | CapiError::NoDevice { .. } => VfmigCode::InvalidArgument,
             #[cfg(feature = "emulated")]
-            CapiError::Spec(_) | CapiError::Emulated(EmulatedError::BadConfig { .. }) => {
+            CapiError::Spec(_)
+            | CapiError::Emulated(
+                EmulatedError::BadConfig { .. } | EmulatedError::MemDataFd { .. },
+            ) => {
                 VfmigCode::InvalidArgument
             }
             #[cfg(feature = "emulated")]

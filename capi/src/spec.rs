@@ -7,6 +7,7 @@
 //!        | "precopy=" (SIZE|"off") | "dirty-rate=" SIZE | "p2p=" (on|off)
 //!        | "precopy-info=" (v1|v2) | "reinit-after=" SIZE
 //!        | "guest=" SIZE "@" IOVA | "guest-dma=" U64 | "quiesce-dma=" U64
+//!        | "data-fd=" (fuse|mem)
 //! SIZE  := DIGITS [K|M|G|T] [i][B]         binary multiples (K = 1024)
 //! IOVA  := "0x" HEX | DIGITS
 //! ```
@@ -15,10 +16,15 @@
 //! `guest-dma=` pages per second while it runs, `quiesce-dma=` pages written as it quiesces (on
 //! entering RUNNING_P2P / PRE_COPY_P2P).
 //!
+//! `data-fd=mem` gives the memory-speed (pipe) data fd; such a device is STOP_COPY-only, so
+//! `precopy=` then defaults to `off` and `precopy=SIZE` is refused.
+//!
 //! ```text
 //! ```
 
-use vfmig_vfio::emulated::{EmulatedConfig, GuestConfig, PrecopyInfoVersion, Profile};
+use vfmig_vfio::emulated::{
+    DataFdBackend, EmulatedConfig, GuestConfig, PrecopyInfoVersion, Profile,
+};
 
 /// Why a spec did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,9 +45,11 @@ pub(crate) enum SpecError {
     MissingSize,
     #[error("guest-dma= and quiesce-dma= need guest=SIZE@IOVA")]
     DmaWithoutGuest,
+    #[error("data-fd=mem is STOP_COPY-only: precopy= must be off")]
+    MemWithPrecopy,
 }
 
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 13] = [
     "name",
     "size",
     "seed",
@@ -54,6 +62,7 @@ const KEYS: [&str; 12] = [
     "guest",
     "guest-dma",
     "quiesce-dma",
+    "data-fd",
 ];
 
 fn size(text: &str) -> Option<u64> {
@@ -151,6 +160,9 @@ pub(crate) fn parse(spec: &str, destination: bool) -> Result<EmulatedConfig, Spe
                     quiesce_dma_pages: 0,
                 });
             }
+            "data-fd" => {
+                cfg.data_fd = DataFdBackend::from_name(value).ok_or_else(|| bad("fuse or mem"))?
+            }
             "guest-dma" => {
                 dma.0 = Some(value.parse().map_err(|_| bad("pages per second"))?);
             }
@@ -159,6 +171,13 @@ pub(crate) fn parse(spec: &str, destination: bool) -> Result<EmulatedConfig, Spe
     }
     if !seen[1] {
         return Err(SpecError::MissingSize);
+    }
+    if cfg.data_fd == DataFdBackend::Mem {
+        match (seen[4], cfg.precopy) {
+            (false, _) => cfg.precopy = None,
+            (true, None) => {}
+            (true, Some(_)) => return Err(SpecError::MemWithPrecopy),
+        }
     }
     match (&mut guest, dma) {
         (Some(g), (rate, quiesce)) => {
@@ -220,6 +239,23 @@ mod tests {
         );
         assert!(matches!(
             parse("size=1M,guest=2M", false),
+            Err(SpecError::BadValue { .. })
+        ));
+    }
+
+    #[test]
+    fn data_fd_mem_is_stop_copy_only() {
+        let cfg = parse("size=1M,data-fd=mem", false).unwrap();
+        assert_eq!((cfg.data_fd, cfg.precopy), (DataFdBackend::Mem, None));
+        assert!(parse("size=1M,data-fd=mem,precopy=off", true).is_ok());
+        assert_eq!(
+            parse("size=1M,precopy=1M,data-fd=mem", false),
+            Err(SpecError::MemWithPrecopy)
+        );
+        let fuse = parse("size=1M,data-fd=fuse", false).unwrap();
+        assert_eq!((fuse.data_fd, fuse.precopy), (DataFdBackend::Fuse, Some(u64::MAX)));
+        assert!(matches!(
+            parse("size=1M,data-fd=pipe", false),
             Err(SpecError::BadValue { .. })
         ));
     }

@@ -28,7 +28,7 @@ const SPEC_HELP: &str = "\
 DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
   emu:size=SIZE[,seed=N][,profile=mixed|zero|random|text][,precopy=SIZE|off]
       [,dirty-rate=SIZE/s][,p2p=on|off][,precopy-info=v1|v2][,reinit-after=SIZE]
-      [,read-error-at=SIZE][,slow=SIZE/s][,refuse-resume=on|off]
+      [,read-error-at=SIZE][,slow=SIZE/s][,refuse-resume=on|off][,data-fd=fuse|mem]
       An emulated migration device with a real kernel data fd.
         size        state size, a multiple of 4K (required)
         seed        content seed (default: the device's position, so both sides agree)
@@ -52,6 +52,10 @@ DEVICE SPECS (--device SPEC, repeatable; devices pair by position):
         refuse-resume
                     fault injection (tests): on a destination, RESUMING -> STOP fails even
                     for a valid stream (default: off)
+        data-fd     fuse: the data fd is a file on a FUSE mount (every feature; needs FUSE);
+                    mem: a pipe fed by a device thread, memory speed and no FUSE, but
+                    STOP_COPY-only (precopy defaults to off; precopy=SIZE and
+                    read-error-at are refused) (default: fuse)
       Source and destination must give the same size, seed and profile.
   file:PATH
       Source: PATH is the state stream: a regular file, a FIFO (waits up to --timeout for a

@@ -58,6 +58,7 @@ pub fn run(a: DemoArgs, cancel: &Cancel) -> Result<(), CliError> {
         read_error_at: None,
         slow: None,
         refuse_resume: false,
+        data_fd: vfmig_vfio::emulated::DataFdBackend::Fuse,
     };
 
     let mut src_list: Vec<EmulatedDevice> = Vec::with_capacity(n);

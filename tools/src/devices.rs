@@ -69,6 +69,7 @@ pub fn emu_config(spec: &EmuSpec, index: usize, side: Side) -> EmulatedConfig {
             },
             spec.reinit_after,
         )
+        .with_data_fd(spec.data_fd)
         .with_faults(Faults {
             read_error_at: spec.read_error_at,
             slow_bytes_per_sec: spec.slow,

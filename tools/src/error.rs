@@ -356,7 +356,8 @@ fn describe_emulated(e: &EmulatedError) -> String {
                  (load the module: modprobe fuse)"
             };
             format!(
-                "cannot mount the FUSE file system that serves its data fd: {}; {need}; `file:` devices need neither",
+                "cannot mount the FUSE file system that serves its data fd: {}; {need}; `file:` devices \
+                 and `emu:...,data-fd=mem` (STOP_COPY-only) need neither",
                 os_reason(source)
             )
         }

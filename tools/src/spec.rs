@@ -8,8 +8,13 @@
 //!          | "precopy-info=" ("v1"|"v2") | "reinit-after=" SIZE
 //!          | "read-error-at=" SIZE | "slow=" SIZE ["/s"]      (injected faults, for tests)
 //!          | "refuse-resume=" ("off"|"on")
+//!          | "data-fd=" ("fuse"|"mem")       the data fd: FUSE file (default) or memory-speed pipe
 //! SIZE    := DIGITS ["." DIGITS] [K|M|G|T] [i][B]   binary multiples (K = 1024)
 //! ```
+//!
+//! `data-fd=mem` makes a STOP_COPY-only device (no PRE_COPY capability: `precopy=` defaults to
+//! `off` and `precopy=SIZE` is refused, as is `read-error-at=`); see
+//! [`DataFdBackend::Mem`](vfmig_vfio::emulated::DataFdBackend::Mem).
 //!
 //! [`DeviceSpec`]'s `Display` prints the canonical form, which parses back to the same value.
 
@@ -21,6 +26,9 @@ use crate::units::{parse_byte_rate, parse_size, UnitError};
 
 /// Content profile of an emulated device (`profile=`): the emulated device's own type.
 pub use vfmig_vfio::emulated::Profile;
+
+/// The kind of data fd of an emulated device (`data-fd=`): the emulated device's own type.
+pub use vfmig_vfio::emulated::DataFdBackend;
 
 /// PRE_COPY of an emulated device (`precopy=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -62,6 +70,8 @@ pub struct EmuSpec {
     pub slow: Option<u64>,
     /// `refuse-resume=on` (fault injection): RESUMING -> STOP fails even for a valid stream.
     pub refuse_resume: bool,
+    /// `data-fd=fuse|mem`: a FUSE file (default) or the memory-speed pipe (STOP_COPY-only).
+    pub data_fd: DataFdBackend,
 }
 
 /// Where a `file:` device's bytes come from or go to.
@@ -127,7 +137,7 @@ pub enum SpecError {
     /// A parameter name the kind does not have.
     #[error(
         "unknown key `{key}` (emu accepts size, seed, profile, precopy, dirty-rate, p2p, \
-         precopy-info, reinit-after, read-error-at, slow, refuse-resume)"
+         precopy-info, reinit-after, read-error-at, slow, refuse-resume, data-fd)"
     )]
     UnknownKey {
         /// What was given.
@@ -194,6 +204,14 @@ pub enum SpecError {
     /// `size=0`: a device with no state cannot be migrated meaningfully.
     #[error("size must be greater than zero")]
     ZeroSize,
+    /// `data-fd=mem` with a key the memory-speed data fd cannot honour.
+    #[error("data-fd=mem cannot be combined with `{key}` ({why})")]
+    MemConflict {
+        /// The conflicting key.
+        key: &'static str,
+        /// Why.
+        why: &'static str,
+    },
     /// The emulated device streams whole 4 KiB pages.
     #[error("size {size} is not a multiple of 4 KiB")]
     UnalignedSize {
@@ -215,9 +233,10 @@ enum EmuKey {
     ReadErrorAt,
     Slow,
     RefuseResume,
+    DataFd,
 }
 
-const EMU_KEYS: [(&str, EmuKey); 11] = [
+const EMU_KEYS: [(&str, EmuKey); 12] = [
     ("size", EmuKey::Size),
     ("seed", EmuKey::Seed),
     ("profile", EmuKey::Profile),
@@ -229,6 +248,7 @@ const EMU_KEYS: [(&str, EmuKey); 11] = [
     ("read-error-at", EmuKey::ReadErrorAt),
     ("slow", EmuKey::Slow),
     ("refuse-resume", EmuKey::RefuseResume),
+    ("data-fd", EmuKey::DataFd),
 ];
 
 impl FromStr for DeviceSpec {
@@ -278,6 +298,7 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
         read_error_at: None,
         slow: None,
         refuse_resume: false,
+        data_fd: DataFdBackend::Fuse,
     };
     if !params.is_empty() {
         for param in params.split(',') {
@@ -356,10 +377,36 @@ fn parse_emu(params: &str) -> Result<EmuSpec, SpecError> {
                 }
                 EmuKey::Slow => spec.slow = Some(parse_byte_rate(value).map_err(bad_size)?),
                 EmuKey::RefuseResume => spec.refuse_resume = yes_no(key, value, &["off", "on"])?,
+                EmuKey::DataFd => {
+                    spec.data_fd =
+                        DataFdBackend::from_name(value).ok_or_else(|| SpecError::BadChoice {
+                            key,
+                            value: value.to_owned(),
+                            allowed: DataFdBackend::NAMES,
+                        })?;
+                }
             }
         }
     }
     spec.size = size.ok_or(SpecError::MissingKey { key: "size" })?;
+    if spec.data_fd == DataFdBackend::Mem {
+        match spec.precopy {
+            // The memory-speed data fd is STOP_COPY-only: no PRE_COPY unless asked for.
+            Precopy::Whole | Precopy::Off => spec.precopy = Precopy::Off,
+            Precopy::Initial(_) => {
+                return Err(SpecError::MemConflict {
+                    key: "precopy",
+                    why: "the memory-speed data fd is STOP_COPY-only; use precopy=off",
+                })
+            }
+        }
+        if spec.read_error_at.is_some() {
+            return Err(SpecError::MemConflict {
+                key: "read-error-at",
+                why: "a pipe cannot fail a read with EIO",
+            });
+        }
+    }
     Ok(spec)
 }
 
@@ -412,6 +459,9 @@ impl fmt::Display for DeviceSpec {
                 if e.refuse_resume {
                     f.write_str(",refuse-resume=on")?;
                 }
+                if e.data_fd != DataFdBackend::Fuse {
+                    write!(f, ",data-fd={}", e.data_fd)?;
+                }
                 Ok(())
             }
             DeviceSpec::File(t) => write!(f, "file:{t}"),
@@ -446,6 +496,7 @@ mod tests {
                 read_error_at: None,
                 slow: None,
                 refuse_resume: false,
+                data_fd: DataFdBackend::Fuse,
             }))
         );
     }
@@ -501,6 +552,48 @@ mod tests {
             (e.seed, e.profile, e.precopy, e.dirty_rate, e.p2p),
             (None, Profile::Mixed, Precopy::Whole, None, true)
         );
+    }
+
+    #[test]
+    fn data_fd_parses_defaults_to_fuse_and_mem_is_stop_copy_only() {
+        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M") else {
+            panic!("must parse");
+        };
+        assert_eq!(e.data_fd, DataFdBackend::Fuse);
+        let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M,data-fd=fuse") else {
+            panic!("must parse");
+        };
+        assert_eq!((e.data_fd, e.precopy), (DataFdBackend::Fuse, Precopy::Whole));
+        // mem: precopy defaults to off, and prints back as such.
+        let spec = parse("emu:size=1M,data-fd=mem").unwrap();
+        let DeviceSpec::Emu(e) = &spec else {
+            panic!("emu");
+        };
+        assert_eq!((e.data_fd, e.precopy), (DataFdBackend::Mem, Precopy::Off));
+        assert_eq!(
+            spec.to_string(),
+            "emu:size=1048576,profile=mixed,precopy=off,p2p=on,data-fd=mem"
+        );
+        assert_eq!(parse(&spec.to_string()), Ok(spec));
+        assert!(parse("emu:size=1M,precopy=off,data-fd=mem").is_ok());
+        assert_eq!(
+            parse("emu:size=1M,data-fd=mem,precopy=1M"),
+            Err(SpecError::MemConflict {
+                key: "precopy",
+                why: "the memory-speed data fd is STOP_COPY-only; use precopy=off",
+            })
+        );
+        assert!(matches!(
+            parse("emu:size=1M,data-fd=mem,read-error-at=4K"),
+            Err(SpecError::MemConflict {
+                key: "read-error-at",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("emu:size=1M,data-fd=pipe"),
+            Err(SpecError::BadChoice { key: "data-fd", .. })
+        ));
     }
 
     #[test]
@@ -614,6 +707,7 @@ mod tests {
             proptest::option::of(0u64..(1 << 40)),
             proptest::option::of(0u64..(1 << 40)),
             proptest::option::of(0u64..(1 << 40)),
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -627,19 +721,26 @@ mod tests {
                     reinit_after,
                     read_error_at,
                     slow,
+                    mem,
                 )| {
                     EmuSpec {
                         size: pages * 4096,
                         seed,
                         profile: Profile::ALL[p],
-                        precopy,
+                        // data-fd=mem is STOP_COPY-only and has no read-error-at.
+                        precopy: if mem { Precopy::Off } else { precopy },
                         dirty_rate,
                         p2p,
                         precopy_info_v2,
                         reinit_after,
-                        read_error_at,
+                        read_error_at: read_error_at.filter(|_| !mem),
                         slow,
                         refuse_resume: false,
+                        data_fd: if mem {
+                            DataFdBackend::Mem
+                        } else {
+                            DataFdBackend::Fuse
+                        },
                     }
                 },
             )

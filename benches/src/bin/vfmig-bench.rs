@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use vfmig_benches::harness::{mbps, run_pair, Impl, Limit, Link, Row, SideResult};
 use vfmig_benches::{devices, reference, rss, vfmig_side};
+use vfmig_vfio::emulated::DataFdBackend;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -58,6 +59,11 @@ struct RunArgs {
     /// Content profiles of the emulated device.
     #[arg(long, value_delimiter = ',', default_value = "random,mixed,zero")]
     profiles: Vec<String>,
+    /// Data fds of the emulated devices, each a row of its own: `fuse` (a FUSE file: one
+    /// request round trip per read or write) and `mem` (a pipe fed by a device thread: memory
+    /// speed). `--data-fds fuse` runs the suite as before.
+    #[arg(long, value_delimiter = ',', default_value = "fuse,mem", value_parser = parse_data_fd)]
+    data_fds: Vec<DataFdBackend>,
     /// Skip the peak-RSS runs.
     #[arg(long)]
     no_rss: bool,
@@ -101,6 +107,13 @@ struct SideArgs {
     /// Content profile (source side).
     #[arg(long, default_value = "mixed")]
     profile: String,
+    /// Data fd of the emulated device: `fuse` or `mem`.
+    #[arg(long, default_value = "fuse", value_parser = parse_data_fd)]
+    data_fd: DataFdBackend,
+}
+
+fn parse_data_fd(s: &str) -> Result<DataFdBackend, String> {
+    devices::data_fd(s).map_err(|e| e.to_string())
 }
 
 fn parse_impl(s: &str) -> Result<Impl, String> {
@@ -164,17 +177,21 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
     let cfg = reference::RefConfig::default();
     let result = match (a.imp, a.role) {
         (Impl::Reference, Role::Send) => {
-            let mut dev = devices::source(a.size, &a.profile)?;
+            let mut dev = devices::source_with(a.size, &a.profile, a.data_fd)?;
             ref_result(&reference::send_to(&mut dev, a.addr, &cfg)?)
         }
         (Impl::Reference, Role::Recv) => {
-            let mut dev = devices::destination(a.size)?;
+            let mut dev = devices::destination_with(a.size, a.data_fd)?;
             let listener = TcpListener::bind(a.addr)?;
             println!("LISTENING");
             ref_result(&reference::recv_from(&mut dev, &listener, &cfg)?)
         }
-        (Impl::Vfmig, Role::Send) => vfmig_side::send(a.addr, a.size, &a.profile)?,
-        (Impl::Vfmig, Role::Recv) => vfmig_side::recv(a.addr, a.size, || println!("LISTENING"))?,
+        (Impl::Vfmig, Role::Send) => {
+            vfmig_side::send_with(a.addr, a.size, &a.profile, a.data_fd)?
+        }
+        (Impl::Vfmig, Role::Recv) => {
+            vfmig_side::recv_with(a.addr, a.size, a.data_fd, || println!("LISTENING"))?
+        }
     };
     let result = SideResult {
         peak_rss: rss::peak_rss_bytes().unwrap_or(0),
@@ -226,6 +243,8 @@ struct Plan<'a> {
     exe: PathBuf,
     netns: &'a PathBuf,
     port: u16,
+    /// The data fd of the devices of the next migrations.
+    data_fd: DataFdBackend,
 }
 
 impl Plan<'_> {
@@ -251,6 +270,8 @@ impl Plan<'_> {
             &size.to_string(),
             "--profile",
             profile,
+            "--data-fd",
+            self.data_fd.as_str(),
         ]);
         cmd
     }
@@ -296,15 +317,18 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
         exe: std::env::current_exe()?,
         netns: &a.netns,
         port: a.port,
+        data_fd: DataFdBackend::Fuse,
     };
+    let data_fds: Vec<&str> = a.data_fds.iter().map(|d| d.as_str()).collect();
     println!(
-        "vfmig-bench: {} per row, {repeat} run(s) per row (median), links {:?}, profiles {:?}",
+        "vfmig-bench: {} per row, {repeat} run(s) per row (median), links {:?}, profiles {:?}, data fds {:?}",
         human(size),
         a.links,
-        a.profiles
+        a.profiles,
+        data_fds
     );
     let budget = Duration::from_secs(60 * a.budget_mins.unwrap_or(if a.short { 5 } else { 20 }));
-    let mut rows: Vec<(Row, Row)> = Vec::new();
+    let mut rows: Vec<(DataFdBackend, Row, Row)> = Vec::new();
     // Rows that produced no figure, and why (no root for netns, a failed migration, the budget).
     let mut skipped: Vec<String> = Vec::new();
     for &link in &links {
@@ -328,10 +352,15 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
                 }
             },
         };
-        for profile in &a.profiles {
+        for (profile, &data_fd) in a
+            .profiles
+            .iter()
+            .flat_map(|p| a.data_fds.iter().map(move |d| (p, d)))
+        {
+            plan.data_fd = data_fd;
             if t0.elapsed() > budget {
                 skipped.push(format!(
-                    "{} {profile}: not run, suite budget of {budget:?} used up",
+                    "{} {profile} data-fd={data_fd}: not run, suite budget of {budget:?} used up",
                     link.label()
                 ));
                 continue;
@@ -355,16 +384,25 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
                 }
             }
             if let Some(e) = failed {
-                println!("  {:<10} {:<7} FAILED: {e}", link.label(), profile);
-                skipped.push(format!("{} {profile}: FAILED: {e}", link.label()));
+                println!(
+                    "  {:<10} {:<7} {:<4} FAILED: {e}",
+                    link.label(),
+                    profile,
+                    data_fd.as_str()
+                );
+                skipped.push(format!(
+                    "{} {profile} data-fd={data_fd}: FAILED: {e}",
+                    link.label()
+                ));
                 continue;
             }
             let rf = median_row(ref_runs).ok_or("no reference run")?;
             let vf = median_row(vfmig_runs).ok_or("no vfmig run")?;
             println!(
-                "  {:<10} {:<7} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, busiest {}, {:.2}:1 on the wire, {})  ratio {:.2}x",
+                "  {:<10} {:<7} {:<4} ref {:>8} MB/s ({})  vfmig {:>8} MB/s ({}, busiest {}, {:.2}:1 on the wire, {})  ratio {:.2}x",
                 link.label(),
                 profile,
+                data_fd.as_str(),
                 mbps(rf.throughput()),
                 rf.limit(),
                 mbps(vf.throughput()),
@@ -374,10 +412,12 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
                 vf.src.codec,
                 vf.throughput() / rf.throughput()
             );
-            rows.push((rf, vf));
+            rows.push((data_fd, rf, vf));
         }
     }
     let mut rss_rows = Vec::new();
+    // Peak RSS with the first data fd asked for (FUSE by default, as before).
+    plan.data_fd = a.data_fds.first().copied().unwrap_or_default();
     if !a.no_rss {
         for imp in [Impl::Reference, Impl::Vfmig] {
             if t0.elapsed() > budget {
@@ -452,18 +492,18 @@ fn human(b: u64) -> String {
     }
 }
 
-fn csv(rows: &[(Row, Row)]) -> String {
+fn csv(rows: &[(DataFdBackend, Row, Row)]) -> String {
     let mut s = String::from(
-        "link,link_bits_per_sec,profile,impl,raw_bytes,wire_bytes,secs,throughput_mbps,wire_ratio,ratio_to_ref,limit,codec,busiest_stage,src_peak_rss,dst_peak_rss\n",
+        "link,link_bits_per_sec,profile,impl,raw_bytes,wire_bytes,secs,throughput_mbps,wire_ratio,ratio_to_ref,limit,codec,busiest_stage,src_peak_rss,dst_peak_rss,data_fd\n",
     );
-    for (rf, vf) in rows {
+    for (data_fd, rf, vf) in rows {
         for r in [rf, vf] {
             let link_bps = match r.link {
                 Link::Loopback => 0,
                 Link::Veth { bits_per_sec } => bits_per_sec,
             };
             s += &format!(
-                "{},{},{},{},{},{},{:.6},{},{:.3},{:.3},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{:.6},{},{:.3},{:.3},{},{},{},{},{},{}\n",
                 r.link.label(),
                 link_bps,
                 r.profile,
@@ -478,7 +518,8 @@ fn csv(rows: &[(Row, Row)]) -> String {
                 r.src.codec,
                 r.src.limiting,
                 r.src.peak_rss,
-                r.dst.peak_rss
+                r.dst.peak_rss,
+                data_fd.as_str()
             );
         }
     }
@@ -494,7 +535,7 @@ fn pass(ok: bool) -> &'static str {
 }
 
 fn markdown(
-    rows: &[(Row, Row)],
+    rows: &[(DataFdBackend, Row, Row)],
     rss_rows: &[Row],
     skipped: &[String],
     size: u64,
@@ -503,17 +544,19 @@ fn markdown(
     let mut s = format!(
         "Machine: {}.\n\nThroughput: {} of emulated device state per row, median of {repeat} run(s); time from the \
          source device leaving RUNNING for STOP_COPY to the destination device accepting the state \
-         (the downtime of a STOP_COPY-only migration).\n\n\
-         | link | content | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio, codec | limit: ref / vfmig (busiest vfmig stage) | downtime ref / vfmig (ms) |\n\
-         |---|---|---:|---:|---:|---|---|---:|\n",
+         (the downtime of a STOP_COPY-only migration). Data fd: `fuse`, the emulated device's FUSE \
+         file (a kernel round trip per 1 MiB request), or `mem`, its memory-speed pipe.\n\n\
+         | link | content | data fd | reference MB/s | vfmig MB/s | vfmig / reference | vfmig wire ratio, codec | limit: ref / vfmig (busiest vfmig stage) | downtime ref / vfmig (ms) |\n\
+         |---|---|---|---:|---:|---:|---|---|---:|\n",
         machine(),
         human(size)
     );
-    for (rf, vf) in rows {
+    for (data_fd, rf, vf) in rows {
         s += &format!(
-            "| {} | {} | {} | {} | **{:.2}x** | {:.2}:1, {} | {} / {} ({}) | {:.0} / {:.0} |\n",
+            "| {} | {} | {} | {} | {} | **{:.2}x** | {:.2}:1, {} | {} / {} ({}) | {:.0} / {:.0} |\n",
             rf.link.label(),
             rf.profile,
+            data_fd.as_str(),
             mbps(rf.throughput()),
             mbps(vf.throughput()),
             vf.throughput() / rf.throughput(),
@@ -533,7 +576,7 @@ fn markdown(
         }
     }
     if !rss_rows.is_empty() {
-        s += "\nPeak RSS (VmHWM of each side's process), mixed content over loopback:\n\n\
+        s += "\nPeak RSS (VmHWM of each side's process), mixed content over loopback, data fd: the first of `--data-fds`:\n\n\
               | implementation | stream bytes | source peak RSS | destination peak RSS | < 256 MiB per side |\n\
               |---|---:|---:|---:|---|\n";
         for r in rss_rows {
@@ -547,11 +590,12 @@ fn markdown(
             );
         }
     }
-    s += "\nIssue 4 targets, from the rows above:\n\n";
+    s += "\nIssue 4 targets, from the rows above (FUSE data fd rows):\n\n";
+    let fuse = |d: &DataFdBackend| *d == DataFdBackend::Fuse;
     let find = |label: &str, profile: &str| {
         rows.iter()
-            .find(|(r, _)| r.link.label() == label && r.profile == profile)
-            .map(|(r, v)| v.throughput() / r.throughput())
+            .find(|(d, r, _)| fuse(d) && r.link.label() == label && r.profile == profile)
+            .map(|(_, r, v)| v.throughput() / r.throughput())
     };
     if let Some(x) = find("loopback", "random") {
         s += &format!(
@@ -570,9 +614,9 @@ fn markdown(
             );
         }
     }
-    if let Some((rf, vf)) = rows
+    if let Some((_, rf, vf)) = rows
         .iter()
-        .find(|(r, _)| r.link.label() == "veth 2.5G" && r.profile == "mixed")
+        .find(|(d, r, _)| fuse(d) && r.link.label() == "veth 2.5G" && r.profile == "mixed")
     {
         let x = vf.throughput() / rf.throughput();
         s += &format!(
