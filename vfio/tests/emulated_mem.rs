@@ -338,3 +338,30 @@ fn several_memory_speed_devices_stream_concurrently() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn a_reader_that_enlarges_the_pipe_still_reads_the_exact_stream() {
+    // The generator reuses a spliced buffer only once the reader consumed it; a bigger pipe
+    // (here the reader's doing) makes it fall back to copying. Either way the bytes are exact.
+    let cfg = mem("big").with_block_size(64 << 10);
+    let want = stop_copy_bytes(&mut EmulatedDevice::new(cfg.clone().with_data_fd(DataFdBackend::Fuse)).unwrap());
+    let mut dev = EmulatedDevice::new(cfg).unwrap();
+    let fd = File::from(dev.set_state(DeviceState::StopCopy).unwrap().unwrap());
+    // SAFETY: fcntl(F_SETPIPE_SZ) on the pipe we were given; no pointers. It fails beyond
+    // /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE: then only the normal path runs.
+    let enlarged = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 4 << 20) } >= 4 << 20;
+    // Let the generator run ahead (bounded wait, no assertion on time): until the pipe holds
+    // more than two buffers' worth or about a second passed.
+    for _ in 0..if enlarged { 100 } else { 0 } {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `n`.
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if n > 2 << 20 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let got = read_all(&fd).unwrap();
+    assert!(got == want, "exact stream ({} vs {} bytes)", got.len(), want.len());
+    dev.set_state(DeviceState::Stop).unwrap();
+}

@@ -2,10 +2,14 @@
 //! kernel pipe, the other end served by a device thread.
 //!
 //! - **Saving**: the caller gets the read end (`O_RDONLY`). A generator thread fills 1 MiB
-//!   buffers from the device (the same record builder the FUSE fd uses) and writes them into the
-//!   pipe (`F_SETPIPE_SZ` 1 MiB); when the device has nothing more to give (end of the STOP_COPY
-//!   stream, or the stream ended) it closes the write end, so the caller's read returns 0 once the
-//!   pipe is empty.
+//!   buffers from the device (the same record builder the FUSE fd uses) and hands them to the
+//!   pipe (`F_SETPIPE_SZ` 1 MiB) by `vmsplice`, so the only copy is the caller's read (see
+//!   [`Spliced`] for when a buffer is reused); when the device has nothing more to give (end of
+//!   the STOP_COPY stream, or the stream ended) it closes the write end, so the caller's read
+//!   returns 0 once the pipe is empty. As the pipe references the generator's pages until they
+//!   are read, the fd must be read (`read`, `readv`, io_uring reads), not spliced or teed: pages
+//!   moved into another pipe that way could change when the generator reuses its buffer. (A VFIO
+//!   migration file cannot be spliced at all.)
 //! - **Resuming**: the caller gets the write end (`O_WRONLY`). A consumer thread reads what
 //!   arrives and feeds the device's stream parser; RESUMING -> STOP drains the pipe itself (under
 //!   the resume stream's lock, so no byte written before the SET is missed) before validating.
@@ -16,7 +20,8 @@
 //! fail with EPIPE (the thread then ends) instead of signalling the process.
 //!
 //! The only `unsafe` here is plain syscalls on fds this module owns (`pipe2`, `fcntl`, `poll`,
-//! `eventfd`) and `pthread_sigmask` on the calling thread.
+//! `eventfd`, `ioctl(FIONREAD)`, `vmsplice` of the generator's own buffers) and
+//! `pthread_sigmask` on the calling thread.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -158,39 +163,147 @@ fn block_sigpipe() {
     let _ = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut()) };
 }
 
+/// Bytes the pipe holds now (`FIONREAD`).
+fn unread(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on a pipe fd we own writes one int into `n`, which outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// The pipe's capacity in bytes (`F_GETPIPE_SZ`).
+fn capacity(fd: BorrowedFd<'_>) -> Option<usize> {
+    // SAFETY: fcntl(F_GETPIPE_SZ) on a pipe fd we own; no pointers.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    usize::try_from(n).ok()
+}
+
+/// `vmsplice` (non-blocking) of `data` into the pipe: the pipe then references these pages
+/// instead of copying them. Returns the bytes spliced.
+fn vmsplice(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: `iov` describes `data`, which is live for the call; the kernel takes references
+    // to its pages (they stay allocated as long as the pipe holds them, whatever we do with
+    // the mapping) and only reads them. The caller keeps the bytes unchanged until the reader
+    // has consumed them (see `Spliced`).
+    let n = unsafe { libc::vmsplice(fd.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Two page-aligned 1 MiB buffers the generator fills in turn and hands to the pipe by
+/// `vmsplice` (no copy on the way in). A buffer is refilled only once the reader has consumed
+/// every byte it gave to the pipe: the stream offset where its bytes end is at most the bytes
+/// spliced so far minus those still unread (`FIONREAD`). With the pipe at its 1 MiB capacity,
+/// splicing one whole buffer can only complete once the other has been read, so the check holds
+/// in normal operation; if it does not (the reader enlarged the pipe), the generator falls back
+/// to copying writes for the rest of the stream and never touches the spliced pages again.
+struct Spliced {
+    bufs: [memmap2::MmapMut; 2],
+    /// Stream offset at the end of each buffer's last splice.
+    end: [u64; 2],
+    /// Bytes spliced so far.
+    total: u64,
+    next: usize,
+}
+
+impl Spliced {
+    fn new() -> io::Result<Spliced> {
+        Ok(Spliced {
+            bufs: [
+                memmap2::MmapMut::map_anon(CHUNK)?,
+                memmap2::MmapMut::map_anon(CHUNK)?,
+            ],
+            end: [0; 2],
+            total: 0,
+            next: 0,
+        })
+    }
+
+    /// The next buffer, if the reader has consumed everything it last held.
+    fn next_free(&mut self, fd: BorrowedFd<'_>) -> Option<&mut [u8]> {
+        let consumed = self.total.checked_sub(unread(fd).ok()?)?;
+        let k = self.next;
+        (consumed >= self.end[k]).then(|| &mut self.bufs[k][..])
+    }
+}
+
+/// Writes all of `data` into the non-blocking pipe `w` (by `vmsplice` when `splice`), waiting
+/// for room; false when the stream must end (caller gone, device stopped it).
+fn push(w: &File, data: &[u8], splice: bool, waker: &Waker) -> bool {
+    let mut at = 0;
+    while at < data.len() {
+        let r = if splice {
+            vmsplice(w.as_fd(), &data[at..])
+        } else {
+            (&*w).write(&data[at..])
+        };
+        match r {
+            Ok(k) => at += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !matches!(wait(w.as_fd(), libc::POLLOUT, waker), Ok(Ready::Io)) {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // EPIPE: the caller closed its end.
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Starts a saving stream: returns the caller's read end and the handle that ends the generator.
 /// `fill` fills the front of a buffer with the next stream bytes: `Ok(0)` or an error ends the
-/// stream (the caller then reads what is in the pipe, then 0).
+/// stream (the caller then reads what is in the pipe, then 0). Stream bytes reach the pipe by
+/// `vmsplice` from two alternating buffers (see [`Spliced`]) where the pipe is at most 1 MiB,
+/// else by copying writes.
 pub(crate) fn spawn_saver(
     name: String,
     mut fill: impl FnMut(&mut [u8]) -> Result<usize, i32> + Send + 'static,
 ) -> io::Result<(OwnedFd, StreamStop)> {
     let (rd, wr) = pipe()?;
     set_nonblocking(wr.as_fd())?;
+    // A pipe no larger than a buffer holds pages of one buffer at most once that buffer is
+    // spliced whole (the reuse rule holds); a larger one is the caller's doing (they can resize
+    // it too, which `Spliced` detects).
+    let mut spliced = match capacity(wr.as_fd()) {
+        Some(c) if c <= CHUNK => Some(Spliced::new()?),
+        _ => None,
+    };
     let waker = Arc::new(Waker::new()?);
     let thread_waker = waker.clone();
     std::thread::Builder::new().name(name).spawn(move || {
         block_sigpipe();
         let w = File::from(wr);
-        let mut buf = vec![0u8; CHUNK];
-        'stream: loop {
-            let n = match fill(&mut buf) {
+        let mut copy_buf: Vec<u8> = Vec::new();
+        loop {
+            let free = spliced.as_mut().and_then(|s| s.next_free(w.as_fd()));
+            let splice = free.is_some();
+            let buf = match free {
+                Some(b) => b,
+                None => {
+                    // From here on copies only: spliced pages may still be in the pipe.
+                    spliced = None;
+                    copy_buf.resize(CHUNK, 0);
+                    &mut copy_buf[..]
+                }
+            };
+            let n = match fill(buf) {
                 Ok(n) if n > 0 => n.min(buf.len()),
                 _ => break,
             };
-            let mut at = 0;
-            while at < n {
-                match (&w).write(&buf[at..n]) {
-                    Ok(k) => at += k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if !matches!(wait(w.as_fd(), libc::POLLOUT, &thread_waker), Ok(Ready::Io)) {
-                            break 'stream;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // EPIPE: the caller closed its end.
-                    Err(_) => break 'stream,
-                }
+            if !push(&w, &buf[..n], splice, &thread_waker) {
+                break;
+            }
+            if let Some(s) = &mut spliced {
+                s.total += n as u64;
+                s.end[s.next] = s.total;
+                s.next ^= 1;
             }
         }
         // Dropping `w` closes the write end: the caller reads the rest, then 0.
