@@ -16,7 +16,8 @@
 //!   fd but [`MigrationDevice::precopy_info`], which recognises the fd by `fstat`.
 //! - **Memory-speed data fd** ([`DataFdBackend::Mem`], `data-fd=mem`): instead of a FUSE file,
 //!   one end of a kernel pipe (`F_SETPIPE_SZ` 1 MiB) whose other end a device thread serves
-//!   (`pipe.rs`), so reads and writes cost a pipe copy, not a FUSE request round trip. Kept: a
+//!   (`pipe.rs`; saving: records built into two alternating 1 MiB buffers that are `vmsplice`d
+//!   into the pipe, so the caller's read is the only copy), with no FUSE request round trip. Kept: a
 //!   real kernel fd that io_uring reads and writes at offset -1; `pread`/`pwrite` give ESPIPE;
 //!   the saving fd is `O_RDONLY`, the resuming fd `O_WRONLY` (EBADF the other way); reads may be
 //!   short; a STOP_COPY read returns 0 at the end of the stream, and again after it; the same
@@ -32,7 +33,10 @@
 //!   stream is refused at RESUMING -> STOP ([`StreamError::Overflow`]). A stream that ends
 //!   early (STOP_COPY -> STOP before the end, a reset, the device dropped) reads what the pipe
 //!   holds, then 0, where a FUSE fd fails with ENODEV; once a resuming stream has ended, writes
-//!   fail with EPIPE (ENODEV on FUSE). No FUSE mount is needed, and the FUSE request counters in
+//!   fail with EPIPE (ENODEV on FUSE). MIG_DATA_SIZE during STOP_COPY does not count the bytes
+//!   already in the pipe (up to 2 MiB). The fd must be read, not spliced or teed: pages spliced
+//!   out of it could change when the generator reuses their buffer (a VFIO migration file cannot
+//!   be spliced at all). No FUSE mount is needed, and the FUSE request counters in
 //!   [`EmulatedStats`] stay 0.
 //! - **Process exit**: the FUSE server runs in this process; a watchdog child process aborts the
 //!   connection and unmounts if the process dies with a request in flight (otherwise the
