@@ -73,12 +73,18 @@ pub fn source_with(
     )?)?)
 }
 
-/// [`destination`] with the given kind of data fd.
-pub fn destination_with(size: u64, data_fd: DataFdBackend) -> Result<EmulatedDevice, DevicesError> {
+/// A destination device for a [`source_with`] of the same size and `profile` (the profile is
+/// part of the device's compatibility identity, which the vfmig handshake compares), with the
+/// given kind of data fd.
+pub fn destination_with(
+    size: u64,
+    profile: &str,
+    data_fd: DataFdBackend,
+) -> Result<EmulatedDevice, DevicesError> {
     Ok(EmulatedDevice::new(config_with(
         "bench-dst",
         size,
-        "mixed",
+        profile,
         data_fd,
     )?)?)
 }

@@ -88,17 +88,19 @@ pub fn recv(
     size: u64,
     listening: impl FnOnce(),
 ) -> Result<SideResult, VfmigSideError> {
-    recv_with(addr, size, DataFdBackend::Fuse, listening)
+    recv_with(addr, size, "mixed", DataFdBackend::Fuse, listening)
 }
 
-/// [`recv`] into a device with the given kind of data fd.
+/// [`recv`] into a device with the given kind of data fd, for a source of `profile` (part of the
+/// device identity the handshake compares).
 pub fn recv_with(
     addr: SocketAddr,
     size: u64,
+    profile: &str,
     data_fd: DataFdBackend,
     listening: impl FnOnce(),
 ) -> Result<SideResult, VfmigSideError> {
-    let dev = devices::destination_with(size, data_fd)?;
+    let dev = devices::destination_with(size, profile, data_fd)?;
     let listener = Listener::bind(addr)?;
     listening();
     let opts = DestinationOptions {

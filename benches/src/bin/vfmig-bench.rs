@@ -104,7 +104,7 @@ struct SideArgs {
     /// Device state size.
     #[arg(long, value_parser = parse_size)]
     size: u64,
-    /// Content profile (source side).
+    /// Content profile (both sides: it is part of the device identity the handshake compares).
     #[arg(long, default_value = "mixed")]
     profile: String,
     /// Data fd of the emulated device: `fuse` or `mem`.
@@ -181,7 +181,7 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
             ref_result(&reference::send_to(&mut dev, a.addr, &cfg)?)
         }
         (Impl::Reference, Role::Recv) => {
-            let mut dev = devices::destination_with(a.size, a.data_fd)?;
+            let mut dev = devices::destination_with(a.size, &a.profile, a.data_fd)?;
             let listener = TcpListener::bind(a.addr)?;
             println!("LISTENING");
             ref_result(&reference::recv_from(&mut dev, &listener, &cfg)?)
@@ -190,7 +190,9 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
             vfmig_side::send_with(a.addr, a.size, &a.profile, a.data_fd)?
         }
         (Impl::Vfmig, Role::Recv) => {
-            vfmig_side::recv_with(a.addr, a.size, a.data_fd, || println!("LISTENING"))?
+            vfmig_side::recv_with(a.addr, a.size, &a.profile, a.data_fd, || {
+                println!("LISTENING")
+            })?
         }
     };
     let result = SideResult {
