@@ -1,9 +1,7 @@
 //! The emulated devices every benchmark migrates: the same config on both sides, so a
 //! destination in another process (or network namespace) accepts exactly the source's stream.
 
-use vfmig_vfio::emulated::{
-    DataFdBackend, EmulatedConfig, EmulatedDevice, EmulatedError, Profile,
-};
+use vfmig_vfio::emulated::{DataFdBackend, EmulatedConfig, EmulatedDevice, EmulatedError, Profile};
 
 /// Content seed shared by every benchmark device.
 pub const SEED: u64 = 0x7f4a_7c15;

@@ -114,9 +114,7 @@ impl CapiError {
             CapiError::Spec(_)
             | CapiError::Emulated(
                 EmulatedError::BadConfig { .. } | EmulatedError::MemDataFd { .. },
-            ) => {
-                VfmigCode::InvalidArgument
-            }
+            ) => VfmigCode::InvalidArgument,
             #[cfg(feature = "emulated")]
             CapiError::Emulated(_) => VfmigCode::Resources,
             CapiError::Device(_) => VfmigCode::Device,

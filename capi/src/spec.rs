@@ -253,7 +253,10 @@ mod tests {
             Err(SpecError::MemWithPrecopy)
         );
         let fuse = parse("size=1M,data-fd=fuse", false).unwrap();
-        assert_eq!((fuse.data_fd, fuse.precopy), (DataFdBackend::Fuse, Some(u64::MAX)));
+        assert_eq!(
+            (fuse.data_fd, fuse.precopy),
+            (DataFdBackend::Fuse, Some(u64::MAX))
+        );
         assert!(matches!(
             parse("size=1M,data-fd=pipe", false),
             Err(SpecError::BadValue { .. })

@@ -16,9 +16,7 @@ use vfmig_pipeline::{
 };
 use vfmig_transport::Listener;
 use vfmig_vfio::device::Identity;
-use vfmig_vfio::emulated::{
-    DataFdBackend, EmulatedConfig, EmulatedDevice, Profile, StreamError,
-};
+use vfmig_vfio::emulated::{DataFdBackend, EmulatedConfig, EmulatedDevice, Profile, StreamError};
 use vfmig_vfio::{DeviceError, DeviceState, MigrationCaps, MigrationDevice};
 
 mod common;
@@ -163,10 +161,7 @@ fn a_corrupt_stream_is_refused_by_the_memory_speed_destination_and_both_sides_ro
     let inner = device("emu0", 8 << 20, Profile::Mixed, DataFdBackend::Mem);
     let dst = inner.destination().unwrap();
     // A byte in the middle of the stream: inside some block's payload.
-    let src = Corrupting {
-        inner,
-        at: 4 << 20,
-    };
+    let src = Corrupting { inner, at: 4 << 20 };
     let (sr, mut srcs, dr, mut dsts) = migrate(vec![src], vec![dst]);
     assert!(
         matches!(
@@ -180,7 +175,10 @@ fn a_corrupt_stream_is_refused_by_the_memory_speed_destination_and_both_sides_ro
         sr.as_ref().err()
     );
     assert!(
-        matches!(dr.as_ref().unwrap_err(), PipelineError::DeviceRefused { .. }),
+        matches!(
+            dr.as_ref().unwrap_err(),
+            PipelineError::DeviceRefused { .. }
+        ),
         "{:?}",
         dr.as_ref().err()
     );

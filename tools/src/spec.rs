@@ -563,7 +563,10 @@ mod tests {
         let Ok(DeviceSpec::Emu(e)) = parse("emu:size=1M,data-fd=fuse") else {
             panic!("must parse");
         };
-        assert_eq!((e.data_fd, e.precopy), (DataFdBackend::Fuse, Precopy::Whole));
+        assert_eq!(
+            (e.data_fd, e.precopy),
+            (DataFdBackend::Fuse, Precopy::Whole)
+        );
         // mem: precopy defaults to off, and prints back as such.
         let spec = parse("emu:size=1M,data-fd=mem").unwrap();
         let DeviceSpec::Emu(e) = &spec else {

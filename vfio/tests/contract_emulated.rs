@@ -3,8 +3,7 @@
 
 use vfmig_vfio::contract::{run_all, ContractOptions};
 use vfmig_vfio::emulated::{
-    DataFdBackend, EmulatedConfig, EmulatedDevice, GuestConfig, PrecopyInfoVersion, Profile,
-    Quirks,
+    DataFdBackend, EmulatedConfig, EmulatedDevice, GuestConfig, PrecopyInfoVersion, Profile, Quirks,
 };
 use vfmig_vfio::{DeviceState, MigrationCaps};
 
@@ -241,7 +240,11 @@ fn contract_holds_for_the_memory_speed_data_fd_for_every_capability_set_it_suppo
 
 #[test]
 fn contract_holds_between_a_fuse_and_a_memory_speed_data_fd_either_way() {
-    let fuse = config(MigrationCaps::STOP_COPY | MigrationCaps::P2P, Quirks::uapi(), false);
+    let fuse = config(
+        MigrationCaps::STOP_COPY | MigrationCaps::P2P,
+        Quirks::uapi(),
+        false,
+    );
     let mem = fuse.clone().with_data_fd(DataFdBackend::Mem);
     let opts = ContractOptions {
         exact_stop_copy_size: true,
@@ -259,8 +262,8 @@ fn contract_holds_between_a_fuse_and_a_memory_speed_data_fd_either_way() {
 
 #[test]
 fn contract_detects_a_memory_speed_device_whose_stream_ends_early_or_that_refuses() {
-    let cfg = config(MigrationCaps::STOP_COPY, Quirks::uapi(), false)
-        .with_data_fd(DataFdBackend::Mem);
+    let cfg =
+        config(MigrationCaps::STOP_COPY, Quirks::uapi(), false).with_data_fd(DataFdBackend::Mem);
     let mut early = cfg.clone();
     early.faults.early_end_at = Some(100_000);
     let mut refusing = cfg.clone();

@@ -92,8 +92,7 @@ fn configs_a_pipe_cannot_honour_are_refused_with_a_typed_error() {
 #[test]
 fn the_memory_speed_fd_streams_exactly_the_fuse_fds_bytes_and_needs_no_mount() {
     let mut m = EmulatedDevice::new(mem("m")).unwrap();
-    let mut f =
-        EmulatedDevice::new(mem("f").with_data_fd(DataFdBackend::Fuse)).unwrap();
+    let mut f = EmulatedDevice::new(mem("f").with_data_fd(DataFdBackend::Fuse)).unwrap();
     assert_eq!(m.data_fd_backend(), DataFdBackend::Mem);
     assert_eq!(m.data_fd_mountpoint(), std::path::PathBuf::new());
     let a = stop_copy_bytes(&mut m);
@@ -202,6 +201,9 @@ fn io_uring_reads_and_writes_at_offset_minus_one_with_iosqe_async() {
     assert_eq!(dst.state_digest(), a.state_digest());
 }
 
+/// What a refusal's reason must match.
+type Want = fn(&StreamError) -> bool;
+
 #[test]
 fn damaged_streams_are_refused_at_resuming_to_stop() {
     let mut src = EmulatedDevice::new(mem("src")).unwrap();
@@ -209,7 +211,7 @@ fn damaged_streams_are_refused_at_resuming_to_stop() {
     let mut dst = src.destination().unwrap();
     let mut flipped = data.clone();
     flipped[data.len() / 2] ^= 0x40;
-    let cases: [(&[u8], fn(&StreamError) -> bool); 3] = [
+    let cases: [(&[u8], Want); 3] = [
         (&data[..data.len() - 1], |e| {
             matches!(e, StreamError::Truncated { .. })
         }),
@@ -344,7 +346,9 @@ fn a_reader_that_enlarges_the_pipe_still_reads_the_exact_stream() {
     // The generator reuses a spliced buffer only once the reader consumed it; a bigger pipe
     // (here the reader's doing) makes it fall back to copying. Either way the bytes are exact.
     let cfg = mem("big").with_block_size(64 << 10);
-    let want = stop_copy_bytes(&mut EmulatedDevice::new(cfg.clone().with_data_fd(DataFdBackend::Fuse)).unwrap());
+    let want = stop_copy_bytes(
+        &mut EmulatedDevice::new(cfg.clone().with_data_fd(DataFdBackend::Fuse)).unwrap(),
+    );
     let mut dev = EmulatedDevice::new(cfg).unwrap();
     let fd = File::from(dev.set_state(DeviceState::StopCopy).unwrap().unwrap());
     // SAFETY: fcntl(F_SETPIPE_SZ) on the pipe we were given; no pointers. It fails beyond
@@ -362,6 +366,11 @@ fn a_reader_that_enlarges_the_pipe_still_reads_the_exact_stream() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let got = read_all(&fd).unwrap();
-    assert!(got == want, "exact stream ({} vs {} bytes)", got.len(), want.len());
+    assert!(
+        got == want,
+        "exact stream ({} vs {} bytes)",
+        got.len(),
+        want.len()
+    );
     dev.set_state(DeviceState::Stop).unwrap();
 }

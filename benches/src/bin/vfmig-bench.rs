@@ -186,9 +186,7 @@ fn side(a: &SideArgs) -> Result<(), BoxErr> {
             println!("LISTENING");
             ref_result(&reference::recv_from(&mut dev, &listener, &cfg)?)
         }
-        (Impl::Vfmig, Role::Send) => {
-            vfmig_side::send_with(a.addr, a.size, &a.profile, a.data_fd)?
-        }
+        (Impl::Vfmig, Role::Send) => vfmig_side::send_with(a.addr, a.size, &a.profile, a.data_fd)?,
         (Impl::Vfmig, Role::Recv) => {
             vfmig_side::recv_with(a.addr, a.size, &a.profile, a.data_fd, || {
                 println!("LISTENING")

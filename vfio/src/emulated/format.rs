@@ -200,7 +200,9 @@ pub enum StreamError {
     /// Bytes arrived after the END record or past the resume capacity. A FUSE data fd refuses
     /// such writes (ENOMEM); a memory-speed (pipe) data fd cannot fail a write that the kernel
     /// already took, so its device counts them and refuses the stream at RESUMING -> STOP.
-    #[error("{bytes} bytes arrived after the END record or past the resume capacity ({capacity} bytes)")]
+    #[error(
+        "{bytes} bytes arrived after the END record or past the resume capacity ({capacity} bytes)"
+    )]
     Overflow {
         /// Bytes not taken.
         bytes: u64,

@@ -81,8 +81,8 @@ use crate::state::{path, DeviceState, MigrationCaps, Transition};
 
 use self::bits::BitSet;
 pub use self::config::{
-    DataFdBackend, EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead, PrecopyInfoVersion, Quirks,
-    StopCopyFd, DEFAULT_BLOCK_SIZE,
+    DataFdBackend, EmulatedConfig, FailArc, Faults, GuestConfig, PrecopyEmptyRead,
+    PrecopyInfoVersion, Quirks, StopCopyFd, DEFAULT_BLOCK_SIZE,
 };
 pub use self::content::{Profile, PAGE_SIZE};
 pub use self::format::StreamError;

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 /// Pipe capacity asked for with `F_SETPIPE_SZ` (the unprivileged maximum by default,
 /// `/proc/sys/fs/pipe-max-size`); where refused the pipe keeps its default (64 KiB).
-pub(crate) const PIPE_SIZE: usize = 1 << 20;
+pub(crate) const PIPE_SIZE: libc::c_int = 1 << 20;
 /// Bytes the generator builds per write, and the consumer's read size.
 pub(crate) const CHUNK: usize = 1 << 20;
 
@@ -82,11 +82,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: pipe2 succeeded: both fds are new and owned by nothing else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: pipe2 succeeded: fds[0] is a new fd owned by nothing else.
+    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above, for fds[1].
+    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
     // Best effort: a smaller pipe only means more, smaller transfers.
     // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe fd we own takes an int, no pointers.
-    let _ = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+    let _ = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
     Ok((rd, wr))
 }
 
@@ -323,7 +325,11 @@ pub(crate) struct PipeIn {
 impl PipeIn {
     /// Reads what the pipe holds now (non-blocking) and hands it to `feed` piece by piece, in
     /// `buf`-sized reads. Sets `eof` once the pipe is empty with no writer left.
-    pub(crate) fn drain(&mut self, buf: &mut Vec<u8>, mut feed: impl FnMut(&[u8])) -> io::Result<()> {
+    pub(crate) fn drain(
+        &mut self,
+        buf: &mut Vec<u8>,
+        mut feed: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
         if buf.len() < CHUNK {
             buf.resize(CHUNK, 0);
         }
@@ -373,7 +379,8 @@ impl PipeIn {
     ) -> io::Result<()> {
         let (rd, waker) = (self.rd.clone(), self.stop.0.clone());
         std::thread::Builder::new().name(name).spawn(move || {
-            while matches!(wait(rd.as_fd(), libc::POLLIN, &waker), Ok(Ready::Io)) && on_readable() {}
+            while matches!(wait(rd.as_fd(), libc::POLLIN, &waker), Ok(Ready::Io)) && on_readable() {
+            }
         })?;
         Ok(())
     }
