@@ -33,7 +33,7 @@
 //!   stream is refused at RESUMING -> STOP ([`StreamError::Overflow`]). A stream that ends
 //!   early (STOP_COPY -> STOP before the end, a reset, the device dropped) reads what the pipe
 //!   holds, then 0, where a FUSE fd fails with ENODEV; once a resuming stream has ended, writes
-//!   fail with EPIPE (ENODEV on FUSE). MIG_DATA_SIZE during STOP_COPY does not count the bytes
+//!   fail with EPIPE, raising SIGPIPE where it is not ignored, as any pipe (ENODEV on FUSE). MIG_DATA_SIZE during STOP_COPY does not count the bytes
 //!   already in the pipe (up to 2 MiB). The fd must be read, not spliced or teed: pages spliced
 //!   out of it could change when the generator reuses their buffer (a VFIO migration file cannot
 //!   be spliced at all). No FUSE mount is needed, and the FUSE request counters in
@@ -224,14 +224,15 @@ impl ResumeStream {
         }
     }
 
-    /// Memory-speed data fd: feeds everything the pipe holds now. False when nothing more can
-    /// come (the caller closed its end) or the pipe failed.
-    fn drain_pipe(&mut self) -> bool {
+    /// Memory-speed data fd: feeds what the pipe holds now, at most `max` bytes (`None`: all it
+    /// held when called). False when nothing more can come (the caller closed its end) or the
+    /// pipe failed.
+    fn drain_pipe(&mut self, max: Option<u64>) -> bool {
         let Some(mut p) = self.mem.take() else {
             return false;
         };
         let mut buf = std::mem::take(&mut self.buf);
-        let ok = p.drain(&mut buf, |d| self.accept_all(d)).is_ok();
+        let ok = p.drain(&mut buf, max, |d| self.accept_all(d)).is_ok();
         let more = ok && !p.eof;
         self.buf = buf;
         self.mem = Some(p);
@@ -321,6 +322,9 @@ pub(crate) struct Core {
     /// `MIG_PRECOPY_INFOv2` was opted in to (lasts for the device's life, as for an open fd).
     precopy_info_v2: bool,
 }
+
+/// Most bytes the memory-speed data fd's consumer feeds per wake-up, under the resume lock.
+const CONSUMER_BURST: u64 = 8 << 20;
 
 /// 64-bit registers in the emulated MMIO BAR.
 pub const MMIO_REGS: usize = 64;
@@ -1180,7 +1184,8 @@ impl EmulatedDevice {
                 let consumer = rs.clone();
                 pipe_in.spawn(format!("vfmig-emu-p{id}"), move || {
                     let mut r = lock(&consumer);
-                    r.drain_pipe() && r.active
+                    // Bounded per wake-up; the next poll finds the rest.
+                    r.drain_pipe(Some(CONSUMER_BURST)) && r.active
                 })?;
                 r.mem = Some(pipe_in);
                 drop(r);
@@ -1250,7 +1255,7 @@ impl EmulatedDevice {
             let mut r = lock(&rs);
             // A pipe may still hold bytes written before this SET: take them first.
             if r.mem.is_some() {
-                r.drain_pipe();
+                r.drain_pipe(None);
             }
             // Bytes a FUSE fd would have refused at write time are the first failure.
             let result = match r.overflow {

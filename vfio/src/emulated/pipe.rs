@@ -323,23 +323,37 @@ pub(crate) struct PipeIn {
 }
 
 impl PipeIn {
-    /// Reads what the pipe holds now (non-blocking) and hands it to `feed` piece by piece, in
-    /// `buf`-sized reads. Sets `eof` once the pipe is empty with no writer left.
+    /// Reads what the pipe holds now (non-blocking), at most `max` bytes (or, with `None`, the
+    /// bytes it held when called: what was written before), and hands it to `feed` piece by
+    /// piece. Sets `eof` once the pipe is empty with no writer left.
     pub(crate) fn drain(
         &mut self,
         buf: &mut Vec<u8>,
+        max: Option<u64>,
         mut feed: impl FnMut(&[u8]),
     ) -> io::Result<()> {
+        let max = match max {
+            Some(m) => m,
+            None => unread(self.rd.as_fd())?,
+        };
         if buf.len() < CHUNK {
             buf.resize(CHUNK, 0);
         }
+        let mut got = 0u64;
+        // A zero-byte read is EOF only if the pipe is empty and writerless: at least one read.
         loop {
             match (&*self.rd).read(buf) {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(());
                 }
-                Ok(n) => feed(&buf[..n.min(buf.len())]),
+                Ok(n) => {
+                    feed(&buf[..n.min(buf.len())]);
+                    got += n as u64;
+                    if got >= max {
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
