@@ -691,7 +691,7 @@ fn a_destination_asked_for_more_codec_workers_than_its_pool_can_feed_runs_with_f
 
 #[test]
 fn default_codec_workers_follow_the_cores_within_their_bounds() {
-    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let cores = vfmig_pipeline::cores::available_cores();
     let w = vfmig_pipeline::default_codec_workers();
     assert_eq!(w, cores.clamp(2, vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX));
     assert_eq!(SourceOptions::default().codec_workers, w);
