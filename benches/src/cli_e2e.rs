@@ -549,7 +549,9 @@ impl Side {
             .stderr(Stdio::piped())
             // Its own group: a timeout ends the wrapper and the measured process together.
             .process_group(0);
-        let mut child = cmd.spawn().map_err(io_err(format!("starting the {what}")))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting the {what}")))?;
         let out = child.stdout.take();
         let err = child.stderr.take();
         let stdout = out.map(|mut o| {
@@ -586,7 +588,11 @@ impl Side {
     }
 
     /// Waits until `deadline`; returns the measured figures and stdout.
-    fn finish(mut self, deadline: Instant, limit: Duration) -> Result<(Measured, String), RunError> {
+    fn finish(
+        mut self,
+        deadline: Instant,
+        limit: Duration,
+    ) -> Result<(Measured, String), RunError> {
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
@@ -660,6 +666,73 @@ fn ns_diff_ms(later: u64, earlier: u64) -> f64 {
     (later as f64 - earlier as f64) / 1e6
 }
 
+/// `file:PATH` as an argument.
+fn file_spec(path: &Path) -> OsString {
+    let mut dev = OsString::from("file:");
+    dev.push(path);
+    dev
+}
+
+/// The receiver's command line.
+fn recv_argv(p: &Programs, v: &Variant, output: &Path) -> Vec<OsString> {
+    let os = OsString::from;
+    match v {
+        Variant::Vfmig { both, .. } => {
+            let mut r = vec![
+                p.vfmig.clone().into_os_string(),
+                os("recv"),
+                os("--listen"),
+                os("127.0.0.1:0"),
+                os("--psk-file"),
+                p.psk.clone().into_os_string(),
+                os("--json"),
+                os("--device"),
+                file_spec(output),
+            ];
+            r.extend(both.iter().map(OsString::from));
+            r
+        }
+        Variant::Loop => vec![
+            p.bench.clone().into_os_string(),
+            os("loop-recv"),
+            os("--listen"),
+            os("127.0.0.1:0"),
+            os("--file"),
+            output.as_os_str().to_owned(),
+        ],
+    }
+}
+
+/// The sender's command line, connecting to `addr`.
+fn send_argv(p: &Programs, v: &Variant, input: &Path, addr: SocketAddr) -> Vec<OsString> {
+    let os = OsString::from;
+    match v {
+        Variant::Vfmig { both, send, .. } => {
+            let mut s = vec![
+                p.vfmig.clone().into_os_string(),
+                os("send"),
+                os("--connect"),
+                os(&addr.to_string()),
+                os("--psk-file"),
+                p.psk.clone().into_os_string(),
+                os("--json"),
+                os("--device"),
+                file_spec(input),
+            ];
+            s.extend(both.iter().chain(send).map(OsString::from));
+            s
+        }
+        Variant::Loop => vec![
+            p.bench.clone().into_os_string(),
+            os("loop-send"),
+            os("--connect"),
+            os(&addr.to_string()),
+            os("--file"),
+            input.as_os_str().to_owned(),
+        ],
+    }
+}
+
 /// Runs one migration of `input` to `output` (removed first and after a successful check) and
 /// compares them.
 pub fn run_once(
@@ -676,74 +749,7 @@ pub fn run_once(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("removing {}", output.display()))(e)),
     }
-    let os = |s: &str| OsString::from(s);
-    let (recv_argv, send_argv): (Vec<OsString>, Box<dyn Fn(SocketAddr) -> Vec<OsString>>) =
-        match v {
-            Variant::Vfmig { both, send, .. } => {
-                let mut r = vec![
-                    p.vfmig.clone().into_os_string(),
-                    os("recv"),
-                    os("--listen"),
-                    os("127.0.0.1:0"),
-                    os("--psk-file"),
-                    p.psk.clone().into_os_string(),
-                    os("--json"),
-                    os("--device"),
-                ];
-                let mut dev = OsString::from("file:");
-                dev.push(output);
-                r.push(dev);
-                r.extend(both.iter().map(OsString::from));
-                let (vfmig, psk) = (p.vfmig.clone(), p.psk.clone());
-                let (both, send) = (both.clone(), send.clone());
-                let input = input.to_path_buf();
-                (
-                    r,
-                    Box::new(move |addr| {
-                        let mut s = vec![
-                            vfmig.clone().into_os_string(),
-                            os("send"),
-                            os("--connect"),
-                            os(&addr.to_string()),
-                            os("--psk-file"),
-                            psk.clone().into_os_string(),
-                            os("--json"),
-                            os("--device"),
-                        ];
-                        let mut dev = OsString::from("file:");
-                        dev.push(&input);
-                        s.push(dev);
-                        s.extend(both.iter().chain(&send).map(OsString::from));
-                        s
-                    }),
-                )
-            }
-            Variant::Loop => {
-                let r = vec![
-                    p.bench.clone().into_os_string(),
-                    os("loop-recv"),
-                    os("--listen"),
-                    os("127.0.0.1:0"),
-                    os("--file"),
-                    output.as_os_str().to_owned(),
-                ];
-                let bench = p.bench.clone();
-                let input = input.to_path_buf();
-                (
-                    r,
-                    Box::new(move |addr| {
-                        vec![
-                            bench.clone().into_os_string(),
-                            os("loop-send"),
-                            os("--connect"),
-                            os(&addr.to_string()),
-                            os("--file"),
-                            input.as_os_str().to_owned(),
-                        ]
-                    }),
-                )
-            }
-        };
+    let recv_argv = recv_argv(p, v, output);
     // Generous: 60 s plus 50 MB/s; a stuck side is killed, never waited on forever.
     let limit = Duration::from_secs(60 + bytes / (50 * 1_000_000));
     let (tx, rx) = bounded(1);
@@ -752,7 +758,7 @@ pub fn run_once(
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| RunError::NotListening(v.label().to_owned()))?;
     let deadline = Instant::now() + limit;
-    let send = Side::spawn("sender", p, &send_argv(addr), None)?;
+    let send = Side::spawn("sender", p, &send_argv(p, v, input, addr), None)?;
     let send_res = send.finish(deadline, limit);
     let (recv_m, _recv_out) = recv.finish(deadline, limit)?;
     let (send_m, send_out) = send_res?;
@@ -800,9 +806,7 @@ pub fn run_once(
                 .get("first_data_ns")
                 .filter(|&&t| t > 0)
                 .map(|&t| ns_diff_ms(t, recv_m.start_ns));
-            r.exit_ms = kv
-                .get("final_ack_ns")
-                .map(|&t| ns_diff_ms(last_exit, t));
+            r.exit_ms = kv.get("final_ack_ns").map(|&t| ns_diff_ms(last_exit, t));
         }
     }
     let same = Command::new("cmp")
@@ -1206,11 +1210,10 @@ pub fn markdown(o: &Outcome, machine: &str, runs: usize) -> String {
         );
         for r in &o.scaling {
             let (w, st) = r.workers_streams.unwrap_or((0, 0));
-            let wire_ratio = r
-                .run
-                .wire_bytes
-                .filter(|&b| b > 0)
-                .map_or_else(|| "-".to_owned(), |b| format!("{:.2}:1", r.size as f64 / b as f64));
+            let wire_ratio = r.run.wire_bytes.filter(|&b| b > 0).map_or_else(
+                || "-".to_owned(),
+                |b| format!("{:.2}:1", r.size as f64 / b as f64),
+            );
             let e2e = r.run.e2e_s.max(1e-9);
             let _ = writeln!(
                 s,
@@ -1256,7 +1259,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vfmig-cli-e2e-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("dir");
         let libs = LibCorpus {
-            bytes: (0..2 * PAGE).map(|i| (i % 251) as u8 | 1).collect(),
+            bytes: (0..2 * PAGE)
+                .map(|i| u8::try_from(i % 251).unwrap_or(0) | 1)
+                .collect(),
         };
         let (a, b) = (dir.join("a"), dir.join("b"));
         write_state(&a, 256 * PAGE as u64, Profile::Mixed, &libs).expect("write");
@@ -1264,7 +1269,10 @@ mod tests {
         let da = fs::read(&a).expect("read");
         assert_eq!(da, fs::read(&b).expect("read"), "same content every time");
         assert_eq!(da.len(), 256 * PAGE);
-        let zero = da.chunks(PAGE).filter(|p| p.iter().all(|&x| x == 0)).count();
+        let zero = da
+            .chunks(PAGE)
+            .filter(|p| p.iter().all(|&x| x == 0))
+            .count();
         assert_eq!(zero, 128, "exactly half the pages are zero");
         let lib = da
             .chunks(PAGE)

@@ -219,7 +219,10 @@ mod tests {
         write(&root.join("cpu.max"), "max 100000\n");
         write(&root.join("machine.slice/cpu.max"), "400000 100000\n");
         write(&root.join("machine.slice/vm1/cpu.max"), "max 100000\n");
-        write(&root.join("machine.slice/vm1/mig/cpu.max"), "600000 100000\n");
+        write(
+            &root.join("machine.slice/vm1/mig/cpu.max"),
+            "600000 100000\n",
+        );
         let q = cgroup_quota(&root, "0::/machine.slice/vm1/mig\n");
         assert_eq!(q, Some(4.0));
         // A cgroup without any quota on its path.

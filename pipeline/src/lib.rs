@@ -186,10 +186,10 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    default_codec_workers, default_streams, streams_for_cores, workers_for_cores, CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice,
-    NoticeFn, PrecopyLimit, Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep,
-    SourceOptions, Stage, StageTimes, CORES_PER_STREAM, DEFAULT_CODEC_WORKERS_MAX,
-    DEFAULT_STREAMS_MAX,
+    default_codec_workers, default_streams, streams_for_cores, workers_for_cores, CancelHandle,
+    DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit, Progress,
+    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CORES_PER_STREAM, DEFAULT_CODEC_WORKERS_MAX, DEFAULT_STREAMS_MAX,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;

@@ -297,7 +297,7 @@ impl Stages {
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
             threads.push(stages::spawn("vfmig-send", move || {
                 let sink = StampedSink {
-                    session: &*session,
+                    session: &session,
                     counters: &c,
                 };
                 let r = stages::send_loop(out_rx, window, &sink, &c, &a, limit, &s);

@@ -687,6 +687,12 @@ fn a_destination_asked_for_more_codec_workers_than_its_pool_can_feed_runs_with_f
     let dreport = dr.unwrap_or_else(|e| panic!("destination failed: {e}"));
     assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
     assert_eq!(report.raw_bytes, dreport.raw_bytes);
+    // The instants `vfmig --json` reports (issue 12): the source's first data frame and the
+    // destination's outcome, as each side saw them.
+    assert!(report.first_data_at.is_some());
+    assert!(report.final_ack_at.is_some());
+    assert!(dreport.first_data_at.is_none());
+    assert!(dreport.final_ack_at.is_some());
 }
 
 #[test]

@@ -261,12 +261,14 @@ pub fn session_config(
     common: &CommonArgs,
     require_client_cert: bool,
 ) -> Result<SessionConfig, UsageError> {
-    let mut cfg = SessionConfig::default();
-    // Connections: --streams, else one per 8 usable cores, 1..=4 (see
-    // `vfmig_pipeline::default_streams` for why). The receiver takes what the sender asks for.
-    cfg.streams = common
-        .streams
-        .map_or_else(vfmig_pipeline::default_streams, usize::from);
+    let mut cfg = SessionConfig {
+        // Connections: --streams, else one per 8 usable cores, 1..=4 (see
+        // `vfmig_pipeline::default_streams` for why). The receiver takes what the sender asks for.
+        streams: common
+            .streams
+            .map_or_else(vfmig_pipeline::default_streams, usize::from),
+        ..SessionConfig::default()
+    };
     let workers = common
         .workers
         .map_or_else(vfmig_pipeline::default_codec_workers, usize::from);

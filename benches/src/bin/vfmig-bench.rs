@@ -564,7 +564,9 @@ fn cli_bench(a: &CliArgs) -> Result<(), BoxErr> {
         )
         .into());
     }
-    let dir = a.dir.join(format!("vfmig-bench-cli-{}", std::process::id()));
+    let dir = a
+        .dir
+        .join(format!("vfmig-bench-cli-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let psk = dir.join("psk");
     cli_e2e::write_psk(&psk)?;
@@ -581,7 +583,9 @@ fn cli_bench(a: &CliArgs) -> Result<(), BoxErr> {
         workers: a.workers.clone(),
         streams: a.streams.clone(),
         scaling: a.scaling,
-        scaling_size: a.scaling_size.unwrap_or(if a.short { 256 * MIB } else { GIB }),
+        scaling_size: a
+            .scaling_size
+            .unwrap_or(if a.short { 256 * MIB } else { GIB }),
         scaling_runs: a.scaling_runs.unwrap_or(if a.short { 1 } else { 3 }).max(1),
         dir: dir.clone(),
         programs: cli_e2e::Programs {
@@ -594,7 +598,10 @@ fn cli_bench(a: &CliArgs) -> Result<(), BoxErr> {
     };
     println!(
         "vfmig-bench cli: sizes {:?}, profiles {:?}, {} run(s) per row, files in {}",
-        cfg.sizes.iter().map(|&s| cli_e2e::human(s)).collect::<Vec<_>>(),
+        cfg.sizes
+            .iter()
+            .map(|&s| cli_e2e::human(s))
+            .collect::<Vec<_>>(),
         a.profiles,
         cfg.runs,
         dir.display()
@@ -622,11 +629,12 @@ fn count_cpu_list(list: &str) -> Option<usize> {
     let mut n = 0usize;
     for part in list.split(',').filter(|p| !p.trim().is_empty()) {
         n += match part.trim().split_once('-') {
-            Some((a, b)) => b
-                .parse::<usize>()
-                .ok()?
-                .checked_sub(a.parse::<usize>().ok()?)?
-                + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
             None => part.trim().parse::<usize>().map(|_| 1).ok()?,
         };
     }
