@@ -63,9 +63,10 @@ impl Rate {
 
 /// Most codec workers [`default_codec_workers`] picks. A hypervisor's cores belong to its
 /// guests: a migration that took all 192 of them would stall the VMs it shares the host with.
-/// 16 zstd-1 workers encode ~5-8 GB/s of mixed state, more than a 40 Gbit/s link carries, and
-/// the CLI sizes its buffer pool for them (`vfmig_tools` grows `pool_slots` with `--workers`);
-/// library users with the default 64-slot pool get what the destination's pool can feed (see
+/// 16 zstd-1 workers encode ~13 GB/s of mixed state (~800 MiB/s per core, the codec table in
+/// docs/BENCHMARKS.md), whose ~2.5:1 output fills a 40 Gbit/s link. The `vfmig` CLI grows its
+/// `pool_slots` with its workers (`tools/src/devices.rs`); library users with the default
+/// 64-slot pool get what the destination's pool can feed (see
 /// [`DestinationOptions::codec_workers`]). `--workers` / [`SourceOptions::codec_workers`] go up
 /// to 64.
 pub const DEFAULT_CODEC_WORKERS_MAX: usize = 16;
