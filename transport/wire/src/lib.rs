@@ -14,6 +14,7 @@
 //! `FrameHeader::encode`, `Control::encode`), and typed frames, agreements and errors.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod control;
 pub mod declare;
 pub mod deframer;
@@ -26,7 +27,7 @@ pub use control::{AbortReason, Control, FinalOutcome};
 pub use deframer::{Deframer, Frame};
 pub use error::WireError;
 pub use frame::{
-    page_map_len, Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAP_GRANULE,
+    page_map_len, Codec, FrameHeader, FrameKind, HeaderBytes, DIGEST_LEN, HEADER_LEN, MAP_GRANULE,
     MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
 };
 pub use seal::{FrameProtection, SessionKeys};

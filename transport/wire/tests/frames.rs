@@ -99,7 +99,7 @@ fn every_kind_decodes_back_to_what_was_encoded() {
     assert_eq!(frames.len(), all.len());
     let kinds: Vec<FrameKind> = frames.iter().map(|f| f.header.kind).collect();
     for k in 1..=9 {
-        assert!(kinds.contains(&FrameKind::from_u8(k).unwrap()), "kind {k}");
+        assert!(kinds.contains(&FrameKind::from_code(k).unwrap()), "kind {k}");
     }
     for (f, bytes) in frames.iter().zip(&all) {
         assert_eq!(&f.payload[..], &bytes[HEADER_LEN..]);
@@ -239,10 +239,10 @@ fn paged_raw_lengths_are_checked_against_the_map_from_the_header() {
     }
     for c in [Codec::PagedRaw, Codec::PagedZstd, Codec::PagedLz4] {
         assert!(c.is_paged());
-        assert_eq!(Codec::from_u8(c as u8), Some(c));
+        assert_eq!(Codec::from_code(c as u8), Some(c));
     }
     assert!(!Codec::Raw.is_paged());
-    assert_eq!(Codec::from_u8(7), None);
+    assert_eq!(Codec::from_code(7), None);
 }
 
 #[test]
