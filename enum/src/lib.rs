@@ -326,7 +326,13 @@ mod tests {
                     assert!(Closed::ALL.contains(&c));
                 }
                 Err(e) => {
-                    assert_eq!(e, UnknownValue { of: "Closed", value: v });
+                    assert_eq!(
+                        e,
+                        UnknownValue {
+                            of: "Closed",
+                            value: v
+                        }
+                    );
                     assert_eq!(e.to_string(), format!("unknown Closed value {v}"));
                     assert_eq!(Closed::from_code(v), None);
                 }

@@ -385,12 +385,30 @@ mod code_tests {
         let uapi = [
             (b::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR, "ERROR"),
             (b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP, "STOP"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING, "RUNNING"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY, "STOP_COPY"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING, "RESUMING"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P, "RUNNING_P2P"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY, "PRE_COPY"),
-            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P, "PRE_COPY_P2P"),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING,
+                "RUNNING",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY,
+                "STOP_COPY",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING,
+                "RESUMING",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P,
+                "RUNNING_P2P",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY,
+                "PRE_COPY",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P,
+                "PRE_COPY_P2P",
+            ),
         ];
         assert_eq!(
             DeviceState::ALL.len(),
@@ -400,7 +418,10 @@ mod code_tests {
             assert_eq!((state.as_raw(), u32::from(state)), (value, value));
             assert_eq!(DeviceState::try_from(value), Ok(state));
             assert_eq!(DeviceState::from_raw(value), Some(state));
-            assert_eq!((state.to_string().as_str(), state.kernel_name()), (name, name));
+            assert_eq!(
+                (state.to_string().as_str(), state.kernel_name()),
+                (name, name)
+            );
         }
         let nr = b::vfio_device_mig_state_VFIO_DEVICE_STATE_NR;
         assert_eq!(DeviceState::try_from(nr).unwrap_err().value, nr);

@@ -124,9 +124,10 @@ impl WireCodec for DeviceDecl {
         if r.left() < DECL_FIXED_LEN {
             return Err(SHORT);
         }
-        let kind = DeviceKind::from_code(r.u8().map_err(short)?).ok_or(HandshakeError::Malformed {
-            what: "device declaration kind",
-        })?;
+        let kind =
+            DeviceKind::from_code(r.u8().map_err(short)?).ok_or(HandshakeError::Malformed {
+                what: "device declaration kind",
+            })?;
         let flags = r.u8().map_err(short)?;
         if flags & !1 != 0 {
             return Err(HandshakeError::Malformed {

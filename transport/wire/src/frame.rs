@@ -376,7 +376,8 @@ impl FrameHeader {
         if magic != FRAME_MAGIC {
             return Err(WireError::BadFrameMagic { found: magic });
         }
-        let kind = FrameKind::try_from(kind).map_err(|e| WireError::UnknownKind { kind: e.value })?;
+        let kind =
+            FrameKind::try_from(kind).map_err(|e| WireError::UnknownKind { kind: e.value })?;
         let codec =
             Codec::try_from(codec).map_err(|e| WireError::UnknownCodec { codec: e.value })?;
         if flags != 0 {

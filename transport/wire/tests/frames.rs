@@ -99,7 +99,10 @@ fn every_kind_decodes_back_to_what_was_encoded() {
     assert_eq!(frames.len(), all.len());
     let kinds: Vec<FrameKind> = frames.iter().map(|f| f.header.kind).collect();
     for k in 1..=9 {
-        assert!(kinds.contains(&FrameKind::from_code(k).unwrap()), "kind {k}");
+        assert!(
+            kinds.contains(&FrameKind::from_code(k).unwrap()),
+            "kind {k}"
+        );
     }
     for (f, bytes) in frames.iter().zip(&all) {
         assert_eq!(&f.payload[..], &bytes[HEADER_LEN..]);

@@ -201,11 +201,7 @@ fn handshake_seal_and_control_bytes_are_unchanged() {
     ] {
         put("control", &ctl.encode());
     }
-    let digest: String = h
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(digest, PINNED, "wire bytes changed");
 }
 

@@ -133,9 +133,7 @@ impl Side for ClientState {
         msg: &[u8],
     ) -> Result<(), HandshakeError> {
         *self = match std::mem::replace(self, ClientState::Done) {
-            ClientState::ExpectChallenge(s) => {
-                ClientState::ExpectAccept(step(s, common, ty, msg)?)
-            }
+            ClientState::ExpectChallenge(s) => ClientState::ExpectAccept(step(s, common, ty, msg)?),
             ClientState::ExpectAccept(s) => {
                 let agreed = step(s, common, ty, msg)?;
                 common.agree(agreed);

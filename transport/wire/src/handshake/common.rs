@@ -6,7 +6,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::msgs::{Envelope, Kind, Msg, MsgType, Refuse};
-use super::{Agreed, Auth, HandshakeError, ENVELOPE_LEN, HANDSHAKE_MAGIC, MAC_LEN, REFUSE_BODY_LEN};
+use super::{
+    Agreed, Auth, HandshakeError, ENVELOPE_LEN, HANDSHAKE_MAGIC, MAC_LEN, REFUSE_BODY_LEN,
+};
 use crate::seal::{FrameProtection, SessionKeys};
 
 type HmacSha256 = Hmac<Sha256>;

@@ -466,7 +466,9 @@ pub(super) fn encode_declarations(decls: Option<&[DeviceDecl]>, out: &mut Vec<u8
 
 /// Parses `ServerAccept`'s declarations (count, then each) up to the end of `r`, which is
 /// past the terms: `None` for [`UNDECLARED`].
-pub(super) fn parse_declarations(r: &mut Reader<'_>) -> Result<Option<Vec<DeviceDecl>>, HandshakeError> {
+pub(super) fn parse_declarations(
+    r: &mut Reader<'_>,
+) -> Result<Option<Vec<DeviceDecl>>, HandshakeError> {
     let n = r.u16()?;
     if n == UNDECLARED {
         if !r.is_empty() {

@@ -194,7 +194,9 @@ impl State for ExpectOffer {
 
     fn max_body(&self, common: &Common) -> usize {
         let devices = self.local.limits.max_devices.min(MAX_DEVICES);
-        OFFER_FIXED_LEN + devices * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME + MAX_COMPAT) + common.mac_len()
+        OFFER_FIXED_LEN
+            + devices * (DEVICE_FIXED_LEN + MAX_DEVICE_NAME + MAX_COMPAT)
+            + common.mac_len()
     }
 
     fn handle(
