@@ -272,9 +272,24 @@ impl HeaderBytes {
         RawFields::of(&self.0).seq
     }
 
+    /// The `raw_len` field, unchecked.
+    pub fn raw_len(&self) -> u32 {
+        RawFields::of(&self.0).raw_len
+    }
+
     /// The `wire_len` field, unchecked.
     pub fn wire_len(&self) -> u32 {
         RawFields::of(&self.0).wire_len
+    }
+
+    /// The `arg` field, unchecked.
+    pub fn arg(&self) -> u64 {
+        RawFields::of(&self.0).arg
+    }
+
+    /// The `flags` field, unchecked.
+    pub fn flags(&self) -> u32 {
+        RawFields::of(&self.0).flags
     }
 
     /// The `crc` field.

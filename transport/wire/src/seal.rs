@@ -387,6 +387,25 @@ mod tests {
     }
 
     #[test]
+    fn the_sealer_sends_the_crc_field_as_zero_whatever_it_is_given() {
+        let k = keys();
+        let (mut zero, mut p0) = frame(3, b"payload");
+        let (mut crc, mut p1) = frame(3, b"payload");
+        let h = HeaderBytes::of_head(&crc);
+        let with_crc = h.decode().unwrap().encode(b"payload");
+        crc[..HEADER_LEN].copy_from_slice(&with_crc);
+        assert_ne!(HeaderBytes::of_head(&crc).crc(), 0);
+        FrameSealer::new(&k, true, 0)
+            .seal(&mut zero, &mut p0)
+            .unwrap();
+        FrameSealer::new(&k, true, 0)
+            .seal(&mut crc, &mut p1)
+            .unwrap();
+        assert_eq!((zero, &p0), (crc, &p1));
+        assert_eq!(HeaderBytes::of_head(&crc).crc(), 0);
+    }
+
+    #[test]
     fn replayed_reordered_or_moved_frames_are_refused() {
         let k = keys();
         let mut tx = FrameSealer::new(&k, true, 1);

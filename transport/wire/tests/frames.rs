@@ -561,3 +561,42 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn header_bytes_read_fields_of_headers_that_do_not_decode_and_find_the_header_in_a_head() {
+    let h = FrameHeader {
+        kind: FrameKind::DirtyPages,
+        codec: Codec::Lz4,
+        device: 0x0102,
+        seq: 0x0304_0506_0708_090a,
+        raw_len: 4096,
+        wire_len: 17,
+        arg: 0x2000,
+        crc: 0,
+    };
+    let bytes = h.encode(&[7; 17]);
+    let b = HeaderBytes::new(bytes);
+    assert_eq!(b.decode(), FrameHeader::decode(&bytes));
+    let fields = (b.kind_byte(), b.codec_byte(), b.device(), b.seq());
+    assert_eq!(fields, (3, 3, 0x0102, 0x0304_0506_0708_090a));
+    let lens = (b.raw_len(), b.wire_len(), b.arg(), b.flags());
+    assert_eq!(lens, (4096, 17, 0x2000, 0));
+    let d = b.decode().unwrap();
+    assert_eq!(b.crc(), d.crc);
+    assert_eq!(b.verify(&d, &[7; 17]), Ok(()));
+    // An unknown kind: no header, but the device and sequence number can still be named.
+    let mut bad = bytes;
+    bad[4] = 0xee;
+    let bad = HeaderBytes::new(bad);
+    assert_eq!(bad.decode(), Err(WireError::UnknownKind { kind: 0xee }));
+    assert_eq!((bad.device(), bad.seq()), (h.device, h.seq));
+    // A head is the header, then the tag; clearing the CRC gives the unprotected encoding.
+    let head = b.into_head();
+    assert_eq!(HeaderBytes::of_head(&head), b);
+    assert_eq!(HeaderBytes::from_head(&head), Some(b));
+    assert_eq!(HeaderBytes::from_head(&head[..HEADER_LEN - 1]), None);
+    let mut cleared = b;
+    cleared.clear_crc();
+    assert_eq!(cleared.crc(), 0);
+    assert_eq!(cleared.into_array(), h.encode_unprotected());
+}
