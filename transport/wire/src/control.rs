@@ -39,6 +39,7 @@ vfmig_enum::int_enum! {
     display manual;
 }
 
+/// Written here rather than by `int_enum!`: messages name the code too, `Cancelled (1)`.
 impl std::fmt::Display for AbortReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
