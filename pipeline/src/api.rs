@@ -61,18 +61,52 @@ impl Rate {
     }
 }
 
-/// Most codec workers [`default_codec_workers`] picks: beyond it the default 64-slot pool, not
-/// the cores, bounds a session (every worker holds up to two slots on the destination).
-pub const DEFAULT_CODEC_WORKERS_MAX: usize = 8;
+/// Most codec workers [`default_codec_workers`] picks. A hypervisor's cores belong to its
+/// guests: a migration that took all 192 of them would stall the VMs it shares the host with.
+/// 16 zstd-1 workers encode ~13 GB/s of mixed state (~800 MiB/s per core, the codec table in
+/// docs/BENCHMARKS.md), whose ~2.5:1 output fills a 40 Gbit/s link. The `vfmig` CLI grows its
+/// `pool_slots` with its workers (`tools/src/devices.rs`); library users with the default
+/// 64-slot pool get what the destination's pool can feed (see
+/// [`DestinationOptions::codec_workers`]). `--workers` / [`SourceOptions::codec_workers`] go up
+/// to 64.
+pub const DEFAULT_CODEC_WORKERS_MAX: usize = 16;
 
-/// Codec workers by default: the cores this process may run on (`sched_getaffinity` and the
-/// cgroup CPU quota, as `std::thread::available_parallelism` reads them), at least 2 and at most
-/// [`DEFAULT_CODEC_WORKERS_MAX`]. A worker only runs while a chunk needs a codec, so idle
-/// workers cost nothing when the controller sends raw.
+/// Codec workers by default: the cores this process may run on ([`crate::cores::core_budget`]:
+/// the `sched_getaffinity` mask intersected with the cgroup CPU quota, rounded up), at least 2
+/// and at most [`DEFAULT_CODEC_WORKERS_MAX`]. A worker only runs while a chunk needs a codec,
+/// so idle workers cost nothing when the controller sends raw.
 pub fn default_codec_workers() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, usize::from)
-        .clamp(2, DEFAULT_CODEC_WORKERS_MAX)
+    workers_for_cores(crate::cores::available_cores())
+}
+
+/// [`default_codec_workers`] for a given core count.
+pub fn workers_for_cores(cores: usize) -> usize {
+    cores.clamp(2, DEFAULT_CODEC_WORKERS_MAX)
+}
+
+/// Most TCP connections [`default_streams`] picks.
+pub const DEFAULT_STREAMS_MAX: usize = 4;
+
+/// Cores per default TCP connection.
+pub const CORES_PER_STREAM: usize = 8;
+
+/// TCP connections a source opens by default: one per [`CORES_PER_STREAM`] cores this process
+/// may use, 1..=[`DEFAULT_STREAMS_MAX`].
+///
+/// Why: on loopback and on few cores, extra connections only add sockets and completions for
+/// the same CPUs (the transport measured 1 connection cheapest and fastest on 2 cores; see
+/// `SessionConfig::streams`), so small hosts keep 1. On a real NIC a TCP flow's receive
+/// processing (softirq, copy to user) runs on the one core its RSS queue maps to, and one flow
+/// tops out around 20-30 Gbit/s; with enough cores that the codec workers no longer limit,
+/// a second flow per 8 cores spreads that work, up to 4 flows (~100 Gbit/s) where per-flow
+/// limits stop mattering. `vfmig-bench cli --scaling` measures the workers x streams grid.
+pub fn default_streams() -> usize {
+    streams_for_cores(crate::cores::available_cores())
+}
+
+/// [`default_streams`] for a given core count.
+pub fn streams_for_cores(cores: usize) -> usize {
+    (cores / CORES_PER_STREAM).clamp(1, DEFAULT_STREAMS_MAX)
 }
 
 /// Source options. `Default` gives adaptive compression, [`default_codec_workers`] codec
@@ -357,6 +391,12 @@ pub struct Report {
     pub outcome: Option<vfmig_wire::FinalOutcome>,
     /// Source: the measured `downtime` exceeded [`SourceOptions::max_downtime`].
     pub max_downtime_exceeded: bool,
+    /// Source: when the first device-state frame was handed to the transport (wall clock, for
+    /// comparing with other processes' clocks); `None` on the destination or if none was sent.
+    pub first_data_at: Option<std::time::SystemTime>,
+    /// Source: when the destination's outcome after the commit (its final acknowledgement)
+    /// arrived; destination: when it was sent. `None` before the end of the session.
+    pub final_ack_at: Option<std::time::SystemTime>,
 }
 
 /// What rollback did to one device.

@@ -595,7 +595,7 @@ mod tests {
         ) {
             let pool = BufPool::new(4, 65536).unwrap();
             let mut dec = Decoder::new().unwrap();
-            let codec = Codec::from_u8(codec).unwrap();
+            let codec = Codec::from_code(codec).unwrap();
             // Half the cases end in a plausible page map byte.
             let mut payload = payload;
             if tail % 2 == 0 {

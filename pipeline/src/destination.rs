@@ -568,6 +568,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             self.resets = self.devices.iter_mut().map(reset_committed).collect();
         }
         let frame = Control::Outcome { outcome };
+        let sent_at = std::time::SystemTime::now();
         // A failed send leaves the source in doubt; the decision here was made either way.
         if c.session.send_control(frame.header(), &[]).is_ok() {
             // The source closes once it has the outcome. Closing first could overtake the
@@ -598,6 +599,7 @@ impl<D: MigrationDevice> DestinationSession<D> {
             "decode",
         );
         report.outcome = Some(outcome);
+        report.final_ack_at = Some(sent_at);
         Ok(report)
     }
 

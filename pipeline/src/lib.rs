@@ -161,6 +161,7 @@
 mod adapt;
 mod api;
 mod codec;
+pub mod cores;
 mod destination;
 mod digest;
 mod dirty;
@@ -185,9 +186,10 @@ mod writer;
 mod flow_tests;
 
 pub use api::{
-    default_codec_workers, CancelHandle, DestinationOptions, DeviceProgress, DeviceReport, Notice,
-    NoticeFn, PrecopyLimit, Progress, ProgressFn, Rate, Report, RollbackAction, RollbackStep,
-    SourceOptions, Stage, StageTimes, DEFAULT_CODEC_WORKERS_MAX,
+    default_codec_workers, default_streams, streams_for_cores, workers_for_cores, CancelHandle,
+    DestinationOptions, DeviceProgress, DeviceReport, Notice, NoticeFn, PrecopyLimit, Progress,
+    ProgressFn, Rate, Report, RollbackAction, RollbackStep, SourceOptions, Stage, StageTimes,
+    CORES_PER_STREAM, DEFAULT_CODEC_WORKERS_MAX, DEFAULT_STREAMS_MAX,
 };
 pub use codec::{Compress, DecodeFailure};
 pub use destination::DestinationSession;

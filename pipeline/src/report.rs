@@ -82,6 +82,8 @@ pub(crate) fn build_report(
         codec: codec.to_owned(),
         outcome: None,
         max_downtime_exceeded: false,
+        first_data_at: counters.first_send.get().copied(),
+        final_ack_at: None,
     }
 }
 

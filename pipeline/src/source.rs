@@ -57,6 +57,37 @@ impl FrameSink for SendSession {
     }
 }
 
+/// The session as the sender's sink, noting when the first device-state frame went out (the
+/// report's `first_data_at`).
+struct StampedSink<'a> {
+    session: &'a SendSession,
+    counters: &'a Counters,
+}
+
+impl FrameSink for StampedSink<'_> {
+    fn send_frame(
+        &self,
+        header: FrameHeader,
+        payload: Option<PoolBuf>,
+    ) -> Result<(), PipelineError> {
+        let data = matches!(
+            header.kind,
+            FrameKind::PreCopyData | FrameKind::StopCopyData
+        );
+        let r = FrameSink::send_frame(self.session, header, payload);
+        if data && r.is_ok() {
+            self.counters
+                .first_send
+                .get_or_init(std::time::SystemTime::now);
+        }
+        r
+    }
+
+    fn digest_key(&self) -> Option<[u8; 32]> {
+        FrameSink::digest_key(self.session)
+    }
+}
+
 /// Migrates devices to a destination. Blocking: run it on the VMM's migration thread.
 ///
 /// `D` is any [`MigrationDevice`]: `Box<dyn MigrationDevice>`, a `VfioDevice`, an
@@ -265,7 +296,11 @@ impl Stages {
             // Each device may have at most every pool slot in flight.
             let window = u64::try_from(pool.slots()).unwrap_or(u64::MAX) + 8;
             threads.push(stages::spawn("vfmig-send", move || {
-                let r = stages::send_loop(out_rx, window, &*session, &c, &a, limit, &s);
+                let sink = StampedSink {
+                    session: &session,
+                    counters: &c,
+                };
+                let r = stages::send_loop(out_rx, window, &sink, &c, &a, limit, &s);
                 if let Err(e) = r {
                     let _ = f.try_send(e);
                 }
@@ -512,6 +547,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         self.enter(&mut a, Phase::Commit);
         // Every device is prepared on the destination and stopped here: the decision.
         let decided = self.commit(&a.session);
+        let decided_at = std::time::SystemTime::now();
         // The guest is down until the destination said what it did with the state.
         let downtime = a.downtime_start.map_or(Duration::ZERO, |t| t.elapsed());
         let mut report = self.report(&a.stages, a.started.elapsed(), Some(downtime));
@@ -519,6 +555,7 @@ impl<D: MigrationDevice> SourceSession<D> {
         match decided {
             Ok(outcome) => {
                 report.outcome = Some(outcome);
+                report.final_ack_at = Some(decided_at);
                 self.enter(&mut a, Phase::Done);
                 // The session's last handle moves out here: a clean close, never the Abort a
                 // dropped session sends.

@@ -2,7 +2,8 @@
 //! progress callback and the final report. Lock-free (relaxed atomics): they are statistics.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::{Notice, NoticeFn};
 
@@ -72,6 +73,8 @@ pub(crate) struct Counters {
     pub buffer_wait: StageClock,
     /// Where notices go (at most one per kind).
     pub notices: Notices,
+    /// Source: when the first device-state frame went to the transport (wall clock).
+    pub first_send: OnceLock<SystemTime>,
 }
 
 /// The session's [`Notice`] callback, each kind reported at most once.
@@ -112,6 +115,7 @@ impl Counters {
             net: StageClock::default(),
             buffer_wait: StageClock::default(),
             notices: Notices::default(),
+            first_send: OnceLock::new(),
         }
     }
 

@@ -687,11 +687,17 @@ fn a_destination_asked_for_more_codec_workers_than_its_pool_can_feed_runs_with_f
     let dreport = dr.unwrap_or_else(|e| panic!("destination failed: {e}"));
     assert_eq!(srcs[0].state_digest(), dsts[0].state_digest());
     assert_eq!(report.raw_bytes, dreport.raw_bytes);
+    // The instants `vfmig --json` reports (issue 12): the source's first data frame and the
+    // destination's outcome, as each side saw them.
+    assert!(report.first_data_at.is_some());
+    assert!(report.final_ack_at.is_some());
+    assert!(dreport.first_data_at.is_none());
+    assert!(dreport.final_ack_at.is_some());
 }
 
 #[test]
 fn default_codec_workers_follow_the_cores_within_their_bounds() {
-    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let cores = vfmig_pipeline::cores::available_cores();
     let w = vfmig_pipeline::default_codec_workers();
     assert_eq!(w, cores.clamp(2, vfmig_pipeline::DEFAULT_CODEC_WORKERS_MAX));
     assert_eq!(SourceOptions::default().codec_workers, w);

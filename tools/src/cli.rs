@@ -88,7 +88,10 @@ JSON OUTPUT (--json): one object on stdout at the end, also on failure:
   the destination device took its state; final_state is where the device was left (\"RUNNING\",
   \"STOP\", ...; null if unreadable);
   ratio is null for an all-zero stream; a device's throughput and downtime are measured over
-  the whole session (devices move concurrently and stop together).";
+  the whole session (devices move concurrently and stop together). started_at_ns,
+  first_data_at_ns (send: the first device-state frame handed to the transport) and
+  final_ack_at_ns (the destination's final outcome received, or on recv sent) are wall-clock
+  (CLOCK_REALTIME) nanoseconds since the epoch, null where the instant did not happen.";
 
 const EXIT_HELP: &str = "\
 EXIT STATUS:
@@ -195,9 +198,13 @@ destination devices accepted their state.",
 /// `--streams` help with the transport's default (chosen there by measurement).
 fn streams_help() -> String {
     format!(
-        "TCP connections per session, 1..=16 (default: {}, the transport's measured default). \
-         The receiver accepts what the sender asks for.",
-        vfmig_transport::SessionConfig::default().streams
+        "TCP connections per session, 1..=16. Default: one per {} cores this process may use \
+         (CPU affinity and cgroup quota), at least 1 and at most {} (here: {}): on few cores \
+         extra connections only cost CPU; on many, each spreads a flow's receive work onto \
+         another core. The receiver accepts what the sender asks for.",
+        vfmig_pipeline::CORES_PER_STREAM,
+        vfmig_pipeline::DEFAULT_STREAMS_MAX,
+        vfmig_pipeline::default_streams()
     )
 }
 

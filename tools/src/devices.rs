@@ -241,15 +241,39 @@ pub fn read_psk(path: &std::path::Path, accept_any_perms: bool) -> Result<Vec<u8
     Ok(key)
 }
 
+/// Pool buffers a side needs for `workers` codec workers to all have work: the transport's
+/// window (reorder window on the destination, unacknowledged sends on the source), what it keeps
+/// ready (8, plus one per connection of `cfg.streams`), an input and an output buffer per worker,
+/// and one per device. Never fewer than the transport's default, so hosts that the default
+/// already fits (up to 11 workers) keep exactly the default pool. A receiver asked for more
+/// connections than its own default runs fewer workers rather than fail (the pipeline's check).
+pub fn pool_slots_for(cfg: &SessionConfig, workers: usize, devices: usize) -> usize {
+    let slot = u64::try_from(cfg.slot_size.max(1)).unwrap_or(u64::MAX);
+    let window = usize::try_from(cfg.window_bytes.div_ceil(slot)).unwrap_or(usize::MAX);
+    let need = window
+        .saturating_add(8 + cfg.streams)
+        .saturating_add(workers.saturating_mul(2))
+        .saturating_add(devices.max(1));
+    need.max(cfg.pool_slots)
+}
+
 /// The transport configuration for these options.
 pub fn session_config(
     common: &CommonArgs,
     require_client_cert: bool,
 ) -> Result<SessionConfig, UsageError> {
-    let mut cfg = SessionConfig::default();
-    if let Some(n) = common.streams {
-        cfg.streams = usize::from(n);
-    }
+    let mut cfg = SessionConfig {
+        // Connections: --streams, else one per 8 usable cores, 1..=4 (see
+        // `vfmig_pipeline::default_streams` for why). The receiver takes what the sender asks for.
+        streams: common
+            .streams
+            .map_or_else(vfmig_pipeline::default_streams, usize::from),
+        ..SessionConfig::default()
+    };
+    let workers = common
+        .workers
+        .map_or_else(vfmig_pipeline::default_codec_workers, usize::from);
+    cfg.pool_slots = pool_slots_for(&cfg, workers, common.devices.len());
     if let Some(p) = &common.psk_file {
         cfg.auth = AuthConfig::Psk(read_psk(p, common.insecure_key_perms)?);
     }
@@ -283,6 +307,16 @@ pub fn session_config(
 mod tests {
     use super::*;
     use crate::spec::Profile;
+
+    #[test]
+    fn pool_grows_only_for_more_workers_than_the_default_pool_feeds() {
+        let cfg = SessionConfig::default();
+        assert_eq!(pool_slots_for(&cfg, 2, 1), cfg.pool_slots);
+        assert_eq!(pool_slots_for(&cfg, 8, 1), cfg.pool_slots);
+        // 32 window + 9 transport + 32 for 16 workers + 1 device.
+        assert_eq!(pool_slots_for(&cfg, 16, 1), 74);
+        assert!(pool_slots_for(&cfg, 64, 4) > pool_slots_for(&cfg, 16, 4));
+    }
 
     #[test]
     fn psk_file_strips_one_newline_and_refuses_short_keys() {

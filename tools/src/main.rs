@@ -42,6 +42,7 @@ use crate::cli::{Cli, Command};
 use crate::error::{describe, CliError};
 
 fn main() -> ExitCode {
+    report::mark_process_start();
     install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -178,6 +178,9 @@ pub fn report_json(
         limiting_stage,
         stages_busy_ms: stages,
         devices,
+        started_at_ns: crate::report::process_started_at_ns(),
+        first_data_at_ns: report.first_data_at.map(crate::report::epoch_ns),
+        final_ack_at_ns: report.final_ack_at.map(crate::report::epoch_ns),
     }
 }
 

@@ -13,8 +13,14 @@
 //!   "devices": [ { "index": n, "name": s, "kind": "emu"|"file"|"vfio",
 //!                  "raw_bytes": u64, "wire_bytes": u64, "precopy_bytes": u64, "ratio": f64,
 //!                  "throughput_bytes_per_sec": f64, "downtime_ms": null | f64,
-//!                  "accepted": bool, "final_state": null | "RUNNING" | "STOP" | ... } ] }
+//!                  "accepted": bool, "final_state": null | "RUNNING" | "STOP" | ... } ],
+//!   "started_at_ns": u64, "first_data_at_ns": null | u64, "final_ack_at_ns": null | u64 }
 //! ```
+//! The three instants are wall-clock (`CLOCK_REALTIME`) nanoseconds since the Unix epoch, for
+//! lining this process up with others on the same host (`vfmig-bench cli` measures setup and
+//! exit time from them): `started_at_ns` when `main` began; `first_data_at_ns` (send) when the
+//! first device-state frame went to the transport; `final_ack_at_ns` when the destination's
+//! final outcome arrived (send) or was sent (recv). Null where the instant did not happen.
 //! `devices` is also filled on a migration failure (figures 0), so that `final_state` says
 //! where each device was left: the kernel name of its VFIO state when the command ended (for
 //! `file:` devices, the state the stream adapter models), or null if it could not be read.
@@ -129,6 +135,31 @@ pub struct ReportJson {
     pub stages_busy_ms: StagesJson,
     /// Per device.
     pub devices: Vec<DeviceJson>,
+    /// When this process's `main` began (wall clock, ns since the epoch).
+    pub started_at_ns: u64,
+    /// Send: when the first device-state frame went to the transport (ns since the epoch).
+    pub first_data_at_ns: Option<u64>,
+    /// When the destination's final outcome arrived (send) or was sent (recv).
+    pub final_ack_at_ns: Option<u64>,
+}
+
+/// When `main` began; set once by [`mark_process_start`].
+static PROCESS_START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
+/// Notes the process's start (called first thing in `main`; later calls change nothing).
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(std::time::SystemTime::now);
+}
+
+/// A wall-clock instant as ns since the Unix epoch (0 before it).
+pub fn epoch_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// [`mark_process_start`]'s instant, in ns since the epoch (now, if it was never marked).
+pub fn process_started_at_ns() -> u64 {
+    epoch_ns(*PROCESS_START.get_or_init(std::time::SystemTime::now))
 }
 
 /// raw / wire, 0 when nothing moved.
@@ -191,6 +222,9 @@ impl ReportJson {
             limiting_stage: None,
             stages_busy_ms: StagesJson::default(),
             devices: Vec::new(),
+            started_at_ns: process_started_at_ns(),
+            first_data_at_ns: None,
+            final_ack_at_ns: None,
         }
     }
 
@@ -311,6 +345,9 @@ mod tests {
                 accepted: true,
                 final_state: Some("STOP"),
             }],
+            started_at_ns: 1_700_000_000_000_000_000,
+            first_data_at_ns: Some(1_700_000_000_100_000_000),
+            final_ack_at_ns: Some(1_700_000_002_000_000_000),
         }
     }
 
@@ -332,6 +369,9 @@ mod tests {
             "limiting_stage",
             "stages_busy_ms",
             "devices",
+            "started_at_ns",
+            "first_data_at_ns",
+            "final_ack_at_ns",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }

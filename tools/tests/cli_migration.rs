@@ -73,6 +73,13 @@ fn emulated_device_migration_succeeds_and_both_sides_report_acceptance() {
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(r["devices"][0]["accepted"], true, "{r}");
     assert_eq!(r["devices"][0]["raw_bytes"].as_u64(), Some(raw), "{r}");
+    // Wall-clock instants for harnesses that line processes up (issue 12).
+    for key in ["started_at_ns", "first_data_at_ns", "final_ack_at_ns"] {
+        assert!(s[key].as_u64().is_some_and(|t| t > 0), "send {key}: {s}");
+    }
+    assert!(r["started_at_ns"].as_u64().is_some(), "{r}");
+    assert!(r["first_data_at_ns"].is_null(), "{r}");
+    assert!(r["final_ack_at_ns"].as_u64().is_some(), "{r}");
 }
 
 #[test]

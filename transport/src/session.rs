@@ -15,7 +15,7 @@ use vfmig_wire::handshake::{
     ServerHandshake, ServerParams, KNOWN_CODECS,
 };
 use vfmig_wire::seal::{FrameOpener, FrameSealer};
-use vfmig_wire::{AbortReason, FrameHeader, FrameProtection, HEADER_LEN};
+use vfmig_wire::{AbortReason, FrameHeader, FrameProtection};
 
 use crate::config::{
     check_peer_policy, AuthConfig, SessionConfig, MAX_ABORT_DETAIL, MAX_DEVICES, MAX_STREAMS,
@@ -561,5 +561,3 @@ impl RecvSession {
         self.core.close()
     }
 }
-
-const _: () = assert!(HEADER_LEN == 40);

@@ -7,73 +7,45 @@
 
 use std::fmt;
 
-/// A device migration state (`enum vfio_device_mig_state`). The discriminants are the uAPI values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u32)]
-pub enum DeviceState {
-    /// `VFIO_DEVICE_STATE_ERROR`: never a legal target; left only through `VFIO_DEVICE_RESET`.
-    Error = 0,
-    /// `VFIO_DEVICE_STATE_STOP`: no DMA, no working MMIO, state is quiescent.
-    Stop = 1,
-    /// `VFIO_DEVICE_STATE_RUNNING`: normal operation.
-    Running = 2,
-    /// `VFIO_DEVICE_STATE_STOP_COPY`: stopped; the data fd streams the complete device state.
-    StopCopy = 3,
-    /// `VFIO_DEVICE_STATE_RESUMING`: stopped; the data fd accepts a state stream.
-    Resuming = 4,
-    /// `VFIO_DEVICE_STATE_RUNNING_P2P`: RUNNING, but initiates no DMA / P2P to other devices.
-    RunningP2p = 5,
-    /// `VFIO_DEVICE_STATE_PRE_COPY`: RUNNING while the data fd streams initial and dirty state.
-    PreCopy = 6,
-    /// `VFIO_DEVICE_STATE_PRE_COPY_P2P`: RUNNING_P2P while the data fd keeps streaming.
-    PreCopyP2p = 7,
+vfmig_enum::int_enum! {
+    /// A device migration state (`enum vfio_device_mig_state`). The discriminants are the uAPI
+    /// values; the names (`name()`, `Display`) are the kernel's spelling, e.g. `RUNNING_P2P`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum DeviceState: u32 {
+        /// `VFIO_DEVICE_STATE_ERROR`: never a legal target; left only through `VFIO_DEVICE_RESET`.
+        Error = 0 => "ERROR",
+        /// `VFIO_DEVICE_STATE_STOP`: no DMA, no working MMIO, state is quiescent.
+        Stop = 1 => "STOP",
+        /// `VFIO_DEVICE_STATE_RUNNING`: normal operation.
+        Running = 2 => "RUNNING",
+        /// `VFIO_DEVICE_STATE_STOP_COPY`: stopped; the data fd streams the complete device state.
+        StopCopy = 3 => "STOP_COPY",
+        /// `VFIO_DEVICE_STATE_RESUMING`: stopped; the data fd accepts a state stream.
+        Resuming = 4 => "RESUMING",
+        /// `VFIO_DEVICE_STATE_RUNNING_P2P`: RUNNING, but initiates no DMA / P2P to other devices.
+        RunningP2p = 5 => "RUNNING_P2P",
+        /// `VFIO_DEVICE_STATE_PRE_COPY`: RUNNING while the data fd streams initial and dirty state.
+        PreCopy = 6 => "PRE_COPY",
+        /// `VFIO_DEVICE_STATE_PRE_COPY_P2P`: RUNNING_P2P while the data fd keeps streaming.
+        PreCopyP2p = 7 => "PRE_COPY_P2P",
+    }
 }
 
 impl DeviceState {
-    /// All eight states, in uAPI value order.
-    pub const ALL: [DeviceState; 8] = [
-        DeviceState::Error,
-        DeviceState::Stop,
-        DeviceState::Running,
-        DeviceState::StopCopy,
-        DeviceState::Resuming,
-        DeviceState::RunningP2p,
-        DeviceState::PreCopy,
-        DeviceState::PreCopyP2p,
-    ];
-
-    /// The uAPI value (`VFIO_DEVICE_STATE_*`).
+    /// The uAPI value (`VFIO_DEVICE_STATE_*`): the uAPI's spelling of [`DeviceState::code`].
     pub const fn as_raw(self) -> u32 {
-        self as u32
+        self.code()
     }
 
-    /// Parses a uAPI value; `None` for values the kernel does not define.
+    /// Parses a uAPI value; `None` for values the kernel does not define. The uAPI's spelling
+    /// of [`DeviceState::from_code`].
     pub const fn from_raw(raw: u32) -> Option<DeviceState> {
-        Some(match raw {
-            0 => DeviceState::Error,
-            1 => DeviceState::Stop,
-            2 => DeviceState::Running,
-            3 => DeviceState::StopCopy,
-            4 => DeviceState::Resuming,
-            5 => DeviceState::RunningP2p,
-            6 => DeviceState::PreCopy,
-            7 => DeviceState::PreCopyP2p,
-            _ => return None,
-        })
+        DeviceState::from_code(raw)
     }
 
-    /// The kernel's spelling, e.g. `RUNNING_P2P`.
+    /// The kernel's spelling, e.g. `RUNNING_P2P`: [`DeviceState::name`].
     pub const fn kernel_name(self) -> &'static str {
-        match self {
-            DeviceState::Error => "ERROR",
-            DeviceState::Stop => "STOP",
-            DeviceState::Running => "RUNNING",
-            DeviceState::StopCopy => "STOP_COPY",
-            DeviceState::Resuming => "RESUMING",
-            DeviceState::RunningP2p => "RUNNING_P2P",
-            DeviceState::PreCopy => "PRE_COPY",
-            DeviceState::PreCopyP2p => "PRE_COPY_P2P",
-        }
+        self.name()
     }
 
     /// The capabilities a device must have for this state to exist (`state_flags_table`).
@@ -127,12 +99,6 @@ impl DeviceState {
     /// MMIO writes and read zeros.
     pub const fn mmio_works(self) -> bool {
         self.is_running()
-    }
-}
-
-impl fmt::Display for DeviceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kernel_name())
     }
 }
 
@@ -407,4 +373,58 @@ pub fn path(
         return Err(FsmError::UnsupportedState { state: cur, caps });
     }
     Ok(arcs)
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::DeviceState;
+    use vfio_bindings::bindings::vfio as b;
+
+    #[test]
+    fn states_round_trip_as_the_uapi_values_with_the_kernel_names() {
+        let uapi = [
+            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR, "ERROR"),
+            (b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP, "STOP"),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING,
+                "RUNNING",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY,
+                "STOP_COPY",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING,
+                "RESUMING",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P,
+                "RUNNING_P2P",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY,
+                "PRE_COPY",
+            ),
+            (
+                b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P,
+                "PRE_COPY_P2P",
+            ),
+        ];
+        assert_eq!(
+            DeviceState::ALL.len(),
+            b::vfio_device_mig_state_VFIO_DEVICE_STATE_NR as usize
+        );
+        for (state, (value, name)) in DeviceState::ALL.into_iter().zip(uapi) {
+            assert_eq!((state.as_raw(), u32::from(state)), (value, value));
+            assert_eq!(DeviceState::try_from(value), Ok(state));
+            assert_eq!(DeviceState::from_raw(value), Some(state));
+            assert_eq!(
+                (state.to_string().as_str(), state.kernel_name()),
+                (name, name)
+            );
+        }
+        let nr = b::vfio_device_mig_state_VFIO_DEVICE_STATE_NR;
+        assert_eq!(DeviceState::try_from(nr).unwrap_err().value, nr);
+        assert_eq!(DeviceState::from_raw(u32::MAX), None);
+    }
 }

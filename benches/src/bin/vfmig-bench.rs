@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vfmig_benches::harness::{mbps, run_pair, Impl, Limit, Link, Row, SideResult};
-use vfmig_benches::{devices, reference, rss, vfmig_side};
+use vfmig_benches::{cli_e2e, devices, reference, rss, vfmig_side};
 use vfmig_vfio::emulated::DataFdBackend;
 
 const MIB: u64 = 1 << 20;
@@ -33,6 +33,83 @@ enum Cmd {
     Run(RunArgs),
     /// One side of one migration (used by `run`).
     Side(SideArgs),
+    /// The `vfmig` CLI end to end: `vfmig recv` + `vfmig send` as two processes with `file:`
+    /// devices on tmpfs, against a plain 1 MiB read/write loop (issue 12).
+    Cli(CliArgs),
+    /// The plain loop's source: read 1 MiB of FILE, write it to the socket, repeat (used by `cli`).
+    LoopSend(LoopArgs),
+    /// The plain loop's destination: read the socket, write FILE, fsync, acknowledge (used by `cli`).
+    LoopRecv(LoopArgs),
+    /// Runs CMD, waits, prints `MEASURE` (exit, wall-clock start/exit, CPU, peak RSS) on stderr.
+    Measure {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct LoopArgs {
+    /// Address to connect to (loop-send).
+    #[arg(long, required_unless_present = "listen")]
+    connect: Option<SocketAddr>,
+    /// Address to listen on (loop-recv; port 0: any).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The file read (send) or written (recv).
+    #[arg(long)]
+    file: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct CliArgs {
+    /// Quick mode: 4 MiB and 256 MiB rows, 3 runs each; scaling (if asked) on 256 MiB, 1 run.
+    #[arg(long)]
+    short: bool,
+    /// State sizes (default 4M,1G,4G; 4M,256M with --short).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    sizes: Vec<u64>,
+    /// Content profiles: random, mixed (50% zero pages, 25% shared-library bytes, 25% random),
+    /// zero (97% zero pages).
+    #[arg(long, value_delimiter = ',', default_value = "random,mixed,zero")]
+    profiles: Vec<String>,
+    /// Runs per row, alternating vfmig and the loop; the median is reported (default 5; 3 with
+    /// --short).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Also run the scaling grid (--workers x --streams, --compress zstd, mixed).
+    #[arg(long)]
+    scaling: bool,
+    /// Only the scaling grid.
+    #[arg(long, requires = "scaling")]
+    no_rows: bool,
+    /// Scaling grid: codec workers (both sides).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    workers: Vec<u16>,
+    /// Scaling grid: TCP connections (sender).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    streams: Vec<u16>,
+    /// Scaling run size (default 1G; 256M with --short).
+    #[arg(long, value_parser = parse_size)]
+    scaling_size: Option<u64>,
+    /// Runs per scaling cell (default 3; 1 with --short).
+    #[arg(long)]
+    scaling_runs: Option<usize>,
+    /// Run both processes under `taskset -c LIST` (default: the cores this process may use).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Directory for the state files: tmpfs, so that the files move at memory speed.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// The vfmig binary (default: target/release/vfmig beside this binary).
+    #[arg(long)]
+    vfmig: Option<PathBuf>,
+    /// Write every row as CSV here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write the markdown tables here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -161,6 +238,29 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Side(a) => side(&a),
         Cmd::Run(a) => run(&a),
+        Cmd::Cli(a) => cli_bench(&a),
+        Cmd::LoopSend(a) => match a.connect {
+            Some(addr) => cli_e2e::loop_send(addr, &a.file)
+                .map(|_| ())
+                .map_err(Into::into),
+            None => Err("loop-send needs --connect".into()),
+        },
+        Cmd::LoopRecv(a) => match a.listen {
+            Some(addr) => cli_e2e::loop_recv(addr, &a.file)
+                .map(|_| ())
+                .map_err(Into::into),
+            None => Err("loop-recv needs --listen".into()),
+        },
+        Cmd::Measure { cmd } => {
+            return match cli_e2e::measure(&cmd) {
+                // The child's code, as a shell would pass it on.
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("vfmig-bench measure: {e}");
+                    ExitCode::from(127)
+                }
+            };
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -459,6 +559,126 @@ fn run(a: &RunArgs) -> Result<(), BoxErr> {
         fs::write(p, csv(&rows))?;
     }
     Ok(())
+}
+
+/// The CPU list this process may run on (`Cpus_allowed_list`), for `taskset -c`.
+fn own_cpu_list() -> Option<String> {
+    fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|l| l.trim().to_owned())
+}
+
+fn cli_bench(a: &CliArgs) -> Result<(), BoxErr> {
+    let t0 = Instant::now();
+    let sizes = if a.sizes.is_empty() {
+        if a.short {
+            vec![4 * MIB, 256 * MIB]
+        } else {
+            vec![4 * MIB, GIB, 4 * GIB]
+        }
+    } else {
+        a.sizes.clone()
+    };
+    let profiles = a
+        .profiles
+        .iter()
+        .map(|p| {
+            cli_e2e::Profile::from_name(p)
+                .ok_or_else(|| format!("unknown profile {p:?} (random, mixed, zero)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bench = std::env::current_exe()?;
+    let vfmig = match &a.vfmig {
+        Some(p) => p.clone(),
+        None => bench
+            .parent()
+            .map(|d| d.join("vfmig"))
+            .ok_or("cannot locate target/release/vfmig; pass --vfmig")?,
+    };
+    if !vfmig.is_file() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release -p vfmig) or pass --vfmig",
+            vfmig.display()
+        )
+        .into());
+    }
+    let dir = a
+        .dir
+        .join(format!("vfmig-bench-cli-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let psk = dir.join("psk");
+    cli_e2e::write_psk(&psk)?;
+    let cpus = a.cpus.clone().or_else(own_cpu_list);
+    let cores = match &cpus {
+        Some(list) => count_cpu_list(list).ok_or_else(|| format!("bad --cpus {list:?}"))?,
+        None => vfmig_pipeline::cores::available_cores(),
+    };
+    let cfg = cli_e2e::Config {
+        sizes,
+        profiles,
+        runs: a.runs.unwrap_or(if a.short { 3 } else { 5 }).max(1),
+        rows: !a.no_rows,
+        workers: a.workers.clone(),
+        streams: a.streams.clone(),
+        scaling: a.scaling,
+        scaling_size: a
+            .scaling_size
+            .unwrap_or(if a.short { 256 * MIB } else { GIB }),
+        scaling_runs: a.scaling_runs.unwrap_or(if a.short { 1 } else { 3 }).max(1),
+        dir: dir.clone(),
+        programs: cli_e2e::Programs {
+            bench,
+            vfmig,
+            psk,
+            cpus,
+        },
+        cores,
+    };
+    println!(
+        "vfmig-bench cli: sizes {:?}, profiles {:?}, {} run(s) per row, files in {}",
+        cfg.sizes
+            .iter()
+            .map(|&s| cli_e2e::human(s))
+            .collect::<Vec<_>>(),
+        a.profiles,
+        cfg.runs,
+        dir.display()
+    );
+    let res = cli_e2e::run_suite(&cfg, &mut |l| println!("{l}"));
+    let _ = fs::remove_dir_all(&dir);
+    let out = res?;
+    let md = cli_e2e::markdown(&out, &machine(), cfg.runs);
+    println!("\n{md}");
+    println!("(suite took {:.0} s)", t0.elapsed().as_secs_f64());
+    if let Some(p) = &a.markdown {
+        fs::write(p, &md)?;
+    }
+    if let Some(p) = &a.csv {
+        fs::write(p, cli_e2e::csv(&out))?;
+    }
+    if out.rows.is_empty() && out.scaling.is_empty() {
+        return Err("no row was measured".into());
+    }
+    Ok(())
+}
+
+/// Counts a CPU list (`0-3,8`).
+fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0usize;
+    for part in list.split(',').filter(|p| !p.trim().is_empty()) {
+        n += match part.trim().split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => part.trim().parse::<usize>().map(|_| 1).ok()?,
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 /// `nproc`, CPU model, kernel and memory, from /proc.

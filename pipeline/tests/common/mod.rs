@@ -11,7 +11,7 @@ use std::time::Duration;
 use vfmig_pipeline::{DestinationOptions, SourceOptions};
 use vfmig_transport::SessionConfig;
 use vfmig_vfio::emulated::{EmulatedConfig, EmulatedDevice};
-use vfmig_wire::FrameKind;
+use vfmig_wire::{FrameKind, HeaderBytes};
 
 /// A 4 MiB emulated device with pre-copy: its whole state is initial data, and it dirties
 /// 1 MiB/s while running.
@@ -129,8 +129,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
             }
             return;
         }
-        let kind = FrameKind::from_u8(h[4]);
-        let len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as usize;
+        let head = HeaderBytes::new(h);
+        let kind = FrameKind::from_code(head.kind_byte());
+        let len = head.wire_len() as usize;
         let mut payload = vec![0u8; len];
         if from.read_exact(&mut payload).is_err() {
             return cut(all);
@@ -139,7 +140,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, fault: &Fault, all: &[
             Fault::CutToDestination(k) if up && kind == Some(*k) => return cut(all),
             Fault::CutToSource(k) if !up && kind == Some(*k) => return cut(all),
             Fault::RecordToDestination(kinds, _) if up => {
-                kinds.lock().unwrap().push(h[4]);
+                kinds.lock().unwrap().push(head.kind_byte());
             }
             Fault::CountToSource(k, n) if !up && kind == Some(*k) => {
                 n.fetch_add(1, Ordering::SeqCst);

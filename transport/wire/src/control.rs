@@ -6,94 +6,40 @@ use crate::deframer::Frame;
 use crate::frame::{Codec, FrameHeader, FrameKind, DIGEST_LEN, HEADER_LEN, MAX_ABORT_DETAIL};
 use crate::WireError;
 
-/// Why a session is aborted: the code in the `arg` of an `Abort` frame (docs/PROTOCOL.md,
-/// section 5). This is the one abort vocabulary of vfmig: the transport sends it
-/// (`abort(AbortReason)`), reports it (`PeerAborted { reason }`), and the pipeline picks it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AbortReason {
-    /// 1: the operator or the VMM cancelled the migration (also: a session handle dropped
-    /// without closing).
-    Cancelled,
-    /// 2: a source device or the source's pipeline failed (read, state transition, codec).
-    SourceDevice,
-    /// 3: the destination could not set up or write to its device.
-    DestinationDevice,
-    /// 4: the peer broke the protocol (bad frame, wrong order, unknown device).
-    Protocol,
-    /// 5: a checksum, length, digest or decode check failed.
-    Integrity,
-    /// 6: the peer was silent, or made no progress, past the timeout.
-    Timeout,
-    /// 7: a bounded resource ran out (pool, window, queue) past its timeout.
-    Resources,
-    /// 8: an internal error on the sender.
-    Internal,
-    /// 9: a destination device refused its state (RESUMING -> STOP failed).
-    DeviceRefused,
-    /// 10: the two sides were given different devices.
-    DeviceMismatch,
-    /// A code this version does not know.
-    Unknown(u16),
+vfmig_enum::int_enum! {
+    /// Why a session is aborted: the code in the `arg` of an `Abort` frame (docs/PROTOCOL.md,
+    /// section 5). This is the one abort vocabulary of vfmig: the transport sends it
+    /// (`abort(AbortReason)`), reports it (`PeerAborted { reason }`), and the pipeline picks it.
+    /// Codes this version does not know are [`AbortReason::Unknown`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum AbortReason: u16 {
+        /// 1: the operator or the VMM cancelled the migration (also: a session handle dropped
+        /// without closing).
+        Cancelled = 1,
+        /// 2: a source device or the source's pipeline failed (read, state transition, codec).
+        SourceDevice = 2,
+        /// 3: the destination could not set up or write to its device.
+        DestinationDevice = 3,
+        /// 4: the peer broke the protocol (bad frame, wrong order, unknown device).
+        Protocol = 4,
+        /// 5: a checksum, length, digest or decode check failed.
+        Integrity = 5,
+        /// 6: the peer was silent, or made no progress, past the timeout.
+        Timeout = 6,
+        /// 7: a bounded resource ran out (pool, window, queue) past its timeout.
+        Resources = 7,
+        /// 8: an internal error on the sender.
+        Internal = 8,
+        /// 9: a destination device refused its state (RESUMING -> STOP failed).
+        DeviceRefused = 9,
+        /// 10: the two sides were given different devices.
+        DeviceMismatch = 10,
+    }
+    unknown Unknown;
+    display manual;
 }
 
-impl AbortReason {
-    /// Every known reason, in code order.
-    pub const ALL: [AbortReason; 10] = [
-        AbortReason::Cancelled,
-        AbortReason::SourceDevice,
-        AbortReason::DestinationDevice,
-        AbortReason::Protocol,
-        AbortReason::Integrity,
-        AbortReason::Timeout,
-        AbortReason::Resources,
-        AbortReason::Internal,
-        AbortReason::DeviceRefused,
-        AbortReason::DeviceMismatch,
-    ];
-
-    /// Wire code.
-    pub const fn code(self) -> u16 {
-        match self {
-            AbortReason::Cancelled => 1,
-            AbortReason::SourceDevice => 2,
-            AbortReason::DestinationDevice => 3,
-            AbortReason::Protocol => 4,
-            AbortReason::Integrity => 5,
-            AbortReason::Timeout => 6,
-            AbortReason::Resources => 7,
-            AbortReason::Internal => 8,
-            AbortReason::DeviceRefused => 9,
-            AbortReason::DeviceMismatch => 10,
-            AbortReason::Unknown(v) => v,
-        }
-    }
-
-    /// Parses a wire code; codes this version does not know become [`AbortReason::Unknown`].
-    pub fn from_code(code: u16) -> AbortReason {
-        AbortReason::ALL
-            .into_iter()
-            .find(|r| r.code() == code)
-            .unwrap_or(AbortReason::Unknown(code))
-    }
-
-    /// The name docs/PROTOCOL.md gives the code (`"unknown"` for unknown codes).
-    pub const fn name(self) -> &'static str {
-        match self {
-            AbortReason::Cancelled => "Cancelled",
-            AbortReason::SourceDevice => "SourceDevice",
-            AbortReason::DestinationDevice => "DestinationDevice",
-            AbortReason::Protocol => "Protocol",
-            AbortReason::Integrity => "Integrity",
-            AbortReason::Timeout => "Timeout",
-            AbortReason::Resources => "Resources",
-            AbortReason::Internal => "Internal",
-            AbortReason::DeviceRefused => "DeviceRefused",
-            AbortReason::DeviceMismatch => "DeviceMismatch",
-            AbortReason::Unknown(_) => "Unknown",
-        }
-    }
-}
-
+/// Written here rather than by `int_enum!`: messages name the code too, `Cancelled (1)`.
 impl std::fmt::Display for AbortReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -103,46 +49,21 @@ impl std::fmt::Display for AbortReason {
     }
 }
 
-/// What the destination did after the source's commit (`arg` of an `Outcome` frame,
-/// docs/PROTOCOL.md, section 5.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FinalOutcome {
-    /// 1: every destination device is RUNNING (resumed by the library or by the VMM).
-    Resumed,
-    /// 2: every destination device holds the committed state in STOP; its owner resumes it.
-    Held,
-    /// 3: resuming failed; the destination reset its devices before saying so, so the source
-    /// holds the only valid state and may run again.
-    ResumeFailed,
-    /// A code this version does not know (the source treats it as in doubt).
-    Unknown(u16),
-}
-
-impl FinalOutcome {
-    /// Every known outcome, in code order.
-    pub const ALL: [FinalOutcome; 3] = [
-        FinalOutcome::Resumed,
-        FinalOutcome::Held,
-        FinalOutcome::ResumeFailed,
-    ];
-
-    /// Wire code.
-    pub const fn code(self) -> u16 {
-        match self {
-            FinalOutcome::Resumed => 1,
-            FinalOutcome::Held => 2,
-            FinalOutcome::ResumeFailed => 3,
-            FinalOutcome::Unknown(c) => c,
-        }
+vfmig_enum::int_enum! {
+    /// What the destination did after the source's commit (`arg` of an `Outcome` frame,
+    /// docs/PROTOCOL.md, section 5.1). Codes this version does not know are
+    /// [`FinalOutcome::Unknown`] (the source treats them as in doubt).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum FinalOutcome: u16 {
+        /// 1: every destination device is RUNNING (resumed by the library or by the VMM).
+        Resumed = 1,
+        /// 2: every destination device holds the committed state in STOP; its owner resumes it.
+        Held = 2,
+        /// 3: resuming failed; the destination reset its devices before saying so, so the
+        /// source holds the only valid state and may run again.
+        ResumeFailed = 3,
     }
-
-    /// Parses a wire code.
-    pub fn from_code(code: u16) -> FinalOutcome {
-        FinalOutcome::ALL
-            .into_iter()
-            .find(|o| o.code() == code)
-            .unwrap_or(FinalOutcome::Unknown(code))
-    }
+    unknown Unknown;
 }
 
 /// A control frame, decoded.

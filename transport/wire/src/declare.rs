@@ -12,6 +12,7 @@
 //! state) nor [`DeviceKind::Unspecified`], the kinds are equal, the sizes are equal where both
 //! are known, and the compatibility identifiers are equal where both are non-empty.
 
+use crate::codec::{Put, Reader, WireCodec};
 use crate::handshake::HandshakeError;
 
 /// Bytes of a [`DeviceDecl`] without its compatibility identifier.
@@ -21,33 +22,23 @@ pub const MAX_COMPAT: usize = 255;
 /// Largest encoded [`DeviceDecl`].
 pub const MAX_DECL_LEN: usize = DECL_FIXED_LEN + MAX_COMPAT;
 
-/// What a device is, as far as pairing goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
-#[repr(u8)]
-pub enum DeviceKind {
-    /// Not said (a library user that declared nothing): never compared.
-    #[default]
-    Unspecified = 0,
-    /// A byte stream (a file): carries any device's state, never compared.
-    Stream = 1,
-    /// An emulated device.
-    Emulated = 2,
-    /// A VFIO device.
-    Vfio = 3,
+vfmig_enum::int_enum! {
+    /// What a device is, as far as pairing goes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+    pub enum DeviceKind: u8 {
+        /// Not said (a library user that declared nothing): never compared.
+        #[default]
+        Unspecified = 0 => "unspecified",
+        /// A byte stream (a file): carries any device's state, never compared.
+        Stream = 1 => "stream",
+        /// An emulated device.
+        Emulated = 2 => "emulated",
+        /// A VFIO device.
+        Vfio = 3 => "VFIO",
+    }
 }
 
 impl DeviceKind {
-    /// Parses the wire byte.
-    pub fn from_u8(v: u8) -> Option<DeviceKind> {
-        Some(match v {
-            0 => DeviceKind::Unspecified,
-            1 => DeviceKind::Stream,
-            2 => DeviceKind::Emulated,
-            3 => DeviceKind::Vfio,
-            _ => return None,
-        })
-    }
-
     /// Whether devices of this kind are compared with their peer.
     fn is_compared(self) -> bool {
         matches!(self, DeviceKind::Emulated | DeviceKind::Vfio)
@@ -99,56 +90,68 @@ impl DeviceDecl {
 
     /// Appends the encoding (the caller checked [`DeviceDecl::is_valid`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.kind as u8);
-        out.push(u8::from(self.size.is_some()));
-        out.extend_from_slice(&self.size.unwrap_or(0).to_le_bytes());
-        let compat = &self.compat.as_bytes()[..self.compat.len().min(MAX_COMPAT)];
-        // At most MAX_COMPAT = 255.
-        out.push(u8::try_from(compat.len()).unwrap_or(u8::MAX));
-        out.extend_from_slice(compat);
+        WireCodec::encode(self, out);
     }
 
     /// Decodes one declaration from the start of `b`; returns it and the bytes it took.
     pub fn decode(b: &[u8]) -> Result<(DeviceDecl, usize), HandshakeError> {
-        let short = HandshakeError::Malformed {
-            what: "device declaration shorter than its fields",
-        };
-        if b.len() < DECL_FIXED_LEN {
-            return Err(short);
+        let mut r = Reader::new(b);
+        let d = r.read::<DeviceDecl>()?;
+        Ok((d, b.len() - r.left()))
+    }
+}
+
+/// A field of a declaration past the end of its message.
+const SHORT: HandshakeError = HandshakeError::Malformed {
+    what: "device declaration shorter than its fields",
+};
+
+impl WireCodec for DeviceDecl {
+    type Error = HandshakeError;
+
+    fn encode<P: Put + ?Sized>(&self, out: &mut P) {
+        out.put_u8(self.kind.code());
+        out.put_u8(u8::from(self.size.is_some()));
+        out.put_u64(self.size.unwrap_or(0));
+        let compat = &self.compat.as_bytes()[..self.compat.len().min(MAX_COMPAT)];
+        // At most MAX_COMPAT = 255.
+        out.put_u8(u8::try_from(compat.len()).unwrap_or(u8::MAX));
+        out.put(compat);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<DeviceDecl, HandshakeError> {
+        let short = |_| SHORT;
+        if r.left() < DECL_FIXED_LEN {
+            return Err(SHORT);
         }
-        let kind = DeviceKind::from_u8(b[0]).ok_or(HandshakeError::Malformed {
-            what: "device declaration kind",
-        })?;
-        let flags = b[1];
+        let kind =
+            DeviceKind::from_code(r.u8().map_err(short)?).ok_or(HandshakeError::Malformed {
+                what: "device declaration kind",
+            })?;
+        let flags = r.u8().map_err(short)?;
         if flags & !1 != 0 {
             return Err(HandshakeError::Malformed {
                 what: "device declaration flags",
             });
         }
-        let mut size = [0u8; 8];
-        size.copy_from_slice(&b[2..10]);
-        let size = u64::from_le_bytes(size);
+        let size = r.u64().map_err(short)?;
         if flags == 0 && size != 0 {
             return Err(HandshakeError::Malformed {
                 what: "device declaration size without its flag",
             });
         }
-        let len = usize::from(b[10]);
-        let end = DECL_FIXED_LEN + len;
-        let compat = b.get(DECL_FIXED_LEN..end).ok_or(short)?;
+        let len = usize::from(r.u8().map_err(short)?);
+        let compat = r.take(len).map_err(short)?;
         let compat = std::str::from_utf8(compat)
             .map_err(|_| HandshakeError::Malformed {
                 what: "device compatibility identifier not UTF-8",
             })?
             .to_owned();
-        Ok((
-            DeviceDecl {
-                kind,
-                size: (flags & 1 == 1).then_some(size),
-                compat,
-            },
-            end,
-        ))
+        Ok(DeviceDecl {
+            kind,
+            size: (flags & 1 == 1).then_some(size),
+            compat,
+        })
     }
 }
 

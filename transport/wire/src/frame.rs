@@ -15,6 +15,7 @@
 //!                      0 on a connection with sealed frames (the AEAD tag covers them, `seal`)
 //! ```
 
+use crate::codec::{ArrayWriter, Put, Reader, Short};
 use crate::WireError;
 
 /// Guest page size for [`FrameKind::DirtyPages`] (4 KiB in version 2).
@@ -33,71 +34,53 @@ pub const HEADER_LEN: usize = 40;
 /// allocated.
 pub const MAX_PAYLOAD: u32 = 4 << 20;
 
-/// What a frame carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum FrameKind {
-    /// Device state read in PRE_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
-    PreCopyData = 1,
-    /// Device state read in STOP_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
-    StopCopyData = 2,
-    /// Guest pages the device dirtied. `arg`: guest physical address of the first page
-    /// ([`PAGE_SIZE`]-aligned); the raw payload is whole pages (`raw_len` a non-zero multiple of
-    /// [`PAGE_SIZE`]), any codec.
-    DirtyPages = 3,
-    /// End of a device's stream. `arg`: total raw bytes; payload: the 32-byte stream digest
-    /// ([`DIGEST_LEN`], codec Raw). Takes the next sequence number of the device's stream.
-    EndOfDevice = 4,
-    /// Destination -> source: the destination has loaded the initial pre-copy data
-    /// (switchover may proceed). `arg`: raw bytes received so far. No payload, `seq` 0.
-    SwitchoverAck = 5,
-    /// Destination -> source: the destination device is *prepared*: length and digest verified,
-    /// RESUMING -> STOP succeeded (the device validated its state); it stays in STOP until the
-    /// source's [`FrameKind::Commit`]. `arg`: total raw bytes written to the device. No payload,
-    /// `seq` 0.
-    DevicePrepared = 6,
-    /// Either way: abort the session. `arg`: reason code (`AbortReason`); payload: UTF-8 detail,
-    /// at most [`MAX_ABORT_DETAIL`] bytes, codec Raw. `device` and `seq` 0.
-    Abort = 7,
-    /// Either way: liveness. `arg`: sender's monotonic milliseconds. No payload, `device` and
-    /// `seq` 0.
-    Keepalive = 8,
-    /// Source -> destination: pre-copy of this device ends; STOP_COPY data follows. `arg`: raw
-    /// pre-copy bytes sent. No payload; takes the next sequence number of the device's stream.
-    PreCopyDone = 9,
-    /// Source -> destination: the decision *commit*, sent once every device was prepared and
-    /// every source device stopped for good. `arg` 0; no payload, `device` and `seq` 0.
-    Commit = 10,
-    /// Destination -> source: what the destination did after [`FrameKind::Commit`]. `arg`: the
-    /// outcome code (`FinalOutcome`, 16 bits); no payload, `device` and `seq` 0.
-    Outcome = 11,
-    /// Source -> destination: every byte of this device's *initial* pre-copy data (the uAPI's
-    /// `initial_bytes`) precedes this marker. `arg`: raw bytes of the stream before it. No
-    /// payload; takes the next sequence number of the device's stream. The destination answers
-    /// [`FrameKind::SwitchoverAck`] once everything before it is loaded.
-    InitialDataSent = 12,
+vfmig_enum::int_enum! {
+    /// What a frame carries.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum FrameKind: u8 {
+        /// Device state read in PRE_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
+        PreCopyData = 1,
+        /// Device state read in STOP_COPY. `arg`: stream offset of the first raw byte. `raw_len > 0`.
+        StopCopyData = 2,
+        /// Guest pages the device dirtied. `arg`: guest physical address of the first page
+        /// ([`PAGE_SIZE`]-aligned); the raw payload is whole pages (`raw_len` a non-zero multiple of
+        /// [`PAGE_SIZE`]), any codec.
+        DirtyPages = 3,
+        /// End of a device's stream. `arg`: total raw bytes; payload: the 32-byte stream digest
+        /// ([`DIGEST_LEN`], codec Raw). Takes the next sequence number of the device's stream.
+        EndOfDevice = 4,
+        /// Destination -> source: the destination has loaded the initial pre-copy data
+        /// (switchover may proceed). `arg`: raw bytes received so far. No payload, `seq` 0.
+        SwitchoverAck = 5,
+        /// Destination -> source: the destination device is *prepared*: length and digest verified,
+        /// RESUMING -> STOP succeeded (the device validated its state); it stays in STOP until the
+        /// source's [`FrameKind::Commit`]. `arg`: total raw bytes written to the device. No payload,
+        /// `seq` 0.
+        DevicePrepared = 6,
+        /// Either way: abort the session. `arg`: reason code (`AbortReason`); payload: UTF-8 detail,
+        /// at most [`MAX_ABORT_DETAIL`] bytes, codec Raw. `device` and `seq` 0.
+        Abort = 7,
+        /// Either way: liveness. `arg`: sender's monotonic milliseconds. No payload, `device` and
+        /// `seq` 0.
+        Keepalive = 8,
+        /// Source -> destination: pre-copy of this device ends; STOP_COPY data follows. `arg`: raw
+        /// pre-copy bytes sent. No payload; takes the next sequence number of the device's stream.
+        PreCopyDone = 9,
+        /// Source -> destination: the decision *commit*, sent once every device was prepared and
+        /// every source device stopped for good. `arg` 0; no payload, `device` and `seq` 0.
+        Commit = 10,
+        /// Destination -> source: what the destination did after [`FrameKind::Commit`]. `arg`: the
+        /// outcome code (`FinalOutcome`, 16 bits); no payload, `device` and `seq` 0.
+        Outcome = 11,
+        /// Source -> destination: every byte of this device's *initial* pre-copy data (the uAPI's
+        /// `initial_bytes`) precedes this marker. `arg`: raw bytes of the stream before it. No
+        /// payload; takes the next sequence number of the device's stream. The destination answers
+        /// [`FrameKind::SwitchoverAck`] once everything before it is loaded.
+        InitialDataSent = 12,
+    }
 }
 
 impl FrameKind {
-    /// Parses the kind byte.
-    pub fn from_u8(v: u8) -> Option<FrameKind> {
-        Some(match v {
-            1 => FrameKind::PreCopyData,
-            2 => FrameKind::StopCopyData,
-            3 => FrameKind::DirtyPages,
-            4 => FrameKind::EndOfDevice,
-            5 => FrameKind::SwitchoverAck,
-            6 => FrameKind::DevicePrepared,
-            7 => FrameKind::Abort,
-            8 => FrameKind::Keepalive,
-            9 => FrameKind::PreCopyDone,
-            10 => FrameKind::Commit,
-            11 => FrameKind::Outcome,
-            12 => FrameKind::InitialDataSent,
-            _ => return None,
-        })
-    }
-
     /// Kinds that carry a device's data stream and take a per-device sequence number.
     pub fn is_sequenced(self) -> bool {
         matches!(
@@ -112,41 +95,28 @@ impl FrameKind {
     }
 }
 
-/// How the payload is encoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Codec {
-    /// Payload is the raw bytes (`wire_len == raw_len`).
-    Raw = 0,
-    /// All `raw_len` bytes are zero; no payload (`wire_len == 0`).
-    Zero = 1,
-    /// One zstd frame.
-    Zstd = 2,
-    /// One LZ4 block (lz4_flex block format, size known from `raw_len`).
-    Lz4 = 3,
-    /// A paged body (see [`page_map_len`]), sent as is.
-    PagedRaw = 4,
-    /// A paged body in one zstd frame.
-    PagedZstd = 5,
-    /// A paged body in one LZ4 block.
-    PagedLz4 = 6,
+vfmig_enum::int_enum! {
+    /// How the payload is encoded.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum Codec: u8 {
+        /// Payload is the raw bytes (`wire_len == raw_len`).
+        Raw = 0,
+        /// All `raw_len` bytes are zero; no payload (`wire_len == 0`).
+        Zero = 1,
+        /// One zstd frame.
+        Zstd = 2,
+        /// One LZ4 block (lz4_flex block format, size known from `raw_len`).
+        Lz4 = 3,
+        /// A paged body (see [`page_map_len`]), sent as is.
+        PagedRaw = 4,
+        /// A paged body in one zstd frame.
+        PagedZstd = 5,
+        /// A paged body in one LZ4 block.
+        PagedLz4 = 6,
+    }
 }
 
 impl Codec {
-    /// Parses the codec byte.
-    pub fn from_u8(v: u8) -> Option<Codec> {
-        Some(match v {
-            0 => Codec::Raw,
-            1 => Codec::Zero,
-            2 => Codec::Zstd,
-            3 => Codec::Lz4,
-            4 => Codec::PagedRaw,
-            5 => Codec::PagedZstd,
-            6 => Codec::PagedLz4,
-            _ => return None,
-        })
-    }
-
     /// Whether the payload decodes to a paged body (zero pages left out, a page map at the end)
     /// rather than to the raw bytes themselves.
     pub fn is_paged(self) -> bool {
@@ -189,36 +159,208 @@ pub struct FrameHeader {
     pub crc: u32,
 }
 
+/// The header's fields in wire order, as they are before any check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RawFields {
+    magic: [u8; 4],
+    kind: u8,
+    codec: u8,
+    device: u16,
+    seq: u64,
+    raw_len: u32,
+    wire_len: u32,
+    arg: u64,
+    flags: u32,
+    crc: u32,
+}
+
+/// Header bytes the CRC covers: every field before `crc`, the last one.
+const CRC_COVERED: usize = HEADER_LEN - 4;
+const _: () = assert!(4 + 1 + 1 + 2 + 8 + 4 + 4 + 8 + 4 == CRC_COVERED);
+
+impl RawFields {
+    /// Reads the fields of a whole header.
+    fn of(b: &[u8; HEADER_LEN]) -> RawFields {
+        // The fields add up to HEADER_LEN bytes (asserted above), so no read comes up short.
+        RawFields::read(&mut Reader::new(b)).unwrap_or_default()
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<RawFields, Short> {
+        Ok(RawFields {
+            magic: r.array()?,
+            kind: r.u8()?,
+            codec: r.u8()?,
+            device: r.u16()?,
+            seq: r.u64()?,
+            raw_len: r.u32()?,
+            wire_len: r.u32()?,
+            arg: r.u64()?,
+            flags: r.u32()?,
+            crc: r.u32()?,
+        })
+    }
+
+    /// Writes every field but `crc` (the bytes the CRC covers).
+    fn write_covered(&self, w: &mut impl Put) {
+        w.put(&self.magic);
+        w.put_u8(self.kind);
+        w.put_u8(self.codec);
+        w.put_u16(self.device);
+        w.put_u64(self.seq);
+        w.put_u32(self.raw_len);
+        w.put_u32(self.wire_len);
+        w.put_u64(self.arg);
+        w.put_u32(self.flags);
+    }
+}
+
+/// The bytes of a frame header, encoded or as received, with typed reads of its fields before
+/// (or without) validation. A receiver uses it to name the device and sequence number of a frame
+/// whose header does not decode, and to find the header in a frame's head: the wire crate is the
+/// only place that knows the layout.
+///
+/// ```
+/// use vfmig_wire::{Codec, FrameHeader, FrameKind, HeaderBytes};
+/// let h = FrameHeader { kind: FrameKind::Keepalive, codec: Codec::Raw, device: 3, seq: 9,
+///                       raw_len: 0, wire_len: 0, arg: 0, crc: 0 };
+/// let b = HeaderBytes::new(h.encode(&[]));
+/// assert_eq!((b.device(), b.seq()), (3, 9));
+/// assert!(b.decode().is_err()); // a Keepalive names no device
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HeaderBytes([u8; HEADER_LEN]);
+
+impl HeaderBytes {
+    /// Wraps header bytes.
+    pub const fn new(bytes: [u8; HEADER_LEN]) -> HeaderBytes {
+        HeaderBytes(bytes)
+    }
+
+    /// The header at the start of a frame's head (the header alone, or followed by the tag of a
+    /// sealed frame, [`crate::seal`]); `None` if `head` is shorter than a header.
+    pub fn from_head(head: &[u8]) -> Option<HeaderBytes> {
+        Reader::new(head).array().ok().map(HeaderBytes)
+    }
+
+    /// The bytes.
+    pub const fn as_array(&self) -> &[u8; HEADER_LEN] {
+        &self.0
+    }
+
+    /// The bytes, by value.
+    pub const fn into_array(self) -> [u8; HEADER_LEN] {
+        self.0
+    }
+
+    /// The `kind` byte, unchecked.
+    pub fn kind_byte(&self) -> u8 {
+        RawFields::of(&self.0).kind
+    }
+
+    /// The `codec` byte, unchecked.
+    pub fn codec_byte(&self) -> u8 {
+        RawFields::of(&self.0).codec
+    }
+
+    /// The `device` field, unchecked.
+    pub fn device(&self) -> u16 {
+        RawFields::of(&self.0).device
+    }
+
+    /// The `seq` field, unchecked.
+    pub fn seq(&self) -> u64 {
+        RawFields::of(&self.0).seq
+    }
+
+    /// The `raw_len` field, unchecked.
+    pub fn raw_len(&self) -> u32 {
+        RawFields::of(&self.0).raw_len
+    }
+
+    /// The `wire_len` field, unchecked.
+    pub fn wire_len(&self) -> u32 {
+        RawFields::of(&self.0).wire_len
+    }
+
+    /// The `arg` field, unchecked.
+    pub fn arg(&self) -> u64 {
+        RawFields::of(&self.0).arg
+    }
+
+    /// The `flags` field, unchecked.
+    pub fn flags(&self) -> u32 {
+        RawFields::of(&self.0).flags
+    }
+
+    /// The `crc` field.
+    pub fn crc(&self) -> u32 {
+        RawFields::of(&self.0).crc
+    }
+
+    /// Sets the `crc` field to 0, as a sealed frame carries it ([`crate::seal`]).
+    pub fn clear_crc(&mut self) {
+        let mut w = ArrayWriter::<HEADER_LEN>::new();
+        RawFields::of(&self.0).write_covered(&mut w);
+        w.put_u32(0);
+        self.0 = w.finish();
+    }
+
+    /// [`FrameHeader::decode`] of these bytes.
+    pub fn decode(&self) -> Result<FrameHeader, WireError> {
+        FrameHeader::decode(&self.0)
+    }
+
+    /// [`FrameHeader::decode_with_limit`] of these bytes.
+    pub fn decode_with_limit(&self, max_payload: u32) -> Result<FrameHeader, WireError> {
+        FrameHeader::decode_with_limit(&self.0, max_payload)
+    }
+
+    /// [`FrameHeader::verify`] of `header` (decoded from these bytes) and its payload.
+    pub fn verify(&self, header: &FrameHeader, payload: &[u8]) -> Result<(), WireError> {
+        header.verify(&self.0, payload)
+    }
+}
+
+impl From<[u8; HEADER_LEN]> for HeaderBytes {
+    fn from(bytes: [u8; HEADER_LEN]) -> HeaderBytes {
+        HeaderBytes(bytes)
+    }
+}
+
 impl FrameHeader {
     /// Writes the header with `crc` computed over it and `payload` (which must be `wire_len`
     /// bytes long).
     pub fn encode(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
-        let mut b = self.encode_fields();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..36]), payload);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
-        b
+        let mut w = ArrayWriter::<HEADER_LEN>::new();
+        self.raw_fields().write_covered(&mut w);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(w.written()), payload);
+        w.put_u32(crc);
+        w.finish()
     }
 
     /// Writes the header with its CRC field 0, for a connection whose frames are sealed
     /// ([`crate::seal`]): the AEAD tag covers header and payload instead of the CRC.
     pub fn encode_unprotected(&self) -> [u8; HEADER_LEN] {
-        let mut b = self.encode_fields();
-        b[36..40].fill(0);
-        b
+        let mut w = ArrayWriter::<HEADER_LEN>::new();
+        self.raw_fields().write_covered(&mut w);
+        w.put_u32(0);
+        w.finish()
     }
 
-    fn encode_fields(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        b[0..4].copy_from_slice(&FRAME_MAGIC);
-        b[4] = self.kind as u8;
-        b[5] = self.codec as u8;
-        b[6..8].copy_from_slice(&self.device.to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.wire_len.to_le_bytes());
-        b[24..32].copy_from_slice(&self.arg.to_le_bytes());
-        // flags: reserved, zero.
-        b
+    fn raw_fields(&self) -> RawFields {
+        RawFields {
+            magic: FRAME_MAGIC,
+            kind: self.kind.code(),
+            codec: self.codec.code(),
+            device: self.device,
+            seq: self.seq,
+            raw_len: self.raw_len,
+            wire_len: self.wire_len,
+            arg: self.arg,
+            // Reserved, zero.
+            flags: 0,
+            crc: self.crc,
+        }
     }
 
     /// Parses and validates a header (magic, kind, codec, lengths, reserved flags). The CRC is
@@ -234,20 +376,25 @@ impl FrameHeader {
         max_payload: u32,
     ) -> Result<FrameHeader, WireError> {
         let max = max_payload.min(MAX_PAYLOAD);
-        if b[0..4] != FRAME_MAGIC {
-            return Err(WireError::BadFrameMagic {
-                found: [b[0], b[1], b[2], b[3]],
-            });
+        let RawFields {
+            magic,
+            kind,
+            codec,
+            device,
+            seq,
+            raw_len,
+            wire_len,
+            arg,
+            flags,
+            crc,
+        } = RawFields::of(b);
+        if magic != FRAME_MAGIC {
+            return Err(WireError::BadFrameMagic { found: magic });
         }
-        let kind = FrameKind::from_u8(b[4]).ok_or(WireError::UnknownKind { kind: b[4] })?;
-        let codec = Codec::from_u8(b[5]).ok_or(WireError::UnknownCodec { codec: b[5] })?;
-        let device = u16::from_le_bytes([b[6], b[7]]);
-        let seq = u64::from_le_bytes(le8(&b[8..16]));
-        let raw_len = u32::from_le_bytes(le4(&b[16..20]));
-        let wire_len = u32::from_le_bytes(le4(&b[20..24]));
-        let arg = u64::from_le_bytes(le8(&b[24..32]));
-        let flags = u32::from_le_bytes(le4(&b[32..36]));
-        let crc = u32::from_le_bytes(le4(&b[36..40]));
+        let kind =
+            FrameKind::try_from(kind).map_err(|e| WireError::UnknownKind { kind: e.value })?;
+        let codec =
+            Codec::try_from(codec).map_err(|e| WireError::UnknownCodec { codec: e.value })?;
         if flags != 0 {
             return Err(WireError::ReservedFlags { flags });
         }
@@ -369,7 +516,8 @@ impl FrameHeader {
 
     /// Checks the CRC over the original header bytes and the payload.
     pub fn verify(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), WireError> {
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&header[0..36]), payload);
+        let covered = header.get(..CRC_COVERED).unwrap_or_default();
+        let computed = crc32c::crc32c_append(crc32c::crc32c(covered), payload);
         if computed != self.crc {
             return Err(WireError::Checksum {
                 device: self.device,
@@ -380,16 +528,4 @@ impl FrameHeader {
         }
         Ok(())
     }
-}
-
-fn le4(s: &[u8]) -> [u8; 4] {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(s);
-    a
-}
-
-fn le8(s: &[u8]) -> [u8; 8] {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    a
 }

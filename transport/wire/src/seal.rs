@@ -32,7 +32,8 @@
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::hkdf::{Salt, HKDF_SHA256};
 
-use crate::frame::HEADER_LEN;
+use crate::codec::{ArrayWriter, Put, Reader};
+use crate::frame::{HeaderBytes, HEADER_LEN};
 
 /// Length of the AES-256-GCM tag that follows the header of a protected frame.
 pub const TAG_LEN: usize = 16;
@@ -48,28 +49,20 @@ pub const SERVER_KEY_LABEL: &[u8; 32] = b"vfmig v3 frame key srv->client\0\0";
 /// HKDF-Expand `info` of the stream digest key (32 bytes).
 pub const DIGEST_KEY_LABEL: &[u8; 32] = b"vfmig v3 stream digest key\0\0\0\0\0\0";
 
-/// How the frames of a connection are protected (the handshake's `protection` byte).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum FrameProtection {
-    /// CRC32C over header and payload: detects faults, not attackers. Used without a key, and
-    /// inside TLS (which protects the frames itself).
-    Crc32c = 1,
-    /// AES-256-GCM with keys derived from the PSK handshake: every frame authenticated, payloads
-    /// encrypted, replay and reordering refused.
-    Aes256Gcm = 2,
+vfmig_enum::int_enum! {
+    /// How the frames of a connection are protected (the handshake's `protection` byte).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum FrameProtection: u8 {
+        /// CRC32C over header and payload: detects faults, not attackers. Used without a key,
+        /// and inside TLS (which protects the frames itself).
+        Crc32c = 1 => "CRC32C",
+        /// AES-256-GCM with keys derived from the PSK handshake: every frame authenticated,
+        /// payloads encrypted, replay and reordering refused.
+        Aes256Gcm = 2 => "AES-256-GCM",
+    }
 }
 
 impl FrameProtection {
-    /// Parses the wire byte.
-    pub fn from_u8(v: u8) -> Option<FrameProtection> {
-        match v {
-            1 => Some(FrameProtection::Crc32c),
-            2 => Some(FrameProtection::Aes256Gcm),
-            _ => None,
-        }
-    }
-
     /// Bytes before the payload of a frame: the header, plus the tag when sealed.
     pub fn head_len(self) -> usize {
         match self {
@@ -191,11 +184,39 @@ pub enum SealError {
     },
 }
 
+/// `conn_index u32 LE || counter u64 LE`.
 fn nonce(conn: u16, counter: u64) -> Nonce {
-    let mut n = [0u8; NONCE_LEN];
-    n[0..4].copy_from_slice(&u32::from(conn).to_le_bytes());
-    n[4..12].copy_from_slice(&counter.to_le_bytes());
-    Nonce::assume_unique_for_key(n)
+    let mut n = ArrayWriter::<NONCE_LEN>::new();
+    n.put_u32(u32::from(conn));
+    n.put_u64(counter);
+    Nonce::assume_unique_for_key(n.finish())
+}
+
+/// A frame's head: its header, then (sealed) its tag.
+impl HeaderBytes {
+    /// The header at the start of a head buffer.
+    pub fn of_head(head: &[u8; SEALED_HEAD_LEN]) -> HeaderBytes {
+        HeaderBytes::new(split_head(head).0)
+    }
+
+    /// A head buffer holding this header and room for the tag (zero): what a sealed frame
+    /// carries before its payload; a connection without sealing sends the first
+    /// [`HEADER_LEN`] bytes.
+    pub fn into_head(self) -> [u8; SEALED_HEAD_LEN] {
+        let mut head = ArrayWriter::<SEALED_HEAD_LEN>::new();
+        head.put(self.as_array());
+        head.put(&[0; TAG_LEN]);
+        head.finish()
+    }
+}
+
+fn split_head(head: &[u8; SEALED_HEAD_LEN]) -> ([u8; HEADER_LEN], [u8; TAG_LEN]) {
+    let mut r = Reader::new(head);
+    // SEALED_HEAD_LEN is HEADER_LEN + TAG_LEN: neither read comes up short.
+    (
+        r.array().unwrap_or([0; HEADER_LEN]),
+        r.array().unwrap_or([0; TAG_LEN]),
+    )
 }
 
 /// Seals the frames one side sends on one connection, in sending order.
@@ -224,8 +245,9 @@ impl FrameSealer {
         }
     }
 
-    /// Seals the next frame: `head[..40]` is the encoded header (AAD, its CRC field 0), the tag
-    /// goes to `head[40..56]`, and `payload` (`wire_len` bytes) is encrypted in place.
+    /// Seals the next frame: `head` starts with the encoded header, the AAD (its CRC field is set
+    /// to 0 here, as a sealed frame carries it), the tag goes after it, and `payload`
+    /// (`wire_len` bytes) is encrypted in place.
     pub fn seal(
         &mut self,
         head: &mut [u8; SEALED_HEAD_LEN],
@@ -235,7 +257,10 @@ impl FrameSealer {
             .counter
             .checked_add(1)
             .ok_or(SealError::CounterExhausted { conn: self.conn })?;
+        let mut header = HeaderBytes::of_head(head);
+        header.clear_crc();
         let (hdr, tag_out) = head.split_at_mut(HEADER_LEN);
+        hdr.copy_from_slice(header.as_array());
         let len = payload.len();
         let tag = self
             .key
@@ -288,14 +313,12 @@ impl FrameOpener {
             .counter
             .checked_add(1)
             .ok_or(SealError::CounterExhausted { conn: self.conn })?;
-        let (hdr, tag) = head.split_at(HEADER_LEN);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(tag);
+        let (hdr, tag) = split_head(head);
         self.key
             .open_in_place_separate_tag(
                 nonce(self.conn, self.counter),
                 Aad::from(hdr),
-                Tag::from(t),
+                Tag::from(tag),
                 payload,
                 0..,
             )
@@ -361,6 +384,25 @@ mod tests {
         }
         FrameOpener::new(&k, false, 0).open(&head, &mut p).unwrap();
         assert_eq!(p, b"device state");
+    }
+
+    #[test]
+    fn the_sealer_sends_the_crc_field_as_zero_whatever_it_is_given() {
+        let k = keys();
+        let (mut zero, mut p0) = frame(3, b"payload");
+        let (mut crc, mut p1) = frame(3, b"payload");
+        let h = HeaderBytes::of_head(&crc);
+        let with_crc = h.decode().unwrap().encode(b"payload");
+        crc[..HEADER_LEN].copy_from_slice(&with_crc);
+        assert_ne!(HeaderBytes::of_head(&crc).crc(), 0);
+        FrameSealer::new(&k, true, 0)
+            .seal(&mut zero, &mut p0)
+            .unwrap();
+        FrameSealer::new(&k, true, 0)
+            .seal(&mut crc, &mut p1)
+            .unwrap();
+        assert_eq!((zero, &p0), (crc, &p1));
+        assert_eq!(HeaderBytes::of_head(&crc).crc(), 0);
     }
 
     #[test]

@@ -99,7 +99,10 @@ fn every_kind_decodes_back_to_what_was_encoded() {
     assert_eq!(frames.len(), all.len());
     let kinds: Vec<FrameKind> = frames.iter().map(|f| f.header.kind).collect();
     for k in 1..=9 {
-        assert!(kinds.contains(&FrameKind::from_u8(k).unwrap()), "kind {k}");
+        assert!(
+            kinds.contains(&FrameKind::from_code(k).unwrap()),
+            "kind {k}"
+        );
     }
     for (f, bytes) in frames.iter().zip(&all) {
         assert_eq!(&f.payload[..], &bytes[HEADER_LEN..]);
@@ -239,10 +242,10 @@ fn paged_raw_lengths_are_checked_against_the_map_from_the_header() {
     }
     for c in [Codec::PagedRaw, Codec::PagedZstd, Codec::PagedLz4] {
         assert!(c.is_paged());
-        assert_eq!(Codec::from_u8(c as u8), Some(c));
+        assert_eq!(Codec::from_code(c as u8), Some(c));
     }
     assert!(!Codec::Raw.is_paged());
-    assert_eq!(Codec::from_u8(7), None);
+    assert_eq!(Codec::from_code(7), None);
 }
 
 #[test]
@@ -557,4 +560,43 @@ proptest! {
             let _ = Control::try_from(&f);
         }
     }
+}
+
+#[test]
+fn header_bytes_read_fields_of_headers_that_do_not_decode_and_find_the_header_in_a_head() {
+    let h = FrameHeader {
+        kind: FrameKind::DirtyPages,
+        codec: Codec::Lz4,
+        device: 0x0102,
+        seq: 0x0304_0506_0708_090a,
+        raw_len: 4096,
+        wire_len: 17,
+        arg: 0x2000,
+        crc: 0,
+    };
+    let bytes = h.encode(&[7; 17]);
+    let b = HeaderBytes::new(bytes);
+    assert_eq!(b.decode(), FrameHeader::decode(&bytes));
+    let fields = (b.kind_byte(), b.codec_byte(), b.device(), b.seq());
+    assert_eq!(fields, (3, 3, 0x0102, 0x0304_0506_0708_090a));
+    let lens = (b.raw_len(), b.wire_len(), b.arg(), b.flags());
+    assert_eq!(lens, (4096, 17, 0x2000, 0));
+    let d = b.decode().unwrap();
+    assert_eq!(b.crc(), d.crc);
+    assert_eq!(b.verify(&d, &[7; 17]), Ok(()));
+    // An unknown kind: no header, but the device and sequence number can still be named.
+    let mut bad = bytes;
+    bad[4] = 0xee;
+    let bad = HeaderBytes::new(bad);
+    assert_eq!(bad.decode(), Err(WireError::UnknownKind { kind: 0xee }));
+    assert_eq!((bad.device(), bad.seq()), (h.device, h.seq));
+    // A head is the header, then the tag; clearing the CRC gives the unprotected encoding.
+    let head = b.into_head();
+    assert_eq!(HeaderBytes::of_head(&head), b);
+    assert_eq!(HeaderBytes::from_head(&head), Some(b));
+    assert_eq!(HeaderBytes::from_head(&head[..HEADER_LEN - 1]), None);
+    let mut cleared = b;
+    cleared.clear_crc();
+    assert_eq!(cleared.crc(), 0);
+    assert_eq!(cleared.into_array(), h.encode_unprotected());
 }

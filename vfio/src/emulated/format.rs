@@ -35,25 +35,16 @@ pub const HELLO_LEN: usize = 24;
 /// END payload length.
 pub const END_LEN: usize = 56;
 
-/// A record kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecordKind {
-    /// Stream start: geometry.
-    Hello = 1,
-    /// One block of state.
-    Block = 2,
-    /// Stream end: totals and the state digest.
-    End = 3,
-}
-
-impl RecordKind {
-    fn from_raw(raw: u16) -> Option<RecordKind> {
-        Some(match raw {
-            1 => RecordKind::Hello,
-            2 => RecordKind::Block,
-            3 => RecordKind::End,
-            _ => return None,
-        })
+vfmig_enum::int_enum! {
+    /// A record kind.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RecordKind: u16 {
+        /// Stream start: geometry.
+        Hello = 1,
+        /// One block of state.
+        Block = 2,
+        /// Stream end: totals and the state digest.
+        End = 3,
     }
 }
 
@@ -400,7 +391,7 @@ impl Parser {
                 what: "version",
             });
         }
-        let Some(kind) = RecordKind::from_raw(le_u16(&b, 4)) else {
+        let Some(kind) = RecordKind::from_code(le_u16(&b, 4)) else {
             return self.fail(StreamError::BadHeader {
                 offset,
                 what: "kind",
