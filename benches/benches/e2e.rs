@@ -20,14 +20,15 @@ use vfmig_benches::reference::{run_loopback, RefConfig};
 use vfmig_benches::vfmig_side::session_config;
 use vfmig_pipeline::{DestinationOptions, DestinationSession, SourceOptions, SourceSession};
 use vfmig_transport::Listener;
-use vfmig_vfio::emulated::EmulatedDevice;
+use vfmig_vfio::emulated::{DataFdBackend, EmulatedDevice};
 
 const SIZE: u64 = 64 << 20;
 
 fn pair(profile: &str) -> (EmulatedDevice, EmulatedDevice) {
     (
         devices::source(SIZE, profile).expect("source device"),
-        devices::destination(SIZE).expect("destination device"),
+        // Same profile: it is part of the identity the vfmig handshake compares.
+        devices::destination_with(SIZE, profile, DataFdBackend::Fuse).expect("destination device"),
     )
 }
 
