@@ -9,6 +9,9 @@
 //! span, timed by the loop). Connection setup before it and session teardown after it are not
 //! counted, for either implementation.
 //!
+//! Each pair is measured with the emulated device's FUSE data fd (ids `reference`, `vfmig`, as
+//! before) and with its memory-speed pipe data fd (ids `reference-mem`, `vfmig-mem`).
+//!
 //! For link-limited scenarios and separate processes, use `vfmig-bench run` (docs/BENCHMARKS.md).
 
 use std::thread;
@@ -24,11 +27,11 @@ use vfmig_vfio::emulated::{DataFdBackend, EmulatedDevice};
 
 const SIZE: u64 = 64 << 20;
 
-fn pair(profile: &str) -> (EmulatedDevice, EmulatedDevice) {
+fn pair(profile: &str, data_fd: DataFdBackend) -> (EmulatedDevice, EmulatedDevice) {
     (
-        devices::source(SIZE, profile).expect("source device"),
+        devices::source_with(SIZE, profile, data_fd).expect("source device"),
         // Same profile: it is part of the identity the vfmig handshake compares.
-        devices::destination_with(SIZE, profile, DataFdBackend::Fuse).expect("destination device"),
+        devices::destination_with(SIZE, profile, data_fd).expect("destination device"),
     )
 }
 
@@ -69,11 +72,12 @@ fn migrate_reference(mut src: EmulatedDevice, mut dst: EmulatedDevice) -> Durati
 fn downtime_of(
     iters: u64,
     profile: &str,
+    data_fd: DataFdBackend,
     migrate: fn(EmulatedDevice, EmulatedDevice) -> Duration,
 ) -> Duration {
     (0..iters)
         .map(|_| {
-            let (s, d) = pair(profile);
+            let (s, d) = pair(profile, data_fd);
             migrate(s, d)
         })
         .sum()
@@ -85,13 +89,16 @@ fn e2e(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(3));
     g.warm_up_time(Duration::from_millis(500));
-    for profile in ["random", "mixed", "zero"] {
-        g.bench_function(BenchmarkId::new("reference", profile), |b| {
-            b.iter_custom(|iters| downtime_of(iters, profile, migrate_reference))
-        });
-        g.bench_function(BenchmarkId::new("vfmig", profile), |b| {
-            b.iter_custom(|iters| downtime_of(iters, profile, migrate_vfmig))
-        });
+    for (data_fd, suffix) in [(DataFdBackend::Fuse, ""), (DataFdBackend::Mem, "-mem")] {
+        for profile in ["random", "mixed", "zero"] {
+            g.bench_function(
+                BenchmarkId::new(format!("reference{suffix}"), profile),
+                |b| b.iter_custom(|iters| downtime_of(iters, profile, data_fd, migrate_reference)),
+            );
+            g.bench_function(BenchmarkId::new(format!("vfmig{suffix}"), profile), |b| {
+                b.iter_custom(|iters| downtime_of(iters, profile, data_fd, migrate_vfmig))
+            });
+        }
     }
     g.finish();
 }
