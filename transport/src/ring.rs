@@ -628,6 +628,11 @@ impl Engine {
         if !self.wake_posted {
             self.post_wake(wake_file)?;
         }
+        // Act on what was just taken before sleeping: a close or abort asked for since the last
+        // turn shuts the connections down now, not a tick later.
+        if let Step::Done(e) = self.check_time(now)? {
+            return Ok(Step::Done(e));
+        }
         let ts = types::Timespec::from(self.tick());
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
