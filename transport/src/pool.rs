@@ -167,7 +167,15 @@ impl BufPool {
     /// mapped as long as any clone of this pool or any of its buffers lives; a ring that
     /// registered these must not outlive the pool (hold a clone next to the ring).
     pub fn iovecs(&self) -> Vec<libc::iovec> {
-        (0..self.inner.slots)
+        self.iovecs_of(0, self.inner.slots)
+    }
+
+    /// The iovecs of slots `first..first + n` (clamped to the pool), for registering slots one
+    /// range at a time (`register_buffers_update`); the same lifetime rule as
+    /// [`BufPool::iovecs`] applies.
+    pub fn iovecs_of(&self, first: usize, n: usize) -> Vec<libc::iovec> {
+        let end = first.saturating_add(n).min(self.inner.slots);
+        (first.min(end)..end)
             .map(|i| libc::iovec {
                 // SAFETY: `i < slots`, so the offset stays inside the mapping of
                 // `slots * slot_size` bytes.
