@@ -44,7 +44,8 @@
 //! (sends, shutdowns of a close, the abort frame) before it waits again, so a request costs one
 //! wake-up, never a tick: the tick (a quarter of the keepalive or timeout, at most 250 ms) only
 //! bounds how late keepalives and timeouts are noticed. A connection waiting for a free pool
-//! buffer polls every millisecond (buffers come back when the consumer drops them).
+//! buffer arms the pool's release hook, which writes the same eventfd when the consumer drops
+//! a buffer (it used to poll every millisecond).
 //!
 //! # Liveness and teardown
 //! Idle connections carry a keepalive every `keepalive`; a connection with a read in flight that
@@ -507,29 +508,34 @@ fn detail_bytes(p: &OutPayload) -> &[u8] {
 
 impl Engine {
     fn run(mut self, wake_file: &Arc<File>) {
+        let waker = Waker {
+            file: Arc::clone(wake_file),
+        };
+        self.pool
+            .set_release_hook(Some(Arc::new(move || waker.wake())));
         let outcome = loop {
             match self.turn(wake_file) {
                 Ok(Step::Continue) => {}
                 Ok(Step::Done(e)) | Err(e) => break e,
             }
         };
+        self.pool.set_release_hook(None);
         self.teardown(outcome);
     }
 
-    fn tick(&self) -> Duration {
-        // A connection parked for window room is woken by the completions that deliver the
-        // frames before it; one waiting for a free buffer is not.
-        let waiting_buf = self.conns.iter().any(|c| match &c.rx {
+    /// A connection whose header is in waits for a free pool buffer (not for window room: that
+    /// one is woken by the completions that deliver the frames before it).
+    fn waiting_for_buffer(&self) -> bool {
+        self.conns.iter().any(|c| match &c.rx {
             Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) != Admit::Park,
             _ => false,
-        });
-        if waiting_buf {
-            // Buffers come back when the consumer drops them, which wakes nobody: poll.
-            Duration::from_millis(1)
-        } else {
-            (self.p.keepalive.min(self.p.timeout) / 4)
-                .clamp(Duration::from_millis(1), Duration::from_millis(250))
-        }
+        })
+    }
+
+    /// How long the ring wait may last: only keepalives and timeouts are checked on it.
+    fn tick(&self) -> Duration {
+        (self.p.keepalive.min(self.p.timeout) / 4)
+            .clamp(Duration::from_millis(1), Duration::from_millis(250))
     }
 
     /// One round: take requests, submit, wait, complete, check time limits.
@@ -551,6 +557,12 @@ impl Engine {
         // turn shuts the connections down now, not a tick later.
         if let Step::Done(e) = self.check_time(now)? {
             return Ok(Step::Done(e));
+        }
+        if self.waiting_for_buffer() {
+            // Buffers come back on the consumer's threads: the pool wakes the ring on the next
+            // return. One returned before the arming is found by admitting again after it.
+            self.pool.arm_release_hook();
+            self.admit_waiting()?;
         }
         self.ring
             .wait(self.tick())
