@@ -51,6 +51,7 @@ mod accept;
 pub mod config;
 pub mod error;
 mod handshake_io;
+mod liveness;
 // `unsafe` lives only here and in `uring`: the buffer pool's mapping.
 #[allow(unsafe_code)]
 pub mod pool;

@@ -42,10 +42,12 @@
 //! The engine sleeps in the ring wait, with a read posted on an eventfd that every handle writes
 //! after queueing a frame, a close or an abort. A turn takes the queued requests and acts on them
 //! (sends, shutdowns of a close, the abort frame) before it waits again, so a request costs one
-//! wake-up, never a tick: the tick (a quarter of the keepalive or timeout, at most 250 ms) only
-//! bounds how late keepalives and timeouts are noticed. A connection waiting for a free pool
-//! buffer arms the pool's release hook, which writes the same eventfd when the consumer drops
-//! a buffer (it used to poll every millisecond).
+//! wake-up, never a tick. The wait lasts until the next deadline of the sans-IO clock
+//! (`crate::liveness`: a keepalive due, a read, send, reorder, close or abort deadline), so
+//! keepalives and timeouts happen on time, not on a polling tick (it used to be a quarter of the
+//! keepalive, at most 250 ms). A connection waiting for a free pool buffer arms the pool's
+//! release hook, which writes the same eventfd when the consumer drops a buffer (it used to poll
+//! every millisecond).
 //!
 //! # Liveness and teardown
 //! Idle connections carry a keepalive every `keepalive`; a connection with a read in flight that
@@ -71,6 +73,7 @@ use vfmig_wire::seal::{FrameOpener, FrameSealer, SEALED_HEAD_LEN};
 use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{FramePart, TransportError};
+use crate::liveness::{Ending, Liveness, Stall};
 use crate::pool::{BufPool, PoolBuf};
 use crate::reorder::{Admit, Reorder};
 use crate::stats::Counters;
@@ -260,10 +263,6 @@ struct Conn {
     sock: Sock,
     queue: VecDeque<OutFrame>,
     queued_bytes: usize,
-    /// Send ops of one frame are in flight since then.
-    sending_since: Option<Instant>,
-    last_tx: Instant,
-    last_rx: Instant,
     rx: Rx,
     wr_shut: bool,
     /// `Some` when the connection's frames are sealed.
@@ -323,9 +322,8 @@ struct Engine {
     wake_posted: bool,
     sends_in_flight: usize,
     busy_since: Option<Instant>,
-    closing_since: Option<Instant>,
-    aborting: Option<(AbortReason, Instant)>,
-    last_progress: Instant,
+    /// Timestamps, deadlines and how the session ends (sans-IO, `crate::liveness`).
+    live: Liveness,
     started: Instant,
 }
 
@@ -370,15 +368,13 @@ pub(crate) fn start(
             };
             let now = Instant::now();
             let sealed = socks.iter().any(|(_, s)| s.is_some());
+            let (n_conns, p_timeout, p_keepalive) = (socks.len(), p.timeout, p.keepalive);
             let conns = socks
                 .into_iter()
                 .map(|(sock, sealing)| Conn {
                     sock,
                     queue: VecDeque::new(),
                     queued_bytes: 0,
-                    sending_since: None,
-                    last_tx: now,
-                    last_rx: now,
                     rx: Rx::Idle,
                     wr_shut: false,
                     sealing,
@@ -403,9 +399,7 @@ pub(crate) fn start(
                 wake_posted: false,
                 sends_in_flight: 0,
                 busy_since: None,
-                closing_since: None,
-                aborting: None,
-                last_progress: now,
+                live: Liveness::new(n_conns, p_timeout, p_keepalive, now),
                 started: now,
             };
             let _ = setup_tx.send(Ok(()));
@@ -532,12 +526,6 @@ impl Engine {
         })
     }
 
-    /// How long the ring wait may last: only keepalives and timeouts are checked on it.
-    fn tick(&self) -> Duration {
-        (self.p.keepalive.min(self.p.timeout) / 4)
-            .clamp(Duration::from_millis(1), Duration::from_millis(250))
-    }
-
     /// One round: take requests, submit, wait, complete, check time limits.
     fn turn(&mut self, wake_file: &Arc<File>) -> Result<Step, TransportError> {
         self.take_urgent();
@@ -564,8 +552,15 @@ impl Engine {
             self.pool.arm_release_hook();
             self.admit_waiting()?;
         }
+        // Sleep until the next deadline (a keepalive, a timeout) unless a completion or a
+        // wake-up comes first.
+        self.sync_liveness(Instant::now());
+        let wait = self
+            .live
+            .poll_timeout()
+            .saturating_duration_since(Instant::now());
         self.ring
-            .wait(self.tick())
+            .wait(wait)
             .map_err(|e| TransportError::io("io_uring_enter", e))?;
         let mut failed = None;
         while let Some(c) = self.ring.pop() {
@@ -592,9 +587,7 @@ impl Engine {
     fn take_urgent(&mut self) {
         match self.urgent_rx.try_recv() {
             Ok(Urgent::Close) => {
-                if self.closing_since.is_none() {
-                    self.closing_since = Some(Instant::now());
-                }
+                self.live.close(Instant::now());
             }
             Ok(Urgent::Abort { reason, detail }) => {
                 // Whatever the peer does next (it closes on our abort), this is the outcome.
@@ -604,7 +597,7 @@ impl Engine {
             Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => {
                 // Every handle is gone without close(): tell the peer this is no clean end.
-                if self.closing_since.is_none() {
+                if !matches!(self.live.ending(), Ending::Closing { .. }) {
                     self.shared.set_failure(TransportError::Cancelled);
                     self.start_abort(AbortReason::Cancelled, b"session dropped".to_vec());
                 }
@@ -613,10 +606,9 @@ impl Engine {
     }
 
     fn start_abort(&mut self, reason: AbortReason, detail: Vec<u8>) {
-        if self.aborting.is_some() {
+        if !self.live.abort(reason, Instant::now()) {
             return;
         }
-        self.aborting = Some((reason, Instant::now()));
         for c in &mut self.conns {
             // Queued data is moot now; the abort goes out first on every connection.
             c.queue.clear();
@@ -629,18 +621,19 @@ impl Engine {
 
     /// Moves frames from the session queue to the least-loaded connections.
     fn take_frames(&mut self) {
-        if self.aborting.is_some() {
+        if self.aborting() {
             return;
         }
         loop {
+            let live = &self.live;
             let Some(best) = self
                 .conns
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| !c.wr_shut && !matches!(c.rx, Rx::Eof))
-                .min_by_key(|(_, c)| {
+                .min_by_key(|(i, c)| {
                     (
-                        c.queue.len() + usize::from(c.sending_since.is_some()),
+                        c.queue.len() + usize::from(live.sending(*i)),
                         c.queued_bytes,
                     )
                 })
@@ -666,17 +659,13 @@ impl Engine {
     }
 
     fn schedule_keepalives(&mut self, now: Instant) {
-        if self.closing_since.is_some() || self.aborting.is_some() {
+        if self.live.ending() != Ending::Open {
             return;
         }
         let ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
         let head_len = self.head_len;
-        for c in &mut self.conns {
-            if !c.wr_shut
-                && c.queue.is_empty()
-                && c.sending_since.is_none()
-                && now.duration_since(c.last_tx) >= self.p.keepalive
-            {
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if !c.wr_shut && c.queue.is_empty() && self.live.keepalive_due(i, now) {
                 c.queue.push_back(keepalive_frame(ms));
                 c.queued_bytes += head_len;
                 Counters::add(&self.shared.counters.keepalives_sent, 1);
@@ -693,7 +682,7 @@ impl Engine {
 
     fn submit_send(&mut self, i: usize) -> Result<(), TransportError> {
         let c = &mut self.conns[i];
-        if c.sending_since.is_some() || c.wr_shut {
+        if self.live.sending(i) || c.wr_shut {
             return Ok(());
         }
         let Some(mut frame) = c.queue.pop_front() else {
@@ -717,8 +706,7 @@ impl Engine {
                 .map_err(|source| TransportError::Sealing { conn: i, source })?;
         }
         let now = Instant::now();
-        c.sending_since = Some(now);
-        c.last_tx = now;
+        self.live.send_started(i, now);
         let base = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
         let hdr_flags = if plen > 0 {
             base | libc::MSG_MORE
@@ -783,7 +771,15 @@ impl Engine {
     }
 
     fn reading_paused(&self) -> bool {
-        self.ready.len() >= READY_MAX || self.aborting.is_some()
+        self.ready.len() >= READY_MAX || self.aborting()
+    }
+
+    fn aborting(&self) -> bool {
+        matches!(self.live.ending(), Ending::Aborting { .. })
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.live.ending(), Ending::Closing { .. })
     }
 
     fn post_header_recv(&mut self, i: usize) -> Result<(), TransportError> {
@@ -792,7 +788,7 @@ impl Engine {
         }
         self.conns[i].rx = Rx::Busy;
         // A fresh header read: liveness counts from when we started listening again.
-        self.conns[i].last_rx = Instant::now();
+        self.live.read_posted(i, Instant::now());
         let buf = IoBuf::Heap(Box::new([0u8; SEALED_HEAD_LEN]));
         self.submit_recv_header(i, 0, buf)
     }
@@ -851,8 +847,7 @@ impl Engine {
     }
 
     fn send_done(&mut self, conn: usize, now: Instant) {
-        self.conns[conn].sending_since = None;
-        self.conns[conn].last_tx = now;
+        self.live.send_done(conn, now);
         self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
         if self.sends_in_flight == 0 {
             if let Some(t) = self.busy_since.take() {
@@ -932,7 +927,7 @@ impl Engine {
                 let n = ures(res);
                 let got = got + n;
                 Counters::add(&counters.bytes_received, n as u64);
-                self.conns[conn].last_rx = now;
+                self.live.received(conn, now);
                 if got < self.head_len {
                     return self.submit_recv_header(conn, got, c.buf);
                 }
@@ -974,7 +969,7 @@ impl Engine {
                 let n = ures(res);
                 let got = got + n;
                 Counters::add(&counters.bytes_received, n as u64);
-                self.conns[conn].last_rx = now;
+                self.live.received(conn, now);
                 if got < want {
                     let owner = Op::RecvPayload {
                         conn,
@@ -997,7 +992,7 @@ impl Engine {
     }
 
     fn on_eof(&mut self, conn: usize, part: FramePart) -> Result<(), TransportError> {
-        let closing = self.closing_since.is_some();
+        let closing = self.closing();
         if part != FramePart::Between || !(self.p.peer_closes || closing) {
             return Err(TransportError::PeerClosed { conn, during: part });
         }
@@ -1129,7 +1124,7 @@ impl Engine {
                     payload,
                 };
                 if self.reorder.insert(frame, &mut self.ready)? > 0 {
-                    self.last_progress = Instant::now();
+                    self.live.delivered(Instant::now());
                 } else {
                     Counters::add(&self.shared.counters.frames_held, 1);
                 }
@@ -1146,7 +1141,7 @@ impl Engine {
     }
 
     fn deliver(&mut self) -> Result<(), TransportError> {
-        if self.closing_since.is_some() {
+        if self.closing() {
             // close() is waiting for the flush; nobody reads inbound frames any more.
             self.ready.clear();
             return Ok(());
@@ -1178,67 +1173,76 @@ impl Engine {
     }
 
     fn flushed(&self) -> bool {
-        self.out_rx.is_empty()
-            && self
-                .conns
-                .iter()
-                .all(|c| c.queue.is_empty() && c.sending_since.is_none())
-            && self.ring.zc_pending() == 0
+        self.out_rx.is_empty() && self.all_sent() && self.ring.zc_pending() == 0
     }
 
-    fn check_time(&mut self, now: Instant) -> Result<Step, TransportError> {
-        let timeout = self.p.timeout;
+    /// Every connection's queue is empty and nothing is in flight on it.
+    fn all_sent(&self) -> bool {
+        self.conns
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.queue.is_empty() && !self.live.sending(i))
+    }
+
+    /// Tells the sans-IO clock what only the engine knows: which connections have a read in
+    /// flight, and whether the reorder window is stuck (frames held, nothing delivered, and no
+    /// connection carries a next frame that merely waits for a buffer or for the consumer).
+    fn sync_liveness(&mut self, now: Instant) {
         for (i, c) in self.conns.iter().enumerate() {
-            if matches!(c.rx, Rx::Busy) && now.duration_since(c.last_rx) > timeout {
-                return Err(TransportError::PeerSilent {
-                    conn: i,
-                    after: timeout,
-                });
-            }
-            if let Some(t) = c.sending_since {
-                if now.duration_since(t) > timeout {
-                    return Err(TransportError::Timeout {
-                        after: timeout,
-                        what: "a send to complete (peer not reading)",
-                    });
-                }
-            }
+            self.live.set_reading(i, matches!(c.rx, Rx::Busy));
         }
-        // Reorder stall: frames held, nothing delivered, and no connection carries a next frame
-        // that merely waits for a buffer or for the consumer.
         let next_waiting = self.conns.iter().any(|c| match &c.rx {
             Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) == Admit::Next,
             _ => false,
         });
-        if self.reorder.held() == 0 || self.reading_paused() || next_waiting {
-            self.last_progress = now;
-        } else if now.duration_since(self.last_progress) > timeout {
-            let (device, expected) = self.reorder.first_waiting().unwrap_or((0, 0));
-            return Err(TransportError::ReorderStall {
-                device,
-                expected,
-                waited: timeout,
-            });
+        let stalled = self.reorder.held() > 0 && !self.reading_paused() && !next_waiting;
+        self.live.set_stalled(stalled, now);
+    }
+
+    fn stall_error(&self, stall: Stall) -> TransportError {
+        let after = self.p.timeout;
+        match stall {
+            Stall::PeerSilent { conn } => TransportError::PeerSilent { conn, after },
+            Stall::Send { .. } => TransportError::Timeout {
+                after,
+                what: "a send to complete (peer not reading)",
+            },
+            Stall::Reorder => {
+                let (device, expected) = self.reorder.first_waiting().unwrap_or((0, 0));
+                TransportError::ReorderStall {
+                    device,
+                    expected,
+                    waited: after,
+                }
+            }
+            Stall::Close => TransportError::Timeout {
+                after,
+                what: "close (flush and peer close)",
+            },
         }
-        if let Some((reason, since)) = self.aborting {
-            let sent = self
-                .conns
-                .iter()
-                .all(|c| c.queue.is_empty() && c.sending_since.is_none());
-            if sent || now.duration_since(since) > timeout.min(Duration::from_secs(2)) {
+    }
+
+    fn check_time(&mut self, now: Instant) -> Result<Step, TransportError> {
+        self.sync_liveness(now);
+        if let Err(stall) = self.live.handle_timeout(now) {
+            return Err(self.stall_error(stall));
+        }
+        if let Ending::Aborting { reason, .. } = self.live.ending() {
+            if self.all_sent() || self.live.abort_grace_over(now).is_some() {
                 return Ok(Step::Done(TransportError::Aborted { reason }));
             }
             return Ok(Step::Continue);
         }
         // Half-close our side of every connection the peer closed (destination), or of every
         // connection once all is flushed (source closing).
-        let flushed = self.closing_since.is_some() && self.flushed();
-        for c in &mut self.conns {
+        let flushed = self.closing() && self.flushed();
+        for (i, c) in self.conns.iter_mut().enumerate() {
             let peer_done = matches!(c.rx, Rx::Eof);
-            let idle = c.queue.is_empty() && c.sending_since.is_none();
+            let idle = c.queue.is_empty() && !self.live.sending(i);
             if !c.wr_shut && idle && (peer_done || flushed) {
                 c.sock.shutdown(Shutdown::Write);
                 c.wr_shut = true;
+                self.live.write_shut(i);
             }
         }
         let all_closed = self
@@ -1251,13 +1255,8 @@ impl Engine {
             }
             return Ok(Step::Done(TransportError::Closed));
         }
-        if let Some(since) = self.closing_since {
-            if now.duration_since(since) > timeout {
-                return Err(TransportError::Timeout {
-                    after: timeout,
-                    what: "close (flush and peer close)",
-                });
-            }
+        if self.live.close_overdue(now) {
+            return Err(self.stall_error(Stall::Close));
         }
         Ok(Step::Continue)
     }
