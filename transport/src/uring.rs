@@ -723,9 +723,13 @@ impl<T> Drop for Uring<T> {
             return;
         }
         // The kernel may still touch the buffers of these entries: never free them, never hand a
-        // pool slot back. The ring goes with them (its registration keeps the slots pinned).
+        // pool slot back. The ring goes with them, and so does the pool clone of its
+        // registration, so the pool's mapping stays as the kernel last saw it.
         for e in self.table.drain(..).flatten() {
             std::mem::forget(e);
+        }
+        if let Some(f) = self.fixed.take() {
+            std::mem::forget(f);
         }
     }
 }
