@@ -141,6 +141,9 @@ pub enum Io {
         offset: u64,
         punt: bool,
     },
+    /// One-shot readiness of `fd` for `events` (`POLLIN`, ...); the result is the `revents`
+    /// mask. References no memory (push it with [`IoBuf::Empty`]).
+    Poll { fd: RawFd, events: u32 },
 }
 
 /// A submission: what to do, the memory it works on, and the caller's bookkeeping.
@@ -643,6 +646,7 @@ pub(crate) fn eventfd() -> io::Result<std::os::fd::OwnedFd> {
 /// the buffer or too long for one operation.
 fn build(io: &Io, buf: &mut IoBuf, fixed: Option<u16>) -> Option<squeue::Entry> {
     let e = match *io {
+        Io::Poll { fd, events } => opcode::PollAdd::new(types::Fd(fd), events).build(),
         Io::Send { fd, at, len, flags } => {
             let p = buf.span(at, len)?;
             opcode::Send::new(types::Fd(fd), p.cast_const(), len32(len)?)
@@ -846,6 +850,30 @@ mod tests {
         assert_eq!(pool.free(), 0);
         drop(r);
         assert_eq!(pool.free(), 2);
+    }
+
+    #[test]
+    fn a_poll_completes_when_its_fd_becomes_readable() {
+        let mut r: Uring<char> = Uring::new(4, None).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let events = u32::try_from(libc::POLLIN).unwrap();
+        r.push(Sub {
+            io: Io::Poll {
+                fd: a.as_raw_fd(),
+                events,
+            },
+            buf: IoBuf::Empty,
+            owner: 'p',
+        })
+        .unwrap();
+        r.submit().unwrap();
+        r.wait(Duration::ZERO).unwrap();
+        assert!(r.pop().is_none(), "nothing to read yet");
+        b.write_all(b"x").unwrap();
+        r.wait(Duration::from_secs(5)).unwrap();
+        let c = r.pop().unwrap();
+        assert_eq!(c.owner, 'p');
+        assert_ne!(u32::try_from(c.result).unwrap() & events, 0);
     }
 
     #[test]
