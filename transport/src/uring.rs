@@ -292,6 +292,16 @@ impl<T> Uring<T> {
             lazy: true,
             refused: None,
         };
+        if !memlock_allows(slots.saturating_mul(pool.slot_size())) {
+            // The whole pool could never be pinned. Pinning slot by slot up to the limit would
+            // take the locked-memory budget that this user's other rings need (it is per user,
+            // shared by every process of the user): run unregistered, as a whole-pool
+            // registration refused with ENOMEM would.
+            fixed.lazy = false;
+            fixed.slots.fill(SlotReg::Refused);
+            fixed.refused = Some(libc::ENOMEM);
+            return Ok(fixed);
+        }
         match ring.submitter().register_buffers_sparse(n) {
             Ok(()) => return Ok(fixed),
             // Sparse tables need 5.19; fall back to registering everything now.
@@ -627,6 +637,33 @@ impl<T> Uring<T> {
     pub fn as_raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
     }
+}
+
+/// Whether `bytes` more may be pinned by this process: it has `CAP_IPC_LOCK`, or its
+/// `RLIMIT_MEMLOCK` is unlimited or at least `bytes`. Read from `/proc/self`; where that cannot be
+/// read, `true` (registration then simply fails slot by slot if the kernel refuses).
+fn memlock_allows(bytes: usize) -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    if cap_eff.is_some_and(|c| c & (1 << CAP_IPC_LOCK) != 0) {
+        return true;
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let Some(soft) = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
+    else {
+        return true;
+    };
+    soft == "unlimited"
+        || soft
+            .parse::<u64>()
+            .map_or(true, |limit| limit >= bytes as u64)
 }
 
 /// A new eventfd (counter 0, close-on-exec): what a ring thread keeps a read posted on so that
