@@ -10,7 +10,8 @@
 //! within a bound, and leaks only what the kernel did not hand back.
 //!
 //! # Send path
-//! Frames from the session's bounded queue are striped to the least-loaded connection. Per
+//! Frames from the session's bounded queue are striped to the least-loaded connection (ties go
+//! round-robin, so frames that trickle in one at a time still use every connection). Per
 //! connection one frame is in flight at a time: a `Send` of the 40-byte header linked
 //! (`IOSQE_IO_LINK`) to the payload send, both with `MSG_WAITALL` so that a short transfer is
 //! retried by the kernel and the stream stays framed. Payloads of at least `zerocopy_min` bytes go
@@ -311,6 +312,8 @@ struct Engine {
     /// the agreed window (PROTOCOL.md section 7), overshooting by at most one frame.
     outstanding: u64,
     conns: Vec<Conn>,
+    /// The connection the last frame was striped to (ties go round-robin from there).
+    last_pick: usize,
     out_rx: Receiver<OutFrame>,
     urgent_rx: Receiver<Urgent>,
     /// Taken (dropped) at teardown so that waiting consumers wake up at once.
@@ -390,6 +393,8 @@ pub(crate) fn start(
                 reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
                 pool,
                 conns,
+                // The first frame goes to connection 0.
+                last_pick: n_conns.saturating_sub(1),
                 out_rx,
                 urgent_rx,
                 in_tx: Some(in_tx),
@@ -624,8 +629,11 @@ impl Engine {
         if self.aborting() {
             return;
         }
+        let n = self.conns.len().max(1);
         loop {
-            let live = &self.live;
+            let (live, after) = (&self.live, self.last_pick + 1);
+            // Least loaded; among equally loaded connections the next after the last one picked,
+            // so that frames trickling in one at a time still spread over every connection.
             let Some(best) = self
                 .conns
                 .iter()
@@ -635,6 +643,7 @@ impl Engine {
                     (
                         c.queue.len() + usize::from(live.sending(*i)),
                         c.queued_bytes,
+                        (i + n - after % n) % n,
                     )
                 })
                 .map(|(i, _)| i)
@@ -649,6 +658,7 @@ impl Engine {
             match self.out_rx.try_recv() {
                 Ok(f) => {
                     self.outstanding += f.payload.len() as u64;
+                    self.last_pick = best;
                     let c = &mut self.conns[best];
                     c.queued_bytes += self.head_len + f.payload.len();
                     c.queue.push_back(f);
