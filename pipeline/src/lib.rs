@@ -97,8 +97,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#![deny(unsafe_code)]
-
 //!
 //! # Example: a VMM drives the switchover (step mode)
 //!
@@ -160,6 +158,8 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+#![deny(unsafe_code)]
 
 mod adapt;
 mod api;
