@@ -309,6 +309,10 @@ fn receive_loop(
                 out.decisions
                     .send_timeout(Decision::Commit, timeout)
                     .map_err(|_| lost())?;
+                // The decision is the last frame the stages take (the control loop reads the
+                // session itself from here on): end now, so that stopping the stages does not
+                // wait out a receive timeout, and the channels this stage feeds close at once.
+                return Ok(());
             }
             FrameKind::Keepalive => {}
             kind => {

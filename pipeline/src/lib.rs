@@ -16,7 +16,8 @@
 //!        -> transport ... transport -> receiver -> codec workers -> writer (resequence, 1 ring)
 //! ```
 //!
-//! `unsafe` lives only in the `uring` module (submissions referencing pool buffers).
+//! No `unsafe` here: io_uring submissions go through the transport's owned-buffer ring
+//! (`vfmig_transport::uring`), the project's one audited io_uring module.
 //!
 //! # Features
 //!
@@ -157,6 +158,8 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+#![deny(unsafe_code)]
 
 mod adapt;
 mod api;

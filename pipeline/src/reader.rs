@@ -355,6 +355,13 @@ fn reader_loop(
                 op: "wait (reader)",
                 source,
             })?;
+        // Slots are pinned on first use, so a refusal shows up here, not at setup.
+        if let Some(errno) = ring.unpinned_errno() {
+            io.counters.notices.notify(Notice::UnpinnedBuffers {
+                stage: "reader",
+                errno,
+            });
+        }
         for c in done.drain(..) {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i).and_then(|d| d.as_mut()) else {

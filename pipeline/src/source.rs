@@ -413,7 +413,10 @@ impl<D: MigrationDevice> SourceSession<D> {
     /// [`SourceSession::switchover`] and [`SourceSession::finish`].
     pub fn run(&mut self, addr: SocketAddr) -> Result<Report, PipelineError> {
         self.start(addr)?;
-        while !self.status()?.switchover_due {}
+        // Without pre-copy the switchover is due at once: no control step first (a step waits
+        // up to `TICK` for the destination's frames, which here only delays the stream).
+        let due_now = self.active.as_ref().is_some_and(|a| a.pre.due);
+        while !due_now && !self.status()?.switchover_due {}
         self.switchover()?;
         self.finish()
     }

@@ -1,33 +1,21 @@
-//! The only `unsafe` of the pipeline: io_uring `ReadFixed` / `WriteFixed` on data fds, into and out
-//! of the registered [`BufPool`] slots.
+//! The pipeline's data-fd ring: reads from and writes to device data fds, into and out of
+//! [`BufPool`] slots, on the transport's owned-buffer ring ([`vfmig_transport::uring::Uring`]),
+//! which holds every buffer while the kernel may touch it and is the only `unsafe` involved.
 //!
-//! Registering the pool pins it, which counts against `RLIMIT_MEMLOCK` for a caller without
-//! `CAP_IPC_LOCK` (an unprivileged user, a container, a systemd unit without `LimitMEMLOCK=`).
-//! When the kernel refuses (`ENOMEM`, `EPERM`), the ring runs on the same slots unregistered,
-//! with plain `Read` / `Write` (the kernel maps the pages per operation instead of once) and
-//! [`DataRing::is_pinned`] says so; nothing else changes.
-//!
-//! Invariant behind every `SAFETY` comment here: a buffer handed to the kernel is moved into the
-//! in-flight table (`inflight`, keyed by the submission's `user_data`) and is given back only when
-//! that submission's completion has been reaped. Until then nothing else can reach the slot (a
-//! [`PoolBuf`] is exclusive) and the slot's memory stays mapped (the ring holds a [`BufPool`]
-//! clone, dropped after the ring). If a ring is dropped with operations the kernel will not give
-//! back, their buffers are leaked rather than returned to the pool, so the kernel can never write
-//! into a slot that someone else owns.
+//! Slots are registered with the ring the first time they are used, so an operation runs as
+//! `ReadFixed` / `WriteFixed` where the slot could be pinned. Pinning counts against
+//! `RLIMIT_MEMLOCK` for a caller without `CAP_IPC_LOCK` (an unprivileged user, a container, a
+//! systemd unit without `LimitMEMLOCK=`); where the kernel refuses (`ENOMEM`, `EPERM`), the slot
+//! is used unregistered, with plain `Read` / `Write` (the kernel maps the pages per operation
+//! instead of once), and [`DataRing::unpinned_errno`] says so; nothing else changes.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::RawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use vfmig_transport::uring::{Io, IoBuf, Sub, Uring};
 use vfmig_transport::{BufPool, PoolBuf};
-
-/// `user_data` bit that marks cancel submissions (their buffers are never in the table).
-const CANCEL_BIT: u64 = 1 << 63;
-
-/// How long `Drop` waits for cancelled operations before leaking their buffers.
-const DROP_DRAIN: Duration = Duration::from_secs(2);
 
 /// What one completed operation gave back.
 #[derive(Debug)]
@@ -40,52 +28,22 @@ pub(crate) struct Completion {
     pub buf: PoolBuf,
 }
 
-/// An io_uring instance with a [`BufPool`] registered as fixed buffers (or, where the pool
-/// cannot be pinned, used unregistered).
+/// An io_uring instance whose operations work on [`BufPool`] slots, registered where they can
+/// be pinned. Dropping it cancels what is in flight (see [`Uring`]).
+#[derive(Debug)]
 pub(crate) struct DataRing {
-    // Field order matters: the ring (and with it the registration) is dropped before the pool.
-    ring: IoUring,
-    inflight: HashMap<u64, PoolBuf>,
-    pool: BufPool,
-    /// The pool's slots are registered: use `ReadFixed` / `WriteFixed`.
-    fixed: bool,
-    /// Why registration was refused (an errno), when it was.
-    unpinned_errno: Option<i32>,
-}
-
-impl std::fmt::Debug for DataRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataRing")
-            .field("inflight", &self.inflight.len())
-            .field("pool", &self.pool)
-            .field("fixed", &self.fixed)
-            .finish()
-    }
+    ring: Uring<u64>,
+    /// Keys of the operations in flight.
+    keys: HashSet<u64>,
 }
 
 impl DataRing {
-    /// Creates a ring with `entries` submission slots and registers every slot of `pool`; if
-    /// the kernel refuses to pin them (`ENOMEM`, `EPERM`: `RLIMIT_MEMLOCK`), the ring uses the
-    /// slots unregistered (see [`DataRing::is_pinned`]).
+    /// Creates a ring with `entries` submission slots whose operations may use `pool`'s slots as
+    /// registered buffers (each registered on first use).
     pub fn new(pool: &BufPool, entries: u32) -> io::Result<DataRing> {
-        let ring = IoUring::new(entries)?;
-        let iovecs = pool.iovecs();
-        // SAFETY: the iovecs describe the pool's mapping, which stays mapped as long as any
-        // `BufPool` clone lives; `self.pool` is such a clone and is dropped after `self.ring`
-        // (field order), which unregisters the buffers.
-        let unpinned_errno = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => None,
-            Err(e) => match e.raw_os_error() {
-                Some(n @ (libc::ENOMEM | libc::EPERM)) => Some(n),
-                _ => return Err(e),
-            },
-        };
         Ok(DataRing {
-            ring,
-            inflight: HashMap::new(),
-            pool: pool.clone(),
-            fixed: unpinned_errno.is_none(),
-            unpinned_errno,
+            ring: Uring::new(entries, Some(pool))?,
+            keys: HashSet::new(),
         })
     }
 
@@ -93,28 +51,25 @@ impl DataRing {
     #[cfg(test)]
     fn unregistered(pool: &BufPool, entries: u32) -> io::Result<DataRing> {
         Ok(DataRing {
-            ring: IoUring::new(entries)?,
-            inflight: HashMap::new(),
-            pool: pool.clone(),
-            fixed: false,
-            unpinned_errno: Some(libc::ENOMEM),
+            ring: Uring::unregistered(entries, pool)?,
+            keys: HashSet::new(),
         })
     }
 
-    /// `None` when the pool is registered (pinned); otherwise the errno the kernel refused the
-    /// registration with (`ENOMEM` or `EPERM`).
+    /// `None` while every slot used so far could be registered (pinned); otherwise the errno the
+    /// kernel refused a registration with (`ENOMEM` or `EPERM`).
     pub fn unpinned_errno(&self) -> Option<i32> {
-        self.unpinned_errno
+        self.ring.unpinned_errno()
     }
 
     /// Operations submitted and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
+        self.keys.len()
     }
 
     /// Whether an operation with `key` is in flight.
     pub fn is_in_flight(&self, key: u64) -> bool {
-        self.inflight.contains_key(&key)
+        self.keys.contains(&key)
     }
 
     /// Queues a read of up to `len` bytes from `fd` at its current position (offset -1: the data
@@ -123,30 +78,23 @@ impl DataRing {
         &mut self,
         key: u64,
         fd: RawFd,
-        mut buf: PoolBuf,
+        buf: PoolBuf,
         at: usize,
         len: usize,
     ) -> io::Result<()> {
         self.check_new(key, &buf, at, len)?;
-        let len = u32::try_from(len).map_err(|_| invalid("read length"))?;
-        // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
-        let ptr = unsafe { buf.as_mut_ptr().add(at) };
-        let sqe = if self.fixed {
-            opcode::ReadFixed::new(types::Fd(fd), ptr, len, buf.index())
-                .offset(u64::MAX)
-                .build()
-        } else {
-            opcode::Read::new(types::Fd(fd), ptr, len)
-                .offset(u64::MAX)
-                .build()
+        u32::try_from(len).map_err(|_| invalid("read length"))?;
+        // Straight to io-wq: a data fd read blocks in the driver (VFIO data fds have no nowait
+        // path; FUSE would fail a nowait try and arm a poll first), so an inline attempt only
+        // adds a round trip before every read.
+        let io = Io::Read {
+            fd,
+            at,
+            len,
+            offset: u64::MAX,
+            punt: true,
         };
-        let sqe = sqe
-            // Straight to io-wq: a data fd read blocks in the driver (VFIO data fds have no
-            // nowait path; FUSE would fail a nowait try and arm a poll first), so an inline
-            // attempt only adds a round trip before every read.
-            .flags(squeue::Flags::ASYNC)
-            .user_data(key);
-        self.push(key, buf, &sqe)
+        self.push(key, io, buf)
     }
 
     /// Queues a write of `buf[at..at + len]` to `fd` at file offset `offset`, or at its current
@@ -162,24 +110,19 @@ impl DataRing {
         offset: Option<u64>,
     ) -> io::Result<()> {
         self.check_new(key, &buf, at, len)?;
-        let len32 = u32::try_from(len).map_err(|_| invalid("write length"))?;
-        // SAFETY: `at + len <= capacity` (checked), so the span stays inside the slot.
-        let ptr = unsafe { buf.as_ptr().add(at) };
-        let sqe = if self.fixed {
-            opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.index())
-                .offset(offset.unwrap_or(u64::MAX))
-                .build()
-        } else {
-            opcode::Write::new(types::Fd(fd), ptr, len32)
-                .offset(offset.unwrap_or(u64::MAX))
-                .build()
+        u32::try_from(len).map_err(|_| invalid("write length"))?;
+        let io = Io::Write {
+            fd,
+            at,
+            len,
+            offset: offset.unwrap_or(u64::MAX),
+            punt: true,
         };
-        let sqe = sqe.flags(squeue::Flags::ASYNC).user_data(key);
-        self.push(key, buf, &sqe)
+        self.push(key, io, buf)
     }
 
     fn check_new(&self, key: u64, buf: &PoolBuf, at: usize, len: usize) -> io::Result<()> {
-        if key & CANCEL_BIT != 0 || self.inflight.contains_key(&key) {
+        if self.keys.contains(&key) {
             return Err(invalid("key already in flight"));
         }
         if len == 0 || at.checked_add(len).is_none_or(|end| end > buf.capacity()) {
@@ -188,26 +131,21 @@ impl DataRing {
         Ok(())
     }
 
-    fn push(&mut self, key: u64, buf: PoolBuf, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
-        if self.ring.submission().is_full() {
-            self.ring.submit()?;
-        }
-        // The buffer enters the table before the kernel can see the entry.
-        self.inflight.insert(key, buf);
-        // SAFETY: the entry's buffer span lies inside a pool slot (registered or not) owned by the
-        // table entry just inserted, which is removed only when this entry's completion is reaped.
-        let pushed = unsafe { self.ring.submission().push(sqe) };
-        if pushed.is_err() {
-            // Still full after a submit: take the buffer back, the kernel never saw the entry.
-            let _ = self.inflight.remove(&key);
-            return Err(io::Error::from_raw_os_error(libc::EBUSY));
-        }
+    fn push(&mut self, key: u64, io: Io, buf: PoolBuf) -> io::Result<()> {
+        let sub = Sub {
+            io,
+            buf: IoBuf::Pool(buf),
+            owner: key,
+        };
+        // A refused submission comes back whole; its buffer returns to the pool when dropped.
+        self.ring.push(sub).map_err(|r| r.error)?;
+        self.keys.insert(key);
         Ok(())
     }
 
     /// Hands what is queued to the kernel now.
     pub fn submit(&mut self) -> io::Result<()> {
-        self.ring.submit().map(drop)
+        self.ring.submit()
     }
 
     /// Submits what is queued and waits up to `timeout` for at least one completion (returns
@@ -216,69 +154,25 @@ impl DataRing {
     pub fn wait(&mut self, timeout: Duration, done: &mut Vec<Completion>) -> io::Result<()> {
         let before = done.len();
         self.reap(done);
-        if done.len() > before || self.inflight.is_empty() {
-            self.ring.submit()?;
-            return Ok(());
+        if done.len() > before || self.keys.is_empty() {
+            return self.ring.submit();
         }
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(e) => return Err(e),
-        }
+        self.ring.wait(timeout)?;
         self.reap(done);
         Ok(())
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        for cqe in self.ring.completion() {
-            let key = cqe.user_data();
-            if key & CANCEL_BIT != 0 {
-                continue;
-            }
-            if let Some(buf) = self.inflight.remove(&key) {
+        while let Some(c) = self.ring.pop() {
+            self.keys.remove(&c.owner);
+            // Every submission of this ring carries a pool buffer.
+            if let Some(buf) = c.buf.into_pool() {
                 out.push(Completion {
-                    key,
-                    result: cqe.result(),
+                    key: c.owner,
+                    result: c.result,
                     buf,
                 });
             }
-        }
-    }
-}
-
-impl Drop for DataRing {
-    fn drop(&mut self) {
-        if self.inflight.is_empty() {
-            return;
-        }
-        let keys: Vec<u64> = self.inflight.keys().copied().collect();
-        for key in keys {
-            let sqe = opcode::AsyncCancel::new(key)
-                .build()
-                .user_data(key | CANCEL_BIT);
-            // SAFETY: a cancel entry references no memory.
-            let _ = unsafe { self.ring.submission().push(&sqe) };
-        }
-        let deadline = Instant::now() + DROP_DRAIN;
-        while !self.inflight.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            // Completed buffers are dropped here: the kernel is done with them.
-            let mut done = Vec::new();
-            if self
-                .wait(left.min(Duration::from_millis(100)), &mut done)
-                .is_err()
-            {
-                break;
-            }
-        }
-        // The kernel may still write into these slots: never give them back to the pool.
-        for (_, buf) in self.inflight.drain() {
-            std::mem::forget(buf);
         }
     }
 }

@@ -221,6 +221,13 @@ fn write_loop(
                 op: "wait (writer)",
                 source,
             })?;
+        // Slots are pinned on first use, so a refusal shows up here, not at setup.
+        if let Some(errno) = ring.unpinned_errno() {
+            counters.notices.notify(Notice::UnpinnedBuffers {
+                stage: "writer",
+                errno,
+            });
+        }
         for c in done.drain(..) {
             let i = usize::try_from(c.key).unwrap_or(usize::MAX);
             let Some(dev) = devs.get_mut(i) else { continue };

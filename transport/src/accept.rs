@@ -12,17 +12,21 @@
 //! free index, or they are dropped the same way.
 
 use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use vfmig_wire::handshake::Agreed;
 
 use crate::config::{check_peer_policy, SessionConfig, MAX_STREAMS};
 use crate::error::{Limit, TransportError};
 use crate::ring::{Sealing, Sock};
+use crate::uring::{Io, IoBuf, Sub, Uring};
 
 /// Most handshakes pending at once on a listener.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -31,8 +35,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshake threads alive at once, evicted ones that have not ended yet included; a connection
 /// beyond this is closed unanswered.
 const MAX_HANDSHAKE_THREADS: usize = 2 * MAX_PENDING_HANDSHAKES;
-/// How long the loop waits for a result when no connection is waiting to be accepted.
-const POLL: Duration = Duration::from_millis(2);
 
 /// What the assembler needs to run one server handshake.
 pub(crate) trait ServerHandshaker: Send + Sync + 'static {
@@ -80,12 +82,14 @@ pub(crate) fn assemble(
 ) -> Result<Assembled, TransportError> {
     let limit = HANDSHAKE_TIMEOUT.min(cfg.timeout);
     let (tx, rx) = crossbeam_channel::bounded::<HsResult>(MAX_HANDSHAKE_THREADS);
+    let mut waiter = Waiter::new(listener)?;
     let mut st = State {
         pending: VecDeque::new(),
         evicted: VecDeque::new(),
         live: Arc::new(AtomicUsize::new(0)),
         next_id: 0,
         tx,
+        note: Arc::clone(&waiter.note),
         hs,
         limit,
     };
@@ -139,8 +143,11 @@ pub(crate) fn assemble(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let until = session.as_ref().map_or(accept_deadline, |s| s.deadline);
                 if let Some(e) = wait(
                     &rx,
+                    &mut waiter,
+                    until,
                     &mut st,
                     &mut session,
                     &mut early,
@@ -157,8 +164,11 @@ pub(crate) fn assemble(
             Err(e) if accept_error_is_transient(&e) => {
                 let e = TransportError::io("accept", e);
                 on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
+                let until = session.as_ref().map_or(accept_deadline, |s| s.deadline);
                 if let Some(e) = wait(
                     &rx,
+                    &mut waiter,
+                    until,
                     &mut st,
                     &mut session,
                     &mut early,
@@ -195,9 +205,13 @@ fn accept_error_is_transient(e: &std::io::Error) -> bool {
     )
 }
 
-/// Waits a little for a handshake result (nothing to accept right now).
+/// Waits for a handshake result or a connection to accept, at most until `until` (nothing to
+/// accept right now).
+#[allow(clippy::too_many_arguments)]
 fn wait(
     rx: &Receiver<HsResult>,
+    waiter: &mut Waiter,
+    until: Instant,
     st: &mut State,
     session: &mut Option<Assembly>,
     early: &mut Vec<Early>,
@@ -205,12 +219,74 @@ fn wait(
     sealing: fn(&Agreed) -> Option<Sealing>,
     on_dropped: &mut dyn FnMut(SocketAddr, &TransportError),
 ) -> Option<TransportError> {
-    match rx.recv_timeout(POLL) {
+    match rx.try_recv() {
         Ok(r) => {
             let r = st.finished(r);
             handle(r, session, early, cfg, sealing, on_dropped)
         }
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+        Err(TryRecvError::Empty) => waiter
+            .wait(until.saturating_duration_since(Instant::now()))
+            .err(),
+        Err(TryRecvError::Disconnected) => None,
+    }
+}
+
+/// Sleeps until the listener has a connection to accept, a handshake thread sent its result
+/// (it writes `note`, an eventfd, after the channel), or a deadline: no polling interval.
+struct Waiter {
+    ring: Uring<bool>,
+    listener: std::os::fd::RawFd,
+    note: Arc<File>,
+    /// Whether a poll is in flight on the listener (`true`) and on `note` (`false`).
+    armed: [bool; 2],
+}
+
+impl Waiter {
+    fn new(listener: &TcpListener) -> Result<Waiter, TransportError> {
+        let note = crate::uring::eventfd().map_err(|e| TransportError::io("eventfd", e))?;
+        Ok(Waiter {
+            ring: Uring::new(4, None).map_err(|e| TransportError::io("io_uring_setup", e))?,
+            listener: listener.as_raw_fd(),
+            note: Arc::new(File::from(note)),
+            armed: [false; 2],
+        })
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        let events = u32::from(libc::POLLIN.unsigned_abs());
+        for (i, is_listener) in [(0, true), (1, false)] {
+            if self.armed[i] {
+                continue;
+            }
+            let fd = if is_listener {
+                self.listener
+            } else {
+                self.note.as_raw_fd()
+            };
+            let sub = Sub {
+                io: Io::Poll { fd, events },
+                buf: IoBuf::Empty,
+                owner: is_listener,
+            };
+            self.ring
+                .push(sub)
+                .map_err(|r| TransportError::io("io_uring submission", r.error))?;
+            self.armed[i] = true;
+        }
+        self.ring
+            .wait(timeout)
+            .map_err(|e| TransportError::io("io_uring_enter", e))?;
+        while let Some(c) = self.ring.pop() {
+            if c.owner {
+                self.armed[0] = false;
+            } else {
+                self.armed[1] = false;
+                // Readable: the counter is non-zero, so this read does not block.
+                let mut n = [0u8; 8];
+                let _ = (&*self.note).read(&mut n);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +298,8 @@ struct State {
     live: Arc<AtomicUsize>,
     next_id: u64,
     tx: Sender<HsResult>,
+    /// Written after every result sent on `tx`: wakes the assembler's [`Waiter`].
+    note: Arc<File>,
     hs: Arc<dyn ServerHandshaker>,
     limit: Duration,
 }
@@ -282,11 +360,12 @@ impl State {
         let session_id: [u8; 16] = crate::session::random()?;
         let id = self.next_id;
         self.next_id += 1;
-        let (tx, hs, live, limit) = (
+        let (tx, hs, live, limit, note) = (
             self.tx.clone(),
             Arc::clone(&self.hs),
             Arc::clone(&self.live),
             self.limit,
+            Arc::clone(&self.note),
         );
         live.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
@@ -296,6 +375,8 @@ impl State {
                 // The assembler may be gone (session complete): then this drops the socket.
                 let _ = tx.send((id, peer, r));
                 live.fetch_sub(1, Ordering::SeqCst);
+                // An eventfd write fails only if the counter would overflow: a wake is pending.
+                let _ = (&*note).write(&1u64.to_ne_bytes());
             });
         if let Err(e) = spawned {
             self.live.fetch_sub(1, Ordering::SeqCst);

@@ -51,15 +51,19 @@ mod accept;
 pub mod config;
 pub mod error;
 mod handshake_io;
-// `unsafe` lives only here: the buffer pool's mapping and the io_uring submissions.
+mod liveness;
+// `unsafe` lives only here and in `uring`: the buffer pool's mapping.
 #[allow(unsafe_code)]
 pub mod pool;
 mod reorder;
-#[allow(unsafe_code)]
 mod ring;
 mod session;
 pub mod stats;
 mod tls;
+// The single io_uring ownership type (used by `ring` and by the pipeline's data-fd ring): every
+// io_uring submission of the project is pushed there.
+#[allow(unsafe_code)]
+pub mod uring;
 
 pub use accept::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
 pub use config::{check_peer_policy, AuthConfig, SessionConfig, TlsConfig};

@@ -6,7 +6,8 @@
 //! independent of the device state size.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -52,7 +53,14 @@ struct PoolInner {
     slots: usize,
     free_tx: Sender<u16>,
     free_rx: Receiver<u16>,
+    /// Called once after a buffer comes back while `release_armed` is set: wakes a ring that
+    /// waits for a free buffer (returns happen on consumer threads and wake nobody otherwise).
+    on_release: Mutex<Option<ReleaseHook>>,
+    release_armed: AtomicBool,
 }
+
+/// What [`BufPool`] calls when an armed release happens.
+pub(crate) type ReleaseHook = Arc<dyn Fn() + Send + Sync>;
 
 // SAFETY: `base` points into `_map`, which lives as long as `PoolInner`. Slots are handed out
 // exclusively (an index is in the free channel or owned by exactly one `PoolBuf`), so no two threads
@@ -113,6 +121,8 @@ impl BufPool {
                 slots,
                 free_tx,
                 free_rx,
+                on_release: Mutex::new(None),
+                release_armed: AtomicBool::new(false),
             }),
         })
     }
@@ -158,6 +168,19 @@ impl BufPool {
         }
     }
 
+    /// Sets (or clears) what the next armed buffer return calls.
+    pub(crate) fn set_release_hook(&self, hook: Option<ReleaseHook>) {
+        if let Ok(mut g) = self.inner.on_release.lock() {
+            *g = hook;
+        }
+    }
+
+    /// Arms the release hook: the next buffer that comes back calls it (once). Check
+    /// [`BufPool::free`] after arming: a buffer that came back before it called nothing.
+    pub(crate) fn arm_release_hook(&self) {
+        self.inner.release_armed.store(true, Ordering::SeqCst);
+    }
+
     /// Whether `buf` is a slot of this pool (and not of another pool with the same geometry).
     pub fn owns(&self, buf: &PoolBuf) -> bool {
         Arc::ptr_eq(&self.inner, &buf.pool)
@@ -167,7 +190,15 @@ impl BufPool {
     /// mapped as long as any clone of this pool or any of its buffers lives; a ring that
     /// registered these must not outlive the pool (hold a clone next to the ring).
     pub fn iovecs(&self) -> Vec<libc::iovec> {
-        (0..self.inner.slots)
+        self.iovecs_of(0, self.inner.slots)
+    }
+
+    /// The iovecs of slots `first..first + n` (clamped to the pool), for registering slots one
+    /// range at a time (`register_buffers_update`); the same lifetime rule as
+    /// [`BufPool::iovecs`] applies.
+    pub fn iovecs_of(&self, first: usize, n: usize) -> Vec<libc::iovec> {
+        let end = first.saturating_add(n).min(self.inner.slots);
+        (first.min(end)..end)
             .map(|i| libc::iovec {
                 // SAFETY: `i < slots`, so the offset stays inside the mapping of
                 // `slots * slot_size` bytes.
@@ -273,6 +304,14 @@ impl Drop for PoolBuf {
         // The channel has capacity for every slot, so this never blocks; it fails only if the
         // pool's receiver is gone, which cannot happen while `self.pool` holds it.
         let _ = self.pool.free_tx.try_send(self.index);
+        if self.pool.release_armed.load(Ordering::SeqCst)
+            && self.pool.release_armed.swap(false, Ordering::SeqCst)
+        {
+            let hook = self.pool.on_release.lock().ok().and_then(|g| g.clone());
+            if let Some(f) = hook {
+                f();
+            }
+        }
     }
 }
 
@@ -315,6 +354,24 @@ mod tests {
         assert!(a.owns(&x));
         assert!(!b.owns(&x));
         assert!(a.clone().owns(&x));
+    }
+
+    #[test]
+    fn an_armed_release_calls_the_hook_once() {
+        let pool = BufPool::new(2, 4096).unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        pool.set_release_hook(Some(Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        })));
+        let (a, b) = (pool.try_acquire().unwrap(), pool.try_acquire().unwrap());
+        drop(a);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "not armed: no call");
+        pool.arm_release_hook();
+        drop(b);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        drop(pool.try_acquire().unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one call per arming");
     }
 
     #[test]

@@ -1,22 +1,22 @@
 //! The io_uring engine: one thread per session owns one ring and all N connections of the
-//! session. This is the only module of the crate with `unsafe` (besides the buffer pool).
+//! session. It has no `unsafe` of its own: every submission goes through the owned-buffer ring of
+//! `crate::uring`.
 //!
-//! # Ownership invariant
+//! # Ownership
 //! Every submission that references memory (a header buffer, a pool slot, a control payload, the
-//! eventfd counter) first moves the owner of that memory into the in-flight table (`ops`), keyed by
-//! the submission's `user_data`. The entry is removed only when the kernel is done with the memory:
-//! on the completion, or for `SendZc` on the later zero-copy notification (`IORING_CQE_F_NOTIF`).
-//! Boxed buffers do not move when the table grows, and pool slots live in the pool's mapping,
-//! which the engine keeps alive (it holds a `BufPool` clone and the slots themselves). If the
-//! kernel does not hand every entry back at teardown within a bound, the ring and the table are
-//! leaked on purpose rather than freed under the kernel.
+//! eventfd counter) moves that memory into the ring together with the engine's bookkeeping
+//! (`Op`), and gets both back with the completion (`crate::uring` holds a zero-copy payload until
+//! the kernel's notification). Dropping the engine's ring cancels what is in flight, drains it
+//! within a bound, and leaks only what the kernel did not hand back.
 //!
 //! # Send path
-//! Frames from the session's bounded queue are striped to the least-loaded connection. Per
+//! Frames from the session's bounded queue are striped to the least-loaded connection (ties go
+//! round-robin, so frames that trickle in one at a time still use every connection). Per
 //! connection one frame is in flight at a time: a `Send` of the 40-byte header linked
 //! (`IOSQE_IO_LINK`) to the payload send, both with `MSG_WAITALL` so that a short transfer is
 //! retried by the kernel and the stream stays framed. Payloads of at least `zerocopy_min` bytes go
-//! out with `SendZc` from the registered pool buffer (`IORING_RECVSEND_FIXED_BUF`).
+//! out with `SendZc` from the registered pool buffer (`IORING_RECVSEND_FIXED_BUF`; the slot is
+//! registered with this ring the first time it goes out that way).
 //!
 //! Measured (`cargo bench -p vfmig-transport --bench throughput`, kernel 6.18, loopback, 2 shared
 //! cores, 1 MiB frames, 128 MiB per iteration): one connection moved 2.0 GiB/s with `Send` and
@@ -39,6 +39,17 @@
 //! payload would take many completions and resubmissions instead of one. A frame that does not fit in the window, or finds no free buffer, stays in
 //! the socket (the connection is parked) until it does.
 //!
+//! # Waking
+//! The engine sleeps in the ring wait, with a read posted on an eventfd that every handle writes
+//! after queueing a frame, a close or an abort. A turn takes the queued requests and acts on them
+//! (sends, shutdowns of a close, the abort frame) before it waits again, so a request costs one
+//! wake-up, never a tick. The wait lasts until the next deadline of the sans-IO clock
+//! (`crate::liveness`: a keepalive due, a read, send, reorder, close or abort deadline), so
+//! keepalives and timeouts happen on time, not on a polling tick (it used to be a quarter of the
+//! keepalive, at most 250 ms). A connection waiting for a free pool buffer arms the pool's
+//! release hook, which writes the same eventfd when the consumer drops a buffer (it used to poll
+//! every millisecond).
+//!
 //! # Liveness and teardown
 //! Idle connections carry a keepalive every `keepalive`; a connection with a read in flight that
 //! sees nothing for `timeout` fails the session, as does a send that does not complete within
@@ -51,7 +62,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,23 +70,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use vfmig_wire::seal::{FrameOpener, FrameSealer, SEALED_HEAD_LEN};
 use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HEADER_LEN};
 
 use crate::error::{FramePart, TransportError};
+use crate::liveness::{Ending, Liveness, Stall};
 use crate::pool::{BufPool, PoolBuf};
 use crate::reorder::{Admit, Reorder};
 use crate::stats::Counters;
+use crate::uring::{Completion, Io, IoBuf, Sub, Uring};
 use crate::Frame;
 
-const CANCEL_UD: u64 = u64::MAX - 1;
 const RING_ENTRIES: u32 = 256;
-/// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a zero-copy notification's result when the kernel
-/// copied the data after all.
-const ZC_COPIED: u32 = 1 << 31;
-/// `IORING_SEND_ZC_REPORT_USAGE`: ask the kernel to say in the notification whether it copied.
-const ZC_REPORT_USAGE: u16 = 1 << 3;
 /// Verified frames waiting for the consumer before the engine stops reading.
 const READY_MAX: usize = 8;
 /// Frames queued per connection before the engine stops taking frames from the session queue.
@@ -136,14 +142,6 @@ impl OutPayload {
             OutPayload::Heap(v) => v.len(),
         }
     }
-
-    fn as_ptr(&self) -> *const u8 {
-        match self {
-            OutPayload::Empty => std::ptr::null(),
-            OutPayload::Pool(b) => b.as_ptr(),
-            OutPayload::Heap(v) => v.as_ptr(),
-        }
-    }
 }
 
 /// An encoded frame ready for the wire.
@@ -200,16 +198,7 @@ pub(crate) struct Waker {
 
 impl Waker {
     fn new() -> Result<Waker, TransportError> {
-        // SAFETY: eventfd(2) takes no pointers; the return value is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(TransportError::io(
-                "eventfd",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `fd` was just returned by eventfd(2), is valid and owned by nothing else.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let owned = crate::uring::eventfd().map_err(|e| TransportError::io("eventfd", e))?;
         Ok(Waker {
             file: Arc::new(File::from(owned)),
         })
@@ -275,82 +264,36 @@ struct Conn {
     sock: Sock,
     queue: VecDeque<OutFrame>,
     queued_bytes: usize,
-    /// Send ops of one frame are in flight since then.
-    sending_since: Option<Instant>,
-    last_tx: Instant,
-    last_rx: Instant,
     rx: Rx,
     wr_shut: bool,
     /// `Some` when the connection's frames are sealed.
     sealing: Option<Sealing>,
 }
 
+/// What the engine needs to know when a submission completes; the memory it references is
+/// owned by the ring with it (`crate::uring`).
 #[derive(Debug)]
 enum Op {
     SendHeader {
         conn: usize,
-        hdr: Box<Head>,
         last: bool,
     },
     SendPayload {
         conn: usize,
-        /// Owned (never read here) until the kernel is done with it.
-        _payload: OutPayload,
         len: usize,
-        zc: bool,
-        completed: bool,
     },
     RecvHeader {
         conn: usize,
-        buf: Box<Head>,
         got: usize,
     },
     RecvPayload {
         conn: usize,
         hdr: FrameHeader,
         raw: Head,
-        buf: PoolBuf,
         got: usize,
         reserved: bool,
     },
-    Wake {
-        buf: Box<u64>,
-    },
-}
-
-/// The in-flight table: owners of the memory of every submitted operation, keyed by user_data.
-#[derive(Debug, Default)]
-struct Ops {
-    slots: Vec<Option<Op>>,
-    free: Vec<usize>,
-    live: usize,
-}
-
-impl Ops {
-    fn insert(&mut self, op: Op) -> u64 {
-        self.live += 1;
-        let i = if let Some(i) = self.free.pop() {
-            self.slots[i] = Some(op);
-            i
-        } else {
-            self.slots.push(Some(op));
-            self.slots.len() - 1
-        };
-        i as u64
-    }
-
-    fn get_mut(&mut self, ud: u64) -> Option<&mut Op> {
-        let i = usize::try_from(ud).ok()?;
-        self.slots.get_mut(i)?.as_mut()
-    }
-
-    fn remove(&mut self, ud: u64) -> Option<Op> {
-        let i = usize::try_from(ud).ok()?;
-        let op = self.slots.get_mut(i)?.take()?;
-        self.free.push(i);
-        self.live -= 1;
-        Some(op)
-    }
+    Wake,
 }
 
 enum Step {
@@ -359,17 +302,18 @@ enum Step {
 }
 
 struct Engine {
-    ring: IoUring,
+    /// Declared first: dropping it cancels and drains what is in flight while the sockets and
+    /// the pool below are still open (or leaks what the kernel will not give back).
+    ring: Uring<Op>,
     /// Bytes before each frame's payload: the header, and the tag on sealed connections.
     head_len: usize,
     pool: BufPool,
-    /// The pool's buffers are registered with the ring (fixed-buffer zero-copy possible).
-    registered: bool,
     /// Payload bytes taken from the session queue and not yet completed on the wire: kept below
     /// the agreed window (PROTOCOL.md section 7), overshooting by at most one frame.
     outstanding: u64,
     conns: Vec<Conn>,
-    ops: Ops,
+    /// The connection the last frame was striped to (ties go round-robin from there).
+    last_pick: usize,
     out_rx: Receiver<OutFrame>,
     urgent_rx: Receiver<Urgent>,
     /// Taken (dropped) at teardown so that waiting consumers wake up at once.
@@ -381,32 +325,17 @@ struct Engine {
     wake_posted: bool,
     sends_in_flight: usize,
     busy_since: Option<Instant>,
-    closing_since: Option<Instant>,
-    aborting: Option<(AbortReason, Instant)>,
-    last_progress: Instant,
+    /// Timestamps, deadlines and how the session ends (sans-IO, `crate::liveness`).
+    live: Liveness,
     started: Instant,
 }
 
-/// Sets up the ring (registering the pool's buffers) and starts the engine thread.
-/// Creates the ring and registers the pool's buffers. Registration pins the whole pool, which
-/// counts against `RLIMIT_MEMLOCK` for callers without `CAP_IPC_LOCK`; if the kernel refuses
-/// (`ENOMEM`, `EPERM`), the ring runs without registered buffers: everything works the same,
-/// only `SendZc` from fixed buffers is off. Returns whether the buffers are registered.
-fn setup_ring(pool: &BufPool) -> Result<(IoUring, bool), TransportError> {
-    let ring: IoUring = IoUring::builder()
-        .build(RING_ENTRIES)
-        .map_err(|e| TransportError::io("io_uring_setup", e))?;
-    let iovecs = pool.iovecs();
-    // SAFETY: the iovecs describe the pool's mapping, which stays mapped while `pool` lives; the
-    // engine holds a clone of `pool` for as long as it holds the ring (both are fields of
-    // `Engine`, the ring declared first so it is dropped first, or both are leaked together).
-    match unsafe { ring.submitter().register_buffers(&iovecs) } {
-        Ok(()) => Ok((ring, true)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EPERM)) => {
-            Ok((ring, false))
-        }
-        Err(e) => Err(TransportError::io("io_uring_register_buffers", e)),
-    }
+/// Creates the engine's ring. Its pool slots are registered only when a zero-copy send uses
+/// one (`Uring::fix`): the plain `Send` / `Recv` of the default path need no registration, and
+/// pinning the whole pool up front cost tens of milliseconds before the first byte moved.
+/// Where the kernel refuses to pin (`RLIMIT_MEMLOCK`), `SendZc` is simply not used.
+fn setup_ring(pool: &BufPool) -> Result<Uring<Op>, TransportError> {
+    Uring::new(RING_ENTRIES, Some(pool)).map_err(|e| TransportError::io("io_uring_setup", e))
 }
 
 /// Starts the engine thread, which sets up its ring (registering the pool's buffers) itself, so
@@ -433,7 +362,7 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name(format!("vfmig-{name}"))
         .spawn(move || {
-            let (ring, registered) = match setup_ring(&pool) {
+            let ring = match setup_ring(&pool) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = setup_tx.send(Err(e));
@@ -442,15 +371,13 @@ pub(crate) fn start(
             };
             let now = Instant::now();
             let sealed = socks.iter().any(|(_, s)| s.is_some());
+            let (n_conns, p_timeout, p_keepalive) = (socks.len(), p.timeout, p.keepalive);
             let conns = socks
                 .into_iter()
                 .map(|(sock, sealing)| Conn {
                     sock,
                     queue: VecDeque::new(),
                     queued_bytes: 0,
-                    sending_since: None,
-                    last_tx: now,
-                    last_rx: now,
                     rx: Rx::Idle,
                     wr_shut: false,
                     sealing,
@@ -462,12 +389,12 @@ pub(crate) fn start(
             let engine = Engine {
                 ring,
                 head_len: if sealed { SEALED_HEAD_LEN } else { HEADER_LEN },
-                registered,
                 outstanding: 0,
                 reorder: Reorder::new(p.devices, p.window_bytes, max_frames),
                 pool,
                 conns,
-                ops: Ops::default(),
+                // The first frame goes to connection 0.
+                last_pick: n_conns.saturating_sub(1),
                 out_rx,
                 urgent_rx,
                 in_tx: Some(in_tx),
@@ -477,9 +404,7 @@ pub(crate) fn start(
                 wake_posted: false,
                 sends_in_flight: 0,
                 busy_since: None,
-                closing_since: None,
-                aborting: None,
-                last_progress: now,
+                live: Liveness::new(n_conns, p_timeout, p_keepalive, now),
                 started: now,
             };
             let _ = setup_tx.send(Ok(()));
@@ -517,12 +442,6 @@ pub(crate) fn head(hdr: [u8; HEADER_LEN]) -> Box<Head> {
 /// A completion result already checked to be non-negative, as a byte count.
 fn ures(res: i32) -> usize {
     usize::try_from(res).unwrap_or(0)
-}
-
-/// A buffer length for an SQE. Every length the engine submits is at most a pool slot or a
-/// header, and pool slots are below 4 GiB (`max_payload` is a u32).
-fn len_u32(len: usize) -> u32 {
-    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 fn errno_err(conn: usize, op: &'static str, part: FramePart, res: i32) -> TransportError {
@@ -588,29 +507,28 @@ fn detail_bytes(p: &OutPayload) -> &[u8] {
 
 impl Engine {
     fn run(mut self, wake_file: &Arc<File>) {
+        let waker = Waker {
+            file: Arc::clone(wake_file),
+        };
+        self.pool
+            .set_release_hook(Some(Arc::new(move || waker.wake())));
         let outcome = loop {
             match self.turn(wake_file) {
                 Ok(Step::Continue) => {}
                 Ok(Step::Done(e)) | Err(e) => break e,
             }
         };
+        self.pool.set_release_hook(None);
         self.teardown(outcome);
     }
 
-    fn tick(&self) -> Duration {
-        // A connection parked for window room is woken by the completions that deliver the
-        // frames before it; one waiting for a free buffer is not.
-        let waiting_buf = self.conns.iter().any(|c| match &c.rx {
+    /// A connection whose header is in waits for a free pool buffer (not for window room: that
+    /// one is woken by the completions that deliver the frames before it).
+    fn waiting_for_buffer(&self) -> bool {
+        self.conns.iter().any(|c| match &c.rx {
             Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) != Admit::Park,
             _ => false,
-        });
-        if waiting_buf {
-            // Buffers come back when the consumer drops them, which wakes nobody: poll.
-            Duration::from_millis(1)
-        } else {
-            (self.p.keepalive.min(self.p.timeout) / 4)
-                .clamp(Duration::from_millis(1), Duration::from_millis(250))
-        }
+        })
     }
 
     /// One round: take requests, submit, wait, complete, check time limits.
@@ -628,30 +546,41 @@ impl Engine {
         if !self.wake_posted {
             self.post_wake(wake_file)?;
         }
-        let ts = types::Timespec::from(self.tick());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::ETIME)
-                    || e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(TransportError::io("io_uring_enter", e)),
+        // Act on what was just taken before sleeping: a close or abort asked for since the last
+        // turn shuts the connections down now, not a tick later.
+        if let Step::Done(e) = self.check_time(now)? {
+            return Ok(Step::Done(e));
         }
-        let cqes: Vec<(u64, i32, u32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
+        if self.waiting_for_buffer() {
+            // Buffers come back on the consumer's threads: the pool wakes the ring on the next
+            // return. One returned before the arming is found by admitting again after it.
+            self.pool.arm_release_hook();
+            self.admit_waiting()?;
+        }
+        // Sleep until the next deadline (a keepalive, a timeout) unless a completion or a
+        // wake-up comes first.
+        self.sync_liveness(Instant::now());
+        let wait = self
+            .live
+            .poll_timeout()
+            .saturating_duration_since(Instant::now());
+        self.ring
+            .wait(wait)
+            .map_err(|e| TransportError::io("io_uring_enter", e))?;
         let mut failed = None;
-        for (ud, res, flags) in cqes {
-            if failed.is_some() {
-                // These completions are reaped and will never be seen again: their ops must
-                // leave the table now, or teardown would wait for them and leak the pool.
-                self.release(ud, flags);
-            } else if let Err(e) = self.complete(ud, res, flags) {
-                failed = Some(e);
+        while let Some(c) = self.ring.pop() {
+            // After a failure the rest are only reaped: dropping a completion frees its buffer
+            // (the kernel is done with it; a zero-copy payload stays with the ring until its
+            // notification).
+            if failed.is_none() {
+                if let Err(e) = self.complete(c) {
+                    failed = Some(e);
+                }
             }
+        }
+        let copied = self.ring.take_zc_copied();
+        if copied > 0 {
+            Counters::add(&self.shared.counters.zerocopy_copied, copied);
         }
         if let Some(e) = failed {
             return Err(e);
@@ -660,31 +589,10 @@ impl Engine {
         self.check_time(Instant::now())
     }
 
-    /// Drops the op a completion ends without acting on it (the engine is failing). A zero-copy
-    /// send whose completion says a notification follows stays until that notification.
-    fn release(&mut self, ud: u64, flags: u32) {
-        if ud == CANCEL_UD {
-            return;
-        }
-        match self.ops.get_mut(ud) {
-            Some(Op::SendPayload {
-                zc: true,
-                completed,
-                ..
-            }) if !cqueue::notif(flags) && cqueue::more(flags) => *completed = true,
-            Some(_) => {
-                self.ops.remove(ud);
-            }
-            None => {}
-        }
-    }
-
     fn take_urgent(&mut self) {
         match self.urgent_rx.try_recv() {
             Ok(Urgent::Close) => {
-                if self.closing_since.is_none() {
-                    self.closing_since = Some(Instant::now());
-                }
+                self.live.close(Instant::now());
             }
             Ok(Urgent::Abort { reason, detail }) => {
                 // Whatever the peer does next (it closes on our abort), this is the outcome.
@@ -694,7 +602,7 @@ impl Engine {
             Err(TryRecvError::Empty) => {}
             Err(TryRecvError::Disconnected) => {
                 // Every handle is gone without close(): tell the peer this is no clean end.
-                if self.closing_since.is_none() {
+                if !matches!(self.live.ending(), Ending::Closing { .. }) {
                     self.shared.set_failure(TransportError::Cancelled);
                     self.start_abort(AbortReason::Cancelled, b"session dropped".to_vec());
                 }
@@ -703,10 +611,9 @@ impl Engine {
     }
 
     fn start_abort(&mut self, reason: AbortReason, detail: Vec<u8>) {
-        if self.aborting.is_some() {
+        if !self.live.abort(reason, Instant::now()) {
             return;
         }
-        self.aborting = Some((reason, Instant::now()));
         for c in &mut self.conns {
             // Queued data is moot now; the abort goes out first on every connection.
             c.queue.clear();
@@ -719,19 +626,24 @@ impl Engine {
 
     /// Moves frames from the session queue to the least-loaded connections.
     fn take_frames(&mut self) {
-        if self.aborting.is_some() {
+        if self.aborting() {
             return;
         }
+        let n = self.conns.len().max(1);
         loop {
+            let (live, after) = (&self.live, self.last_pick + 1);
+            // Least loaded; among equally loaded connections the next after the last one picked,
+            // so that frames trickling in one at a time still spread over every connection.
             let Some(best) = self
                 .conns
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| !c.wr_shut && !matches!(c.rx, Rx::Eof))
-                .min_by_key(|(_, c)| {
+                .min_by_key(|(i, c)| {
                     (
-                        c.queue.len() + usize::from(c.sending_since.is_some()),
+                        c.queue.len() + usize::from(live.sending(*i)),
                         c.queued_bytes,
+                        (i + n - after % n) % n,
                     )
                 })
                 .map(|(i, _)| i)
@@ -746,6 +658,7 @@ impl Engine {
             match self.out_rx.try_recv() {
                 Ok(f) => {
                     self.outstanding += f.payload.len() as u64;
+                    self.last_pick = best;
                     let c = &mut self.conns[best];
                     c.queued_bytes += self.head_len + f.payload.len();
                     c.queue.push_back(f);
@@ -756,17 +669,13 @@ impl Engine {
     }
 
     fn schedule_keepalives(&mut self, now: Instant) {
-        if self.closing_since.is_some() || self.aborting.is_some() {
+        if self.live.ending() != Ending::Open {
             return;
         }
         let ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
         let head_len = self.head_len;
-        for c in &mut self.conns {
-            if !c.wr_shut
-                && c.queue.is_empty()
-                && c.sending_since.is_none()
-                && now.duration_since(c.last_tx) >= self.p.keepalive
-            {
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if !c.wr_shut && c.queue.is_empty() && self.live.keepalive_due(i, now) {
                 c.queue.push_back(keepalive_frame(ms));
                 c.queued_bytes += head_len;
                 Counters::add(&self.shared.counters.keepalives_sent, 1);
@@ -774,41 +683,22 @@ impl Engine {
         }
     }
 
-    /// Pushes entries, making room in the submission queue first.
-    fn push(&mut self, entries: &[squeue::Entry]) -> Result<(), TransportError> {
-        {
-            let sq = self.ring.submission();
-            if sq.capacity() - sq.len() < entries.len() {
-                drop(sq);
-                self.ring
-                    .submit()
-                    .map_err(|e| TransportError::io("io_uring_enter", e))?;
-            }
-        }
-        let mut sq = self.ring.submission();
-        for e in entries {
-            // SAFETY: every buffer an entry points to is owned by the in-flight table entry
-            // named by the entry's user_data (see the module's ownership invariant); the
-            // submission queue has room (checked above: `entries.len()` free slots).
-            unsafe { sq.push(e) }.map_err(|_| {
-                TransportError::io(
-                    "io_uring submission queue full",
-                    std::io::Error::from(std::io::ErrorKind::WouldBlock),
-                )
-            })?;
-        }
-        Ok(())
+    /// Pushes submissions (linked: each waits for the previous one to succeed in full).
+    fn push(&mut self, subs: Vec<Sub<Op>>, linked: bool) -> Result<(), TransportError> {
+        self.ring
+            .push_all(subs, linked)
+            .map_err(|r| TransportError::io("io_uring submission", r.error))
     }
 
     fn submit_send(&mut self, i: usize) -> Result<(), TransportError> {
         let c = &mut self.conns[i];
-        if c.sending_since.is_some() || c.wr_shut {
+        if self.live.sending(i) || c.wr_shut {
             return Ok(());
         }
         let Some(mut frame) = c.queue.pop_front() else {
             return Ok(());
         };
-        let fd = types::Fd(c.sock.fd());
+        let fd = c.sock.fd();
         let plen = frame.payload.len();
         let head_len = self.head_len;
         c.queued_bytes = c.queued_bytes.saturating_sub(head_len + plen);
@@ -826,63 +716,62 @@ impl Engine {
                 .map_err(|source| TransportError::Sealing { conn: i, source })?;
         }
         let now = Instant::now();
-        c.sending_since = Some(now);
-        c.last_tx = now;
+        self.live.send_started(i, now);
         let base = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-        let hdr_ud = self.ops.insert(Op::SendHeader {
-            conn: i,
-            hdr: frame.hdr,
-            last: plen == 0,
-        });
-        let Some(Op::SendHeader { hdr, .. }) = self.ops.get_mut(hdr_ud) else {
-            unreachable!("entry inserted above");
-        };
-        let hdr_ptr = hdr.as_ptr();
         let hdr_flags = if plen > 0 {
             base | libc::MSG_MORE
         } else {
             base
         };
-        let mut hdr_sqe = opcode::Send::new(fd, hdr_ptr, len_u32(head_len))
-            .flags(hdr_flags)
-            .build()
-            .user_data(hdr_ud);
-        if plen == 0 {
-            self.push(&[hdr_sqe])?;
-        } else {
-            hdr_sqe = hdr_sqe.flags(squeue::Flags::IO_LINK);
-            let zc_index = match &frame.payload {
-                // Only slots of the registered pool can go out as fixed buffers.
-                OutPayload::Pool(b)
-                    if plen >= self.p.zerocopy_min && self.registered && self.pool.owns(b) =>
-                {
-                    Some(b.index())
-                }
-                _ => None,
-            };
-            let ptr = frame.payload.as_ptr();
-            // `plen <= max_payload <= u32::MAX`, checked when the frame was queued.
-            let len32 = u32::try_from(plen).unwrap_or(u32::MAX);
-            let ud = self.ops.insert(Op::SendPayload {
+        let hdr = Sub {
+            io: Io::Send {
+                fd,
+                at: 0,
+                len: head_len,
+                flags: hdr_flags,
+            },
+            buf: IoBuf::Heap(frame.hdr),
+            owner: Op::SendHeader {
                 conn: i,
-                _payload: frame.payload,
-                len: plen,
-                zc: zc_index.is_some(),
-                completed: false,
-            });
-            let sqe = match zc_index {
-                Some(idx) => {
-                    Counters::add(&self.shared.counters.zerocopy_sends, 1);
-                    opcode::SendZc::new(fd, ptr, len32)
-                        .buf_index(Some(idx))
-                        .flags(base)
-                        .zc_flags(ZC_REPORT_USAGE)
-                        .build()
+                last: plen == 0,
+            },
+        };
+        if plen == 0 {
+            self.push(vec![hdr], false)?;
+        } else {
+            // Only slots of the engine's pool can go out as fixed buffers (registered on first
+            // use; where the kernel refuses to pin, a plain `Send`).
+            let zc = match &frame.payload {
+                OutPayload::Pool(b) if plen >= self.p.zerocopy_min => self.ring.fix(b).is_some(),
+                _ => false,
+            };
+            let buf = match frame.payload {
+                OutPayload::Empty => IoBuf::Empty,
+                OutPayload::Pool(b) => IoBuf::Pool(b),
+                OutPayload::Heap(v) => IoBuf::Heap(v.into_boxed_slice()),
+            };
+            let io = if zc {
+                Counters::add(&self.shared.counters.zerocopy_sends, 1);
+                Io::SendZc {
+                    fd,
+                    at: 0,
+                    len: plen,
+                    flags: base,
                 }
-                None => opcode::Send::new(fd, ptr, len32).flags(base).build(),
-            }
-            .user_data(ud);
-            self.push(&[hdr_sqe, sqe])?;
+            } else {
+                Io::Send {
+                    fd,
+                    at: 0,
+                    len: plen,
+                    flags: base,
+                }
+            };
+            let payload = Sub {
+                io,
+                buf,
+                owner: Op::SendPayload { conn: i, len: plen },
+            };
+            self.push(vec![hdr, payload], true)?;
         }
         if self.sends_in_flight == 0 {
             self.busy_since = Some(now);
@@ -892,71 +781,83 @@ impl Engine {
     }
 
     fn reading_paused(&self) -> bool {
-        self.ready.len() >= READY_MAX || self.aborting.is_some()
+        self.ready.len() >= READY_MAX || self.aborting()
+    }
+
+    fn aborting(&self) -> bool {
+        matches!(self.live.ending(), Ending::Aborting { .. })
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.live.ending(), Ending::Closing { .. })
     }
 
     fn post_header_recv(&mut self, i: usize) -> Result<(), TransportError> {
         if !matches!(self.conns[i].rx, Rx::Idle) || self.reading_paused() {
             return Ok(());
         }
-        let fd = types::Fd(self.conns[i].sock.fd());
-        let ud = self.ops.insert(Op::RecvHeader {
-            conn: i,
-            buf: Box::new([0u8; SEALED_HEAD_LEN]),
-            got: 0,
-        });
         self.conns[i].rx = Rx::Busy;
         // A fresh header read: liveness counts from when we started listening again.
-        self.conns[i].last_rx = Instant::now();
-        self.submit_recv_header(ud, fd)
+        self.live.read_posted(i, Instant::now());
+        let buf = IoBuf::Heap(Box::new([0u8; SEALED_HEAD_LEN]));
+        self.submit_recv_header(i, 0, buf)
     }
 
-    fn submit_recv_header(&mut self, ud: u64, fd: types::Fd) -> Result<(), TransportError> {
-        let head_len = self.head_len;
-        let Some(Op::RecvHeader { buf, got, .. }) = self.ops.get_mut(ud) else {
-            return Ok(());
+    /// Reads the rest of a header (`got` bytes of it are in `buf`).
+    fn submit_recv_header(
+        &mut self,
+        conn: usize,
+        got: usize,
+        buf: IoBuf,
+    ) -> Result<(), TransportError> {
+        let io = Io::Recv {
+            fd: self.conns[conn].sock.fd(),
+            at: got,
+            len: self.head_len.saturating_sub(got),
+            flags: libc::MSG_WAITALL,
         };
-        let rest = &mut buf[*got..head_len];
-        let sqe = opcode::Recv::new(fd, rest.as_mut_ptr(), len_u32(rest.len()))
-            .flags(libc::MSG_WAITALL)
-            .build()
-            .user_data(ud);
-        self.push(&[sqe])
+        let owner = Op::RecvHeader { conn, got };
+        self.push(vec![Sub { io, buf, owner }], false)
     }
 
-    fn submit_recv_payload(&mut self, ud: u64, fd: types::Fd) -> Result<(), TransportError> {
-        let Some(Op::RecvPayload { buf, got, hdr, .. }) = self.ops.get_mut(ud) else {
+    /// Reads the rest of a payload (`got` bytes of it are in `buf`).
+    fn submit_recv_payload(&mut self, owner: Op, buf: PoolBuf) -> Result<(), TransportError> {
+        let Op::RecvPayload { conn, hdr, got, .. } = &owner else {
             return Ok(());
         };
-        let want = hdr.wire_len as usize;
-        let rest = &mut buf.spare_mut()[*got..want];
-        let sqe = opcode::Recv::new(fd, rest.as_mut_ptr(), len_u32(rest.len()))
-            .flags(libc::MSG_WAITALL)
-            .build()
-            .user_data(ud);
-        self.push(&[sqe])
+        let io = Io::Recv {
+            fd: self.conns[*conn].sock.fd(),
+            at: *got,
+            len: (hdr.wire_len as usize).saturating_sub(*got),
+            flags: libc::MSG_WAITALL,
+        };
+        let buf = IoBuf::Pool(buf);
+        self.push(vec![Sub { io, buf, owner }], false)
     }
 
     fn post_wake(&mut self, wake_file: &Arc<File>) -> Result<(), TransportError> {
-        let fd = types::Fd(wake_file.as_raw_fd());
-        let ud = self.ops.insert(Op::Wake {
-            buf: Box::new(0u64),
-        });
-        let Some(Op::Wake { buf }) = self.ops.get_mut(ud) else {
-            return Ok(());
+        let io = Io::Read {
+            fd: wake_file.as_raw_fd(),
+            at: 0,
+            len: 8,
+            offset: 0,
+            punt: false,
         };
-        let ptr: *mut u64 = &mut **buf;
-        let sqe = opcode::Read::new(fd, ptr.cast::<u8>(), 8)
-            .build()
-            .user_data(ud);
-        self.push(&[sqe])?;
+        let buf = IoBuf::Heap(Box::new([0u8; 8]));
+        self.push(
+            vec![Sub {
+                io,
+                buf,
+                owner: Op::Wake,
+            }],
+            false,
+        )?;
         self.wake_posted = true;
         Ok(())
     }
 
     fn send_done(&mut self, conn: usize, now: Instant) {
-        self.conns[conn].sending_since = None;
-        self.conns[conn].last_tx = now;
+        self.live.send_done(conn, now);
         self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
         if self.sends_in_flight == 0 {
             if let Some(t) = self.busy_since.take() {
@@ -966,18 +867,12 @@ impl Engine {
         }
     }
 
-    fn complete(&mut self, ud: u64, res: i32, flags: u32) -> Result<(), TransportError> {
-        if ud == CANCEL_UD {
-            return Ok(());
-        }
+    fn complete(&mut self, c: Completion<Op>) -> Result<(), TransportError> {
+        let res = c.result;
         let now = Instant::now();
         let counters = &self.shared.counters;
-        let Some(op) = self.ops.get_mut(ud) else {
-            return Ok(());
-        };
-        match op {
-            Op::Wake { .. } => {
-                self.ops.remove(ud);
+        match c.owner {
+            Op::Wake => {
                 self.wake_posted = false;
                 if res < 0 && res != -libc::ECANCELED {
                     return Err(TransportError::io(
@@ -986,9 +881,7 @@ impl Engine {
                     ));
                 }
             }
-            Op::SendHeader { conn, last, .. } => {
-                let (conn, last) = (*conn, *last);
-                self.ops.remove(ud);
+            Op::SendHeader { conn, last } => {
                 if res < 0 {
                     return Err(errno_err(conn, "send frame header", FramePart::Header, res));
                 }
@@ -1006,29 +899,8 @@ impl Engine {
                     self.send_done(conn, now);
                 }
             }
-            Op::SendPayload {
-                conn,
-                len,
-                zc,
-                completed,
-                ..
-            } => {
-                if *zc && cqueue::notif(flags) {
-                    // The kernel no longer references the buffer: now it may go back to the pool.
-                    if u32::from_ne_bytes(res.to_ne_bytes()) & ZC_COPIED != 0 {
-                        Counters::add(&counters.zerocopy_copied, 1);
-                    }
-                    self.ops.remove(ud);
-                    return Ok(());
-                }
-                if *completed {
-                    return Ok(());
-                }
-                *completed = true;
-                let (conn, len) = (*conn, *len);
-                if !(*zc && cqueue::more(flags)) {
-                    self.ops.remove(ud);
-                }
+            Op::SendPayload { conn, len } => {
+                // A zero-copy payload stays with the ring until the kernel's notification.
                 if res < 0 {
                     return Err(errno_err(
                         conn,
@@ -1050,11 +922,9 @@ impl Engine {
                 self.outstanding = self.outstanding.saturating_sub(len as u64);
                 self.send_done(conn, now);
             }
-            Op::RecvHeader { conn, got, .. } => {
-                let (conn, before) = (*conn, *got);
+            Op::RecvHeader { conn, got } => {
                 if res <= 0 {
-                    self.ops.remove(ud);
-                    let part = if before == 0 {
+                    let part = if got == 0 {
                         FramePart::Between
                     } else {
                         FramePart::Header
@@ -1065,24 +935,34 @@ impl Engine {
                     return self.on_eof(conn, part);
                 }
                 let n = ures(res);
-                *got += n;
-                let full = *got >= self.head_len;
+                let got = got + n;
                 Counters::add(&counters.bytes_received, n as u64);
-                self.conns[conn].last_rx = now;
-                let fd = types::Fd(self.conns[conn].sock.fd());
-                if !full {
-                    return self.submit_recv_header(ud, fd);
+                self.live.received(conn, now);
+                if got < self.head_len {
+                    return self.submit_recv_header(conn, got, c.buf);
                 }
-                let Some(Op::RecvHeader { buf, .. }) = self.ops.remove(ud) else {
-                    unreachable!("matched above");
-                };
-                self.on_header(conn, *buf)?;
+                let mut raw: Head = [0u8; SEALED_HEAD_LEN];
+                if let IoBuf::Heap(b) = &c.buf {
+                    let n = raw.len().min(b.len());
+                    raw[..n].copy_from_slice(&b[..n]);
+                }
+                self.on_header(conn, raw)?;
             }
-            Op::RecvPayload { conn, got, hdr, .. } => {
-                let (conn, want) = (*conn, hdr.wire_len as usize);
+            Op::RecvPayload {
+                conn,
+                hdr,
+                raw,
+                got,
+                reserved,
+            } => {
+                let want = hdr.wire_len as usize;
+                let Some(mut buf) = c.buf.into_pool() else {
+                    return Err(TransportError::Cancelled);
+                };
                 if res <= 0 {
-                    let op = self.ops.remove(ud);
-                    self.unreserve(op);
+                    if reserved {
+                        self.reorder.unreserve(hdr.wire_len);
+                    }
                     if res < 0 {
                         return Err(errno_err(
                             conn,
@@ -1097,24 +977,19 @@ impl Engine {
                     });
                 }
                 let n = ures(res);
-                *got += n;
-                let full = *got >= want;
+                let got = got + n;
                 Counters::add(&counters.bytes_received, n as u64);
-                self.conns[conn].last_rx = now;
-                let fd = types::Fd(self.conns[conn].sock.fd());
-                if !full {
-                    return self.submit_recv_payload(ud, fd);
+                self.live.received(conn, now);
+                if got < want {
+                    let owner = Op::RecvPayload {
+                        conn,
+                        hdr,
+                        raw,
+                        got,
+                        reserved,
+                    };
+                    return self.submit_recv_payload(owner, buf);
                 }
-                let Some(Op::RecvPayload {
-                    hdr,
-                    raw,
-                    mut buf,
-                    reserved,
-                    ..
-                }) = self.ops.remove(ud)
-                else {
-                    unreachable!("matched above");
-                };
                 if reserved {
                     self.reorder.unreserve(hdr.wire_len);
                 }
@@ -1126,19 +1001,8 @@ impl Engine {
         Ok(())
     }
 
-    fn unreserve(&mut self, op: Option<Op>) {
-        if let Some(Op::RecvPayload {
-            hdr,
-            reserved: true,
-            ..
-        }) = op
-        {
-            self.reorder.unreserve(hdr.wire_len);
-        }
-    }
-
     fn on_eof(&mut self, conn: usize, part: FramePart) -> Result<(), TransportError> {
-        let closing = self.closing_since.is_some();
+        let closing = self.closing();
         if part != FramePart::Between || !(self.p.peer_closes || closing) {
             return Err(TransportError::PeerClosed { conn, during: part });
         }
@@ -1210,17 +1074,15 @@ impl Engine {
         if reserved {
             self.reorder.reserve(hdr.wire_len);
         }
-        let ud = self.ops.insert(Op::RecvPayload {
+        self.conns[conn].rx = Rx::Busy;
+        let owner = Op::RecvPayload {
             conn,
             hdr,
             raw,
-            buf,
             got: 0,
             reserved,
-        });
-        self.conns[conn].rx = Rx::Busy;
-        let fd = types::Fd(self.conns[conn].sock.fd());
-        self.submit_recv_payload(ud, fd)
+        };
+        self.submit_recv_payload(owner, buf)
     }
 
     /// A whole frame is in: verify, then deliver, hold, or act on it.
@@ -1272,7 +1134,7 @@ impl Engine {
                     payload,
                 };
                 if self.reorder.insert(frame, &mut self.ready)? > 0 {
-                    self.last_progress = Instant::now();
+                    self.live.delivered(Instant::now());
                 } else {
                     Counters::add(&self.shared.counters.frames_held, 1);
                 }
@@ -1289,7 +1151,7 @@ impl Engine {
     }
 
     fn deliver(&mut self) -> Result<(), TransportError> {
-        if self.closing_since.is_some() {
+        if self.closing() {
             // close() is waiting for the flush; nobody reads inbound frames any more.
             self.ready.clear();
             return Ok(());
@@ -1321,71 +1183,76 @@ impl Engine {
     }
 
     fn flushed(&self) -> bool {
-        self.out_rx.is_empty()
-            && self
-                .conns
-                .iter()
-                .all(|c| c.queue.is_empty() && c.sending_since.is_none())
-            && !self
-                .ops
-                .slots
-                .iter()
-                .any(|o| matches!(o, Some(Op::SendPayload { .. })))
+        self.out_rx.is_empty() && self.all_sent() && self.ring.zc_pending() == 0
     }
 
-    fn check_time(&mut self, now: Instant) -> Result<Step, TransportError> {
-        let timeout = self.p.timeout;
+    /// Every connection's queue is empty and nothing is in flight on it.
+    fn all_sent(&self) -> bool {
+        self.conns
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.queue.is_empty() && !self.live.sending(i))
+    }
+
+    /// Tells the sans-IO clock what only the engine knows: which connections have a read in
+    /// flight, and whether the reorder window is stuck (frames held, nothing delivered, and no
+    /// connection carries a next frame that merely waits for a buffer or for the consumer).
+    fn sync_liveness(&mut self, now: Instant) {
         for (i, c) in self.conns.iter().enumerate() {
-            if matches!(c.rx, Rx::Busy) && now.duration_since(c.last_rx) > timeout {
-                return Err(TransportError::PeerSilent {
-                    conn: i,
-                    after: timeout,
-                });
-            }
-            if let Some(t) = c.sending_since {
-                if now.duration_since(t) > timeout {
-                    return Err(TransportError::Timeout {
-                        after: timeout,
-                        what: "a send to complete (peer not reading)",
-                    });
-                }
-            }
+            self.live.set_reading(i, matches!(c.rx, Rx::Busy));
         }
-        // Reorder stall: frames held, nothing delivered, and no connection carries a next frame
-        // that merely waits for a buffer or for the consumer.
         let next_waiting = self.conns.iter().any(|c| match &c.rx {
             Rx::Waiting { hdr, .. } => self.reorder.admit(hdr) == Admit::Next,
             _ => false,
         });
-        if self.reorder.held() == 0 || self.reading_paused() || next_waiting {
-            self.last_progress = now;
-        } else if now.duration_since(self.last_progress) > timeout {
-            let (device, expected) = self.reorder.first_waiting().unwrap_or((0, 0));
-            return Err(TransportError::ReorderStall {
-                device,
-                expected,
-                waited: timeout,
-            });
+        let stalled = self.reorder.held() > 0 && !self.reading_paused() && !next_waiting;
+        self.live.set_stalled(stalled, now);
+    }
+
+    fn stall_error(&self, stall: Stall) -> TransportError {
+        let after = self.p.timeout;
+        match stall {
+            Stall::PeerSilent { conn } => TransportError::PeerSilent { conn, after },
+            Stall::Send { .. } => TransportError::Timeout {
+                after,
+                what: "a send to complete (peer not reading)",
+            },
+            Stall::Reorder => {
+                let (device, expected) = self.reorder.first_waiting().unwrap_or((0, 0));
+                TransportError::ReorderStall {
+                    device,
+                    expected,
+                    waited: after,
+                }
+            }
+            Stall::Close => TransportError::Timeout {
+                after,
+                what: "close (flush and peer close)",
+            },
         }
-        if let Some((reason, since)) = self.aborting {
-            let sent = self
-                .conns
-                .iter()
-                .all(|c| c.queue.is_empty() && c.sending_since.is_none());
-            if sent || now.duration_since(since) > timeout.min(Duration::from_secs(2)) {
+    }
+
+    fn check_time(&mut self, now: Instant) -> Result<Step, TransportError> {
+        self.sync_liveness(now);
+        if let Err(stall) = self.live.handle_timeout(now) {
+            return Err(self.stall_error(stall));
+        }
+        if let Ending::Aborting { reason, .. } = self.live.ending() {
+            if self.all_sent() || self.live.abort_grace_over(now).is_some() {
                 return Ok(Step::Done(TransportError::Aborted { reason }));
             }
             return Ok(Step::Continue);
         }
         // Half-close our side of every connection the peer closed (destination), or of every
         // connection once all is flushed (source closing).
-        let flushed = self.closing_since.is_some() && self.flushed();
-        for c in &mut self.conns {
+        let flushed = self.closing() && self.flushed();
+        for (i, c) in self.conns.iter_mut().enumerate() {
             let peer_done = matches!(c.rx, Rx::Eof);
-            let idle = c.queue.is_empty() && c.sending_since.is_none();
+            let idle = c.queue.is_empty() && !self.live.sending(i);
             if !c.wr_shut && idle && (peer_done || flushed) {
                 c.sock.shutdown(Shutdown::Write);
                 c.wr_shut = true;
+                self.live.write_shut(i);
             }
         }
         let all_closed = self
@@ -1398,13 +1265,8 @@ impl Engine {
             }
             return Ok(Step::Done(TransportError::Closed));
         }
-        if let Some(since) = self.closing_since {
-            if now.duration_since(since) > timeout {
-                return Err(TransportError::Timeout {
-                    after: timeout,
-                    what: "close (flush and peer close)",
-                });
-            }
+        if self.live.close_overdue(now) {
+            return Err(self.stall_error(Stall::Close));
         }
         Ok(Step::Continue)
     }
@@ -1432,33 +1294,13 @@ impl Engine {
         for c in &self.conns {
             c.sock.shutdown(Shutdown::Both);
         }
-        // Cancel every operation still in the table by its user_data.
-        let live: Vec<u64> = (0..self.ops.slots.len())
-            .filter(|&i| self.ops.slots[i].is_some())
-            .map(|i| i as u64)
-            .collect();
-        for ud in live {
-            let cancel = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
-            let _ = self.push(&[cancel]);
-        }
-        while self.ops.live > 0 && Instant::now() < deadline {
-            let ts = types::Timespec::from(Duration::from_millis(10));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let cqes: Vec<(u64, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.flags()))
-                .collect();
-            for (ud, flags) in cqes {
-                self.release(ud, flags);
-            }
-        }
-        if self.ops.live > 0 {
-            // The kernel still holds buffers: never free memory under it.
-            std::mem::forget(self.ops);
-            std::mem::forget(self.ring);
-            std::mem::forget(self.pool);
+        // Cancel every operation still in flight and wait (bounded) for the kernel to hand its
+        // buffer back; whatever it does not hand back is leaked with the ring, never freed.
+        if !self
+            .ring
+            .drain(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.ring.set_drain_limit(Duration::ZERO);
         }
     }
 }
