@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use vfmig_wire::seal::{FrameOpener, FrameSealer, SEALED_HEAD_LEN};
-use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HEADER_LEN};
+use vfmig_wire::{AbortReason, Codec, FrameHeader, FrameKind, HeaderBytes, HEADER_LEN};
 
 use crate::error::{FramePart, TransportError};
 use crate::liveness::{Ending, Liveness, Stall};
@@ -434,9 +434,7 @@ pub(crate) fn start(
 
 /// A header in a [`Head`] buffer, tag room zero.
 pub(crate) fn head(hdr: [u8; HEADER_LEN]) -> Box<Head> {
-    let mut h = Box::new([0u8; SEALED_HEAD_LEN]);
-    h[..HEADER_LEN].copy_from_slice(&hdr);
-    h
+    Box::new(HeaderBytes::new(hdr).into_head())
 }
 
 /// A completion result already checked to be non-negative, as a byte count.
@@ -705,7 +703,6 @@ impl Engine {
         if let Some(s) = &mut c.sealing {
             // Sealed in sending order, so the counter in the nonce is the frame's position on
             // this connection; the tag replaces the CRC.
-            frame.hdr[36..HEADER_LEN].fill(0);
             let payload: &mut [u8] = match &mut frame.payload {
                 OutPayload::Empty => &mut [],
                 OutPayload::Pool(b) => b.as_mut_slice(),
@@ -1011,14 +1008,11 @@ impl Engine {
     }
 
     fn on_header(&mut self, conn: usize, raw: Head) -> Result<(), TransportError> {
-        let mut h = [0u8; HEADER_LEN];
-        h.copy_from_slice(&raw[..HEADER_LEN]);
-        let hdr = FrameHeader::decode(&h).map_err(|source| TransportError::Corrupt {
+        let h = HeaderBytes::of_head(&raw);
+        let hdr = h.decode().map_err(|source| TransportError::Corrupt {
             conn,
-            device: u16::from_le_bytes([raw[6], raw[7]]),
-            seq: u64::from_le_bytes([
-                raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-            ]),
+            device: h.device(),
+            seq: h.seq(),
             source,
         })?;
         let max = self
@@ -1105,10 +1099,9 @@ impl Engine {
                     source,
                 })?;
         } else {
-            let mut h = [0u8; HEADER_LEN];
-            h.copy_from_slice(&raw[..HEADER_LEN]);
             let bytes = payload.as_ref().map_or(&[][..], |b| b.as_slice());
-            hdr.verify(&h, bytes)
+            HeaderBytes::of_head(raw)
+                .verify(&hdr, bytes)
                 .map_err(|source| TransportError::Corrupt {
                     conn,
                     device: hdr.device,
