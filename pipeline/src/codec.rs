@@ -430,6 +430,15 @@ pub enum DecodeFailure {
     /// No pool buffer came free for the output.
     #[error("no buffer for the decoded payload")]
     NoBuffer,
+    /// The decoded bytes differ from the frame's hash trailer: the payload was changed on the
+    /// way (nothing of it was written).
+    #[error("the decoded bytes do not match the frame's hash (XXH3-128 {expected:032x}, computed {computed:032x})")]
+    HashMismatch {
+        /// The hash the source sent.
+        expected: u128,
+        /// The hash of the decoded bytes.
+        computed: u128,
+    },
 }
 
 /// Decoded chunk content.

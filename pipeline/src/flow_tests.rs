@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::handshake::KNOWN_CODECS;
-use vfmig_wire::{FrameHeader, FrameKind};
+use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::codec::Compress;
@@ -342,4 +342,111 @@ fn writer_verifies_length_and_digest_of_what_it_wrote() {
         write_by_hand(&chunks, (11, [7; 32])),
         WriterEvent::Failed(PipelineError::DigestMismatch { .. })
     ));
+}
+
+/// Encodes `data` as the source's codec stage does (hash trailer included) and returns the frame.
+fn encoded_frame(data: &[u8], choice: crate::codec::Choice, pool: &BufPool) -> Received {
+    let mut b = pool.try_acquire().unwrap();
+    b.spare_mut()[..data.len()].copy_from_slice(data);
+    b.set_len(data.len());
+    let mut enc = crate::codec::Encoder::new(KNOWN_CODECS).unwrap();
+    let e = enc.encode(b, choice, pool);
+    let mut payload = e.payload;
+    if let Some(p) = payload.as_mut() {
+        stages::append_trailer(p, e.hash.unwrap()).unwrap();
+    }
+    let header = crate::reader::header(
+        FrameKind::StopCopyData,
+        e.codec,
+        0,
+        0,
+        data.len(),
+        payload.as_ref(),
+        0,
+    );
+    Received { header, payload }
+}
+
+/// Runs one frame through a decode worker: what it hands the writer, or its error.
+fn decode_one(frame: Received, pool: &BufPool) -> Result<Option<InItem>, PipelineError> {
+    let (tx, rx) = bounded(1);
+    let (out_tx, out_rx) = bounded(1);
+    tx.send(frame).unwrap();
+    drop(tx);
+    let counters = Arc::new(Counters::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    stages::decode_worker(rx, out_tx, pool.clone(), counters, stop, T)?;
+    Ok(out_rx.try_recv().ok())
+}
+
+/// The transport's CRC no longer covers a device state frame's body (only its header and hash
+/// trailer): a body changed on the way must be refused by the decode stage, before the writer
+/// (the device) sees any of it, for every encoding the source sends.
+#[test]
+fn a_changed_body_of_any_encoding_is_refused_before_the_writer() {
+    use crate::codec::{Choice, DecodeFailure};
+    let pool = BufPool::new(8, 64 << 10).unwrap();
+    let random: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut sparse = random.clone();
+    sparse[4096..20_000].fill(0);
+    let text = content(50_000, 4);
+    let cases: [(&[u8], Choice, Codec); 5] = [
+        (&random, Choice::Raw, Codec::Raw),
+        (&sparse, Choice::Raw, Codec::PagedRaw),
+        (&text, Choice::Lz4, Codec::PagedLz4),
+        (&text, Choice::Zstd(3), Codec::PagedZstd),
+        (&random[..4096], Choice::Raw, Codec::Raw),
+    ];
+    for (data, choice, codec) in cases {
+        // Unchanged, it decodes to the input.
+        let f = encoded_frame(data, choice, &pool);
+        assert_eq!(f.header.codec, codec);
+        match decode_one(f, &pool).unwrap().map(|i| i.item) {
+            Some(Incoming::Data(crate::codec::Decoded::Data(b), h)) => {
+                assert_eq!(b.as_slice(), data);
+                assert_eq!(h, crate::digest::chunk_hash(data));
+            }
+            other => panic!("{codec:?}: {other:?}"),
+        }
+        // Any one body byte changed (first, middle, last before the trailer): refused.
+        let body = encoded_frame(data, choice, &pool).payload.unwrap().len()
+            - vfmig_wire::HASH_TRAILER_LEN;
+        for at in [0, body / 2, body - 1] {
+            let mut f = encoded_frame(data, choice, &pool);
+            f.payload.as_mut().unwrap().as_mut_slice()[at] ^= 0x10;
+            match decode_one(f, &pool) {
+                Err(PipelineError::Decode { failure, .. }) => {
+                    // A changed page map may be refused as malformed before the hash check.
+                    if codec == Codec::Raw || (codec == Codec::PagedRaw && at + 1 < body) {
+                        assert!(
+                            matches!(failure, DecodeFailure::HashMismatch { .. }),
+                            "{codec:?} at {at}: {failure:?}"
+                        );
+                    }
+                }
+                other => panic!("{codec:?} at {at}: a changed body got through: {other:?}"),
+            }
+        }
+        // A changed or missing trailer is refused too.
+        let mut f = encoded_frame(data, choice, &pool);
+        let p = f.payload.as_mut().unwrap();
+        let last = p.len() - 1;
+        p.as_mut_slice()[last] ^= 1;
+        assert!(decode_one(f, &pool).is_err(), "{codec:?}: trailer changed");
+        let mut f = encoded_frame(data, choice, &pool);
+        let p = f.payload.as_mut().unwrap();
+        p.set_len(p.len() - vfmig_wire::HASH_TRAILER_LEN);
+        assert!(decode_one(f, &pool).is_err(), "{codec:?}: no trailer");
+    }
+    assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
 }
