@@ -53,6 +53,15 @@ pub(crate) fn chunk_len(slot_size: usize) -> usize {
     slot_size - slot_size / 8
 }
 
+/// A stream is *settled raw* in a codec worker after this many chunks in a row went raw with no
+/// zero granule; its chunks then get a sampled zero check ([`SAMPLED_GRANULES`] granules) instead
+/// of a full scan, except every [`FULL_SCAN_EVERY`]th chunk. A sample that finds a zero granule
+/// means a full scan of that chunk, and the stream is no longer settled. Unsampled zero granules
+/// of a settled stream go out as data (correct, just not elided).
+const SETTLE_CHUNKS: u32 = 8;
+const SAMPLED_GRANULES: usize = 16;
+const FULL_SCAN_EVERY: u32 = 32;
+
 /// Bytes per bit of the page map (docs/PROTOCOL.md, section 6): small enough that zero regions
 /// at any alignment in the device's stream are elided almost whole.
 const GRANULE: usize = vfmig_wire::MAP_GRANULE as usize;
@@ -96,6 +105,31 @@ impl PageMap {
             }
         }
         m
+    }
+
+    /// A map of `len` bytes whose every granule is marked present (nothing is left out), for a
+    /// chunk whose zero scan was sampled ([`Encoder::encode_hashed`]).
+    fn all_present(len: usize) -> PageMap {
+        let granules = len.div_ceil(GRANULE);
+        PageMap {
+            bits: [0; MAX_MAP],
+            granules,
+            present: granules,
+        }
+    }
+
+    /// Whether any of a few evenly spaced granules of `data` (the first and the last among them)
+    /// is all zero: the check a settled raw stream's chunks get instead of a full scan.
+    fn sample_finds_zero(data: &[u8]) -> bool {
+        let granules = data.len().div_ceil(GRANULE);
+        if granules == 0 {
+            return false;
+        }
+        let step = (granules / SAMPLED_GRANULES).max(1);
+        (0..granules)
+            .step_by(step)
+            .chain(std::iter::once(granules - 1))
+            .any(|g| block_is_zero(&data[g * GRANULE..((g + 1) * GRANULE).min(data.len())]))
     }
 
     fn map_len(&self) -> usize {
@@ -281,6 +315,8 @@ pub(crate) struct Encoder {
     zstd_level: i32,
     /// Codecs the receiver agreed to (`handshake::codec_bit` bits).
     codecs: u32,
+    /// Chunks in a row that went raw with no zero granule (see [`SETTLE_CHUNKS`]).
+    raw_streak: u32,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -300,6 +336,7 @@ impl Encoder {
             zstd_level: 1,
             codecs,
             scratch: Vec::new(),
+            raw_streak: 0,
         })
     }
 
@@ -322,19 +359,51 @@ impl Encoder {
     /// into the stream digest; guest pages do not).
     pub fn encode_hashed(
         &mut self,
-        mut input: PoolBuf,
+        input: PoolBuf,
         choice: Choice,
         pool: &BufPool,
         hash: bool,
     ) -> Encoded {
         let hash = hash.then(|| crate::digest::chunk_hash(input.as_slice()));
-        let map = PageMap::scan(input.as_slice());
-        let done = |codec, payload, outcome| Encoded {
-            codec,
-            payload,
-            outcome,
-            hash,
+        // A settled raw stream (see `SETTLE_CHUNKS`) gets a sampled zero check, not a full scan.
+        let settled = self.raw_streak >= SETTLE_CHUNKS
+            && self.raw_streak % FULL_SCAN_EVERY != 0
+            && !PageMap::sample_finds_zero(input.as_slice());
+        let map = if settled {
+            PageMap::all_present(input.len())
+        } else {
+            PageMap::scan(input.as_slice())
         };
+        let e = self.encode_mapped(input, &map, choice, pool);
+        let went_raw = matches!(e.1, Outcome::Raw | Outcome::ProbedRaw);
+        self.raw_streak = if went_raw && map.present == map.granules {
+            self.raw_streak.saturating_add(1)
+        } else {
+            0
+        };
+        Encoded {
+            codec: e.0,
+            payload: e.2,
+            outcome: e.1,
+            hash,
+        }
+    }
+
+    /// Whether the next chunk gets only a sampled zero check (tests).
+    #[cfg(test)]
+    pub fn settled(&self) -> bool {
+        self.raw_streak >= SETTLE_CHUNKS && self.raw_streak % FULL_SCAN_EVERY != 0
+    }
+
+    /// Encodes `input` whose zero granules `map` marks.
+    fn encode_mapped(
+        &mut self,
+        mut input: PoolBuf,
+        map: &PageMap,
+        choice: Choice,
+        pool: &BufPool,
+    ) -> (Codec, Outcome, Option<PoolBuf>) {
+        let done = |codec, payload, outcome| (codec, outcome, payload);
         if map.present == 0 {
             return done(Codec::Zero, None, Outcome::Zero);
         }
@@ -354,7 +423,7 @@ impl Encoder {
             && map.body_len(input.len()) < input.len()
             && self.allows(Codec::PagedRaw)
             && self.allows(paged_variant)
-            && pack_pages(&mut input, &map);
+            && pack_pages(&mut input, map);
         let raw_codec = if paged { Codec::PagedRaw } else { Codec::Raw };
         if choice == Choice::Raw {
             return done(raw_codec, Some(input), Outcome::Raw);
@@ -772,6 +841,54 @@ mod tests {
                 (x >> 32) as u8
             })
             .collect()
+    }
+
+    /// A stream settled as raw gets sampled zero checks: chunks stay exact (zero granules the
+    /// samples miss go out as data), a chunk the samples find zeros in is scanned and elided as
+    /// before, and the stream then has to settle again.
+    #[test]
+    fn sampling_a_settled_raw_stream_loses_only_compression_never_bytes() {
+        let pool = BufPool::new(4, 65536).unwrap();
+        let n = chunk_len(65536);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        for i in 0..SETTLE_CHUNKS {
+            assert!(!enc.settled(), "chunk {i}");
+            let data = noise(n, u64::from(i) + 1);
+            let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+            assert_eq!(e.codec, Codec::Raw);
+            assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        }
+        assert!(enc.settled());
+        // Zero granules between the samples: not elided, but every byte arrives.
+        let step = n.div_ceil(GRANULE) / SAMPLED_GRANULES;
+        let mut data = noise(n, 99);
+        data[GRANULE..GRANULE * step].fill(0);
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!((e.codec, e.outcome), (Codec::Raw, Outcome::Raw));
+        assert_eq!(e.hash, Some(crate::digest::chunk_hash(&data)));
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        assert!(enc.settled());
+        // A zero chunk: the samples see zeros, the full scan makes it a Zero frame.
+        let e = enc.encode(fill(&pool, &vec![0u8; n]), Choice::Raw, &pool);
+        assert_eq!((e.codec, e.outcome), (Codec::Zero, Outcome::Zero));
+        assert_eq!(decode_all(&mut dec, e, n, &pool), vec![0u8; n]);
+        assert!(!enc.settled(), "zeros unsettle the stream");
+        // The same sparse chunk as above, now fully scanned: its zero granules are elided.
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        // A zero granule a sample lands on (the last one) is found on a settled stream too.
+        for i in 0..SETTLE_CHUNKS {
+            let _ = enc.encode(fill(&pool, &noise(n, u64::from(i) + 7)), Choice::Raw, &pool);
+        }
+        assert!(enc.settled());
+        let mut data = noise(n, 5);
+        data[n - GRANULE..].fill(0);
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        assert_eq!(pool.free(), 4, "no buffer leaked");
     }
 
     #[test]

@@ -346,10 +346,19 @@ fn writer_verifies_length_and_digest_of_what_it_wrote() {
 
 /// Encodes `data` as the source's codec stage does (hash trailer included) and returns the frame.
 fn encoded_frame(data: &[u8], choice: crate::codec::Choice, pool: &BufPool) -> Received {
+    let mut enc = crate::codec::Encoder::new(KNOWN_CODECS).unwrap();
+    encoded_with(&mut enc, data, choice, pool)
+}
+
+fn encoded_with(
+    enc: &mut crate::codec::Encoder,
+    data: &[u8],
+    choice: crate::codec::Choice,
+    pool: &BufPool,
+) -> Received {
     let mut b = pool.try_acquire().unwrap();
     b.spare_mut()[..data.len()].copy_from_slice(data);
     b.set_len(data.len());
-    let mut enc = crate::codec::Encoder::new(KNOWN_CODECS).unwrap();
     let e = enc.encode(b, choice, pool);
     let mut payload = e.payload;
     if let Some(p) = payload.as_mut() {
@@ -448,5 +457,54 @@ fn a_changed_body_of_any_encoding_is_refused_before_the_writer() {
         p.set_len(p.len() - vfmig_wire::HASH_TRAILER_LEN);
         assert!(decode_one(f, &pool).is_err(), "{codec:?}: no trailer");
     }
+    assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
+}
+
+/// A settled raw stream's chunks get a sampled zero check instead of a full scan: a body changed
+/// on the way is still refused before the writer, and its unsampled zero granules still arrive.
+#[test]
+fn a_settled_raw_stream_with_sampled_zero_checks_still_refuses_a_changed_body() {
+    use crate::codec::{Choice, DecodeFailure, Encoder};
+    let pool = BufPool::new(8, 64 << 10).unwrap();
+    let mut enc = Encoder::new(KNOWN_CODECS).unwrap();
+    let noise = |seed: u64| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    // 62 raw chunks: settled, and the next two are not due for a periodic full scan.
+    for i in 0..62 {
+        let _ = decode_one(
+            encoded_with(&mut enc, &noise(i + 1), Choice::Raw, &pool),
+            &pool,
+        )
+        .unwrap();
+    }
+    assert!(enc.settled());
+    // Zero granules between the samples: sent as data, decoded exactly.
+    let mut data = noise(1000);
+    data[600..1500].fill(0);
+    let f = encoded_with(&mut enc, &data, Choice::Raw, &pool);
+    assert_eq!(f.header.codec, Codec::Raw, "not elided on a settled stream");
+    match decode_one(f, &pool).unwrap().map(|i| i.item) {
+        Some(Incoming::Data(crate::codec::Decoded::Data(b), _)) => assert_eq!(b.as_slice(), data),
+        other => panic!("{other:?}"),
+    }
+    assert!(enc.settled());
+    let mut f = encoded_with(&mut enc, &data, Choice::Raw, &pool);
+    f.payload.as_mut().unwrap().as_mut_slice()[1000] ^= 4;
+    assert!(matches!(
+        decode_one(f, &pool),
+        Err(PipelineError::Decode {
+            failure: DecodeFailure::HashMismatch { .. },
+            ..
+        })
+    ));
     assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
 }
