@@ -58,12 +58,12 @@ pub(crate) fn chunk_len(slot_size: usize) -> usize {
 /// of a full scan, except every [`FULL_SCAN_EVERY`]th chunk. A sample that finds a zero granule
 /// means a full scan of that chunk, and the stream is no longer settled. Unsampled zero granules
 /// of a settled stream go out as data (correct, just not elided).
-const SETTLE_CHUNKS: u32 = 8;
+pub(crate) const SETTLE_CHUNKS: u32 = 8;
 /// Bytes hashed and then zero-scanned at a time when both run over a chunk (a multiple of the
 /// granule that stays in the L1 cache between the two).
 const FUSED_BLOCK: usize = 16 << 10;
 const SAMPLED_GRANULES: usize = 16;
-const FULL_SCAN_EVERY: u32 = 32;
+pub(crate) const FULL_SCAN_EVERY: u32 = 32;
 
 /// Bytes per bit of the page map (docs/PROTOCOL.md, section 6): small enough that zero regions
 /// at any alignment in the device's stream are elided almost whole.
@@ -160,7 +160,7 @@ impl PageMap {
 
     /// Whether any of a few evenly spaced granules of `data` (the first and the last among them)
     /// is all zero: the check a settled raw stream's chunks get instead of a full scan.
-    fn sample_finds_zero(data: &[u8]) -> bool {
+    pub(crate) fn sample_finds_zero(data: &[u8]) -> bool {
         let granules = data.len().div_ceil(GRANULE);
         if granules == 0 {
             return false;

@@ -148,6 +148,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             counters: counters.clone(),
             stop: stop.clone(),
             guest: None,
+            adaptive: Some(adaptive.clone()),
         };
         let (pool, names) = (pool.clone(), names.clone());
         threads.push(thread::spawn(move || {
@@ -507,4 +508,106 @@ fn a_settled_raw_stream_with_sampled_zero_checks_still_refuses_a_changed_body() 
         })
     ));
     assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
+}
+
+/// The reader hands the chunks of a stream settled as raw straight to the sender (no codec
+/// worker): they carry the right hash and trailer, and one changed on the way is refused before
+/// the writer. Full-scan turns and chunks whose sampled granules hold zeros still go to the codec
+/// workers.
+#[test]
+fn a_settled_raw_stream_goes_from_the_reader_to_the_sender_and_stays_checked() {
+    use crate::codec::{chunk_len, DecodeFailure, SETTLE_CHUNKS};
+    use std::sync::atomic::Ordering;
+    const CHUNKS: usize = 40;
+    let pool = BufPool::new(64, 64 << 10).unwrap();
+    let chunk = chunk_len(64 << 10);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut data: Vec<u8> = (0..CHUNKS * chunk)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    // Chunk 5 is all zero: its samples see it, so a codec worker scans (and elides) it.
+    data[5 * chunk..6 * chunk].fill(0);
+    let (dev, fd) = UnixStream::pair().unwrap();
+    let feeder = {
+        let data = data.clone();
+        thread::spawn(move || {
+            let mut dev = dev;
+            dev.write_all(&data).unwrap();
+        })
+    };
+    let counters = Arc::new(Counters::new(1));
+    // As if the codec workers had seen the stream go raw for a while.
+    counters.devices[0]
+        .raw_streak
+        .store(SETTLE_CHUNKS, Ordering::SeqCst);
+    let (cmd_tx, cmd_rx) = bounded(4);
+    let (chunk_tx, chunk_rx) = bounded(CHUNKS + 1);
+    let (out_tx, out_rx) = bounded(CHUNKS + 2);
+    let (ev_tx, _ev_rx) = bounded(8);
+    let io = ReaderIo {
+        cmds: cmd_rx,
+        chunks: chunk_tx,
+        markers: out_tx,
+        events: ev_tx,
+        counters: counters.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        guest: None,
+        adaptive: Some(Arc::new(Adaptive::new(Compress::None, 1))),
+    };
+    cmd_tx
+        .send(ReaderCmd::Add {
+            device: 0,
+            fd: Arc::new(OwnedFd::from(fd)),
+            mode: ReadMode::StopCopy,
+        })
+        .unwrap();
+    drop(cmd_tx);
+    let reader = {
+        let pool = pool.clone();
+        thread::spawn(move || reader::run(pool, vec!["d".into()], io, usize::MAX, T))
+    };
+    reader.join().unwrap();
+    feeder.join().unwrap();
+    let to_workers: Vec<u64> = chunk_rx.try_iter().map(|c| c.seq).collect();
+    assert_eq!(to_workers, [0, 5, 32], "full-scan turns and the zero chunk");
+    let mut direct = Vec::new();
+    for o in out_rx.try_iter() {
+        if o.header.kind == FrameKind::EndOfDevice {
+            continue;
+        }
+        let seq = o.header.seq as usize;
+        let raw = &data[seq * chunk..(seq + 1) * chunk];
+        assert_eq!(o.header.codec, Codec::Raw);
+        assert_eq!(o.hash, Some(crate::digest::chunk_hash(raw)));
+        let p = o.payload.as_ref().unwrap().as_slice();
+        assert_eq!(&p[..chunk], raw, "chunk {seq}");
+        assert_eq!(p[chunk..], o.hash.unwrap().to_le_bytes());
+        direct.push(o);
+    }
+    assert_eq!(direct.len(), CHUNKS - 3);
+    assert_eq!(
+        counters.devices[0].direct_chunks.load(Ordering::SeqCst),
+        (CHUNKS - 3) as u64
+    );
+    // Unchanged, a direct frame decodes to its chunk; with a body byte changed it is refused.
+    let mut frames = direct.into_iter().map(|o| Received {
+        header: o.header,
+        payload: o.payload,
+    });
+    let good = frames.next().unwrap();
+    assert!(decode_one(good, &pool).unwrap().is_some());
+    let mut bad = frames.next().unwrap();
+    bad.payload.as_mut().unwrap().as_mut_slice()[chunk / 2] ^= 0x40;
+    assert!(matches!(
+        decode_one(bad, &pool),
+        Err(PipelineError::Decode {
+            failure: DecodeFailure::HashMismatch { .. },
+            ..
+        })
+    ));
 }

@@ -275,6 +275,7 @@ impl Stages {
                         carrier: 0,
                         batches_done: page_batches_done.clone(),
                     }),
+                adaptive: Some(adaptive.clone()),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {

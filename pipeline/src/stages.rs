@@ -63,7 +63,7 @@ pub(crate) fn encode_worker(
         };
         let t0 = Instant::now();
         let raw_len = chunk.buf.len();
-        let choice = adaptive.choose();
+        let choice = chunk.choice.unwrap_or_else(|| adaptive.choose());
         let Encoded {
             codec,
             mut payload,
@@ -92,6 +92,14 @@ pub(crate) fn encode_worker(
         };
         adaptive.record(rung, raw_len, wire, took);
         if let Some(c) = counters.device(chunk.device) {
+            // Raw and unpacked: the stream may be settling as raw (`reader::direct`).
+            let state = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData);
+            if state && codec == Codec::Raw && matches!(outcome, Outcome::Raw | Outcome::ProbedRaw)
+            {
+                c.raw_streak.fetch_add(1, Ordering::Relaxed);
+            } else if state {
+                c.raw_streak.store(0, Ordering::Relaxed);
+            }
             let n = match outcome {
                 Outcome::Zero => &c.zero_chunks,
                 Outcome::Compressed(_) => &c.compressed_chunks,
