@@ -53,17 +53,23 @@ pub(crate) fn chunk_len(slot_size: usize) -> usize {
     slot_size - slot_size / 8
 }
 
-/// A stream is *settled raw* in a codec worker after this many chunks in a row went raw with no
-/// zero granule; its chunks then get a sampled zero check ([`SAMPLED_GRANULES`] granules) instead
-/// of a full scan, except every [`FULL_SCAN_EVERY`]th chunk. A sample that finds a zero granule
-/// means a full scan of that chunk, and the stream is no longer settled. Unsampled zero granules
-/// of a settled stream go out as data (correct, just not elided).
+/// A device's stream is *settled raw* once this many of its chunks in a row went raw and unpacked
+/// (`DeviceCounters::raw_streak`); its chunks then get a sampled zero check ([`SAMPLED_GRANULES`]
+/// granules) instead of a full scan, except those whose sequence number is a multiple of
+/// [`FULL_SCAN_EVERY`] ([`sampled_turn`]). A sample that finds a zero granule means a full scan of
+/// that chunk (and, if it is packed, the stream is no longer settled). Unsampled zero granules of
+/// a settled stream go out as data (correct, just not elided).
 pub(crate) const SETTLE_CHUNKS: u32 = 8;
 /// Bytes hashed and then zero-scanned at a time when both run over a chunk (a multiple of the
 /// granule that stays in the L1 cache between the two).
 const FUSED_BLOCK: usize = 16 << 10;
 const SAMPLED_GRANULES: usize = 16;
 pub(crate) const FULL_SCAN_EVERY: u32 = 32;
+
+/// Whether chunk `seq` of a stream whose raw streak is `streak` gets only a sampled zero check.
+pub(crate) fn sampled_turn(streak: u32, seq: u64) -> bool {
+    streak >= SETTLE_CHUNKS && seq % u64::from(FULL_SCAN_EVERY) != 0
+}
 
 /// Bytes per bit of the page map (docs/PROTOCOL.md, section 6): small enough that zero regions
 /// at any alignment in the device's stream are elided almost whole.
@@ -355,8 +361,6 @@ pub(crate) struct Encoder {
     zstd_level: i32,
     /// Codecs the receiver agreed to (`handshake::codec_bit` bits).
     codecs: u32,
-    /// Chunks in a row that went raw with no zero granule (see [`SETTLE_CHUNKS`]).
-    raw_streak: u32,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -376,7 +380,6 @@ impl Encoder {
             zstd_level: 1,
             codecs,
             scratch: Vec::new(),
-            raw_streak: 0,
         })
     }
 
@@ -392,24 +395,24 @@ impl Encoder {
     /// 1/32 falls back to raw.
     #[cfg(test)]
     pub fn encode(&mut self, input: PoolBuf, choice: Choice, pool: &BufPool) -> Encoded {
-        self.encode_hashed(input, choice, pool, true)
+        self.encode_hashed(input, choice, pool, true, false)
     }
 
     /// [`Encoder::encode`], hashing the raw bytes only when `hash` is set (device state goes
-    /// into the stream digest; guest pages do not).
+    /// into the stream digest; guest pages do not). `sampled`: the chunk's stream is settled raw
+    /// and this is not a full-scan turn ([`sampled_turn`]): a sample of its granules stands in
+    /// for the zero scan unless it finds a zero one.
     pub fn encode_hashed(
         &mut self,
         input: PoolBuf,
         choice: Choice,
         pool: &BufPool,
         hash: bool,
+        sampled: bool,
     ) -> Encoded {
-        // A settled raw stream (see `SETTLE_CHUNKS`) gets a sampled zero check, not a full scan;
-        // a full scan runs fused with the hash (one pass over the chunk from memory).
+        // A full scan runs fused with the hash (one pass over the chunk from memory).
         let data = input.as_slice();
-        let settled = self.raw_streak >= SETTLE_CHUNKS
-            && self.raw_streak % FULL_SCAN_EVERY != 0
-            && !PageMap::sample_finds_zero(data);
+        let settled = sampled && !PageMap::sample_finds_zero(data);
         let (map, hash) = match (settled, hash) {
             (true, h) => (
                 PageMap::all_present(data.len()),
@@ -422,24 +425,12 @@ impl Encoder {
             (false, false) => (PageMap::scan(data), None),
         };
         let e = self.encode_mapped(input, &map, choice, pool);
-        let went_raw = matches!(e.1, Outcome::Raw | Outcome::ProbedRaw);
-        self.raw_streak = if went_raw && map.present == map.granules {
-            self.raw_streak.saturating_add(1)
-        } else {
-            0
-        };
         Encoded {
             codec: e.0,
             payload: e.2,
             outcome: e.1,
             hash,
         }
-    }
-
-    /// Whether the next chunk gets only a sampled zero check (tests).
-    #[cfg(test)]
-    pub fn settled(&self) -> bool {
-        self.raw_streak >= SETTLE_CHUNKS && self.raw_streak % FULL_SCAN_EVERY != 0
     }
 
     /// Encodes `input` whose zero granules `map` marks.
@@ -925,49 +916,42 @@ mod tests {
         }
     }
 
-    /// A stream settled as raw gets sampled zero checks: chunks stay exact (zero granules the
-    /// samples miss go out as data), a chunk the samples find zeros in is scanned and elided as
-    /// before, and the stream then has to settle again.
+    /// A chunk of a stream settled as raw gets a sampled zero check: it stays exact (zero
+    /// granules the samples miss go out as data), and a chunk the samples find zeros in is
+    /// scanned and elided as without sampling.
     #[test]
     fn sampling_a_settled_raw_stream_loses_only_compression_never_bytes() {
         let pool = BufPool::new(4, 65536).unwrap();
         let n = chunk_len(65536);
         let mut enc = Encoder::new(ALL).unwrap();
         let mut dec = Decoder::new().unwrap();
-        for i in 0..SETTLE_CHUNKS {
-            assert!(!enc.settled(), "chunk {i}");
-            let data = noise(n, u64::from(i) + 1);
-            let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
-            assert_eq!(e.codec, Codec::Raw);
-            assert_eq!(decode_all(&mut dec, e, n, &pool), data);
-        }
-        assert!(enc.settled());
+        let sampled = |enc: &mut Encoder, data: &[u8]| {
+            enc.encode_hashed(fill(&pool, data), Choice::Raw, &pool, true, true)
+        };
+        // Which chunks are sampled: settled streams, but not the full-scan turns.
+        assert!(!sampled_turn(SETTLE_CHUNKS - 1, 1));
+        assert!(sampled_turn(SETTLE_CHUNKS, 1));
+        assert!(!sampled_turn(SETTLE_CHUNKS, u64::from(FULL_SCAN_EVERY) * 3));
         // Zero granules between the samples: not elided, but every byte arrives.
         let step = n.div_ceil(GRANULE) / SAMPLED_GRANULES;
         let mut data = noise(n, 99);
         data[GRANULE..GRANULE * step].fill(0);
-        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        let e = sampled(&mut enc, &data);
         assert_eq!((e.codec, e.outcome), (Codec::Raw, Outcome::Raw));
         assert_eq!(e.hash, Some(crate::digest::chunk_hash(&data)));
         assert_eq!(decode_all(&mut dec, e, n, &pool), data);
-        assert!(enc.settled());
-        // A zero chunk: the samples see zeros, the full scan makes it a Zero frame.
-        let e = enc.encode(fill(&pool, &vec![0u8; n]), Choice::Raw, &pool);
-        assert_eq!((e.codec, e.outcome), (Codec::Zero, Outcome::Zero));
-        assert_eq!(decode_all(&mut dec, e, n, &pool), vec![0u8; n]);
-        assert!(!enc.settled(), "zeros unsettle the stream");
-        // The same sparse chunk as above, now fully scanned: its zero granules are elided.
+        // The same chunk fully scanned: its zero granules are elided.
         let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
         assert_eq!(e.codec, Codec::PagedRaw);
         assert_eq!(decode_all(&mut dec, e, n, &pool), data);
-        // A zero granule a sample lands on (the last one) is found on a settled stream too.
-        for i in 0..SETTLE_CHUNKS {
-            let _ = enc.encode(fill(&pool, &noise(n, u64::from(i) + 7)), Choice::Raw, &pool);
-        }
-        assert!(enc.settled());
+        // A zero chunk: the samples see zeros, the full scan makes it a Zero frame.
+        let e = sampled(&mut enc, &vec![0u8; n]);
+        assert_eq!((e.codec, e.outcome), (Codec::Zero, Outcome::Zero));
+        assert_eq!(e.hash, Some(crate::digest::zero_hash(n)));
+        // A zero granule a sample lands on (the last one) is found and elided.
         let mut data = noise(n, 5);
         data[n - GRANULE..].fill(0);
-        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        let e = sampled(&mut enc, &data);
         assert_eq!(e.codec, Codec::PagedRaw);
         assert_eq!(decode_all(&mut dec, e, n, &pool), data);
         assert_eq!(pool.free(), 4, "no buffer leaked");

@@ -348,15 +348,6 @@ fn writer_verifies_length_and_digest_of_what_it_wrote() {
 /// Encodes `data` as the source's codec stage does (hash trailer included) and returns the frame.
 fn encoded_frame(data: &[u8], choice: crate::codec::Choice, pool: &BufPool) -> Received {
     let mut enc = crate::codec::Encoder::new(KNOWN_CODECS).unwrap();
-    encoded_with(&mut enc, data, choice, pool)
-}
-
-fn encoded_with(
-    enc: &mut crate::codec::Encoder,
-    data: &[u8],
-    choice: crate::codec::Choice,
-    pool: &BufPool,
-) -> Received {
     let mut b = pool.try_acquire().unwrap();
     b.spare_mut()[..data.len()].copy_from_slice(data);
     b.set_len(data.len());
@@ -461,44 +452,53 @@ fn a_changed_body_of_any_encoding_is_refused_before_the_writer() {
     assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
 }
 
-/// A settled raw stream's chunks get a sampled zero check instead of a full scan: a body changed
-/// on the way is still refused before the writer, and its unsampled zero granules still arrive.
+/// A settled raw stream's chunks that reach a codec worker get a sampled zero check instead of
+/// a full scan: a body changed on the way is still refused before the writer, and its unsampled
+/// zero granules still arrive.
 #[test]
 fn a_settled_raw_stream_with_sampled_zero_checks_still_refuses_a_changed_body() {
     use crate::codec::{Choice, DecodeFailure, Encoder};
     let pool = BufPool::new(8, 64 << 10).unwrap();
     let mut enc = Encoder::new(KNOWN_CODECS).unwrap();
-    let noise = |seed: u64| -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..50_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    // 62 raw chunks: settled, and the next two are not due for a periodic full scan.
-    for i in 0..62 {
-        let _ = decode_one(
-            encoded_with(&mut enc, &noise(i + 1), Choice::Raw, &pool),
-            &pool,
-        )
-        .unwrap();
-    }
-    assert!(enc.settled());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data: Vec<u8> = (0..50_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     // Zero granules between the samples: sent as data, decoded exactly.
-    let mut data = noise(1000);
     data[600..1500].fill(0);
-    let f = encoded_with(&mut enc, &data, Choice::Raw, &pool);
+    let sampled = |enc: &mut Encoder| {
+        let mut b = pool.try_acquire().unwrap();
+        b.spare_mut()[..data.len()].copy_from_slice(&data);
+        b.set_len(data.len());
+        let e = enc.encode_hashed(b, Choice::Raw, &pool, true, true);
+        let mut payload = e.payload.unwrap();
+        stages::append_trailer(&mut payload, e.hash.unwrap()).unwrap();
+        let header = crate::reader::header(
+            FrameKind::StopCopyData,
+            e.codec,
+            0,
+            0,
+            data.len(),
+            Some(&payload),
+            0,
+        );
+        Received {
+            header,
+            payload: Some(payload),
+        }
+    };
+    let f = sampled(&mut enc);
     assert_eq!(f.header.codec, Codec::Raw, "not elided on a settled stream");
     match decode_one(f, &pool).unwrap().map(|i| i.item) {
         Some(Incoming::Data(crate::codec::Decoded::Data(b), _)) => assert_eq!(b.as_slice(), data),
         other => panic!("{other:?}"),
     }
-    assert!(enc.settled());
-    let mut f = encoded_with(&mut enc, &data, Choice::Raw, &pool);
+    let mut f = sampled(&mut enc);
     f.payload.as_mut().unwrap().as_mut_slice()[1000] ^= 4;
     assert!(matches!(
         decode_one(f, &pool),

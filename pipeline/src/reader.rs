@@ -20,7 +20,7 @@ use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::api::Notice;
-use crate::codec::{chunk_len, Choice, PageMap, FULL_SCAN_EVERY, SETTLE_CHUNKS};
+use crate::codec::{chunk_len, sampled_turn, Choice, PageMap};
 use crate::error::{Phase, PipelineError};
 use crate::guest::{GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::stats::{Counters, DeviceCounters};
@@ -755,7 +755,7 @@ fn hand_over(dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
 }
 
 /// The direct path for a device state chunk of a stream settled as raw
-/// ([`crate::stats::DeviceCounters::raw_streak`] at least [`SETTLE_CHUNKS`]): when a sample of
+/// ([`crate::stats::DeviceCounters::raw_streak`] at least [`crate::codec::SETTLE_CHUNKS`]): when a sample of
 /// its granules finds no zero one, it is not a periodic full-scan chunk, and the controller
 /// chooses raw for it, the reader hashes it, appends the hash trailer and returns the frame for
 /// the sender, saving a thread hop per chunk (the device read in flight goes on meanwhile).
@@ -769,8 +769,7 @@ fn direct(mut chunk: RawChunk, ctx: &Ctx<'_>) -> Result<Result<Outgoing, RawChun
         return Ok(Err(chunk));
     };
     let settled = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData)
-        && c.raw_streak.load(Ordering::Relaxed) >= SETTLE_CHUNKS
-        && chunk.seq % u64::from(FULL_SCAN_EVERY) != 0
+        && sampled_turn(c.raw_streak.load(Ordering::Relaxed), chunk.seq)
         && !chunk.buf.is_empty();
     if !settled {
         return Ok(Err(chunk));

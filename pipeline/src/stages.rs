@@ -9,7 +9,9 @@ use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
-use crate::codec::{Choice, DecodeFailure, Decoded, Decoder, Encoded, Encoder, Outcome};
+use crate::codec::{
+    sampled_turn, Choice, DecodeFailure, Decoded, Decoder, Encoded, Encoder, Outcome,
+};
 use crate::digest::{self, StreamDigest};
 use crate::error::{Phase, PipelineError};
 use crate::reader::{header, Outgoing, RawChunk};
@@ -64,17 +66,16 @@ pub(crate) fn encode_worker(
         let t0 = Instant::now();
         let raw_len = chunk.buf.len();
         let choice = chunk.choice.unwrap_or_else(|| adaptive.choose());
+        let state = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData);
+        let dev = counters.device(chunk.device);
+        let sampled = state
+            && dev.is_some_and(|c| sampled_turn(c.raw_streak.load(Ordering::Relaxed), chunk.seq));
         let Encoded {
             codec,
             mut payload,
             outcome,
             hash,
-        } = enc.encode_hashed(
-            chunk.buf,
-            choice,
-            &pool,
-            matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData),
-        );
+        } = enc.encode_hashed(chunk.buf, choice, &pool, state, sampled);
         // Device state frames end with the raw bytes' hash (docs/PROTOCOL.md, section 4): the
         // destination checks the decoded bytes against it, and the CRC covers only the header
         // and the trailer, so each byte passes one integrity check per side.
@@ -91,9 +92,8 @@ pub(crate) fn encode_worker(
             Outcome::Zero | Outcome::ProbedRaw => None,
         };
         adaptive.record(rung, raw_len, wire, took);
-        if let Some(c) = counters.device(chunk.device) {
+        if let Some(c) = dev {
             // Raw and unpacked: the stream may be settling as raw (`reader::direct`).
-            let state = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData);
             if state && codec == Codec::Raw && matches!(outcome, Outcome::Raw | Outcome::ProbedRaw)
             {
                 c.raw_streak.fetch_add(1, Ordering::Relaxed);
