@@ -75,6 +75,14 @@ impl FrameSink for Direct {
             _ => Err(lost()),
         }
     }
+
+    fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), PipelineError> {
+        self.send_frame(header, Some(payload))
+    }
 }
 
 fn content(n: usize, seed: u64) -> Vec<u8> {

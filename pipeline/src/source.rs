@@ -97,6 +97,21 @@ impl FrameSink for StampedSink<'_> {
         r
     }
 
+    fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), PipelineError> {
+        // Only device state frames carry a hash trailer.
+        let r = FrameSink::send_hash_trailer(self.session, header, payload);
+        if r.is_ok() {
+            self.counters
+                .first_send
+                .get_or_init(std::time::SystemTime::now);
+        }
+        r
+    }
+
     fn digest_key(&self) -> Option<[u8; 32]> {
         FrameSink::digest_key(self.session)
     }

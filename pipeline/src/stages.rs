@@ -173,14 +173,10 @@ pub(crate) trait FrameSink {
     ) -> Result<(), PipelineError>;
 
     /// Sends a device state frame whose payload ends with its hash trailer
-    /// ([`vfmig_wire::FLAG_HASH_TRAILER`]).
-    fn send_hash_trailer(
-        &self,
-        header: FrameHeader,
-        payload: PoolBuf,
-    ) -> Result<(), PipelineError> {
-        self.send_frame(header, Some(payload))
-    }
+    /// ([`vfmig_wire::FLAG_HASH_TRAILER`]). Required (no default), so a sink that wraps another
+    /// cannot forget to pass the trailer flag on.
+    fn send_hash_trailer(&self, header: FrameHeader, payload: PoolBuf)
+        -> Result<(), PipelineError>;
 
     /// The key of the session's stream digests (PSK sessions), `None` for an unkeyed digest.
     fn digest_key(&self) -> Option<[u8; 32]> {
