@@ -53,6 +53,24 @@ pub(crate) fn chunk_len(slot_size: usize) -> usize {
     slot_size - slot_size / 8
 }
 
+/// A device's stream is *settled raw* once this many of its chunks in a row went raw and unpacked
+/// (`DeviceCounters::raw_streak`); its chunks then get a sampled zero check ([`SAMPLED_GRANULES`]
+/// granules) instead of a full scan, except those whose sequence number is a multiple of
+/// [`FULL_SCAN_EVERY`] ([`sampled_turn`]). A sample that finds a zero granule means a full scan of
+/// that chunk (and, if it is packed, the stream is no longer settled). Unsampled zero granules of
+/// a settled stream go out as data (correct, just not elided).
+pub(crate) const SETTLE_CHUNKS: u32 = 8;
+/// Bytes hashed and then zero-scanned at a time when both run over a chunk (a multiple of the
+/// granule that stays in the L1 cache between the two).
+const FUSED_BLOCK: usize = 16 << 10;
+const SAMPLED_GRANULES: usize = 16;
+pub(crate) const FULL_SCAN_EVERY: u32 = 32;
+
+/// Whether chunk `seq` of a stream whose raw streak is `streak` gets only a sampled zero check.
+pub(crate) fn sampled_turn(streak: u32, seq: u64) -> bool {
+    streak >= SETTLE_CHUNKS && seq % u64::from(FULL_SCAN_EVERY) != 0
+}
+
 /// Bytes per bit of the page map (docs/PROTOCOL.md, section 6): small enough that zero regions
 /// at any alignment in the device's stream are elided almost whole.
 const GRANULE: usize = vfmig_wire::MAP_GRANULE as usize;
@@ -63,11 +81,26 @@ const MAX_MAP: usize = MAX_GRANULES.div_ceil(8);
 /// Whether every byte of `p` is zero. Most non-zero blocks show it in their first bytes; zero
 /// blocks are read whole, in a form the compiler vectorises.
 fn block_is_zero(p: &[u8]) -> bool {
-    let head = p.len().min(32);
-    if p[..head].iter().any(|&b| b != 0) {
-        return false;
+    let head = p.len().min(64);
+    or_words(&p[..head]) == 0 && or_words(&p[head..]) == 0
+}
+
+/// The OR of `b`'s bytes, 8 at a time (branch-free, so the compiler vectorises it; a byte-wise
+/// early-exit loop over a zero granule's head cost as much as the rest of the scan).
+#[inline]
+fn or_words(b: &[u8]) -> u64 {
+    let mut acc = 0u64;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        // Always 8 bytes (`chunks_exact`): one load.
+        if let Ok(a) = <[u8; 8]>::try_from(w) {
+            acc |= u64::from_ne_bytes(a);
+        }
     }
-    p.iter().fold(0u8, |acc, &x| acc | x) == 0
+    for &x in words.remainder() {
+        acc |= u64::from(x);
+    }
+    acc
 }
 
 /// Which granules of a chunk hold data: the page map of docs/PROTOCOL.md, section 6.
@@ -82,20 +115,67 @@ impl PageMap {
     /// Scans `data`. Input longer than [`vfmig_wire::MAX_PAYLOAD`] is mapped as if every
     /// granule past the limit held data (and is never packed).
     pub fn scan(data: &[u8]) -> PageMap {
-        let mut m = PageMap {
+        let mut m = PageMap::empty(data.len());
+        m.scan_at(0, data);
+        m
+    }
+
+    /// Scans `data` and hashes it ([`crate::digest::chunk_hash`]) in one pass: block by block,
+    /// each block hashed and scanned while it is in the L1 cache.
+    pub fn scan_hashed(data: &[u8]) -> (PageMap, u128) {
+        let mut m = PageMap::empty(data.len());
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (i, block) in data.chunks(FUSED_BLOCK).enumerate() {
+            h.update(block);
+            m.scan_at(i * FUSED_BLOCK / GRANULE, block);
+        }
+        (m, h.digest128())
+    }
+
+    fn empty(len: usize) -> PageMap {
+        PageMap {
             bits: [0; MAX_MAP],
-            granules: data.len().div_ceil(GRANULE),
+            granules: len.div_ceil(GRANULE),
             present: 0,
-        };
-        for (i, block) in data.chunks(GRANULE).enumerate() {
+        }
+    }
+
+    /// Marks the granules of `data`, the first of which is granule `first` of the chunk.
+    fn scan_at(&mut self, first: usize, data: &[u8]) {
+        for (k, block) in data.chunks(GRANULE).enumerate() {
+            let i = first + k;
             if i >= MAX_GRANULES || !block_is_zero(block) {
-                if let Some(b) = m.bits.get_mut(i / 8) {
+                if let Some(b) = self.bits.get_mut(i / 8) {
                     *b |= 1 << (i % 8);
                 }
-                m.present += 1;
+                self.present += 1;
             }
         }
-        m
+    }
+
+    /// A map of `len` bytes whose every granule is marked present (nothing is left out), for a
+    /// chunk whose zero scan was sampled ([`Encoder::encode_hashed`]).
+    fn all_present(len: usize) -> PageMap {
+        let granules = len.div_ceil(GRANULE);
+        PageMap {
+            bits: [0; MAX_MAP],
+            granules,
+            present: granules,
+        }
+    }
+
+    /// Whether any of a few evenly spaced granules of `data` (the first and the last among them)
+    /// is all zero: the check a settled raw stream's chunks get instead of a full scan.
+    pub(crate) fn sample_finds_zero(data: &[u8]) -> bool {
+        let granules = data.len().div_ceil(GRANULE);
+        if granules == 0 {
+            return false;
+        }
+        let step = (granules / SAMPLED_GRANULES).max(1);
+        (0..granules)
+            .step_by(step)
+            .chain(std::iter::once(granules - 1))
+            .any(|g| block_is_zero(&data[g * GRANULE..((g + 1) * GRANULE).min(data.len())]))
     }
 
     fn map_len(&self) -> usize {
@@ -315,26 +395,53 @@ impl Encoder {
     /// 1/32 falls back to raw.
     #[cfg(test)]
     pub fn encode(&mut self, input: PoolBuf, choice: Choice, pool: &BufPool) -> Encoded {
-        self.encode_hashed(input, choice, pool, true)
+        self.encode_hashed(input, choice, pool, true, false)
     }
 
     /// [`Encoder::encode`], hashing the raw bytes only when `hash` is set (device state goes
-    /// into the stream digest; guest pages do not).
+    /// into the stream digest; guest pages do not). `sampled`: the chunk's stream is settled raw
+    /// and this is not a full-scan turn ([`sampled_turn`]): a sample of its granules stands in
+    /// for the zero scan unless it finds a zero one.
     pub fn encode_hashed(
         &mut self,
-        mut input: PoolBuf,
+        input: PoolBuf,
         choice: Choice,
         pool: &BufPool,
         hash: bool,
+        sampled: bool,
     ) -> Encoded {
-        let hash = hash.then(|| crate::digest::chunk_hash(input.as_slice()));
-        let map = PageMap::scan(input.as_slice());
-        let done = |codec, payload, outcome| Encoded {
-            codec,
-            payload,
-            outcome,
-            hash,
+        // A full scan runs fused with the hash (one pass over the chunk from memory).
+        let data = input.as_slice();
+        let settled = sampled && !PageMap::sample_finds_zero(data);
+        let (map, hash) = match (settled, hash) {
+            (true, h) => (
+                PageMap::all_present(data.len()),
+                h.then(|| crate::digest::chunk_hash(data)),
+            ),
+            (false, true) => {
+                let (m, h) = PageMap::scan_hashed(data);
+                (m, Some(h))
+            }
+            (false, false) => (PageMap::scan(data), None),
         };
+        let e = self.encode_mapped(input, &map, choice, pool);
+        Encoded {
+            codec: e.0,
+            payload: e.2,
+            outcome: e.1,
+            hash,
+        }
+    }
+
+    /// Encodes `input` whose zero granules `map` marks.
+    fn encode_mapped(
+        &mut self,
+        mut input: PoolBuf,
+        map: &PageMap,
+        choice: Choice,
+        pool: &BufPool,
+    ) -> (Codec, Outcome, Option<PoolBuf>) {
+        let done = |codec, payload, outcome| (codec, outcome, payload);
         if map.present == 0 {
             return done(Codec::Zero, None, Outcome::Zero);
         }
@@ -354,7 +461,7 @@ impl Encoder {
             && map.body_len(input.len()) < input.len()
             && self.allows(Codec::PagedRaw)
             && self.allows(paged_variant)
-            && pack_pages(&mut input, &map);
+            && pack_pages(&mut input, map);
         let raw_codec = if paged { Codec::PagedRaw } else { Codec::Raw };
         if choice == Choice::Raw {
             return done(raw_codec, Some(input), Outcome::Raw);
@@ -430,6 +537,15 @@ pub enum DecodeFailure {
     /// No pool buffer came free for the output.
     #[error("no buffer for the decoded payload")]
     NoBuffer,
+    /// The decoded bytes differ from the frame's hash trailer: the payload was changed on the
+    /// way (nothing of it was written).
+    #[error("the decoded bytes do not match the frame's hash (XXH3-128 {expected:032x}, computed {computed:032x})")]
+    HashMismatch {
+        /// The hash the source sent.
+        expected: u128,
+        /// The hash of the decoded bytes.
+        computed: u128,
+    },
 }
 
 /// Decoded chunk content.
@@ -763,6 +879,82 @@ mod tests {
                 (x >> 32) as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn a_granule_is_zero_only_when_every_byte_is() {
+        for len in [1usize, 7, 8, 9, 63, 64, 65, 100, 511, 512] {
+            assert!(block_is_zero(&vec![0u8; len]), "len {len}");
+            for at in 0..len {
+                let mut v = vec![0u8; len];
+                v[at] = 0x80;
+                assert!(!block_is_zero(&v), "len {len}, byte {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_scan_and_hash_equal_the_separate_ones() {
+        for (len, seed) in [
+            (1, 1),
+            (511, 2),
+            (16 << 10, 3),
+            ((16 << 10) + 513, 4),
+            (917_504, 5),
+        ] {
+            let zero: Vec<bool> = (0..37u64).map(|i| (i * seed) % 3 == 0).collect();
+            let data = sparse(len, &zero, 0, seed);
+            let (m, h) = PageMap::scan_hashed(&data);
+            let s = PageMap::scan(&data);
+            assert_eq!(h, crate::digest::chunk_hash(&data), "len {len}");
+            assert_eq!(
+                (m.granules, m.present),
+                (s.granules, s.present),
+                "len {len}"
+            );
+            assert_eq!(m.bits[..], s.bits[..], "len {len}");
+        }
+    }
+
+    /// A chunk of a stream settled as raw gets a sampled zero check: it stays exact (zero
+    /// granules the samples miss go out as data), and a chunk the samples find zeros in is
+    /// scanned and elided as without sampling.
+    #[test]
+    fn sampling_a_settled_raw_stream_loses_only_compression_never_bytes() {
+        let pool = BufPool::new(4, 65536).unwrap();
+        let n = chunk_len(65536);
+        let mut enc = Encoder::new(ALL).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let sampled = |enc: &mut Encoder, data: &[u8]| {
+            enc.encode_hashed(fill(&pool, data), Choice::Raw, &pool, true, true)
+        };
+        // Which chunks are sampled: settled streams, but not the full-scan turns.
+        assert!(!sampled_turn(SETTLE_CHUNKS - 1, 1));
+        assert!(sampled_turn(SETTLE_CHUNKS, 1));
+        assert!(!sampled_turn(SETTLE_CHUNKS, u64::from(FULL_SCAN_EVERY) * 3));
+        // Zero granules between the samples: not elided, but every byte arrives.
+        let step = n.div_ceil(GRANULE) / SAMPLED_GRANULES;
+        let mut data = noise(n, 99);
+        data[GRANULE..GRANULE * step].fill(0);
+        let e = sampled(&mut enc, &data);
+        assert_eq!((e.codec, e.outcome), (Codec::Raw, Outcome::Raw));
+        assert_eq!(e.hash, Some(crate::digest::chunk_hash(&data)));
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        // The same chunk fully scanned: its zero granules are elided.
+        let e = enc.encode(fill(&pool, &data), Choice::Raw, &pool);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        // A zero chunk: the samples see zeros, the full scan makes it a Zero frame.
+        let e = sampled(&mut enc, &vec![0u8; n]);
+        assert_eq!((e.codec, e.outcome), (Codec::Zero, Outcome::Zero));
+        assert_eq!(e.hash, Some(crate::digest::zero_hash(n)));
+        // A zero granule a sample lands on (the last one) is found and elided.
+        let mut data = noise(n, 5);
+        data[n - GRANULE..].fill(0);
+        let e = sampled(&mut enc, &data);
+        assert_eq!(e.codec, Codec::PagedRaw);
+        assert_eq!(decode_all(&mut dec, e, n, &pool), data);
+        assert_eq!(pool.free(), 4, "no buffer leaked");
     }
 
     #[test]

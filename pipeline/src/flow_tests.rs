@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::handshake::KNOWN_CODECS;
-use vfmig_wire::{FrameHeader, FrameKind};
+use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
 use crate::codec::Compress;
@@ -74,6 +74,14 @@ impl FrameSink for Direct {
                 .map_err(|_| lost()),
             _ => Err(lost()),
         }
+    }
+
+    fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), PipelineError> {
+        self.send_frame(header, Some(payload))
     }
 }
 
@@ -148,6 +156,7 @@ fn migrate(sources: Vec<Vec<u8>>, compress: Compress) -> (Vec<Vec<u8>>, Vec<Writ
             counters: counters.clone(),
             stop: stop.clone(),
             guest: None,
+            adaptive: Some(adaptive.clone()),
         };
         let (pool, names) = (pool.clone(), names.clone());
         threads.push(thread::spawn(move || {
@@ -341,5 +350,272 @@ fn writer_verifies_length_and_digest_of_what_it_wrote() {
     assert!(matches!(
         write_by_hand(&chunks, (11, [7; 32])),
         WriterEvent::Failed(PipelineError::DigestMismatch { .. })
+    ));
+}
+
+/// Encodes `data` as the source's codec stage does (hash trailer included) and returns the frame.
+fn encoded_frame(data: &[u8], choice: crate::codec::Choice, pool: &BufPool) -> Received {
+    let mut enc = crate::codec::Encoder::new(KNOWN_CODECS).unwrap();
+    let mut b = pool.try_acquire().unwrap();
+    b.spare_mut()[..data.len()].copy_from_slice(data);
+    b.set_len(data.len());
+    let e = enc.encode(b, choice, pool);
+    let mut payload = e.payload;
+    if let Some(p) = payload.as_mut() {
+        stages::append_trailer(p, e.hash.unwrap()).unwrap();
+    }
+    let header = crate::reader::header(
+        FrameKind::StopCopyData,
+        e.codec,
+        0,
+        0,
+        data.len(),
+        payload.as_ref(),
+        0,
+    );
+    Received { header, payload }
+}
+
+/// Runs one frame through a decode worker: what it hands the writer, or its error.
+fn decode_one(frame: Received, pool: &BufPool) -> Result<Option<InItem>, PipelineError> {
+    let (tx, rx) = bounded(1);
+    let (out_tx, out_rx) = bounded(1);
+    tx.send(frame).unwrap();
+    drop(tx);
+    let counters = Arc::new(Counters::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    stages::decode_worker(rx, out_tx, pool.clone(), counters, stop, T)?;
+    Ok(out_rx.try_recv().ok())
+}
+
+/// The transport's CRC no longer covers a device state frame's body (only its header and hash
+/// trailer): a body changed on the way must be refused by the decode stage, before the writer
+/// (the device) sees any of it, for every encoding the source sends.
+#[test]
+fn a_changed_body_of_any_encoding_is_refused_before_the_writer() {
+    use crate::codec::{Choice, DecodeFailure};
+    let pool = BufPool::new(8, 64 << 10).unwrap();
+    let random: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut sparse = random.clone();
+    sparse[4096..20_000].fill(0);
+    let text = content(50_000, 4);
+    let cases: [(&[u8], Choice, Codec); 5] = [
+        (&random, Choice::Raw, Codec::Raw),
+        (&sparse, Choice::Raw, Codec::PagedRaw),
+        (&text, Choice::Lz4, Codec::PagedLz4),
+        (&text, Choice::Zstd(3), Codec::PagedZstd),
+        (&random[..4096], Choice::Raw, Codec::Raw),
+    ];
+    for (data, choice, codec) in cases {
+        // Unchanged, it decodes to the input.
+        let f = encoded_frame(data, choice, &pool);
+        assert_eq!(f.header.codec, codec);
+        match decode_one(f, &pool).unwrap().map(|i| i.item) {
+            Some(Incoming::Data(crate::codec::Decoded::Data(b), h)) => {
+                assert_eq!(b.as_slice(), data);
+                assert_eq!(h, crate::digest::chunk_hash(data));
+            }
+            other => panic!("{codec:?}: {other:?}"),
+        }
+        // Any one body byte changed (first, middle, last before the trailer): refused.
+        let body = encoded_frame(data, choice, &pool).payload.unwrap().len()
+            - vfmig_wire::HASH_TRAILER_LEN;
+        for at in [0, body / 2, body - 1] {
+            let mut f = encoded_frame(data, choice, &pool);
+            f.payload.as_mut().unwrap().as_mut_slice()[at] ^= 0x10;
+            match decode_one(f, &pool) {
+                Err(PipelineError::Decode { failure, .. }) => {
+                    // A changed page map may be refused as malformed before the hash check.
+                    if codec == Codec::Raw || (codec == Codec::PagedRaw && at + 1 < body) {
+                        assert!(
+                            matches!(failure, DecodeFailure::HashMismatch { .. }),
+                            "{codec:?} at {at}: {failure:?}"
+                        );
+                    }
+                }
+                other => panic!("{codec:?} at {at}: a changed body got through: {other:?}"),
+            }
+        }
+        // A changed or missing trailer is refused too.
+        let mut f = encoded_frame(data, choice, &pool);
+        let p = f.payload.as_mut().unwrap();
+        let last = p.len() - 1;
+        p.as_mut_slice()[last] ^= 1;
+        assert!(decode_one(f, &pool).is_err(), "{codec:?}: trailer changed");
+        let mut f = encoded_frame(data, choice, &pool);
+        let p = f.payload.as_mut().unwrap();
+        p.set_len(p.len() - vfmig_wire::HASH_TRAILER_LEN);
+        assert!(decode_one(f, &pool).is_err(), "{codec:?}: no trailer");
+    }
+    assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
+}
+
+/// A settled raw stream's chunks that reach a codec worker get a sampled zero check instead of
+/// a full scan: a body changed on the way is still refused before the writer, and its unsampled
+/// zero granules still arrive.
+#[test]
+fn a_settled_raw_stream_with_sampled_zero_checks_still_refuses_a_changed_body() {
+    use crate::codec::{Choice, DecodeFailure, Encoder};
+    let pool = BufPool::new(8, 64 << 10).unwrap();
+    let mut enc = Encoder::new(KNOWN_CODECS).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data: Vec<u8> = (0..50_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    // Zero granules between the samples: sent as data, decoded exactly.
+    data[600..1500].fill(0);
+    let sampled = |enc: &mut Encoder| {
+        let mut b = pool.try_acquire().unwrap();
+        b.spare_mut()[..data.len()].copy_from_slice(&data);
+        b.set_len(data.len());
+        let e = enc.encode_hashed(b, Choice::Raw, &pool, true, true);
+        let mut payload = e.payload.unwrap();
+        stages::append_trailer(&mut payload, e.hash.unwrap()).unwrap();
+        let header = crate::reader::header(
+            FrameKind::StopCopyData,
+            e.codec,
+            0,
+            0,
+            data.len(),
+            Some(&payload),
+            0,
+        );
+        Received {
+            header,
+            payload: Some(payload),
+        }
+    };
+    let f = sampled(&mut enc);
+    assert_eq!(f.header.codec, Codec::Raw, "not elided on a settled stream");
+    match decode_one(f, &pool).unwrap().map(|i| i.item) {
+        Some(Incoming::Data(crate::codec::Decoded::Data(b), _)) => assert_eq!(b.as_slice(), data),
+        other => panic!("{other:?}"),
+    }
+    let mut f = sampled(&mut enc);
+    f.payload.as_mut().unwrap().as_mut_slice()[1000] ^= 4;
+    assert!(matches!(
+        decode_one(f, &pool),
+        Err(PipelineError::Decode {
+            failure: DecodeFailure::HashMismatch { .. },
+            ..
+        })
+    ));
+    assert_eq!(pool.free(), pool.slots(), "every pool buffer came back");
+}
+
+/// The reader hands the chunks of a stream settled as raw straight to the sender (no codec
+/// worker): they carry the right hash and trailer, and one changed on the way is refused before
+/// the writer. Full-scan turns and chunks whose sampled granules hold zeros still go to the codec
+/// workers.
+#[test]
+fn a_settled_raw_stream_goes_from_the_reader_to_the_sender_and_stays_checked() {
+    use crate::codec::{chunk_len, DecodeFailure, SETTLE_CHUNKS};
+    use std::sync::atomic::Ordering;
+    const CHUNKS: usize = 40;
+    let pool = BufPool::new(64, 64 << 10).unwrap();
+    let chunk = chunk_len(64 << 10);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut data: Vec<u8> = (0..CHUNKS * chunk)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    // Chunk 5 is all zero: its samples see it, so a codec worker scans (and elides) it.
+    data[5 * chunk..6 * chunk].fill(0);
+    let (dev, fd) = UnixStream::pair().unwrap();
+    let feeder = {
+        let data = data.clone();
+        thread::spawn(move || {
+            let mut dev = dev;
+            dev.write_all(&data).unwrap();
+        })
+    };
+    let counters = Arc::new(Counters::new(1));
+    // As if the codec workers had seen the stream go raw for a while.
+    counters.devices[0]
+        .raw_streak
+        .store(SETTLE_CHUNKS, Ordering::SeqCst);
+    let (cmd_tx, cmd_rx) = bounded(4);
+    let (chunk_tx, chunk_rx) = bounded(CHUNKS + 1);
+    let (out_tx, out_rx) = bounded(CHUNKS + 2);
+    let (ev_tx, _ev_rx) = bounded(8);
+    let io = ReaderIo {
+        cmds: cmd_rx,
+        chunks: chunk_tx,
+        markers: out_tx,
+        events: ev_tx,
+        counters: counters.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        guest: None,
+        adaptive: Some(Arc::new(Adaptive::new(Compress::None, 1))),
+    };
+    cmd_tx
+        .send(ReaderCmd::Add {
+            device: 0,
+            fd: Arc::new(OwnedFd::from(fd)),
+            mode: ReadMode::StopCopy,
+        })
+        .unwrap();
+    drop(cmd_tx);
+    let reader = {
+        let pool = pool.clone();
+        thread::spawn(move || reader::run(pool, vec!["d".into()], io, usize::MAX, T))
+    };
+    reader.join().unwrap();
+    feeder.join().unwrap();
+    let to_workers: Vec<u64> = chunk_rx.try_iter().map(|c| c.seq).collect();
+    assert_eq!(to_workers, [0, 5, 32], "full-scan turns and the zero chunk");
+    let mut direct = Vec::new();
+    for o in out_rx.try_iter() {
+        if o.header.kind == FrameKind::EndOfDevice {
+            continue;
+        }
+        let seq = o.header.seq as usize;
+        let raw = &data[seq * chunk..(seq + 1) * chunk];
+        assert_eq!(o.header.codec, Codec::Raw);
+        assert_eq!(o.hash, Some(crate::digest::chunk_hash(raw)));
+        let p = o.payload.as_ref().unwrap().as_slice();
+        assert_eq!(&p[..chunk], raw, "chunk {seq}");
+        assert_eq!(p[chunk..], o.hash.unwrap().to_le_bytes());
+        direct.push(o);
+    }
+    assert_eq!(direct.len(), CHUNKS - 3);
+    assert_eq!(
+        counters.devices[0].direct_chunks.load(Ordering::SeqCst),
+        (CHUNKS - 3) as u64
+    );
+    // Unchanged, a direct frame decodes to its chunk; with a body byte changed it is refused.
+    let mut frames = direct.into_iter().map(|o| Received {
+        header: o.header,
+        payload: o.payload,
+    });
+    let good = frames.next().unwrap();
+    assert!(decode_one(good, &pool).unwrap().is_some());
+    let mut bad = frames.next().unwrap();
+    bad.payload.as_mut().unwrap().as_mut_slice()[chunk / 2] ^= 0x40;
+    assert!(matches!(
+        decode_one(bad, &pool),
+        Err(PipelineError::Decode {
+            failure: DecodeFailure::HashMismatch { .. },
+            ..
+        })
     ));
 }

@@ -18,8 +18,9 @@ use crossbeam_channel::{Receiver, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
+use crate::adapt::Adaptive;
 use crate::api::Notice;
-use crate::codec::chunk_len;
+use crate::codec::{chunk_len, sampled_turn, Choice, PageMap};
 use crate::error::{Phase, PipelineError};
 use crate::guest::{GuestMemoryAccess, Run, GUEST_PAGE};
 use crate::stats::{Counters, DeviceCounters};
@@ -34,6 +35,8 @@ pub(crate) struct RawChunk {
     /// Stream offset of the first byte.
     pub offset: u64,
     pub buf: PoolBuf,
+    /// The encoding the reader already chose for it (`direct`), else the codec worker chooses.
+    pub choice: Option<Choice>,
 }
 
 /// A frame ready for the transport (data already encoded, or a marker).
@@ -122,6 +125,9 @@ pub(crate) struct ReaderIo {
     pub stop: Arc<AtomicBool>,
     /// Guest memory for `DirtyPages` frames (`None`: no device DMA tracking).
     pub guest: Option<GuestPages>,
+    /// The encoding controller: with it, chunks of a stream settled as raw skip the codec
+    /// workers (`direct`); `None` sends every chunk through them.
+    pub adaptive: Option<Arc<Adaptive>>,
 }
 
 /// Where the reader gets dirty guest pages and on which stream it ships them.
@@ -617,6 +623,7 @@ fn ship_piece(
         kind: FrameKind::DirtyPages,
         offset: gpa,
         buf,
+        choice: None,
     };
     dev.seq += 1;
     ctx.io
@@ -711,6 +718,7 @@ fn stage(device: u16, dev: &mut Dev, mut buf: PoolBuf, io: &ReaderIo) -> RawChun
         kind,
         offset: dev.emitted,
         buf,
+        choice: None,
     };
     dev.seq += 1;
     dev.emitted += len as u64;
@@ -724,10 +732,24 @@ fn stage(device: u16, dev: &mut Dev, mut buf: PoolBuf, io: &ReaderIo) -> RawChun
     chunk
 }
 
-/// Hands the staged chunk to the codec stage.
+/// Hands the staged chunk to the codec stage, or, for a stream settled as raw, straight to the
+/// sender (`direct`).
 fn hand_over(dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
     let Some(chunk) = dev.full.take() else {
         return Ok(());
+    };
+    let chunk = match direct(chunk, ctx)? {
+        Err(chunk) => chunk,
+        Ok(out) => {
+            let t0 = Instant::now();
+            let sent = ctx.io.markers.send_timeout(out, ctx.timeout);
+            ctx.io.counters.buffer_wait.add_since(t0);
+            return sent.map_err(|_| PipelineError::Timeout {
+                phase: phase_of(dev.mode),
+                what: "the sender to take a raw frame",
+                waited: ctx.timeout,
+            });
+        }
     };
     let t0 = Instant::now();
     let sent = ctx.io.chunks.send_timeout(chunk, ctx.timeout);
@@ -737,6 +759,60 @@ fn hand_over(dev: &mut Dev, ctx: &Ctx<'_>) -> Result<(), PipelineError> {
         what: "the codec stage to take a chunk",
         waited: ctx.timeout,
     })
+}
+
+/// The direct path for a device state chunk of a stream settled as raw
+/// ([`crate::stats::DeviceCounters::raw_streak`] at least [`crate::codec::SETTLE_CHUNKS`]): when a sample of
+/// its granules finds no zero one, it is not a periodic full-scan chunk, and the controller
+/// chooses raw for it, the reader hashes it, appends the hash trailer and returns the frame for
+/// the sender, saving a thread hop per chunk (the device read in flight goes on meanwhile).
+/// Otherwise the chunk goes to the codec workers, with the controller's choice if it was made.
+/// Returns the chunk back (`Err`) when it goes to the codec workers.
+fn direct(mut chunk: RawChunk, ctx: &Ctx<'_>) -> Result<Result<Outgoing, RawChunk>, PipelineError> {
+    let Some(adaptive) = ctx.io.adaptive.as_ref() else {
+        return Ok(Err(chunk));
+    };
+    let Some(c) = ctx.io.counters.device(chunk.device) else {
+        return Ok(Err(chunk));
+    };
+    let settled = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData)
+        && sampled_turn(c.raw_streak.load(Ordering::Relaxed), chunk.seq)
+        && !chunk.buf.is_empty();
+    if !settled {
+        return Ok(Err(chunk));
+    }
+    let t0 = Instant::now();
+    if PageMap::sample_finds_zero(chunk.buf.as_slice()) {
+        return Ok(Err(chunk));
+    }
+    let choice = adaptive.choose();
+    if choice != Choice::Raw {
+        chunk.choice = Some(choice);
+        return Ok(Err(chunk));
+    }
+    let raw_len = chunk.buf.len();
+    let hash = crate::digest::chunk_hash(chunk.buf.as_slice());
+    let mut buf = chunk.buf;
+    crate::stages::append_trailer(&mut buf, hash)?;
+    let took = t0.elapsed();
+    ctx.io.counters.codec.add(took);
+    adaptive.record(Some(Choice::Raw), raw_len, raw_len, took);
+    DeviceCounters::add(&c.raw_chunks, 1);
+    DeviceCounters::add(&c.direct_chunks, 1);
+    c.raw_streak.fetch_add(1, Ordering::Relaxed);
+    Ok(Ok(Outgoing {
+        header: header(
+            chunk.kind,
+            Codec::Raw,
+            chunk.device,
+            chunk.seq,
+            raw_len,
+            Some(&buf),
+            chunk.offset,
+        ),
+        payload: Some(buf),
+        hash: Some(hash),
+    }))
 }
 
 /// Stages the filled part of `buf` and hands it over now.
@@ -929,6 +1005,7 @@ mod tests {
                 carrier: 0,
                 batches_done: batches_done.clone(),
             }),
+            adaptive: None,
         };
         let reader = {
             let pool = pool.clone();

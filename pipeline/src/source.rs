@@ -52,6 +52,20 @@ impl FrameSink for SendSession {
             .map_err(|source| PipelineError::Transport { phase, source })
     }
 
+    fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), PipelineError> {
+        let phase = if header.kind == FrameKind::PreCopyData {
+            Phase::PreCopy
+        } else {
+            Phase::StopCopy
+        };
+        SendSession::send_hash_trailer(self, header, payload)
+            .map_err(|source| PipelineError::Transport { phase, source })
+    }
+
     fn digest_key(&self) -> Option<[u8; 32]> {
         self.agreed().keys.as_ref().map(|k| *k.digest_key())
     }
@@ -76,6 +90,21 @@ impl FrameSink for StampedSink<'_> {
         );
         let r = FrameSink::send_frame(self.session, header, payload);
         if data && r.is_ok() {
+            self.counters
+                .first_send
+                .get_or_init(std::time::SystemTime::now);
+        }
+        r
+    }
+
+    fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), PipelineError> {
+        // Only device state frames carry a hash trailer.
+        let r = FrameSink::send_hash_trailer(self.session, header, payload);
+        if r.is_ok() {
             self.counters
                 .first_send
                 .get_or_init(std::time::SystemTime::now);
@@ -237,7 +266,10 @@ impl Stages {
         let (chunk_tx, chunk_rx) = bounded(workers * 2);
         let (out_tx, out_rx) = bounded(workers * 2 + n * 2);
         let max_payload = usize::try_from(session.agreed().max_payload).unwrap_or(usize::MAX);
-        let chunk = chunk_len(pool.slot_size()).min(max_payload);
+        // Room for the hash trailer of every device state frame (`stages::encode_worker`).
+        let chunk = chunk_len(pool.slot_size())
+            .min(max_payload.saturating_sub(vfmig_wire::HASH_TRAILER_LEN))
+            .max(1);
         let mut threads = Vec::new();
         let page_batches_done = Arc::new(AtomicU64::new(0));
         {
@@ -258,6 +290,7 @@ impl Stages {
                         carrier: 0,
                         batches_done: page_batches_done.clone(),
                     }),
+                adaptive: Some(adaptive.clone()),
             };
             let pool = pool.clone();
             threads.push(stages::spawn("vfmig-reader", move || {

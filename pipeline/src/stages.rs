@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use vfmig_transport::{BufPool, PoolBuf};
-use vfmig_wire::{FrameHeader, FrameKind};
+use vfmig_wire::{Codec, FrameHeader, FrameKind};
 
 use crate::adapt::Adaptive;
-use crate::codec::{Choice, Decoded, Decoder, Encoded, Encoder, Outcome};
+use crate::codec::{
+    sampled_turn, Choice, DecodeFailure, Decoded, Decoder, Encoded, Encoder, Outcome,
+};
 use crate::digest::{self, StreamDigest};
 use crate::error::{Phase, PipelineError};
 use crate::reader::{header, Outgoing, RawChunk};
@@ -63,18 +65,23 @@ pub(crate) fn encode_worker(
         };
         let t0 = Instant::now();
         let raw_len = chunk.buf.len();
-        let choice = adaptive.choose();
+        let choice = chunk.choice.unwrap_or_else(|| adaptive.choose());
+        let state = matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData);
+        let dev = counters.device(chunk.device);
+        let sampled = state
+            && dev.is_some_and(|c| sampled_turn(c.raw_streak.load(Ordering::Relaxed), chunk.seq));
         let Encoded {
             codec,
-            payload,
+            mut payload,
             outcome,
             hash,
-        } = enc.encode_hashed(
-            chunk.buf,
-            choice,
-            &pool,
-            matches!(chunk.kind, FrameKind::PreCopyData | FrameKind::StopCopyData),
-        );
+        } = enc.encode_hashed(chunk.buf, choice, &pool, state, sampled);
+        // Device state frames end with the raw bytes' hash (docs/PROTOCOL.md, section 4): the
+        // destination checks the decoded bytes against it, and the CRC covers only the header
+        // and the trailer, so each byte passes one integrity check per side.
+        if let (Some(h), Some(p)) = (hash, payload.as_mut()) {
+            append_trailer(p, h)?;
+        }
         let took = t0.elapsed();
         counters.codec.add(took);
         let wire = payload.as_ref().map_or(0, PoolBuf::len);
@@ -85,7 +92,14 @@ pub(crate) fn encode_worker(
             Outcome::Zero | Outcome::ProbedRaw => None,
         };
         adaptive.record(rung, raw_len, wire, took);
-        if let Some(c) = counters.device(chunk.device) {
+        if let Some(c) = dev {
+            // Raw and unpacked: the stream may be settling as raw (`reader::direct`).
+            if state && codec == Codec::Raw && matches!(outcome, Outcome::Raw | Outcome::ProbedRaw)
+            {
+                c.raw_streak.fetch_add(1, Ordering::Relaxed);
+            } else if state {
+                c.raw_streak.store(0, Ordering::Relaxed);
+            }
             let n = match outcome {
                 Outcome::Zero => &c.zero_chunks,
                 Outcome::Compressed(_) => &c.compressed_chunks,
@@ -115,6 +129,33 @@ pub(crate) fn encode_worker(
     }
 }
 
+/// Appends the hash trailer ([`vfmig_wire::HASH_TRAILER_LEN`] bytes, XXH3-128 LE) to an encoded
+/// device state payload. A chunk is at most `max_payload - HASH_TRAILER_LEN` raw bytes and 7/8 of
+/// its slot, and its encoded body is never longer, so the trailer always fits.
+pub(crate) fn append_trailer(p: &mut PoolBuf, hash: u128) -> Result<(), PipelineError> {
+    const N: usize = vfmig_wire::HASH_TRAILER_LEN;
+    let len = p.len();
+    let spare = p.spare_mut();
+    let Some(t) = spare.get_mut(len..len + N) else {
+        return Err(PipelineError::StageLost {
+            stage: "codec (no room for the hash trailer)",
+        });
+    };
+    t.copy_from_slice(&hash.to_le_bytes());
+    p.set_len(len + N);
+    Ok(())
+}
+
+/// Splits the hash trailer off a received device state payload: the body stays in `p`.
+fn take_trailer(p: &mut PoolBuf) -> Option<u128> {
+    const N: usize = vfmig_wire::HASH_TRAILER_LEN;
+    let body = p.len().checked_sub(N).filter(|&b| b > 0)?;
+    let mut t = [0u8; N];
+    t.copy_from_slice(&p.as_slice()[body..]);
+    p.set_len(body);
+    Some(u128::from_le_bytes(t))
+}
+
 fn phase_of(kind: FrameKind) -> Phase {
     if kind == FrameKind::PreCopyData {
         Phase::PreCopy
@@ -130,6 +171,12 @@ pub(crate) trait FrameSink {
         header: FrameHeader,
         payload: Option<PoolBuf>,
     ) -> Result<(), PipelineError>;
+
+    /// Sends a device state frame whose payload ends with its hash trailer
+    /// ([`vfmig_wire::FLAG_HASH_TRAILER`]). Required (no default), so a sink that wraps another
+    /// cannot forget to pass the trailer flag on.
+    fn send_hash_trailer(&self, header: FrameHeader, payload: PoolBuf)
+        -> Result<(), PipelineError>;
 
     /// The key of the session's stream digests (PSK sessions), `None` for an unkeyed digest.
     fn digest_key(&self) -> Option<[u8; 32]> {
@@ -231,7 +278,11 @@ pub(crate) fn send_loop(
             if let Some(l) = limit.as_mut() {
                 l.take(wire + vfmig_wire::HEADER_LEN, stop);
             }
-            sink.send_frame(o.header, o.payload)?;
+            // A device state frame with a payload carries its hash trailer (`encode_worker`).
+            match (o.hash, o.payload) {
+                (Some(_), Some(p)) => sink.send_hash_trailer(o.header, p)?,
+                (_, payload) => sink.send_frame(o.header, payload)?,
+            }
             let blocked = t0.elapsed();
             counters.net.add(blocked);
             adaptive.record_link(wire + vfmig_wire::HEADER_LEN, blocked);
@@ -316,14 +367,52 @@ pub(crate) fn decode_worker(
         };
         let h = r.header;
         let t0 = Instant::now();
+        let state = h.kind != FrameKind::DirtyPages;
+        let mut payload = r.payload;
+        // Device state payloads end with the source's hash of the raw bytes (version 4): split it
+        // off; the decoded bytes must match it before they go on to the writer.
+        let expect = match payload.as_mut() {
+            Some(p) if state && h.codec != Codec::Zero => {
+                Some(take_trailer(p).ok_or(PipelineError::Decode {
+                    device: h.device,
+                    seq: h.seq,
+                    codec: h.codec,
+                    failure: DecodeFailure::Payload,
+                })?)
+            }
+            _ => None,
+        };
         let decoded = dec
-            .decode(h.codec, h.raw_len, r.payload, &pool, timeout)
+            .decode(h.codec, h.raw_len, payload, &pool, timeout)
             .map_err(|failure| PipelineError::Decode {
                 device: h.device,
                 seq: h.seq,
                 codec: h.codec,
                 failure,
             })?;
+        let item = if state {
+            let hash = match &decoded {
+                Decoded::Data(b) => digest::chunk_hash(b.as_slice()),
+                Decoded::Zero(n) => digest::zero_hash(*n),
+            };
+            if let Some(expected) = expect.filter(|&e| e != hash) {
+                return Err(PipelineError::Decode {
+                    device: h.device,
+                    seq: h.seq,
+                    codec: h.codec,
+                    failure: DecodeFailure::HashMismatch {
+                        expected,
+                        computed: hash,
+                    },
+                });
+            }
+            Incoming::Data(decoded, hash)
+        } else {
+            Incoming::Pages {
+                gpa: h.arg,
+                data: decoded,
+            }
+        };
         counters.codec.add_since(t0);
         if let Some(c) = counters.device(h.device) {
             DeviceCounters::add(&c.wire, usize::try_from(h.wire_len).unwrap_or(0));
@@ -332,18 +421,7 @@ pub(crate) fn decode_worker(
             InItem {
                 device: h.device,
                 seq: h.seq,
-                item: if h.kind == FrameKind::DirtyPages {
-                    Incoming::Pages {
-                        gpa: h.arg,
-                        data: decoded,
-                    }
-                } else {
-                    let hash = match &decoded {
-                        Decoded::Data(b) => digest::chunk_hash(b.as_slice()),
-                        Decoded::Zero(n) => digest::zero_hash(*n),
-                    };
-                    Incoming::Data(decoded, hash)
-                },
+                item,
             },
             timeout,
         )

@@ -1,7 +1,7 @@
 //! Counters shared by the stage threads: per-device bytes and per-stage busy time, read by the
 //! progress callback and the final report. Lock-free (relaxed atomics): they are statistics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,6 +44,13 @@ pub(crate) struct DeviceCounters {
     pub zero_chunks: AtomicU64,
     pub raw_chunks: AtomicU64,
     pub compressed_chunks: AtomicU64,
+    /// Source: data chunks in a row that went raw with no zero granule (codec workers and the
+    /// reader's direct path count them; anything else resets it). From
+    /// [`crate::codec::SETTLE_CHUNKS`] on, the stream is *settled raw* and the reader hands its
+    /// chunks to the sender itself (`reader::direct`).
+    pub raw_streak: AtomicU32,
+    /// Source: chunks the reader handed to the sender directly (no codec worker).
+    pub direct_chunks: AtomicU64,
     /// Destination: the furthest kind of frame received (0 none, 1 pre-copy data, 2 stop-copy
     /// data, 3 end of device), for the progress callback's phase.
     pub seen: AtomicU8,

@@ -53,7 +53,7 @@ fn junk(addr: SocketAddr, i: usize) {
         3 => {
             let mut hello = Vec::new();
             hello.extend_from_slice(b"VMHS");
-            hello.extend_from_slice(&3u16.to_le_bytes());
+            hello.extend_from_slice(&4u16.to_le_bytes());
             hello.extend_from_slice(&[1, 0]);
             hello.extend_from_slice(&36u32.to_le_bytes());
             hello.extend_from_slice(&[i.to_le_bytes()[0] | 1; 32]);

@@ -130,7 +130,14 @@ impl Core {
         }
     }
 
-    fn enqueue(&self, mut header: FrameHeader, payload: OutPayload) -> Result<(), TransportError> {
+    /// Queues a frame. `trailer`: the payload ends with its raw bytes' hash trailer
+    /// ([`vfmig_wire::FLAG_HASH_TRAILER`]): the CRC covers the header and the trailer only.
+    fn enqueue(
+        &self,
+        mut header: FrameHeader,
+        payload: OutPayload,
+        trailer: bool,
+    ) -> Result<(), TransportError> {
         self.check_alive()?;
         let bytes: &[u8] = match &payload {
             OutPayload::Empty => &[],
@@ -147,8 +154,18 @@ impl Core {
         }
         // `len <= max_payload`, a u32.
         header.wire_len = u32::try_from(len).unwrap_or(u32::MAX);
-        // A sealed frame's tag covers it (the engine seals it); else one CRC32C pass here.
-        let hdr = if self.agreed.protection == FrameProtection::Aes256Gcm {
+        // A sealed frame's tag covers it (the engine seals it); else one CRC32C pass here (over
+        // the header and the hash trailer only, for a frame that has one).
+        let sealed = self.agreed.protection == FrameProtection::Aes256Gcm;
+        let hdr = if trailer {
+            header
+                .encode_hash_trailer(bytes, sealed)
+                .ok_or(TransportError::InvalidFrame {
+                    source: vfmig_wire::WireError::ReservedFlags {
+                        flags: vfmig_wire::FLAG_HASH_TRAILER,
+                    },
+                })?
+        } else if sealed {
             header.encode_unprotected()
         } else {
             header.encode(bytes)
@@ -374,7 +391,21 @@ impl SendSession {
             Some(buf) if !buf.is_empty() => OutPayload::Pool(buf),
             _ => OutPayload::Empty,
         };
-        self.core.enqueue(header, p)
+        self.core.enqueue(header, p, false)
+    }
+
+    /// Like [`SendSession::send`], for a device state frame (`PreCopyData` / `StopCopyData`,
+    /// any codec but `Zero`) whose payload ends with the
+    /// [`vfmig_wire::HASH_TRAILER_LEN`]-byte XXH3-128 of its raw bytes: the frame carries
+    /// [`vfmig_wire::FLAG_HASH_TRAILER`] and its CRC covers the header and the trailer, not the
+    /// body (the receiver checks the decoded body against the trailer). Other frames are refused
+    /// ([`TransportError::InvalidFrame`]).
+    pub fn send_hash_trailer(
+        &self,
+        header: FrameHeader,
+        payload: PoolBuf,
+    ) -> Result<(), TransportError> {
+        self.core.enqueue(header, OutPayload::Pool(payload), true)
     }
 
     /// Waits up to `timeout` for a frame from the destination (`SwitchoverAck`,
@@ -543,7 +574,7 @@ impl RecvSession {
         } else {
             OutPayload::Heap(payload.to_vec())
         };
-        self.core.enqueue(header, p)
+        self.core.enqueue(header, p, false)
     }
 
     /// Sends an `Abort` on every connection (bounded wait) and ends the session.

@@ -10,10 +10,15 @@
 //! 16     4    raw_len  payload length after decoding (bytes of device state / pages)
 //! 20     4    wire_len payload length on the wire (bytes following the header)
 //! 24     8    arg      kind-specific (see FrameKind)
-//! 32     4    flags    reserved, must be 0 in version 3
-//! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes;
+//! 32     4    flags    bit 0: FLAG_HASH_TRAILER (device state frames only); others 0
+//! 36     4    crc      CRC32C over bytes 0..36 followed by the wire_len payload bytes (with
+//!                      FLAG_HASH_TRAILER: by the payload's last 16 bytes only);
 //!                      0 on a connection with sealed frames (the AEAD tag covers them, `seal`)
 //! ```
+//!
+//! A frame with [`FLAG_HASH_TRAILER`] (version 4) ends its payload with the XXH3-128 of its raw
+//! (decoded) bytes, 16 bytes little-endian: the receiver checks the decoded bytes against it
+//! before they go anywhere, so the CRC need not cover the body a second time.
 
 use crate::codec::{ArrayWriter, Put, Reader, Short};
 use crate::WireError;
@@ -30,6 +35,15 @@ pub const MAX_ABORT_DETAIL: usize = 1024;
 pub const FRAME_MAGIC: [u8; 4] = *b"VMF1";
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 40;
+/// Header flag (bytes 32..36): the payload ends with a [`HASH_TRAILER_LEN`]-byte trailer, the
+/// XXH3-128 (little-endian) of the frame's raw bytes, and the CRC covers the header and that
+/// trailer instead of the whole payload. Only on [`FrameKind::PreCopyData`] and
+/// [`FrameKind::StopCopyData`] frames with a payload (never codec `Zero`).
+pub const FLAG_HASH_TRAILER: u32 = 1;
+/// Length of the hash trailer of a [`FLAG_HASH_TRAILER`] frame.
+pub const HASH_TRAILER_LEN: usize = 16;
+/// [`HASH_TRAILER_LEN`] as a header length field's type.
+const TRAILER_U32: u32 = 16;
 /// Hard limit on `raw_len` and `wire_len`: a peer declaring more is refused before anything is
 /// allocated.
 pub const MAX_PAYLOAD: u32 = 4 << 20;
@@ -338,6 +352,29 @@ impl FrameHeader {
         w.finish()
     }
 
+    /// Writes the header of a [`FLAG_HASH_TRAILER`] frame: `payload` (`wire_len` bytes) ends with
+    /// the hash trailer, and the CRC covers the header and the trailer only. Returns `None` when
+    /// the frame may not carry the flag (not device state, or a payload without room for a body
+    /// and the trailer). `sealed`: the CRC field is 0 (the AEAD tag covers everything).
+    pub fn encode_hash_trailer(&self, payload: &[u8], sealed: bool) -> Option<[u8; HEADER_LEN]> {
+        let kind_ok = matches!(self.kind, FrameKind::PreCopyData | FrameKind::StopCopyData);
+        if !kind_ok || self.codec == Codec::Zero || payload.len() <= HASH_TRAILER_LEN {
+            return None;
+        }
+        let mut f = self.raw_fields();
+        f.flags = FLAG_HASH_TRAILER;
+        let mut w = ArrayWriter::<HEADER_LEN>::new();
+        f.write_covered(&mut w);
+        let crc = if sealed {
+            0
+        } else {
+            let trailer = payload.get(payload.len() - HASH_TRAILER_LEN..)?;
+            crc32c::crc32c_append(crc32c::crc32c(w.written()), trailer)
+        };
+        w.put_u32(crc);
+        Some(w.finish())
+    }
+
     /// Writes the header with its CRC field 0, for a connection whose frames are sealed
     /// ([`crate::seal`]): the AEAD tag covers header and payload instead of the CRC.
     pub fn encode_unprotected(&self) -> [u8; HEADER_LEN] {
@@ -395,7 +432,11 @@ impl FrameHeader {
             FrameKind::try_from(kind).map_err(|e| WireError::UnknownKind { kind: e.value })?;
         let codec =
             Codec::try_from(codec).map_err(|e| WireError::UnknownCodec { codec: e.value })?;
-        if flags != 0 {
+        let trailer = flags == FLAG_HASH_TRAILER
+            && matches!(kind, FrameKind::PreCopyData | FrameKind::StopCopyData)
+            && codec != Codec::Zero
+            && wire_len > TRAILER_U32;
+        if flags != 0 && !trailer {
             return Err(WireError::ReservedFlags { flags });
         }
         if raw_len > max || wire_len > max {
@@ -405,14 +446,20 @@ impl FrameHeader {
                 max,
             });
         }
+        // The encoded body: the payload before a hash trailer.
+        let body = if trailer {
+            wire_len - TRAILER_U32
+        } else {
+            wire_len
+        };
         let consistent = match codec {
-            Codec::Raw => wire_len == raw_len,
+            Codec::Raw => body == raw_len,
             Codec::Zero => wire_len == 0,
-            Codec::Zstd | Codec::Lz4 | Codec::PagedZstd | Codec::PagedLz4 => wire_len > 0,
+            Codec::Zstd | Codec::Lz4 | Codec::PagedZstd | Codec::PagedLz4 => body > 0,
             // The map plus at most every page.
             Codec::PagedRaw => {
                 let map = page_map_len(raw_len);
-                wire_len > map && u64::from(wire_len) <= u64::from(raw_len) + u64::from(map)
+                body > map && u64::from(body) <= u64::from(raw_len) + u64::from(map)
             }
         };
         if !consistent {
@@ -514,9 +561,16 @@ impl FrameHeader {
         }
     }
 
-    /// Checks the CRC over the original header bytes and the payload.
+    /// Checks the CRC over the original header bytes and the payload (with
+    /// [`FLAG_HASH_TRAILER`] set in the header bytes: the payload's hash trailer only; the
+    /// receiver checks the body against the trailer once decoded).
     pub fn verify(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), WireError> {
         let covered = header.get(..CRC_COVERED).unwrap_or_default();
+        let trailer = RawFields::of(header).flags == FLAG_HASH_TRAILER;
+        let payload = match payload.len().checked_sub(HASH_TRAILER_LEN) {
+            Some(body) if trailer && body > 0 => payload.get(body..).unwrap_or_default(),
+            _ => payload,
+        };
         let computed = crc32c::crc32c_append(crc32c::crc32c(covered), payload);
         if computed != self.crc {
             return Err(WireError::Checksum {

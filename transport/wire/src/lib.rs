@@ -29,7 +29,7 @@ pub use control::{AbortReason, Control, FinalOutcome};
 pub use deframer::{Deframer, Frame};
 pub use error::WireError;
 pub use frame::{
-    page_map_len, Codec, FrameHeader, FrameKind, HeaderBytes, DIGEST_LEN, HEADER_LEN, MAP_GRANULE,
-    MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
+    page_map_len, Codec, FrameHeader, FrameKind, HeaderBytes, DIGEST_LEN, FLAG_HASH_TRAILER,
+    HASH_TRAILER_LEN, HEADER_LEN, MAP_GRANULE, MAX_ABORT_DETAIL, MAX_PAYLOAD, PAGE_SIZE,
 };
 pub use seal::{FrameProtection, SessionKeys};

@@ -1,7 +1,9 @@
 //! Pinned bytes: SHA-256 of everything both handshake sides write in a set of exchanges (PSK with
 //! declarations and a join, no key, refusals), of the derived keys in use (a sealed frame), and
 //! of every control frame's encoding. The digest was taken before the wire crate's codec /
-//! handshake refactoring; a change here changes the bytes on the wire.
+//! handshake refactoring; a change here changes the bytes on the wire. Retaken for version 4
+//! (the hash trailer, docs/PROTOCOL.md 4.3): the envelopes' version field is the only change in
+//! these bytes.
 
 use sha2::{Digest, Sha256};
 use vfmig_wire::declare::{DeviceDecl, DeviceKind};
@@ -134,7 +136,8 @@ fn handshake_seal_and_control_bytes_are_unchanged() {
     put("sealed head", &head);
     put("sealed payload", &payload);
 
-    let (c, s, agreed) = exchange(Auth::None, Auth::None, Some(([7; 16], 1)), None, 3);
+    let v = PROTOCOL_VERSION;
+    let (c, s, agreed) = exchange(Auth::None, Auth::None, Some(([7; 16], 1)), None, v);
     assert!(agreed.is_some_and(|a| a.joined));
     put("join client", &c);
     put("join server", &s);
@@ -142,15 +145,15 @@ fn handshake_seal_and_control_bytes_are_unchanged() {
         size: Some(8192),
         ..same.clone()
     };
-    let (c, s, agreed) = exchange(key(), key(), None, Some(vec![other]), 3);
+    let (c, s, agreed) = exchange(key(), key(), None, Some(vec![other]), v);
     assert!(agreed.is_none());
     put("mismatch client", &c);
     put("mismatch server", &s);
     for (ac, as_, v) in [
-        (key(), Auth::Psk(b"other key".to_vec()), 3),
-        (key(), Auth::None, 3),
-        (Auth::None, Auth::None, 2),
-        (Auth::None, Auth::None, 4),
+        (key(), Auth::Psk(b"other key".to_vec()), v),
+        (key(), Auth::None, v),
+        (Auth::None, Auth::None, v - 1),
+        (Auth::None, Auth::None, v + 1),
     ] {
         let (c, s, agreed) = exchange(ac, as_, None, None, v);
         assert!(agreed.is_none());
@@ -205,4 +208,4 @@ fn handshake_seal_and_control_bytes_are_unchanged() {
     assert_eq!(digest, PINNED, "wire bytes changed");
 }
 
-const PINNED: &str = "615a42332cbfe94b6c604ef97afaa85e410ac31cc01f27dc424e35a5e06b005d";
+const PINNED: &str = "8c65aa0fa7070593c4c56ebf1151d4b11bcdae87e764a9a72ba5723569c683da";

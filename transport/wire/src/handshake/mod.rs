@@ -51,7 +51,7 @@ use crate::frame::{Codec, MAX_PAYLOAD};
 use crate::seal::{FrameProtection, SessionKeys};
 
 /// The protocol version this crate speaks (envelope bytes 4..6 of every handshake message).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Magic at the start of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 4] = *b"VMHS";
 /// Length of the envelope that precedes every handshake message body.
