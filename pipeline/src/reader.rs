@@ -439,7 +439,13 @@ fn submit_next(
     };
     let want = ctx.chunk - dev.filled;
     let submitted = ring
-        .read(i as u64, dev.fd.as_raw_fd(), buf, dev.filled, want)
+        .read(
+            i as u64,
+            dev.fd.as_raw_fd(),
+            buf,
+            (dev.filled, want),
+            dev.file.is_some(),
+        )
         .and_then(|()| ring.submit());
     submitted.map_err(|source| PipelineError::Uring {
         op: "submit read",

@@ -74,25 +74,28 @@ impl DataRing {
 
     /// Queues a read of up to `len` bytes from `fd` at its current position (offset -1: the data
     /// fd is a stream) into `buf[at..at + len]`. `buf` comes back in the [`Completion`] with `key`.
+    /// `regular_file`: `fd` is a regular file (a `file:` source), whose reads may complete inline.
     pub fn read(
         &mut self,
         key: u64,
         fd: RawFd,
         buf: PoolBuf,
-        at: usize,
-        len: usize,
+        (at, len): (usize, usize),
+        regular_file: bool,
     ) -> io::Result<()> {
         self.check_new(key, &buf, at, len)?;
         u32::try_from(len).map_err(|_| invalid("read length"))?;
-        // Straight to io-wq: a data fd read blocks in the driver (VFIO data fds have no nowait
-        // path; FUSE would fail a nowait try and arm a poll first), so an inline attempt only
-        // adds a round trip before every read.
+        // A data fd read goes straight to io-wq: it blocks in the driver (VFIO data fds have no
+        // nowait path; FUSE would fail a nowait try and arm a poll first), so an inline attempt
+        // only adds a round trip before every read. A regular file in the page cache or on tmpfs
+        // is read inline, in the submitting thread, with no io-wq hand-off (and the bytes land
+        // in that thread's cache, which hashes them next).
         let io = Io::Read {
             fd,
             at,
             len,
             offset: u64::MAX,
-            punt: true,
+            punt: !regular_file,
         };
         self.push(key, io, buf)
     }
@@ -116,7 +119,9 @@ impl DataRing {
             at,
             len,
             offset: offset.unwrap_or(u64::MAX),
-            punt: true,
+            // Stream fds block in the driver: straight to io-wq (see `read`). A regular file
+            // (given with its offset) is tried inline first.
+            punt: offset.is_none(),
         };
         self.push(key, io, buf)
     }
@@ -200,11 +205,12 @@ mod tests {
         let (mut r, mut w) = std::os::unix::net::UnixStream::pair().unwrap();
         w.write_all(b"hello ").unwrap();
         let buf = pool.try_acquire().unwrap();
-        ring.read(7, r.as_raw_fd(), buf, 0, 4096).unwrap();
+        ring.read(7, r.as_raw_fd(), buf, (0, 4096), false).unwrap();
         let c = wait_one(&mut ring);
         assert_eq!((c.key, c.result), (7, 6));
         w.write_all(b"world").unwrap();
-        ring.read(7, r.as_raw_fd(), c.buf, 6, 4090).unwrap();
+        ring.read(7, r.as_raw_fd(), c.buf, (6, 4090), false)
+            .unwrap();
         let mut c = wait_one(&mut ring);
         assert_eq!(c.result, 5);
         c.buf.set_len(11);
@@ -249,7 +255,8 @@ mod tests {
         r.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"bcde");
         (&r).write_all(b"xyz").unwrap();
-        ring.read(2, w.as_raw_fd(), c.buf, 0, 4096).unwrap();
+        ring.read(2, w.as_raw_fd(), c.buf, (0, 4096), false)
+            .unwrap();
         let mut c = wait_one(&mut ring);
         assert_eq!(c.result, 3);
         c.buf.set_len(3);
@@ -264,9 +271,9 @@ mod tests {
         let a = pool.try_acquire().unwrap();
         assert!(ring.write(1, r.as_raw_fd(), (a, 4000, 200), None).is_err());
         let a = pool.try_acquire().unwrap();
-        ring.read(1, r.as_raw_fd(), a, 0, 4096).unwrap();
+        ring.read(1, r.as_raw_fd(), a, (0, 4096), false).unwrap();
         let b = pool.try_acquire().unwrap();
-        assert!(ring.read(1, r.as_raw_fd(), b, 0, 4096).is_err());
+        assert!(ring.read(1, r.as_raw_fd(), b, (0, 4096), false).is_err());
         // Dropping the ring cancels the read parked on the empty socket and returns its buffer.
         drop(ring);
         assert_eq!(pool.free(), 2);

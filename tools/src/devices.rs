@@ -245,7 +245,7 @@ pub fn read_psk(path: &std::path::Path, accept_any_perms: bool) -> Result<Vec<u8
 /// window (reorder window on the destination, unacknowledged sends on the source), what it keeps
 /// ready (8, plus one per connection of `cfg.streams`), an input and an output buffer per worker,
 /// and one per device. Never fewer than the transport's default, so hosts that the default
-/// already fits (up to 11 workers) keep exactly the default pool. A receiver asked for more
+/// already fits (up to 7 workers) keep exactly the default pool. A receiver asked for more
 /// connections than its own default runs fewer workers rather than fail (the pipeline's check).
 pub fn pool_slots_for(cfg: &SessionConfig, workers: usize, devices: usize) -> usize {
     let slot = u64::try_from(cfg.slot_size.max(1)).unwrap_or(u64::MAX);
@@ -312,9 +312,9 @@ mod tests {
     fn pool_grows_only_for_more_workers_than_the_default_pool_feeds() {
         let cfg = SessionConfig::default();
         assert_eq!(pool_slots_for(&cfg, 2, 1), cfg.pool_slots);
-        assert_eq!(pool_slots_for(&cfg, 8, 1), cfg.pool_slots);
-        // 32 window + 9 transport + 32 for 16 workers + 1 device.
-        assert_eq!(pool_slots_for(&cfg, 16, 1), 74);
+        assert_eq!(pool_slots_for(&cfg, 7, 1), cfg.pool_slots);
+        // 16 window + 9 transport + 32 for 16 workers + 1 device.
+        assert_eq!(pool_slots_for(&cfg, 16, 1), 58);
         assert!(pool_slots_for(&cfg, 64, 4) > pool_slots_for(&cfg, 16, 4));
     }
 

@@ -7,10 +7,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use memmap2::MmapMut;
 
 /// Pool errors.
@@ -51,23 +50,38 @@ struct PoolInner {
     base: *mut u8,
     slot_size: usize,
     slots: usize,
-    free_tx: Sender<u16>,
-    free_rx: Receiver<u16>,
+    /// Free slot indexes, used as a stack: the slot returned last is handed out first, so a
+    /// steady stream cycles through as few slots as it keeps in flight. Those stay warm in the
+    /// CPU caches, and slots never needed are never faulted in (resident memory follows the
+    /// slots in flight, not the pool size).
+    free: Mutex<Vec<u16>>,
+    /// Signalled on every return, for [`BufPool::acquire`].
+    returned: Condvar,
     /// Called once after a buffer comes back while `release_armed` is set: wakes a ring that
     /// waits for a free buffer (returns happen on consumer threads and wake nobody otherwise).
     on_release: Mutex<Option<ReleaseHook>>,
     release_armed: AtomicBool,
 }
 
+impl PoolInner {
+    /// The free stack. A panic while it was held cannot leave it inconsistent (every critical
+    /// section is one push or pop), so a poisoned lock is used as is.
+    fn free_stack(&self) -> MutexGuard<'_, Vec<u16>> {
+        self.free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// What [`BufPool`] calls when an armed release happens.
 pub(crate) type ReleaseHook = Arc<dyn Fn() + Send + Sync>;
 
 // SAFETY: `base` points into `_map`, which lives as long as `PoolInner`. Slots are handed out
-// exclusively (an index is in the free channel or owned by exactly one `PoolBuf`), so no two threads
+// exclusively (an index is on the free stack or owned by exactly one `PoolBuf`), so no two threads
 // ever access the same bytes through the pool.
 unsafe impl Send for PoolInner {}
 // SAFETY: as above; shared access to `PoolInner` only reads immutable geometry and uses the
-// thread-safe channel.
+// mutex-protected free stack.
 unsafe impl Sync for PoolInner {}
 
 /// A bounded pool of equally sized, page-aligned buffers in one mapping.
@@ -81,7 +95,7 @@ impl fmt::Debug for BufPool {
         f.debug_struct("BufPool")
             .field("slots", &self.inner.slots)
             .field("slot_size", &self.inner.slot_size)
-            .field("free", &self.inner.free_rx.len())
+            .field("free", &self.free())
             .finish()
     }
 }
@@ -105,22 +119,20 @@ impl BufPool {
             source,
         })?;
         let base = map.as_mut_ptr();
-        let (free_tx, free_rx) = bounded(slots);
-        for i in 0..slots {
-            // `slots <= MAX_SLOTS`, so the index fits in u16; the channel has room for all.
-            let idx = u16::try_from(i).map_err(|_| PoolError::Geometry { slots, slot_size })?;
-            free_tx
-                .send(idx)
-                .map_err(|_| PoolError::Geometry { slots, slot_size })?;
-        }
+        // `slots <= MAX_SLOTS`, so every index fits in u16. Reversed, so slot 0 is handed out
+        // first.
+        let free = (0..slots)
+            .rev()
+            .map(|i| u16::try_from(i).map_err(|_| PoolError::Geometry { slots, slot_size }))
+            .collect::<Result<Vec<u16>, PoolError>>()?;
         Ok(BufPool {
             inner: Arc::new(PoolInner {
                 _map: map,
                 base,
                 slot_size,
                 slots,
-                free_tx,
-                free_rx,
+                free: Mutex::new(free),
+                returned: Condvar::new(),
                 on_release: Mutex::new(None),
                 release_armed: AtomicBool::new(false),
             }),
@@ -139,25 +151,38 @@ impl BufPool {
 
     /// Buffers free right now.
     pub fn free(&self) -> usize {
-        self.inner.free_rx.len()
+        self.inner.free_stack().len()
     }
 
     /// Takes a buffer, waiting up to `timeout` for one to come free.
     pub fn acquire(&self, timeout: Duration) -> Result<PoolBuf, PoolError> {
-        match self.inner.free_rx.recv_timeout(timeout) {
-            Ok(index) => Ok(self.wrap(index)),
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                Err(PoolError::Exhausted {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut free = self.inner.free_stack();
+        loop {
+            if let Some(index) = free.pop() {
+                return Ok(self.wrap(index));
+            }
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if left.is_zero() {
+                return Err(PoolError::Exhausted {
                     waited: timeout,
                     slots: self.inner.slots,
-                })
+                });
             }
+            free = match self.inner.returned.wait_timeout(free, left) {
+                Ok((g, _)) => g,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
         }
     }
 
     /// Takes a buffer if one is free now.
     pub fn try_acquire(&self) -> Option<PoolBuf> {
-        self.inner.free_rx.try_recv().ok().map(|i| self.wrap(i))
+        let index = self.inner.free_stack().pop();
+        index.map(|i| self.wrap(i))
     }
 
     fn wrap(&self, index: u16) -> PoolBuf {
@@ -301,9 +326,9 @@ impl PoolBuf {
 
 impl Drop for PoolBuf {
     fn drop(&mut self) {
-        // The channel has capacity for every slot, so this never blocks; it fails only if the
-        // pool's receiver is gone, which cannot happen while `self.pool` holds it.
-        let _ = self.pool.free_tx.try_send(self.index);
+        // The stack has room for every slot (it was built holding all of them).
+        self.pool.free_stack().push(self.index);
+        self.pool.returned.notify_one();
         if self.pool.release_armed.load(Ordering::SeqCst)
             && self.pool.release_armed.swap(false, Ordering::SeqCst)
         {
@@ -318,6 +343,36 @@ impl Drop for PoolBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_slot_returned_last_is_handed_out_first() {
+        let pool = BufPool::new(8, 4096).unwrap();
+        let a = pool.try_acquire().unwrap();
+        let b = pool.try_acquire().unwrap();
+        assert_eq!((a.index(), b.index()), (0, 1));
+        drop(a);
+        drop(b);
+        // A steady stream keeps cycling through the two warm slots; slots 2..8 stay untouched.
+        for _ in 0..4 {
+            let x = pool.try_acquire().unwrap();
+            let y = pool.try_acquire().unwrap();
+            assert_eq!((x.index(), y.index()), (1, 0));
+            drop(y);
+            drop(x);
+        }
+        assert_eq!(pool.free(), 8);
+    }
+
+    #[test]
+    fn acquire_waits_for_a_return_from_another_thread() {
+        let pool = BufPool::new(1, 4096).unwrap();
+        let held = pool.try_acquire().unwrap();
+        let p2 = pool.clone();
+        let t = std::thread::spawn(move || p2.acquire(Duration::from_secs(60)).map(|b| b.index()));
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        assert_eq!(t.join().unwrap().unwrap(), 0);
+    }
 
     #[test]
     fn buffers_are_exclusive_and_return_on_drop() {
