@@ -142,28 +142,17 @@ pub(crate) fn assemble(
                     on_dropped(peer, &e);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let until = session.as_ref().map_or(accept_deadline, |s| s.deadline);
-                if let Some(e) = wait(
-                    &rx,
-                    &mut waiter,
-                    until,
-                    &mut st,
-                    &mut session,
-                    &mut early,
-                    cfg,
-                    sealing,
-                    on_dropped,
-                ) {
-                    break Err(e);
-                }
-            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // A connection that died before we took it (ECONNABORTED) or a transient shortage
-            // (EMFILE, ENFILE, ENOBUFS) must not end the wait: report it and go on.
-            Err(e) if accept_error_is_transient(&e) => {
-                let e = TransportError::io("accept", e);
-                on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
+            // Nothing to take yet; or a connection that died before we took it (ECONNABORTED) or
+            // a transient shortage (EMFILE, ENFILE, ENOBUFS), which must not end the wait: report
+            // it and go on. Either way, wait for the next event.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || accept_error_is_transient(&e) =>
+            {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    let e = TransportError::io("accept", e);
+                    on_dropped(SocketAddr::from(([0, 0, 0, 0], 0)), &e);
+                }
                 let until = session.as_ref().map_or(accept_deadline, |s| s.deadline);
                 if let Some(e) = wait(
                     &rx,

@@ -117,10 +117,21 @@ pub(crate) fn map_handshake_error(
 }
 
 fn io_err(e: io::Error, conn: usize, after: Duration) -> TransportError {
+    handshake_io_err(e, conn, after, ("the handshake", "handshake I/O"))
+}
+
+/// Maps an I/O error of a handshake (`names`: what timed out, what failed otherwise): a
+/// timeout, the peer closing, or the error itself.
+pub(crate) fn handshake_io_err(
+    e: io::Error,
+    conn: usize,
+    after: Duration,
+    names: (&'static str, &'static str),
+) -> TransportError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout {
             after,
-            what: "the handshake",
+            what: names.0,
         },
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
@@ -129,7 +140,7 @@ fn io_err(e: io::Error, conn: usize, after: Duration) -> TransportError {
             conn,
             during: FramePart::Handshake,
         },
-        _ => TransportError::io("handshake I/O", e),
+        _ => TransportError::io(names.1, e),
     }
 }
 

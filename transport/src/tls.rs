@@ -26,8 +26,8 @@ use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerCo
 use vfmig_wire::handshake::Agreed;
 
 use crate::config::{SessionConfig, TlsConfig};
-use crate::error::{FramePart, TransportError};
-use crate::handshake_io::{drive, HsStream, Side};
+use crate::error::TransportError;
+use crate::handshake_io::{drive, handshake_io_err, HsStream, Side};
 use crate::ring::Sock;
 
 const CHUNK: usize = 64 << 10;
@@ -119,20 +119,7 @@ fn tls_io_err(e: io::Error, peer: SocketAddr, conn: usize, after: Duration) -> T
             source: r.clone(),
         };
     }
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout {
-            after,
-            what: "the TLS handshake",
-        },
-        io::ErrorKind::UnexpectedEof
-        | io::ErrorKind::ConnectionReset
-        | io::ErrorKind::BrokenPipe
-        | io::ErrorKind::ConnectionAborted => TransportError::PeerClosed {
-            conn,
-            during: FramePart::Handshake,
-        },
-        _ => TransportError::io("TLS handshake I/O", e),
-    }
+    handshake_io_err(e, conn, after, ("the TLS handshake", "TLS handshake I/O"))
 }
 
 /// The vfmig handshake over a TLS connection; plaintext read past its end is kept in `buf`.

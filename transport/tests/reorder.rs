@@ -28,25 +28,7 @@ fn tiny_window_over_four_connections_still_restores_order() {
     let src = SendSession::connect(addr, &tiny_window(4), devices(2)).unwrap();
     let dst = dst.join().unwrap().unwrap();
     assert_eq!(dst.agreed().window_bytes, 64 << 10);
-    let rx = std::thread::spawn(move || {
-        let mut next = [0u64; 2];
-        loop {
-            match dst.recv(Duration::from_secs(5)) {
-                Ok(f) => {
-                    let d = usize::from(f.header.device);
-                    assert_eq!(f.header.seq, next[d]);
-                    next[d] += 1;
-                    let len = f.header.wire_len as usize;
-                    assert_eq!(
-                        f.payload.unwrap().as_slice(),
-                        &pattern(f.header.device, f.header.seq, len)[..]
-                    );
-                }
-                Err(TransportError::Closed) => return next,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
+    let rx = receive_in_order(dst, 2);
     for seq in 0..200u64 {
         for d in 0..2u16 {
             // Big and tiny frames alternate so connections drift apart.

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
 use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair};
@@ -76,25 +75,7 @@ fn tls_round_trip_with_mutual_certificates_restores_order() {
         assert_eq!(a.protection, vfmig_wire::FrameProtection::Crc32c);
         assert!(a.keys.is_some());
     }
-    let rx = std::thread::spawn(move || {
-        let mut next = [0u64; 2];
-        loop {
-            match dst.recv(Duration::from_secs(5)) {
-                Ok(f) => {
-                    let d = usize::from(f.header.device);
-                    assert_eq!(f.header.seq, next[d]);
-                    next[d] += 1;
-                    let len = f.header.wire_len as usize;
-                    assert_eq!(
-                        f.payload.unwrap().as_slice(),
-                        &pattern(f.header.device, f.header.seq, len)[..]
-                    );
-                }
-                Err(TransportError::Closed) => return next,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
+    let rx = receive_in_order(dst, 2);
     for seq in 0..150u64 {
         for d in 0..2u16 {
             send_data(

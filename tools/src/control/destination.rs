@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::{json, Value};
@@ -17,12 +16,12 @@ use vfmig_vfio::MigrationDevice;
 use super::proto::{self, CmdError, ErrorClass, Reply, Request};
 use super::server::{self, Backend, Out, Outcome, Shared};
 use super::source::failure_json;
-use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
-use super::{device_states, ControlAddr, DeviceSet, StateWatch};
+use super::worker::{end, failed, invalid, queue_once, Emitter, Reports, Worker};
+use super::{device_states, ControlAddr, DeviceSet};
 use crate::devices::Side;
-use crate::error::{CliError, DeviceLabel};
+use crate::error::CliError;
 use crate::migrate::{self, DestinationPlan};
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::Progress;
 use crate::signals::Cancel;
 
 const COMMANDS: &[&str] = &["start", "resumed", "failed"];
@@ -91,12 +90,8 @@ impl DestinationBackend {
                 "no devices: `add-device` first"
             })));
         };
-        let devices = std::mem::take(&mut self.shared.devices);
-        self.shared.started = true;
-        let mut opts = migrate::destination_options(
-            &self.plan,
-            &Progress::new(ProgressMode::None, &[], &[], "", Duration::ZERO),
-        );
+        let (devices, rep) = self.shared.start("accepting", self.out.clone(), self.json);
+        let mut opts = migrate::destination_options(&self.plan, &Progress::hidden());
         let out = self.out.0.clone();
         opts.progress = Some(Arc::new(move |p: &PipelineProgress| {
             let devices: Vec<Value> = p
@@ -114,24 +109,19 @@ impl DestinationBackend {
                 json!({ "phase": p.phase.to_string(), "devices": devices }),
             ));
         }));
-        let session = DestinationSession::new(devices.list, opts);
+        let session = DestinationSession::new(devices, opts);
         let cancel = session.cancel_handle();
-        self.shared.snapshot.set(json!({ "state": "accepting" }));
         let mut run = Run {
             session,
-            labels: devices.labels,
             plan: self.plan.clone(),
-            out: self.out.clone(),
-            snapshot: self.shared.snapshot.clone(),
-            json: self.json,
+            rep,
             peer: None,
             resume_failed: false,
-            states: StateWatch::default(),
         };
         self.worker = Some(Worker::spawn(cancel, move |cmds, done| {
             let result = run.drive(&listener, &cmds);
             let (result, last) = run.conclude(result);
-            end(result, last, &done, &run.out, &cmds, |c| match c {
+            end(result, last, &done, &run.rep.out, &cmds, |c| match c {
                 Cmd::Resumed { id, .. } | Cmd::Failed(id) => Some(id),
                 Cmd::Cancel => None,
             });
@@ -170,9 +160,7 @@ impl DestinationBackend {
         } else {
             Cmd::Failed(req.id.clone())
         };
-        let queued = queue(&w.cmds, cmd);
-        self.outcome_sent = queued.is_ok();
-        queued.err().map(Err)
+        queue_once(&w.cmds, cmd, &mut self.outcome_sent)
     }
 }
 
@@ -218,20 +206,16 @@ impl Backend for DestinationBackend {
 /// The worker: owns the session.
 struct Run {
     session: DestinationSession<Box<dyn MigrationDevice>>,
-    labels: Vec<DeviceLabel>,
     plan: DestinationPlan,
-    out: Emitter,
-    snapshot: Snapshot,
-    json: bool,
+    rep: Reports,
     peer: Option<SocketAddr>,
     /// The VMM said `failed` (or left, or never answered) after the commit.
     resume_failed: bool,
-    states: StateWatch,
 }
 
 impl Run {
     fn device_states(&mut self) {
-        self.states.emit(self.session.devices_mut(), &self.out);
+        self.rep.device_states(self.session.devices_mut());
     }
 
     fn drive(
@@ -251,19 +235,23 @@ impl Run {
             .accept_reporting(&cfg, &mut dropped)
             .map_err(CliError::Transport)?;
         self.peer = Some(recv.peer());
-        self.snapshot
+        self.rep
+            .snapshot
             .set(json!({ "state": "receiving", "peer": recv.peer().to_string() }));
-        self.out
+        self.rep
+            .out
             .event("connected", json!({ "peer": recv.peer().to_string() }));
         self.device_states();
-        let labels = self.labels.clone();
+        let labels = self.rep.labels.clone();
         let err = |e| migrate::migration_error(e, &labels);
         self.session.receive_session(recv).map_err(err)?;
         // Committed: the source's devices never run again; the VMM loads its RAM and answers.
-        self.snapshot.set(json!({ "state": "committed" }));
+        self.rep.snapshot.set(json!({ "state": "committed" }));
         self.device_states();
         let devices = device_states(self.session.devices_mut());
-        self.out.event("committed", json!({ "devices": devices }));
+        self.rep
+            .out
+            .event("committed", json!({ "devices": devices }));
         let (id, outcome) = match cmds.recv_timeout(self.plan.timeout) {
             Ok(Cmd::Resumed {
                 id,
@@ -272,7 +260,7 @@ impl Run {
                 Ok(()) => (id, FinalOutcome::Resumed),
                 Err(e) => {
                     // `finish` resets the devices before the source learns the outcome.
-                    self.out.reply(
+                    self.rep.out.reply(
                         id,
                         Err(CmdError::new(ErrorClass::DeviceError, e.to_string())),
                     );
@@ -298,7 +286,7 @@ impl Run {
         };
         let report = self.session.finish(outcome).map_err(err)?;
         if id.is_some() {
-            self.out.reply(id, Ok(json!({})));
+            self.rep.out.reply(id, Ok(json!({})));
         }
         if outcome == FinalOutcome::ResumeFailed {
             self.resume_failed = true;
@@ -317,14 +305,7 @@ impl Run {
         self.device_states();
         match result {
             Ok(report) => {
-                let last = completed(
-                    "recv",
-                    self.peer,
-                    &report,
-                    &self.labels,
-                    &self.snapshot,
-                    self.json,
-                );
+                let last = self.rep.completed("recv", self.peer, &report);
                 (Ok(()), last)
             }
             Err(e) => {
@@ -341,7 +322,7 @@ impl Run {
                         "the VMM did not resume: the devices were reset and the source resumes its own"
                     );
                 }
-                (Err(e), failed(data, &self.snapshot))
+                (Err(e), failed(data, &self.rep.snapshot))
             }
         }
     }

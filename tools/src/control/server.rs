@@ -16,10 +16,11 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
+use vfmig_vfio::MigrationDevice;
 
 use super::fdpass;
 use super::proto::{self, CmdError, ErrorClass, Reply, Request, MAX_LINE};
-use super::worker::Snapshot;
+use super::worker::{Emitter, Reports, Snapshot};
 use super::{ControlAddr, ControlError, DeviceSet};
 use crate::devices::Side;
 use crate::error::CliError;
@@ -89,6 +90,23 @@ impl Shared {
             timeout,
             snapshot: Snapshot::new(),
         }
+    }
+}
+
+impl Shared {
+    /// `start` was accepted: no more devices, `status` answers `state`. Returns the devices and
+    /// what the worker reports through (to the client on `out`; `--json`).
+    pub fn start(
+        &mut self,
+        state: &'static str,
+        out: Emitter,
+        json: bool,
+    ) -> (Vec<Box<dyn MigrationDevice>>, Reports) {
+        let devices = std::mem::take(&mut self.devices);
+        self.started = true;
+        self.snapshot.set(json!({ "state": state }));
+        let rep = Reports::new(out, self.snapshot.clone(), devices.labels, json);
+        (devices.list, rep)
     }
 }
 

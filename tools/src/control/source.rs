@@ -12,12 +12,12 @@ use vfmig_vfio::MigrationDevice;
 
 use super::proto::{self, CmdError, ErrorClass, Reply, Request};
 use super::server::{self, Backend, Outcome, Shared};
-use super::worker::{completed, end, failed, invalid, queue, Emitter, Snapshot, Worker};
-use super::{ControlAddr, DeviceSet, StateWatch};
+use super::worker::{end, failed, invalid, queue_once, Emitter, Reports, Worker};
+use super::{ControlAddr, DeviceSet};
 use crate::devices::Side;
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate::{self, SourcePlan};
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::Progress;
 use crate::signals::Cancel;
 
 /// How long the worker waits for a command between two `status` steps (the library asks for a
@@ -76,29 +76,20 @@ impl SourceBackend {
         if self.shared.devices.list.is_empty() {
             return Some(Err(invalid("no devices: `add-device` first")));
         }
-        let devices = std::mem::take(&mut self.shared.devices);
-        self.shared.started = true;
-        let opts = migrate::source_options(
-            &self.plan,
-            &Progress::new(ProgressMode::None, &[], &[], "", Duration::ZERO),
-        );
-        let session = SourceSession::new(devices.list, opts);
+        let (devices, rep) = self.shared.start("connecting", self.out.clone(), self.json);
+        let opts = migrate::source_options(&self.plan, &Progress::hidden());
+        let session = SourceSession::new(devices, opts);
         let cancel = session.cancel_handle();
-        self.shared.snapshot.set(json!({ "state": "connecting" }));
         let mut run = Run {
             session,
-            labels: devices.labels,
             plan: self.plan.clone(),
-            out: self.out.clone(),
-            snapshot: self.shared.snapshot.clone(),
-            json: self.json,
-            states: StateWatch::default(),
+            rep,
         };
         let id = req.id.clone();
         self.worker = Some(Worker::spawn(cancel, move |cmds, done| {
             let result = run.drive(id, &cmds);
             let (result, last) = run.conclude(result);
-            end(result, last, &done, &run.out, &cmds, |c| match c {
+            end(result, last, &done, &run.rep.out, &cmds, |c| match c {
                 Cmd::Switchover(id) => Some(id),
                 Cmd::Cancel => None,
             });
@@ -120,9 +111,11 @@ impl SourceBackend {
         {
             return Some(Err(invalid(&format!("no switchover in state {state}"))));
         }
-        let queued = queue(&w.cmds, Cmd::Switchover(req.id.clone()));
-        self.switchover_asked = queued.is_ok();
-        queued.err().map(Err)
+        queue_once(
+            &w.cmds,
+            Cmd::Switchover(req.id.clone()),
+            &mut self.switchover_asked,
+        )
     }
 }
 
@@ -154,18 +147,14 @@ impl Backend for SourceBackend {
 /// The worker: owns the session.
 struct Run {
     session: SourceSession<Box<dyn MigrationDevice>>,
-    labels: Vec<DeviceLabel>,
     plan: SourcePlan,
-    out: Emitter,
-    snapshot: Snapshot,
-    json: bool,
-    states: StateWatch,
+    rep: Reports,
 }
 
 impl Run {
     /// Emits `device-state` for every device whose state changed since the last look.
     fn device_states(&mut self) {
-        self.states.emit(self.session.devices_mut(), &self.out);
+        self.rep.device_states(self.session.devices_mut());
     }
 
     fn connect(&mut self) -> Result<SocketAddr, PipelineError> {
@@ -190,13 +179,15 @@ impl Run {
         let peer = match self.connect() {
             Ok(p) => p,
             Err(e) => {
-                self.out.reply(start_id, Err(step_failed(&e)));
+                self.rep.out.reply(start_id, Err(step_failed(&e)));
                 return Err(e);
             }
         };
-        self.snapshot
+        self.rep
+            .snapshot
             .set(json!({ "state": "setup", "peer": peer.to_string() }));
-        self.out
+        self.rep
+            .out
             .reply(start_id, Ok(json!({ "peer": peer.to_string() })));
         self.device_states();
         let mut last_progress: Option<Instant> = None;
@@ -213,26 +204,26 @@ impl Run {
             }
             let st = self.session.status()?;
             phase = st.phase;
-            let facts = status_json(&st, &self.labels);
-            self.snapshot.set(facts.clone());
+            let facts = status_json(&st, &self.rep.labels);
+            self.rep.snapshot.set(facts.clone());
             if st.switchover_acked && !acked {
                 acked = true;
-                self.out.event("switchover-ready", facts.clone());
+                self.rep.out.event("switchover-ready", facts.clone());
             }
             if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
                 last_progress = Some(Instant::now());
-                self.out.event("precopy-progress", facts);
+                self.rep.out.event("precopy-progress", facts);
             }
             self.device_states();
         };
         if let Err(e) = self.session.switchover() {
-            self.out.reply(switch_id, Err(step_failed(&e)));
+            self.rep.out.reply(switch_id, Err(step_failed(&e)));
             return Err(e);
         }
-        self.out.reply(switch_id, Ok(json!({})));
+        self.rep.out.reply(switch_id, Ok(json!({})));
         self.device_states();
         if let Ok(st) = self.session.status() {
-            self.snapshot.set(status_json(&st, &self.labels));
+            self.rep.snapshot.set(status_json(&st, &self.rep.labels));
         }
         let report = self.session.finish()?;
         Ok((report, peer))
@@ -246,14 +237,7 @@ impl Run {
         self.device_states();
         match result {
             Ok((report, peer)) => {
-                let last = completed(
-                    "send",
-                    Some(peer),
-                    &report,
-                    &self.labels,
-                    &self.snapshot,
-                    self.json,
-                );
+                let last = self.rep.completed("send", Some(peer), &report);
                 (Ok(()), last)
             }
             Err(e) => {
@@ -266,8 +250,8 @@ impl Run {
                         step["from"].as_str().unwrap_or("-")
                     );
                 }
-                let last = failed(data, &self.snapshot);
-                (Err(migrate::migration_error(e, &self.labels)), last)
+                let last = failed(data, &self.rep.snapshot);
+                (Err(migrate::migration_error(e, &self.rep.labels)), last)
             }
         }
     }

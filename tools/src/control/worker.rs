@@ -8,10 +8,11 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde_json::{json, Value};
 use vfmig_pipeline::{CancelHandle, Report};
+use vfmig_vfio::MigrationDevice;
 
 use super::proto::{CmdError, ErrorClass, Reply};
 use super::server::{Out, Outcome};
-use super::DeviceSet;
+use super::{DeviceSet, StateWatch};
 use crate::error::{CliError, DeviceLabel};
 use crate::migrate;
 
@@ -76,6 +77,48 @@ impl Emitter {
     /// Queues a reply (bounded wait).
     pub fn reply(&self, id: Option<Value>, r: Reply) {
         let _ = self.0.send_timeout(Out::Reply(id, r), SEND_LIMIT);
+    }
+}
+
+/// What a side's worker reports through: the client's channel, the snapshot `status` answers,
+/// the devices' labels, `--json`, and the device states last reported.
+#[derive(Debug)]
+pub struct Reports {
+    /// The way to the client.
+    pub out: Emitter,
+    /// What `status` answers.
+    pub snapshot: Snapshot,
+    /// The devices' names and kinds, in session order.
+    pub labels: Vec<DeviceLabel>,
+    json: bool,
+    states: StateWatch,
+}
+
+impl Reports {
+    /// Nothing reported yet.
+    pub fn new(out: Emitter, snapshot: Snapshot, labels: Vec<DeviceLabel>, json: bool) -> Reports {
+        Reports {
+            out,
+            snapshot,
+            labels,
+            json,
+            states: StateWatch::default(),
+        }
+    }
+
+    /// Emits `device-state` for every device whose state changed since the last look.
+    pub fn device_states<D: MigrationDevice>(&mut self, devices: &mut [D]) {
+        self.states.emit(devices, &self.out);
+    }
+
+    /// A successful end as `role` with `peer` ([`completed`]).
+    pub fn completed(
+        &self,
+        role: &'static str,
+        peer: Option<std::net::SocketAddr>,
+        report: &Report,
+    ) -> (&'static str, Value) {
+        completed(role, peer, report, &self.labels, &self.snapshot, self.json)
     }
 }
 
@@ -177,6 +220,13 @@ pub fn completed(
 pub fn failed(data: Value, snapshot: &Snapshot) -> (&'static str, Value) {
     snapshot.set(json!({ "state": "failed", "failure": data }));
     ("failed", data)
+}
+
+/// Queues a command the client may give only once: `given` says whether it was queued.
+pub fn queue_once<C>(cmds: &Sender<C>, cmd: C, given: &mut bool) -> Option<Reply> {
+    let queued = queue(cmds, cmd);
+    *given = queued.is_ok();
+    queued.err().map(Err)
 }
 
 /// Queues a command for the worker: `Busy` when the queue is full.

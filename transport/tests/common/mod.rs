@@ -113,6 +113,31 @@ pub fn pattern(device: u16, seq: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Receives on `dst` in a thread until the source closes, checking that every device's frames
+/// come complete and in order with their `pattern` payload; returns the frames per device.
+pub fn receive_in_order(dst: RecvSession, ndev: usize) -> JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut next = vec![0u64; ndev];
+        loop {
+            match dst.recv(Duration::from_secs(5)) {
+                Ok(f) => {
+                    let d = usize::from(f.header.device);
+                    assert_eq!(f.header.seq, next[d], "device {d} out of order");
+                    next[d] += 1;
+                    let len = usize::try_from(f.header.wire_len).unwrap();
+                    let p = f.payload.expect("payload");
+                    assert_eq!(
+                        p.as_slice(),
+                        &pattern(f.header.device, f.header.seq, len)[..]
+                    );
+                }
+                Err(TransportError::Closed) => return next,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    })
+}
+
 /// Sends one data frame filled with `pattern`.
 pub fn send_data(s: &SendSession, device: u16, seq: u64, len: usize) {
     let mut b = s.pool().acquire(Duration::from_secs(5)).unwrap();
@@ -154,9 +179,19 @@ pub fn client_params(auth: Auth, ndev: usize) -> ClientParams {
 /// bytes it likes.
 pub fn raw_client(
     addr: SocketAddr,
-    mut hs: ClientHandshake,
+    hs: ClientHandshake,
 ) -> (TcpStream, Result<Agreed, HandshakeError>) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let s = TcpStream::connect(addr).unwrap();
+    drive_raw(s, hs, ClientHandshake::error)
+}
+
+/// Runs `hs` over `s` until it agrees or fails (`error` gives its failure) and hands the socket
+/// back with the outcome.
+fn drive_raw<H: Handshake>(
+    mut s: TcpStream,
+    mut hs: H,
+    error: fn(&H) -> Option<&HandshakeError>,
+) -> (TcpStream, Result<Agreed, HandshakeError>) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -166,7 +201,7 @@ pub fn raw_client(
         if let Some(a) = hs.agreed() {
             return (s, Ok(a.clone()));
         }
-        if let Some(e) = hs.error() {
+        if let Some(e) = error(&hs) {
             return (s, Err(e.clone()));
         }
         let n = s.read(&mut buf).unwrap_or(0);
@@ -198,33 +233,10 @@ use vfmig_wire::handshake::{Limits, ServerHandshake, ServerParams};
 /// socket back so the test can write whatever it likes to the source.
 pub fn raw_server(
     l: &std::net::TcpListener,
-    mut hs: ServerHandshake,
+    hs: ServerHandshake,
 ) -> (TcpStream, Result<Agreed, HandshakeError>) {
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        while let Some(out) = hs.take_output() {
-            let _ = s.write_all(&out);
-        }
-        if let Some(a) = hs.agreed() {
-            return (s, Ok(a.clone()));
-        }
-        if let Some(e) = hs.error() {
-            return (s, Err(e.clone()));
-        }
-        let n = s.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            return (s, Err(HandshakeError::Malformed { what: "closed" }));
-        }
-        let mut off = 0;
-        while off < n && hs.agreed().is_none() && !hs.is_failed() {
-            match hs.feed(&buf[off..n]) {
-                Ok(c) => off += c,
-                Err(_) => break,
-            }
-        }
-    }
+    let (s, _) = l.accept().unwrap();
+    drive_raw(s, hs, ServerHandshake::error)
 }
 
 pub fn server_params() -> ServerParams {

@@ -2,14 +2,13 @@
 //! type taking its one message: [`ExpectChallenge`] (`ServerChallenge`: send the offer) and
 //! [`ExpectAccept`] (`ServerAccept`: verify, check, agree).
 
-use super::common::{step, Common, Expect, Side, State};
-use super::msgs::{encode_offer, kind, parse_declarations, Envelope, Hello, Msg, MsgType, Terms};
+use super::common::{Common, Stage, State};
+use super::msgs::{encode_offer, kind, parse_declarations, Hello, Msg, MsgType, Terms};
 use super::{
     codec_bit, default_protection, Agreed, ClientParams, HandshakeError, Offer, ACCEPT_BODY_LEN,
-    CLIENT_MAC_LABEL, ENVELOPE_LEN, HELLO_BODY_LEN, MAX_DEVICES, PROTOCOL_VERSION,
-    SERVER_MAC_LABEL,
+    CLIENT_MAC_LABEL, HELLO_BODY_LEN, MAX_DEVICES, PROTOCOL_VERSION, SERVER_MAC_LABEL,
 };
-use crate::codec::{Reader, WireCodec};
+use crate::codec::Reader;
 use crate::declare::{check_devices, DeviceDecl, MAX_DECL_LEN};
 use crate::frame::{Codec, MAX_PAYLOAD};
 use crate::seal::FrameProtection;
@@ -21,14 +20,8 @@ pub struct ClientHandshake {
     pub(super) state: ClientState,
 }
 
-/// Where the client is.
-#[derive(Debug)]
-pub(super) enum ClientState {
-    ExpectChallenge(ExpectChallenge),
-    ExpectAccept(ExpectAccept),
-    /// Agreed or failed (or invalid local parameters): nothing more is taken.
-    Done,
-}
+/// Where the client is: waiting for `ServerChallenge`, then for `ServerAccept`.
+pub(super) type ClientState = Stage<ExpectChallenge, ExpectAccept>;
 
 /// What the client offered, kept to check the accept against.
 #[derive(Debug)]
@@ -89,7 +82,7 @@ impl ClientHandshake {
         let state = match offer_body {
             Err(e) => {
                 common.fail(e);
-                ClientState::Done
+                Stage::Done
             }
             Ok(offer_body) => {
                 let hello = Hello {
@@ -97,7 +90,7 @@ impl ClientHandshake {
                     mode: common.auth.mode().code(),
                 };
                 common.send(&hello.message(version, MsgType::ClientHello));
-                ClientState::ExpectChallenge(ExpectChallenge {
+                Stage::First(ExpectChallenge {
                     nonce,
                     offer_body,
                     offered: Offered {
@@ -117,34 +110,6 @@ impl ClientHandshake {
     }
 }
 
-impl Side for ClientState {
-    fn expect(&self, common: &Common) -> Option<Expect> {
-        match self {
-            ClientState::ExpectChallenge(s) => Some(Expect::of(s, common)),
-            ClientState::ExpectAccept(s) => Some(Expect::of(s, common)),
-            ClientState::Done => None,
-        }
-    }
-
-    fn handle(
-        &mut self,
-        common: &mut Common,
-        ty: MsgType,
-        msg: &[u8],
-    ) -> Result<(), HandshakeError> {
-        *self = match std::mem::replace(self, ClientState::Done) {
-            ClientState::ExpectChallenge(s) => ClientState::ExpectAccept(step(s, common, ty, msg)?),
-            ClientState::ExpectAccept(s) => {
-                let agreed = step(s, common, ty, msg)?;
-                common.agree(agreed);
-                ClientState::Done
-            }
-            ClientState::Done => ClientState::Done,
-        };
-        Ok(())
-    }
-}
-
 impl State for ExpectChallenge {
     type Takes = kind::ServerChallenge;
     type Next = ExpectAccept;
@@ -158,30 +123,8 @@ impl State for ExpectChallenge {
         common: &mut Common,
         msg: Msg<'_, kind::ServerChallenge>,
     ) -> Result<ExpectAccept, HandshakeError> {
-        let hello = msg.hello()?;
-        let ours = common.auth.mode();
-        if hello.mode != ours.code() {
-            return Err(HandshakeError::AuthModeMismatch {
-                ours,
-                theirs: hello.mode,
-            });
-        }
-        if hello.nonce == self.nonce {
-            return Err(HandshakeError::Malformed {
-                what: "server nonce equals client nonce",
-            });
-        }
-        common.record(msg.bytes());
-        let mac_len = common.mac_len();
-        let body_len = self.offer_body.len() + mac_len;
-        let mut m = Vec::with_capacity(ENVELOPE_LEN + body_len);
-        Envelope::new(common.version, MsgType::ClientOffer, body_len).encode(&mut m);
-        m.extend_from_slice(&self.offer_body);
-        m.resize(ENVELOPE_LEN + body_len, 0);
-        if mac_len > 0 {
-            common.sign(CLIENT_MAC_LABEL, &mut m);
-        }
-        common.send(&m);
+        common.take_hello(&msg, &self.nonce, "server nonce equals client nonce")?;
+        common.send_signed(MsgType::ClientOffer, CLIENT_MAC_LABEL, &self.offer_body);
         Ok(ExpectAccept {
             offered: self.offered,
         })
@@ -227,19 +170,7 @@ impl State for ExpectAccept {
             check_devices(&ours, &theirs)?;
         }
         common.record(msg.bytes());
-        Ok(Agreed {
-            session_id: terms.session_id,
-            conn_index: terms.conn_index,
-            joined: terms.join == 1,
-            streams: terms.streams,
-            codecs: terms.codecs,
-            max_payload: terms.max_payload,
-            window_bytes: terms.window_bytes,
-            devices: self.offered.offer.devices,
-            authenticated: mac_len > 0,
-            protection: common.protection,
-            keys: common.keys(),
-        })
+        Ok(common.agreement(&terms, self.offered.offer.devices))
     }
 }
 

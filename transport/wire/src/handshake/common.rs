@@ -1,14 +1,16 @@
 //! What both roles share: message reassembly under the state's caps, the output queue, the
-//! transcript, MACs, key derivation and the sticky failure; and the [`State`] / [`Side`]
-//! traits through which a role's states take messages.
+//! transcript, MACs, key derivation and the sticky failure; the [`State`] / [`Side`] traits
+//! through which a role's states take messages; and [`Stage`], the two-state shape of a role.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::msgs::{Envelope, Kind, Msg, MsgType, Refuse};
+use super::msgs::{Envelope, HelloKind, Kind, Msg, MsgType, Refuse, Terms};
 use super::{
-    Agreed, Auth, HandshakeError, ENVELOPE_LEN, HANDSHAKE_MAGIC, MAC_LEN, REFUSE_BODY_LEN,
+    Agreed, Auth, DeviceDesc, HandshakeError, ENVELOPE_LEN, HANDSHAKE_MAGIC, MAC_LEN,
+    REFUSE_BODY_LEN,
 };
+use crate::codec::WireCodec;
 use crate::seal::{FrameProtection, SessionKeys};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -80,6 +82,51 @@ pub(super) trait Side {
     ) -> Result<(), HandshakeError>;
 }
 
+/// A role's states, the same shape for both: the first state takes its message and becomes the
+/// second, whose message completes the handshake. Each state is still its own type taking only
+/// its one message ([`State`]); this only says which one is current.
+#[derive(Debug)]
+pub(super) enum Stage<First, Second> {
+    /// Waits for the first message the role takes.
+    First(First),
+    /// Waits for the message that completes the handshake.
+    Second(Second),
+    /// Agreed or failed (or invalid local parameters): nothing more is taken.
+    Done,
+}
+
+impl<A, B> Side for Stage<A, B>
+where
+    A: State<Next = B>,
+    B: State<Next = Agreed>,
+{
+    fn expect(&self, common: &Common) -> Option<Expect> {
+        match self {
+            Stage::First(s) => Some(Expect::of(s, common)),
+            Stage::Second(s) => Some(Expect::of(s, common)),
+            Stage::Done => None,
+        }
+    }
+
+    fn handle(
+        &mut self,
+        common: &mut Common,
+        ty: MsgType,
+        msg: &[u8],
+    ) -> Result<(), HandshakeError> {
+        *self = match std::mem::replace(self, Stage::Done) {
+            Stage::First(s) => Stage::Second(step(s, common, ty, msg)?),
+            Stage::Second(s) => {
+                let agreed = step(s, common, ty, msg)?;
+                common.agree(agreed);
+                Stage::Done
+            }
+            Stage::Done => Stage::Done,
+        };
+        Ok(())
+    }
+}
+
 /// State shared by both roles.
 pub(super) struct Common {
     pub(super) version: u16,
@@ -143,6 +190,48 @@ impl Common {
         self.agreed = Some(agreed);
     }
 
+    /// The agreement on `terms` (as sent in `ServerAccept`) for `devices`, keyed from the
+    /// transcript so far (it must be complete).
+    pub(super) fn agreement(&self, terms: &Terms, devices: Vec<DeviceDesc>) -> Agreed {
+        Agreed {
+            session_id: terms.session_id,
+            conn_index: terms.conn_index,
+            joined: terms.join == 1,
+            streams: terms.streams,
+            codecs: terms.codecs,
+            max_payload: terms.max_payload,
+            window_bytes: terms.window_bytes,
+            devices,
+            authenticated: self.mac_len() > 0,
+            protection: self.protection,
+            keys: self.keys(),
+        }
+    }
+
+    /// Takes the peer's hello (`ClientHello` or `ServerChallenge`): it must name our auth mode
+    /// and a nonce other than ours (`same_nonce` says which way round); then it joins the
+    /// transcript.
+    pub(super) fn take_hello<K: HelloKind>(
+        &mut self,
+        msg: &Msg<'_, K>,
+        our_nonce: &[u8; 32],
+        same_nonce: &'static str,
+    ) -> Result<(), HandshakeError> {
+        let hello = msg.hello()?;
+        let ours = self.auth.mode();
+        if hello.mode != ours.code() {
+            return Err(HandshakeError::AuthModeMismatch {
+                ours,
+                theirs: hello.mode,
+            });
+        }
+        if hello.nonce == *our_nonce {
+            return Err(HandshakeError::Malformed { what: same_nonce });
+        }
+        self.record(msg.bytes());
+        Ok(())
+    }
+
     /// The connection's keys once the transcript is complete (PSK only).
     pub(super) fn keys(&self) -> Option<SessionKeys> {
         match &self.auth {
@@ -186,6 +275,21 @@ impl Common {
     pub(super) fn send(&mut self, msg: &[u8]) {
         self.out.extend_from_slice(msg);
         self.transcript.extend_from_slice(msg);
+    }
+
+    /// Queues a message of type `ty` with `body`, followed with a PSK by our MAC (under `label`)
+    /// over the transcript and the message.
+    pub(super) fn send_signed(&mut self, ty: MsgType, label: &[u8; 32], body: &[u8]) {
+        let mac_len = self.mac_len();
+        let body_len = body.len() + mac_len;
+        let mut m = Vec::with_capacity(ENVELOPE_LEN + body_len);
+        Envelope::new(self.version, ty, body_len).encode(&mut m);
+        m.extend_from_slice(body);
+        m.resize(ENVELOPE_LEN + body_len, 0);
+        if mac_len > 0 {
+            self.sign(label, &mut m);
+        }
+        self.send(&m);
     }
 
     /// Appends a received message to the transcript.
@@ -297,7 +401,7 @@ impl Common {
 
     /// Computes our MAC over `label || transcript || msg[..len - MAC_LEN]` and writes it into the
     /// last `MAC_LEN` bytes of `msg`.
-    pub(super) fn sign(&self, label: &[u8; 32], msg: &mut [u8]) {
+    fn sign(&self, label: &[u8; 32], msg: &mut [u8]) {
         let split = msg.len() - MAC_LEN;
         if let Some(m) = self.mac(label, &msg[..split]) {
             msg[split..].copy_from_slice(&m.finalize().into_bytes());

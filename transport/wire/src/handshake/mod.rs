@@ -266,38 +266,27 @@ pub trait Handshake {
     fn is_failed(&self) -> bool;
 }
 
-impl Handshake for ClientHandshake {
-    fn take_output(&mut self) -> Option<Vec<u8>> {
-        self.common.take_output()
-    }
+/// Both roles are driven alike: `common` holds the machinery, `state` the role's current state.
+macro_rules! handshake_by_common {
+    ($($role:ty),+) => {$(
+        impl Handshake for $role {
+            fn take_output(&mut self) -> Option<Vec<u8>> {
+                self.common.take_output()
+            }
 
-    fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
-        self.common.feed(&mut self.state, input)
-    }
+            fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
+                self.common.feed(&mut self.state, input)
+            }
 
-    fn agreed(&self) -> Option<&Agreed> {
-        self.common.agreed()
-    }
+            fn agreed(&self) -> Option<&Agreed> {
+                self.common.agreed()
+            }
 
-    fn is_failed(&self) -> bool {
-        self.common.error().is_some()
-    }
+            fn is_failed(&self) -> bool {
+                self.common.error().is_some()
+            }
+        }
+    )+};
 }
 
-impl Handshake for ServerHandshake {
-    fn take_output(&mut self) -> Option<Vec<u8>> {
-        self.common.take_output()
-    }
-
-    fn feed(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
-        self.common.feed(&mut self.state, input)
-    }
-
-    fn agreed(&self) -> Option<&Agreed> {
-        self.common.agreed()
-    }
-
-    fn is_failed(&self) -> bool {
-        self.common.error().is_some()
-    }
-}
+handshake_by_common!(ClientHandshake, ServerHandshake);

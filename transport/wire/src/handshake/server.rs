@@ -2,12 +2,12 @@
 //! [`ExpectHello`] (`ClientHello`: send the challenge) and [`ExpectOffer`] (`ClientOffer`:
 //! verify, parse under the limits, answer with the accept, agree).
 
-use super::common::{step, Common, Expect, Side, State};
-use super::msgs::{encode_declarations, kind, parse_offer, Envelope, Hello, Msg, MsgType, Terms};
+use super::common::{Common, Stage, State};
+use super::msgs::{encode_declarations, kind, parse_offer, Hello, Msg, MsgType, Terms};
 use super::{
     default_protection, Agreed, HandshakeError, Limits, ServerParams, ACCEPT_BODY_LEN,
-    CLIENT_MAC_LABEL, DEVICE_FIXED_LEN, ENVELOPE_LEN, HELLO_BODY_LEN, KNOWN_CODECS, MAX_DEVICES,
-    MAX_DEVICE_NAME, OFFER_FIXED_LEN, PROTOCOL_VERSION, SERVER_MAC_LABEL,
+    CLIENT_MAC_LABEL, DEVICE_FIXED_LEN, HELLO_BODY_LEN, KNOWN_CODECS, MAX_DEVICES, MAX_DEVICE_NAME,
+    OFFER_FIXED_LEN, PROTOCOL_VERSION, SERVER_MAC_LABEL,
 };
 use crate::codec::WireCodec;
 use crate::declare::{check_devices, DeviceDecl, MAX_COMPAT};
@@ -21,14 +21,8 @@ pub struct ServerHandshake {
     pub(super) state: ServerState,
 }
 
-/// Where the server is.
-#[derive(Debug)]
-pub(super) enum ServerState {
-    ExpectHello(ExpectHello),
-    ExpectOffer(ExpectOffer),
-    /// Agreed or failed: nothing more is taken.
-    Done,
-}
+/// Where the server is: waiting for `ClientHello`, then for `ClientOffer`.
+pub(super) type ServerState = Stage<ExpectHello, ExpectOffer>;
 
 /// What the server brings to every state.
 #[derive(Debug)]
@@ -104,9 +98,9 @@ impl ServerHandshake {
         let state = match checked {
             Err(e) => {
                 common.fail(e);
-                ServerState::Done
+                Stage::Done
             }
-            Ok(()) => ServerState::ExpectHello(ExpectHello {
+            Ok(()) => Stage::First(ExpectHello {
                 nonce,
                 local: Local {
                     limits,
@@ -124,34 +118,6 @@ impl ServerHandshake {
     }
 }
 
-impl Side for ServerState {
-    fn expect(&self, common: &Common) -> Option<Expect> {
-        match self {
-            ServerState::ExpectHello(s) => Some(Expect::of(s, common)),
-            ServerState::ExpectOffer(s) => Some(Expect::of(s, common)),
-            ServerState::Done => None,
-        }
-    }
-
-    fn handle(
-        &mut self,
-        common: &mut Common,
-        ty: MsgType,
-        msg: &[u8],
-    ) -> Result<(), HandshakeError> {
-        *self = match std::mem::replace(self, ServerState::Done) {
-            ServerState::ExpectHello(s) => ServerState::ExpectOffer(step(s, common, ty, msg)?),
-            ServerState::ExpectOffer(s) => {
-                let agreed = step(s, common, ty, msg)?;
-                common.agree(agreed);
-                ServerState::Done
-            }
-            ServerState::Done => ServerState::Done,
-        };
-        Ok(())
-    }
-}
-
 impl State for ExpectHello {
     type Takes = kind::ClientHello;
     type Next = ExpectOffer;
@@ -165,23 +131,10 @@ impl State for ExpectHello {
         common: &mut Common,
         msg: Msg<'_, kind::ClientHello>,
     ) -> Result<ExpectOffer, HandshakeError> {
-        let hello = msg.hello()?;
-        let ours = common.auth.mode();
-        if hello.mode != ours.code() {
-            return Err(HandshakeError::AuthModeMismatch {
-                ours,
-                theirs: hello.mode,
-            });
-        }
-        if hello.nonce == self.nonce {
-            return Err(HandshakeError::Malformed {
-                what: "client nonce equals server nonce",
-            });
-        }
-        common.record(msg.bytes());
+        common.take_hello(&msg, &self.nonce, "client nonce equals server nonce")?;
         let challenge = Hello {
             nonce: self.nonce,
-            mode: ours.code(),
+            mode: common.auth.mode().code(),
         };
         common.send(&challenge.message(common.version, MsgType::ServerChallenge));
         Ok(ExpectOffer { local: self.local })
@@ -253,36 +206,16 @@ impl State for ExpectOffer {
             window_bytes,
         };
         common.record(msg.bytes());
-        let mut decls = Vec::new();
-        encode_declarations(ours.as_deref(), &mut decls);
-        let body_len = ACCEPT_BODY_LEN + decls.len() + mac_len;
-        let mut m = Vec::with_capacity(ENVELOPE_LEN + body_len);
-        Envelope::new(common.version, MsgType::ServerAccept, body_len).encode(&mut m);
-        terms.encode(&mut m);
-        m.extend_from_slice(&decls);
-        m.resize(ENVELOPE_LEN + body_len, 0);
-        if mac_len > 0 {
-            common.sign(SERVER_MAC_LABEL, &mut m);
-        }
-        common.send(&m);
+        let mut body = Vec::with_capacity(ACCEPT_BODY_LEN + 2);
+        terms.encode(&mut body);
+        encode_declarations(ours.as_deref(), &mut body);
+        common.send_signed(MsgType::ServerAccept, SERVER_MAC_LABEL, &body);
         // The client learns our declarations from the accept and stops by itself on a mismatch;
         // so do we, before anything is agreed.
         if let Some(ours) = &ours {
             let theirs: Vec<DeviceDecl> = devices.iter().map(|d| d.decl.clone()).collect();
             check_devices(&theirs, ours)?;
         }
-        Ok(Agreed {
-            session_id,
-            conn_index,
-            joined: f.join == 1,
-            streams,
-            codecs,
-            max_payload,
-            window_bytes,
-            devices,
-            authenticated: mac_len > 0,
-            protection: common.protection,
-            keys: common.keys(),
-        })
+        Ok(common.agreement(&terms, devices))
     }
 }
