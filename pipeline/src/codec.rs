@@ -8,8 +8,6 @@
 //! source codec stage needs no second pool slot: it can neither wait for one nor deadlock on the
 //! pool. Output that would not save 1/32 is dropped and the chunk goes raw.
 
-use std::time::Duration;
-
 use vfmig_transport::{BufPool, PoolBuf};
 use vfmig_wire::Codec;
 
@@ -534,9 +532,6 @@ pub enum DecodeFailure {
     /// A payload is missing, present where none may be, or has the wrong length.
     #[error("payload presence or length does not match the codec")]
     Payload,
-    /// No pool buffer came free for the output.
-    #[error("no buffer for the decoded payload")]
-    NoBuffer,
     /// The decoded bytes differ from the frame's hash trailer: the payload was changed on the
     /// way (nothing of it was written).
     #[error("the decoded bytes do not match the frame's hash (XXH3-128 {expected:032x}, computed {computed:032x})")]
@@ -546,6 +541,21 @@ pub enum DecodeFailure {
         /// The hash of the decoded bytes.
         computed: u128,
     },
+}
+
+/// Decompresses `src` (LZ4 block or zstd frame) into `dst`; the bytes written.
+fn decompress(
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    lz4: bool,
+    src: &PoolBuf,
+    dst: &mut [u8],
+) -> Result<usize, DecodeFailure> {
+    if lz4 {
+        lz4_flex::block::decompress_into(src.as_slice(), dst).map_err(|_| DecodeFailure::Malformed)
+    } else {
+        zstd.decompress_to_buffer(src.as_slice(), dst)
+            .map_err(|_| DecodeFailure::Malformed)
+    }
 }
 
 /// Decoded chunk content.
@@ -560,6 +570,11 @@ pub(crate) enum Decoded {
 /// Per-worker decoder state.
 pub(crate) struct Decoder {
     zstd: zstd::bulk::Decompressor<'static>,
+    /// Decompression output when the pool has no free slot (allocated once, one slot in size):
+    /// the result is then copied back over the compressed input in its own slot, so decoding
+    /// never waits for a buffer. Waiting could deadlock: the writer parks the decoded frames
+    /// that follow a missing one, and those can hold every free slot.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -572,6 +587,7 @@ impl Decoder {
     pub fn new() -> std::io::Result<Decoder> {
         Ok(Decoder {
             zstd: zstd::bulk::Decompressor::new()?,
+            scratch: Vec::new(),
         })
     }
 
@@ -582,7 +598,6 @@ impl Decoder {
         raw_len: u32,
         payload: Option<PoolBuf>,
         pool: &BufPool,
-        timeout: Duration,
     ) -> Result<Decoded, DecodeFailure> {
         let raw = usize::try_from(raw_len).map_err(|_| DecodeFailure::TooLarge {
             raw_len,
@@ -609,25 +624,38 @@ impl Decoder {
             (Codec::Lz4 | Codec::Zstd | Codec::PagedLz4 | Codec::PagedZstd, Some(p))
                 if !p.is_empty() =>
             {
-                let mut out = pool.acquire(timeout).map_err(|_| DecodeFailure::NoBuffer)?;
                 // A paged body is at most every page plus the map.
                 let expect = if codec.is_paged() {
                     raw + vfmig_wire::page_map_len(raw_len) as usize
                 } else {
                     raw
                 };
-                let cap = expect.min(out.capacity());
-                let dst = &mut out.spare_mut()[..cap];
-                let got = if matches!(codec, Codec::Lz4 | Codec::PagedLz4) {
-                    lz4_flex::block::decompress_into(p.as_slice(), dst)
-                        .map_err(|_| DecodeFailure::Malformed)?
-                } else {
-                    self.zstd
-                        .decompress_to_buffer(p.as_slice(), dst)
-                        .map_err(|_| DecodeFailure::Malformed)?
+                let lz4 = matches!(codec, Codec::Lz4 | Codec::PagedLz4);
+                let mut out = match pool.try_acquire() {
+                    // The usual case: decompress straight into a second slot, no copy.
+                    Some(mut out) => {
+                        let cap = expect.min(out.capacity());
+                        let got = decompress(&mut self.zstd, lz4, &p, &mut out.spare_mut()[..cap])?;
+                        drop(p);
+                        out.set_len(got);
+                        out
+                    }
+                    // No slot free: decompress into the scratch and copy the result back over
+                    // the input, which is no longer needed.
+                    None => {
+                        let mut p = p;
+                        if self.scratch.len() < p.capacity() {
+                            self.scratch = vec![0; p.capacity()];
+                        }
+                        let cap = expect.min(p.capacity());
+                        let dst = &mut self.scratch[..cap];
+                        let got = decompress(&mut self.zstd, lz4, &p, dst)?;
+                        p.spare_mut()[..got].copy_from_slice(&dst[..got]);
+                        p.set_len(got);
+                        p
+                    }
                 };
-                drop(p);
-                out.set_len(got);
+                let got = out.len();
                 if codec.is_paged() {
                     unpack_pages(&mut out, raw)?;
                 } else if got != raw {
@@ -650,8 +678,7 @@ mod tests {
     const ALL: u32 = KNOWN_CODECS;
 
     fn decode_all(dec: &mut Decoder, e: Encoded, raw: usize, pool: &BufPool) -> Vec<u8> {
-        let t = Duration::from_secs(1);
-        match dec.decode(e.codec, raw as u32, e.payload, pool, t).unwrap() {
+        match dec.decode(e.codec, raw as u32, e.payload, pool).unwrap() {
             Decoded::Data(b) => b.as_slice().to_vec(),
             Decoded::Zero(n) => vec![0; n],
         }
@@ -718,8 +745,7 @@ mod tests {
                 payload.push(tail);
             }
             let p = (!payload.is_empty()).then(|| fill(&pool, &payload));
-            let t = Duration::from_millis(10);
-            match dec.decode(codec, raw_len, p, &pool, t) {
+            match dec.decode(codec, raw_len, p, &pool) {
                 Ok(Decoded::Data(b)) => prop_assert_eq!(b.len(), raw_len as usize),
                 Ok(Decoded::Zero(n)) => prop_assert_eq!(n, raw_len as usize),
                 Err(_) => {}
@@ -795,20 +821,13 @@ mod tests {
     #[test]
     fn corrupt_page_maps_and_bodies_are_typed_failures_not_panics() {
         let pool = BufPool::new(8, 65536).unwrap();
-        let t = Duration::from_millis(50);
         let mut dec = Decoder::new().unwrap();
         let raw = 4096usize; // 8 granules: a 1-byte map.
                              // Map says granules 0 and 2 present (1024 bytes), body holds 1024: valid.
         let mut ok = vec![7u8; 1024];
         ok.push(0b0000_0101);
         let Decoded::Data(b) = dec
-            .decode(
-                Codec::PagedRaw,
-                raw as u32,
-                Some(fill(&pool, &ok)),
-                &pool,
-                t,
-            )
+            .decode(Codec::PagedRaw, raw as u32, Some(fill(&pool, &ok)), &pool)
             .unwrap()
         else {
             panic!("expected data")
@@ -822,26 +841,20 @@ mod tests {
             let mut bad = vec![7u8; body];
             bad.push(0b0000_0101);
             assert!(matches!(
-                dec.decode(
-                    Codec::PagedRaw,
-                    raw as u32,
-                    Some(fill(&pool, &bad)),
-                    &pool,
-                    t
-                ),
+                dec.decode(Codec::PagedRaw, raw as u32, Some(fill(&pool, &bad)), &pool,),
                 Err(DecodeFailure::Length { .. })
             ));
         }
         // Bits past the last granule (raw 1000 bytes = 2 granules).
         let bad = vec![7u8, 7, 7, 0b0000_0101];
         assert_eq!(
-            dec.decode(Codec::PagedRaw, 1000, Some(fill(&pool, &bad)), &pool, t)
+            dec.decode(Codec::PagedRaw, 1000, Some(fill(&pool, &bad)), &pool)
                 .unwrap_err(),
             DecodeFailure::Malformed
         );
         // A payload shorter than its map, and a zstd frame that is garbage.
         assert!(dec
-            .decode(Codec::PagedRaw, 65536, Some(fill(&pool, &[1])), &pool, t)
+            .decode(Codec::PagedRaw, 65536, Some(fill(&pool, &[1])), &pool)
             .is_err());
         assert_eq!(
             dec.decode(
@@ -849,14 +862,13 @@ mod tests {
                 raw as u32,
                 Some(fill(&pool, &noise(64, 1))),
                 &pool,
-                t
             )
             .unwrap_err(),
             DecodeFailure::Malformed
         );
         // A zero-length Zero frame is refused in decode.
         assert_eq!(
-            dec.decode(Codec::Zero, 0, None, &pool, t).unwrap_err(),
+            dec.decode(Codec::Zero, 0, None, &pool).unwrap_err(),
             DecodeFailure::Payload
         );
         assert_eq!(pool.free(), 8, "every buffer came back");
@@ -971,9 +983,7 @@ mod tests {
         assert!(payload.is_none());
         assert_eq!(pool.free(), 4, "the input buffer went back to the pool");
         let mut dec = Decoder::new().unwrap();
-        let d = dec
-            .decode(Codec::Zero, 65536, None, &pool, Duration::from_secs(1))
-            .unwrap();
+        let d = dec.decode(Codec::Zero, 65536, None, &pool).unwrap();
         assert!(matches!(d, Decoded::Zero(65536)));
     }
 
@@ -997,6 +1007,30 @@ mod tests {
     }
 
     #[test]
+    fn compressed_chunks_decode_in_place_when_the_pool_has_no_free_slot() {
+        // Decoding must never wait for a second slot: the writer may be parking, in every other
+        // slot, the frames that follow this one.
+        let pool = BufPool::new(2, 65536).unwrap();
+        let n = chunk_len(65536);
+        let text: Vec<u8> = (0..n as u32)
+            .map(|i| b"device register file "[(i % 21) as usize] ^ ((i / 4096) as u8))
+            .collect();
+        let mut enc = Encoder::new(ALL).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        for choice in [Choice::Lz4, Choice::Zstd(3)] {
+            let e = enc.encode(fill(&pool, &text), choice, &pool);
+            assert_eq!(e.outcome, Outcome::Compressed(choice));
+            let held = pool.try_acquire().unwrap();
+            assert!(pool.try_acquire().is_none(), "the pool is exhausted");
+            let Decoded::Data(b) = dec.decode(e.codec, n as u32, e.payload, &pool).unwrap() else {
+                panic!("expected data")
+            };
+            assert_eq!(b.as_slice(), &text[..]);
+            drop((b, held));
+        }
+    }
+
+    #[test]
     fn structured_chunks_round_trip_through_zstd_and_lz4() {
         let pool = BufPool::new(4, 65536).unwrap();
         let n = chunk_len(65536);
@@ -1015,15 +1049,7 @@ mod tests {
             assert_eq!(out, Outcome::Compressed(choice));
             let payload = payload.unwrap();
             assert!(payload.len() < text.len() / 4);
-            let d = dec
-                .decode(
-                    codec,
-                    n as u32,
-                    Some(payload),
-                    &pool,
-                    Duration::from_secs(1),
-                )
-                .unwrap();
+            let d = dec.decode(codec, n as u32, Some(payload), &pool).unwrap();
             let Decoded::Data(b) = d else {
                 panic!("expected data")
             };
@@ -1035,21 +1061,19 @@ mod tests {
     fn corrupt_or_lying_payloads_are_typed_decode_failures() {
         let pool = BufPool::new(4, 4096).unwrap();
         let mut dec = Decoder::new().unwrap();
-        let t = Duration::from_millis(50);
         let garbage = fill(&pool, &noise(100, 3));
         assert_eq!(
-            dec.decode(Codec::Zstd, 4096, Some(garbage), &pool, t)
+            dec.decode(Codec::Zstd, 4096, Some(garbage), &pool)
                 .unwrap_err(),
             DecodeFailure::Malformed
         );
         let short = fill(&pool, &[1, 2, 3]);
         assert_eq!(
-            dec.decode(Codec::Raw, 4, Some(short), &pool, t)
-                .unwrap_err(),
+            dec.decode(Codec::Raw, 4, Some(short), &pool).unwrap_err(),
             DecodeFailure::Payload
         );
         assert!(matches!(
-            dec.decode(Codec::Zero, 8192, None, &pool, t),
+            dec.decode(Codec::Zero, 8192, None, &pool),
             Err(DecodeFailure::TooLarge { .. })
         ));
         let mut enc = Encoder::new(ALL).unwrap();
@@ -1057,7 +1081,7 @@ mod tests {
             .encode(fill(&pool, &[5u8; 4096]), Choice::Lz4, &pool)
             .payload;
         assert!(matches!(
-            dec.decode(Codec::Lz4, 2048, p, &pool, t),
+            dec.decode(Codec::Lz4, 2048, p, &pool),
             Err(DecodeFailure::Malformed | DecodeFailure::Length { .. })
         ));
     }

@@ -35,7 +35,10 @@ const TRANSPORT_READY: usize = 8;
 
 /// Pool buffers the destination stages need beyond what they pass along: an input and an
 /// output per decode worker, and a zero-filled slot per device for zero chunks. Everything else
-/// they hold drains into the devices without needing another buffer.
+/// they hold drains into the devices without needing another buffer. The output slot is what
+/// keeps decompression copy-free; a worker that finds none free decompresses into its own
+/// scratch and copies back over its input, so decoding never waits on the pool (the writer may
+/// park the frames after a missing one in every other slot).
 fn own_buffers(workers: usize, devices: usize) -> usize {
     2 * workers.clamp(1, 64) + devices
 }

@@ -383,7 +383,7 @@ pub(crate) fn decode_worker(
             _ => None,
         };
         let decoded = dec
-            .decode(h.codec, h.raw_len, payload, &pool, timeout)
+            .decode(h.codec, h.raw_len, payload, &pool)
             .map_err(|failure| PipelineError::Decode {
                 device: h.device,
                 seq: h.seq,
