@@ -65,6 +65,11 @@ struct WDev {
     /// For a regular file: its position when the stream started. Writes then go to explicit
     /// offsets (`base + written`), never to offset -1 (see `DataRing::write`).
     file_base: Option<u64>,
+    /// A regular file with nothing at or after `file_base` when the stream started: a zero
+    /// chunk is left as a hole (the offset moves on, nothing is written), and the file is
+    /// extended to its full length at the end. It reads back the same bytes; `cp --sparse`
+    /// does the same. Never for stream fds: a device must be given every byte.
+    sparse: bool,
     done: bool,
     last_progress: Instant,
     /// A zero-filled slot this device writes zero chunks from (taken while such a write is in
@@ -123,9 +128,11 @@ pub(crate) fn run(
             }
         };
         let file_base = regular_file_position(&d.fd);
+        let sparse = file_base.is_some_and(|base| regular_file_len(&d.fd) == Some(base));
         devs.push(WDev {
             name: d.name,
             file_base,
+            sparse,
             fd: d.fd,
             reseq: Resequencer::new(WINDOW),
             pending: None,
@@ -288,6 +295,33 @@ fn regular_file_position(fd: &OwnedFd) -> Option<u64> {
     (&file).stream_position().ok()
 }
 
+/// The length of `fd` if it is a regular file.
+fn regular_file_len(fd: &OwnedFd) -> Option<u64> {
+    let file = std::fs::File::from(fd.try_clone().ok()?);
+    let meta = file.metadata().ok()?;
+    meta.file_type().is_file().then(|| meta.len())
+}
+
+/// At the end of a sparse stream: extends the file over trailing zero chunks left as a hole.
+fn extend_sparse_file(dev: &WDev) -> Result<(), PipelineError> {
+    let Some(base) = dev.file_base.filter(|_| dev.sparse) else {
+        return Ok(());
+    };
+    let end = base.saturating_add(dev.written);
+    let extend = || -> std::io::Result<()> {
+        let file = std::fs::File::from(dev.fd.try_clone()?);
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
+        Ok(())
+    };
+    extend().map_err(|source| PipelineError::Write {
+        device: dev.name.clone(),
+        offset: dev.written,
+        source,
+    })
+}
+
 fn park(devs: &mut [WDev], it: InItem) -> Result<(), PipelineError> {
     let device = it.device;
     let dev = devs
@@ -385,6 +419,15 @@ fn advance(
                 dev.digest.add(dev.digest.total(), buf.len(), hash);
                 dev.pending = Some((buf, 0));
             }
+            Incoming::Data(Decoded::Zero(n), hash) if dev.sparse => {
+                // A hole: nothing to write, and nothing past this offset was ever written.
+                dev.digest.add(dev.digest.total(), n, hash);
+                dev.written += n as u64;
+                dev.last_progress = Instant::now();
+                if let Some(c) = ctx.counters.device(device) {
+                    DeviceCounters::add(&c.raw, n);
+                }
+            }
             Incoming::Data(Decoded::Zero(n), hash) => {
                 // Back in `zero` once written: one write in flight per device.
                 let mut buf = dev
@@ -416,6 +459,7 @@ fn advance(
             Incoming::End { total, digest } => {
                 let computed = dev.digest.finish();
                 dev.done = true;
+                extend_sparse_file(dev)?;
                 if total != dev.written {
                     return Err(PipelineError::LengthMismatch {
                         device,

@@ -152,6 +152,48 @@ fn file_round_trip_through_regular_file_is_byte_identical_and_leaves_no_temp_fil
 }
 
 #[test]
+fn zero_chunks_become_holes_in_a_regular_destination_file_that_reads_back_identical() {
+    use std::os::unix::fs::MetadataExt;
+    let src_dir = tempfile::tempdir().expect("tempdir");
+    let dst_dir = tempfile::tempdir().expect("tempdir");
+    // Chunks are 7/8 of a 1 MiB slot: random, three zero chunks, random, three trailing zero
+    // chunks (the destination must extend the file over the last hole).
+    let chunk = (1usize << 20) / 8 * 7;
+    let mut data = test_bytes(chunk, 3);
+    data.resize(4 * chunk, 0);
+    data.extend(test_bytes(chunk, 4));
+    data.resize(8 * chunk, 0);
+    let src = src_dir.path().join("state.bin");
+    std::fs::write(&src, &data).expect("write source");
+    let dst = dst_dir.path().join("state.out");
+
+    let recv = Receiver::spawn(&["--device", &format!("file:{}", dst.display())]);
+    let out = run(
+        send(recv.addr, &["--device", &format!("file:{}", src.display())]),
+        None,
+    );
+    let (rstatus, _, rlines) = recv.finish();
+    assert!(
+        out.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rstatus.success(), "recv: {rlines:?}");
+    assert!(
+        std::fs::read(&dst).expect("destination file") == data,
+        "bytes differ"
+    );
+    let meta = std::fs::metadata(&dst).expect("metadata");
+    assert_eq!(meta.len(), data.len() as u64);
+    // Six of the eight chunks were never written: the file's blocks cover about two.
+    assert!(
+        meta.blocks() * 512 < 4 * chunk as u64,
+        "zero chunks were written: {} bytes allocated",
+        meta.blocks() * 512
+    );
+}
+
+#[test]
 fn file_round_trip_from_stdin_is_byte_identical() {
     let dst_dir = tempfile::tempdir().expect("tempdir");
     let dst = dst_dir.path().join("from-stdin");
