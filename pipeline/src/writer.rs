@@ -299,7 +299,7 @@ fn regular_file_position(fd: &OwnedFd) -> Option<u64> {
 fn regular_file_len(fd: &OwnedFd) -> Option<u64> {
     let file = std::fs::File::from(fd.try_clone().ok()?);
     let meta = file.metadata().ok()?;
-    meta.file_type().is_file().then(|| meta.len())
+    meta.file_type().is_file().then_some(meta.len())
 }
 
 /// At the end of a sparse stream: extends the file over trailing zero chunks left as a hole.
