@@ -65,11 +65,12 @@ struct WDev {
     /// For a regular file: its position when the stream started. Writes then go to explicit
     /// offsets (`base + written`), never to offset -1 (see `DataRing::write`).
     file_base: Option<u64>,
-    /// A regular file with nothing at or after `file_base` when the stream started: a zero
-    /// chunk is left as a hole (the offset moves on, nothing is written), and the file is
-    /// extended to its full length at the end. It reads back the same bytes; `cp --sparse`
+    /// A regular file with nothing at or after `file_base` when the stream started (a second
+    /// handle to it): zero chunks and zero 4 KiB pages are left as holes (the offset moves on,
+    /// nothing is written; the pages that are not zero are written with `pwrite`), and the file
+    /// is extended to its full length at the end. It reads back the same bytes; `cp --sparse`
     /// does the same. Never for stream fds: a device must be given every byte.
-    sparse: bool,
+    sparse: Option<std::fs::File>,
     done: bool,
     last_progress: Instant,
     /// A zero-filled slot this device writes zero chunks from (taken while such a write is in
@@ -128,7 +129,10 @@ pub(crate) fn run(
             }
         };
         let file_base = regular_file_position(&d.fd);
-        let sparse = file_base.is_some_and(|base| regular_file_len(&d.fd) == Some(base));
+        let sparse = file_base
+            .filter(|&base| regular_file_len(&d.fd) == Some(base))
+            .and_then(|_| d.fd.try_clone().ok())
+            .map(std::fs::File::from);
         devs.push(WDev {
             name: d.name,
             file_base,
@@ -302,14 +306,65 @@ fn regular_file_len(fd: &OwnedFd) -> Option<u64> {
     meta.file_type().is_file().then_some(meta.len())
 }
 
+/// Sparse pages: 4 KiB, the page size of every file system that holds holes at that grain.
+const SPARSE_PAGE: usize = 4096;
+
+fn page_is_zero(p: &[u8]) -> bool {
+    let (words, rest) = p.split_at(p.len() / 8 * 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && rest.iter().all(|&b| b == 0)
+}
+
+/// For a sparse file: if `buf` holds zero pages, writes only its other pages, at their offsets,
+/// with `pwrite` (a regular file; nothing else is in flight for this device) and returns true.
+/// Returns false (nothing written) when every page holds data, or the file is not sparse: the
+/// caller then writes the whole buffer through the ring.
+fn write_sparse(dev: &WDev, buf: &PoolBuf) -> Result<bool, PipelineError> {
+    use std::os::unix::fs::FileExt;
+    let (Some(base), Some(file)) = (dev.file_base, dev.sparse.as_ref()) else {
+        return Ok(false);
+    };
+    let data = buf.as_slice();
+    // The first zero page; a chunk of data pages is usually known at its first word per page.
+    let Some(first) = data.chunks(SPARSE_PAGE).position(page_is_zero) else {
+        return Ok(false);
+    };
+    let at = base.saturating_add(dev.written);
+    let mut run: Option<usize> = (first > 0).then_some(0);
+    let write_run = |start: usize, end: usize| {
+        file.write_all_at(&data[start..end], at + start as u64)
+            .map_err(|source| PipelineError::Write {
+                device: dev.name.clone(),
+                offset: dev.written + start as u64,
+                source,
+            })
+    };
+    for (i, page) in data.chunks(SPARSE_PAGE).enumerate().skip(first) {
+        let start = i * SPARSE_PAGE;
+        match (page_is_zero(page), run) {
+            (true, Some(r)) => {
+                write_run(r, start)?;
+                run = None;
+            }
+            (false, None) => run = Some(start),
+            _ => {}
+        }
+    }
+    if let Some(r) = run {
+        write_run(r, data.len())?;
+    }
+    Ok(true)
+}
+
 /// At the end of a sparse stream: extends the file over trailing zero chunks left as a hole.
 fn extend_sparse_file(dev: &WDev) -> Result<(), PipelineError> {
-    let Some(base) = dev.file_base.filter(|_| dev.sparse) else {
+    let (Some(base), Some(file)) = (dev.file_base, dev.sparse.as_ref()) else {
         return Ok(());
     };
     let end = base.saturating_add(dev.written);
     let extend = || -> std::io::Result<()> {
-        let file = std::fs::File::from(dev.fd.try_clone()?);
         if file.metadata()?.len() < end {
             file.set_len(end)?;
         }
@@ -417,9 +472,18 @@ fn advance(
         match item {
             Incoming::Data(Decoded::Data(buf), hash) => {
                 dev.digest.add(dev.digest.total(), buf.len(), hash);
-                dev.pending = Some((buf, 0));
+                if !write_sparse(dev, &buf)? {
+                    dev.pending = Some((buf, 0));
+                    continue;
+                }
+                let n = buf.len();
+                dev.written += n as u64;
+                dev.last_progress = Instant::now();
+                if let Some(c) = ctx.counters.device(device) {
+                    DeviceCounters::add(&c.raw, n);
+                }
             }
-            Incoming::Data(Decoded::Zero(n), hash) if dev.sparse => {
+            Incoming::Data(Decoded::Zero(n), hash) if dev.sparse.is_some() => {
                 // A hole: nothing to write, and nothing past this offset was ever written.
                 dev.digest.add(dev.digest.total(), n, hash);
                 dev.written += n as u64;
