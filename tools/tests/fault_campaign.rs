@@ -383,6 +383,9 @@ struct Shared {
     conns: Mutex<Vec<TcpStream>>,
     trigger: Mutex<Option<Action>>,
     on_first_accept: Mutex<Option<Action>>,
+    /// Set once the trial installed its actions (they need the spawned processes' pids): the proxy
+    /// accepts nothing before, so a fast source cannot pass a trigger point unseen.
+    armed: AtomicBool,
     /// What happened (cut position, flips, triggers): printed with a failing trial.
     log: Mutex<Vec<String>>,
     /// The first bytes the source sent on its first connection (for the replay fault).
@@ -409,12 +412,18 @@ impl Proxy {
             conns: Mutex::new(Vec::new()),
             trigger: Mutex::new(None),
             on_first_accept: Mutex::new(None),
+            armed: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
             recorded: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
         let thread = std::thread::spawn(move || {
             let mut index = 0usize;
+            // Bounded: a trial that never arms (a spawn failure) still ends.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sh.armed.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             for conn in listener.incoming() {
                 if sh.stop.load(Ordering::SeqCst) {
                     break;
@@ -1050,6 +1059,7 @@ fn run_trial(plan: &Plan, work: &Path) -> Outcome {
             let _ = kill(send_pid, Signal::SIGCONT);
         }));
     }
+    proxy.shared.armed.store(true, Ordering::SeqCst);
     let replay = (plan.fault == Fault::ReplayedHandshake).then(|| {
         let sh = proxy.shared.clone();
         std::thread::spawn(move || {
