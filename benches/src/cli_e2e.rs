@@ -417,8 +417,8 @@ pub struct Programs {
     pub bench: PathBuf,
     /// `vfmig`.
     pub vfmig: PathBuf,
-    /// A PSK file (0600) for vfmig.
-    pub psk: PathBuf,
+    /// A PSK file (0600) for vfmig; `None`: no key (loopback only, frames not sealed).
+    pub psk: Option<PathBuf>,
     /// `taskset -c LIST` prefix for both sides, if any.
     pub cpus: Option<String>,
 }
@@ -673,6 +673,14 @@ fn file_spec(path: &Path) -> OsString {
     dev
 }
 
+/// `--psk-file PATH`, or nothing without a key.
+fn key_args(p: &Programs) -> Vec<OsString> {
+    match &p.psk {
+        Some(k) => vec![OsString::from("--psk-file"), k.clone().into_os_string()],
+        None => Vec::new(),
+    }
+}
+
 /// The receiver's command line.
 fn recv_argv(p: &Programs, v: &Variant, output: &Path) -> Vec<OsString> {
     let os = OsString::from;
@@ -683,12 +691,11 @@ fn recv_argv(p: &Programs, v: &Variant, output: &Path) -> Vec<OsString> {
                 os("recv"),
                 os("--listen"),
                 os("127.0.0.1:0"),
-                os("--psk-file"),
-                p.psk.clone().into_os_string(),
                 os("--json"),
                 os("--device"),
                 file_spec(output),
             ];
+            r.extend(key_args(p));
             r.extend(both.iter().map(OsString::from));
             r
         }
@@ -713,12 +720,11 @@ fn send_argv(p: &Programs, v: &Variant, input: &Path, addr: SocketAddr) -> Vec<O
                 os("send"),
                 os("--connect"),
                 os(&addr.to_string()),
-                os("--psk-file"),
-                p.psk.clone().into_os_string(),
                 os("--json"),
                 os("--device"),
                 file_spec(input),
             ];
+            s.extend(key_args(p));
             s.extend(both.iter().chain(send).map(OsString::from));
             s
         }

@@ -38,7 +38,7 @@ fn loop_pair_moves_a_file_and_the_output_is_verified() {
     let p = Programs {
         bench: PathBuf::from(BENCH),
         vfmig: PathBuf::from("/nonexistent"),
-        psk,
+        psk: Some(psk),
         cpus: None,
     };
     let r = cli_e2e::run_once(&p, &Variant::Loop, &input, &dir.join("out")).expect("loop run");

@@ -95,6 +95,10 @@ struct CliArgs {
     /// Runs per scaling cell (default 3; 1 with --short).
     #[arg(long)]
     scaling_runs: Option<usize>,
+    /// vfmig without a pre-shared key (loopback only: frames carry a CRC32C instead of being
+    /// sealed with AES-256-GCM), to show what sealing costs; the default runs with a PSK.
+    #[arg(long)]
+    no_key: bool,
     /// Run both processes under `taskset -c LIST` (default: the cores this process may use).
     #[arg(long)]
     cpus: Option<String>,
@@ -608,8 +612,13 @@ fn cli_bench(a: &CliArgs) -> Result<(), BoxErr> {
         .dir
         .join(format!("vfmig-bench-cli-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
-    let psk = dir.join("psk");
-    cli_e2e::write_psk(&psk)?;
+    let psk = if a.no_key {
+        None
+    } else {
+        let psk = dir.join("psk");
+        cli_e2e::write_psk(&psk)?;
+        Some(psk)
+    };
     let cpus = a.cpus.clone().or_else(own_cpu_list);
     let cores = match &cpus {
         Some(list) => count_cpu_list(list).ok_or_else(|| format!("bad --cpus {list:?}"))?,
