@@ -187,7 +187,7 @@ impl EmulatedDevice {
         c.fail_arc_used = false;
     }
 
-    /// The digest of the device's current state (see [`format`](mod@self::format)). On a source
+    /// The digest of the device's current state (see [`format`](mod@super::format)). On a source
     /// it regenerates the blocks it has not hashed yet (cost: one pass over the state); on a
     /// destination it is the digest of the state it resumed (later writes to that state are not
     /// tracked: a resumed device holds digests, not bytes). `None` while a resume is incomplete

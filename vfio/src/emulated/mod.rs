@@ -13,7 +13,8 @@
 //!   Differences from a VFIO migration file that remain: the fd is a regular file on a `fuse`
 //!   mount (not an anon inode); `epoll_ctl(ADD)` succeeds (mtty gives EPERM) while `poll`
 //!   always reports readable, like mtty; and `VFIO_MIG_GET_PRECOPY_INFO` is not an ioctl on the
-//!   fd but [`MigrationDevice::precopy_info`](crate::MigrationDevice::precopy_info), which recognises the fd by `fstat`.
+//!   fd but [`MigrationDevice::precopy_info`](crate::MigrationDevice::precopy_info), which
+//!   recognises the fd by `fstat`.
 //! - **Memory-speed data fd** ([`DataFdBackend::Mem`], `data-fd=mem`): instead of a FUSE file,
 //!   one end of a kernel pipe (`F_SETPIPE_SZ` 1 MiB) whose other end a device thread serves
 //!   (`pipe.rs`; saving: records built into two alternating 1 MiB buffers that are `vmsplice`d

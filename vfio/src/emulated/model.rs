@@ -214,7 +214,7 @@ impl Core {
         format::state_digest(self.cfg.size, self.block_size, self.hashes.iter().copied())
     }
 
-    /// Whether MMIO works now (see [`Quirks::stop_serves_mmio`]).
+    /// Whether MMIO works now (see [`Quirks::stop_serves_mmio`](super::Quirks::stop_serves_mmio)).
     pub(crate) fn mmio_works(&self) -> bool {
         if self.cfg.quirks.stop_serves_mmio {
             self.state != DeviceState::Error

@@ -3,11 +3,12 @@
 
 use std::io;
 
+use crate::state::DeviceState;
+
 use super::device::EmulatedDevice;
 use super::format::{self, StreamError};
 use super::model::{Core, Stream};
 use super::{errno, lock, pipe};
-use crate::state::DeviceState;
 
 /// The resuming side of one data fd; locked by the FUSE session thread on writes (or by the
 /// pipe's consumer thread), so it is not behind the device lock (no lock is held across `open()`

@@ -271,8 +271,9 @@ impl Core {
         info
     }
 
-    /// The device reconfigures itself in PRE_COPY (see [`EmulatedConfig::reinit_after`]): the
-    /// blocks of its initial region change and must be sent again.
+    /// The device reconfigures itself in PRE_COPY (see
+    /// [`EmulatedConfig::reinit_after`](super::EmulatedConfig::reinit_after)): the blocks of its
+    /// initial region change and must be sent again.
     fn maybe_reinit(&mut self) {
         let Some(after) = self.cfg.reinit_after else {
             return;
