@@ -1,3 +1,6 @@
+//! How a session ends: close and abort requests, time limits from the sans-IO clock
+//! (`crate::liveness`), half-closing the connections, and the teardown of the engine.
+//!
 //! Idle connections carry a keepalive every `keepalive`; a connection with a read in flight that
 //! sees nothing for `timeout` fails the session, as does a send that does not complete within
 //! `timeout`. Parked connections are exempt (the peer cannot send on them). At teardown every

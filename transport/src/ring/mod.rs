@@ -32,7 +32,6 @@
 //! keepalive, at most 250 ms). A connection waiting for a free pool buffer arms the pool's
 //! release hook, which writes the same eventfd when the consumer drops a buffer (it used to poll
 //! every millisecond).
-//!
 
 use std::collections::VecDeque;
 use std::fs::File;

@@ -6,8 +6,9 @@
 //! verifies the CRC32C before the frame goes anywhere. The payload read is a `Recv` with
 //! `MSG_WAITALL` into the slot rather than `ReadFixed`: a read on a socket completes with
 //! whatever is queued at that moment (read(2) semantics, no retry for sockets), so a 1 MiB
-//! payload would take many completions and resubmissions instead of one. A frame that does not fit in the window, or finds no free buffer, stays in
-//! the socket (the connection is parked) until it does.
+//! payload would take many completions and resubmissions instead of one. A frame that does not
+//! fit in the window, or finds no free buffer, stays in the socket (the connection is parked)
+//! until it does.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
