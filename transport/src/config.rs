@@ -100,7 +100,7 @@ pub struct SessionConfig {
     /// Payloads of at least this many bytes go out with `SendZc` from the registered buffer;
     /// smaller ones with plain `Send`. `usize::MAX` (the default) turns zero-copy off: on
     /// loopback the kernel copies zero-copy sends anyway and `Send` measured 1.3-2.6x faster
-    /// (see `ring.rs`); on a real NIC try `64 << 10`.
+    /// (see `ring/send.rs`); on a real NIC try `64 << 10`.
     pub zerocopy_min: usize,
     /// Destination: its declaration of each of its devices, in device-index order, sent in the
     /// handshake's `ServerAccept` and compared with the source's (docs/PROTOCOL.md, "Device

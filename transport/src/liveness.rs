@@ -1,6 +1,6 @@
 //! The engine's sense of time, without I/O: when each connection last sent and heard something,
 //! which send is in flight since when, whether the reorder window is stuck, and how the session
-//! is ending. The engine (`ring.rs`) reports events with the time they happened, asks
+//! is ending. The engine (`ring/`) reports events with the time they happened, asks
 //! [`Liveness::handle_timeout`] what a moment means (a [`Stall`] is a failure), and sleeps until
 //! [`Liveness::poll_timeout`]: the earliest deadline, so keepalives go out and timeouts fire on
 //! time rather than on a polling tick. Tests drive it with a fake clock (instants built from one

@@ -3,7 +3,7 @@
 //! A session is N TCP connections. The first connection handshakes (and authenticates) and gets
 //! a session id; the other N-1 join it by id. Nothing but the handshake is read or written before
 //! the handshake succeeded on a connection. Then the connections are handed to the io_uring
-//! engine (`ring.rs`); the handles here only validate, queue and dequeue.
+//! engine (`ring/`); the handles here only validate, queue and dequeue.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
