@@ -12,6 +12,10 @@
 //! `--json` report), CPU seconds of both sides, peak RSS per side, and for vfmig the setup time
 //! (the receiver's start to the sender's first device-state frame, `first_data_at_ns`) and the
 //! exit time (the destination's final outcome, `final_ack_at_ns`, to the later exit).
+//!
+//! Files: `content` (state-file content profiles), `plain_loop` (the loop sides), `measure` (the
+//! wrapper and its `MEASURE` line), `run` (one receiver/sender pair), `suite` (rows and the
+//! scaling grid), `report` (log line, CSV, markdown).
 
 mod content;
 mod measure;
