@@ -1,6 +1,6 @@
 //! # vfmig-benches: benchmarks and the reference loop they are measured against.
 //!
-//! Owns: the QEMU-style reference loop ([`reference`]), the benchmark devices ([`devices`]), the
+//! Owns: the QEMU-style reference loop ([`reference`](mod@reference)), the benchmark devices ([`devices`]), the
 //! per-process peak-RSS probe ([`rss`]), and the `vfmig-bench` harness ([`harness`], binary in
 //! `src/bin/`) that runs the link scenarios (loopback and the rate-limited network namespaces of
 //! `tools/netns.sh`). The criterion suites live in `benches/benches/`. [`cli_e2e`] is

@@ -1,4 +1,8 @@
 //! The command line: `vfmig send`, `vfmig recv`, `vfmig demo`, with man-page quality `--help`.
+//!
+//! The doc comments here are clap's `--help` text, written for a terminal: `[::1]:7000` and
+//! `zstd[:LEVEL]` are what the user types, not intra-doc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 

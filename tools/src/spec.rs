@@ -14,7 +14,7 @@
 //!
 //! `data-fd=mem` makes a STOP_COPY-only device (no PRE_COPY capability: `precopy=` defaults to
 //! `off` and `precopy=SIZE` is refused, as is `read-error-at=`); see
-//! [`DataFdBackend::Mem`](vfmig_vfio::emulated::DataFdBackend::Mem).
+//! [`DataFdBackend::Mem`].
 //!
 //! [`DeviceSpec`]'s `Display` prints the canonical form, which parses back to the same value.
 
