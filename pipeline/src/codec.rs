@@ -122,7 +122,7 @@ impl PageMap {
     /// each block hashed and scanned while it is in the L1 cache.
     pub fn scan_hashed(data: &[u8]) -> (PageMap, u128) {
         let mut m = PageMap::empty(data.len());
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut h = crate::digest::ChunkHasher::new();
         for (i, block) in data.chunks(FUSED_BLOCK).enumerate() {
             h.update(block);
             m.scan_at(i * FUSED_BLOCK / GRANULE, block);

@@ -9,11 +9,30 @@
 
 use std::sync::OnceLock;
 
-use xxhash_rust::xxh3::{xxh3_128, Xxh3};
+use twox_hash::XxHash3_128;
 
-/// XXH3-128 of one chunk's raw bytes.
+/// XXH3-128 of one chunk's raw bytes (twox-hash: AVX2 where the CPU has it, picked at run
+/// time; about twice the SSE2 speed, the same values).
 pub(crate) fn chunk_hash(raw: &[u8]) -> u128 {
-    xxh3_128(raw)
+    XxHash3_128::oneshot(raw)
+}
+
+/// [`chunk_hash`] fed in pieces (equal to it over the concatenation).
+#[derive(Clone)]
+pub(crate) struct ChunkHasher(XxHash3_128);
+
+impl ChunkHasher {
+    pub fn new() -> ChunkHasher {
+        ChunkHasher(XxHash3_128::new())
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+
+    pub fn digest128(&self) -> u128 {
+        self.0.finish_128()
+    }
 }
 
 /// XXH3-128 of `len` zero bytes (equal to `chunk_hash(&vec![0; len])`), without the buffer.
@@ -27,7 +46,7 @@ pub(crate) fn zero_hash(len: usize) -> u128 {
             return l.1;
         }
     }
-    let mut h = Xxh3::new();
+    let mut h = ChunkHasher::new();
     let mut left = len;
     while left > 0 {
         let n = left.min(PAGE.len());
@@ -87,7 +106,44 @@ impl StreamDigest {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// The chunk hash is the reference XXH3-128 (xxhash-rust, what protocol v4 peers
+        /// compute) for any bytes and length, whole or fed in any pieces, whichever SIMD path
+        /// this CPU takes: the hash trailer on the wire does not depend on the implementation.
+        #[test]
+        fn chunk_hashes_are_the_reference_xxh3_128(
+            len in 0usize..300_000,
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            seed in any::<u64>(),
+        ) {
+            let mut x = seed | 1;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            let reference = xxhash_rust::xxh3::xxh3_128(&data);
+            prop_assert_eq!(chunk_hash(&data), reference);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (len + 1)).collect();
+            cuts.sort_unstable();
+            let mut h = ChunkHasher::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain(std::iter::once(len)) {
+                h.update(&data[at..c]);
+                at = c;
+            }
+            prop_assert_eq!(h.digest128(), reference);
+        }
+    }
 
     #[test]
     fn zero_hash_equals_the_hash_of_zero_bytes_for_odd_and_repeated_lengths() {
