@@ -1,3 +1,20 @@
+/*
+ * copy_floor: single-threaded kernel work per GiB on a file system (tmpfs: /dev/shm), the floor
+ * under any sender or receiver of file-backed state (docs/BENCHMARKS.md, "The floor on this
+ * machine").
+ *
+ *   gcc -O2 -o copy_floor benches/floor/copy_floor.c
+ *   head -c 1G /dev/urandom > /dev/shm/in
+ *   ./copy_floor MODE PATH MIB [BUFFERS]
+ *
+ * MODE: read    pread 1 MiB at a time into BUFFERS rotating buffers, read every cache line
+ *       mmapr   mmap, MADV_POPULATE_READ per 16 MiB, read every cache line (no copy)
+ *       mmaprc  as mmapr, and copy each MiB into a buffer
+ *       write   pwrite 1 MiB at a time to a new file (PATH is created/truncated), fsync
+ *       mmapw   ftruncate + MAP_SHARED mapping of a new file, memcpy 1 MiB at a time
+ *       mmapwp  as mmapw, with MADV_POPULATE_WRITE per 16 MiB first
+ * Prints wall and CPU (user + sys) seconds.
+ */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
