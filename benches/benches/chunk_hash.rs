@@ -7,19 +7,12 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-/// The pipeline's chunk for its default 1 MiB pool slot.
+/// The pipeline's chunk for its default 1 MiB pool slot (a multiple of 8, as `Rng::fill` needs).
 const CHUNK: usize = 896 << 10;
 
 fn chunk_hash(c: &mut Criterion) {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let mut data = vec![0u8; CHUNK];
+    vfmig_benches::cli_e2e::Rng::new(0x9e37_79b9_7f4a_7c15).fill(&mut data);
     assert_eq!(
         twox_hash::XxHash3_128::oneshot(&data),
         xxhash_rust::xxh3::xxh3_128(&data)

@@ -670,7 +670,7 @@ impl Decoder {
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use vfmig_wire::handshake::{codec_bit, KNOWN_CODECS};
@@ -881,7 +881,8 @@ mod tests {
         b
     }
 
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
+    /// `n` pseudo-random bytes from `seed` (xorshift64), for tests across the crate.
+    pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..n)
             .map(|_| {

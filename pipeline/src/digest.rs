@@ -18,7 +18,6 @@ pub(crate) fn chunk_hash(raw: &[u8]) -> u128 {
 }
 
 /// [`chunk_hash`] fed in pieces (equal to it over the concatenation).
-#[derive(Clone)]
 pub(crate) struct ChunkHasher(XxHash3_128);
 
 impl ChunkHasher {
@@ -122,15 +121,7 @@ mod tests {
             cuts in proptest::collection::vec(any::<usize>(), 0..6),
             seed in any::<u64>(),
         ) {
-            let mut x = seed | 1;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()[0]
-                })
-                .collect();
+            let data = crate::codec::tests::noise(len, seed);
             let reference = xxhash_rust::xxh3::xxh3_128(&data);
             prop_assert_eq!(chunk_hash(&data), reference);
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (len + 1)).collect();
